@@ -1,0 +1,492 @@
+//! godwit's one configuration file.
+//!
+//! Every key has its default here, in one place, and `Config::validate` names the
+//! key when a value is wrong. Unknown keys are errors, so a typo never silently
+//! falls back to a default. Durations are human-readable ("5m", "1h 30m", "5d");
+//! sizes are "50MB" (decimal: 1 MB = 1,000,000 bytes) or "50MiB" (binary).
+
+use serde::{Deserialize, Deserializer};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read configuration file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("configuration file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("configuration key `{key}`: {message}")]
+    Invalid { key: String, message: String },
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { key: key.into(), message: message.into() }
+}
+
+/// The whole file. See `examples/godwit.toml` for a commented copy.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Used in the banner, in Received headers and for loop detection.
+    pub hostname: String,
+    /// Spool and embedded state live here.
+    pub data_dir: PathBuf,
+    pub smtp: SmtpConfig,
+    pub domains: DomainsConfig,
+    pub platforms: BTreeMap<String, PlatformConfig>,
+    pub routing: RoutingConfig,
+    pub queue: QueueConfig,
+    pub store: StoreConfig,
+    pub log: LogConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            hostname: default_hostname(),
+            data_dir: PathBuf::from("./godwit-data"),
+            smtp: SmtpConfig::default(),
+            domains: DomainsConfig::default(),
+            platforms: BTreeMap::new(),
+            routing: RoutingConfig::default(),
+            queue: QueueConfig::default(),
+            store: StoreConfig::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+fn default_hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".to_string())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BareNewline {
+    /// Refuse the whole message (550 5.5.2), as Postfix 3.9 `smtpd_forbid_bare_newline = yes`.
+    Reject,
+    /// Accept it, but rewrite each bare CR or LF as CRLF and strip NUL, so the
+    /// next hop never sees anything it could read as the end of DATA.
+    Normalize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SmtpConfig {
+    pub listen: Vec<SocketAddr>,
+    #[serde(deserialize_with = "de_size")]
+    pub max_message_size: u64,
+    /// RFC 5321 4.5.3.1.8 requires at least 100; more than this gets 452 4.5.3.
+    pub max_recipients: usize,
+    /// RFC 5321 4.5.3.1.4 sets 512 octets; extensions (SIZE, DSN) legitimately
+    /// lengthen MAIL and RCPT, so the default follows Postfix's 2048.
+    pub max_command_line: usize,
+    #[serde(deserialize_with = "de_duration")]
+    pub command_timeout: Duration,
+    #[serde(deserialize_with = "de_duration")]
+    pub data_timeout: Duration,
+    pub max_connections: usize,
+    pub max_connections_per_ip: usize,
+    /// Wait this long before the greeting; a client that talks first is an
+    /// early talker and is refused (554 5.5.1). "0s" disables the wait.
+    #[serde(deserialize_with = "de_duration")]
+    pub greeting_delay: Duration,
+    /// Commands that fail in one session before it is closed (421 4.7.0).
+    pub max_errors: usize,
+    pub bare_newline: BareNewline,
+    /// More Received headers than this is a mail loop (RFC 5321 6.3): 554 5.4.6.
+    pub max_received_headers: usize,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+}
+
+impl Default for SmtpConfig {
+    fn default() -> Self {
+        SmtpConfig {
+            listen: vec!["0.0.0.0:25".parse().unwrap()],
+            max_message_size: 50_000_000,
+            max_recipients: 1000,
+            max_command_line: 2048,
+            command_timeout: Duration::from_secs(300),
+            data_timeout: Duration::from_secs(600),
+            max_connections: 1000,
+            max_connections_per_ip: 100,
+            greeting_delay: Duration::ZERO,
+            max_errors: 20,
+            bare_newline: BareNewline::Reject,
+            max_received_headers: 50,
+            tls_cert: None,
+            tls_key: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DomainsConfig {
+    /// Mail is accepted only for these domains (and never relayed elsewhere).
+    pub accepted: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsPolicy {
+    /// Never STARTTLS.
+    None,
+    /// STARTTLS when offered; clear text when not, or when the handshake fails.
+    #[default]
+    Opportunistic,
+    /// Defer rather than send in clear text.
+    Require,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PlatformConfig {
+    /// "host:port" entries, tried in order.
+    pub relay: Vec<String>,
+    pub tls: TlsPolicy,
+    /// Accept any certificate (test platforms with self-signed certificates).
+    pub tls_insecure: bool,
+    /// Simultaneous connections to this platform at most.
+    pub max_connections: usize,
+    /// Messages delivered over one connection before it is closed.
+    pub max_messages_per_connection: usize,
+    #[serde(deserialize_with = "de_duration")]
+    pub connect_timeout: Duration,
+    #[serde(deserialize_with = "de_duration")]
+    pub command_timeout: Duration,
+    #[serde(deserialize_with = "de_duration")]
+    pub data_timeout: Duration,
+}
+
+impl Default for PlatformConfig {
+    fn default() -> Self {
+        PlatformConfig {
+            relay: Vec::new(),
+            tls: TlsPolicy::default(),
+            tls_insecure: false,
+            max_connections: 20,
+            max_messages_per_connection: 100,
+            connect_timeout: Duration::from_secs(30),
+            command_timeout: Duration::from_secs(300),
+            data_timeout: Duration::from_secs(600),
+        }
+    }
+}
+
+/// The platform names a route may carry besides the configured platforms.
+pub const ROUTE_HOLD: &str = "hold";
+pub const ROUTE_BOTH: &str = "both";
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoutingConfig {
+    /// Route for recipients of accepted domains that no entry names.
+    pub default: String,
+    /// Per-domain defaults, overriding `default`.
+    pub domains: BTreeMap<String, String>,
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        RoutingConfig { default: "old".into(), domains: BTreeMap::new() }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueueConfig {
+    #[serde(deserialize_with = "de_duration")]
+    pub max_lifetime: Duration,
+    #[serde(deserialize_with = "de_duration")]
+    pub min_backoff: Duration,
+    #[serde(deserialize_with = "de_duration")]
+    pub max_backoff: Duration,
+    /// Turn every 5xx from a platform into a deferral (Postfix `soft_bounce`).
+    /// On by default: during a cutover a delay is survivable and a bounce is not.
+    pub soft_bounce: bool,
+    /// How often the scheduler looks for due deliveries and routing changes.
+    #[serde(deserialize_with = "de_duration")]
+    pub scan_interval: Duration,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        QueueConfig {
+            max_lifetime: Duration::from_secs(5 * 86400),
+            min_backoff: Duration::from_secs(300),
+            max_backoff: Duration::from_secs(3600),
+            soft_bounce: true,
+            scan_interval: Duration::from_millis(250),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// "sqlite://PATH" or "postgres://..."; empty means `data_dir/state.db`.
+    pub url: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// tracing filter for stderr, e.g. "info" or "godwit=debug".
+    pub level: String,
+    /// stderr format: "text" or "json".
+    pub format: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig { level: "info".into(), format: "text".into() }
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        let mut config = Config::parse(&text)
+            .map_err(|message| ConfigError::Parse { path: path.to_path_buf(), message })?;
+        // A relative data_dir is relative to where godwit runs, as in the quick start.
+        config.normalize();
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses without validating; the error text names the offending key and line.
+    pub fn parse(text: &str) -> Result<Config, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    fn normalize(&mut self) {
+        for d in &mut self.domains.accepted {
+            *d = d.trim().trim_end_matches('.').to_ascii_lowercase();
+        }
+        self.routing.domains = std::mem::take(&mut self.routing.domains)
+            .into_iter()
+            .map(|(k, v)| (k.trim_end_matches('.').to_ascii_lowercase(), v))
+            .collect();
+    }
+
+    /// Whether `route` names a configured platform or a built-in route.
+    pub fn is_route_name(&self, route: &str) -> bool {
+        route == ROUTE_HOLD || route == ROUTE_BOTH || self.platforms.contains_key(route)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.hostname.trim().is_empty() || self.hostname.contains(char::is_whitespace) {
+            return Err(invalid("hostname", "must be a host name without spaces"));
+        }
+        if self.smtp.listen.is_empty() {
+            return Err(invalid("smtp.listen", "must list at least one address"));
+        }
+        if self.smtp.max_message_size < 1024 {
+            return Err(invalid("smtp.max_message_size", "must be at least 1KB"));
+        }
+        if self.smtp.max_recipients < 100 {
+            // RFC 5321 4.5.3.1.8: a server must accept at least 100 recipients.
+            return Err(invalid("smtp.max_recipients", "must be at least 100 (RFC 5321 4.5.3.1.8)"));
+        }
+        if self.smtp.max_command_line < 512 {
+            return Err(invalid("smtp.max_command_line", "must be at least 512 (RFC 5321 4.5.3.1.4)"));
+        }
+        if self.smtp.max_connections == 0 || self.smtp.max_connections_per_ip == 0 {
+            return Err(invalid("smtp.max_connections", "limits must be at least 1"));
+        }
+        if self.smtp.tls_cert.is_some() != self.smtp.tls_key.is_some() {
+            return Err(invalid("smtp.tls_cert", "tls_cert and tls_key must be set together"));
+        }
+        if self.domains.accepted.is_empty() {
+            return Err(invalid("domains.accepted", "must list at least one domain"));
+        }
+        for d in &self.domains.accepted {
+            if d.is_empty() || d.contains(['@', ' ', '/']) {
+                return Err(invalid("domains.accepted", format!("`{d}` is not a domain name")));
+            }
+        }
+        if self.platforms.is_empty() {
+            return Err(invalid("platforms", "define at least one platform, e.g. [platforms.old]"));
+        }
+        for (name, p) in &self.platforms {
+            let key = format!("platforms.{name}.relay");
+            if name == ROUTE_HOLD || name == ROUTE_BOTH {
+                return Err(invalid(format!("platforms.{name}"), "`hold` and `both` are reserved route names"));
+            }
+            if p.relay.is_empty() {
+                return Err(invalid(key, "must list at least one host:port"));
+            }
+            for r in &p.relay {
+                split_host_port(r).map_err(|m| invalid(&key, m))?;
+            }
+            if p.max_connections == 0 {
+                return Err(invalid(format!("platforms.{name}.max_connections"), "must be at least 1"));
+            }
+            if p.max_messages_per_connection == 0 {
+                return Err(invalid(format!("platforms.{name}.max_messages_per_connection"), "must be at least 1"));
+            }
+        }
+        if !self.is_route_name(&self.routing.default) {
+            return Err(invalid(
+                "routing.default",
+                format!("`{}` is neither a configured platform nor `hold`/`both`", self.routing.default),
+            ));
+        }
+        if self.routing.default == ROUTE_BOTH && self.platforms.len() != 2 {
+            return Err(invalid("routing.default", "`both` needs exactly two platforms"));
+        }
+        for (domain, route) in &self.routing.domains {
+            if !self.is_route_name(route) {
+                return Err(invalid(format!("routing.domains.{domain}"), format!("`{route}` is not a platform")));
+            }
+        }
+        if self.queue.min_backoff.is_zero() || self.queue.min_backoff > self.queue.max_backoff {
+            return Err(invalid("queue.min_backoff", "must be above zero and not above queue.max_backoff"));
+        }
+        if self.queue.max_lifetime < self.queue.min_backoff {
+            return Err(invalid("queue.max_lifetime", "must be at least queue.min_backoff"));
+        }
+        if !matches!(self.log.format.as_str(), "text" | "json") {
+            return Err(invalid("log.format", "must be `text` or `json`"));
+        }
+        Ok(())
+    }
+
+    pub fn is_accepted_domain(&self, domain: &str) -> bool {
+        let domain = domain.trim_end_matches('.');
+        self.domains.accepted.iter().any(|d| d.eq_ignore_ascii_case(domain))
+    }
+
+    pub fn spool_dir(&self) -> PathBuf {
+        self.data_dir.join("spool")
+    }
+
+    pub fn events_dir(&self) -> PathBuf {
+        self.data_dir.join("events")
+    }
+
+    pub fn store_url(&self) -> String {
+        match &self.store.url {
+            Some(u) if !u.is_empty() => u.clone(),
+            _ => format!("sqlite://{}?mode=rwc", self.data_dir.join("state.db").display()),
+        }
+    }
+}
+
+/// "host:port" with a numeric port; IPv6 literals as "[::1]:25".
+pub fn split_host_port(s: &str) -> Result<(String, u16), String> {
+    let (host, port) = s
+        .rsplit_once(':')
+        .ok_or_else(|| format!("`{s}` must be host:port"))?;
+    let port: u16 = port.parse().map_err(|_| format!("`{s}`: `{port}` is not a port number"))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() || port == 0 {
+        return Err(format!("`{s}` must be host:port"));
+    }
+    Ok((host.to_string(), port))
+}
+
+pub fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_duration(&s).map_err(serde::de::Error::custom)
+}
+
+pub fn de_size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Int(u64),
+        Text(String),
+    }
+    match Raw::deserialize(d)? {
+        Raw::Int(n) => Ok(n),
+        Raw::Text(s) => parse_size(&s).map_err(serde::de::Error::custom),
+    }
+}
+
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s.trim())
+        .map_err(|e| format!("`{s}` is not a duration like \"30s\", \"5m\" or \"5d\": {e}"))
+}
+
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    s.trim()
+        .parse::<bytesize::ByteSize>()
+        .map(|b| b.as_u64())
+        .map_err(|e| format!("`{s}` is not a size like \"50MB\" or \"10MiB\": {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+hostname = "mx-gw.example.com"
+data_dir = "/tmp/x"
+[smtp]
+listen = ["127.0.0.1:2525"]
+max_message_size = "10MB"
+[domains]
+accepted = ["Example.COM."]
+[platforms.old]
+relay = ["127.0.0.1:2601"]
+[platforms.new]
+relay = ["[::1]:2602", "127.0.0.1:2603"]
+[routing]
+default = "old"
+[queue]
+max_lifetime = "5d"
+min_backoff = "1s"
+max_backoff = "1h"
+"#;
+
+    fn load(text: &str) -> Result<Config, ConfigError> {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(f.path(), text).unwrap();
+        Config::load(f.path())
+    }
+
+    #[test]
+    fn parses_the_documented_shape() {
+        let c = load(GOOD).unwrap();
+        assert_eq!(c.smtp.max_message_size, 10_000_000);
+        assert_eq!(c.queue.max_lifetime, Duration::from_secs(5 * 86400));
+        assert!(c.is_accepted_domain("example.com"));
+        assert!(c.is_accepted_domain("EXAMPLE.com."));
+        assert!(!c.is_accepted_domain("evil.com"));
+        assert_eq!(split_host_port("[::1]:2602").unwrap(), ("::1".to_string(), 2602));
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let cases = [
+            (GOOD.replace("default = \"old\"", "default = \"mars\""), "routing.default"),
+            (GOOD.replace("\"10MB\"", "\"ten\""), "max_message_size"),
+            (GOOD.replace("min_backoff = \"1s\"", "min_backoff = \"2h\""), "queue.min_backoff"),
+            (GOOD.replace("\"127.0.0.1:2601\"", "\"nohost\""), "platforms.old.relay"),
+            (GOOD.replace("accepted = [\"Example.COM.\"]", "accepted = []"), "domains.accepted"),
+            (GOOD.replace("[smtp]", "[smtp]\nlisten_typo = 1"), "listen_typo"),
+        ];
+        for (text, key) in cases {
+            let err = load(&text).unwrap_err().to_string();
+            assert!(err.contains(key), "error `{err}` should name `{key}`");
+        }
+    }
+
+    #[test]
+    fn sizes_and_durations() {
+        assert_eq!(parse_size("50MB").unwrap(), 50_000_000);
+        assert_eq!(parse_size("1MiB").unwrap(), 1_048_576);
+        assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
+        assert!(parse_duration("soon").is_err());
+    }
+}

@@ -1,0 +1,164 @@
+//! The state store: everything but the message spool (routes, directory, waves,
+//! events, sync state). One SQL code path runs on SQLite (embedded, the default)
+//! and PostgreSQL (a fleet of gateways and sync workers) through sqlx's `Any`
+//! driver. Engine-specific SQL stays behind `Backend`.
+
+use sqlx::any::{AnyPoolOptions, install_default_drivers};
+use std::time::Duration;
+
+pub use sqlx::{self, AnyPool, Row};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot open the state store at {url}: {source}")]
+    Open { url: String, source: sqlx::Error },
+    #[error("cannot migrate the state store schema: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("state store: {0}")]
+    Sql(#[from] sqlx::Error),
+    #[error("state store: {0}")]
+    Conflict(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+#[derive(Clone, Debug)]
+pub struct Store {
+    pub pool: AnyPool,
+    pub backend: Backend,
+}
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+impl Store {
+    /// Opens (creating if needed) the store and brings its schema up to date.
+    /// `url` is `sqlite://PATH?mode=rwc` or `postgres://...`.
+    pub async fn open(url: &str) -> Result<Store, StoreError> {
+        install_default_drivers();
+        let backend = if url.starts_with("postgres") { Backend::Postgres } else { Backend::Sqlite };
+        if backend == Backend::Sqlite {
+            if let Some(path) = sqlite_path(url) {
+                if let Some(dir) = std::path::Path::new(path).parent() {
+                    let _ = std::fs::create_dir_all(dir);
+                }
+            }
+        }
+        let open = |source| StoreError::Open { url: redact(url), source };
+        let options = AnyPoolOptions::new()
+            .max_connections(if backend == Backend::Sqlite { 4 } else { 8 })
+            .acquire_timeout(Duration::from_secs(30))
+            .after_connect(move |conn, _| {
+                Box::pin(async move {
+                    if backend == Backend::Sqlite {
+                        // Several processes (gateway, CLI) share the file: wait for locks
+                        // rather than fail, and let readers run beside the writer.
+                        sqlx::query("PRAGMA busy_timeout = 10000").execute(&mut *conn).await?;
+                        sqlx::query("PRAGMA journal_mode = WAL").execute(&mut *conn).await?;
+                        sqlx::query("PRAGMA synchronous = NORMAL").execute(&mut *conn).await?;
+                    }
+                    Ok(())
+                })
+            });
+        let pool = options.connect(url).await.map_err(open)?;
+        let store = Store { pool, backend };
+        MIGRATOR.run(&store.pool).await?;
+        Ok(store)
+    }
+
+    /// Runs `f` in a transaction, retrying when a concurrent writer won the race
+    /// (SQLite BUSY on lock upgrade, PostgreSQL unique or serialization conflicts).
+    pub async fn write_tx<T, F>(&self, mut f: F) -> Result<T, StoreError>
+    where
+        F: for<'c> FnMut(
+            &'c mut sqlx::AnyConnection,
+        ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, StoreError>> + Send + 'c>>,
+    {
+        let mut attempt = 0u32;
+        loop {
+            let mut tx = self.pool.begin().await?;
+            let result = f(&mut tx).await;
+            let outcome = match result {
+                Ok(v) => tx.commit().await.map(|_| v).map_err(StoreError::from),
+                Err(e) => {
+                    let _ = tx.rollback().await;
+                    Err(e)
+                }
+            };
+            match outcome {
+                Err(e) if attempt < 50 && is_retryable(&e) => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(5 * u64::from(attempt.min(20)))).await;
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
+fn is_retryable(e: &StoreError) -> bool {
+    match e {
+        StoreError::Sql(sqlx::Error::Database(db)) => {
+            let msg = db.message().to_ascii_lowercase();
+            let code = db.code().map(|c| c.to_string()).unwrap_or_default();
+            msg.contains("locked") || msg.contains("busy") || code == "23505" || code == "40001" || code == "5"
+                || msg.contains("unique")
+        }
+        _ => false,
+    }
+}
+
+fn sqlite_path(url: &str) -> Option<&str> {
+    let rest = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:"))?;
+    Some(rest.split('?').next().unwrap_or(rest))
+}
+
+/// Never print a password that is part of a URL.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            match creds.split_once(':') {
+                Some((user, _)) => format!("{}://{}:***@{}", &url[..s], user, &url[at + 1..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_passwords() {
+        assert_eq!(redact("postgres://u:secret@h/db"), "postgres://u:***@h/db");
+        assert_eq!(redact("sqlite:///x.db"), "sqlite:///x.db");
+    }
+
+    #[tokio::test]
+    async fn opens_and_migrates_sqlite_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}?mode=rwc", dir.path().join("s.db").display());
+        let s = Store::open(&url).await.unwrap();
+        sqlx::query("INSERT INTO route_entries (address, route, version) VALUES ('a@x', 'old', 1)")
+            .execute(&s.pool)
+            .await
+            .unwrap();
+        drop(s);
+        let s = Store::open(&url).await.unwrap();
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM route_entries").fetch_one(&s.pool).await.unwrap();
+        assert_eq!(n, 1);
+    }
+}
