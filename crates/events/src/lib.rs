@@ -1,1 +1,246 @@
-//! placeholder
+//! Every decision the gateway makes is one typed event with a stable name
+//! (`message.accepted`, `delivery.deferred`, ...). Events go to JSON lines
+//! under `data_dir/events/` (one file per UTC day) and to stderr through
+//! tracing. Consumers (trace, metrics, dashboard, reports) read these types;
+//! nothing parses log text back.
+
+use serde::{Deserialize, Serialize};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use tokio::sync::mpsc;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event")]
+pub enum Event {
+    #[serde(rename = "gateway.started")]
+    GatewayStarted { hostname: String, listen: Vec<String>, recovered: usize, routing_version: i64 },
+    #[serde(rename = "gateway.stopped")]
+    GatewayStopped { reason: String },
+    #[serde(rename = "connection.opened")]
+    ConnectionOpened { session: u64, client_ip: String },
+    #[serde(rename = "connection.refused")]
+    ConnectionRefused { client_ip: String, reply: String, reason: String },
+    #[serde(rename = "connection.closed")]
+    ConnectionClosed { session: u64, client_ip: String, messages: u32, reason: String },
+    #[serde(rename = "connection.tls")]
+    ConnectionTls { session: u64, client_ip: String, protocol: String, cipher: String },
+    #[serde(rename = "message.accepted")]
+    MessageAccepted {
+        queue_id: String,
+        message_id: Option<String>,
+        session: u64,
+        client_ip: String,
+        helo: String,
+        tls: bool,
+        mail_from: String,
+        rcpts: Vec<String>,
+        size: u64,
+    },
+    /// A command or message refused: `stage` is command, mail, rcpt or data.
+    #[serde(rename = "message.refused")]
+    MessageRefused { session: u64, client_ip: String, stage: String, reply: String, detail: Option<String> },
+    #[serde(rename = "queue.recovered")]
+    QueueRecovered { queue_id: String, message_id: Option<String>, pending: Vec<String> },
+    #[serde(rename = "queue.corrupt")]
+    QueueCorrupt { file: String, reason: String },
+    #[serde(rename = "delivery.routed")]
+    Routed { queue_id: String, message_id: Option<String>, rcpt: String, route: String, why: String, routing_version: i64 },
+    #[serde(rename = "delivery.attempt")]
+    Attempt {
+        queue_id: String,
+        message_id: Option<String>,
+        platform: String,
+        host: String,
+        rcpts: Vec<String>,
+        code: u16,
+        enhanced: Option<String>,
+        reply: String,
+        duration_ms: u64,
+        tls: bool,
+    },
+    #[serde(rename = "delivery.delivered")]
+    Delivered {
+        queue_id: String,
+        message_id: Option<String>,
+        rcpt: String,
+        platform: String,
+        host: String,
+        reply: String,
+        remote_queue_id: Option<String>,
+        /// Accept-to-delivered, for latency percentiles.
+        delay_ms: u64,
+    },
+    #[serde(rename = "delivery.deferred")]
+    Deferred {
+        queue_id: String,
+        message_id: Option<String>,
+        rcpt: String,
+        platform: String,
+        host: Option<String>,
+        reply: String,
+        attempts: u32,
+        next_attempt_in_s: u64,
+    },
+    #[serde(rename = "delivery.failed")]
+    Failed { queue_id: String, message_id: Option<String>, rcpt: String, platform: String, reply: String, reason: String },
+    #[serde(rename = "delivery.held")]
+    Held { queue_id: String, message_id: Option<String>, rcpt: String, why: String },
+    #[serde(rename = "route.changed")]
+    RouteChanged { version: i64, actor: String, command: String, changes: usize },
+}
+
+impl Event {
+    /// The stable name, as written in the `event` field.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Event::GatewayStarted { .. } => "gateway.started",
+            Event::GatewayStopped { .. } => "gateway.stopped",
+            Event::ConnectionOpened { .. } => "connection.opened",
+            Event::ConnectionRefused { .. } => "connection.refused",
+            Event::ConnectionClosed { .. } => "connection.closed",
+            Event::ConnectionTls { .. } => "connection.tls",
+            Event::MessageAccepted { .. } => "message.accepted",
+            Event::MessageRefused { .. } => "message.refused",
+            Event::QueueRecovered { .. } => "queue.recovered",
+            Event::QueueCorrupt { .. } => "queue.corrupt",
+            Event::Routed { .. } => "delivery.routed",
+            Event::Attempt { .. } => "delivery.attempt",
+            Event::Delivered { .. } => "delivery.delivered",
+            Event::Deferred { .. } => "delivery.deferred",
+            Event::Failed { .. } => "delivery.failed",
+            Event::Held { .. } => "delivery.held",
+            Event::RouteChanged { .. } => "route.changed",
+        }
+    }
+}
+
+/// One line of the event log.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Record {
+    /// RFC 3339 UTC with milliseconds.
+    pub ts: String,
+    pub node: String,
+    #[serde(flatten)]
+    pub event: Event,
+}
+
+/// Cheap to clone; sending never blocks the SMTP or delivery paths.
+#[derive(Clone)]
+pub struct EventLog {
+    tx: mpsc::UnboundedSender<Record>,
+    node: std::sync::Arc<str>,
+}
+
+pub struct EventWriter {
+    rx: mpsc::UnboundedReceiver<Record>,
+    dir: PathBuf,
+}
+
+impl EventLog {
+    /// Creates the log and its writer; run `EventWriter::run` on a task.
+    pub fn new(dir: &Path, node: &str) -> std::io::Result<(EventLog, EventWriter)> {
+        std::fs::create_dir_all(dir)?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        Ok((EventLog { tx, node: node.into() }, EventWriter { rx, dir: dir.to_path_buf() }))
+    }
+
+    /// A log whose records go nowhere but stderr (CLI commands without a data dir).
+    pub fn discard(node: &str) -> EventLog {
+        let (tx, _rx) = mpsc::unbounded_channel();
+        EventLog { tx, node: node.into() }
+    }
+
+    pub fn emit(&self, event: Event) {
+        let record = Record { ts: now_rfc3339(), node: self.node.to_string(), event };
+        if tracing::enabled!(target: "godwit::event", tracing::Level::INFO) {
+            if let Ok(line) = serde_json::to_string(&record.event) {
+                tracing::info!(target: "godwit::event", "{line}");
+            }
+        }
+        let _ = self.tx.send(record);
+    }
+}
+
+impl EventWriter {
+    /// Appends records until every `EventLog` is dropped. Buffers while more
+    /// records are queued and flushes when the queue drains, so a burst costs
+    /// one write and the file is current within one scheduler tick.
+    pub async fn run(mut self) {
+        let mut current: Option<(String, std::io::BufWriter<std::fs::File>)> = None;
+        while let Some(first) = self.rx.recv().await {
+            let mut batch = vec![first];
+            while let Ok(r) = self.rx.try_recv() {
+                batch.push(r);
+                if batch.len() >= 4096 {
+                    break;
+                }
+            }
+            for record in batch {
+                let day = record.ts.get(..10).unwrap_or("unknown").to_string();
+                if current.as_ref().is_none_or(|(d, _)| *d != day) {
+                    let path = self.dir.join(format!("events-{day}.jsonl"));
+                    match std::fs::OpenOptions::new().create(true).append(true).open(&path) {
+                        Ok(f) => current = Some((day, std::io::BufWriter::with_capacity(1 << 16, f))),
+                        Err(e) => {
+                            tracing::error!("cannot open event log {}: {e}", path.display());
+                            continue;
+                        }
+                    }
+                }
+                if let Some((_, w)) = current.as_mut() {
+                    let _ = serde_json::to_writer(&mut *w, &record);
+                    let _ = w.write_all(b"\n");
+                }
+            }
+            if let Some((_, w)) = current.as_mut() {
+                if let Err(e) = w.flush() {
+                    tracing::error!("cannot write event log: {e}");
+                }
+            }
+        }
+    }
+}
+
+/// Reads every record in `dir`, oldest file first. Lines that do not parse
+/// (a torn last line after a crash) are skipped.
+pub fn read_all(dir: &Path) -> std::io::Result<Vec<Record>> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "jsonl"))
+        .collect();
+    files.sort();
+    let mut out = Vec::new();
+    for f in files {
+        let text = std::fs::read_to_string(&f)?;
+        out.extend(text.lines().filter_map(|l| serde_json::from_str::<Record>(l).ok()));
+    }
+    Ok(out)
+}
+
+pub fn now_rfc3339() -> String {
+    let now = time::OffsetDateTime::now_utc();
+    let now = now.replace_nanosecond(now.millisecond() as u32 * 1_000_000).unwrap_or(now);
+    now.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn records_round_trip_with_stable_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, writer) = EventLog::new(dir.path(), "n1").unwrap();
+        let task = tokio::spawn(writer.run());
+        let ev = Event::Held { queue_id: "Q".into(), message_id: Some("<m@x>".into()), rcpt: "a@b".into(), why: "route hold".into() };
+        log.emit(ev.clone());
+        drop(log);
+        task.await.unwrap();
+        let records = read_all(dir.path()).unwrap();
+        assert_eq!(records.len(), 1);
+        assert_eq!(records[0].event, ev);
+        let raw = std::fs::read_to_string(std::fs::read_dir(dir.path()).unwrap().next().unwrap().unwrap().path()).unwrap();
+        assert!(raw.contains("\"event\":\"delivery.held\""), "{raw}");
+        assert_eq!(ev.name(), "delivery.held");
+    }
+}
