@@ -13,17 +13,36 @@ use tokio::sync::mpsc;
 #[serde(tag = "event")]
 pub enum Event {
     #[serde(rename = "gateway.started")]
-    GatewayStarted { hostname: String, listen: Vec<String>, recovered: usize, routing_version: i64 },
+    GatewayStarted {
+        hostname: String,
+        listen: Vec<String>,
+        recovered: usize,
+        routing_version: i64,
+    },
     #[serde(rename = "gateway.stopped")]
     GatewayStopped { reason: String },
     #[serde(rename = "connection.opened")]
     ConnectionOpened { session: u64, client_ip: String },
     #[serde(rename = "connection.refused")]
-    ConnectionRefused { client_ip: String, reply: String, reason: String },
+    ConnectionRefused {
+        client_ip: String,
+        reply: String,
+        reason: String,
+    },
     #[serde(rename = "connection.closed")]
-    ConnectionClosed { session: u64, client_ip: String, messages: u32, reason: String },
+    ConnectionClosed {
+        session: u64,
+        client_ip: String,
+        messages: u32,
+        reason: String,
+    },
     #[serde(rename = "connection.tls")]
-    ConnectionTls { session: u64, client_ip: String, protocol: String, cipher: String },
+    ConnectionTls {
+        session: u64,
+        client_ip: String,
+        protocol: String,
+        cipher: String,
+    },
     #[serde(rename = "message.accepted")]
     MessageAccepted {
         queue_id: String,
@@ -38,13 +57,30 @@ pub enum Event {
     },
     /// A command or message refused: `stage` is command, mail, rcpt or data.
     #[serde(rename = "message.refused")]
-    MessageRefused { session: u64, client_ip: String, stage: String, reply: String, detail: Option<String> },
+    MessageRefused {
+        session: u64,
+        client_ip: String,
+        stage: String,
+        reply: String,
+        detail: Option<String>,
+    },
     #[serde(rename = "queue.recovered")]
-    QueueRecovered { queue_id: String, message_id: Option<String>, pending: Vec<String> },
+    QueueRecovered {
+        queue_id: String,
+        message_id: Option<String>,
+        pending: Vec<String>,
+    },
     #[serde(rename = "queue.corrupt")]
     QueueCorrupt { file: String, reason: String },
     #[serde(rename = "delivery.routed")]
-    Routed { queue_id: String, message_id: Option<String>, rcpt: String, route: String, why: String, routing_version: i64 },
+    Routed {
+        queue_id: String,
+        message_id: Option<String>,
+        rcpt: String,
+        route: String,
+        why: String,
+        routing_version: i64,
+    },
     #[serde(rename = "delivery.attempt")]
     Attempt {
         queue_id: String,
@@ -82,11 +118,28 @@ pub enum Event {
         next_attempt_in_s: u64,
     },
     #[serde(rename = "delivery.failed")]
-    Failed { queue_id: String, message_id: Option<String>, rcpt: String, platform: String, reply: String, reason: String },
+    Failed {
+        queue_id: String,
+        message_id: Option<String>,
+        rcpt: String,
+        platform: String,
+        reply: String,
+        reason: String,
+    },
     #[serde(rename = "delivery.held")]
-    Held { queue_id: String, message_id: Option<String>, rcpt: String, why: String },
+    Held {
+        queue_id: String,
+        message_id: Option<String>,
+        rcpt: String,
+        why: String,
+    },
     #[serde(rename = "route.changed")]
-    RouteChanged { version: i64, actor: String, command: String, changes: usize },
+    RouteChanged {
+        version: i64,
+        actor: String,
+        command: String,
+        changes: usize,
+    },
 }
 
 impl Event {
@@ -141,17 +194,33 @@ impl EventLog {
     pub fn new(dir: &Path, node: &str) -> std::io::Result<(EventLog, EventWriter)> {
         std::fs::create_dir_all(dir)?;
         let (tx, rx) = mpsc::unbounded_channel();
-        Ok((EventLog { tx, node: node.into() }, EventWriter { rx, dir: dir.to_path_buf() }))
+        Ok((
+            EventLog {
+                tx,
+                node: node.into(),
+            },
+            EventWriter {
+                rx,
+                dir: dir.to_path_buf(),
+            },
+        ))
     }
 
     /// A log whose records go nowhere but stderr (CLI commands without a data dir).
     pub fn discard(node: &str) -> EventLog {
         let (tx, _rx) = mpsc::unbounded_channel();
-        EventLog { tx, node: node.into() }
+        EventLog {
+            tx,
+            node: node.into(),
+        }
     }
 
     pub fn emit(&self, event: Event) {
-        let record = Record { ts: now_rfc3339(), node: self.node.to_string(), event };
+        let record = Record {
+            ts: now_rfc3339(),
+            node: self.node.to_string(),
+            event,
+        };
         if tracing::enabled!(target: "godwit::event", tracing::Level::INFO) {
             if let Ok(line) = serde_json::to_string(&record.event) {
                 tracing::info!(target: "godwit::event", "{line}");
@@ -179,8 +248,14 @@ impl EventWriter {
                 let day = record.ts.get(..10).unwrap_or("unknown").to_string();
                 if current.as_ref().is_none_or(|(d, _)| *d != day) {
                     let path = self.dir.join(format!("events-{day}.jsonl"));
-                    match std::fs::OpenOptions::new().create(true).append(true).open(&path) {
-                        Ok(f) => current = Some((day, std::io::BufWriter::with_capacity(1 << 16, f))),
+                    match std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(&path)
+                    {
+                        Ok(f) => {
+                            current = Some((day, std::io::BufWriter::with_capacity(1 << 16, f)))
+                        }
                         Err(e) => {
                             tracing::error!("cannot open event log {}: {e}", path.display());
                             continue;
@@ -212,15 +287,21 @@ pub fn read_all(dir: &Path) -> std::io::Result<Vec<Record>> {
     let mut out = Vec::new();
     for f in files {
         let text = std::fs::read_to_string(&f)?;
-        out.extend(text.lines().filter_map(|l| serde_json::from_str::<Record>(l).ok()));
+        out.extend(
+            text.lines()
+                .filter_map(|l| serde_json::from_str::<Record>(l).ok()),
+        );
     }
     Ok(out)
 }
 
 pub fn now_rfc3339() -> String {
     let now = time::OffsetDateTime::now_utc();
-    let now = now.replace_nanosecond(now.millisecond() as u32 * 1_000_000).unwrap_or(now);
-    now.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+    let now = now
+        .replace_nanosecond(now.millisecond() as u32 * 1_000_000)
+        .unwrap_or(now);
+    now.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -232,14 +313,27 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (log, writer) = EventLog::new(dir.path(), "n1").unwrap();
         let task = tokio::spawn(writer.run());
-        let ev = Event::Held { queue_id: "Q".into(), message_id: Some("<m@x>".into()), rcpt: "a@b".into(), why: "route hold".into() };
+        let ev = Event::Held {
+            queue_id: "Q".into(),
+            message_id: Some("<m@x>".into()),
+            rcpt: "a@b".into(),
+            why: "route hold".into(),
+        };
         log.emit(ev.clone());
         drop(log);
         task.await.unwrap();
         let records = read_all(dir.path()).unwrap();
         assert_eq!(records.len(), 1);
         assert_eq!(records[0].event, ev);
-        let raw = std::fs::read_to_string(std::fs::read_dir(dir.path()).unwrap().next().unwrap().unwrap().path()).unwrap();
+        let raw = std::fs::read_to_string(
+            std::fs::read_dir(dir.path())
+                .unwrap()
+                .next()
+                .unwrap()
+                .unwrap()
+                .path(),
+        )
+        .unwrap();
         assert!(raw.contains("\"event\":\"delivery.held\""), "{raw}");
         assert_eq!(ev.name(), "delivery.held");
     }

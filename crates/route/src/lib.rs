@@ -14,8 +14,12 @@ use std::time::Duration;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Why {
     /// An explicit per-address entry, set at this routing version.
-    Entry { version: i64 },
-    DomainDefault { domain: String },
+    Entry {
+        version: i64,
+    },
+    DomainDefault {
+        domain: String,
+    },
     GlobalDefault,
 }
 
@@ -49,7 +53,10 @@ pub struct RoutingMap {
 
 /// Addresses compare case-insensitively, as mail administrators expect.
 pub fn normalize_address(a: &str) -> String {
-    a.trim().trim_start_matches('<').trim_end_matches('>').to_lowercase()
+    a.trim()
+        .trim_start_matches('<')
+        .trim_end_matches('>')
+        .to_lowercase()
 }
 
 impl RoutingMap {
@@ -58,7 +65,12 @@ impl RoutingMap {
             entries: HashMap::new(),
             version: 0,
             default: config.routing.default.clone(),
-            domains: config.routing.domains.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            domains: config
+                .routing
+                .domains
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
         }
     }
 
@@ -77,23 +89,34 @@ impl RoutingMap {
     pub fn decide(&self, rcpt: &str) -> Decision {
         let addr = normalize_address(rcpt);
         if let Some((route, version)) = self.entries.get(&addr) {
-            return Decision { route: route.clone(), why: Why::Entry { version: *version }, version: self.version };
+            return Decision {
+                route: route.clone(),
+                why: Why::Entry { version: *version },
+                version: self.version,
+            };
         }
         let domain = addr.rsplit_once('@').map(|(_, d)| d).unwrap_or("");
         if let Some(route) = self.domains.get(domain) {
             return Decision {
                 route: route.clone(),
-                why: Why::DomainDefault { domain: domain.to_string() },
+                why: Why::DomainDefault {
+                    domain: domain.to_string(),
+                },
                 version: self.version,
             };
         }
-        Decision { route: self.default.clone(), why: Why::GlobalDefault, version: self.version }
+        Decision {
+            route: self.default.clone(),
+            why: Why::GlobalDefault,
+            version: self.version,
+        }
     }
 
     fn apply(&mut self, change: &Change) {
         match &change.after {
             Some(route) => {
-                self.entries.insert(change.address.clone(), (route.clone(), change.version));
+                self.entries
+                    .insert(change.address.clone(), (route.clone(), change.version));
             }
             None => {
                 self.entries.remove(&change.address);
@@ -140,7 +163,9 @@ impl SharedRoutes {
 /// Loads the whole map from the store.
 pub async fn load(store: &Store, config: &Config) -> Result<RoutingMap, StoreError> {
     let mut map = RoutingMap::new(config);
-    let rows = sqlx_query("SELECT address, route, version FROM route_entries").fetch_all(&store.pool).await?;
+    let rows = sqlx_query("SELECT address, route, version FROM route_entries")
+        .fetch_all(&store.pool)
+        .await?;
     for r in rows {
         let address: String = r.try_get(0)?;
         let route: String = r.try_get(1)?;
@@ -151,14 +176,21 @@ pub async fn load(store: &Store, config: &Config) -> Result<RoutingMap, StoreErr
     Ok(map)
 }
 
-fn sqlx_query(sql: &'static str) -> godwit_store::sqlx::query::Query<'static, godwit_store::sqlx::Any, godwit_store::sqlx::any::AnyArguments> {
+fn sqlx_query(
+    sql: &'static str,
+) -> godwit_store::sqlx::query::Query<
+    'static,
+    godwit_store::sqlx::Any,
+    godwit_store::sqlx::any::AnyArguments,
+> {
     godwit_store::sqlx::query(sql)
 }
 
 pub async fn current_version(store: &Store) -> Result<i64, StoreError> {
-    let v: Option<i64> = godwit_store::sqlx::query_scalar("SELECT MAX(version) FROM routing_versions")
-        .fetch_one(&store.pool)
-        .await?;
+    let v: Option<i64> =
+        godwit_store::sqlx::query_scalar("SELECT MAX(version) FROM routing_versions")
+            .fetch_one(&store.pool)
+            .await?;
     Ok(v.unwrap_or(0))
 }
 
@@ -171,7 +203,12 @@ pub async fn changes_since(store: &Store, version: i64) -> Result<Vec<Change>, S
     .await?;
     rows.into_iter()
         .map(|r| {
-            Ok(Change { version: r.try_get(0)?, address: r.try_get(1)?, before: r.try_get(2)?, after: r.try_get(3)? })
+            Ok(Change {
+                version: r.try_get(0)?,
+                address: r.try_get(1)?,
+                before: r.try_get(2)?,
+                after: r.try_get(3)?,
+            })
         })
         .collect()
 }
@@ -247,7 +284,12 @@ pub async fn commit(
 
 /// Keeps `shared` current: polls the store's version every `interval` and
 /// applies only the changes since. Runs until the task is dropped.
-pub async fn watch(store: Store, shared: SharedRoutes, interval: Duration, on_change: impl Fn(i64, usize) + Send) {
+pub async fn watch(
+    store: Store,
+    shared: SharedRoutes,
+    interval: Duration,
+    on_change: impl Fn(i64, usize) + Send,
+) {
     loop {
         tokio::time::sleep(interval).await;
         let have = shared.version();
@@ -280,25 +322,54 @@ mod tests {
     #[tokio::test]
     async fn set_decide_and_incremental_reload() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&format!("sqlite://{}?mode=rwc", dir.path().join("s.db").display())).await.unwrap();
+        let store = Store::open(&format!(
+            "sqlite://{}?mode=rwc",
+            dir.path().join("s.db").display()
+        ))
+        .await
+        .unwrap();
         let cfg = config();
         let shared = SharedRoutes::new(load(&store, &cfg).await.unwrap());
         assert_eq!(shared.decide("alice@example.com").why, Why::GlobalDefault);
         assert_eq!(shared.decide("x@example.org").route, "new");
 
-        let (v, applied) = commit(&store, "t", "route set", vec![("Alice@Example.com".into(), Some("new".into()))]).await.unwrap();
+        let (v, applied) = commit(
+            &store,
+            "t",
+            "route set",
+            vec![("Alice@Example.com".into(), Some("new".into()))],
+        )
+        .await
+        .unwrap();
         assert_eq!((v, applied.len()), (1, 1));
         // Not yet seen by the running map.
         assert_eq!(shared.decide("alice@example.com").route, "old");
         let changes = changes_since(&store, shared.version()).await.unwrap();
         shared.apply(&changes);
         let d = shared.decide("ALICE@example.com");
-        assert_eq!((d.route.as_str(), d.why.clone()), ("new", Why::Entry { version: 1 }));
+        assert_eq!(
+            (d.route.as_str(), d.why.clone()),
+            ("new", Why::Entry { version: 1 })
+        );
 
         // A no-op change records a version but no change rows.
-        let (v2, applied) = commit(&store, "t", "route set", vec![("alice@example.com".into(), Some("new".into()))]).await.unwrap();
+        let (v2, applied) = commit(
+            &store,
+            "t",
+            "route set",
+            vec![("alice@example.com".into(), Some("new".into()))],
+        )
+        .await
+        .unwrap();
         assert_eq!((v2, applied.len()), (2, 0));
-        let (_, applied) = commit(&store, "t", "route unset", vec![("alice@example.com".into(), None)]).await.unwrap();
+        let (_, applied) = commit(
+            &store,
+            "t",
+            "route unset",
+            vec![("alice@example.com".into(), None)],
+        )
+        .await
+        .unwrap();
         assert_eq!(applied[0].before.as_deref(), Some("new"));
         let reloaded = load(&store, &cfg).await.unwrap();
         assert_eq!(reloaded.decide("alice@example.com").route, "old");
@@ -314,7 +385,15 @@ mod tests {
         for i in 0..20 {
             let s = Store::open(&url).await.unwrap();
             tasks.push(tokio::spawn(async move {
-                commit(&s, "t", "set", vec![(format!("u{i}@example.com"), Some("new".into()))]).await.unwrap().0
+                commit(
+                    &s,
+                    "t",
+                    "set",
+                    vec![(format!("u{i}@example.com"), Some("new".into()))],
+                )
+                .await
+                .unwrap()
+                .0
             }));
         }
         let mut versions = Vec::new();

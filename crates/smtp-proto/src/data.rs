@@ -57,7 +57,15 @@ pub struct DataDecoder {
 
 impl DataDecoder {
     pub fn new(policy: NewlinePolicy, max_size: u64) -> Self {
-        DataDecoder { policy, max: max_size, size: 0, st: St::LineStart, too_big: false, bare: false, nul: false }
+        DataDecoder {
+            policy,
+            max: max_size,
+            size: 0,
+            st: St::LineStart,
+            too_big: false,
+            bare: false,
+            nul: false,
+        }
     }
 
     pub fn is_done(&self) -> bool {
@@ -116,7 +124,9 @@ impl DataDecoder {
             let b = input[i];
             match self.st {
                 St::Done => return i,
-                St::Mid | St::LineStart | St::SoftLineStart if !matches!(b, b'.' | b'\r' | b'\n' | 0) => {
+                St::Mid | St::LineStart | St::SoftLineStart
+                    if !matches!(b, b'.' | b'\r' | b'\n' | 0) =>
+                {
                     // Fast path: copy the run up to the next special byte.
                     let run = memchr3(b'\r', b'\n', 0, &input[i..]).map_or(input.len() - i, |p| p);
                     let end = i + run;
@@ -207,7 +217,14 @@ mod tests {
     /// Every smuggling ending from the 2023 research: none may end DATA. Each
     /// is followed by a smuggled transaction and then the real terminator.
     const SMUGGLING: &[&[u8]] = &[
-        b"\n.\n", b"\n.\r\n", b"\r.\r\n", b"\r\n.\r", b"\r\n.\n", b"\r.\n", b"\n.\r", b"\r\n\x00.\r\n",
+        b"\n.\n",
+        b"\n.\r\n",
+        b"\r.\r\n",
+        b"\r\n.\r",
+        b"\r\n.\n",
+        b"\r.\n",
+        b"\n.\r",
+        b"\r\n\x00.\r\n",
     ];
 
     #[test]
@@ -215,7 +232,9 @@ mod tests {
         for ending in SMUGGLING {
             let mut wire = b"Subject: a\r\n\r\nbody".to_vec();
             wire.extend_from_slice(ending);
-            wire.extend_from_slice(b"MAIL FROM:<evil@x>\r\nRCPT TO:<v@example.com>\r\nDATA\r\nsmuggled\r\n.\r\n");
+            wire.extend_from_slice(
+                b"MAIL FROM:<evil@x>\r\nRCPT TO:<v@example.com>\r\nDATA\r\nsmuggled\r\n.\r\n",
+            );
             for policy in [NewlinePolicy::Reject, NewlinePolicy::Normalize] {
                 let (o, m, n) = decode(policy, &wire);
                 assert_eq!(n, wire.len(), "{ending:?} {policy:?} ended early");

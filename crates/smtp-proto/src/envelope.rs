@@ -57,6 +57,9 @@ pub fn xtext_encode(s: &str) -> String {
 mod tests {
     #[test]
     fn xtext() {
-        assert_eq!(super::xtext_encode("rfc822;a+b=c@x y"), "rfc822;a+2Bb+3Dc@x+20y");
+        assert_eq!(
+            super::xtext_encode("rfc822;a+b=c@x y"),
+            "rfc822;a+2Bb+3Dc@x+20y"
+        );
     }
 }

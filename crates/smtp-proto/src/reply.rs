@@ -13,11 +13,19 @@ pub struct Reply {
 
 impl Reply {
     pub fn new(code: u16, enhanced: (u8, u16, u16), text: impl Into<String>) -> Reply {
-        Reply { code, enhanced: Some(enhanced), text: text.into() }
+        Reply {
+            code,
+            enhanced: Some(enhanced),
+            text: text.into(),
+        }
     }
 
     pub fn plain(code: u16, text: impl Into<String>) -> Reply {
-        Reply { code, enhanced: None, text: text.into() }
+        Reply {
+            code,
+            enhanced: None,
+            text: text.into(),
+        }
     }
 
     pub fn is_positive(&self) -> bool {
@@ -36,7 +44,11 @@ impl Reply {
     /// each CRLF-terminated (RFC 5321 4.2.1). The enhanced code prefixes every line.
     pub fn to_wire(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.text.len() + 16);
-        let lines: Vec<&str> = self.text.split('\n').map(|l| l.trim_end_matches('\r')).collect();
+        let lines: Vec<&str> = self
+            .text
+            .split('\n')
+            .map(|l| l.trim_end_matches('\r'))
+            .collect();
         for (i, line) in lines.iter().enumerate() {
             let sep = if i + 1 == lines.len() { ' ' } else { '-' };
             out.extend_from_slice(self.code.to_string().as_bytes());
@@ -46,7 +58,10 @@ impl Reply {
                 out.push(b' ');
             }
             // Never let a reply text inject CR/LF or non-printables onto the wire.
-            out.extend(line.bytes().map(|b| if b < 0x20 || b == 0x7f { b'?' } else { b }));
+            out.extend(
+                line.bytes()
+                    .map(|b| if b < 0x20 || b == 0x7f { b'?' } else { b }),
+            );
             out.extend_from_slice(b"\r\n");
         }
         out
@@ -69,7 +84,10 @@ mod tests {
     #[test]
     fn multiline_wire_form() {
         let r = Reply::plain(250, "mx.example\nPIPELINING\nSIZE 100");
-        assert_eq!(r.to_wire(), b"250-mx.example\r\n250-PIPELINING\r\n250 SIZE 100\r\n");
+        assert_eq!(
+            r.to_wire(),
+            b"250-mx.example\r\n250-PIPELINING\r\n250 SIZE 100\r\n"
+        );
         let r = Reply::new(554, (5, 7, 1), "Relay access denied");
         assert_eq!(r.to_wire(), b"554 5.7.1 Relay access denied\r\n");
         assert_eq!(r.to_string(), "554 5.7.1 Relay access denied");

@@ -34,7 +34,10 @@ pub enum Output {
     Reply(Reply),
     /// A complete message: the driver must make it durable, then answer with
     /// `Session::queued` (or refuse with `Session::refused`).
-    Message { envelope: Envelope, message: Vec<u8> },
+    Message {
+        envelope: Envelope,
+        message: Vec<u8>,
+    },
     /// The 220 reply to STARTTLS was produced (and is the previous Output);
     /// the driver must discard any buffered input (RFC 3207 6: pipelined
     /// commands after STARTTLS are an injection attack) and upgrade.
@@ -43,7 +46,10 @@ pub enum Output {
     Close,
     /// A refusal the driver should log as an event (the reply already went out
     /// as its own Output).
-    Refused { stage: &'static str, reply: Reply },
+    Refused {
+        stage: &'static str,
+        reply: Reply,
+    },
 }
 
 #[derive(Debug)]
@@ -152,7 +158,11 @@ impl Session {
         self.pending.push_back(Output::Reply(r.clone()));
         self.pending.push_back(Output::Refused { stage, reply: r });
         if self.errors >= self.limits.max_errors {
-            self.emit(Reply::new(421, (4, 7, 0), format!("{} Error: too many errors", self.limits.hostname)));
+            self.emit(Reply::new(
+                421,
+                (4, 7, 0),
+                format!("{} Error: too many errors", self.limits.hostname),
+            ));
             self.close();
         }
     }
@@ -184,14 +194,20 @@ impl Session {
                         if self.input.len() > self.limits.max_command_line {
                             // RFC 5321 4.5.3.1.4; drop the overlong line, keep the session.
                             self.input.clear();
-                            self.error("command", Reply::new(500, (5, 5, 6), "Error: command line too long"));
+                            self.error(
+                                "command",
+                                Reply::new(500, (5, 5, 6), "Error: command line too long"),
+                            );
                             continue;
                         }
                         return None;
                     };
                     let line: Vec<u8> = self.input.drain(..=nl).collect();
                     if line.len() > self.limits.max_command_line {
-                        self.error("command", Reply::new(500, (5, 5, 6), "Error: command line too long"));
+                        self.error(
+                            "command",
+                            Reply::new(500, (5, 5, 6), "Error: command line too long"),
+                        );
                         continue;
                     }
                     self.command(&line, policy);
@@ -210,19 +226,38 @@ impl Session {
             DataOutcome::TooBig => refuse(
                 self,
                 "data",
-                Reply::new(552, (5, 3, 4), format!("Error: message exceeds the {} byte limit", self.limits.max_message_size)),
+                Reply::new(
+                    552,
+                    (5, 3, 4),
+                    format!(
+                        "Error: message exceeds the {} byte limit",
+                        self.limits.max_message_size
+                    ),
+                ),
             ),
             DataOutcome::BareNewline => refuse(
                 self,
                 "data",
-                Reply::new(550, (5, 5, 2), "Error: bare <CR> or <LF> in message data (RFC 5321 2.3.8); lines must end in <CR><LF>"),
+                Reply::new(
+                    550,
+                    (5, 5, 2),
+                    "Error: bare <CR> or <LF> in message data (RFC 5321 2.3.8); lines must end in <CR><LF>",
+                ),
             ),
-            DataOutcome::Nul => refuse(self, "data", Reply::new(550, (5, 6, 0), "Error: NUL byte in message data")),
+            DataOutcome::Nul => refuse(
+                self,
+                "data",
+                Reply::new(550, (5, 6, 0), "Error: NUL byte in message data"),
+            ),
             DataOutcome::Complete => {
                 let received = count_received(&self.message);
                 if received > self.limits.max_received_headers {
                     // RFC 5321 6.3: refuse a looping message now rather than bounce it later.
-                    let r = Reply::new(554, (5, 4, 6), format!("Error: mail loop detected ({received} Received headers)"));
+                    let r = Reply::new(
+                        554,
+                        (5, 4, 6),
+                        format!("Error: mail loop detected ({received} Received headers)"),
+                    );
                     return refuse(self, "data", r);
                 }
                 let (mail_from, mail_params) = self.mail.take().unwrap_or_default();
@@ -237,7 +272,8 @@ impl Session {
                 };
                 let message = std::mem::take(&mut self.message);
                 self.state = State::AwaitingQueue;
-                self.pending.push_back(Output::Message { envelope, message });
+                self.pending
+                    .push_back(Output::Message { envelope, message });
             }
         }
     }
@@ -285,17 +321,29 @@ impl Session {
                 self.state = State::Ready;
                 self.emit(Reply::plain(250, host.clone()));
             }
-            Request::Lhlo { .. } => self.error("command", Reply::new(500, (5, 5, 1), "Error: LHLO is for LMTP")),
+            Request::Lhlo { .. } => self.error(
+                "command",
+                Reply::new(500, (5, 5, 1), "Error: LHLO is for LMTP"),
+            ),
             Request::Mail { from } => self.mail_from(from),
             Request::Rcpt { to } => self.rcpt_to(to, policy),
             Request::Data => {
                 if self.mail.is_none() {
-                    self.error("data", Reply::new(503, (5, 5, 1), "Error: need MAIL command"));
+                    self.error(
+                        "data",
+                        Reply::new(503, (5, 5, 1), "Error: need MAIL command"),
+                    );
                 } else if self.rcpts.is_empty() {
                     // RFC 5321 3.3: no valid recipients.
-                    self.error("data", Reply::new(554, (5, 5, 1), "Error: no valid recipients"));
+                    self.error(
+                        "data",
+                        Reply::new(554, (5, 5, 1), "Error: no valid recipients"),
+                    );
                 } else {
-                    self.state = State::Data(DataDecoder::new(self.limits.newline_policy, self.limits.max_message_size));
+                    self.state = State::Data(DataDecoder::new(
+                        self.limits.newline_policy,
+                        self.limits.max_message_size,
+                    ));
                     self.emit(Reply::plain(354, "End data with <CR><LF>.<CR><LF>"));
                 }
             }
@@ -309,55 +357,109 @@ impl Session {
                 self.close();
             }
             // RFC 5321 3.5.3: 252 when VRFY is disabled; never confirm mailboxes.
-            Request::Vrfy { .. } => {
-                self.emit(Reply::new(252, (2, 5, 2), "Cannot VRFY user, but will accept message and attempt delivery"))
-            }
-            Request::Expn { .. } => self.error("command", Reply::new(502, (5, 5, 1), "Error: EXPN is disabled")),
+            Request::Vrfy { .. } => self.emit(Reply::new(
+                252,
+                (2, 5, 2),
+                "Cannot VRFY user, but will accept message and attempt delivery",
+            )),
+            Request::Expn { .. } => self.error(
+                "command",
+                Reply::new(502, (5, 5, 1), "Error: EXPN is disabled"),
+            ),
             Request::Help { .. } => self.emit(Reply::new(214, (2, 0, 0), "See RFC 5321")),
             Request::StartTls => {
                 if !self.limits.tls_available {
-                    self.error("command", Reply::new(502, (5, 5, 1), "Error: STARTTLS not available"));
+                    self.error(
+                        "command",
+                        Reply::new(502, (5, 5, 1), "Error: STARTTLS not available"),
+                    );
                 } else if self.tls {
-                    self.error("command", Reply::new(503, (5, 5, 1), "Error: TLS already active"));
+                    self.error(
+                        "command",
+                        Reply::new(503, (5, 5, 1), "Error: TLS already active"),
+                    );
                 } else if self.mail.is_some() {
-                    self.error("command", Reply::new(503, (5, 5, 1), "Error: STARTTLS during a transaction"));
+                    self.error(
+                        "command",
+                        Reply::new(503, (5, 5, 1), "Error: STARTTLS during a transaction"),
+                    );
                 } else {
                     self.emit(Reply::new(220, (2, 0, 0), "Ready to start TLS"));
                     self.input.clear();
                     self.pending.push_back(Output::StartTls);
                 }
             }
-            Request::Bdat { .. } => self.error("command", Reply::new(502, (5, 5, 1), "Error: BDAT is not supported")),
-            Request::Auth { .. } => self.error("command", Reply::new(502, (5, 5, 1), "Error: AUTH is not offered on the MX gateway")),
-            other => self.error("command", Reply::new(502, (5, 5, 1), format!("Error: {} is not implemented", other.name()))),
+            Request::Bdat { .. } => self.error(
+                "command",
+                Reply::new(502, (5, 5, 1), "Error: BDAT is not supported"),
+            ),
+            Request::Auth { .. } => self.error(
+                "command",
+                Reply::new(
+                    502,
+                    (5, 5, 1),
+                    "Error: AUTH is not offered on the MX gateway",
+                ),
+            ),
+            other => self.error(
+                "command",
+                Reply::new(
+                    502,
+                    (5, 5, 1),
+                    format!("Error: {} is not implemented", other.name()),
+                ),
+            ),
         }
     }
 
     fn mail_from(&mut self, from: smtp_proto::MailFrom<Cow<'_, str>>) {
         if self.helo.is_none() {
-            return self.error("mail", Reply::new(503, (5, 5, 1), "Error: send HELO/EHLO first"));
+            return self.error(
+                "mail",
+                Reply::new(503, (5, 5, 1), "Error: send HELO/EHLO first"),
+            );
         }
         if self.mail.is_some() {
-            return self.error("mail", Reply::new(503, (5, 5, 1), "Error: nested MAIL command"));
+            return self.error(
+                "mail",
+                Reply::new(503, (5, 5, 1), "Error: nested MAIL command"),
+            );
         }
         if from.size as u64 > self.limits.max_message_size {
             // RFC 1870 6.
             return self.error(
                 "mail",
-                Reply::new(552, (5, 3, 4), format!("Error: message size exceeds the {} byte limit", self.limits.max_message_size)),
+                Reply::new(
+                    552,
+                    (5, 3, 4),
+                    format!(
+                        "Error: message size exceeds the {} byte limit",
+                        self.limits.max_message_size
+                    ),
+                ),
             );
         }
         let smtputf8 = from.flags & smtp_proto::MAIL_SMTPUTF8 != 0;
         if !smtputf8 && !from.address.is_ascii() {
             // RFC 6531 3.4.
-            return self.error("mail", Reply::new(553, (5, 6, 7), "Error: non-ASCII address requires SMTPUTF8"));
+            return self.error(
+                "mail",
+                Reply::new(553, (5, 6, 7), "Error: non-ASCII address requires SMTPUTF8"),
+            );
         }
         let body = if from.flags & smtp_proto::MAIL_BODY_8BITMIME != 0 {
             Some("8BITMIME".to_string())
         } else if from.flags & smtp_proto::MAIL_BODY_7BIT != 0 {
             Some("7BIT".to_string())
         } else if from.flags & smtp_proto::MAIL_BODY_BINARYMIME != 0 {
-            return self.error("mail", Reply::new(555, (5, 5, 4), "Error: BODY=BINARYMIME needs CHUNKING, not offered"));
+            return self.error(
+                "mail",
+                Reply::new(
+                    555,
+                    (5, 5, 4),
+                    "Error: BODY=BINARYMIME needs CHUNKING, not offered",
+                ),
+            );
         } else {
             None
         };
@@ -368,22 +470,36 @@ impl Session {
         } else {
             None
         };
-        let params = MailParams { body, smtputf8, ret, envid: from.env_id.map(Cow::into_owned) };
+        let params = MailParams {
+            body,
+            smtputf8,
+            ret,
+            envid: from.env_id.map(Cow::into_owned),
+        };
         self.mail = Some((from.address.into_owned(), params));
         self.emit(Reply::new(250, (2, 1, 0), "Ok"));
     }
 
     fn rcpt_to(&mut self, to: smtp_proto::RcptTo<Cow<'_, str>>, policy: &dyn RcptPolicy) {
         if self.mail.is_none() {
-            return self.error("rcpt", Reply::new(503, (5, 5, 1), "Error: need MAIL command"));
+            return self.error(
+                "rcpt",
+                Reply::new(503, (5, 5, 1), "Error: need MAIL command"),
+            );
         }
         if self.rcpts.len() >= self.limits.max_recipients {
             // RFC 5321 4.5.3.1.10: 452 lets the client retry the rest later.
-            return self.error("rcpt", Reply::new(452, (4, 5, 3), "Error: too many recipients"));
+            return self.error(
+                "rcpt",
+                Reply::new(452, (4, 5, 3), "Error: too many recipients"),
+            );
         }
         let smtputf8 = self.mail.as_ref().is_some_and(|(_, p)| p.smtputf8);
         if !smtputf8 && !to.address.is_ascii() {
-            return self.error("rcpt", Reply::new(553, (5, 6, 7), "Error: non-ASCII address requires SMTPUTF8"));
+            return self.error(
+                "rcpt",
+                Reply::new(553, (5, 6, 7), "Error: non-ASCII address requires SMTPUTF8"),
+            );
         }
         let address = to.address.into_owned();
         if let Err(r) = policy.check_rcpt(&address) {
@@ -401,7 +517,13 @@ impl Session {
             }
         }
         // smtp-proto hands ORCPT back decoded and without its addr-type.
-        let orcpt = to.orcpt.map(|o| if o.contains(';') { o.into_owned() } else { format!("rfc822;{o}") });
+        let orcpt = to.orcpt.map(|o| {
+            if o.contains(';') {
+                o.into_owned()
+            } else {
+                format!("rfc822;{o}")
+            }
+        });
         self.rcpts.push((address, RcptParams { notify, orcpt }));
         self.emit(Reply::new(250, (2, 1, 5), "Ok"));
     }
@@ -409,16 +531,27 @@ impl Session {
 
 fn parse_error_reply(e: &ParseError, line: &[u8]) -> Reply {
     match e {
-        ParseError::UnknownCommand => {
-            Reply::new(500, (5, 5, 2), "Error: command not recognized")
+        ParseError::UnknownCommand => Reply::new(500, (5, 5, 2), "Error: command not recognized"),
+        ParseError::InvalidSenderAddress => {
+            Reply::new(501, (5, 1, 7), "Error: bad sender address syntax")
         }
-        ParseError::InvalidSenderAddress => Reply::new(501, (5, 1, 7), "Error: bad sender address syntax"),
-        ParseError::InvalidRecipientAddress => Reply::new(501, (5, 1, 3), "Error: bad recipient address syntax"),
-        ParseError::SyntaxError { syntax } => Reply::new(501, (5, 5, 4), format!("Syntax: {syntax}")),
-        ParseError::InvalidParameter { param } => Reply::new(501, (5, 5, 4), format!("Error: invalid {param} parameter")),
-        ParseError::UnsupportedParameter { param } => {
-            Reply::new(555, (5, 5, 4), format!("Error: unsupported parameter {}", param.chars().take(40).collect::<String>()))
+        ParseError::InvalidRecipientAddress => {
+            Reply::new(501, (5, 1, 3), "Error: bad recipient address syntax")
         }
+        ParseError::SyntaxError { syntax } => {
+            Reply::new(501, (5, 5, 4), format!("Syntax: {syntax}"))
+        }
+        ParseError::InvalidParameter { param } => {
+            Reply::new(501, (5, 5, 4), format!("Error: invalid {param} parameter"))
+        }
+        ParseError::UnsupportedParameter { param } => Reply::new(
+            555,
+            (5, 5, 4),
+            format!(
+                "Error: unsupported parameter {}",
+                param.chars().take(40).collect::<String>()
+            ),
+        ),
         _ => {
             let _ = line;
             Reply::new(500, (5, 5, 2), "Error: syntax error")
@@ -507,7 +640,10 @@ mod tests {
         assert_eq!(msg, b"hi\r\n");
         assert_eq!(env.rcpts.len(), 1);
         assert_eq!(env.rcpts[0].1.notify, vec!["SUCCESS", "FAILURE"]);
-        assert_eq!(env.rcpts[0].1.orcpt.as_deref(), Some("rfc822;x@example.com"));
+        assert_eq!(
+            env.rcpts[0].1.orcpt.as_deref(),
+            Some("rfc822;x@example.com")
+        );
         assert_eq!(env.mail_params.ret.as_deref(), Some("HDRS"));
         assert_eq!(env.mail_params.envid.as_deref(), Some("e1"));
         assert_eq!(env.mail_params.body.as_deref(), Some("8BITMIME"));
@@ -519,7 +655,10 @@ mod tests {
             (b"MAIL FROM:<a@b>\r\n", "503 5.5.1"),
             (b"HELO c\r\nRCPT TO:<x@example.com>\r\n", "503 5.5.1"),
             (b"HELO c\r\nMAIL FROM:<a@b>\r\nDATA\r\n", "554 5.5.1"),
-            (b"HELO c\r\nMAIL FROM:<a@b>\r\nMAIL FROM:<a@b>\r\n", "503 5.5.1"),
+            (
+                b"HELO c\r\nMAIL FROM:<a@b>\r\nMAIL FROM:<a@b>\r\n",
+                "503 5.5.1",
+            ),
             (b"HELO c\r\nMAIL FROM:<a@b> SIZE=5000\r\n", "552 5.3.4"),
             (b"FOO\r\n", "500 5.5.2"),
             (b"VRFY bob\r\n", "252 2.5.2"),
@@ -528,7 +667,11 @@ mod tests {
         ];
         for (input, want) in table {
             let (r, _) = run(limits(), input);
-            assert!(r.last().unwrap().starts_with(want), "{:?}: {r:?}", String::from_utf8_lossy(input));
+            assert!(
+                r.last().unwrap().starts_with(want),
+                "{:?}: {r:?}",
+                String::from_utf8_lossy(input)
+            );
         }
     }
 

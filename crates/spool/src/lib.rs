@@ -31,13 +31,19 @@ const END: &[u8] = b"END!";
 #[derive(Debug, thiserror::Error)]
 pub enum SpoolError {
     #[error("spool {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("spool file {path} is damaged: {reason}")]
     Corrupt { path: PathBuf, reason: String },
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SpoolError + '_ {
-    move |source| SpoolError::Io { path: path.to_path_buf(), source }
+    move |source| SpoolError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// What the spool keeps about a message besides its bytes.
@@ -117,7 +123,13 @@ impl Spool {
                 let _ = std::fs::remove_file(e.path());
             }
         }
-        Ok(Spool { queue, tmp, corrupt, counter: AtomicU32::new(rand::random()), node_salt: rand::random::<u32>() & 0xfff })
+        Ok(Spool {
+            queue,
+            tmp,
+            corrupt,
+            counter: AtomicU32::new(rand::random()),
+            node_salt: rand::random::<u32>() & 0xfff,
+        })
     }
 
     pub fn queue_dir(&self) -> &Path {
@@ -157,13 +169,19 @@ impl Spool {
         buf.extend_from_slice(END);
         buf.extend_from_slice(&crc.to_le_bytes());
         let result = (|| {
-            let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp).map_err(io(&tmp))?;
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&tmp)
+                .map_err(io(&tmp))?;
             f.write_all(&buf).map_err(io(&tmp))?;
             f.sync_all().map_err(io(&tmp))?;
             drop(f);
             std::fs::rename(&tmp, &dst).map_err(io(&dst))?;
             // The rename is durable only once the directory is synced.
-            File::open(&self.queue).and_then(|d| d.sync_all()).map_err(io(&self.queue))
+            File::open(&self.queue)
+                .and_then(|d| d.sync_all())
+                .map_err(io(&self.queue))
         })();
         if result.is_err() {
             let _ = std::fs::remove_file(&tmp);
@@ -204,7 +222,10 @@ impl Spool {
         }
         let mut f = OpenOptions::new().append(true).open(&p).map_err(io(&p))?;
         f.write_all(&buf).map_err(io(&p))?;
-        if recs.iter().any(|r| r.status.is_final() || r.status == RcptStatus::Held) {
+        if recs
+            .iter()
+            .any(|r| r.status.is_final() || r.status == RcptStatus::Held)
+        {
             f.sync_data().map_err(io(&p))?;
         }
         Ok(())
@@ -240,7 +261,10 @@ impl Spool {
         for p in names {
             match load_file(&p) {
                 Ok(m) => {
-                    if m.status.iter().all(|s| s.as_ref().is_some_and(|s| s.status.is_final())) {
+                    if m.status
+                        .iter()
+                        .all(|s| s.as_ref().is_some_and(|s| s.status.is_final()))
+                    {
                         let _ = std::fs::remove_file(&p);
                     } else {
                         good.push(m);
@@ -258,15 +282,23 @@ impl Spool {
 }
 
 fn load_file(p: &Path) -> Result<Spooled, SpoolError> {
-    let corrupt = |reason: &str| SpoolError::Corrupt { path: p.to_path_buf(), reason: reason.to_string() };
+    let corrupt = |reason: &str| SpoolError::Corrupt {
+        path: p.to_path_buf(),
+        reason: reason.to_string(),
+    };
     let mut data = Vec::new();
-    File::open(p).and_then(|mut f| f.read_to_end(&mut data)).map_err(io(p))?;
+    File::open(p)
+        .and_then(|mut f| f.read_to_end(&mut data))
+        .map_err(io(p))?;
     if !data.starts_with(MAGIC) {
         return Err(corrupt("missing magic"));
     }
     let mut pos = MAGIC.len();
     let take = |pos: &mut usize, n: usize| -> Result<std::ops::Range<usize>, SpoolError> {
-        let end = pos.checked_add(n).filter(|&e| e <= data.len()).ok_or_else(|| corrupt("truncated"))?;
+        let end = pos
+            .checked_add(n)
+            .filter(|&e| e <= data.len())
+            .ok_or_else(|| corrupt("truncated"))?;
         let r = *pos..end;
         *pos = end;
         Ok(r)
@@ -284,13 +316,18 @@ fn load_file(p: &Path) -> Result<Spooled, SpoolError> {
     if crc32fast::hash(&data[..covered]) != crc {
         return Err(corrupt("checksum mismatch"));
     }
-    let header: Header = serde_json::from_slice(&data[head]).map_err(|e| corrupt(&format!("header: {e}")))?;
+    let header: Header =
+        serde_json::from_slice(&data[head]).map_err(|e| corrupt(&format!("header: {e}")))?;
     let mut status: Vec<Option<StatusRecord>> = vec![None; header.envelope.rcpts.len()];
     // Status records: a torn last record (crash mid-append) is ignored; it was
     // never reported as final, so at worst that recipient is retried.
     while pos + 4 <= data.len() {
         let len = u32::from_le_bytes(data[pos..pos + 4].try_into().unwrap()) as usize;
-        let Some(rec_end) = (pos + 4).checked_add(len).and_then(|e| e.checked_add(4)).filter(|&e| e <= data.len()) else {
+        let Some(rec_end) = (pos + 4)
+            .checked_add(len)
+            .and_then(|e| e.checked_add(4))
+            .filter(|&e| e <= data.len())
+        else {
             break;
         };
         let json = &data[pos + 4..pos + 4 + len];
@@ -305,7 +342,12 @@ fn load_file(p: &Path) -> Result<Spooled, SpoolError> {
         }
         pos = rec_end;
     }
-    Ok(Spooled { header, body_offset: body.start as u64, body_len: bl as u64, status })
+    Ok(Spooled {
+        header,
+        body_offset: body.start as u64,
+        body_len: bl as u64,
+        status,
+    })
 }
 
 const CROCKFORD: &[u8; 32] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
@@ -339,7 +381,9 @@ mod tests {
             envelope: Envelope {
                 mail_from: "a@b".into(),
                 mail_params: MailParams::default(),
-                rcpts: (0..rcpts).map(|i| (format!("u{i}@example.com"), RcptParams::default())).collect(),
+                rcpts: (0..rcpts)
+                    .map(|i| (format!("u{i}@example.com"), RcptParams::default()))
+                    .collect(),
                 helo: "c".into(),
                 esmtp: true,
                 client_ip: "127.0.0.1".into(),
@@ -349,7 +393,15 @@ mod tests {
     }
 
     fn rec(rcpt: usize, status: RcptStatus) -> StatusRecord {
-        StatusRecord { rcpt, status, at_ms: now_ms(), attempts: 1, next_ms: 0, platform: None, reply: None }
+        StatusRecord {
+            rcpt,
+            status,
+            at_ms: now_ms(),
+            attempts: 1,
+            next_ms: 0,
+            platform: None,
+            reply: None,
+        }
     }
 
     #[test]
@@ -359,15 +411,22 @@ mod tests {
         let h = header(&spool, 2);
         let m = spool.store(&h, b"Subject: x\r\n\r\nbody\r\n").unwrap();
         assert_eq!(spool.read_body(&m).unwrap(), b"Subject: x\r\n\r\nbody\r\n");
-        spool.record(&h.queue_id, &rec(0, RcptStatus::Delivered)).unwrap();
+        spool
+            .record(&h.queue_id, &rec(0, RcptStatus::Delivered))
+            .unwrap();
         let spool = Spool::open(dir.path()).unwrap();
         let (good, bad) = spool.recover().unwrap();
         assert!(bad.is_empty());
         assert_eq!(good.len(), 1);
-        assert_eq!(good[0].status[0].as_ref().unwrap().status, RcptStatus::Delivered);
+        assert_eq!(
+            good[0].status[0].as_ref().unwrap().status,
+            RcptStatus::Delivered
+        );
         assert!(good[0].status[1].is_none());
         // Once every recipient is final, recovery removes the file.
-        spool.record(&h.queue_id, &rec(1, RcptStatus::Failed)).unwrap();
+        spool
+            .record(&h.queue_id, &rec(1, RcptStatus::Failed))
+            .unwrap();
         let (good, _) = spool.recover().unwrap();
         assert!(good.is_empty());
         assert!(!spool.path(&h.queue_id).exists());
@@ -378,7 +437,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let spool = Spool::open(dir.path()).unwrap();
         let h = header(&spool, 1);
-        spool.store(&h, b"Subject: y\r\n\r\nhello world\r\n").unwrap();
+        spool
+            .store(&h, b"Subject: y\r\n\r\nhello world\r\n")
+            .unwrap();
         let full = std::fs::read(spool.path(&h.queue_id)).unwrap();
         for cut in 0..full.len() {
             std::fs::write(spool.path(&h.queue_id), &full[..cut]).unwrap();
@@ -395,7 +456,9 @@ mod tests {
         let h = header(&spool, 1);
         spool.store(&h, b"x\r\n").unwrap();
         let before = std::fs::read(spool.path(&h.queue_id)).unwrap();
-        spool.record(&h.queue_id, &rec(0, RcptStatus::Delivered)).unwrap();
+        spool
+            .record(&h.queue_id, &rec(0, RcptStatus::Delivered))
+            .unwrap();
         let after = std::fs::read(spool.path(&h.queue_id)).unwrap();
         std::fs::write(spool.path(&h.queue_id), &after[..after.len() - 3]).unwrap();
         let (good, _) = spool.recover().unwrap();
@@ -411,6 +474,19 @@ mod tests {
         let ids: Vec<String> = (0..10000).map(|_| spool.new_queue_id()).collect();
         let set: std::collections::HashSet<_> = ids.iter().collect();
         assert_eq!(set.len(), ids.len());
-        assert!(ids.iter().all(|i| i.len() == 16 && i.chars().all(|c| c.is_ascii_alphanumeric())));
+        assert!(
+            ids.iter()
+                .all(|i| i.len() == 16 && i.chars().all(|c| c.is_ascii_alphanumeric()))
+        );
     }
+}
+
+/// Every message in a spool directory, read-only (for `queue list` beside a
+/// running gateway): nothing is moved or removed. Unreadable files are skipped.
+pub fn list(spool_dir: &Path) -> Vec<Spooled> {
+    let mut names: Vec<_> = std::fs::read_dir(spool_dir.join("queue"))
+        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.path()).collect())
+        .unwrap_or_default();
+    names.sort();
+    names.iter().filter_map(|p| load_file(p).ok()).collect()
 }

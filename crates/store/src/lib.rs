@@ -39,7 +39,11 @@ impl Store {
     /// `url` is `sqlite://PATH?mode=rwc` or `postgres://...`.
     pub async fn open(url: &str) -> Result<Store, StoreError> {
         install_default_drivers();
-        let backend = if url.starts_with("postgres") { Backend::Postgres } else { Backend::Sqlite };
+        let backend = if url.starts_with("postgres") {
+            Backend::Postgres
+        } else {
+            Backend::Sqlite
+        };
         if backend == Backend::Sqlite {
             if let Some(path) = sqlite_path(url) {
                 if let Some(dir) = std::path::Path::new(path).parent() {
@@ -47,7 +51,10 @@ impl Store {
                 }
             }
         }
-        let open = |source| StoreError::Open { url: redact(url), source };
+        let open = |source| StoreError::Open {
+            url: redact(url),
+            source,
+        };
         let options = AnyPoolOptions::new()
             .max_connections(if backend == Backend::Sqlite { 4 } else { 8 })
             .acquire_timeout(Duration::from_secs(30))
@@ -56,9 +63,15 @@ impl Store {
                     if backend == Backend::Sqlite {
                         // Several processes (gateway, CLI) share the file: wait for locks
                         // rather than fail, and let readers run beside the writer.
-                        sqlx::query("PRAGMA busy_timeout = 10000").execute(&mut *conn).await?;
-                        sqlx::query("PRAGMA journal_mode = WAL").execute(&mut *conn).await?;
-                        sqlx::query("PRAGMA synchronous = NORMAL").execute(&mut *conn).await?;
+                        sqlx::query("PRAGMA busy_timeout = 10000")
+                            .execute(&mut *conn)
+                            .await?;
+                        sqlx::query("PRAGMA journal_mode = WAL")
+                            .execute(&mut *conn)
+                            .await?;
+                        sqlx::query("PRAGMA synchronous = NORMAL")
+                            .execute(&mut *conn)
+                            .await?;
                     }
                     Ok(())
                 })
@@ -75,7 +88,9 @@ impl Store {
     where
         F: for<'c> FnMut(
             &'c mut sqlx::AnyConnection,
-        ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, StoreError>> + Send + 'c>>,
+        ) -> std::pin::Pin<
+            Box<dyn std::future::Future<Output = Result<T, StoreError>> + Send + 'c>,
+        >,
     {
         let mut attempt = 0u32;
         loop {
@@ -104,7 +119,11 @@ fn is_retryable(e: &StoreError) -> bool {
         StoreError::Sql(sqlx::Error::Database(db)) => {
             let msg = db.message().to_ascii_lowercase();
             let code = db.code().map(|c| c.to_string()).unwrap_or_default();
-            msg.contains("locked") || msg.contains("busy") || code == "23505" || code == "40001" || code == "5"
+            msg.contains("locked")
+                || msg.contains("busy")
+                || code == "23505"
+                || code == "40001"
+                || code == "5"
                 || msg.contains("unique")
         }
         _ => false,
@@ -112,7 +131,9 @@ fn is_retryable(e: &StoreError) -> bool {
 }
 
 fn sqlite_path(url: &str) -> Option<&str> {
-    let rest = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:"))?;
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))?;
     Some(rest.split('?').next().unwrap_or(rest))
 }
 
@@ -158,7 +179,10 @@ mod tests {
             .unwrap();
         drop(s);
         let s = Store::open(&url).await.unwrap();
-        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM route_entries").fetch_one(&s.pool).await.unwrap();
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM route_entries")
+            .fetch_one(&s.pool)
+            .await
+            .unwrap();
         assert_eq!(n, 1);
     }
 }

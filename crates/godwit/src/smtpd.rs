@@ -1,0 +1,432 @@
+//! The SMTP listener (Postfix's smtpd + cleanup): owns sockets, limits,
+//! timeouts and TLS; feeds bytes to the pure session state machine; makes
+//! each message durable in the spool before the 250 reply.
+
+use godwit_config::{BareNewline, Config};
+use godwit_events::{Event, EventLog};
+use godwit_relay::Relay;
+use godwit_smtp_proto::{Limits, NewlinePolicy, Output, RcptPolicy, Reply, Session};
+use godwit_spool::{Header, Spool, now_ms};
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
+
+pub struct Smtpd {
+    pub config: Arc<Config>,
+    pub spool: Arc<Spool>,
+    pub relay: Relay,
+    pub events: EventLog,
+    pub tls: Option<TlsAcceptor>,
+    connections: Arc<Semaphore>,
+    per_ip: Mutex<HashMap<IpAddr, usize>>,
+    session_ids: AtomicU64,
+}
+
+/// Only our domains are accepted: godwit is never an open relay.
+struct Domains<'a>(&'a Config);
+
+impl RcptPolicy for Domains<'_> {
+    fn check_rcpt(&self, address: &str) -> Result<(), Reply> {
+        // RFC 5321 4.5.1: <postmaster> without a domain must be accepted.
+        if address.eq_ignore_ascii_case("postmaster") {
+            return Ok(());
+        }
+        match address.rsplit_once('@') {
+            Some((local, domain)) if !local.is_empty() && self.0.is_accepted_domain(domain) => {
+                Ok(())
+            }
+            Some(_) => Err(Reply::new(
+                554,
+                (5, 7, 1),
+                format!("<{address}>: Relay access denied"),
+            )),
+            None => Err(Reply::new(
+                501,
+                (5, 1, 3),
+                format!("<{address}>: recipient address needs a domain"),
+            )),
+        }
+    }
+}
+
+impl Smtpd {
+    pub fn new(
+        config: Arc<Config>,
+        spool: Arc<Spool>,
+        relay: Relay,
+        events: EventLog,
+    ) -> anyhow::Result<Arc<Smtpd>> {
+        let tls = match (&config.smtp.tls_cert, &config.smtp.tls_key) {
+            (Some(cert), Some(key)) => Some(crate::tls::acceptor(cert, key)?),
+            _ => None,
+        };
+        Ok(Arc::new(Smtpd {
+            connections: Arc::new(Semaphore::new(config.smtp.max_connections)),
+            config,
+            spool,
+            relay,
+            events,
+            tls,
+            per_ip: Mutex::new(HashMap::new()),
+            session_ids: AtomicU64::new(1),
+        }))
+    }
+
+    fn limits(&self) -> Limits {
+        let s = &self.config.smtp;
+        Limits {
+            hostname: self.config.hostname.clone(),
+            max_message_size: s.max_message_size,
+            max_recipients: s.max_recipients,
+            max_command_line: s.max_command_line,
+            max_errors: s.max_errors,
+            newline_policy: match s.bare_newline {
+                BareNewline::Reject => NewlinePolicy::Reject,
+                BareNewline::Normalize => NewlinePolicy::Normalize,
+            },
+            max_received_headers: s.max_received_headers,
+            tls_available: self.tls.is_some(),
+        }
+    }
+
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        loop {
+            let (stream, peer) = match listener.accept().await {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let me = self.clone();
+            tokio::spawn(async move { me.connection(stream, peer).await });
+        }
+    }
+
+    async fn refuse(&self, mut stream: TcpStream, ip: IpAddr, reply: Reply, reason: &str) {
+        let _ = stream.write_all(&reply.to_wire()).await;
+        let _ = stream.shutdown().await;
+        self.events.emit(Event::ConnectionRefused {
+            client_ip: ip.to_string(),
+            reply: reply.to_string(),
+            reason: reason.into(),
+        });
+    }
+
+    async fn connection(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) {
+        let ip = peer.ip();
+        let Ok(_permit) = self.connections.clone().try_acquire_owned() else {
+            return self
+                .refuse(
+                    stream,
+                    ip,
+                    Reply::new(
+                        421,
+                        (4, 7, 0),
+                        format!("{} Error: too many connections", self.config.hostname),
+                    ),
+                    "max_connections",
+                )
+                .await;
+        };
+        let over = {
+            let mut per_ip = self.per_ip.lock().unwrap();
+            let n = per_ip.entry(ip).or_insert(0);
+            if *n >= self.config.smtp.max_connections_per_ip {
+                true
+            } else {
+                *n += 1;
+                false
+            }
+        };
+        if over {
+            let r = Reply::new(
+                421,
+                (4, 7, 0),
+                format!(
+                    "{} Error: too many connections from {ip}",
+                    self.config.hostname
+                ),
+            );
+            return self.refuse(stream, ip, r, "max_connections_per_ip").await;
+        }
+        let session_id = self.session_ids.fetch_add(1, Ordering::Relaxed);
+        self.events.emit(Event::ConnectionOpened {
+            session: session_id,
+            client_ip: ip.to_string(),
+        });
+        let (messages, reason) = self.run_session(stream, ip, session_id).await;
+        self.events.emit(Event::ConnectionClosed {
+            session: session_id,
+            client_ip: ip.to_string(),
+            messages,
+            reason,
+        });
+        let mut per_ip = self.per_ip.lock().unwrap();
+        if let Some(n) = per_ip.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                per_ip.remove(&ip);
+            }
+        }
+    }
+
+    async fn run_session(&self, stream: TcpStream, ip: IpAddr, sid: u64) -> (u32, String) {
+        let _ = stream.set_nodelay(true);
+        let delay = self.config.smtp.greeting_delay;
+        if !delay.is_zero() {
+            // Postscreen-style pregreet test: a client that talks before the
+            // greeting is not speaking SMTP (RFC 5321 4.3.1), usually a bot.
+            if let Ok(Ok(())) = tokio::time::timeout(delay, stream.readable()).await {
+                let mut probe = [0u8; 1];
+                if matches!(stream.try_read(&mut probe), Ok(n) if n > 0) {
+                    let r = Reply::new(554, (5, 5, 1), "Error: talking before the greeting");
+                    self.events.emit(Event::MessageRefused {
+                        session: sid,
+                        client_ip: ip.to_string(),
+                        stage: "connect".into(),
+                        reply: r.to_string(),
+                        detail: Some("early talker".into()),
+                    });
+                    let mut stream = stream;
+                    let _ = stream.write_all(&r.to_wire()).await;
+                    return (0, "early talker".into());
+                }
+            }
+        }
+        let mut session = Session::new(self.limits(), ip.to_string());
+        let mut messages = 0u32;
+        let mut stream = stream;
+        let greeting = session.greeting().to_wire();
+        if stream.write_all(&greeting).await.is_err() {
+            return (0, "write failed".into());
+        }
+        match self
+            .drive(&mut stream, &mut session, sid, &mut messages)
+            .await
+        {
+            End::StartTls => {
+                let Some(acceptor) = self.tls.clone() else {
+                    return (messages, "tls unavailable".into());
+                };
+                match tokio::time::timeout(
+                    self.config.smtp.command_timeout,
+                    acceptor.accept(stream),
+                )
+                .await
+                {
+                    Ok(Ok(mut tls)) => {
+                        let (_, conn) = tls.get_ref();
+                        let protocol = conn
+                            .protocol_version()
+                            .map(|v| format!("{v:?}"))
+                            .unwrap_or_default();
+                        let cipher = conn
+                            .negotiated_cipher_suite()
+                            .map(|c| format!("{:?}", c.suite()))
+                            .unwrap_or_default();
+                        self.events.emit(Event::ConnectionTls {
+                            session: sid,
+                            client_ip: ip.to_string(),
+                            protocol,
+                            cipher,
+                        });
+                        session.tls_started();
+                        match self.drive(&mut tls, &mut session, sid, &mut messages).await {
+                            End::Closed(reason) => (messages, reason),
+                            End::StartTls => (messages, "second STARTTLS".into()),
+                        }
+                    }
+                    Ok(Err(e)) => (messages, format!("TLS handshake failed: {e}")),
+                    Err(_) => (messages, "TLS handshake timed out".into()),
+                }
+            }
+            End::Closed(reason) => (messages, reason),
+        }
+    }
+
+    async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        stream: &mut S,
+        session: &mut Session,
+        sid: u64,
+        messages: &mut u32,
+    ) -> End {
+        let policy = Domains(&self.config);
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut out: Vec<u8> = Vec::with_capacity(1024);
+        loop {
+            while let Some(o) = session.next(&policy) {
+                match o {
+                    Output::Reply(r) => out.extend_from_slice(&r.to_wire()),
+                    Output::Refused { stage, reply } => self.events.emit(Event::MessageRefused {
+                        session: sid,
+                        client_ip: session.client_ip.clone(),
+                        stage: stage.into(),
+                        reply: reply.to_string(),
+                        detail: None,
+                    }),
+                    Output::Message { envelope, message } => {
+                        let reply = self.accept(session, sid, envelope, message).await;
+                        if reply.code == 250 {
+                            *messages += 1;
+                        }
+                        out.extend_from_slice(&reply.to_wire());
+                    }
+                    Output::StartTls => {
+                        if stream.write_all(&out).await.is_err() {
+                            return End::Closed("write failed".into());
+                        }
+                        return End::StartTls;
+                    }
+                    Output::Close => {
+                        let _ = stream.write_all(&out).await;
+                        let _ = stream.shutdown().await;
+                        return End::Closed("quit".into());
+                    }
+                }
+            }
+            if !out.is_empty() {
+                if stream.write_all(&out).await.is_err() {
+                    return End::Closed("write failed".into());
+                }
+                out.clear();
+            }
+            let timeout = if session.in_data() {
+                self.config.smtp.data_timeout
+            } else {
+                self.config.smtp.command_timeout
+            };
+            match tokio::time::timeout(timeout, stream.read(&mut buf)).await {
+                Ok(Ok(0)) => {
+                    return End::Closed(if session.in_data() {
+                        "lost connection in DATA".into()
+                    } else {
+                        "client disconnected".into()
+                    });
+                }
+                Ok(Ok(n)) => session.push(&buf[..n]),
+                Ok(Err(e)) => return End::Closed(format!("read error: {e}")),
+                Err(_) => {
+                    // RFC 5321 4.5.3.2: the server may close after its timeout.
+                    let r = Reply::new(
+                        421,
+                        (4, 4, 2),
+                        format!("{} Error: timeout exceeded", self.config.hostname),
+                    );
+                    let _ = stream.write_all(&r.to_wire()).await;
+                    return End::Closed("timeout".into());
+                }
+            }
+        }
+    }
+
+    /// Makes the message durable, then hands it to the relay. The reply is 250
+    /// only after the spool file and its directory are fsynced.
+    async fn accept(
+        &self,
+        session: &mut Session,
+        sid: u64,
+        envelope: godwit_smtp_proto::Envelope,
+        message: Vec<u8>,
+    ) -> Reply {
+        let queue_id = self.spool.new_queue_id();
+        let message_id = message_id_of(&message);
+        let received = received_header(&self.config.hostname, &envelope, &queue_id);
+        let mut full = Vec::with_capacity(received.len() + message.len());
+        full.extend_from_slice(received.as_bytes());
+        full.extend_from_slice(&message);
+        let header = Header {
+            queue_id: queue_id.clone(),
+            arrival_ms: now_ms(),
+            message_id: message_id.clone(),
+            envelope: envelope.clone(),
+        };
+        let spool = self.spool.clone();
+        let size = full.len() as u64;
+        let stored = tokio::task::spawn_blocking(move || spool.store(&header, &full)).await;
+        match stored {
+            Ok(Ok(spooled)) => {
+                self.events.emit(Event::MessageAccepted {
+                    queue_id: queue_id.clone(),
+                    message_id,
+                    session: sid,
+                    client_ip: envelope.client_ip.clone(),
+                    helo: envelope.helo.clone(),
+                    tls: envelope.tls,
+                    mail_from: envelope.mail_from.clone(),
+                    rcpts: envelope.rcpts.iter().map(|(a, _)| a.clone()).collect(),
+                    size,
+                });
+                self.relay.enqueue(spooled);
+                session.queued(&queue_id)
+            }
+            other => {
+                let detail = match other {
+                    Ok(Err(e)) => e.to_string(),
+                    Err(e) => e.to_string(),
+                    Ok(Ok(_)) => unreachable!(),
+                };
+                tracing::error!("spool write failed: {detail}");
+                // RFC 3463 4.3.1: the client keeps the message and retries.
+                let r = Reply::new(
+                    452,
+                    (4, 3, 1),
+                    "Error: insufficient system storage, try again later",
+                );
+                self.events.emit(Event::MessageRefused {
+                    session: sid,
+                    client_ip: envelope.client_ip,
+                    stage: "data".into(),
+                    reply: r.to_string(),
+                    detail: Some(detail),
+                });
+                session.refused(r)
+            }
+        }
+    }
+}
+
+enum End {
+    StartTls,
+    Closed(String),
+}
+
+fn message_id_of(message: &[u8]) -> Option<String> {
+    let parsed = mail_parser::MessageParser::new().parse_headers(message)?;
+    parsed.message_id().map(|id| format!("<{id}>"))
+}
+
+/// RFC 5321 4.4 trace field.
+fn received_header(hostname: &str, env: &godwit_smtp_proto::Envelope, queue_id: &str) -> String {
+    let with = match (env.esmtp, env.tls) {
+        (true, true) => "ESMTPS",
+        (true, false) => "ESMTP",
+        (false, true) => "SMTPS",
+        (false, false) => "SMTP",
+    };
+    let date = time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc2822)
+        .unwrap_or_default();
+    let helo: String = env
+        .helo
+        .chars()
+        .filter(|c| c.is_ascii_graphic())
+        .take(255)
+        .collect();
+    let mut h = format!(
+        "Received: from {helo} ([{}])\r\n\tby {hostname} (godwit) with {with} id {queue_id}",
+        env.client_ip
+    );
+    if env.rcpts.len() == 1 {
+        h.push_str(&format!("\r\n\tfor <{}>", env.rcpts[0].0));
+    }
+    h.push_str(&format!("; {date}\r\n"));
+    h
+}
