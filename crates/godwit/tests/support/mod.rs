@@ -1,0 +1,347 @@
+//! Test harness: real peers (Postfix's smtp-sink as the platforms) and the
+//! real godwit binary, driven over real sockets.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A free loopback port (bound then released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if start.elapsed() > timeout {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn smtp_sink_bin() -> String {
+    for p in ["/usr/sbin/smtp-sink", "/usr/bin/smtp-sink"] {
+        if Path::new(p).exists() {
+            return p.to_string();
+        }
+    }
+    panic!("smtp-sink not found: run scripts/install-peers (installs Postfix)");
+}
+
+/// Postfix's smtp-sink standing in for a mail platform. Every transaction it
+/// accepts is dumped to a file in `dir` (envelope as X-*-Args headers).
+pub struct Sink {
+    pub port: u16,
+    pub dir: PathBuf,
+    child: Child,
+    _tmp: tempfile::TempDir,
+}
+
+impl Sink {
+    pub fn start(port: u16, extra: &[&str]) -> Sink {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("dump");
+        std::fs::create_dir_all(&dir).unwrap();
+        // smtp-sink drops privileges to `nobody`, who must write the dumps.
+        Command::new("chmod")
+            .args(["-R", "777", tmp.path().to_str().unwrap()])
+            .status()
+            .unwrap();
+        let mut args: Vec<String> = vec![
+            "-u".into(),
+            "nobody".into(),
+            "-d".into(),
+            format!("{}/%M%S.", dir.display()),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args.push(format!("127.0.0.1:{port}"));
+        args.push("256".into());
+        let child = Command::new(smtp_sink_bin())
+            .args(&args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_for("smtp-sink to listen", Duration::from_secs(10), || {
+            TcpStream::connect(("127.0.0.1", port)).ok()
+        });
+        Sink {
+            port,
+            dir,
+            child,
+            _tmp: tmp,
+        }
+    }
+
+    /// Each dumped transaction's full text.
+    pub fn messages(&self) -> Vec<String> {
+        let mut v: Vec<_> = std::fs::read_dir(&self.dir)
+            .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.path()).collect())
+            .unwrap_or_default();
+        v.sort();
+        v.iter()
+            .filter_map(|p| std::fs::read(p).ok())
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .collect()
+    }
+
+    pub fn count_containing(&self, needle: &str) -> usize {
+        self.messages()
+            .iter()
+            .filter(|m| m.contains(needle))
+            .count()
+    }
+
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Sink {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The godwit binary under test, with its own data directory.
+pub struct Gateway {
+    pub port: u16,
+    pub config_path: PathBuf,
+    pub data: PathBuf,
+    child: Option<Child>,
+    _tmp: tempfile::TempDir,
+}
+
+pub fn godwit_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_godwit")
+}
+
+impl Gateway {
+    /// `extra` is appended to a base config naming platforms old and new on
+    /// the given ports; sections it repeats replace nothing, so pass only keys
+    /// under sections the base does not define, or use `smtp_extra`.
+    pub fn start(old_port: u16, new_port: u16, smtp_extra: &str, extra: &str) -> Gateway {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path().join("data");
+        let port = free_port();
+        let config = format!(
+            r#"hostname = "gw.test"
+data_dir = "{}"
+[smtp]
+listen = ["127.0.0.1:{port}"]
+{smtp_extra}
+[domains]
+accepted = ["example.com", "example.org"]
+[platforms.old]
+relay = ["127.0.0.1:{old_port}"]
+[platforms.new]
+relay = ["127.0.0.1:{new_port}"]
+[queue]
+min_backoff = "1s"
+max_backoff = "2s"
+{extra}
+"#,
+            data.display()
+        );
+        let config_path = tmp.path().join("godwit.toml");
+        std::fs::write(&config_path, config).unwrap();
+        let mut g = Gateway {
+            port,
+            config_path,
+            data,
+            child: None,
+            _tmp: tmp,
+        };
+        g.restart();
+        g
+    }
+
+    pub fn restart(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.data.with_extension("log"))
+            .unwrap();
+        let child = Command::new(godwit_bin())
+            .args(["serve", "--config", self.config_path.to_str().unwrap()])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let port = self.port;
+        wait_for("godwit to listen", Duration::from_secs(20), || {
+            TcpStream::connect(("127.0.0.1", port)).ok()
+        });
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill(); // SIGKILL
+            let _ = c.wait();
+        }
+    }
+
+    /// Runs a godwit CLI command against this gateway's configuration.
+    pub fn cli(&self, args: &[&str]) -> (bool, String) {
+        let out = Command::new(godwit_bin())
+            .args(args)
+            .arg("--config")
+            .arg(&self.config_path)
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    }
+
+    /// `route set` through the CLI, then waits until the running gateway has
+    /// applied that version (its `route.changed` event), which the contract
+    /// bounds at one second.
+    pub fn route(&self, address: &str, route: &str) {
+        let (ok, out) = self.cli(&["route", "set", address, route]);
+        assert!(ok, "{out}");
+        let version: i64 = out
+            .rsplit("version ")
+            .next()
+            .unwrap()
+            .trim_end_matches(|c: char| !c.is_ascii_digit())
+            .parse()
+            .unwrap();
+        let start = std::time::Instant::now();
+        wait_for(
+            "the gateway to apply the route change",
+            Duration::from_secs(1),
+            || {
+                self.events_named("route.changed")
+                    .iter()
+                    .any(|e| e["version"].as_i64() >= Some(version))
+                    .then_some(())
+            },
+        );
+        assert!(start.elapsed() < Duration::from_secs(1));
+    }
+
+    pub fn events(&self) -> Vec<serde_json::Value> {
+        let dir = self.data.join("events");
+        let mut out = Vec::new();
+        if let Ok(rd) = std::fs::read_dir(&dir) {
+            let mut files: Vec<_> = rd.filter_map(|e| e.ok()).map(|e| e.path()).collect();
+            files.sort();
+            for f in files {
+                for line in std::fs::read_to_string(f).unwrap_or_default().lines() {
+                    if let Ok(v) = serde_json::from_str(line) {
+                        out.push(v);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    pub fn events_named(&self, name: &str) -> Vec<serde_json::Value> {
+        self.events()
+            .into_iter()
+            .filter(|e| e["event"] == name)
+            .collect()
+    }
+
+    pub fn client(&self) -> Client {
+        Client::connect(self.port)
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A raw SMTP client that can send any bytes and read whole replies.
+pub struct Client {
+    pub reader: BufReader<TcpStream>,
+    pub stream: TcpStream,
+}
+
+impl Client {
+    pub fn connect(port: u16) -> Client {
+        let stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let reader = BufReader::new(stream.try_clone().unwrap());
+        Client { reader, stream }
+    }
+
+    /// Reads one (possibly multi-line) reply; returns its last line.
+    pub fn reply(&mut self) -> String {
+        let mut last = String::new();
+        loop {
+            let mut line = String::new();
+            if self.reader.read_line(&mut line).unwrap_or(0) == 0 {
+                return if last.is_empty() { "EOF".into() } else { last };
+            }
+            let done = line.len() < 4 || line.as_bytes()[3] == b' ';
+            last = line.trim_end().to_string();
+            if done {
+                return last;
+            }
+        }
+    }
+
+    pub fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).unwrap();
+    }
+
+    pub fn cmd(&mut self, line: &str) -> String {
+        self.send(format!("{line}\r\n").as_bytes());
+        self.reply()
+    }
+
+    pub fn greet(&mut self) -> String {
+        let g = self.reply();
+        assert!(g.starts_with("220"), "greeting: {g}");
+        self.cmd("EHLO client.test")
+    }
+
+    /// A whole transaction; returns the reply to the end of DATA.
+    pub fn mail(&mut self, from: &str, to: &[&str], body: &str) -> String {
+        let r = self.cmd(&format!("MAIL FROM:<{from}>"));
+        assert!(r.starts_with("250"), "MAIL: {r}");
+        for t in to {
+            let r = self.cmd(&format!("RCPT TO:<{t}>"));
+            assert!(r.starts_with("250"), "RCPT {t}: {r}");
+        }
+        let r = self.cmd("DATA");
+        assert!(r.starts_with("354"), "DATA: {r}");
+        self.send(body.as_bytes());
+        self.send(b"\r\n.\r\n");
+        self.reply()
+    }
+
+    pub fn read_to_end(&mut self) -> String {
+        let mut s = String::new();
+        let _ = self.reader.read_to_string(&mut s);
+        s
+    }
+}
+
+pub fn message(id: &str, body: &str) -> String {
+    format!("Message-ID: <{id}>\r\nSubject: {id}\r\nFrom: a@sender.test\r\n\r\n{body}")
+}
