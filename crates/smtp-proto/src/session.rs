@@ -738,3 +738,61 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod fuzz_in_suite {
+    //! A short fuzz run inside the test suite (proptest); the coverage-guided
+    //! targets are in fuzz/ (see README, "Fuzzing").
+    use super::*;
+    use proptest::prelude::*;
+
+    struct All;
+    impl RcptPolicy for All {
+        fn check_rcpt(&self, _: &str) -> Result<(), Reply> {
+            Ok(())
+        }
+    }
+
+    fn smtpish() -> impl Strategy<Value = Vec<u8>> {
+        let piece = prop_oneof![
+            Just(b"EHLO x\r\n".to_vec()),
+            Just(b"MAIL FROM:<a@b>\r\n".to_vec()),
+            Just(b"RCPT TO:<c@example.com>\r\n".to_vec()),
+            Just(b"DATA\r\n".to_vec()),
+            Just(b"\r\n.\r\n".to_vec()),
+            Just(b"\n.\n".to_vec()),
+            Just(b".".to_vec()),
+            Just(b"STARTTLS\r\n".to_vec()),
+            proptest::collection::vec(any::<u8>(), 0..20),
+        ];
+        proptest::collection::vec(piece, 0..30).prop_map(|v| v.concat())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+        #[test]
+        fn sessions_never_panic_and_messages_are_clean(input in smtpish(), chunk in 1usize..16) {
+            for policy in [NewlinePolicy::Reject, NewlinePolicy::Normalize] {
+                let limits = Limits { hostname: "gw".into(), max_message_size: 4096, max_recipients: 100, max_command_line: 512, max_errors: 50, newline_policy: policy, max_received_headers: 50, tls_available: true };
+                let mut s = Session::new(limits, "ip");
+                for c in input.chunks(chunk) {
+                    s.push(c);
+                    while let Some(o) = s.next(&All) {
+                        match o {
+                            Output::Message { message, .. } => {
+                                for (i, &b) in message.iter().enumerate() {
+                                    if b == b'\n' { prop_assert_eq!(message[i - 1], b'\r'); }
+                                    if b == b'\r' { prop_assert_eq!(message.get(i + 1), Some(&b'\n')); }
+                                }
+                                prop_assert!(!message.contains(&0));
+                                s.queued("Q");
+                            }
+                            Output::StartTls => s.tls_started(),
+                            _ => {}
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
