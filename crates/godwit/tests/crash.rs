@@ -34,8 +34,14 @@ fn sender(port: u16, ids: Vec<String>, acked: Arc<Mutex<HashSet<String>>>) {
                 }
             }
             let c = conn.as_mut().unwrap();
-            let rcpt = if id.ends_with(['0', '2', '4', '6', '8']) { "alice@example.com" } else { "bob@example.com" };
-            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| c.mail("s@sender.test", &[rcpt], &message(&id, "crash test body"))));
+            let rcpt = if id.ends_with(['0', '2', '4', '6', '8']) {
+                "alice@example.com"
+            } else {
+                "bob@example.com"
+            };
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                c.mail("s@sender.test", &[rcpt], &message(&id, "crash test body"))
+            }));
             match result {
                 Ok(r) if r.starts_with("250") => {
                     acked.lock().unwrap().insert(id.clone());
@@ -55,7 +61,12 @@ fn sigkill_under_load_loses_nothing_acknowledged() {
     let (po, pn) = (free_port(), free_port());
     let old = Sink::start(po, &[]);
     let new = Sink::start(pn, &[]);
-    let gw = Arc::new(Mutex::new(Gateway::start(po, pn, "max_connections_per_ip = 100", "")));
+    let gw = Arc::new(Mutex::new(Gateway::start(
+        po,
+        pn,
+        "max_connections_per_ip = 100",
+        "",
+    )));
     gw.lock().unwrap().route("alice@example.com", "new");
     let port = gw.lock().unwrap().port;
     let acked = Arc::new(Mutex::new(HashSet::new()));
@@ -108,7 +119,11 @@ fn sigkill_under_load_loses_nothing_acknowledged() {
         let mut wrong_platform = 0;
         for (sink, platform) in [(&old, "old"), (&new, "new")] {
             for m in sink.messages() {
-                if let Some(id) = m.split("Message-ID: <").nth(1).and_then(|r| r.split('>').next()) {
+                if let Some(id) = m
+                    .split("Message-ID: <")
+                    .nth(1)
+                    .and_then(|r| r.split('>').next())
+                {
                     *seen.entry(id.to_string()).or_default() += 1;
                     let to_alice = m.contains("X-Rcpt-Args: <alice@example.com>");
                     if to_alice != (platform == "new") {
@@ -119,16 +134,28 @@ fn sigkill_under_load_loses_nothing_acknowledged() {
         }
         (seen, wrong_platform)
     };
-    let (seen, wrong) = wait_for("every acknowledged message at a sink", Duration::from_secs(120), || {
-        let (seen, wrong) = count();
-        acked.iter().all(|id| seen.contains_key(id)).then_some((seen, wrong))
-    });
+    let (seen, wrong) = wait_for(
+        "every acknowledged message at a sink",
+        Duration::from_secs(120),
+        || {
+            let (seen, wrong) = count();
+            acked
+                .iter()
+                .all(|id| seen.contains_key(id))
+                .then_some((seen, wrong))
+        },
+    );
     let duplicates: usize = seen.values().map(|n| n - 1).sum();
-    eprintln!("crash test: {MESSAGES} acknowledged, {kills} SIGKILLs, all delivered, {duplicates} duplicate deliveries");
+    eprintln!(
+        "crash test: {MESSAGES} acknowledged, {kills} SIGKILLs, all delivered, {duplicates} duplicate deliveries"
+    );
     assert_eq!(wrong, 0, "messages at the wrong platform");
     // The duplicate window is between the platform's 250 and our fsynced
     // record; a few per kill is the honest bound.
-    assert!(duplicates <= kills * SESSIONS * 4, "{duplicates} duplicates is more than the crash window explains");
+    assert!(
+        duplicates <= kills * SESSIONS * 4,
+        "{duplicates} duplicates is more than the crash window explains"
+    );
     // Duplicates are traceable: each copy carries the same X-Godwit-Trace ID.
     for sink in [&old, &new] {
         for m in sink.messages() {

@@ -384,9 +384,21 @@ impl RelayHandle {
                             (platform, idxs, out)
                         }));
                     }
+                    let single = tasks.len() == 1;
                     for t in tasks {
                         if let Ok((platform, idxs, out)) = t.await {
-                            self.settle(&sp, &mut rcpts, &platform, &idxs, out);
+                            let records = self.settle(&sp, &mut rcpts, &platform, &idxs, out);
+                            if single && rcpts.iter().all(|r| r.status.is_final()) {
+                                // Everything is final: the durable removal below
+                                // is the record (one group-committed sync).
+                                continue;
+                            }
+                            // Written (and fsynced for final outcomes) right after
+                            // the platform's reply: the window in which a crash
+                            // could duplicate.
+                            if let Err(e) = inner.spool.record_many(qid, &records) {
+                                tracing::error!("{e}");
+                            }
                         }
                     }
                 }
@@ -398,16 +410,22 @@ impl RelayHandle {
         // Write back and reschedule.
         let all_final = rcpts.iter().all(|r| r.status.is_final());
         let due = next_due(&rcpts, false);
-        let mut st = inner.state.lock().unwrap();
         if all_final {
-            st.schedule(id, None);
-            st.msgs.remove(id);
-            drop(st);
-            if let Err(e) = inner.spool.remove(id) {
-                tracing::error!("{e}");
+            {
+                let mut st = inner.state.lock().unwrap();
+                st.schedule(id, None);
+                st.msgs.remove(id);
+            }
+            let spool = inner.spool.clone();
+            let qid = id.to_string();
+            match tokio::task::spawn_blocking(move || spool.remove_durable(&qid)).await {
+                Ok(Err(e)) => tracing::error!("{e}"),
+                Err(e) => tracing::error!("{e}"),
+                Ok(Ok(())) => {}
             }
             return;
         }
+        let mut st = inner.state.lock().unwrap();
         if let Some(e) = st.msgs.get_mut(id) {
             e.rcpts = rcpts;
             e.in_flight = false;
@@ -441,7 +459,7 @@ impl RelayHandle {
         platform: &str,
         idxs: &[usize],
         out: AttemptOutcome,
-    ) {
+    ) -> Vec<StatusRecord> {
         let inner = &self.0;
         let qid = &sp.header.queue_id;
         let mid = &sp.header.message_id;
@@ -514,11 +532,7 @@ impl RelayHandle {
                 }
             }
         }
-        // Written (and fsynced for final outcomes) right after the platform's
-        // reply: this is the window in which a crash could duplicate.
-        if let Err(e) = inner.spool.record_many(qid, &records) {
-            tracing::error!("{e}");
-        }
+        records
     }
 }
 

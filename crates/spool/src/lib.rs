@@ -99,7 +99,45 @@ pub struct Spooled {
     pub status: Vec<Option<StatusRecord>>,
 }
 
+/// Group commit for directory fsyncs: concurrent callers share one fsync
+/// that starts after their own rename or unlink, so N sessions cost far fewer
+/// than N directory syncs, and each caller still returns only once durable.
+struct DirSync {
+    dir: PathBuf,
+    state: std::sync::Mutex<(u64, u64, bool)>, // (requested, synced, syncing)
+    cv: std::sync::Condvar,
+}
+
+impl DirSync {
+    fn sync(&self) -> std::io::Result<()> {
+        let mut st = self.state.lock().unwrap();
+        st.0 += 1;
+        let mine = st.0;
+        loop {
+            if st.1 >= mine {
+                return Ok(());
+            }
+            if !st.2 {
+                st.2 = true;
+                let target = st.0;
+                drop(st);
+                let r = File::open(&self.dir).and_then(|d| d.sync_all());
+                st = self.state.lock().unwrap();
+                st.2 = false;
+                if r.is_ok() {
+                    st.1 = st.1.max(target);
+                }
+                self.cv.notify_all();
+                r?;
+            } else {
+                st = self.cv.wait(st).unwrap();
+            }
+        }
+    }
+}
+
 pub struct Spool {
+    dirsync: DirSync,
     queue: PathBuf,
     tmp: PathBuf,
     corrupt: PathBuf,
@@ -123,7 +161,13 @@ impl Spool {
                 let _ = std::fs::remove_file(e.path());
             }
         }
+        let dirsync = DirSync {
+            dir: queue.clone(),
+            state: Default::default(),
+            cv: Default::default(),
+        };
         Ok(Spool {
+            dirsync,
             queue,
             tmp,
             corrupt,
@@ -239,6 +283,15 @@ impl Spool {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(io(&p)(e)),
         }
+    }
+
+    /// Removes a message whose recipients just became final, durably: the
+    /// directory is synced (group-committed) before this returns, so a crash
+    /// cannot bring the message back. One sync instead of a status record's
+    /// fdatasync followed by an unlink.
+    pub fn remove_durable(&self, queue_id: &str) -> Result<(), SpoolError> {
+        self.remove(queue_id)?;
+        self.dirsync.sync().map_err(io(&self.queue))
     }
 
     /// Loads one message from disk.
