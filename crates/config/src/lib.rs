@@ -160,8 +160,20 @@ pub struct PlatformConfig {
     pub tls: TlsPolicy,
     /// Accept any certificate (test platforms with self-signed certificates).
     pub tls_insecure: bool,
-    /// Simultaneous connections to this platform at most.
+    /// Simultaneous connections to this platform at most: the ceiling of the
+    /// adaptive concurrency limit.
     pub max_connections: usize,
+    /// Where the adaptive limit starts: low, growing while deliveries succeed.
+    pub initial_connections: usize,
+    /// Messages per second to this platform at most (0 = unlimited).
+    pub max_rate: f64,
+    /// Consecutive connection failures or throttling replies that open the
+    /// circuit breaker: the platform is marked down and mail for it waits.
+    pub breaker_failures: u32,
+    /// How long the platform stays down before one probe delivery is tried;
+    /// doubles on each failed probe, up to 16 times this.
+    #[serde(deserialize_with = "de_duration")]
+    pub breaker_cooldown: Duration,
     /// Messages delivered over one connection before it is closed.
     pub max_messages_per_connection: usize,
     #[serde(deserialize_with = "de_duration")]
@@ -179,6 +191,10 @@ impl Default for PlatformConfig {
             tls: TlsPolicy::default(),
             tls_insecure: false,
             max_connections: 20,
+            initial_connections: 4,
+            max_rate: 0.0,
+            breaker_failures: 5,
+            breaker_cooldown: Duration::from_secs(30),
             max_messages_per_connection: 100,
             connect_timeout: Duration::from_secs(30),
             command_timeout: Duration::from_secs(300),
@@ -224,6 +240,14 @@ pub struct QueueConfig {
     /// How often the scheduler looks for due deliveries and routing changes.
     #[serde(deserialize_with = "de_duration")]
     pub scan_interval: Duration,
+    /// Send a delay warning (RFC 3464, action=delayed) once a recipient has
+    /// waited this long; off when absent, as in Postfix.
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub delay_warning: Option<Duration>,
+    /// The platform that carries DSNs to senders (it acts as the smarthost for
+    /// mail leaving the organisation). Default: `routing.default` when it is a
+    /// platform, else the first platform by name.
+    pub dsn_platform: Option<String>,
 }
 
 impl Default for QueueConfig {
@@ -234,6 +258,8 @@ impl Default for QueueConfig {
             max_backoff: Duration::from_secs(3600),
             soft_bounce: true,
             scan_interval: Duration::from_millis(250),
+            delay_warning: None,
+            dsn_platform: None,
         }
     }
 }
@@ -368,6 +394,24 @@ impl Config {
                     "must be at least 1",
                 ));
             }
+            if p.initial_connections == 0 || p.initial_connections > p.max_connections {
+                return Err(invalid(
+                    format!("platforms.{name}.initial_connections"),
+                    "must be between 1 and max_connections",
+                ));
+            }
+            if p.max_rate < 0.0 || !p.max_rate.is_finite() {
+                return Err(invalid(
+                    format!("platforms.{name}.max_rate"),
+                    "must be 0 (unlimited) or a positive number",
+                ));
+            }
+            if p.breaker_failures == 0 {
+                return Err(invalid(
+                    format!("platforms.{name}.breaker_failures"),
+                    "must be at least 1",
+                ));
+            }
             if p.max_messages_per_connection == 0 {
                 return Err(invalid(
                     format!("platforms.{name}.max_messages_per_connection"),
@@ -410,10 +454,29 @@ impl Config {
                 "must be at least queue.min_backoff",
             ));
         }
+        if let Some(p) = &self.queue.dsn_platform {
+            if !self.platforms.contains_key(p) {
+                return Err(invalid(
+                    "queue.dsn_platform",
+                    format!("`{p}` is not a configured platform"),
+                ));
+            }
+        }
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return Err(invalid("log.format", "must be `text` or `json`"));
         }
         Ok(())
+    }
+
+    /// The platform DSNs go through.
+    pub fn dsn_platform(&self) -> String {
+        match &self.queue.dsn_platform {
+            Some(p) => p.clone(),
+            None if self.platforms.contains_key(&self.routing.default) => {
+                self.routing.default.clone()
+            }
+            None => self.platforms.keys().next().cloned().unwrap_or_default(),
+        }
     }
 
     pub fn is_accepted_domain(&self, domain: &str) -> bool {
@@ -461,6 +524,13 @@ pub fn split_host_port(s: &str) -> Result<(String, u16), String> {
 pub fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let s = String::deserialize(d)?;
     parse_duration(&s).map_err(serde::de::Error::custom)
+}
+
+pub fn de_opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_duration(&s)
+        .map(Some)
+        .map_err(serde::de::Error::custom)
 }
 
 pub fn de_size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {

@@ -140,6 +140,46 @@ pub enum Event {
         command: String,
         changes: usize,
     },
+    #[serde(rename = "delivery.released")]
+    Released {
+        queue_id: String,
+        message_id: Option<String>,
+        rcpt: String,
+        actor: String,
+    },
+    /// A DSN (RFC 3464) generated for `original_queue_id`, queued as `queue_id`.
+    #[serde(rename = "dsn.queued")]
+    DsnQueued {
+        queue_id: String,
+        original_queue_id: String,
+        original_message_id: Option<String>,
+        to: String,
+        action: String,
+        rcpts: Vec<String>,
+    },
+    #[serde(rename = "queue.deleted")]
+    QueueDeleted {
+        queue_id: String,
+        message_id: Option<String>,
+        rcpts: Vec<String>,
+        actor: String,
+    },
+    /// An operator's queue command, as executed by one node (or offline).
+    #[serde(rename = "queue.command")]
+    QueueCommand {
+        op: String,
+        selector: String,
+        actor: String,
+        affected: usize,
+        node: String,
+    },
+    #[serde(rename = "destination.state")]
+    DestinationState {
+        platform: String,
+        circuit: String,
+        limit: usize,
+        reason: String,
+    },
 }
 
 impl Event {
@@ -163,6 +203,11 @@ impl Event {
             Event::Failed { .. } => "delivery.failed",
             Event::Held { .. } => "delivery.held",
             Event::RouteChanged { .. } => "route.changed",
+            Event::Released { .. } => "delivery.released",
+            Event::DsnQueued { .. } => "dsn.queued",
+            Event::QueueDeleted { .. } => "queue.deleted",
+            Event::QueueCommand { .. } => "queue.command",
+            Event::DestinationState { .. } => "destination.state",
         }
     }
 }

@@ -1,6 +1,7 @@
 //! godwit: the command line. `serve` runs the gateway; the other commands
 //! work beside a running gateway (they share the state store and spool).
 
+mod control;
 mod smtpd;
 mod tls;
 
@@ -77,7 +78,62 @@ enum QueueCommand {
         /// One JSON object per message per line (like `postqueue -j`).
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        filter: Filter,
     },
+    /// One message: envelope, headers, each recipient's state and last reply.
+    Show { queue_id: String },
+    /// Keep matching recipients queued, undelivered, until released.
+    Hold(Target),
+    /// Release held recipients (operator holds and route holds).
+    Release(Target),
+    /// Retry matching recipients now.
+    Flush(Target),
+    /// Decide the route again and retry now.
+    Requeue(Target),
+    /// Delete matching messages from the queue (asks for confirmation).
+    Delete {
+        #[command(flatten)]
+        target: Target,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Each platform's delivery state on every running gateway: adaptive
+    /// concurrency limit, in flight, circuit breaker, recent reply codes.
+    Destinations {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(clap::Args, Clone, Default)]
+struct Filter {
+    /// Only recipients routed to this platform.
+    #[arg(long)]
+    platform: Option<String>,
+    /// Only this recipient address.
+    #[arg(long)]
+    rcpt: Option<String>,
+    /// Only messages older than this ("30m", "2h").
+    #[arg(long)]
+    older_than: Option<String>,
+    /// Only recipients in this state (pending, deferred, held).
+    #[arg(long)]
+    state: Option<String>,
+}
+
+#[derive(clap::Args, Clone)]
+struct Target {
+    /// A queue ID.
+    queue_id: Option<String>,
+    #[command(flatten)]
+    filter: Filter,
+    /// Every message in the queue.
+    #[arg(long)]
+    all: bool,
+    #[arg(long)]
+    actor: Option<String>,
 }
 
 fn main() {
@@ -191,6 +247,12 @@ async fn serve(config: Config) -> Result<i32> {
             },
         ));
     }
+    tokio::spawn(control::heartbeat_and_commands(
+        store.clone(),
+        relay.clone(),
+        events.clone(),
+        config.hostname.clone(),
+    ));
     events.emit(Event::GatewayStarted {
         hostname: config.hostname.clone(),
         listen: listen.clone(),
@@ -312,25 +374,90 @@ fn check_address(config: &Config, address: &str) -> Result<()> {
     Ok(())
 }
 
+fn selector(t: &Target) -> Result<godwit_relay::Selector> {
+    let older_than_s = match &t.filter.older_than {
+        Some(d) => Some(
+            godwit_config::parse_duration(d)
+                .map_err(|e| anyhow::anyhow!("--older-than: {e}"))?
+                .as_secs(),
+        ),
+        None => None,
+    };
+    let sel = godwit_relay::Selector {
+        queue_id: t.queue_id.clone(),
+        platform: t.filter.platform.clone(),
+        rcpt: t.filter.rcpt.clone(),
+        older_than_s,
+        all: t.all,
+    };
+    if sel.is_empty() {
+        bail!("name a queue ID, a filter (--platform, --rcpt, --older-than) or --all");
+    }
+    Ok(sel)
+}
+
+fn state_of(s: &Option<godwit_spool::StatusRecord>) -> RcptStatus {
+    s.as_ref().map_or(RcptStatus::Pending, |s| s.status)
+}
+
+fn list_matches(f: &Filter, m: &godwit_spool::Spooled, i: usize, now: i64) -> Result<bool> {
+    let (addr, _) = &m.header.envelope.rcpts[i];
+    let s = &m.status[i];
+    if s.as_ref().is_some_and(|s| s.status.is_final()) {
+        return Ok(false);
+    }
+    let route = s
+        .as_ref()
+        .and_then(|s| s.platform.clone())
+        .unwrap_or_default();
+    let older = match &f.older_than {
+        Some(d) => Some(
+            godwit_config::parse_duration(d)
+                .map_err(|e| anyhow::anyhow!("--older-than: {e}"))?
+                .as_secs(),
+        ),
+        None => None,
+    };
+    let sel = godwit_relay::Selector {
+        platform: f.platform.clone(),
+        rcpt: f.rcpt.clone(),
+        older_than_s: older,
+        ..Default::default()
+    };
+    let state_ok = f
+        .state
+        .as_ref()
+        .is_none_or(|st| format!("{:?}", state_of(s)).eq_ignore_ascii_case(st));
+    Ok(state_ok && sel.matches(&m.header, addr, &route, now))
+}
+
 async fn queue(config: Config, command: QueueCommand) -> Result<i32> {
+    let now = godwit_spool::now_ms();
     match command {
-        QueueCommand::List { json } => {
+        QueueCommand::List { json, filter } => {
             let msgs = godwit_spool::list(&config.spool_dir());
-            let now = godwit_spool::now_ms();
+            let mut shown = 0;
             for m in &msgs {
+                let idx: Vec<usize> = (0..m.header.envelope.rcpts.len())
+                    .filter(|&i| list_matches(&filter, m, i, now).unwrap_or(false))
+                    .collect();
+                if idx.is_empty() {
+                    continue;
+                }
+                shown += 1;
                 let h = &m.header;
                 if json {
-                    let rcpts: Vec<_> = h
-                        .envelope
-                        .rcpts
+                    let rcpts: Vec<_> = idx
                         .iter()
-                        .zip(&m.status)
-                        .map(|((a, _), s)| {
+                        .map(|&i| {
+                            let s = &m.status[i];
                             serde_json::json!({
-                                "address": a,
-                                "state": s.as_ref().map_or(RcptStatus::Pending, |s| s.status),
+                                "address": h.envelope.rcpts[i].0,
+                                "state": state_of(s),
                                 "attempts": s.as_ref().map_or(0, |s| s.attempts),
                                 "platform": s.as_ref().and_then(|s| s.platform.clone()),
+                                "delivered_to": s.as_ref().map(|s| s.delivered_to.clone()).unwrap_or_default(),
+                                "operator_hold": s.as_ref().is_some_and(|s| s.operator_hold),
                                 "reason": s.as_ref().and_then(|s| s.reply.clone()),
                             })
                         })
@@ -341,6 +468,7 @@ async fn queue(config: Config, command: QueueCommand) -> Result<i32> {
                         "arrival_time": h.arrival_ms / 1000,
                         "message_size": m.body_len,
                         "sender": h.envelope.mail_from,
+                        "kind": h.kind,
                         "recipients": rcpts,
                     });
                     println!("{line}");
@@ -353,17 +481,251 @@ async fn queue(config: Config, command: QueueCommand) -> Result<i32> {
                         h.envelope.mail_from,
                         h.message_id.as_deref().unwrap_or("-")
                     );
-                    for ((a, _), s) in h.envelope.rcpts.iter().zip(&m.status) {
-                        let state = s.as_ref().map_or(RcptStatus::Pending, |s| s.status);
+                    for &i in &idx {
+                        let s = &m.status[i];
                         let why = s.as_ref().and_then(|s| s.reply.clone()).unwrap_or_default();
-                        println!("    {a}  {state:?}  {why}");
+                        let hold = if s.as_ref().is_some_and(|s| s.operator_hold) {
+                            " (operator hold)"
+                        } else {
+                            ""
+                        };
+                        println!(
+                            "    {}  {:?}{hold}  {why}",
+                            h.envelope.rcpts[i].0,
+                            state_of(s)
+                        );
                     }
                 }
             }
             if !json {
-                println!("-- {} message(s) in queue", msgs.len());
+                println!("-- {shown} message(s) in queue");
             }
         }
+        QueueCommand::Show { queue_id } => {
+            let Some(m) = godwit_spool::list(&config.spool_dir())
+                .into_iter()
+                .find(|m| m.header.queue_id.eq_ignore_ascii_case(&queue_id))
+            else {
+                bail!(
+                    "no message {queue_id} in the queue (delivered messages leave it; see the events log)"
+                );
+            };
+            let h = &m.header;
+            println!("queue id:    {}", h.queue_id);
+            println!("message id:  {}", h.message_id.as_deref().unwrap_or("-"));
+            println!(
+                "arrived:     {}s ago from {} (HELO {}{})",
+                (now - h.arrival_ms) / 1000,
+                h.envelope.client_ip,
+                h.envelope.helo,
+                if h.envelope.tls { ", TLS" } else { "" }
+            );
+            println!("sender:      <{}>", h.envelope.mail_from);
+            println!("size:        {} bytes", m.body_len);
+            for (i, (a, p)) in h.envelope.rcpts.iter().enumerate() {
+                let s = &m.status[i];
+                println!(
+                    "recipient:   {a}  {:?}  attempts={}  platform={}  delivered_to={:?}{}",
+                    state_of(s),
+                    s.as_ref().map_or(0, |s| s.attempts),
+                    s.as_ref()
+                        .and_then(|s| s.platform.clone())
+                        .unwrap_or_else(|| "-".into()),
+                    s.as_ref()
+                        .map(|s| s.delivered_to.clone())
+                        .unwrap_or_default(),
+                    if p.notify.is_empty() {
+                        String::new()
+                    } else {
+                        format!("  NOTIFY={}", p.notify.join(","))
+                    }
+                );
+                if let Some(r) = s.as_ref().and_then(|s| s.reply.clone()) {
+                    println!("             last reply: {r}");
+                }
+            }
+            let spool = Spool::open(&config.spool_dir())?;
+            let body = spool.read_body(&m)?;
+            let end = body
+                .windows(4)
+                .position(|w| w == b"\r\n\r\n")
+                .unwrap_or(body.len());
+            println!("\n{}", String::from_utf8_lossy(&body[..end]));
+        }
+        QueueCommand::Destinations { json } => {
+            let store = Store::open(&config.store_url()).await?;
+            let nodes = control::live_nodes(&store).await?;
+            if nodes.is_empty() {
+                println!(
+                    "no running gateway has reported in the last {}s",
+                    control::LIVE_MS / 1000
+                );
+                return Ok(1);
+            }
+            for n in nodes {
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::json!({"node": n.node, "queue_len": n.queue_len, "destinations": n.destinations})
+                    );
+                    continue;
+                }
+                println!(
+                    "{} (queue {} message(s), seen {}ms ago)",
+                    n.node,
+                    n.queue_len,
+                    godwit_spool::now_ms() - n.seen_ms
+                );
+                if let Some(map) = n.destinations.as_object() {
+                    for (p, d) in map {
+                        println!(
+                            "  {p:<10} circuit={:<9} limit={}/{} in_flight={} delivered={} throttled={} down_for={}s recent={}",
+                            d["circuit"].as_str().unwrap_or("?"),
+                            d["limit"],
+                            d["max"],
+                            d["in_flight"],
+                            d["delivered"],
+                            d["throttled"],
+                            d["down_for_s"],
+                            d["recent_codes"]
+                        );
+                    }
+                }
+            }
+        }
+        QueueCommand::Hold(t) => return queue_op(&config, godwit_relay::QueueOp::Hold, &t).await,
+        QueueCommand::Release(t) => {
+            return queue_op(&config, godwit_relay::QueueOp::Release, &t).await;
+        }
+        QueueCommand::Flush(t) => return queue_op(&config, godwit_relay::QueueOp::Flush, &t).await,
+        QueueCommand::Requeue(t) => {
+            return queue_op(&config, godwit_relay::QueueOp::Requeue, &t).await;
+        }
+        QueueCommand::Delete { target, yes } => {
+            let sel = selector(&target)?;
+            if !yes {
+                use std::io::{BufRead, IsTerminal, Write};
+                if !std::io::stdin().is_terminal() {
+                    bail!("delete needs confirmation: run it in a terminal, or add --yes");
+                }
+                print!(
+                    "Delete matching messages from the queue? They will not be delivered. Type `yes`: "
+                );
+                std::io::stdout().flush()?;
+                let mut line = String::new();
+                std::io::stdin().lock().read_line(&mut line)?;
+                if line.trim() != "yes" {
+                    println!("nothing deleted");
+                    return Ok(1);
+                }
+            }
+            let _ = sel;
+            return queue_op(&config, godwit_relay::QueueOp::Delete, &target).await;
+        }
     }
+    Ok(0)
+}
+
+/// Sends a queue command to the running gateways, or applies it to the spool
+/// directly when none is running.
+async fn queue_op(config: &Config, op: godwit_relay::QueueOp, t: &Target) -> Result<i32> {
+    let sel = selector(t)?;
+    let who = actor(t.actor.clone());
+    let store = Store::open(&config.store_url()).await?;
+    let results = control::send(&store, &who, &op, &sel).await?;
+    let name = serde_json::to_string(&op)?.trim_matches('"').to_string();
+    if !results.is_empty() {
+        for (node, affected) in results {
+            println!("{name}: {affected} affected on {node}");
+        }
+        return Ok(0);
+    }
+    // Offline: no gateway is running; change the spool records directly.
+    let spool = Spool::open(&config.spool_dir())?;
+    let (events, writer) = EventLog::new(&config.events_dir(), &config.hostname)?;
+    let writer = tokio::spawn(writer.run());
+    let routes = godwit_route::load(&store, config).await?;
+    let now = godwit_spool::now_ms();
+    let mut affected = 0;
+    for m in godwit_spool::list(&config.spool_dir()) {
+        let h = &m.header;
+        let mut recs = Vec::new();
+        let mut matched = Vec::new();
+        for (i, (addr, _)) in h.envelope.rcpts.iter().enumerate() {
+            let s = &m.status[i];
+            if s.as_ref().is_some_and(|s| s.status.is_final()) {
+                continue;
+            }
+            let route = s
+                .as_ref()
+                .and_then(|s| s.platform.clone())
+                .unwrap_or_else(|| routes.decide(addr).route);
+            if !sel.matches(h, addr, &route, now) {
+                continue;
+            }
+            matched.push(addr.clone());
+            let mut rec = s.clone().unwrap_or(godwit_spool::StatusRecord {
+                rcpt: i,
+                status: RcptStatus::Pending,
+                at_ms: now,
+                attempts: 0,
+                next_ms: 0,
+                platform: None,
+                reply: None,
+                delivered_to: vec![],
+                operator_hold: false,
+                warned: false,
+            });
+            rec.at_ms = now;
+            match op {
+                godwit_relay::QueueOp::Hold => {
+                    rec.operator_hold = true;
+                    rec.status = RcptStatus::Held;
+                }
+                godwit_relay::QueueOp::Release
+                | godwit_relay::QueueOp::Flush
+                | godwit_relay::QueueOp::Requeue => {
+                    if op == godwit_relay::QueueOp::Release {
+                        rec.operator_hold = false;
+                    } else if rec.operator_hold {
+                        continue;
+                    }
+                    if op == godwit_relay::QueueOp::Requeue {
+                        rec.platform = None;
+                    }
+                    rec.status = RcptStatus::Deferred;
+                    rec.next_ms = 0;
+                }
+                godwit_relay::QueueOp::Delete => {}
+            }
+            recs.push(rec);
+        }
+        if matched.is_empty() {
+            continue;
+        }
+        if op == godwit_relay::QueueOp::Delete {
+            spool.remove_durable(&h.queue_id)?;
+            events.emit(Event::QueueDeleted {
+                queue_id: h.queue_id.clone(),
+                message_id: h.message_id.clone(),
+                rcpts: matched,
+                actor: who.clone(),
+            });
+            affected += 1;
+        } else if !recs.is_empty() {
+            affected += recs.len();
+            spool.record_many(&h.queue_id, &recs)?;
+        }
+    }
+    events.emit(Event::QueueCommand {
+        op: name.clone(),
+        selector: serde_json::to_string(&sel)?,
+        actor: who,
+        affected,
+        node: "offline".into(),
+    });
+    drop(events);
+    let _ = writer.await;
+    println!("{name}: {affected} affected (no gateway running; spool changed directly)");
     Ok(0)
 }

@@ -347,6 +347,7 @@ impl Smtpd {
             arrival_ms: now_ms(),
             message_id: message_id.clone(),
             envelope: envelope.clone(),
+            kind: None,
         };
         let spool = self.spool.clone();
         let size = full.len() as u64;

@@ -5,7 +5,10 @@
 //! and relayed over SMTP with pipelining; each recipient's reply is kept.
 
 mod client;
+mod dsn;
+mod flow;
 mod schedule;
 
 pub use client::{AttemptOutcome, RcptOutcome, parse_remote_queue_id};
-pub use schedule::{QueueSnapshot, Relay, RelayHandle};
+pub use flow::FlowSnapshot;
+pub use schedule::{QueueOp, QueueSnapshot, Relay, RelayHandle, Selector};

@@ -53,11 +53,16 @@ pub struct Header {
     pub arrival_ms: i64,
     pub message_id: Option<String>,
     pub envelope: Envelope,
+    /// "dsn" for delivery status notifications godwit generated: they go to
+    /// the DSN platform, whatever the routing map says, and never get a DSN.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum RcptStatus {
+    #[default]
     Pending,
     Deferred,
     Held,
@@ -86,6 +91,15 @@ pub struct StatusRecord {
     pub platform: Option<String>,
     #[serde(default)]
     pub reply: Option<String>,
+    /// Platforms that hold a copy (dual delivery delivers to each once).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub delivered_to: Vec<String>,
+    /// Held by an operator (`queue hold`): only `queue release` frees it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub operator_hold: bool,
+    /// A delay warning was sent.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub warned: bool,
 }
 
 /// A message as recovered from disk (or just stored).
@@ -442,6 +456,7 @@ mod tests {
                 client_ip: "127.0.0.1".into(),
                 tls: false,
             },
+            kind: None,
         }
     }
 
@@ -454,6 +469,9 @@ mod tests {
             next_ms: 0,
             platform: None,
             reply: None,
+            delivered_to: vec![],
+            operator_hold: false,
+            warned: false,
         }
     }
 
