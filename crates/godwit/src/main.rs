@@ -294,17 +294,15 @@ async fn route(config: Config, command: RouteCommand) -> Result<i32> {
             actor: who,
         } => {
             check_address(&config, &address)?;
-            if platform == godwit_config::ROUTE_BOTH {
-                bail!(
-                    "route `both` (dual delivery) is not available yet; use a platform name or `hold`"
-                );
+            if platform == godwit_config::ROUTE_BOTH && config.platforms.len() < 2 {
+                bail!("route `both` needs at least two platforms in the configuration");
             }
             if !config.is_route_name(&platform) {
                 let names: Vec<_> = config
                     .platforms
                     .keys()
                     .cloned()
-                    .chain(["hold".to_string()])
+                    .chain(["both".to_string(), "hold".to_string()])
                     .collect();
                 bail!(
                     "`{platform}` is not a platform; choose one of: {}",

@@ -1,0 +1,437 @@
+//! Delivery that survives a struggling platform, against real smtp-sinks:
+//! throttling, a dead platform, dual delivery, operator queue control, DSNs.
+
+mod support;
+
+use std::time::Duration;
+use support::*;
+
+const T: Duration = Duration::from_secs(20);
+const FAST: &str = "breaker_cooldown = \"1s\"\ninitial_connections = 2";
+
+fn start(po: u16, pn: u16, smtp: &str, queue: &str) -> Gateway {
+    let gw = Gateway::start(po, pn, smtp, queue);
+    // Insert the fast breaker settings under both platform sections.
+    let cfg = std::fs::read_to_string(&gw.config_path).unwrap();
+    let cfg = cfg
+        .replace(
+            &format!("relay = [\"127.0.0.1:{po}\"]"),
+            &format!("relay = [\"127.0.0.1:{po}\"]\n{FAST}"),
+        )
+        .replace(
+            &format!("relay = [\"127.0.0.1:{pn}\"]"),
+            &format!("relay = [\"127.0.0.1:{pn}\"]\n{FAST}"),
+        );
+    std::fs::write(&gw.config_path, cfg).unwrap();
+    let mut gw = gw;
+    gw.kill9();
+    gw.restart();
+    gw
+}
+
+fn destinations(gw: &Gateway) -> serde_json::Value {
+    let (ok, out) = gw.cli(&["queue", "destinations", "--json"]);
+    assert!(ok, "{out}");
+    serde_json::from_str::<serde_json::Value>(out.lines().next().unwrap()).unwrap()["destinations"]
+        .clone()
+}
+
+fn send_many(gw: &Gateway, rcpt: &str, prefix: &str, n: usize) {
+    let mut c = gw.client();
+    c.greet();
+    for i in 0..n {
+        let r = c.mail(
+            "sender@outside.test",
+            &[rcpt],
+            &message(&format!("{prefix}{i}@test"), "x"),
+        );
+        assert!(r.starts_with("250"), "{r}");
+    }
+}
+
+#[test]
+fn throttled_platform_backs_off_while_the_other_flows_and_nothing_bounces() {
+    let (po, pn) = (free_port(), free_port());
+    let old = Sink::start(po, &[]);
+    // The new platform answers 421 to RCPT and hangs up: throttled.
+    let mut new = Sink::start(pn, &["-Q", "rcpt"]);
+    let gw = start(po, pn, "", "");
+    gw.route("alice@example.com", "new");
+    send_many(&gw, "alice@example.com", "thr", 20);
+    send_many(&gw, "bob@example.com", "ok", 20);
+    // Old flows at full speed despite new's trouble.
+    wait_for("all of bob's mail at old", Duration::from_secs(10), || {
+        (old.count_containing("Message-ID: <ok") == 20).then_some(())
+    });
+    // Destination state is reported by the gateway's heartbeat (every second).
+    let d = wait_for("new throttled, old's deliveries reported", T, || {
+        let d = destinations(&gw);
+        (d["new"]["throttled"].as_u64().unwrap_or(0) >= 2
+            && d["old"]["delivered"].as_u64().unwrap_or(0) >= 20)
+            .then_some(d)
+    });
+    // Concurrency to new fell (to 1) or its circuit opened; old's did not.
+    assert!(
+        d["new"]["limit"].as_u64().unwrap() <= 1 || d["new"]["circuit"] != "closed",
+        "{d}"
+    );
+    assert_eq!(d["old"]["circuit"], "closed");
+    assert!(
+        gw.events_named("delivery.failed").is_empty(),
+        "nothing bounces"
+    );
+    assert!(gw.events_named("dsn.queued").is_empty());
+    // Recovery: the backlog drains, each message exactly once.
+    new.stop();
+    let new = Sink::start(pn, &[]);
+    assert!(gw.cli(&["queue", "flush", "--platform", "new"]).0);
+    wait_for("backlog drained", Duration::from_secs(30), || {
+        (new.count_containing("Message-ID: <thr") == 20).then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    for i in 0..20 {
+        assert_eq!(
+            new.count_containing(&format!("<thr{i}@test>")),
+            1,
+            "thr{i} exactly once"
+        );
+    }
+    let (_, q) = gw.cli(&["queue", "list"]);
+    assert!(q.contains("-- 0 message"), "{q}");
+}
+
+#[test]
+fn dead_platform_opens_the_circuit_and_resumes_when_back() {
+    let (po, pn) = (free_port(), free_port());
+    let old = Sink::start(po, &[]);
+    let gw = start(po, pn, "", "");
+    gw.route("alice@example.com", "new");
+    send_many(&gw, "alice@example.com", "dead", 10);
+    let d = wait_for("circuit open", T, || {
+        let d = destinations(&gw);
+        (d["new"]["circuit"] == "open").then_some(d)
+    });
+    // Mail for the dead platform waits without occupying workers.
+    assert_eq!(d["new"]["in_flight"], 0, "{d}");
+    let deferred = gw.events_named("delivery.deferred");
+    assert!(
+        deferred
+            .iter()
+            .any(|e| e["reply"].as_str().unwrap().contains("circuit open")),
+        "{deferred:?}"
+    );
+    send_many(&gw, "bob@example.com", "alive", 5);
+    wait_for("old still delivers", Duration::from_secs(5), || {
+        (old.count_containing("Message-ID: <alive") == 5).then_some(())
+    });
+    let new = Sink::start(pn, &[]);
+    wait_for("delivery resumes", Duration::from_secs(30), || {
+        (new.count_containing("Message-ID: <dead") == 10).then_some(())
+    });
+    let d = wait_for("circuit closed", T, || {
+        let d = destinations(&gw);
+        (d["new"]["circuit"] == "closed").then_some(d)
+    });
+    assert!(d["new"]["delivered"].as_u64().unwrap() >= 1);
+    assert!(gw.events_named("delivery.failed").is_empty());
+}
+
+#[test]
+fn dual_delivery_puts_one_traceable_copy_on_each_platform() {
+    let (po, pn) = (free_port(), free_port());
+    let old = Sink::start(po, &[]);
+    let gw = start(po, pn, "", "");
+    gw.route("carol@example.com", "both");
+    let mut c = gw.client();
+    c.greet();
+    let r = c.mail(
+        "s@outside.test",
+        &["carol@example.com"],
+        &message("dual@test", "x"),
+    );
+    let qid = r.rsplit(' ').next().unwrap().to_string();
+    // New is down: old's copy arrives, new's waits with its own state.
+    wait_for("old copy", T, || {
+        (old.count_containing("dual@test") == 1).then_some(())
+    });
+    let (_, q) = gw.cli(&["queue", "list", "--json"]);
+    let entry: serde_json::Value =
+        serde_json::from_str(q.lines().next().expect("still queued for new")).unwrap();
+    assert_eq!(
+        entry["recipients"][0]["delivered_to"],
+        serde_json::json!(["old"]),
+        "{entry}"
+    );
+    let new = Sink::start(pn, &[]);
+    wait_for("new copy", Duration::from_secs(30), || {
+        (new.count_containing("dual@test") == 1).then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        old.count_containing("dual@test"),
+        1,
+        "old must not get a second copy"
+    );
+    let trace = format!("X-Godwit-Trace: {qid}");
+    assert!(old.messages()[0].contains(&trace) && new.messages()[0].contains(&trace));
+    let delivered = gw.events_named("delivery.delivered");
+    let platforms: Vec<_> = delivered
+        .iter()
+        .filter(|e| e["queue_id"] == qid.as_str())
+        .map(|e| e["platform"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(platforms.len(), 2);
+    assert!(platforms.contains(&"old".into()) && platforms.contains(&"new".into()));
+}
+
+#[test]
+fn queue_commands_against_a_running_gateway() {
+    let (po, pn) = (free_port(), free_port());
+    let gw = start(po, pn, "", "");
+    // No platform yet: everything queues.
+    let mut c = gw.client();
+    c.greet();
+    let id_of = |r: String| r.rsplit(' ').next().unwrap().to_string();
+    let held = id_of(c.mail(
+        "s@outside.test",
+        &["h@example.com"],
+        &message("held@test", "x"),
+    ));
+    let deleted = id_of(c.mail(
+        "s@outside.test",
+        &["d@example.com"],
+        &message("deleted@test", "x"),
+    ));
+    let flushed = id_of(c.mail(
+        "s@outside.test",
+        &["f@example.com"],
+        &message("flushed@test", "x"),
+    ));
+    wait_for("deferrals", T, || {
+        (gw.events_named("delivery.deferred").len() >= 3).then_some(())
+    });
+
+    let (ok, out) = gw.cli(&["queue", "hold", &held]);
+    assert!(ok && out.contains("1 affected"), "{out}");
+    let (ok, out) = gw.cli(&["queue", "delete", &deleted, "--yes"]);
+    assert!(ok && out.contains("1 affected"), "{out}");
+    let (ok, out) = gw.cli(&["queue", "show", &held]);
+    assert!(
+        ok && out.contains("h@example.com") && out.contains("Held") && out.contains("held@test"),
+        "{out}"
+    );
+    let (_, list) = gw.cli(&["queue", "list", "--state", "held"]);
+    assert!(list.contains(&held) && !list.contains(&flushed), "{list}");
+    let (ok, out) = gw.cli(&["queue", "hold"]);
+    assert!(
+        !ok && out.contains("--all"),
+        "a bare hold must not hit everything: {out}"
+    );
+
+    // The platform comes back, but backoff would make us wait: flush now.
+    let old = Sink::start(po, &[]);
+    let (ok, out) = gw.cli(&["queue", "flush", &flushed]);
+    assert!(ok && out.contains("1 affected"), "{out}");
+    wait_for("flushed delivery", Duration::from_secs(5), || {
+        (old.count_containing("flushed@test") == 1).then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        old.count_containing("held@test"),
+        0,
+        "held mail was delivered"
+    );
+    assert_eq!(
+        old.count_containing("deleted@test"),
+        0,
+        "deleted mail was delivered"
+    );
+    let (ok, out) = gw.cli(&["queue", "release", &held]);
+    assert!(ok && out.contains("1 affected"), "{out}");
+    wait_for("released delivery", Duration::from_secs(5), || {
+        (old.count_containing("held@test") == 1).then_some(())
+    });
+    // Requeue re-decides the route.
+    let sink_new = Sink::start(pn, &[]);
+    let mut old = old;
+    old.stop();
+    let rq = id_of(c.mail(
+        "s@outside.test",
+        &["r@example.com"],
+        &message("requeued@test", "x"),
+    ));
+    wait_for("deferral of r", T, || {
+        gw.events_named("delivery.deferred")
+            .iter()
+            .any(|e| e["queue_id"] == rq.as_str())
+            .then_some(())
+    });
+    gw.route("r@example.com", "new");
+    assert!(gw.cli(&["queue", "requeue", &rq]).0);
+    wait_for("requeued to new", Duration::from_secs(5), || {
+        (sink_new.count_containing("requeued@test") == 1).then_some(())
+    });
+
+    let cmds = gw.events_named("queue.command");
+    let ops: Vec<_> = cmds
+        .iter()
+        .map(|e| e["op"].as_str().unwrap().to_string())
+        .collect();
+    for op in ["hold", "delete", "flush", "release", "requeue"] {
+        assert!(ops.contains(&op.to_string()), "{op} not recorded: {ops:?}");
+    }
+    assert!(
+        cmds.iter()
+            .all(|e| !e["actor"].as_str().unwrap().is_empty())
+    );
+    let del = gw.events_named("queue.deleted");
+    assert_eq!(del.len(), 1);
+    assert_eq!(del[0]["queue_id"], deleted.as_str());
+}
+
+#[test]
+fn queue_commands_work_offline_on_the_spool() {
+    let (po, pn) = (free_port(), free_port());
+    let mut gw = start(po, pn, "", "");
+    let mut c = gw.client();
+    c.greet();
+    let r = c.mail(
+        "s@outside.test",
+        &["h@example.com"],
+        &message("offline@test", "x"),
+    );
+    let id = r.rsplit(' ').next().unwrap().to_string();
+    drop(c);
+    gw.kill9();
+    std::thread::sleep(Duration::from_millis(3500)); // the heartbeat goes stale
+    let (ok, out) = gw.cli(&["queue", "hold", &id]);
+    assert!(
+        ok && out.contains("no gateway running") && out.contains("1 affected"),
+        "{out}"
+    );
+    let old = Sink::start(po, &[]);
+    gw.restart();
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        old.count_containing("offline@test"),
+        0,
+        "an offline hold must survive a restart"
+    );
+    let (ok, out) = gw.cli(&["queue", "release", &id]);
+    assert!(ok && out.contains("1 affected"), "{out}");
+    wait_for("released", Duration::from_secs(5), || {
+        (old.count_containing("offline@test") == 1).then_some(())
+    });
+}
+
+#[test]
+fn dsns_go_to_the_sender_and_parse_as_reports() {
+    let (po, pn) = (free_port(), free_port());
+    let old = Sink::start(po, &[]); // also the DSN platform (the routing default)
+    let _new = Sink::start(pn, &["-f", "rcpt"]); // refuses every recipient with 5xx
+    let gw = start(po, pn, "", "soft_bounce = false");
+    gw.route("alice@example.com", "new");
+    gw.route("bob@example.com", "new");
+    let mut c = gw.client();
+    c.greet();
+    assert!(
+        c.cmd("MAIL FROM:<sender@outside.test> RET=HDRS ENVID=E42")
+            .starts_with("250")
+    );
+    assert!(
+        c.cmd("RCPT TO:<alice@example.com> NOTIFY=FAILURE")
+            .starts_with("250")
+    );
+    assert!(
+        c.cmd("RCPT TO:<bob@example.com> NOTIFY=NEVER")
+            .starts_with("250")
+    );
+    assert!(c.cmd("DATA").starts_with("354"));
+    c.send(message("bounced@test", "body text").as_bytes());
+    c.send(b"\r\n.\r\n");
+    let r = c.reply();
+    let qid = r.rsplit(' ').next().unwrap().to_string();
+    let dsn = wait_for("DSN at the sender's platform", T, || {
+        old.messages()
+            .into_iter()
+            .find(|m| m.contains("multipart/report"))
+    });
+    // A real MTA accepted it from the null sender, addressed to the sender.
+    assert!(dsn.contains("X-Mail-Args: <>"), "{dsn}");
+    assert!(dsn.contains("X-Rcpt-Args: <sender@outside.test>"), "{dsn}");
+    let body = &dsn[dsn.find("Received:").unwrap()..];
+    let parsed = mail_parser::MessageParser::default()
+        .parse(body.as_bytes())
+        .unwrap();
+    assert_eq!(
+        parsed.subject(),
+        Some("Undelivered Mail Returned to Sender")
+    );
+    assert!(body.contains("Final-Recipient: rfc822; alice@example.com"));
+    assert!(
+        !body.contains("Final-Recipient: rfc822; bob@example.com"),
+        "NOTIFY=NEVER was ignored"
+    );
+    assert!(body.contains("Action: failed") && body.contains("Status: 5."));
+    assert!(body.contains("Original-Envelope-Id: E42"));
+    assert!(
+        body.contains("text/rfc822-headers") && !body.contains("body text"),
+        "RET=HDRS"
+    );
+    assert!(body.contains(&format!("X-Godwit-Queue-ID: {qid}")));
+    let q = gw.events_named("dsn.queued");
+    assert_eq!(q.len(), 1);
+    assert_eq!(q[0]["original_queue_id"], qid.as_str());
+    // The DSN itself is traced like any other message.
+    let dsn_qid = q[0]["queue_id"].as_str().unwrap();
+    assert!(
+        gw.events_named("delivery.delivered")
+            .iter()
+            .any(|e| e["queue_id"] == dsn_qid)
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        old.messages()
+            .iter()
+            .filter(|m| m.contains("multipart/report"))
+            .count(),
+        1,
+        "exactly one DSN"
+    );
+}
+
+#[test]
+fn delay_warning_when_configured() {
+    let (po, pn) = (free_port(), free_port());
+    let old = Sink::start(po, &[]);
+    let gw = start(po, pn, "", "delay_warning = \"1s\"");
+    gw.route("alice@example.com", "new"); // new is down
+    let mut c = gw.client();
+    c.greet();
+    assert!(
+        c.mail(
+            "sender@outside.test",
+            &["alice@example.com"],
+            &message("slow@test", "x")
+        )
+        .starts_with("250")
+    );
+    let dsn = wait_for("delay warning", T, || {
+        old.messages()
+            .into_iter()
+            .find(|m| m.contains("multipart/report"))
+    });
+    assert!(
+        dsn.contains("Action: delayed") && dsn.contains("Delayed Mail"),
+        "{dsn}"
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        old.messages()
+            .iter()
+            .filter(|m| m.contains("multipart/report"))
+            .count(),
+        1,
+        "one warning only"
+    );
+}
