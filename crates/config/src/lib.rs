@@ -46,6 +46,8 @@ pub struct Config {
     pub queue: QueueConfig,
     pub store: StoreConfig,
     pub log: LogConfig,
+    pub admin: AdminConfig,
+    pub events: EventsConfig,
 }
 
 impl Default for Config {
@@ -60,6 +62,8 @@ impl Default for Config {
             queue: QueueConfig::default(),
             store: StoreConfig::default(),
             log: LogConfig::default(),
+            admin: AdminConfig::default(),
+            events: EventsConfig::default(),
         }
     }
 }
@@ -289,6 +293,43 @@ impl Default for LogConfig {
     }
 }
 
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Metrics, dashboard and its API. Loopback unless a token is set.
+    pub listen: Option<SocketAddr>,
+    /// Required as `Authorization: Bearer TOKEN` (or `?token=`) when set.
+    pub token: Option<String>,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: Some("127.0.0.1:8025".parse().unwrap()),
+            token: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EventsConfig {
+    /// Events (the index and the JSON-lines files) older than this are pruned.
+    #[serde(deserialize_with = "de_duration")]
+    pub retention: Duration,
+    /// Also write Postfix-style log lines here (for pflogsumm and grep habits).
+    pub postfix_log: Option<PathBuf>,
+}
+
+impl Default for EventsConfig {
+    fn default() -> Self {
+        EventsConfig {
+            retention: Duration::from_secs(90 * 86400),
+            postfix_log: None,
+        }
+    }
+}
+
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -461,6 +502,18 @@ impl Config {
                     format!("`{p}` is not a configured platform"),
                 ));
             }
+        }
+        if let Some(addr) = self.admin.listen {
+            if !addr.ip().is_loopback() && self.admin.token.as_deref().is_none_or(str::is_empty) {
+                // Admin interfaces listen on loopback or require a token.
+                return Err(invalid(
+                    "admin.token",
+                    format!("admin.listen {addr} is not loopback: set admin.token"),
+                ));
+            }
+        }
+        if self.events.retention < Duration::from_secs(3600) {
+            return Err(invalid("events.retention", "must be at least 1h"));
         }
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return Err(invalid("log.format", "must be `text` or `json`"));

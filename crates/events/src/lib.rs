@@ -227,6 +227,8 @@ pub struct Record {
 pub struct EventLog {
     tx: mpsc::UnboundedSender<Record>,
     node: std::sync::Arc<str>,
+    /// Other readers of the same stream (index, metrics, Postfix-style log).
+    taps: std::sync::Arc<std::sync::Mutex<Vec<mpsc::UnboundedSender<std::sync::Arc<Record>>>>>,
 }
 
 pub struct EventWriter {
@@ -243,6 +245,7 @@ impl EventLog {
             EventLog {
                 tx,
                 node: node.into(),
+                taps: Default::default(),
             },
             EventWriter {
                 rx,
@@ -257,7 +260,15 @@ impl EventLog {
         EventLog {
             tx,
             node: node.into(),
+            taps: Default::default(),
         }
+    }
+
+    /// A new reader of every event emitted from now on.
+    pub fn tap(&self) -> mpsc::UnboundedReceiver<std::sync::Arc<Record>> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.taps.lock().unwrap().push(tx);
+        rx
     }
 
     pub fn emit(&self, event: Event) {
@@ -269,6 +280,15 @@ impl EventLog {
         if tracing::enabled!(target: "godwit::event", tracing::Level::INFO) {
             if let Ok(line) = serde_json::to_string(&record.event) {
                 tracing::info!(target: "godwit::event", "{line}");
+            }
+        }
+        {
+            let taps = self.taps.lock().unwrap();
+            if !taps.is_empty() {
+                let shared = std::sync::Arc::new(record.clone());
+                for t in taps.iter() {
+                    let _ = t.send(shared.clone());
+                }
             }
         }
         let _ = self.tx.send(record);

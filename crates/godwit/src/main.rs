@@ -49,6 +49,37 @@ enum Command {
         #[command(subcommand)]
         command: QueueCommand,
     },
+    /// The chain of custody of a message: by Message-ID, queue ID, or
+    /// recipient and time window.
+    Trace {
+        /// A Message-ID (with or without <>) or a queue ID.
+        key: Option<String>,
+        /// Messages to this recipient (with --since/--until).
+        #[arg(long)]
+        rcpt: Option<String>,
+        /// RFC 3339 time, or a duration ago ("2h").
+        #[arg(long)]
+        since: Option<String>,
+        #[arg(long)]
+        until: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Evidence for a wave or an incident window: volumes, codes, latency,
+    /// what is still queued, and a sample traced end to end.
+    Report {
+        /// RFC 3339 time, or a duration ago ("24h").
+        #[arg(long, default_value = "24h")]
+        since: String,
+        #[arg(long, default_value = "0s")]
+        until: String,
+        /// md, csv or json.
+        #[arg(long, default_value = "md")]
+        format: String,
+        /// How many Message-IDs to trace end to end.
+        #[arg(long, default_value_t = 10)]
+        sample: usize,
+    },
 }
 
 #[derive(Subcommand)]
@@ -159,6 +190,19 @@ async fn run(cli: Cli) -> Result<i32> {
         Command::Serve => serve(config).await,
         Command::Route { command } => route(config, command).await,
         Command::Queue { command } => queue(config, command).await,
+        Command::Trace {
+            key,
+            rcpt,
+            since,
+            until,
+            json,
+        } => trace(config, key, rcpt, since, until, json).await,
+        Command::Report {
+            since,
+            until,
+            format,
+            sample,
+        } => report(config, since, until, format, sample).await,
     }
 }
 
@@ -191,6 +235,25 @@ async fn serve(config: Config) -> Result<i32> {
         routes.clone(),
         events.clone(),
     );
+    // Readers of the event stream, attached before the first event.
+    let metrics = Arc::new(godwit_evidence::metrics::Metrics::new());
+    tokio::spawn(metrics.clone().run(events.tap()));
+    tokio::spawn(godwit_evidence::index::run_indexer(
+        store.clone(),
+        events.tap(),
+    ));
+    tokio::spawn(godwit_evidence::index::run_retention(
+        store.clone(),
+        config.events_dir(),
+        config.events.retention,
+    ));
+    if let Some(path) = &config.events.postfix_log {
+        tokio::spawn(godwit_evidence::maillog::run(
+            path.clone(),
+            config.hostname.clone(),
+            events.tap(),
+        ));
+    }
 
     let (recovered, corrupt) = spool.recover()?;
     for (path, reason) in corrupt {
@@ -247,6 +310,22 @@ async fn serve(config: Config) -> Result<i32> {
             },
         ));
     }
+    if let Some(addr) = config.admin.listen {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("admin.listen: cannot listen on {addr}"))?;
+        let admin = godwit_evidence::http::Admin::new(
+            metrics.clone(),
+            relay.clone(),
+            routes.clone(),
+            store.clone(),
+            config.hostname.clone(),
+            config.admin.token.clone(),
+        );
+        tokio::spawn(admin.clone().run_sampler());
+        tokio::spawn(godwit_evidence::http::serve(admin, l));
+        tracing::info!("admin listener (metrics, dashboard) on http://{addr}/");
+    }
     tokio::spawn(control::heartbeat_and_commands(
         store.clone(),
         relay.clone(),
@@ -278,11 +357,101 @@ async fn serve(config: Config) -> Result<i32> {
     Ok(0)
 }
 
+/// RFC 3339, or a duration ago ("2h", "0s" = now).
+fn parse_when(s: &str, flag: &str) -> Result<i64> {
+    if let Ok(t) = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339) {
+        return Ok((t.unix_timestamp_nanos() / 1_000_000) as i64);
+    }
+    let d = godwit_config::parse_duration(s)
+        .map_err(|e| anyhow::anyhow!("{flag}: an RFC 3339 time or a duration ago; {e}"))?;
+    Ok(godwit_spool::now_ms() - d.as_millis() as i64)
+}
+
+async fn trace(
+    config: Config,
+    key: Option<String>,
+    rcpt: Option<String>,
+    since: Option<String>,
+    until: Option<String>,
+    json: bool,
+) -> Result<i32> {
+    if key.is_none() && rcpt.is_none() {
+        bail!("give a Message-ID or queue ID, or --rcpt ADDRESS with --since/--until");
+    }
+    let store = Store::open(&config.store_url()).await?;
+    let q = godwit_evidence::trace::Query {
+        key,
+        rcpt,
+        since_ms: since
+            .as_deref()
+            .map(|s| parse_when(s, "--since"))
+            .transpose()?,
+        until_ms: until
+            .as_deref()
+            .map(|s| parse_when(s, "--until"))
+            .transpose()?,
+    };
+    let traces = godwit_evidence::trace::find(&store, &q).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&traces)?);
+    } else if traces.is_empty() {
+        println!(
+            "no message found (events are kept for {:?}; is the Message-ID right?)",
+            config.events.retention
+        );
+    } else {
+        for t in &traces {
+            println!("{}", godwit_evidence::trace::render(t));
+        }
+    }
+    Ok(if traces.is_empty() { 1 } else { 0 })
+}
+
+async fn report(
+    config: Config,
+    since: String,
+    until: String,
+    format: String,
+    sample: usize,
+) -> Result<i32> {
+    let store = Store::open(&config.store_url()).await?;
+    let (since, until) = (
+        parse_when(&since, "--since")?,
+        parse_when(&until, "--until")?,
+    );
+    let r =
+        godwit_evidence::report::build(&store, &config.spool_dir(), since, until, sample).await?;
+    match format.as_str() {
+        "md" => print!("{}", godwit_evidence::report::markdown(&r)),
+        "csv" => print!("{}", godwit_evidence::report::csv(&r)),
+        "json" => println!("{}", serde_json::to_string_pretty(&r)?),
+        other => bail!("--format {other}: choose md, csv or json"),
+    }
+    Ok(0)
+}
+
 fn actor(explicit: Option<String>) -> String {
     explicit
         .or_else(|| std::env::var("SUDO_USER").ok())
         .or_else(|| std::env::var("USER").ok())
+        .or_else(os_user)
         .unwrap_or_else(|| "unknown".into())
+}
+
+/// The login name of the real user, from the password database.
+fn os_user() -> Option<String> {
+    // SAFETY: getpwuid returns a pointer into static storage or null; we copy
+    // the name out immediately and call it from one thread (the CLI).
+    unsafe {
+        let pw = libc::getpwuid(libc::getuid());
+        if pw.is_null() || (*pw).pw_name.is_null() {
+            return None;
+        }
+        std::ffi::CStr::from_ptr((*pw).pw_name)
+            .to_str()
+            .ok()
+            .map(str::to_string)
+    }
 }
 
 async fn route(config: Config, command: RouteCommand) -> Result<i32> {

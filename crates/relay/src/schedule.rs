@@ -85,7 +85,8 @@ pub struct QueueSnapshot {
     pub queue_id: String,
     pub message_id: Option<String>,
     pub arrival_ms: i64,
-    pub rcpts: Vec<(String, RcptStatus, u32)>,
+    /// (address, state, attempts, route at the last attempt)
+    pub rcpts: Vec<(String, RcptStatus, u32, Option<String>)>,
 }
 
 /// An operator's queue command (postsuper/postqueue equivalents).
@@ -283,7 +284,7 @@ impl RelayHandle {
                     .rcpts
                     .iter()
                     .zip(&e.rcpts)
-                    .map(|((a, _), r)| (a.clone(), r.status, r.attempts))
+                    .map(|((a, _), r)| (a.clone(), r.status, r.attempts, r.last_route.clone()))
                     .collect(),
             })
             .collect()

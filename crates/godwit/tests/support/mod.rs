@@ -118,6 +118,7 @@ impl Drop for Sink {
 /// The godwit binary under test, with its own data directory.
 pub struct Gateway {
     pub port: u16,
+    pub admin_port: u16,
     pub config_path: PathBuf,
     pub data: PathBuf,
     child: Option<Child>,
@@ -136,6 +137,7 @@ impl Gateway {
         let tmp = tempfile::tempdir().unwrap();
         let data = tmp.path().join("data");
         let port = free_port();
+        let admin_port = free_port();
         let config = format!(
             r#"hostname = "gw.test"
 data_dir = "{}"
@@ -148,6 +150,8 @@ accepted = ["example.com", "example.org"]
 relay = ["127.0.0.1:{old_port}"]
 [platforms.new]
 relay = ["127.0.0.1:{new_port}"]
+[admin]
+listen = "127.0.0.1:{admin_port}"
 [queue]
 min_backoff = "1s"
 max_backoff = "2s"
@@ -159,6 +163,7 @@ max_backoff = "2s"
         std::fs::write(&config_path, config).unwrap();
         let mut g = Gateway {
             port,
+            admin_port,
             config_path,
             data,
             child: None,
@@ -236,6 +241,28 @@ max_backoff = "2s"
             },
         );
         assert!(start.elapsed() < Duration::from_secs(1));
+    }
+
+    /// GET on the admin listener; returns (status, body).
+    pub fn admin_get(&self, path: &str) -> (u16, String) {
+        let mut s = TcpStream::connect(("127.0.0.1", self.admin_port)).unwrap();
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        let status = out
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = out
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        (status, body)
     }
 
     pub fn events(&self) -> Vec<serde_json::Value> {

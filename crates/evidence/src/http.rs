@@ -1,0 +1,322 @@
+//! The admin listener: Prometheus metrics, the dashboard and its JSON API.
+//! It listens on loopback by default; anywhere else it requires the token.
+
+use crate::metrics::Metrics;
+use crate::trace;
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use godwit_relay::Relay;
+use godwit_route::SharedRoutes;
+use godwit_spool::RcptStatus;
+use godwit_store::{Row, Store};
+use serde::Serialize;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+#[derive(Clone)]
+pub struct Admin {
+    pub metrics: Arc<Metrics>,
+    pub relay: Relay,
+    pub routes: SharedRoutes,
+    pub store: Store,
+    pub node: String,
+    pub token: Option<String>,
+    samples: Arc<Mutex<VecDeque<Sample>>>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Sample {
+    pub t: i64,
+    pub depth: usize,
+    pub accepted: u64,
+    pub delivered: u64,
+    pub deferred: u64,
+    pub failed: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct QueueGauges {
+    pub messages: usize,
+    /// platform -> state -> recipients
+    pub recipients: BTreeMap<String, BTreeMap<String, usize>>,
+    pub oldest_age_s: f64,
+}
+
+impl Admin {
+    pub fn new(
+        metrics: Arc<Metrics>,
+        relay: Relay,
+        routes: SharedRoutes,
+        store: Store,
+        node: String,
+        token: Option<String>,
+    ) -> Admin {
+        Admin {
+            metrics,
+            relay,
+            routes,
+            store,
+            node,
+            token,
+            samples: Default::default(),
+        }
+    }
+
+    pub fn queue_gauges(&self) -> QueueGauges {
+        let snap = self.relay.snapshot();
+        let now = godwit_spool::now_ms();
+        let mut recipients: BTreeMap<String, BTreeMap<String, usize>> = BTreeMap::new();
+        let mut oldest = now;
+        for m in &snap {
+            oldest = oldest.min(m.arrival_ms);
+            for (addr, status, _, route) in &m.rcpts {
+                if status.is_final() {
+                    continue;
+                }
+                let platform = route
+                    .clone()
+                    .unwrap_or_else(|| self.routes.decide(addr).route);
+                let state = match status {
+                    RcptStatus::Pending => "pending",
+                    RcptStatus::Deferred => "deferred",
+                    RcptStatus::Held => "held",
+                    _ => "other",
+                };
+                *recipients
+                    .entry(platform)
+                    .or_default()
+                    .entry(state.into())
+                    .or_default() += 1;
+            }
+        }
+        QueueGauges {
+            messages: snap.len(),
+            recipients,
+            oldest_age_s: if snap.is_empty() {
+                0.0
+            } else {
+                (now - oldest) as f64 / 1000.0
+            },
+        }
+    }
+
+    /// Sets the gauges that are sampled rather than counted.
+    fn sample_gauges(&self) {
+        let q = self.queue_gauges();
+        let dests = self.relay.destinations();
+        let version = self.routes.version();
+        self.metrics.with(|| {
+            metrics::gauge!("godwit_queue_messages").set(q.messages as f64);
+            for (p, states) in &self.relay.destinations() {
+                let _ = states;
+                for s in ["pending", "deferred", "held"] {
+                    let n = q.recipients.get(p).and_then(|m| m.get(s)).copied().unwrap_or(0);
+                    metrics::gauge!("godwit_queue_recipients", "platform" => p.clone(), "state" => s).set(n as f64);
+                }
+            }
+            for (p, states) in &q.recipients {
+                if !dests.contains_key(p) {
+                    for (s, n) in states {
+                        metrics::gauge!("godwit_queue_recipients", "platform" => p.clone(), "state" => s.clone()).set(*n as f64);
+                    }
+                }
+            }
+            metrics::gauge!("godwit_queue_oldest_message_age_seconds").set(q.oldest_age_s);
+            for (p, d) in &dests {
+                metrics::gauge!("godwit_destination_concurrency_limit", "platform" => p.clone()).set(d.limit as f64);
+                metrics::gauge!("godwit_destination_in_flight", "platform" => p.clone()).set(d.in_flight as f64);
+                metrics::gauge!("godwit_destination_circuit_open", "platform" => p.clone()).set(if d.circuit == "open" { 1.0 } else { 0.0 });
+            }
+            metrics::gauge!("godwit_routing_version").set(version as f64);
+        });
+    }
+
+    /// Samples the queue every 2 s for the dashboard's charts (10 minutes kept).
+    pub async fn run_sampler(self) {
+        loop {
+            let st = self.metrics.stats.lock().unwrap().clone();
+            let s = Sample {
+                t: godwit_spool::now_ms(),
+                depth: self.relay.len(),
+                accepted: st.accepted,
+                delivered: st.delivered.values().sum(),
+                deferred: st.deferred.values().sum(),
+                failed: st.failed.values().sum(),
+            };
+            {
+                let mut q = self.samples.lock().unwrap();
+                q.push_back(s);
+                if q.len() > 300 {
+                    q.pop_front();
+                }
+            }
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+    }
+
+    pub fn router(self) -> Router {
+        Router::new()
+            .route("/", get(dashboard))
+            .route("/metrics", get(metrics_text))
+            .route("/api/summary", get(summary))
+            .route("/api/trace", get(trace_api))
+            .with_state(self)
+    }
+
+    fn authorized(&self, headers: &HeaderMap, query: &HashMap<String, String>) -> bool {
+        let Some(token) = self.token.as_deref().filter(|t| !t.is_empty()) else {
+            return true;
+        };
+        let bearer = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        // Compare without an early exit on the first differing byte.
+        let eq = |a: &str| {
+            a.len() == token.len()
+                && a.bytes()
+                    .zip(token.bytes())
+                    .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+                    == 0
+        };
+        bearer.is_some_and(eq) || query.get("token").is_some_and(|t| eq(t))
+    }
+}
+
+fn denied() -> Response {
+    (
+        StatusCode::UNAUTHORIZED,
+        "admin token required: Authorization: Bearer TOKEN\n",
+    )
+        .into_response()
+}
+
+async fn dashboard(
+    State(a): State<Admin>,
+    headers: HeaderMap,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    if !a.authorized(&headers, &q) {
+        return denied();
+    }
+    Html(include_str!("dashboard.html")).into_response()
+}
+
+async fn metrics_text(
+    State(a): State<Admin>,
+    headers: HeaderMap,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    if !a.authorized(&headers, &q) {
+        return denied();
+    }
+    a.sample_gauges();
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        a.metrics.handle.render(),
+    )
+        .into_response()
+}
+
+async fn summary(
+    State(a): State<Admin>,
+    headers: HeaderMap,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    if !a.authorized(&headers, &q) {
+        return denied();
+    }
+    let stats = a.metrics.stats.lock().unwrap().clone();
+    let percentiles = stats.percentiles();
+    let samples: Vec<Sample> = a.samples.lock().unwrap().iter().cloned().collect();
+    let changes = godwit_store::sqlx::query("SELECT version, at_ms, actor, command FROM routing_versions ORDER BY version DESC LIMIT 10")
+        .fetch_all(&a.store.pool)
+        .await
+        .map(|rows| {
+            rows.into_iter()
+                .map(|r| {
+                    serde_json::json!({
+                        "version": r.try_get::<i64, _>(0).unwrap_or(0),
+                        "at_ms": r.try_get::<i64, _>(1).unwrap_or(0),
+                        "actor": r.try_get::<String, _>(2).unwrap_or_default(),
+                        "command": r.try_get::<String, _>(3).unwrap_or_default(),
+                    })
+                })
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default();
+    // Wave progress: mailboxes per migration state, when a directory exists.
+    let waves = godwit_store::sqlx::query(
+        "SELECT state, COUNT(*) FROM mailboxes GROUP BY state ORDER BY state",
+    )
+    .fetch_all(&a.store.pool)
+    .await
+    .map(|rows| {
+        rows.into_iter()
+            .map(|r| {
+                (
+                    r.try_get::<String, _>(0).unwrap_or_default(),
+                    r.try_get::<i64, _>(1).unwrap_or(0),
+                )
+            })
+            .collect::<BTreeMap<_, _>>()
+    })
+    .unwrap_or_default();
+    Json(serde_json::json!({
+        "node": a.node,
+        "now_ms": godwit_spool::now_ms(),
+        "routing_version": a.routes.version(),
+        "stats": stats,
+        "percentiles": percentiles,
+        "queue": a.queue_gauges(),
+        "destinations": a.relay.destinations(),
+        "samples": samples,
+        "routing_changes": changes,
+        "waves": waves,
+    }))
+    .into_response()
+}
+
+async fn trace_api(
+    State(a): State<Admin>,
+    headers: HeaderMap,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    if !a.authorized(&headers, &q) {
+        return denied();
+    }
+    let key = q.get("q").cloned().unwrap_or_default();
+    let query = if key.contains('@') && !key.contains('<') && !key.contains('.') {
+        trace::Query {
+            rcpt: Some(key),
+            ..Default::default()
+        }
+    } else {
+        trace::Query {
+            key: Some(key),
+            ..Default::default()
+        }
+    };
+    match trace::find(&a.store, &query).await {
+        Ok(traces) => {
+            let text: String = traces
+                .iter()
+                .map(trace::render)
+                .collect::<Vec<_>>()
+                .join("\n");
+            Json(serde_json::json!({ "traces": traces, "text": text })).into_response()
+        }
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+/// Serves the admin listener until the process ends.
+pub async fn serve(admin: Admin, listener: tokio::net::TcpListener) {
+    if let Err(e) = axum::serve(listener, admin.router()).await {
+        tracing::error!("admin listener: {e}");
+    }
+}

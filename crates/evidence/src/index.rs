@@ -1,0 +1,109 @@
+//! The event index in the state store.
+
+use godwit_events::Record;
+use godwit_store::{Store, StoreError};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc::UnboundedReceiver;
+
+pub fn ts_ms(record: &Record) -> i64 {
+    time::OffsetDateTime::parse(&record.ts, &time::format_description::well_known::Rfc3339)
+        .map(|t| (t.unix_timestamp_nanos() / 1_000_000) as i64)
+        .unwrap_or(0)
+}
+
+/// The keys of one event: queue ID, Message-ID, recipient.
+pub fn keys(record: &Record) -> (Option<String>, Option<String>, Option<String>) {
+    let v = serde_json::to_value(&record.event).unwrap_or_default();
+    let s = |k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_string);
+    (
+        s("queue_id"),
+        s("message_id").or_else(|| s("original_message_id")),
+        s("rcpt").or_else(|| s("to")),
+    )
+}
+
+/// Writes events into the store in batches (one transaction per batch).
+pub async fn run_indexer(store: Store, mut rx: UnboundedReceiver<Arc<Record>>) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while let Ok(r) = rx.try_recv() {
+            batch.push(r);
+            if batch.len() >= 2000 {
+                break;
+            }
+        }
+        let rows: Vec<_> = batch
+            .iter()
+            .map(|r| {
+                let (q, m, rc) = keys(r);
+                (
+                    ts_ms(r),
+                    r.node.clone(),
+                    r.event.name().to_string(),
+                    q,
+                    m,
+                    rc,
+                    serde_json::to_string(&**r).unwrap_or_default(),
+                )
+            })
+            .collect();
+        let result = store
+            .write_tx(move |tx| {
+                let rows = rows.clone();
+                Box::pin(async move {
+                    for (ts, node, name, q, m, rc, body) in rows {
+                        godwit_store::sqlx::query(
+                            "INSERT INTO events (ts_ms, node, name, queue_id, message_id, rcpt, body) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                        )
+                        .bind(ts)
+                        .bind(node)
+                        .bind(name)
+                        .bind(q)
+                        .bind(m)
+                        .bind(rc)
+                        .bind(body)
+                        .execute(&mut *tx)
+                        .await?;
+                    }
+                    Ok(())
+                })
+            })
+            .await;
+        if let Err(e) = result {
+            tracing::warn!("event index: {e}");
+        }
+    }
+}
+
+/// Deletes indexed events older than `retention`. Returns how many.
+pub async fn prune(store: &Store, retention: Duration) -> Result<u64, StoreError> {
+    let cutoff = godwit_store::now_ms() - retention.as_millis() as i64;
+    let r = godwit_store::sqlx::query("DELETE FROM events WHERE ts_ms < $1")
+        .bind(cutoff)
+        .execute(&store.pool)
+        .await?;
+    Ok(r.rows_affected())
+}
+
+/// Prunes the index (and JSON-lines files older than the retention) hourly.
+pub async fn run_retention(store: Store, events_dir: std::path::PathBuf, retention: Duration) {
+    loop {
+        match prune(&store, retention).await {
+            Ok(n) if n > 0 => tracing::info!("pruned {n} events older than {retention:?}"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!("event retention: {e}"),
+        }
+        let cutoff = time::OffsetDateTime::now_utc() - retention;
+        let cutoff_day = format!("events-{}.jsonl", cutoff.date());
+        if let Ok(rd) = std::fs::read_dir(&events_dir) {
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().to_string();
+                if name.starts_with("events-") && name.ends_with(".jsonl") && name < cutoff_day {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+    }
+}

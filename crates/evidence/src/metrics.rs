@@ -1,0 +1,233 @@
+//! Metrics. Counters and histograms are fed by the event stream; gauges are
+//! sampled from the queue and the destinations at scrape time. Names follow
+//! Prometheus conventions (`_total`, `_seconds`, base units).
+
+use godwit_events::{Event, Record};
+use metrics_exporter_prometheus::{
+    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
+};
+use serde::Serialize;
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use tokio::sync::mpsc::UnboundedReceiver;
+
+/// Latency buckets (seconds): from loopback speed to a day in the queue.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0,
+    3600.0, 14400.0, 86400.0,
+];
+
+/// Exact counts kept beside the recorder, for the dashboard and reports.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct Stats {
+    pub accepted: u64,
+    pub refused: u64,
+    pub delivered: BTreeMap<String, u64>,
+    pub deferred: BTreeMap<String, u64>,
+    pub failed: BTreeMap<String, u64>,
+    pub dsn: u64,
+    pub routing_version: i64,
+    #[serde(skip)]
+    pub latencies: BTreeMap<String, VecDeque<f64>>,
+}
+
+impl Stats {
+    /// p50/p95/p99 of the most recent deliveries per platform (seconds).
+    pub fn percentiles(&self) -> BTreeMap<String, [f64; 3]> {
+        self.latencies
+            .iter()
+            .map(|(p, v)| {
+                let mut s: Vec<f64> = v.iter().copied().collect();
+                s.sort_by(|a, b| a.partial_cmp(b).unwrap());
+                (p.clone(), [pct(&s, 0.50), pct(&s, 0.95), pct(&s, 0.99)])
+            })
+            .collect()
+    }
+}
+
+pub fn pct(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[i]
+}
+
+fn class(code: &str) -> String {
+    code.chars()
+        .next()
+        .map(|c| format!("{c}xx"))
+        .unwrap_or_else(|| "none".into())
+}
+
+/// The reply's enhanced code ("4.7.1") if it has one, else its basic code.
+pub fn code_of(reply: &str) -> String {
+    let mut words = reply.split_whitespace();
+    let first = words.next().unwrap_or("");
+    let second = words.next().unwrap_or("");
+    let enhanced = |w: &str| {
+        w.split('.').count() == 3
+            && w.split('.')
+                .all(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_digit()))
+    };
+    if enhanced(second) {
+        second.to_string()
+    } else if enhanced(first) {
+        first.to_string()
+    } else if first.len() == 3 && first.chars().all(|c| c.is_ascii_digit()) {
+        first.to_string()
+    } else {
+        "none".into()
+    }
+}
+
+pub struct Metrics {
+    pub handle: PrometheusHandle,
+    recorder: Arc<PrometheusRecorder>,
+    pub stats: Arc<Mutex<Stats>>,
+}
+
+impl Metrics {
+    /// A recorder of our own (not the global one), so tests and several
+    /// gateways in one process never share counters.
+    pub fn new() -> Metrics {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+            .expect("valid buckets")
+            .build_recorder();
+        let handle = recorder.handle();
+        Metrics {
+            handle,
+            recorder: Arc::new(recorder),
+            stats: Default::default(),
+        }
+    }
+
+    pub fn with<T>(&self, f: impl FnOnce() -> T) -> T {
+        metrics::with_local_recorder(&*self.recorder, f)
+    }
+
+    pub fn observe(&self, r: &Record) {
+        let mut st = self.stats.lock().unwrap();
+        self.with(|| match &r.event {
+            Event::ConnectionOpened { .. } => metrics::counter!("godwit_connections_total").increment(1),
+            Event::ConnectionRefused { reason, .. } => metrics::counter!("godwit_connections_refused_total", "reason" => reason.clone()).increment(1),
+            Event::MessageAccepted { size, .. } => {
+                st.accepted += 1;
+                metrics::counter!("godwit_messages_accepted_total").increment(1);
+                metrics::counter!("godwit_messages_accepted_bytes_total").increment(*size);
+            }
+            Event::MessageRefused { stage, reply, .. } => {
+                st.refused += 1;
+                metrics::counter!("godwit_messages_refused_total", "stage" => stage.clone(), "code" => code_of(reply)).increment(1);
+            }
+            Event::Delivered { platform, delay_ms, .. } => {
+                *st.delivered.entry(platform.clone()).or_default() += 1;
+                let secs = *delay_ms as f64 / 1000.0;
+                let lat = st.latencies.entry(platform.clone()).or_default();
+                lat.push_back(secs);
+                if lat.len() > 10_000 {
+                    lat.pop_front();
+                }
+                metrics::counter!("godwit_deliveries_total", "platform" => platform.clone(), "outcome" => "delivered", "class" => "2xx", "code" => "2.0.0").increment(1);
+                metrics::histogram!("godwit_delivery_latency_seconds", "platform" => platform.clone()).record(secs);
+            }
+            Event::Deferred { platform, reply, .. } => {
+                *st.deferred.entry(platform.clone()).or_default() += 1;
+                let code = code_of(reply);
+                metrics::counter!("godwit_deliveries_total", "platform" => platform.clone(), "outcome" => "deferred", "class" => class(&code), "code" => code).increment(1);
+            }
+            Event::Failed { platform, reply, .. } => {
+                *st.failed.entry(platform.clone()).or_default() += 1;
+                let code = code_of(reply);
+                metrics::counter!("godwit_deliveries_total", "platform" => platform.clone(), "outcome" => "failed", "class" => class(&code), "code" => code).increment(1);
+            }
+            Event::DsnQueued { action, .. } => {
+                st.dsn += 1;
+                metrics::counter!("godwit_dsn_total", "action" => action.clone()).increment(1);
+            }
+            Event::RouteChanged { version, .. } => {
+                st.routing_version = *version;
+                metrics::gauge!("godwit_routing_version").set(*version as f64);
+            }
+            Event::GatewayStarted { routing_version, .. } => {
+                st.routing_version = *routing_version;
+                metrics::gauge!("godwit_routing_version").set(*routing_version as f64);
+            }
+            _ => {}
+        });
+    }
+
+    pub async fn run(self: Arc<Self>, mut rx: UnboundedReceiver<Arc<Record>>) {
+        while let Some(r) = rx.recv().await {
+            self.observe(&r);
+        }
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_and_percentiles() {
+        assert_eq!(code_of("451 4.7.1 slow down"), "4.7.1");
+        assert_eq!(code_of("4.4.1 platform down"), "4.4.1");
+        assert_eq!(code_of("421 closing"), "421");
+        let v: Vec<f64> = (1..=100).map(|x| x as f64).collect();
+        assert_eq!(
+            (pct(&v, 0.5), pct(&v, 0.95), pct(&v, 0.99)),
+            (50.0, 95.0, 99.0)
+        );
+    }
+
+    #[test]
+    fn counters_and_histogram_from_events() {
+        let m = Metrics::new();
+        let rec = |event| Record {
+            ts: String::new(),
+            node: "n".into(),
+            event,
+        };
+        for i in 0..3 {
+            m.observe(&rec(Event::Delivered {
+                queue_id: format!("Q{i}"),
+                message_id: None,
+                rcpt: "a@x".into(),
+                platform: "new".into(),
+                host: "h".into(),
+                reply: "250 ok".into(),
+                remote_queue_id: None,
+                delay_ms: 100 * (i + 1),
+            }));
+        }
+        m.observe(&rec(Event::Deferred {
+            queue_id: "Q".into(),
+            message_id: None,
+            rcpt: "a@x".into(),
+            platform: "new".into(),
+            host: None,
+            reply: "451 4.7.1 throttled".into(),
+            attempts: 1,
+            next_attempt_in_s: 1,
+        }));
+        let text = m.handle.render();
+        assert!(text.contains("godwit_deliveries_total{platform=\"new\",outcome=\"delivered\",class=\"2xx\",code=\"2.0.0\"} 3"), "{text}");
+        assert!(text.contains("code=\"4.7.1\"} 1"), "{text}");
+        assert!(
+            text.contains("godwit_delivery_latency_seconds_count{platform=\"new\"} 3"),
+            "{text}"
+        );
+        assert!(
+            text.contains("godwit_delivery_latency_seconds_bucket{platform=\"new\",le=\"0.25\"} 2"),
+            "{text}"
+        );
+        assert_eq!(m.stats.lock().unwrap().percentiles()["new"][0], 0.2);
+    }
+}

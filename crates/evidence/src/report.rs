@@ -1,0 +1,234 @@
+//! `godwit report`: the evidence for a wave or an incident window.
+
+use crate::metrics::{code_of, pct};
+use crate::trace;
+use godwit_events::{Event, Record};
+use godwit_store::{Row, Store};
+use serde::Serialize;
+use std::collections::BTreeMap;
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub since_ms: i64,
+    pub until_ms: i64,
+    pub accepted: u64,
+    pub refused: u64,
+    pub delivered_by_platform: BTreeMap<String, u64>,
+    pub deferred_by_code: BTreeMap<String, u64>,
+    pub bounced_by_code: BTreeMap<String, u64>,
+    /// platform -> [p50, p95, p99] seconds, accept to delivered.
+    pub latency_seconds: BTreeMap<String, [f64; 3]>,
+    pub still_queued: usize,
+    pub held: usize,
+    pub dsns: u64,
+    pub samples: Vec<SampleTrace>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct SampleTrace {
+    pub message_id: Option<String>,
+    pub queue_id: String,
+    pub verdict: String,
+    pub platforms: Vec<String>,
+    pub remote_queue_ids: Vec<String>,
+}
+
+pub async fn build(
+    store: &Store,
+    spool_dir: &std::path::Path,
+    since_ms: i64,
+    until_ms: i64,
+    sample: usize,
+) -> anyhow::Result<Report> {
+    let rows = godwit_store::sqlx::query(
+        "SELECT body FROM events WHERE ts_ms >= $1 AND ts_ms <= $2 ORDER BY ts_ms",
+    )
+    .bind(since_ms)
+    .bind(until_ms)
+    .fetch_all(&store.pool)
+    .await?;
+    let records: Vec<Record> = rows
+        .into_iter()
+        .filter_map(|r| r.try_get::<String, _>(0).ok())
+        .filter_map(|b| serde_json::from_str(&b).ok())
+        .collect();
+    let mut r = Report {
+        since_ms,
+        until_ms,
+        accepted: 0,
+        refused: 0,
+        delivered_by_platform: BTreeMap::new(),
+        deferred_by_code: BTreeMap::new(),
+        bounced_by_code: BTreeMap::new(),
+        latency_seconds: BTreeMap::new(),
+        still_queued: 0,
+        held: 0,
+        dsns: 0,
+        samples: Vec::new(),
+    };
+    let mut lat: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    let mut accepted_ids = Vec::new();
+    for rec in &records {
+        match &rec.event {
+            Event::MessageAccepted { queue_id, .. } => {
+                r.accepted += 1;
+                accepted_ids.push(queue_id.clone());
+            }
+            Event::MessageRefused { .. } => r.refused += 1,
+            Event::Delivered {
+                platform, delay_ms, ..
+            } => {
+                *r.delivered_by_platform.entry(platform.clone()).or_default() += 1;
+                lat.entry(platform.clone())
+                    .or_default()
+                    .push(*delay_ms as f64 / 1000.0);
+            }
+            Event::Deferred { reply, .. } => {
+                *r.deferred_by_code.entry(code_of(reply)).or_default() += 1
+            }
+            Event::Failed { reply, .. } => {
+                *r.bounced_by_code.entry(code_of(reply)).or_default() += 1
+            }
+            Event::DsnQueued { .. } => r.dsns += 1,
+            _ => {}
+        }
+    }
+    for (p, mut v) in lat {
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        r.latency_seconds
+            .insert(p, [pct(&v, 0.5), pct(&v, 0.95), pct(&v, 0.99)]);
+    }
+    for m in godwit_spool::list(spool_dir) {
+        r.still_queued += 1;
+        if m.status.iter().any(|s| {
+            s.as_ref()
+                .is_some_and(|s| s.status == godwit_spool::RcptStatus::Held)
+        }) {
+            r.held += 1;
+        }
+    }
+    // An even spread of samples across the window, each traced end to end.
+    let step = (accepted_ids.len() / sample.max(1)).max(1);
+    for qid in accepted_ids.iter().step_by(step).take(sample) {
+        for t in trace::find(
+            store,
+            &trace::Query {
+                key: Some(qid.clone()),
+                ..Default::default()
+            },
+        )
+        .await?
+        {
+            let mut platforms = Vec::new();
+            let mut remote = Vec::new();
+            for e in &t.events {
+                if let Event::Delivered {
+                    platform,
+                    remote_queue_id,
+                    queue_id,
+                    ..
+                } = &e.event
+                {
+                    if *queue_id == t.queue_id {
+                        platforms.push(platform.clone());
+                        remote.extend(remote_queue_id.clone());
+                    }
+                }
+            }
+            r.samples.push(SampleTrace {
+                message_id: t.message_id.clone(),
+                queue_id: t.queue_id.clone(),
+                verdict: t.verdict.clone(),
+                platforms,
+                remote_queue_ids: remote,
+            });
+        }
+    }
+    Ok(r)
+}
+
+fn when(ms: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(ms / 1000)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| ms.to_string())
+}
+
+pub fn markdown(r: &Report) -> String {
+    let mut s = format!(
+        "# godwit report\n\nWindow: {} to {}\n\n",
+        when(r.since_ms),
+        when(r.until_ms.min(godwit_store::now_ms()))
+    );
+    s.push_str(&format!(
+        "| accepted | refused | delivered | deferrals | bounced | DSNs | still queued | held |\n|---|---|---|---|---|---|---|---|\n| {} | {} | {} | {} | {} | {} | {} | {} |\n\n",
+        r.accepted,
+        r.refused,
+        r.delivered_by_platform.values().sum::<u64>(),
+        r.deferred_by_code.values().sum::<u64>(),
+        r.bounced_by_code.values().sum::<u64>(),
+        r.dsns,
+        r.still_queued,
+        r.held
+    ));
+    s.push_str(
+        "## Per platform\n\n| platform | delivered | p50 | p95 | p99 |\n|---|---|---|---|---|\n",
+    );
+    for (p, n) in &r.delivered_by_platform {
+        let l = r.latency_seconds.get(p).copied().unwrap_or_default();
+        s.push_str(&format!(
+            "| {p} | {n} | {:.3}s | {:.3}s | {:.3}s |\n",
+            l[0], l[1], l[2]
+        ));
+    }
+    s.push_str("\n## Deferrals and bounces by code\n\n| outcome | code | count |\n|---|---|---|\n");
+    for (c, n) in &r.deferred_by_code {
+        s.push_str(&format!("| deferred | {c} | {n} |\n"));
+    }
+    for (c, n) in &r.bounced_by_code {
+        s.push_str(&format!("| bounced | {c} | {n} |\n"));
+    }
+    s.push_str("\n## Sample traced end to end\n\n| Message-ID | queue ID | verdict | platforms | their queue IDs |\n|---|---|---|---|---|\n");
+    for t in &r.samples {
+        s.push_str(&format!(
+            "| {} | {} | {} | {} | {} |\n",
+            t.message_id.as_deref().unwrap_or("-"),
+            t.queue_id,
+            t.verdict,
+            t.platforms.join(", "),
+            t.remote_queue_ids.join(", ")
+        ));
+    }
+    s
+}
+
+pub fn csv(r: &Report) -> String {
+    let mut s = String::from("section,key,value\n");
+    s.push_str(&format!("total,accepted,{}\ntotal,refused,{}\ntotal,still_queued,{}\ntotal,held,{}\ntotal,dsns,{}\n", r.accepted, r.refused, r.still_queued, r.held, r.dsns));
+    for (p, n) in &r.delivered_by_platform {
+        s.push_str(&format!("delivered,{p},{n}\n"));
+    }
+    for (c, n) in &r.deferred_by_code {
+        s.push_str(&format!("deferred,{c},{n}\n"));
+    }
+    for (c, n) in &r.bounced_by_code {
+        s.push_str(&format!("bounced,{c},{n}\n"));
+    }
+    for (p, l) in &r.latency_seconds {
+        s.push_str(&format!(
+            "latency_p50,{p},{}\nlatency_p95,{p},{}\nlatency_p99,{p},{}\n",
+            l[0], l[1], l[2]
+        ));
+    }
+    for t in &r.samples {
+        s.push_str(&format!(
+            "sample,{},{}\n",
+            t.message_id.as_deref().unwrap_or("-").replace(',', " "),
+            t.verdict
+        ));
+    }
+    s
+}

@@ -1,0 +1,378 @@
+//! Evidence against real peers: trace, metrics, the admin token, Postfix-style
+//! logs read by pflogsumm, the dashboard in a real headless Chromium.
+
+mod support;
+
+use std::time::Duration;
+use support::*;
+
+const T: Duration = Duration::from_secs(20);
+
+/// A metric's value in Prometheus text: the line that starts with `series`.
+fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+#[test]
+fn trace_follows_a_message_through_deferral_hold_release_and_delivery() {
+    // The "new" platform is itself a godwit gateway (a real SMTP server that
+    // answers "queued as ID"), relaying on to an smtp-sink.
+    let sink_port = free_port();
+    let sink = Sink::start(sink_port, &[]);
+    let downstream = Gateway::start(sink_port, sink_port, "", "");
+    let gw = Gateway::start(free_port(), downstream.port, "", "");
+    gw.route("alice@example.com", "new");
+    let mut down = downstream;
+    down.kill9(); // first attempt: connection refused, a 451 deferral
+    let mut c = gw.client();
+    c.greet();
+    let r = c.mail(
+        "s@outside.test",
+        &["alice@example.com"],
+        &message("traced@test", "x"),
+    );
+    let qid = r.rsplit(' ').next().unwrap().to_string();
+    wait_for("a deferral", T, || {
+        (!gw.events_named("delivery.deferred").is_empty()).then_some(())
+    });
+    assert!(gw.cli(&["queue", "hold", &qid]).0);
+    down.restart();
+    assert!(gw.cli(&["queue", "release", &qid]).0);
+    wait_for("delivery downstream", T, || {
+        (sink.count_containing("traced@test") == 1).then_some(())
+    });
+    // The downstream gateway's own queue ID for the message.
+    let their_id = wait_for("downstream accept", T, || {
+        down.events_named("message.accepted").into_iter().next()
+    })["queue_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    let (ok, out) = wait_for("trace complete", T, || {
+        let (ok, out) = gw.cli(&["trace", "traced@test"]);
+        out.contains("verdict: delivered").then_some((ok, out))
+    });
+    assert!(ok, "{out}");
+    for needle in [
+        format!("queue ID {qid}"),
+        "received from [127.0.0.1] (HELO client.test, no TLS)".to_string(),
+        "routed alice@example.com -> new (address entry".to_string(),
+        "routing version 1".to_string(),
+        "[451]".to_string(),
+        "deferred alice@example.com for new".to_string(),
+        "held alice@example.com: operator hold".to_string(),
+        "released alice@example.com by".to_string(),
+        format!("their queue ID {their_id}"),
+    ] {
+        assert!(out.contains(&needle), "trace lacks `{needle}`:\n{out}");
+    }
+    // The same by queue ID, by recipient, and as JSON.
+    let (_, by_qid) = gw.cli(&["trace", &qid]);
+    assert!(by_qid.contains(&their_id));
+    let (_, by_rcpt) = gw.cli(&["trace", "--rcpt", "alice@example.com", "--since", "1h"]);
+    assert!(by_rcpt.contains(&qid));
+    let (_, js) = gw.cli(&["trace", "<traced@test>", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&js).unwrap();
+    assert_eq!(v[0]["verdict"], "delivered");
+    let (ok, out) = gw.cli(&["trace", "nothing@test"]);
+    assert!(!ok && out.contains("no message found"));
+}
+
+#[test]
+fn metrics_are_exact_after_a_known_workload() {
+    let (po, pn) = (free_port(), free_port());
+    let old = Sink::start(po, &[]);
+    let gw = Gateway::start(po, pn, "", "");
+    let mut c = gw.client();
+    c.greet();
+    for i in 0..25 {
+        assert!(
+            c.mail(
+                "s@outside.test",
+                &["u@example.com"],
+                &message(&format!("met{i}@test"), "x")
+            )
+            .starts_with("250")
+        );
+    }
+    assert!(c.cmd("MAIL FROM:<s@outside.test>").starts_with("250"));
+    for _ in 0..3 {
+        assert!(c.cmd("RCPT TO:<x@elsewhere.test>").starts_with("554"));
+    }
+    wait_for("deliveries", T, || {
+        (old.messages().len() == 25).then_some(())
+    });
+    let text = wait_for("metrics settle", T, || {
+        let (status, text) = gw.admin_get("/metrics");
+        assert_eq!(status, 200);
+        (metric(
+            &text,
+            "godwit_delivery_latency_seconds_count{platform=\"old\"}",
+        ) == Some(25.0))
+        .then_some(text)
+    });
+    assert_eq!(
+        metric(&text, "godwit_messages_accepted_total"),
+        Some(25.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "godwit_deliveries_total{platform=\"old\",outcome=\"delivered\",class=\"2xx\",code=\"2.0.0\"}"
+        ),
+        Some(25.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "godwit_delivery_latency_seconds_bucket{platform=\"old\",le=\"+Inf\"}"
+        ),
+        Some(25.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "godwit_messages_refused_total{stage=\"rcpt\",code=\"5.7.1\"}"
+        ),
+        Some(3.0),
+        "{text}"
+    );
+    assert_eq!(metric(&text, "godwit_queue_messages"), Some(0.0));
+    assert_eq!(
+        metric(&text, "godwit_destination_circuit_open{platform=\"old\"}"),
+        Some(0.0)
+    );
+    assert!(
+        metric(
+            &text,
+            "godwit_destination_concurrency_limit{platform=\"old\"}"
+        )
+        .unwrap()
+            >= 1.0
+    );
+    // Bucket totals are cumulative and end at the count.
+    let buckets: Vec<f64> = text
+        .lines()
+        .filter(|l| l.starts_with("godwit_delivery_latency_seconds_bucket{platform=\"old\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+        .collect();
+    assert!(
+        buckets.windows(2).all(|w| w[0] <= w[1]) && *buckets.last().unwrap() == 25.0,
+        "{buckets:?}"
+    );
+    // A report over the same window agrees.
+    let (ok, rep) = gw.cli(&[
+        "report", "--since", "10m", "--format", "json", "--sample", "3",
+    ]);
+    assert!(ok, "{rep}");
+    let r: serde_json::Value = serde_json::from_str(&rep).unwrap();
+    assert_eq!(r["accepted"], 25);
+    assert_eq!(r["delivered_by_platform"]["old"], 25);
+    assert_eq!(r["refused"], 3);
+    assert_eq!(r["samples"].as_array().unwrap().len(), 3);
+    assert!(
+        r["samples"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s["verdict"] == "delivered")
+    );
+    let (_, md) = gw.cli(&["report", "--since", "10m"]);
+    assert!(md.contains("| old | 25 |"), "{md}");
+}
+
+#[test]
+fn admin_token_is_required_when_set() {
+    let (po, pn) = (free_port(), free_port());
+    let mut gw = Gateway::start(po, pn, "", "");
+    let cfg = std::fs::read_to_string(&gw.config_path)
+        .unwrap()
+        .replace("[admin]\n", "[admin]\ntoken = \"s3cret\"\n");
+    std::fs::write(&gw.config_path, cfg).unwrap();
+    gw.kill9();
+    gw.restart();
+    for path in ["/metrics", "/", "/api/summary", "/api/trace?q=x"] {
+        assert_eq!(gw.admin_get(path).0, 401, "{path} without the token");
+    }
+    assert_eq!(gw.admin_get("/metrics?token=wrong").0, 401);
+    let (status, body) = gw.admin_get("/metrics?token=s3cret");
+    assert_eq!(status, 200);
+    assert!(body.contains("godwit_routing_version"));
+    // Off loopback, the configuration itself refuses to run without a token.
+    let cfg = std::fs::read_to_string(&gw.config_path)
+        .unwrap()
+        .replace("token = \"s3cret\"\n", "")
+        .replace("listen = \"127.0.0.1:", "listen = \"0.0.0.0:");
+    std::fs::write(&gw.config_path, cfg).unwrap();
+    let (ok, out) = gw.cli(&["route", "show", "a@example.com"]);
+    assert!(!ok && out.contains("admin.token"), "{out}");
+}
+
+#[test]
+fn postfix_style_log_is_read_by_pflogsumm() {
+    let (po, pn) = (free_port(), free_port());
+    let old = Sink::start(po, &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("maillog");
+    let gw = Gateway::start(
+        po,
+        pn,
+        "",
+        &format!("[events]\npostfix_log = \"{}\"", log.display()),
+    );
+    gw.route("bob@example.com", "new"); // new is down: deferrals
+    let mut c = gw.client();
+    c.greet();
+    for i in 0..7 {
+        assert!(
+            c.mail(
+                "s@outside.test",
+                &["u@example.com"],
+                &message(&format!("pf{i}@test"), "x")
+            )
+            .starts_with("250")
+        );
+    }
+    assert!(
+        c.mail(
+            "s@outside.test",
+            &["bob@example.com"],
+            &message("pfdefer@test", "x")
+        )
+        .starts_with("250")
+    );
+    wait_for("deliveries", T, || {
+        (old.messages().len() == 7).then_some(())
+    });
+    wait_for("deferral logged", T, || {
+        std::fs::read_to_string(&log)
+            .ok()
+            .filter(|t| t.contains("status=deferred"))
+            .map(|_| ())
+    });
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("status=sent (250"), "{text}");
+    let out = std::process::Command::new("pflogsumm")
+        .args(["--syslog-name=godwit", log.to_str().unwrap()])
+        .output()
+        .expect("pflogsumm (scripts/install-peers installs it)");
+    let summary = String::from_utf8_lossy(&out.stdout);
+    let total = |label: &str| -> u64 {
+        summary
+            .lines()
+            .find(|l| {
+                l.trim_end().ends_with(label)
+                    && l.trim_start()
+                        .chars()
+                        .next()
+                        .is_some_and(|c| c.is_ascii_digit())
+            })
+            .and_then(|l| l.split_whitespace().next()?.parse().ok())
+            .unwrap_or(u64::MAX)
+    };
+    assert_eq!(total("received"), 8, "{summary}");
+    assert_eq!(total("delivered"), 7, "{summary}");
+    assert!(total("deferred") >= 1, "{summary}");
+}
+
+#[test]
+fn dashboard_in_headless_chromium_matches_the_metrics() {
+    let (po, pn) = (free_port(), free_port());
+    let old = Sink::start(po, &[]);
+    let gw = Gateway::start(po, pn, "", "");
+    gw.route("carol@example.com", "new"); // new is down: some mail stays queued
+    let mut c = gw.client();
+    c.greet();
+    for i in 0..12 {
+        assert!(
+            c.mail(
+                "s@outside.test",
+                &["u@example.com"],
+                &message(&format!("dash{i}@test"), "x")
+            )
+            .starts_with("250")
+        );
+    }
+    for i in 0..3 {
+        assert!(
+            c.mail(
+                "s@outside.test",
+                &["carol@example.com"],
+                &message(&format!("dashq{i}@test"), "x")
+            )
+            .starts_with("250")
+        );
+    }
+    wait_for("deliveries", T, || {
+        (old.messages().len() == 12).then_some(())
+    });
+    let (_, text) = wait_for("metrics", T, || {
+        let r = gw.admin_get("/metrics");
+        (metric(&r.1, "godwit_deliveries_total{platform=\"old\",outcome=\"delivered\",class=\"2xx\",code=\"2.0.0\"}") == Some(12.0)).then_some(r)
+    });
+    let profile = tempfile::tempdir().unwrap();
+    let url = format!("http://127.0.0.1:{}/", gw.admin_port);
+    let chromium = |extra: &[&str]| {
+        let mut cmd = std::process::Command::new("chromium");
+        cmd.args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--disable-quic",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .args(["--virtual-time-budget=4000", "--window-size=1400,1200"])
+        .args(extra)
+        .arg(&url);
+        cmd.output()
+            .expect("chromium (scripts/install-peers installs it)")
+    };
+    let dom = String::from_utf8_lossy(&chromium(&["--dump-dom"]).stdout).to_string();
+    assert!(
+        dom.contains("data-loaded=\"1\""),
+        "the page did not load its data:\n{dom}"
+    );
+    let value = |id: &str| -> String {
+        let start = dom
+            .find(&format!("id=\"{id}\""))
+            .unwrap_or_else(|| panic!("no #{id} in the page"));
+        dom[start..]
+            .split('>')
+            .nth(1)
+            .unwrap()
+            .split('<')
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    let accepted = metric(&text, "godwit_messages_accepted_total").unwrap();
+    assert_eq!(value("accepted").parse::<f64>().unwrap(), accepted);
+    assert_eq!(value("delivered-old"), "12");
+    assert_eq!(value("delivered-total"), "12");
+    assert_eq!(value("queue-depth"), "3");
+    assert_eq!(value("routing-version"), "1");
+    assert_eq!(value("circuit-old"), "closed");
+    assert!(
+        dom.contains("route set carol@example.com new"),
+        "recent routing changes missing"
+    );
+    // Keep a screenshot with the test's output.
+    let shot = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard.png");
+    let out = chromium(&[&format!("--screenshot={}", shot.display())]);
+    assert!(
+        shot.exists() && std::fs::metadata(&shot).unwrap().len() > 10_000,
+        "no screenshot: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("dashboard screenshot: {}", shot.display());
+}
