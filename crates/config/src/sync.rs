@@ -91,12 +91,21 @@ impl SyncConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         for (key, server) in [("sync.source", &self.source), ("sync.target", &self.target)] {
             let url = server.url.as_str();
-            let Some(rest) = url.strip_prefix("imaps://").or_else(|| url.strip_prefix("imap://")) else {
-                return Err(invalid(format!("{key}.url"), "must be imap://host[:port] or imaps://host[:port]"));
+            let Some(rest) = url
+                .strip_prefix("imaps://")
+                .or_else(|| url.strip_prefix("imap://"))
+            else {
+                return Err(invalid(
+                    format!("{key}.url"),
+                    "must be imap://host[:port] or imaps://host[:port]",
+                ));
             };
             let host = rest.trim_end_matches('/');
             if host.is_empty() || host.contains(['/', '@', ' ']) {
-                return Err(invalid(format!("{key}.url"), format!("`{url}` has no valid host")));
+                return Err(invalid(
+                    format!("{key}.url"),
+                    format!("`{url}` has no valid host"),
+                ));
             }
             if server.master_user.is_some() != server.master_password.is_some() {
                 return Err(invalid(
@@ -109,7 +118,10 @@ impl SyncConfig {
             return Err(invalid("sync.accounts", "must name the accounts CSV file"));
         }
         if self.max_connections_per_server == 0 {
-            return Err(invalid("sync.max_connections_per_server", "must be at least 1"));
+            return Err(invalid(
+                "sync.max_connections_per_server",
+                "must be at least 1",
+            ));
         }
         if self.parallel_accounts == 0 {
             return Err(invalid("sync.parallel_accounts", "must be at least 1"));
@@ -118,11 +130,17 @@ impl SyncConfig {
             return Err(invalid("sync.fetch_batch", "must be at least 1"));
         }
         if self.max_bytes_per_second == Some(0) {
-            return Err(invalid("sync.max_bytes_per_second", "must be above zero (omit it for no limit)"));
+            return Err(invalid(
+                "sync.max_bytes_per_second",
+                "must be above zero (omit it for no limit)",
+            ));
         }
         for (from, to) in &self.folders {
             if from.is_empty() || to.is_empty() {
-                return Err(invalid(format!("sync.folders.{from}"), "folder names must not be empty"));
+                return Err(invalid(
+                    format!("sync.folders.{from}"),
+                    "folder names must not be empty",
+                ));
             }
         }
         Ok(())
@@ -133,7 +151,8 @@ impl SyncConfig {
 mod tests {
     use crate::Config;
 
-    const BASE: &str = "[domains]\naccepted=[\"example.com\"]\n[platforms.old]\nrelay=[\"127.0.0.1:25\"]\n";
+    const BASE: &str =
+        "[domains]\naccepted=[\"example.com\"]\n[platforms.old]\nrelay=[\"127.0.0.1:25\"]\n";
 
     #[test]
     fn parses_and_validates() {
@@ -153,11 +172,18 @@ mod tests {
     #[test]
     fn errors_name_the_key() {
         let cases = [
-            ("[sync.source]\nurl=\"http://x\"\n[sync.target]\nurl=\"imap://y\"\n", "sync.source.url"),
-            ("[sync]\nmax_connections_per_server=0\n[sync.source]\nurl=\"imap://x\"\n[sync.target]\nurl=\"imap://y\"\n",
-             "sync.max_connections_per_server"),
-            ("[sync.source]\nurl=\"imap://x\"\nmaster_user=\"a\"\n[sync.target]\nurl=\"imap://y\"\n",
-             "sync.source.master_password"),
+            (
+                "[sync.source]\nurl=\"http://x\"\n[sync.target]\nurl=\"imap://y\"\n",
+                "sync.source.url",
+            ),
+            (
+                "[sync]\nmax_connections_per_server=0\n[sync.source]\nurl=\"imap://x\"\n[sync.target]\nurl=\"imap://y\"\n",
+                "sync.max_connections_per_server",
+            ),
+            (
+                "[sync.source]\nurl=\"imap://x\"\nmaster_user=\"a\"\n[sync.target]\nurl=\"imap://y\"\n",
+                "sync.source.master_password",
+            ),
         ];
         for (text, key) in cases {
             let c = Config::parse(&format!("{BASE}{text}")).unwrap();

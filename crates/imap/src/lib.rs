@@ -1,1 +1,2 @@
+pub mod mapping;
 pub mod utf7;
