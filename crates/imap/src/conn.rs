@@ -3,7 +3,7 @@
 //! migration needs (APPEND with LITERAL+ that returns APPENDUID).
 
 use crate::ImapError;
-use crate::limits::{Bandwidth, ServerLimits};
+use crate::limits::{Bandwidth, ConnectionSlot, ServerLimits};
 use async_imap::Session;
 use async_imap::imap_proto::rfc4315::UidSetMember;
 use async_imap::imap_proto::{Response, ResponseCode, Status};
@@ -14,7 +14,6 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::sync::OwnedSemaphorePermit;
 
 #[derive(Debug)]
 pub enum MailStream {
@@ -138,7 +137,7 @@ pub struct Conn {
     caps: HashSet<String>,
     pub server: Server,
     pub bandwidth: Option<Arc<Bandwidth>>,
-    _permit: OwnedSemaphorePermit,
+    _slot: ConnectionSlot,
 }
 
 fn tls_config(insecure: bool) -> Arc<rustls::ClientConfig> {
@@ -222,6 +221,7 @@ pub fn is_throttling(text: &str) -> bool {
         "[limit]",
         "rate limit",
         "too many simultaneous",
+        "maximum number of connections",
     ]
     .iter()
     .any(|p| t.contains(p))
@@ -231,13 +231,7 @@ impl Conn {
     /// Connects and logs in. Waits for a slot under the server's connection cap
     /// first, so the cap holds across all accounts.
     pub async fn open(server: &Server, login: &Login) -> Result<Conn, ImapError> {
-        let permit = server
-            .limits
-            .connections
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("semaphore never closed");
+        let permit = server.limits.connection_slot().await;
         let err = |message: String| ImapError::Connect {
             server: format!("{server:?}"),
             message,
@@ -328,7 +322,7 @@ impl Conn {
             caps,
             server: server.clone(),
             bandwidth,
-            _permit: permit,
+            _slot: permit,
         };
         conn.drain_unsolicited();
         Ok(conn)
@@ -472,9 +466,69 @@ impl Conn {
         }
     }
 
+    /// STATUS (RFC 3501 6.3.10, HIGHESTMODSEQ from RFC 7162 3.1.3). async-imap's
+    /// own `status` drops the answer when the name needed quoting escapes, so
+    /// this reads the one STATUS reply to our command whatever its spelling.
+    pub async fn status(
+        &mut self,
+        mailbox_wire: &str,
+        items: &str,
+    ) -> Result<FolderStatus, ImapError> {
+        use async_imap::imap_proto::{MailboxDatum, StatusAttribute};
+        let tag = self
+            .session
+            .run_command(format!("STATUS {} {items}", quote(mailbox_wire)))
+            .await?;
+        let mut st = FolderStatus::default();
+        loop {
+            let r = tokio::time::timeout(self.server.command_timeout, self.session.read_response())
+                .await
+                .map_err(|_| ImapError::Io("timed out waiting for STATUS".into()))?
+                .map_err(|e| ImapError::Io(e.to_string()))?
+                .ok_or(ImapError::ConnectionLost)?;
+            match r.parsed() {
+                Response::MailboxData(MailboxDatum::Status { status, .. }) => {
+                    for a in status {
+                        match a {
+                            StatusAttribute::Messages(n) => st.messages = *n,
+                            StatusAttribute::UidNext(n) => st.uid_next = *n,
+                            StatusAttribute::UidValidity(n) => st.uid_validity = *n,
+                            StatusAttribute::HighestModSeq(n) => st.highest_modseq = *n,
+                            _ => {}
+                        }
+                    }
+                }
+                Response::Done {
+                    tag: t,
+                    status,
+                    outcome,
+                } if *t == tag => {
+                    let text = outcome.information.as_deref().unwrap_or("").to_string();
+                    return match status {
+                        Status::Ok => Ok(st),
+                        _ if is_throttling(&text) => Err(ImapError::Throttled(text)),
+                        _ => Err(ImapError::Command {
+                            command: format!("STATUS {mailbox_wire}"),
+                            message: text,
+                        }),
+                    };
+                }
+                _ => {}
+            }
+        }
+    }
+
     pub async fn logout(mut self) {
         let _ = tokio::time::timeout(Duration::from_secs(5), self.session.logout()).await;
     }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FolderStatus {
+    pub messages: u32,
+    pub uid_next: u32,
+    pub uid_validity: u32,
+    pub highest_modseq: u64,
 }
 
 pub struct AppendItem<'a> {

@@ -138,7 +138,8 @@ pub async fn list(conn: &mut Conn) -> Result<Listing, ImapError> {
         if separator.is_none() {
             separator = n.delimiter().and_then(|d| d.chars().next());
         }
-        let name = match utf7::decode(n.name()) {
+        let raw = unquote(n.name());
+        let name = match utf7::decode(&raw) {
             Ok(s) => s,
             Err(e) => {
                 notes.push(format!("folder skipped: {e}"));
@@ -161,7 +162,7 @@ pub async fn list(conn: &mut Conn) -> Result<Listing, ImapError> {
                 _ => {}
             }
         }
-        wire.insert(name.clone(), n.name().to_string());
+        wire.insert(name.clone(), raw);
         folders.push(Folder {
             name,
             special,
@@ -182,6 +183,23 @@ pub async fn list(conn: &mut Conn) -> Result<Listing, ImapError> {
         wire,
         notes,
     })
+}
+
+/// imap-proto hands back a quoted mailbox name with its escapes (RFC 3501 4.3:
+/// `\"` and `\\`) still in place; async-imap quotes again on the way out.
+pub fn unquote(name: &str) -> String {
+    let mut out = String::with_capacity(name.len());
+    let mut chars = name.chars();
+    while let Some(c) = chars.next() {
+        if c == '\\' {
+            if let Some(n) = chars.next() {
+                out.push(n);
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// Courier-style servers put every folder under `INBOX.` (RFC 2342 personal
@@ -376,6 +394,7 @@ async fn sync_once(
         if let Some(n) = &pair.note {
             fr.notes.push(n.clone());
         }
+        fr.unchanged = !pair.selectable;
         if pair.selectable {
             let src_wire = src_list.wire_name(&pair.source);
             let tgt_wire = tgt_list.wire_name(&pair.target);
@@ -417,15 +436,17 @@ async fn sync_folder(
     } else {
         "(MESSAGES UIDNEXT UIDVALIDITY)"
     };
-    let status = src
-        .session
-        .status(src_wire, items)
-        .await
-        .map_err(|e| folder_err(&pair.source, "STATUS", e))?;
+    let status = src.status(src_wire, items).await.map_err(|e| match e {
+        ImapError::Command { message, .. } => ImapError::Folder {
+            folder: pair.source.clone(),
+            message: format!("STATUS: {message}"),
+        },
+        other => other,
+    })?;
     src.drain_unsolicited();
-    let validity = status.uid_validity.unwrap_or(0);
-    let modseq = status.highest_modseq.unwrap_or(0);
-    let uidnext = status.uid_next.map(|u| u.to_owned()).unwrap_or(0);
+    let validity = status.uid_validity;
+    let modseq = status.highest_modseq;
+    let uidnext = status.uid_next;
     let prev = state::folder_state(store, address, &pair.source).await?;
     if let Some(p) = &prev {
         // RFC 7162 3.1.2.1: HIGHESTMODSEQ grows with every flag change and
@@ -436,10 +457,17 @@ async fn sync_folder(
             && p.source_uidvalidity == validity
             && p.source_uidnext == uidnext
             && p.source_highestmodseq == modseq
-            && p.source_exists == status.exists
+            && p.source_exists == status.messages
         {
-            fr.unchanged = true;
-            return Ok(());
+            // Deletes left on the target by an earlier run without
+            // --propagate-deletes show up as more rows than source messages.
+            let pending_deletes = opts.propagate_deletes
+                && state::count_messages(store, address, &pair.source, validity).await?
+                    != u64::from(status.messages);
+            if !pending_deletes {
+                fr.unchanged = true;
+                return Ok(());
+            }
         }
     }
 
@@ -725,7 +753,7 @@ async fn sync_folder(
             target_uidvalidity: tvalidity,
             source_uidnext: uidnext,
             source_highestmodseq: modseq,
-            source_exists: status.exists,
+            source_exists: status.messages,
         },
     )
     .await?;

@@ -13,6 +13,23 @@ pub struct ServerLimits {
     /// Current pause before a retry after throttling; doubles per throttling
     /// answer and decays after successes.
     backoff: Mutex<Duration>,
+    in_use: std::sync::atomic::AtomicUsize,
+    peak: std::sync::atomic::AtomicUsize,
+}
+
+/// Held by an open connection; gives its slot back when dropped.
+#[derive(Debug)]
+pub struct ConnectionSlot {
+    limits: Arc<ServerLimits>,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.limits
+            .in_use
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 impl ServerLimits {
@@ -21,7 +38,31 @@ impl ServerLimits {
             connections: Arc::new(Semaphore::new(max_connections.max(1))),
             bandwidth: bytes_per_second.map(|b| Arc::new(Bandwidth::new(b))),
             backoff: Mutex::new(Duration::ZERO),
+            in_use: Default::default(),
+            peak: Default::default(),
         }
+    }
+
+    /// Waits for a free connection slot under the cap.
+    pub async fn connection_slot(self: &Arc<Self>) -> ConnectionSlot {
+        use std::sync::atomic::Ordering::SeqCst;
+        let permit = self
+            .connections
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("semaphore never closed");
+        let now = self.in_use.fetch_add(1, SeqCst) + 1;
+        self.peak.fetch_max(now, SeqCst);
+        ConnectionSlot {
+            limits: self.clone(),
+            _permit: permit,
+        }
+    }
+
+    /// The most connections that were open at once.
+    pub fn peak_connections(&self) -> usize {
+        self.peak.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Called after a throttling answer; returns how long to wait.

@@ -190,6 +190,23 @@ pub async fn messages(
         .collect())
 }
 
+pub async fn count_messages(
+    store: &Store,
+    address: &str,
+    source_folder: &str,
+    uidvalidity: u32,
+) -> Result<u64, sqlx::Error> {
+    let row = sqlx::query(
+        "SELECT COUNT(*) FROM sync_messages WHERE address = $1 AND source_folder = $2 AND source_uidvalidity = $3",
+    )
+    .bind(address)
+    .bind(source_folder)
+    .bind(i64::from(uidvalidity))
+    .fetch_one(&store.pool)
+    .await?;
+    Ok(row.get::<i64, _>(0) as u64)
+}
+
 /// Records rows in one transaction (upsert: a re-pairing replaces the old row).
 pub async fn record_messages(
     store: &Store,
