@@ -436,13 +436,21 @@ async fn sync_folder(
     } else {
         "(MESSAGES UIDNEXT UIDVALIDITY)"
     };
-    let status = src.status(src_wire, items).await.map_err(|e| match e {
+    // Both servers at once: the target's UIDVALIDITY tells whether the
+    // recorded target UIDs still name its messages (RFC 3501 2.3.1.1).
+    let (status, tstatus) = tokio::join!(
+        src.status(src_wire, items),
+        tgt.status(tgt_wire, "(UIDVALIDITY)")
+    );
+    let named = |folder: &str, e: ImapError| match e {
         ImapError::Command { message, .. } => ImapError::Folder {
-            folder: pair.source.clone(),
+            folder: folder.to_string(),
             message: format!("STATUS: {message}"),
         },
         other => other,
-    })?;
+    };
+    let status = status.map_err(|e| named(&pair.source, e))?;
+    let tstatus = tstatus.map_err(|e| named(&pair.target, e))?;
     src.drain_unsolicited();
     let validity = status.uid_validity;
     let modseq = status.highest_modseq;
@@ -458,6 +466,7 @@ async fn sync_folder(
             && p.source_uidnext == uidnext
             && p.source_highestmodseq == modseq
             && p.source_exists == status.messages
+            && p.target_uidvalidity == tstatus.uid_validity
         {
             // Deletes left on the target by an earlier run without
             // --propagate-deletes show up as more rows than source messages.
@@ -576,6 +585,37 @@ async fn sync_folder(
     }
     tgt.drain_unsolicited();
 
+    // Rows whose target message was lost track of: pair again by content, using
+    // the metadata the state kept (no source download needed).
+    let mut repaired_rows = Vec::new();
+    for mut r in stale_target {
+        if let Some(uid) = target_pool
+            .get_mut(&(r.message_id.clone(), r.digest.clone()))
+            .and_then(Vec::pop)
+        {
+            r.target_uid = Some(uid);
+            r.target_uidvalidity = tvalidity;
+            r.target_folder = pair.target.clone();
+            fr.repaired += 1;
+            repaired_rows.push(r);
+        } else {
+            // Gone from the target: forget it so that the next run copies it again.
+            state::forget_messages(
+                store,
+                address,
+                &pair.source,
+                &[(r.source_uidvalidity, r.source_uid)],
+            )
+            .await?;
+            fr.notes.push(format!(
+                "source UID {} no longer on the target; will be copied again",
+                r.source_uid
+            ));
+        }
+    }
+    state::record_messages(store, address, &pair.source, &repaired_rows).await?;
+    current.extend(repaired_rows);
+
     let by_uid: HashMap<u32, MessageRow> =
         current.iter().map(|r| (r.source_uid, r.clone())).collect();
     let new_uids: Vec<u32> = source_flags
@@ -638,37 +678,6 @@ async fn sync_folder(
         drop(stream);
         src.drain_unsolicited();
     }
-
-    // Rows whose target message was lost track of: pair again by content, using
-    // the metadata the state kept (no source download needed).
-    let mut repaired_rows = Vec::new();
-    for mut r in stale_target {
-        if let Some(uid) = target_pool
-            .get_mut(&(r.message_id.clone(), r.digest.clone()))
-            .and_then(Vec::pop)
-        {
-            r.target_uid = Some(uid);
-            r.target_uidvalidity = tvalidity;
-            r.target_folder = pair.target.clone();
-            fr.repaired += 1;
-            repaired_rows.push(r);
-        } else {
-            // Gone from the target: forget it so that the next run copies it again.
-            state::forget_messages(
-                store,
-                address,
-                &pair.source,
-                &[(r.source_uidvalidity, r.source_uid)],
-            )
-            .await?;
-            fr.notes.push(format!(
-                "source UID {} no longer on the target; will be copied again",
-                r.source_uid
-            ));
-        }
-    }
-    state::record_messages(store, address, &pair.source, &repaired_rows).await?;
-    current.extend(repaired_rows);
 
     // Flag changes on the source since the last run (RFC 3501 6.4.6 STORE FLAGS replaces the set).
     let mut by_flags: BTreeMap<String, Vec<u32>> = BTreeMap::new();
