@@ -683,13 +683,13 @@ async fn sync_folder(
     let mut by_flags: BTreeMap<String, Vec<u32>> = BTreeMap::new();
     let mut updated = Vec::new();
     for r in &current {
-        if let (Some(f), Some(tuid)) = (source_flags.get(&r.source_uid), r.target_uid) {
-            if *f != r.flags {
-                by_flags.entry(f.clone()).or_default().push(tuid);
-                let mut u = r.clone();
-                u.flags = f.clone();
-                updated.push(u);
-            }
+        if let (Some(f), Some(tuid)) = (source_flags.get(&r.source_uid), r.target_uid)
+            && *f != r.flags
+        {
+            by_flags.entry(f.clone()).or_default().push(tuid);
+            let mut u = r.clone();
+            u.flags = f.clone();
+            updated.push(u);
         }
     }
     for (flags, mut uids) in by_flags {
@@ -836,28 +836,28 @@ async fn place_batch(
             });
             continue;
         }
-        if let Some(limit) = append_limit {
-            if body.len() as u64 > limit {
-                let reason = format!(
-                    "{} bytes exceeds the target's APPENDLIMIT of {limit}",
-                    body.len()
-                );
-                state::record_skipped(
-                    store,
-                    address,
-                    &pair.source,
-                    validity,
-                    uid,
-                    mid.as_deref(),
-                    &reason,
-                )
-                .await?;
-                fr.skipped.push(format!(
-                    "UID {uid} {}: {reason}",
-                    mid.as_deref().unwrap_or("(no Message-ID)")
-                ));
-                continue;
-            }
+        if let Some(limit) = append_limit
+            && body.len() as u64 > limit
+        {
+            let reason = format!(
+                "{} bytes exceeds the target's APPENDLIMIT of {limit}",
+                body.len()
+            );
+            state::record_skipped(
+                store,
+                address,
+                &pair.source,
+                validity,
+                uid,
+                mid.as_deref(),
+                &reason,
+            )
+            .await?;
+            fr.skipped.push(format!(
+                "UID {uid} {}: {reason}",
+                mid.as_deref().unwrap_or("(no Message-ID)")
+            ));
+            continue;
         }
         items.push(AppendItem {
             flags,

@@ -242,19 +242,19 @@ fn special_folders(side: &Side) -> HashMap<SpecialUse, String> {
             by_attr.entry(u).or_insert_with(|| f.name.clone());
         }
         let parts = components(side, &f.name);
-        if parts.len() == 1 {
-            if let Some(u) = SpecialUse::from_localized_name(&parts[0]) {
-                // Prefer the canonical English name when several localized ones exist.
-                let preferred = SpecialUse::ALL
-                    .iter()
-                    .any(|x| x.localized_names()[0].eq_ignore_ascii_case(&parts[0]));
-                match by_name.get(&u) {
-                    Some((_, true)) => {}
-                    _ if preferred || !by_name.contains_key(&u) => {
-                        by_name.insert(u, (f.name.clone(), preferred));
-                    }
-                    _ => {}
+        if parts.len() == 1
+            && let Some(u) = SpecialUse::from_localized_name(&parts[0])
+        {
+            // Prefer the canonical English name when several localized ones exist.
+            let preferred = SpecialUse::ALL
+                .iter()
+                .any(|x| x.localized_names()[0].eq_ignore_ascii_case(&parts[0]));
+            match by_name.get(&u) {
+                Some((_, true)) => {}
+                _ if preferred || !by_name.contains_key(&u) => {
+                    by_name.insert(u, (f.name.clone(), preferred));
                 }
+                _ => {}
             }
         }
     }

@@ -69,7 +69,11 @@ async fn eight_accounts_through_a_two_connection_source() {
         // max_reconnects = 0: a single refused connection would fail the account.
         assert_eq!((r.error.as_deref(), r.reconnects), (None, 0), "{r:#?}");
         assert_eq!(r.copied(), 12);
-        assert!(v.clean, "{}", godwit_imap::verify::render(&[v.clone()]));
+        assert!(
+            v.clean,
+            "{}",
+            godwit_imap::verify::render(std::slice::from_ref(&v))
+        );
     }
     assert!(
         ep.source.limits.peak_connections() <= 2,

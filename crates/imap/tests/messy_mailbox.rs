@@ -211,7 +211,7 @@ async fn messy_mailbox_copies_exactly_reruns_add_nothing_and_deltas_arrive() {
     assert!(
         check.clean,
         "{}",
-        godwit_imap::verify::render(&[check.clone()])
+        godwit_imap::verify::render(std::slice::from_ref(&check))
     );
     let st = state::account_status(&store, USER).await.unwrap().unwrap();
     assert_eq!(st.status, Status::Verified);
@@ -339,6 +339,6 @@ async fn messy_mailbox_copies_exactly_reruns_add_nothing_and_deltas_arrive() {
     assert!(
         check.clean,
         "{}",
-        godwit_imap::verify::render(&[check.clone()])
+        godwit_imap::verify::render(std::slice::from_ref(&check))
     );
 }

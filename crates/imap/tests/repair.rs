@@ -173,7 +173,7 @@ async fn lost_state_and_uidvalidity_changes_repair_instead_of_copying() {
     assert!(
         check.clean,
         "{}",
-        godwit_imap::verify::render(&[check.clone()])
+        godwit_imap::verify::render(std::slice::from_ref(&check))
     );
     assert_eq!(dump(&mut src).await["Work"], dump(&mut tgt).await["Work"]);
 }
