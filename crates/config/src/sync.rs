@@ -35,6 +35,9 @@ pub struct SyncConfig {
     pub max_bytes_per_second: Option<u64>,
     /// Accounts synced at the same time.
     pub parallel_accounts: usize,
+    /// Folders synced at once per account, each over its own connection pair
+    /// (opened only while max_connections_per_server has room).
+    pub parallel_folders: usize,
     /// Messages per UID FETCH batch.
     pub fetch_batch: usize,
     #[serde(deserialize_with = "de_duration")]
@@ -57,6 +60,7 @@ impl Default for SyncConfig {
             max_connections_per_server: 8,
             max_bytes_per_second: None,
             parallel_accounts: 4,
+            parallel_folders: 4,
             fetch_batch: 200,
             command_timeout: Duration::from_secs(300),
             max_reconnects: 5,
@@ -125,6 +129,9 @@ impl SyncConfig {
         }
         if self.parallel_accounts == 0 {
             return Err(invalid("sync.parallel_accounts", "must be at least 1"));
+        }
+        if self.parallel_folders == 0 {
+            return Err(invalid("sync.parallel_folders", "must be at least 1"));
         }
         if self.fetch_batch == 0 {
             return Err(invalid("sync.fetch_batch", "must be at least 1"));

@@ -114,6 +114,7 @@ pub async fn run_sync(config: &Config, args: &SyncArgs) -> anyhow::Result<i32> {
         propagate_deletes: args.propagate_deletes,
         fetch_batch: sync.fetch_batch,
         max_reconnects: sync.max_reconnects,
+        parallel_folders: sync.parallel_folders,
         ..Default::default()
     };
     let show_progress = !args.no_progress && !args.json && std::io::stderr().is_terminal();

@@ -231,7 +231,21 @@ impl Conn {
     /// Connects and logs in. Waits for a slot under the server's connection cap
     /// first, so the cap holds across all accounts.
     pub async fn open(server: &Server, login: &Login) -> Result<Conn, ImapError> {
-        let permit = server.limits.connection_slot().await;
+        let slot = server.limits.connection_slot().await;
+        Self::open_in(server, login, slot).await
+    }
+
+    /// Like `open`, but only when the server's cap has a free slot right now.
+    pub async fn try_open(server: &Server, login: &Login) -> Option<Result<Conn, ImapError>> {
+        let slot = server.limits.try_connection_slot()?;
+        Some(Self::open_in(server, login, slot).await)
+    }
+
+    async fn open_in(
+        server: &Server,
+        login: &Login,
+        permit: ConnectionSlot,
+    ) -> Result<Conn, ImapError> {
         let err = |message: String| ImapError::Connect {
             server: format!("{server:?}"),
             message,

@@ -48,6 +48,9 @@ pub struct SyncOptions {
     /// Bytes of message data held in memory per account before appending.
     pub max_batch_bytes: usize,
     pub max_reconnects: u32,
+    /// Folders synced at once per account, each over its own connection pair
+    /// (only as far as the per-server caps allow).
+    pub parallel_folders: usize,
 }
 
 impl Default for SyncOptions {
@@ -57,6 +60,7 @@ impl Default for SyncOptions {
             fetch_batch: 200,
             max_batch_bytes: 8 << 20,
             max_reconnects: 5,
+            parallel_folders: 4,
         }
     }
 }
@@ -92,6 +96,8 @@ pub struct AccountReport {
     pub address: String,
     pub folders: Vec<FolderReport>,
     pub reconnects: u32,
+    /// Why each reconnect happened.
+    pub interruptions: Vec<String>,
     pub error: Option<String>,
 }
 
@@ -308,8 +314,10 @@ pub async fn sync_account(
     };
     let _ = state::set_account_status(store, address, state::Status::Seeding, None).await;
     let mut attempt = 0;
+    // Work done by interrupted attempts, added into the final report.
+    let mut carried: Vec<FolderReport> = Vec::new();
     loop {
-        report.folders.clear();
+        carried.append(&mut report.folders);
         match sync_once(
             store,
             ep,
@@ -323,6 +331,7 @@ pub async fn sync_account(
         .await
         {
             Ok(()) => {
+                merge_reports(&mut report.folders, carried);
                 ep.source.limits.succeeded();
                 let _ = state::set_account_status(store, address, state::Status::Ready, None).await;
                 return report;
@@ -330,6 +339,7 @@ pub async fn sync_account(
             Err(e) if e.is_transient() && attempt < opts.max_reconnects => {
                 attempt += 1;
                 report.reconnects = attempt;
+                report.interruptions.push(e.to_string());
                 let wait = match &e {
                     ImapError::Throttled(_) => ep.source.limits.throttled(),
                     _ => std::time::Duration::from_millis(500 * u64::from(attempt)),
@@ -338,6 +348,8 @@ pub async fn sync_account(
                 tokio::time::sleep(wait).await;
             }
             Err(e) => {
+                carried.append(&mut report.folders);
+                report.folders = carried;
                 let text = e.to_string();
                 let _ =
                     state::set_account_status(store, address, state::Status::Seeding, Some(&text))
@@ -345,6 +357,33 @@ pub async fn sync_account(
                 report.error = Some(text);
                 return report;
             }
+        }
+    }
+}
+
+fn merge_reports(into: &mut Vec<FolderReport>, earlier: Vec<FolderReport>) {
+    for e in earlier {
+        match into
+            .iter_mut()
+            .find(|f| f.source == e.source && !e.source.is_empty())
+        {
+            Some(f) => {
+                f.unchanged &= e.unchanged;
+                f.copied += e.copied;
+                f.bytes += e.bytes;
+                f.matched += e.matched;
+                f.repaired += e.repaired;
+                f.flags_updated += e.flags_updated;
+                f.deleted += e.deleted;
+                f.skipped.extend(e.skipped);
+                f.notes.extend(
+                    e.notes
+                        .into_iter()
+                        .filter(|n| !f.notes.contains(n))
+                        .collect::<Vec<_>>(),
+                );
+            }
+            None => into.push(e),
         }
     }
 }
@@ -385,35 +424,78 @@ async fn sync_once(
         tgt_list.side.folders.push(Folder::new(&name));
     }
     tgt.drain_unsolicited();
-    for pair in &pairs {
-        let mut fr = FolderReport {
-            source: pair.source.clone(),
-            target: pair.target.clone(),
-            ..Default::default()
+    // Folders run in parallel over extra connection pairs, opened only where
+    // both servers' caps have room now (never waiting: see try_connection_slot).
+    let mut workers = vec![(src, tgt)];
+    while workers.len() < opts.parallel_folders.max(1) {
+        let Some(s) = Conn::try_open(&ep.source, source).await else {
+            break;
         };
-        if let Some(n) = &pair.note {
-            fr.notes.push(n.clone());
-        }
-        fr.unchanged = !pair.selectable;
-        if pair.selectable {
-            let src_wire = src_list.wire_name(&pair.source);
-            let tgt_wire = tgt_list.wire_name(&pair.target);
-            sync_folder(
-                store, address, &mut src, &mut tgt, pair, &src_wire, &tgt_wire, opts, progress,
-                &mut fr,
-            )
-            .await?;
-        }
-        report.folders.push(fr);
+        let s = s?;
+        let Some(t) = Conn::try_open(&ep.target, target).await else {
+            break;
+        };
+        workers.push((s, t?));
     }
-    for n in src_list.notes {
+    let queue = std::sync::Mutex::new(pairs.iter().collect::<std::collections::VecDeque<_>>());
+    let (src_list, tgt_list) = (&src_list, &tgt_list);
+    let results = futures::future::join_all(workers.into_iter().map(|(mut src, mut tgt)| {
+        let queue = &queue;
+        async move {
+            let mut done = Vec::new();
+            loop {
+                let Some(pair) = queue.lock().unwrap_or_else(|e| e.into_inner()).pop_front() else {
+                    break;
+                };
+                let mut fr = FolderReport {
+                    source: pair.source.clone(),
+                    target: pair.target.clone(),
+                    ..Default::default()
+                };
+                if let Some(n) = &pair.note {
+                    fr.notes.push(n.clone());
+                }
+                fr.unchanged = !pair.selectable;
+                if pair.selectable {
+                    let src_wire = src_list.wire_name(&pair.source);
+                    let tgt_wire = tgt_list.wire_name(&pair.target);
+                    let r = sync_folder(
+                        store, address, &mut src, &mut tgt, pair, &src_wire, &tgt_wire, opts,
+                        progress, &mut fr,
+                    )
+                    .await;
+                    if let Err(e) = r {
+                        // Stop taking folders; the other workers finish theirs.
+                        queue.lock().unwrap_or_else(|e| e.into_inner()).clear();
+                        done.push(fr);
+                        return (done, Some(e));
+                    }
+                }
+                done.push(fr);
+            }
+            src.logout().await;
+            tgt.logout().await;
+            (done, None)
+        }
+    }))
+    .await;
+    let mut first_error = None;
+    for (done, err) in results {
+        report.folders.extend(done);
+        if first_error.is_none() {
+            first_error = err;
+        }
+    }
+    if let Some(e) = first_error {
+        return Err(e);
+    }
+    report.folders.sort_by(|a, b| a.target.cmp(&b.target));
+    for n in src_list.notes.iter().cloned() {
         report.folders.push(FolderReport {
             notes: vec![n],
             ..Default::default()
         });
     }
-    src.logout().await;
-    tgt.logout().await;
     Ok(())
 }
 

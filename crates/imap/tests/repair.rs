@@ -82,7 +82,7 @@ async fn lost_state_and_uidvalidity_changes_repair_instead_of_copying() {
 
     let first = tempfile::tempdir().unwrap();
     let r = run(&store(first.path()).await).await;
-    assert_eq!(r.copied() as usize, total);
+    assert_eq!(r.copied() as usize, total, "{r:#?}");
     let mut tgt = login(target.port, USER).await;
     let before = dump(&mut tgt).await;
     assert_eq!(before["INBOX"].len() + before["Work"].len(), total);
