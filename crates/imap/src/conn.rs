@@ -480,21 +480,28 @@ impl Conn {
         }
     }
 
-    /// STATUS (RFC 3501 6.3.10, HIGHESTMODSEQ from RFC 7162 3.1.3). async-imap's
-    /// own `status` drops the answer when the name needed quoting escapes, so
-    /// this reads the one STATUS reply to our command whatever its spelling.
-    pub async fn status(
+    /// STATUS (RFC 3501 6.3.10, HIGHESTMODSEQ from RFC 7162 3.1.3) for many
+    /// folders in one round trip: all commands are sent, then the replies read
+    /// in order (a server answers pipelined commands in sequence, RFC 3501 5.5).
+    /// async-imap's own `status` also drops the answer when the name needed
+    /// quoting escapes, so the reply is matched by position, not by spelling.
+    pub async fn status_many(
         &mut self,
-        mailbox_wire: &str,
+        mailboxes_wire: &[String],
         items: &str,
-    ) -> Result<FolderStatus, ImapError> {
+    ) -> Result<Vec<Result<FolderStatus, String>>, ImapError> {
         use async_imap::imap_proto::{MailboxDatum, StatusAttribute};
-        let tag = self
-            .session
-            .run_command(format!("STATUS {} {items}", quote(mailbox_wire)))
-            .await?;
+        let mut tags = Vec::with_capacity(mailboxes_wire.len());
+        for m in mailboxes_wire {
+            tags.push(
+                self.session
+                    .run_command(format!("STATUS {} {items}", quote(m)))
+                    .await?,
+            );
+        }
+        let mut out = Vec::with_capacity(tags.len());
         let mut st = FolderStatus::default();
-        loop {
+        while out.len() < tags.len() {
             let r = tokio::time::timeout(self.server.command_timeout, self.session.read_response())
                 .await
                 .map_err(|_| ImapError::Io("timed out waiting for STATUS".into()))?
@@ -513,23 +520,27 @@ impl Conn {
                     }
                 }
                 Response::Done {
-                    tag: t,
+                    tag,
                     status,
                     outcome,
-                } if *t == tag => {
+                } if *tag == tags[out.len()] => {
                     let text = outcome.information.as_deref().unwrap_or("").to_string();
-                    return match status {
-                        Status::Ok => Ok(st),
-                        _ if is_throttling(&text) => Err(ImapError::Throttled(text)),
-                        _ => Err(ImapError::Command {
-                            command: format!("STATUS {mailbox_wire}"),
-                            message: text,
-                        }),
-                    };
+                    out.push(match status {
+                        Status::Ok => Ok(std::mem::take(&mut st)),
+                        _ if is_throttling(&text) => return Err(ImapError::Throttled(text)),
+                        _ => Err(text),
+                    });
+                    st = FolderStatus::default();
                 }
+                Response::Data {
+                    status: Status::Bye,
+                    ..
+                } => return Err(ImapError::ConnectionLost),
                 _ => {}
             }
         }
+        self.drain_unsolicited();
+        Ok(out)
     }
 
     pub async fn logout(mut self) {

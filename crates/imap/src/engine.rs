@@ -18,7 +18,7 @@
 //! them while the target appends) and APPENDs with LITERAL+ (RFC 7888) in
 //! batches, each returning APPENDUID (RFC 4315 3).
 
-use crate::conn::{AppendItem, Conn, Login, Server};
+use crate::conn::{AppendItem, Conn, FolderStatus, Login, Server};
 use crate::mapping::{self, Folder, FolderPair, Side, SpecialUse};
 use crate::state::{self, FolderState, MessageRow};
 use crate::{ImapError, utf7};
@@ -361,6 +361,43 @@ pub async fn sync_account(
     }
 }
 
+/// The CONDSTORE shortcut (RFC 7162 3.1): HIGHESTMODSEQ grows with every flag
+/// change and expunge, so with UIDVALIDITY, UIDNEXT, MESSAGES and HIGHESTMODSEQ
+/// as recorded (and the target's UIDVALIDITY too) nothing happened.
+#[allow(clippy::too_many_arguments)]
+async fn folder_unchanged(
+    store: &Store,
+    address: &str,
+    pair: &FolderPair,
+    prev: Option<&FolderState>,
+    status: &FolderStatus,
+    tstatus: &FolderStatus,
+    condstore: bool,
+    opts: &SyncOptions,
+) -> Result<bool, ImapError> {
+    let Some(p) = prev else { return Ok(false) };
+    let same = condstore
+        && status.highest_modseq > 0
+        && p.target_folder == pair.target
+        && p.source_uidvalidity == status.uid_validity
+        && p.source_uidnext == status.uid_next
+        && p.source_highestmodseq == status.highest_modseq
+        && p.source_exists == status.messages
+        && p.target_uidvalidity == tstatus.uid_validity;
+    if !same {
+        return Ok(false);
+    }
+    // Deletes left on the target by an earlier run without --propagate-deletes
+    // show up as more rows than source messages.
+    if opts.propagate_deletes
+        && state::count_messages(store, address, &pair.source, status.uid_validity).await?
+            != u64::from(status.messages)
+    {
+        return Ok(false);
+    }
+    Ok(true)
+}
+
 fn merge_reports(into: &mut Vec<FolderReport>, earlier: Vec<FolderReport>) {
     for e in earlier {
         match into
@@ -424,10 +461,76 @@ async fn sync_once(
         tgt_list.side.folders.push(Folder::new(&name));
     }
     tgt.drain_unsolicited();
+    // Every folder's STATUS on both servers, each side in one round trip
+    // (both at once): the CONDSTORE shortcut then needs nothing more.
+    let selectable: Vec<&FolderPair> = pairs.iter().filter(|p| p.selectable).collect();
+    let src_names: Vec<String> = selectable
+        .iter()
+        .map(|p| src_list.wire_name(&p.source))
+        .collect();
+    let tgt_names: Vec<String> = selectable
+        .iter()
+        .map(|p| tgt_list.wire_name(&p.target))
+        .collect();
+    let items = if src.has("CONDSTORE") {
+        "(MESSAGES UIDNEXT UIDVALIDITY HIGHESTMODSEQ)"
+    } else {
+        "(MESSAGES UIDNEXT UIDVALIDITY)"
+    };
+    let (ss, ts) = tokio::join!(
+        src.status_many(&src_names, items),
+        tgt.status_many(&tgt_names, "(UIDVALIDITY)")
+    );
+    let (ss, ts) = (ss?, ts?);
+    let mut statuses: HashMap<String, (FolderStatus, FolderStatus)> = HashMap::new();
+    let mut todo: Vec<&FolderPair> = Vec::new();
+    for ((pair, s), t) in selectable.iter().zip(ss).zip(ts) {
+        let s = s.map_err(|m| ImapError::Folder {
+            folder: pair.source.clone(),
+            message: format!("STATUS: {m}"),
+        })?;
+        let t = t.map_err(|m| ImapError::Folder {
+            folder: pair.target.clone(),
+            message: format!("STATUS: {m}"),
+        })?;
+        statuses.insert(pair.source.clone(), (s, t));
+        let prev = state::folder_state(store, address, &pair.source).await?;
+        if !folder_unchanged(
+            store,
+            address,
+            pair,
+            prev.as_ref(),
+            &s,
+            &t,
+            src.has("CONDSTORE"),
+            opts,
+        )
+        .await?
+        {
+            todo.push(pair);
+        }
+    }
+    for pair in pairs
+        .iter()
+        .filter(|p| !todo.iter().any(|t| t.source == p.source))
+    {
+        let mut fr = FolderReport {
+            source: pair.source.clone(),
+            target: pair.target.clone(),
+            unchanged: true,
+            ..Default::default()
+        };
+        if let Some(n) = &pair.note {
+            fr.notes.push(n.clone());
+        }
+        report.folders.push(fr);
+    }
+    let statuses = &statuses;
+
     // Folders run in parallel over extra connection pairs, opened only where
     // both servers' caps have room now (never waiting: see try_connection_slot).
     let mut workers = vec![(src, tgt)];
-    while workers.len() < opts.parallel_folders.max(1) {
+    while workers.len() < opts.parallel_folders.max(1).min(todo.len()) {
         let Some(s) = Conn::try_open(&ep.source, source).await else {
             break;
         };
@@ -437,7 +540,7 @@ async fn sync_once(
         };
         workers.push((s, t?));
     }
-    let queue = std::sync::Mutex::new(pairs.iter().collect::<std::collections::VecDeque<_>>());
+    let queue = std::sync::Mutex::new(todo.into_iter().collect::<std::collections::VecDeque<_>>());
     let (src_list, tgt_list) = (&src_list, &tgt_list);
     let results = futures::future::join_all(workers.into_iter().map(|(mut src, mut tgt)| {
         let queue = &queue;
@@ -460,8 +563,17 @@ async fn sync_once(
                     let src_wire = src_list.wire_name(&pair.source);
                     let tgt_wire = tgt_list.wire_name(&pair.target);
                     let r = sync_folder(
-                        store, address, &mut src, &mut tgt, pair, &src_wire, &tgt_wire, opts,
-                        progress, &mut fr,
+                        store,
+                        address,
+                        &mut src,
+                        &mut tgt,
+                        pair,
+                        &src_wire,
+                        &tgt_wire,
+                        opts,
+                        progress,
+                        &mut fr,
+                        statuses[&pair.source],
                     )
                     .await;
                     if let Err(e) = r {
@@ -511,57 +623,12 @@ async fn sync_folder(
     opts: &SyncOptions,
     progress: &Progress,
     fr: &mut FolderReport,
+    statuses: (FolderStatus, FolderStatus),
 ) -> Result<(), ImapError> {
-    let condstore = src.has("CONDSTORE");
-    let items = if condstore {
-        "(MESSAGES UIDNEXT UIDVALIDITY HIGHESTMODSEQ)"
-    } else {
-        "(MESSAGES UIDNEXT UIDVALIDITY)"
-    };
-    // Both servers at once: the target's UIDVALIDITY tells whether the
-    // recorded target UIDs still name its messages (RFC 3501 2.3.1.1).
-    let (status, tstatus) = tokio::join!(
-        src.status(src_wire, items),
-        tgt.status(tgt_wire, "(UIDVALIDITY)")
-    );
-    let named = |folder: &str, e: ImapError| match e {
-        ImapError::Command { message, .. } => ImapError::Folder {
-            folder: folder.to_string(),
-            message: format!("STATUS: {message}"),
-        },
-        other => other,
-    };
-    let status = status.map_err(|e| named(&pair.source, e))?;
-    let tstatus = tstatus.map_err(|e| named(&pair.target, e))?;
-    src.drain_unsolicited();
+    let (status, _) = statuses;
     let validity = status.uid_validity;
     let modseq = status.highest_modseq;
     let uidnext = status.uid_next;
-    let prev = state::folder_state(store, address, &pair.source).await?;
-    if let Some(p) = &prev {
-        // RFC 7162 3.1.2.1: HIGHESTMODSEQ grows with every flag change and
-        // expunge; with UIDNEXT and MESSAGES unchanged nothing happened.
-        if condstore
-            && modseq > 0
-            && p.target_folder == pair.target
-            && p.source_uidvalidity == validity
-            && p.source_uidnext == uidnext
-            && p.source_highestmodseq == modseq
-            && p.source_exists == status.messages
-            && p.target_uidvalidity == tstatus.uid_validity
-        {
-            // Deletes left on the target by an earlier run without
-            // --propagate-deletes show up as more rows than source messages.
-            let pending_deletes = opts.propagate_deletes
-                && state::count_messages(store, address, &pair.source, validity).await?
-                    != u64::from(status.messages);
-            if !pending_deletes {
-                fr.unchanged = true;
-                return Ok(());
-            }
-        }
-    }
-
     // Source: every UID and its flags. EXAMINE (RFC 3501 6.3.2) never changes the source.
     let sbox = src
         .session
