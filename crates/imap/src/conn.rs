@@ -218,7 +218,6 @@ pub fn is_throttling(text: &str) -> bool {
         "request is throttled",
         "try again later",
         "[unavailable]",
-        "[limit]",
         "rate limit",
         "too many simultaneous",
         "maximum number of connections",

@@ -387,12 +387,12 @@ async fn folder_unchanged(
     if !same {
         return Ok(false);
     }
-    // Deletes left on the target by an earlier run without --propagate-deletes
-    // show up as more rows than source messages.
-    if opts.propagate_deletes
-        && state::count_messages(store, address, &pair.source, status.uid_validity).await?
-            != u64::from(status.messages)
-    {
+    // Fewer rows than source messages: some were skipped (refused by the
+    // target) and are tried again. More rows: deletes left on the target by a
+    // run without --propagate-deletes, which matter only when propagating.
+    let rows = state::count_messages(store, address, &pair.source, status.uid_validity).await?;
+    let messages = u64::from(status.messages);
+    if rows < messages || (opts.propagate_deletes && rows > messages) {
         return Ok(false);
     }
     Ok(true)
