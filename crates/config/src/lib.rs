@@ -5,6 +5,9 @@
 //! falls back to a default. Durations are human-readable ("5m", "1h 30m", "5d");
 //! sizes are "50MB" (decimal: 1 MB = 1,000,000 bytes) or "50MiB" (binary).
 
+mod sync;
+pub use sync::*;
+
 use serde::{Deserialize, Deserializer};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -48,6 +51,7 @@ pub struct Config {
     pub log: LogConfig,
     pub admin: AdminConfig,
     pub events: EventsConfig,
+    pub sync: Option<SyncConfig>,
 }
 
 impl Default for Config {
@@ -64,6 +68,7 @@ impl Default for Config {
             log: LogConfig::default(),
             admin: AdminConfig::default(),
             events: EventsConfig::default(),
+            sync: None,
         }
     }
 }
@@ -517,6 +522,9 @@ impl Config {
         }
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return Err(invalid("log.format", "must be `text` or `json`"));
+        }
+        if let Some(sync) = &self.sync {
+            sync.validate()?;
         }
         Ok(())
     }

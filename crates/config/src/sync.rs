@@ -1,0 +1,202 @@
+//! `[sync]`: IMAP-to-IMAP mailbox sync (`godwit sync`, `godwit verify`).
+//!
+//! ```toml
+//! [sync]
+//! accounts = "accounts.csv"   # address,source_user,source_password,target_user,target_password
+//! max_connections_per_server = 8
+//! max_bytes_per_second = "20MB"
+//! [sync.source]
+//! url = "imap://old-imap.example.com:143"
+//! master_user = "admin"
+//! master_password = "env:GODWIT_SOURCE_MASTER_PASSWORD"
+//! [sync.target]
+//! url = "imaps://outlook.office365.com:993"
+//! [sync.folders]               # explicit mappings override special-use and name rules
+//! "Old Stuff" = "Archive/Old Stuff"
+//! ```
+//!
+//! Every password (in the CSV or here) may be a literal, `env:NAME` or `file:PATH`.
+
+use super::{ConfigError, de_duration, invalid};
+use serde::{Deserialize, Deserializer};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SyncConfig {
+    /// CSV: `address,source_user,source_password,target_user,target_password`.
+    pub accounts: PathBuf,
+    /// Connections to one server, in total across all accounts (protects the source).
+    pub max_connections_per_server: usize,
+    /// Bytes per second read from the source, per server; none means unlimited.
+    #[serde(deserialize_with = "de_opt_size")]
+    pub max_bytes_per_second: Option<u64>,
+    /// Accounts synced at the same time.
+    pub parallel_accounts: usize,
+    /// Folders synced at once per account, each over its own connection pair
+    /// (opened only while max_connections_per_server has room).
+    pub parallel_folders: usize,
+    /// Messages per UID FETCH batch.
+    pub fetch_batch: usize,
+    #[serde(deserialize_with = "de_duration")]
+    pub command_timeout: Duration,
+    /// Reconnect attempts after a dropped connection before the account fails.
+    pub max_reconnects: u32,
+    pub source: SyncServerConfig,
+    pub target: SyncServerConfig,
+    /// Source folder name (Unicode, source separator) → target folder name
+    /// (Unicode, target separator). Overrides special-use and localized names.
+    pub folders: BTreeMap<String, String>,
+    /// Source folders (Unicode) not synced, with their children.
+    pub exclude: Vec<String>,
+}
+
+impl Default for SyncConfig {
+    fn default() -> Self {
+        SyncConfig {
+            accounts: PathBuf::from("accounts.csv"),
+            max_connections_per_server: 8,
+            max_bytes_per_second: None,
+            parallel_accounts: 4,
+            parallel_folders: 4,
+            fetch_batch: 200,
+            command_timeout: Duration::from_secs(300),
+            max_reconnects: 5,
+            source: SyncServerConfig::default(),
+            target: SyncServerConfig::default(),
+            folders: BTreeMap::new(),
+            exclude: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SyncServerConfig {
+    /// `imaps://host:993` (implicit TLS) or `imap://host:143` (STARTTLS when offered).
+    pub url: String,
+    /// Log in as `user*master` (Dovecot style) with the master's password.
+    pub master_user: Option<String>,
+    /// Literal, `env:NAME` or `file:PATH`.
+    pub master_password: Option<String>,
+    /// Accept any certificate (test servers with self-signed certificates).
+    pub tls_insecure: bool,
+    /// Personal namespace prefix such as `INBOX.`; detected when absent.
+    pub namespace_prefix: Option<String>,
+}
+
+fn de_opt_size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    super::de_size(d).map(Some)
+}
+
+impl SyncConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        for (key, server) in [("sync.source", &self.source), ("sync.target", &self.target)] {
+            let url = server.url.as_str();
+            let Some(rest) = url
+                .strip_prefix("imaps://")
+                .or_else(|| url.strip_prefix("imap://"))
+            else {
+                return Err(invalid(
+                    format!("{key}.url"),
+                    "must be imap://host[:port] or imaps://host[:port]",
+                ));
+            };
+            let host = rest.trim_end_matches('/');
+            if host.is_empty() || host.contains(['/', '@', ' ']) {
+                return Err(invalid(
+                    format!("{key}.url"),
+                    format!("`{url}` has no valid host"),
+                ));
+            }
+            if server.master_user.is_some() != server.master_password.is_some() {
+                return Err(invalid(
+                    format!("{key}.master_password"),
+                    "master_user and master_password must be set together",
+                ));
+            }
+        }
+        if self.accounts.as_os_str().is_empty() {
+            return Err(invalid("sync.accounts", "must name the accounts CSV file"));
+        }
+        if self.max_connections_per_server == 0 {
+            return Err(invalid(
+                "sync.max_connections_per_server",
+                "must be at least 1",
+            ));
+        }
+        if self.parallel_accounts == 0 {
+            return Err(invalid("sync.parallel_accounts", "must be at least 1"));
+        }
+        if self.parallel_folders == 0 {
+            return Err(invalid("sync.parallel_folders", "must be at least 1"));
+        }
+        if self.fetch_batch == 0 {
+            return Err(invalid("sync.fetch_batch", "must be at least 1"));
+        }
+        if self.max_bytes_per_second == Some(0) {
+            return Err(invalid(
+                "sync.max_bytes_per_second",
+                "must be above zero (omit it for no limit)",
+            ));
+        }
+        for (from, to) in &self.folders {
+            if from.is_empty() || to.is_empty() {
+                return Err(invalid(
+                    format!("sync.folders.{from}"),
+                    "folder names must not be empty",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::Config;
+
+    const BASE: &str =
+        "[domains]\naccepted=[\"example.com\"]\n[platforms.old]\nrelay=[\"127.0.0.1:25\"]\n";
+
+    #[test]
+    fn parses_and_validates() {
+        let text = format!(
+            "{BASE}[sync]\naccounts=\"a.csv\"\nmax_bytes_per_second=\"20MB\"\n[sync.source]\nurl=\"imap://old:143\"\n\
+             master_user=\"admin\"\nmaster_password=\"env:X\"\n[sync.target]\nurl=\"imaps://new:993\"\n\
+             [sync.folders]\n\"Old\"=\"Archive/Old\"\n"
+        );
+        let c = Config::parse(&text).unwrap();
+        c.validate().unwrap();
+        let s = c.sync.unwrap();
+        assert_eq!(s.max_bytes_per_second, Some(20_000_000));
+        assert_eq!(s.max_connections_per_server, 8);
+        assert_eq!(s.folders["Old"], "Archive/Old");
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let cases = [
+            (
+                "[sync.source]\nurl=\"http://x\"\n[sync.target]\nurl=\"imap://y\"\n",
+                "sync.source.url",
+            ),
+            (
+                "[sync]\nmax_connections_per_server=0\n[sync.source]\nurl=\"imap://x\"\n[sync.target]\nurl=\"imap://y\"\n",
+                "sync.max_connections_per_server",
+            ),
+            (
+                "[sync.source]\nurl=\"imap://x\"\nmaster_user=\"a\"\n[sync.target]\nurl=\"imap://y\"\n",
+                "sync.source.master_password",
+            ),
+        ];
+        for (text, key) in cases {
+            let c = Config::parse(&format!("{BASE}{text}")).unwrap();
+            let err = c.validate().unwrap_err().to_string();
+            assert!(err.contains(key), "{err} should name {key}");
+        }
+        assert!(Config::parse(&format!("{BASE}[sync]\nbogus=1\n")).is_err());
+    }
+}

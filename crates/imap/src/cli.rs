@@ -1,0 +1,296 @@
+//! `godwit sync` and `godwit verify`. The binary parses `--config` and calls
+//! [`run_sync`] / [`run_verify`], which return the process exit code:
+//! 0 only when every selected account verified clean, 1 otherwise.
+
+use crate::accounts::{self, Account, secret};
+use crate::conn::Server;
+use crate::engine::{AccountReport, Endpoints, Progress, SyncOptions, sync_account};
+use crate::limits::ServerLimits;
+use crate::verify::{AccountCheck, render, verify_account};
+use anyhow::Context;
+use godwit_config::{Config, SyncConfig};
+use godwit_store::Store;
+use std::io::IsTerminal;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct SyncArgs {
+    /// Sync only this account (repeatable); all accounts of the CSV when absent.
+    #[arg(long = "mailbox", value_name = "ADDRESS")]
+    pub mailboxes: Vec<String>,
+    /// Expunge on the target the messages expunged from the source since the last run.
+    #[arg(long)]
+    pub propagate_deletes: bool,
+    /// Print the reports as JSON (one document) instead of tables.
+    #[arg(long)]
+    pub json: bool,
+    /// Copy only; do not verify afterwards (the exit code is then 1).
+    #[arg(long)]
+    pub no_verify: bool,
+    /// No progress bars (they are off anyway when stderr is not a terminal).
+    #[arg(long)]
+    pub no_progress: bool,
+}
+
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct VerifyArgs {
+    /// Verify only this account (repeatable).
+    #[arg(long = "mailbox", value_name = "ADDRESS")]
+    pub mailboxes: Vec<String>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn server(
+    cfg: &godwit_config::SyncServerConfig,
+    key: &str,
+    sync: &SyncConfig,
+    bandwidth: Option<u64>,
+) -> anyhow::Result<Server> {
+    let mut s = Server::from_url(&cfg.url).with_context(|| format!("{key}.url"))?;
+    s.tls_insecure = cfg.tls_insecure;
+    s.namespace_prefix = cfg.namespace_prefix.clone();
+    s.command_timeout = sync.command_timeout;
+    s.limits = Arc::new(ServerLimits::new(
+        sync.max_connections_per_server,
+        bandwidth,
+    ));
+    if let (Some(user), Some(pw)) = (&cfg.master_user, &cfg.master_password) {
+        s.master = Some((user.clone(), secret(pw, &format!("{key}.master_password"))?));
+    }
+    Ok(s)
+}
+
+/// Builds the shared endpoints (one connection cap per server, for all accounts).
+pub fn endpoints(sync: &SyncConfig) -> anyhow::Result<Endpoints> {
+    Ok(Endpoints {
+        // The byte rate protects the source, which users are still working on.
+        source: server(&sync.source, "sync.source", sync, sync.max_bytes_per_second)?,
+        target: server(&sync.target, "sync.target", sync, None)?,
+        overrides: sync.folders.clone(),
+        exclude: sync.exclude.clone(),
+    })
+}
+
+fn select(sync: &SyncConfig, wanted: &[String]) -> anyhow::Result<Vec<Account>> {
+    let all = accounts::load(&sync.accounts).context("sync.accounts")?;
+    if wanted.is_empty() {
+        return Ok(all);
+    }
+    let mut out = Vec::new();
+    for w in wanted {
+        let w = w.to_ascii_lowercase();
+        let a = all
+            .iter()
+            .find(|a| a.address == w)
+            .with_context(|| format!("--mailbox {w}: not in {}", sync.accounts.display()))?;
+        out.push(a.clone());
+    }
+    Ok(out)
+}
+
+fn sync_section(config: &Config) -> anyhow::Result<&SyncConfig> {
+    config.sync.as_ref().context(
+        "the configuration has no [sync] section: add [sync], [sync.source] and [sync.target]",
+    )
+}
+
+#[derive(serde::Serialize)]
+struct SyncOutput<'a> {
+    sync: &'a [AccountReport],
+    verify: &'a [AccountCheck],
+}
+
+/// `godwit sync`: copy (or delta), then verify each account.
+pub async fn run_sync(config: &Config, args: &SyncArgs) -> anyhow::Result<i32> {
+    let sync = sync_section(config)?;
+    let ep = Arc::new(endpoints(sync)?);
+    let selected = select(sync, &args.mailboxes)?;
+    let store = Store::open(&config.store_url())
+        .await
+        .context("opening the state store")?;
+    let opts = SyncOptions {
+        propagate_deletes: args.propagate_deletes,
+        fetch_batch: sync.fetch_batch,
+        max_reconnects: sync.max_reconnects,
+        parallel_folders: sync.parallel_folders,
+        ..Default::default()
+    };
+    let show_progress = !args.no_progress && !args.json && std::io::stderr().is_terminal();
+    let bars = indicatif::MultiProgress::with_draw_target(if show_progress {
+        indicatif::ProgressDrawTarget::stderr()
+    } else {
+        indicatif::ProgressDrawTarget::hidden()
+    });
+    let gate = Arc::new(tokio::sync::Semaphore::new(sync.parallel_accounts));
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, account) in selected.into_iter().enumerate() {
+        let (store, ep, opts, gate) = (store.clone(), ep.clone(), opts.clone(), gate.clone());
+        let verify = !args.no_verify;
+        let bar = bars.add(indicatif::ProgressBar::new(0));
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{prefix:30} [{bar:30}] {pos}/{len} msgs {msg} {per_sec} eta {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar.set_prefix(account.address.clone());
+        tasks.spawn(async move {
+            let _slot = gate.acquire_owned().await.expect("never closed");
+            let progress = Arc::new(Progress::default());
+            let ticker = {
+                let (progress, bar) = (progress.clone(), bar.clone());
+                tokio::spawn(async move {
+                    loop {
+                        bar.set_length(progress.messages_total.load(Ordering::Relaxed));
+                        bar.set_position(progress.messages_done.load(Ordering::Relaxed));
+                        bar.set_message(bytesize(progress.bytes_done.load(Ordering::Relaxed)));
+                        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                    }
+                })
+            };
+            let report = sync_account(
+                &store,
+                &ep,
+                &account.address,
+                &account.source,
+                &account.target,
+                &opts,
+                progress,
+            )
+            .await;
+            ticker.abort();
+            bar.finish();
+            let check = if verify && report.error.is_none() {
+                Some(
+                    verify_account(
+                        &store,
+                        &ep,
+                        &account.address,
+                        &account.source,
+                        &account.target,
+                    )
+                    .await,
+                )
+            } else {
+                None
+            };
+            (i, report, check)
+        });
+    }
+    let mut results = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        results.push(r.context("a sync task panicked")?);
+    }
+    results.sort_by_key(|r| r.0);
+    let reports: Vec<AccountReport> = results.iter().map(|r| r.1.clone()).collect();
+    let checks: Vec<AccountCheck> = results
+        .iter()
+        .map(|r| {
+            r.2.clone().unwrap_or_else(|| AccountCheck {
+                address: r.1.address.clone(),
+                clean: false,
+                error: Some(
+                    r.1.error
+                        .clone()
+                        .unwrap_or_else(|| "not verified (--no-verify)".into()),
+                ),
+                ..Default::default()
+            })
+        })
+        .collect();
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&SyncOutput {
+                sync: &reports,
+                verify: &checks
+            })?
+        );
+    } else {
+        for r in &reports {
+            println!("{}", render_sync(r));
+        }
+        print!("{}", render(&checks));
+    }
+    Ok(if checks.iter().all(|c| c.clean) { 0 } else { 1 })
+}
+
+/// `godwit verify`: compare without copying.
+pub async fn run_verify(config: &Config, args: &VerifyArgs) -> anyhow::Result<i32> {
+    let sync = sync_section(config)?;
+    let ep = Arc::new(endpoints(sync)?);
+    let selected = select(sync, &args.mailboxes)?;
+    let store = Store::open(&config.store_url())
+        .await
+        .context("opening the state store")?;
+    let mut tasks = tokio::task::JoinSet::new();
+    let gate = Arc::new(tokio::sync::Semaphore::new(sync.parallel_accounts));
+    for (i, a) in selected.into_iter().enumerate() {
+        let (store, ep, gate) = (store.clone(), ep.clone(), gate.clone());
+        tasks.spawn(async move {
+            let _slot = gate.acquire_owned().await.expect("never closed");
+            (
+                i,
+                verify_account(&store, &ep, &a.address, &a.source, &a.target).await,
+            )
+        });
+    }
+    let mut checks = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        checks.push(r.context("a verify task panicked")?);
+    }
+    checks.sort_by_key(|c| c.0);
+    let checks: Vec<AccountCheck> = checks.into_iter().map(|c| c.1).collect();
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&checks)?);
+    } else {
+        print!("{}", render(&checks));
+    }
+    Ok(if checks.iter().all(|c| c.clean) { 0 } else { 1 })
+}
+
+fn bytesize(n: u64) -> String {
+    match n {
+        n if n >= 1_000_000 => format!("{:.1} MB", n as f64 / 1e6),
+        n if n >= 1_000 => format!("{:.1} kB", n as f64 / 1e3),
+        n => format!("{n} B"),
+    }
+}
+
+pub fn render_sync(r: &AccountReport) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let unchanged = r.folders.iter().filter(|f| f.unchanged).count();
+    let _ = writeln!(
+        s,
+        "{}: {} copied ({}), {} matched, {} re-paired, {} flag updates, {} deleted, {} skipped, {} folders unchanged{}",
+        r.address,
+        r.copied(),
+        bytesize(r.folders.iter().map(|f| f.bytes).sum()),
+        r.folders.iter().map(|f| f.matched).sum::<u64>(),
+        r.folders.iter().map(|f| f.repaired).sum::<u64>(),
+        r.folders.iter().map(|f| f.flags_updated).sum::<u64>(),
+        r.folders.iter().map(|f| f.deleted).sum::<u64>(),
+        r.skipped(),
+        unchanged,
+        if r.reconnects > 0 {
+            format!(", {} reconnects", r.reconnects)
+        } else {
+            String::new()
+        }
+    );
+    if let Some(e) = &r.error {
+        let _ = writeln!(s, "  error: {e}");
+    }
+    for f in &r.folders {
+        for n in &f.notes {
+            let _ = writeln!(s, "  {} -> {}: {n}", f.source, f.target);
+        }
+        for k in &f.skipped {
+            let _ = writeln!(s, "  {} -> {}: skipped {k}", f.source, f.target);
+        }
+    }
+    s
+}

@@ -1,0 +1,577 @@
+//! One authenticated IMAP connection: TCP or TLS, login (optionally as a master
+//! user), capabilities, and the few commands async-imap does not do the way a
+//! migration needs (APPEND with LITERAL+ that returns APPENDUID).
+
+use crate::ImapError;
+use crate::limits::{Bandwidth, ConnectionSlot, ServerLimits};
+use async_imap::Session;
+use async_imap::imap_proto::rfc4315::UidSetMember;
+use async_imap::imap_proto::{Response, ResponseCode, Status};
+use std::collections::HashSet;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+
+#[derive(Debug)]
+pub enum MailStream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for MailStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            MailStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            MailStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for MailStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            MailStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            MailStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            MailStream::Plain(s) => Pin::new(s).poll_flush(cx),
+            MailStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            MailStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            MailStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Security {
+    /// `imaps://`: TLS from the first byte (RFC 8314 3.3).
+    Implicit,
+    /// `imap://`: STARTTLS when the server offers it (RFC 3501 6.2.1).
+    StartTls,
+}
+
+/// Where a server is and how to log in to it. Secrets stay out of Debug.
+#[derive(Clone)]
+pub struct Server {
+    pub host: String,
+    pub port: u16,
+    pub security: Security,
+    pub tls_insecure: bool,
+    pub master: Option<(String, String)>,
+    pub namespace_prefix: Option<String>,
+    pub limits: Arc<ServerLimits>,
+    pub command_timeout: Duration,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.host, self.port)
+    }
+}
+
+impl Server {
+    pub fn from_url(url: &str) -> Result<Server, ImapError> {
+        let (security, rest, default_port) = if let Some(r) = url.strip_prefix("imaps://") {
+            (Security::Implicit, r, 993)
+        } else if let Some(r) = url.strip_prefix("imap://") {
+            (Security::StartTls, r, 143)
+        } else {
+            return Err(ImapError::Config(format!(
+                "`{url}` is not an imap:// or imaps:// URL"
+            )));
+        };
+        let rest = rest.trim_end_matches('/');
+        let (host, port) = match rest.rsplit_once(':') {
+            Some((h, p)) if !h.ends_with(']') || rest.starts_with('[') => (
+                h.trim_matches(['[', ']']).to_string(),
+                p.parse()
+                    .map_err(|_| ImapError::Config(format!("`{url}`: bad port")))?,
+            ),
+            _ => (rest.to_string(), default_port),
+        };
+        Ok(Server {
+            host,
+            port,
+            security,
+            tls_insecure: false,
+            master: None,
+            namespace_prefix: None,
+            limits: Arc::new(ServerLimits::new(8, None)),
+            command_timeout: Duration::from_secs(300),
+        })
+    }
+}
+
+/// Credentials for one mailbox on one server.
+#[derive(Clone)]
+pub struct Login {
+    pub user: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for Login {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} (password hidden)", self.user)
+    }
+}
+
+pub struct Conn {
+    pub session: Session<MailStream>,
+    caps: HashSet<String>,
+    pub server: Server,
+    pub bandwidth: Option<Arc<Bandwidth>>,
+    _slot: ConnectionSlot,
+}
+
+fn tls_config(insecure: bool) -> Arc<rustls::ClientConfig> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("aws-lc-rs supports the default protocol versions");
+    let config = if insecure {
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(NoVerify))
+            .with_no_client_auth()
+    } else {
+        let roots = rustls::RootCertStore {
+            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+        };
+        builder.with_root_certificates(roots).with_no_client_auth()
+    };
+    Arc::new(config)
+}
+
+#[derive(Debug)]
+struct NoVerify;
+impl rustls::client::danger::ServerCertVerifier for NoVerify {
+    fn verify_server_cert(
+        &self,
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+    fn verify_tls13_signature(
+        &self,
+        _: &[u8],
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        rustls::crypto::aws_lc_rs::default_provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+async fn tls(server: &Server, tcp: TcpStream) -> Result<MailStream, ImapError> {
+    let name = rustls::pki_types::ServerName::try_from(server.host.clone()).map_err(|_| {
+        ImapError::Config(format!("`{}` is not a valid TLS server name", server.host))
+    })?;
+    let stream = tokio_rustls::TlsConnector::from(tls_config(server.tls_insecure))
+        .connect(name, tcp)
+        .await
+        .map_err(|e| ImapError::Connect {
+            server: format!("{server:?}"),
+            message: format!("TLS: {e}"),
+        })?;
+    Ok(MailStream::Tls(Box::new(stream)))
+}
+
+/// Throttling answers seen from Exchange Online, Gmail, Dovecot and Courier.
+pub fn is_throttling(text: &str) -> bool {
+    let t = text.to_ascii_lowercase();
+    [
+        "too many connections",
+        "[throttled]",
+        "request is throttled",
+        "try again later",
+        "[unavailable]",
+        "rate limit",
+        "too many simultaneous",
+        "maximum number of connections",
+    ]
+    .iter()
+    .any(|p| t.contains(p))
+}
+
+impl Conn {
+    /// Connects and logs in. Waits for a slot under the server's connection cap
+    /// first, so the cap holds across all accounts.
+    pub async fn open(server: &Server, login: &Login) -> Result<Conn, ImapError> {
+        let slot = server.limits.connection_slot().await;
+        Self::open_in(server, login, slot).await
+    }
+
+    /// Like `open`, but only when the server's cap has a free slot right now.
+    pub async fn try_open(server: &Server, login: &Login) -> Option<Result<Conn, ImapError>> {
+        let slot = server.limits.try_connection_slot()?;
+        Some(Self::open_in(server, login, slot).await)
+    }
+
+    async fn open_in(
+        server: &Server,
+        login: &Login,
+        permit: ConnectionSlot,
+    ) -> Result<Conn, ImapError> {
+        let err = |message: String| ImapError::Connect {
+            server: format!("{server:?}"),
+            message,
+        };
+        let tcp = tokio::time::timeout(
+            Duration::from_secs(30),
+            TcpStream::connect((server.host.as_str(), server.port)),
+        )
+        .await
+        .map_err(|_| err("connect timed out".into()))?
+        .map_err(|e| err(e.to_string()))?;
+        let _ = tcp.set_nodelay(true);
+        let stream = match server.security {
+            Security::Implicit => tls(server, tcp).await?,
+            Security::StartTls => MailStream::Plain(tcp),
+        };
+        let mut client = async_imap::Client::new(stream);
+        let greeting = client
+            .read_response()
+            .await
+            .map_err(|e| err(e.to_string()))?;
+        // RFC 3501 7.1: the greeting may carry the capabilities; most servers send them.
+        let mut starttls = false;
+        if let Some(g) = &greeting {
+            match g.parsed() {
+                Response::Data {
+                    status: Status::Bye,
+                    outcome,
+                } => {
+                    let text = outcome.information.as_deref().unwrap_or("").to_string();
+                    return Err(if is_throttling(&text) {
+                        ImapError::Throttled(text)
+                    } else {
+                        err(format!("BYE {text}"))
+                    });
+                }
+                Response::Data { outcome, .. } => {
+                    if let Some(ResponseCode::Capabilities(c)) = &outcome.code {
+                        starttls = c.iter().any(|c| matches!(c, async_imap::imap_proto::Capability::Atom(a) if a.eq_ignore_ascii_case("STARTTLS")));
+                    }
+                }
+                _ => {}
+            }
+        }
+        if server.security == Security::StartTls && starttls {
+            client
+                .run_command_and_check_ok("STARTTLS", None)
+                .await
+                .map_err(|e| err(format!("STARTTLS: {e}")))?;
+            let MailStream::Plain(tcp) = client.into_inner() else {
+                unreachable!("plain before STARTTLS")
+            };
+            client = async_imap::Client::new(tls(server, tcp).await?);
+        }
+        // Dovecot-style master login: "user*master" with the master's password.
+        let (user, password) = match &server.master {
+            Some((master, master_password)) => (
+                format!("{}*{}", login.user, master),
+                master_password.as_str(),
+            ),
+            None => (login.user.clone(), login.password.as_str()),
+        };
+        let mut session = client.login(&user, password).await.map_err(|(e, _)| {
+            let text = e.to_string();
+            if is_throttling(&text) {
+                ImapError::Throttled(text)
+            } else {
+                ImapError::Login {
+                    server: format!("{server:?}"),
+                    user: login.user.clone(),
+                    message: text,
+                }
+            }
+        })?;
+        let mut caps = HashSet::new();
+        let c = session
+            .capabilities()
+            .await
+            .map_err(|e| err(e.to_string()))?;
+        for cap in c.iter() {
+            if let async_imap::types::Capability::Atom(a) = cap {
+                caps.insert(a.to_ascii_uppercase());
+            }
+        }
+        let bandwidth = server.limits.bandwidth.clone();
+        let mut conn = Conn {
+            session,
+            caps,
+            server: server.clone(),
+            bandwidth,
+            _slot: permit,
+        };
+        conn.drain_unsolicited();
+        Ok(conn)
+    }
+
+    pub fn has(&self, cap: &str) -> bool {
+        self.caps.contains(cap)
+    }
+
+    /// RFC 7889: the largest message the server accepts, when it says.
+    pub fn append_limit(&self) -> Option<u64> {
+        self.caps
+            .iter()
+            .find_map(|c| c.strip_prefix("APPENDLIMIT=").and_then(|n| n.parse().ok()))
+    }
+
+    /// async-imap queues unsolicited responses in a bounded channel; drop them so
+    /// it never fills.
+    pub fn drain_unsolicited(&mut self) {
+        while self.session.unsolicited_responses.try_recv().is_ok() {}
+    }
+
+    /// Appends messages with LITERAL+ (RFC 7888) so that a batch costs one round
+    /// trip, and returns per message the target UID from APPENDUID (RFC 4315 3),
+    /// or the server's refusal text.
+    pub async fn append_batch(
+        &mut self,
+        mailbox_wire: &str,
+        messages: &[AppendItem<'_>],
+    ) -> Result<Vec<Result<Option<(u32, u32)>, String>>, ImapError> {
+        let literal_plus = self.has("LITERAL+");
+        let mbox = quote(mailbox_wire);
+        let mut tags = Vec::with_capacity(messages.len());
+        let mut out = Vec::with_capacity(messages.len());
+        let io = |e: std::io::Error| ImapError::Io(e.to_string());
+        for m in messages {
+            let date = m
+                .internal_date
+                .as_ref()
+                .map(|d| format!(" \"{d}\""))
+                .unwrap_or_default();
+            let cmd = format!(
+                "APPEND {mbox} ({}){date} {{{}{}}}",
+                m.flags.join(" "),
+                m.body.len(),
+                if literal_plus { "+" } else { "" }
+            );
+            let tag = self
+                .session
+                .run_command(&cmd)
+                .await
+                .map_err(|e| ImapError::Io(e.to_string()))?;
+            if !literal_plus {
+                // RFC 3501 7.5: wait for the continuation before sending the literal.
+                loop {
+                    let r = self
+                        .session
+                        .read_response()
+                        .await
+                        .map_err(io)?
+                        .ok_or(ImapError::ConnectionLost)?;
+                    match r.parsed() {
+                        Response::Continue { .. } => break,
+                        Response::Done {
+                            status, outcome, ..
+                        } => {
+                            return Err(ImapError::Command {
+                                command: "APPEND".into(),
+                                message: format!(
+                                    "{status:?} {}",
+                                    outcome.information.as_deref().unwrap_or("")
+                                ),
+                            });
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            let stream = self.session.get_mut();
+            stream.write_all(m.body).await.map_err(io)?;
+            stream.write_all(b"\r\n").await.map_err(io)?;
+            if literal_plus {
+                tags.push(tag);
+            } else {
+                stream.flush().await.map_err(io)?;
+                out.push(self.read_done(&tag).await?);
+            }
+        }
+        self.session.get_mut().flush().await.map_err(io)?;
+        for tag in &tags {
+            out.push(self.read_done(tag).await?);
+        }
+        self.drain_unsolicited();
+        Ok(out)
+    }
+
+    async fn read_done(
+        &mut self,
+        tag: &async_imap::imap_proto::RequestId,
+    ) -> Result<Result<Option<(u32, u32)>, String>, ImapError> {
+        loop {
+            let r = tokio::time::timeout(self.server.command_timeout, self.session.read_response())
+                .await
+                .map_err(|_| ImapError::Io("timed out waiting for the server".into()))?
+                .map_err(|e| ImapError::Io(e.to_string()))?
+                .ok_or(ImapError::ConnectionLost)?;
+            match r.parsed() {
+                Response::Done {
+                    tag: t,
+                    status,
+                    outcome,
+                } if t == tag => {
+                    let text = outcome.information.as_deref().unwrap_or("").to_string();
+                    return match status {
+                        Status::Ok => Ok(Ok(match &outcome.code {
+                            Some(ResponseCode::AppendUid(validity, uids)) => match uids.first() {
+                                Some(UidSetMember::Uid(u)) => Some((*validity, *u)),
+                                Some(UidSetMember::UidRange(r)) => Some((*validity, *r.start())),
+                                None => None,
+                            },
+                            _ => None,
+                        })),
+                        _ if is_throttling(&text) => Err(ImapError::Throttled(text)),
+                        Status::Bye => Err(ImapError::ConnectionLost),
+                        _ => Ok(Err(format!("{status:?} {text}"))),
+                    };
+                }
+                Response::Data {
+                    status: Status::Bye,
+                    outcome,
+                } => {
+                    let text = outcome.information.as_deref().unwrap_or("").to_string();
+                    return Err(if is_throttling(&text) {
+                        ImapError::Throttled(text)
+                    } else {
+                        ImapError::ConnectionLost
+                    });
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// STATUS (RFC 3501 6.3.10, HIGHESTMODSEQ from RFC 7162 3.1.3) for many
+    /// folders in one round trip: all commands are sent, then the replies read
+    /// in order (a server answers pipelined commands in sequence, RFC 3501 5.5).
+    /// async-imap's own `status` also drops the answer when the name needed
+    /// quoting escapes, so the reply is matched by position, not by spelling.
+    pub async fn status_many(
+        &mut self,
+        mailboxes_wire: &[String],
+        items: &str,
+    ) -> Result<Vec<Result<FolderStatus, String>>, ImapError> {
+        use async_imap::imap_proto::{MailboxDatum, StatusAttribute};
+        let mut tags = Vec::with_capacity(mailboxes_wire.len());
+        for m in mailboxes_wire {
+            tags.push(
+                self.session
+                    .run_command(format!("STATUS {} {items}", quote(m)))
+                    .await?,
+            );
+        }
+        let mut out = Vec::with_capacity(tags.len());
+        let mut st = FolderStatus::default();
+        while out.len() < tags.len() {
+            let r = tokio::time::timeout(self.server.command_timeout, self.session.read_response())
+                .await
+                .map_err(|_| ImapError::Io("timed out waiting for STATUS".into()))?
+                .map_err(|e| ImapError::Io(e.to_string()))?
+                .ok_or(ImapError::ConnectionLost)?;
+            match r.parsed() {
+                Response::MailboxData(MailboxDatum::Status { status, .. }) => {
+                    for a in status {
+                        match a {
+                            StatusAttribute::Messages(n) => st.messages = *n,
+                            StatusAttribute::UidNext(n) => st.uid_next = *n,
+                            StatusAttribute::UidValidity(n) => st.uid_validity = *n,
+                            StatusAttribute::HighestModSeq(n) => st.highest_modseq = *n,
+                            _ => {}
+                        }
+                    }
+                }
+                Response::Done {
+                    tag,
+                    status,
+                    outcome,
+                } if *tag == tags[out.len()] => {
+                    let text = outcome.information.as_deref().unwrap_or("").to_string();
+                    out.push(match status {
+                        Status::Ok => Ok(std::mem::take(&mut st)),
+                        _ if is_throttling(&text) => return Err(ImapError::Throttled(text)),
+                        _ => Err(text),
+                    });
+                    st = FolderStatus::default();
+                }
+                Response::Data {
+                    status: Status::Bye,
+                    ..
+                } => return Err(ImapError::ConnectionLost),
+                _ => {}
+            }
+        }
+        self.drain_unsolicited();
+        Ok(out)
+    }
+
+    pub async fn logout(mut self) {
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.session.logout()).await;
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FolderStatus {
+    pub messages: u32,
+    pub uid_next: u32,
+    pub uid_validity: u32,
+    pub highest_modseq: u64,
+}
+
+pub struct AppendItem<'a> {
+    pub flags: Vec<String>,
+    /// RFC 3501 9 date-time: "dd-Mon-yyyy hh:mm:ss +zzzz".
+    pub internal_date: Option<String>,
+    pub body: &'a [u8],
+}
+
+/// An IMAP quoted string (RFC 3501 4.3).
+pub fn quote(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        if c == '"' || c == '\\' {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('"');
+    out
+}

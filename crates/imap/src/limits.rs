@@ -1,0 +1,156 @@
+//! Protecting a server: a connection cap shared by every account, a byte rate,
+//! and an adaptive pause after the server says it is throttling us.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::Semaphore;
+
+#[derive(Debug)]
+pub struct ServerLimits {
+    /// One permit per open connection, across all accounts.
+    pub connections: Arc<Semaphore>,
+    pub bandwidth: Option<Arc<Bandwidth>>,
+    /// Current pause before a retry after throttling; doubles per throttling
+    /// answer and decays after successes.
+    backoff: Mutex<Duration>,
+    in_use: std::sync::atomic::AtomicUsize,
+    peak: std::sync::atomic::AtomicUsize,
+}
+
+/// Held by an open connection; gives its slot back when dropped.
+#[derive(Debug)]
+pub struct ConnectionSlot {
+    limits: Arc<ServerLimits>,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.limits
+            .in_use
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl ServerLimits {
+    pub fn new(max_connections: usize, bytes_per_second: Option<u64>) -> ServerLimits {
+        ServerLimits {
+            connections: Arc::new(Semaphore::new(max_connections.max(1))),
+            bandwidth: bytes_per_second.map(|b| Arc::new(Bandwidth::new(b))),
+            backoff: Mutex::new(Duration::ZERO),
+            in_use: Default::default(),
+            peak: Default::default(),
+        }
+    }
+
+    /// Waits for a free connection slot under the cap.
+    pub async fn connection_slot(self: &Arc<Self>) -> ConnectionSlot {
+        use std::sync::atomic::Ordering::SeqCst;
+        let permit = self
+            .connections
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("semaphore never closed");
+        let now = self.in_use.fetch_add(1, SeqCst) + 1;
+        self.peak.fetch_max(now, SeqCst);
+        ConnectionSlot {
+            limits: self.clone(),
+            _permit: permit,
+        }
+    }
+
+    /// A slot only if one is free now: extra connections for parallel folders
+    /// must never wait, or accounts holding their first connections could
+    /// wait on each other forever.
+    pub fn try_connection_slot(self: &Arc<Self>) -> Option<ConnectionSlot> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let permit = self.connections.clone().try_acquire_owned().ok()?;
+        let now = self.in_use.fetch_add(1, SeqCst) + 1;
+        self.peak.fetch_max(now, SeqCst);
+        Some(ConnectionSlot {
+            limits: self.clone(),
+            _permit: permit,
+        })
+    }
+
+    /// The most connections that were open at once.
+    pub fn peak_connections(&self) -> usize {
+        self.peak.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Called after a throttling answer; returns how long to wait.
+    pub fn throttled(&self) -> Duration {
+        let mut b = self.backoff.lock().unwrap_or_else(|e| e.into_inner());
+        *b = (*b * 2).clamp(Duration::from_millis(500), Duration::from_secs(120));
+        *b
+    }
+
+    pub fn succeeded(&self) {
+        let mut b = self.backoff.lock().unwrap_or_else(|e| e.into_inner());
+        *b /= 2;
+    }
+}
+
+/// A token bucket holding at most one second of bytes.
+#[derive(Debug)]
+pub struct Bandwidth {
+    rate: u64,
+    state: tokio::sync::Mutex<(f64, Instant)>,
+}
+
+impl Bandwidth {
+    pub fn new(rate: u64) -> Bandwidth {
+        Bandwidth {
+            rate,
+            state: tokio::sync::Mutex::new((rate as f64, Instant::now())),
+        }
+    }
+
+    /// Waits until `bytes` may be read.
+    pub async fn consume(&self, bytes: u64) {
+        let mut s = self.state.lock().await;
+        let now = Instant::now();
+        let refill = now.duration_since(s.1).as_secs_f64() * self.rate as f64;
+        s.0 = (s.0 + refill).min(self.rate as f64);
+        s.1 = now;
+        s.0 -= bytes as f64;
+        if s.0 < 0.0 {
+            // Hold the lock while sleeping so other readers queue behind the debt.
+            let wait = Duration::from_secs_f64(-s.0 / self.rate as f64);
+            tokio::time::sleep(wait).await;
+            s.0 = 0.0;
+            s.1 = Instant::now();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn bandwidth_limits_the_rate() {
+        let b = Bandwidth::new(100_000);
+        let start = Instant::now();
+        for _ in 0..5 {
+            b.consume(50_000).await;
+        }
+        // 250 kB at 100 kB/s with a 100 kB burst: at least 1.5 s.
+        assert!(
+            start.elapsed() >= Duration::from_millis(1400),
+            "{:?}",
+            start.elapsed()
+        );
+    }
+
+    #[test]
+    fn backoff_grows_and_decays() {
+        let l = ServerLimits::new(2, None);
+        let a = l.throttled();
+        let b = l.throttled();
+        assert!(b > a);
+        l.succeeded();
+        assert!(l.throttled() <= b);
+    }
+}

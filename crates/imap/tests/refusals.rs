@@ -1,0 +1,94 @@
+//! A message the target will not take (over its size limit) is reported by
+//! folder and Message-ID, never silently dropped, and verify is not clean.
+
+mod common;
+
+use common::*;
+use godwit_imap::engine::{SyncOptions, sync_account};
+use godwit_imap::verify::verify_account;
+use std::sync::Arc;
+
+const USER: &str = "dave@example.com";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_message_is_reported_not_dropped() {
+    let source = Dovecot::start(Flavor::Source, &[USER]);
+    let quota = "mail_plugins = $mail_plugins quota\nplugin {\n  quota = count:User quota\n  quota_vsizes = yes\n  quota_rule = *:storage=1G\n  quota_max_mail_size = 1M\n}\n";
+    let target = Dovecot::start_with(Flavor::Exchange, &[USER], quota);
+    let mut src = login(source.port, USER).await;
+    append(
+        &mut src,
+        "INBOX",
+        "(\\Seen)",
+        "01-Jan-2020 00:00:00 +0000",
+        &message(Some("<small1@x>"), "s", "small"),
+    )
+    .await;
+    append(
+        &mut src,
+        "INBOX",
+        "(\\Seen)",
+        "01-Jan-2020 00:00:00 +0000",
+        &with_attachment("<huge@x>", 1_200_000),
+    )
+    .await;
+    append(
+        &mut src,
+        "INBOX",
+        "()",
+        "01-Jan-2020 00:00:00 +0000",
+        &message(Some("<small2@x>"), "s", "small two"),
+    )
+    .await;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let store = store(tmp.path()).await;
+    let ep = endpoints(&source, &target, 4);
+    let opts = SyncOptions::default();
+    for run in 0..2 {
+        let r = sync_account(
+            &store,
+            &ep,
+            USER,
+            &login_of(USER),
+            &login_of(USER),
+            &opts,
+            Arc::new(Default::default()),
+        )
+        .await;
+        assert_eq!(r.error, None, "{r:#?} {}", target.log());
+        let inbox = r.folders.iter().find(|f| f.source == "INBOX").unwrap();
+        assert_eq!(inbox.copied, if run == 0 { 2 } else { 0 }, "{inbox:#?}");
+        assert_eq!(inbox.skipped.len(), 1, "{inbox:#?}");
+        assert!(inbox.skipped[0].contains("<huge@x>"), "{inbox:#?}");
+        let rendered = godwit_imap::cli::render_sync(&r);
+        assert!(
+            rendered.contains("INBOX -> INBOX: skipped") && rendered.contains("<huge@x>"),
+            "{rendered}"
+        );
+    }
+    let mut tgt = login(target.port, USER).await;
+    assert_eq!(count(&mut tgt, "INBOX").await, 2);
+
+    let check = verify_account(&store, &ep, USER, &login_of(USER), &login_of(USER)).await;
+    assert!(!check.clean);
+    let inbox = check.folders.iter().find(|f| f.source == "INBOX").unwrap();
+    assert_eq!(inbox.missing_on_target, vec!["<huge@x>"]);
+    assert_eq!(inbox.skipped.len(), 1);
+    assert_eq!(inbox.skipped[0].message_id.as_deref(), Some("<huge@x>"));
+    let table = godwit_imap::verify::render(std::slice::from_ref(&check));
+    assert!(
+        table.contains("NOT clean") && table.contains("skipped UID"),
+        "{table}"
+    );
+    let json = serde_json::to_value(&check).unwrap();
+    assert_eq!(
+        json["folders"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["source"] == "INBOX")
+            .unwrap()["skipped"][0]["message_id"],
+        "<huge@x>"
+    );
+}
