@@ -49,6 +49,11 @@ enum Command {
         #[command(subcommand)]
         command: QueueCommand,
     },
+    /// Copy mailboxes IMAP to IMAP (pre-seed, then deltas); exits 0 only when
+    /// every account verified clean.
+    Sync(godwit_imap::cli::SyncArgs),
+    /// Compare source and target mailboxes without copying.
+    Verify(godwit_imap::cli::VerifyArgs),
     /// The chain of custody of a message: by Message-ID, queue ID, or
     /// recipient and time window.
     Trace {
@@ -190,6 +195,8 @@ async fn run(cli: Cli) -> Result<i32> {
         Command::Serve => serve(config).await,
         Command::Route { command } => route(config, command).await,
         Command::Queue { command } => queue(config, command).await,
+        Command::Sync(args) => godwit_imap::cli::run_sync(&config, &args).await,
+        Command::Verify(args) => godwit_imap::cli::run_verify(&config, &args).await,
         Command::Trace {
             key,
             rcpt,
