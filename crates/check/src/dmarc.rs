@@ -121,8 +121,9 @@ fn analyze_record(domain: &str, subject: &str, text: &str) -> Vec<Finding> {
         if u.is_empty() {
             "none".to_string()
         } else {
+            // mail-auth keeps only the address of a mailto: URI (RFC 7489 6.2).
             u.iter()
-                .map(|u| u.uri().to_string())
+                .map(|u| format!("mailto:{}", u.uri()))
                 .collect::<Vec<_>>()
                 .join(", ")
         }

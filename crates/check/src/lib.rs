@@ -7,6 +7,7 @@
 
 pub mod dkim;
 pub mod dmarc;
+pub mod dns;
 pub mod finding;
 pub mod mx;
 pub mod policy;

@@ -32,6 +32,47 @@ pub enum Answer<T> {
     NotQueried,
 }
 
+/// mail-auth's parser is lenient where receivers are not: it skips unknown
+/// mechanisms and accepts out-of-range addresses and prefixes. RFC 7208 4.6.1
+/// and 5.6 make those a permerror at the receiver, so the raw mechanism tokens
+/// are checked here as well. Returns the first offending token.
+pub fn strict_token_error(record: &str) -> Option<String> {
+    for token in record.split_ascii_whitespace().skip(1) {
+        let (eq, colon) = (token.find('='), token.find(':'));
+        if matches!((eq, colon), (Some(e), c) if c.is_none_or(|c| e < c)) {
+            continue; // a modifier (redirect=, exp=, or an unknown one, which is allowed)
+        }
+        let body = token.trim_start_matches(['+', '-', '~', '?']);
+        let name_end = body.find([':', '/']).unwrap_or(body.len());
+        let (name, rest) = body.split_at(name_end);
+        let name = name.to_ascii_lowercase();
+        let bad = match name.as_str() {
+            "all" | "include" | "a" | "mx" | "ptr" | "exists" => false,
+            "ip4" => {
+                let (addr, prefix) = rest
+                    .trim_start_matches(':')
+                    .split_once('/')
+                    .unwrap_or((rest.trim_start_matches(':'), "32"));
+                addr.parse::<std::net::Ipv4Addr>().is_err()
+                    || prefix.parse::<u8>().map_or(true, |p| p > 32)
+            }
+            "ip6" => {
+                let (addr, prefix) = rest
+                    .trim_start_matches(':')
+                    .split_once('/')
+                    .unwrap_or((rest.trim_start_matches(':'), "128"));
+                addr.parse::<std::net::Ipv6Addr>().is_err()
+                    || prefix.parse::<u8>().map_or(true, |p| p > 128)
+            }
+            _ => true,
+        };
+        if bad {
+            return Some(format!("invalid mechanism {token} (RFC 7208 4.6.1, 5.6)"));
+        }
+    }
+    None
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SpfNode {
     pub domain: String,
@@ -1111,6 +1152,28 @@ mod tests {
         assert_eq!(ns[1].severity, Severity::Block);
         assert!(ns[1].meaning.contains("silent deliverability failures"));
         assert_eq!(ns[2].severity, Severity::Warn);
+    }
+
+    #[test]
+    fn strict_tokens() {
+        let cases = [
+            ("v=spf1 ip4:192.0.2.1 include:_spf.example.com ~all", None),
+            (
+                "v=spf1 ip4:192.0.2.0/24 ip6:2001:db8::/32 a mx/24 redirect=_spf.example.com",
+                None,
+            ),
+            ("v=spf1 ip4:192.0.2.300 -all", Some("ip4:192.0.2.300")),
+            ("v=spf1 includ:foo.example -all", Some("includ:foo.example")),
+            ("v=spf1 ip4:192.0.2.1/33 -all", Some("ip4:192.0.2.1/33")),
+            ("v=spf1 ip6:2001:db8::/129 -all", Some("ip6:2001:db8::/129")),
+        ];
+        for (record, bad) in cases {
+            let got = strict_token_error(record);
+            assert_eq!(got.is_some(), bad.is_some(), "{record}: {got:?}");
+            if let (Some(g), Some(b)) = (got, bad) {
+                assert!(g.contains(b), "{g}");
+            }
+        }
     }
 
     #[test]
