@@ -5,12 +5,14 @@
 //! what was observed and return `Finding`s. The probes (`dns`, `smtp`, `imap`) do
 //! the I/O and nothing else.
 
+pub mod cert;
 pub mod dkim;
 pub mod dmarc;
 pub mod dns;
 pub mod finding;
 pub mod mx;
 pub mod policy;
+pub mod smtp;
 pub mod spf;
 
 pub use finding::{Contract, Finding, Report, Severity};
