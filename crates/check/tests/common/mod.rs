@@ -131,3 +131,212 @@ pub fn rsa_public_key_b64(dir: &Path, bits: u32) -> String {
         .filter(|l| !l.starts_with("-----"))
         .collect()
 }
+
+/// A private Postfix instance (its own config, queue and log under `dir`) with
+/// one smtpd per entry of `services`: `(port, extra -o options)`. Mail for
+/// example.com is accepted and discarded; other domains are relay-denied,
+/// because 127.0.0.1 is deliberately outside mynetworks.
+pub struct Postfix {
+    pub dir: std::path::PathBuf,
+}
+
+impl Postfix {
+    pub fn start(dir: &Path, services: &[(u16, Vec<String>)]) -> Postfix {
+        use std::os::unix::fs::PermissionsExt;
+        // Postfix's daemons run as user postfix and must reach the queue.
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let d = dir.display();
+        for sub in ["etc", "queue", "data"] {
+            std::fs::create_dir_all(dir.join(sub)).unwrap();
+        }
+        let chown = Command::new("chown")
+            .arg("postfix")
+            .arg(dir.join("data"))
+            .status()
+            .unwrap();
+        assert!(chown.success(), "chown postfix (is Postfix installed?)");
+        std::fs::write(
+            dir.join("etc/main.cf"),
+            format!(
+                "compatibility_level = 3.6
+queue_directory = {d}/queue
+data_directory = {d}/data
+command_directory = /usr/sbin
+daemon_directory = /usr/lib/postfix/sbin
+meta_directory = /etc/postfix
+shlib_directory = /usr/lib/postfix
+mail_owner = postfix
+setgid_group = postdrop
+myhostname = mx.test.example
+mydomain = test.example
+myorigin = test.example
+inet_interfaces = 127.0.0.1
+inet_protocols = ipv4
+mydestination =
+mynetworks = 192.0.2.0/24
+relay_domains = example.com
+relay_transport = discard:
+default_transport = discard:
+local_transport = discard:
+smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination
+smtpd_tls_security_level = may
+maillog_file_prefixes = /var, /dev/stdout, /tmp
+maillog_file = {d}/maillog
+alias_maps =
+alias_database =
+biff = no
+"
+            ),
+        )
+        .unwrap();
+        // Debian's service table, with nothing chrooted (the chroot would lack
+        // our files) and our smtpd listeners instead of port 25.
+        let dist = std::fs::read_to_string("/usr/share/postfix/master.cf.dist").unwrap();
+        let mut master = String::new();
+        for line in dist
+            .lines()
+            .filter(|l| l.starts_with(|c: char| c.is_ascii_lowercase()))
+        {
+            let mut f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() < 8 || (f[0] == "smtp" && f[1] == "inet") || f[7] == "pipe" {
+                continue;
+            }
+            if f[4] == "y" {
+                f[4] = "n";
+            }
+            master.push_str(&f.join(" "));
+            master.push('\n');
+        }
+        for (port, opts) in services {
+            master.push_str(&format!("127.0.0.1:{port} inet n - n - - smtpd\n"));
+            for o in opts {
+                master.push_str(&format!("  -o {o}\n"));
+            }
+        }
+        std::fs::write(dir.join("etc/master.cf"), master).unwrap();
+        let pf = Postfix {
+            dir: dir.to_path_buf(),
+        };
+        let out = Command::new("postfix")
+            .arg("-c")
+            .arg(dir.join("etc"))
+            .arg("start")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "postfix start failed: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            std::fs::read_to_string(dir.join("maillog")).unwrap_or_default()
+        );
+        for (port, _) in services {
+            wait_for_port(*port, "postfix smtpd");
+        }
+        pf
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("maillog")).unwrap_or_default()
+    }
+
+    /// Waits until the log contains `needle` (postlogd writes asynchronously).
+    pub fn wait_log(&self, needle: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let log = self.log();
+            if log.contains(needle) || Instant::now() > deadline {
+                return log;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Postfix {
+    fn drop(&mut self) {
+        let _ = Command::new("postfix")
+            .arg("-c")
+            .arg(self.dir.join("etc"))
+            .arg("stop")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        // `postfix stop` only signals the master: wait for it to go, so the
+        // temporary directory can be removed and the ports reused.
+        if let Ok(pid) = std::fs::read_to_string(self.dir.join("queue/pid/master.pid")) {
+            let pid = pid.trim();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
+/// Test certificates made with rcgen: a private CA and leaves signed by it.
+pub struct TestPki {
+    pub ca: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+}
+
+impl TestPki {
+    pub fn new() -> TestPki {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "godwit test CA");
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+        ];
+        let ca = rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate().unwrap())
+            .unwrap();
+        TestPki { ca }
+    }
+
+    /// Writes `NAME.crt` (leaf, then the CA) and `NAME.key` into `dir`; the
+    /// validity is given in days relative to now.
+    pub fn leaf(
+        &self,
+        dir: &Path,
+        name: &str,
+        sans: &[&str],
+        from_days: i64,
+        to_days: i64,
+        self_signed: bool,
+    ) -> (String, String) {
+        let mut params =
+            rcgen::CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, sans[0]);
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now + time::Duration::days(from_days);
+        params.not_after = now + time::Duration::days(to_days);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let pem = if self_signed {
+            params.self_signed(&key).unwrap().pem()
+        } else {
+            params.signed_by(&key, &self.ca).unwrap().pem() + &self.ca.pem()
+        };
+        let crt = dir.join(format!("{name}.crt"));
+        let keyf = dir.join(format!("{name}.key"));
+        std::fs::write(&crt, pem).unwrap();
+        std::fs::write(&keyf, key.serialize_pem()).unwrap();
+        (crt.display().to_string(), keyf.display().to_string())
+    }
+
+    pub fn ca_file(&self, dir: &Path) -> std::path::PathBuf {
+        let p = dir.join("ca.pem");
+        std::fs::write(&p, self.ca.pem()).unwrap();
+        p
+    }
+}
+
+pub fn tls_opts(cert: &(String, String)) -> Vec<String> {
+    vec![
+        format!("smtpd_tls_cert_file={}", cert.0),
+        format!("smtpd_tls_key_file={}", cert.1),
+    ]
+}
