@@ -10,6 +10,7 @@ pub mod dkim;
 pub mod dmarc;
 pub mod dns;
 pub mod finding;
+pub mod imap;
 pub mod mx;
 pub mod policy;
 pub mod smtp;

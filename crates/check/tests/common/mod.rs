@@ -340,3 +340,148 @@ pub fn tls_opts(cert: &(String, String)) -> Vec<String> {
         format!("smtpd_tls_key_file={}", cert.1),
     ]
 }
+
+/// A private Dovecot (config, state and mail under `dir`) serving IMAP on
+/// 127.0.0.1:`port` for alice@example.com / secret. `special_use` adds
+/// Exchange-style special-use folders; `plugins` enables the zlib plugins so
+/// COMPRESS=DEFLATE is advertised.
+pub struct Dovecot {
+    pub dir: std::path::PathBuf,
+    conf: std::path::PathBuf,
+}
+
+impl Dovecot {
+    pub fn start(dir: &Path, port: u16, special_use: bool) -> Dovecot {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let d = dir.display();
+        for sub in ["run", "state", "mail"] {
+            std::fs::create_dir_all(dir.join(sub)).unwrap();
+        }
+        let ok = Command::new("chown")
+            .args(["-R", "vmail:vmail"])
+            .arg(dir.join("mail"))
+            .status()
+            .unwrap();
+        assert!(ok.success(), "chown vmail (useradd -m vmail)");
+        std::fs::write(dir.join("users"), "alice@example.com:{PLAIN}secret::::::\n").unwrap();
+        let mailboxes = if special_use {
+            r#"  mailbox "Sent Items" {
+    special_use = \Sent
+    auto = create
+  }
+  mailbox "Deleted Items" {
+    special_use = \Trash
+    auto = create
+  }
+  mailbox Drafts {
+    special_use = \Drafts
+    auto = create
+  }
+  mailbox "Junk Email" {
+    special_use = \Junk
+    auto = create
+  }
+  mailbox Archive {
+    special_use = \Archive
+    auto = create
+  }
+"#
+        } else {
+            ""
+        };
+        let conf = dir.join("dovecot.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                r#"protocols = imap
+listen = 127.0.0.1
+base_dir = {d}/run
+state_dir = {d}/state
+log_path = {d}/dovecot.log
+ssl = no
+disable_plaintext_auth = no
+auth_mechanisms = plain login
+mail_location = maildir:{d}/mail/%u
+mail_uid = vmail
+mail_gid = vmail
+first_valid_uid = 100
+mail_plugins = zlib
+service imap-login {{
+  chroot =
+  inet_listener imap {{
+    port = {port}
+  }}
+  inet_listener imaps {{
+    port = 0
+  }}
+}}
+service anvil {{
+  chroot =
+}}
+service stats {{
+  unix_listener stats-reader {{
+    user = root
+  }}
+  unix_listener stats-writer {{
+    user = root
+  }}
+}}
+protocol imap {{
+  mail_plugins = $mail_plugins imap_zlib
+}}
+passdb {{
+  driver = passwd-file
+  args = scheme=PLAIN username_format=%u {d}/users
+}}
+userdb {{
+  driver = static
+  args = uid=vmail gid=vmail home={d}/mail/%u
+}}
+namespace inbox {{
+  inbox = yes
+  separator = .
+{mailboxes}}}
+"#
+            ),
+        )
+        .unwrap();
+        // Not output(): the daemon inherits the pipes and would hold them open.
+        let status = Command::new("dovecot")
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("start.err")).unwrap())
+            .status()
+            .unwrap();
+        assert!(
+            status.success(),
+            "dovecot failed: {}",
+            std::fs::read_to_string(dir.join("start.err")).unwrap_or_default()
+        );
+        let dv = Dovecot {
+            dir: dir.to_path_buf(),
+            conf,
+        };
+        wait_for_port(port, "dovecot");
+        dv
+    }
+}
+
+impl Drop for Dovecot {
+    fn drop(&mut self) {
+        let _ = Command::new("doveadm")
+            .arg("-c")
+            .arg(&self.conf)
+            .arg("stop")
+            .stderr(Stdio::null())
+            .status();
+        if let Ok(pid) = std::fs::read_to_string(self.dir.join("run/master.pid")) {
+            let pid = pid.trim();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
