@@ -121,7 +121,13 @@ pub fn analyze(subject: &str, obs: &CertObservation) -> Vec<Finding> {
             )];
         }
     };
-    let days_left = (f.not_after - obs.now).div_euclid(86_400);
+    // Whole days, rounded towards zero either way: "1 day ago", not "2".
+    let days_left = (f.not_after - obs.now) / 86_400;
+    let validity = if obs.now > f.not_after {
+        format!("expired {} days ago", (obs.now - f.not_after) / 86_400)
+    } else {
+        format!("{days_left} days left")
+    };
     let mut names: Vec<String> = f.dns_names.clone();
     names.extend(f.ip_addrs.iter().map(|i| i.to_string()));
     let mut out = vec![Finding::new(
@@ -130,7 +136,7 @@ pub fn analyze(subject: &str, obs: &CertObservation) -> Vec<Finding> {
         subject,
         Severity::Ok,
         format!(
-            "subject={}; SANs={}; issuer={}; valid {} to {} ({days_left} days left); chain of {}.",
+            "subject={}; SANs={}; issuer={}; valid {} to {} ({validity}); chain of {}.",
             f.subject,
             if names.is_empty() {
                 "none".to_string()
@@ -152,11 +158,10 @@ pub fn analyze(subject: &str, obs: &CertObservation) -> Vec<Finding> {
             subject,
             Severity::Block,
             format!(
-                "The certificate expired on {} ({} days ago). Senders that verify certificates \
+                "The certificate expired on {} ({validity}). Senders that verify certificates \
                  (MTA-STS enforce, DANE, most gateways) will not deliver; the rest see a TLS \
                  failure that looks like random delivery problems.",
-                day(f.not_after),
-                -days_left
+                day(f.not_after)
             ),
             "Renew the certificate before the cutover.",
         )

@@ -40,7 +40,8 @@ pub enum Severity {
 
 impl fmt::Display for Severity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+        // pad(), not write_str(), so that width and alignment apply.
+        f.pad(match self {
             Severity::Ok => "OK",
             Severity::Warn => "WARN",
             Severity::Block => "BLOCK",
@@ -139,8 +140,9 @@ impl Report {
             let _ = writeln!(out, "== {} ==", contract.title());
             for f in group {
                 let _ = writeln!(out, "[{:<5}] {} ({})", f.severity, f.check, f.subject);
-                for line in f.meaning.lines() {
-                    let _ = writeln!(out, "        Meaning: {line}");
+                for (i, line) in f.meaning.lines().enumerate() {
+                    let label = if i == 0 { "Meaning: " } else { "         " };
+                    let _ = writeln!(out, "        {label}{line}");
                 }
                 if !f.action.is_empty() {
                     let _ = writeln!(out, "        Decision: {}", f.action);
@@ -182,6 +184,20 @@ impl Report {
                 n(Severity::Warn),
                 n(Severity::Block)
             );
+        }
+        for (sev, label) in [(Severity::Block, "blocking"), (Severity::Warn, "warnings")] {
+            let items: Vec<String> = self
+                .findings
+                .iter()
+                .filter(|f| f.severity == sev)
+                .map(|f| format!("{} ({})", f.check, f.subject))
+                .collect();
+            if !items.is_empty() {
+                let _ = writeln!(out, "{label}:");
+                for item in items {
+                    let _ = writeln!(out, "  - {item}");
+                }
+            }
         }
         let verdict = match self.worst() {
             Severity::Ok => "nothing blocks the cutover",

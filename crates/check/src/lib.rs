@@ -6,6 +6,7 @@
 //! the I/O and nothing else.
 
 pub mod cert;
+pub mod cli;
 pub mod dkim;
 pub mod dmarc;
 pub mod dns;
@@ -13,7 +14,9 @@ pub mod finding;
 pub mod imap;
 pub mod mx;
 pub mod policy;
+mod run;
 pub mod smtp;
 pub mod spf;
 
 pub use finding::{Contract, Finding, Report, Severity};
+pub use run::{collect, run};
