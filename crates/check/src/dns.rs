@@ -441,6 +441,11 @@ pub struct DnsCheck {
     pub new_senders: Vec<String>,
     pub dkim_selectors: Vec<String>,
     pub cutover_window: Option<Duration>,
+    /// Extra trusted roots for the MTA-STS policy host (private CAs in labs).
+    pub ca_files: Vec<std::path::PathBuf>,
+    /// The HTTPS port of the MTA-STS policy host; 0 means 443 (RFC 8461 3.3).
+    /// Only tests change it.
+    pub mta_sts_port: u16,
 }
 
 /// Runs every DNS check for one domain.
@@ -490,14 +495,96 @@ pub async fn check_domain(domain: &str, opts: &DnsCheck) -> anyhow::Result<Vec<F
         &domain,
         &dns.txt(&format!("_dmarc.{domain}")).await,
     ));
-    out.extend(crate::policy::analyze_mta_sts(
-        &domain,
-        &dns.txt(&format!("_mta-sts.{domain}")).await,
-        None,
-    ));
+    let sts = dns.txt(&format!("_mta-sts.{domain}")).await;
+    out.extend(crate::policy::analyze_mta_sts(&domain, &sts));
+    let has_sts = matches!(&sts, Answer::Found(r) if r.iter().any(|r| r.to_ascii_lowercase().starts_with("v=stsv1")));
+    if has_sts {
+        let port = if opts.mta_sts_port == 0 {
+            443
+        } else {
+            opts.mta_sts_port
+        };
+        let fetched = fetch_sts_policy(dns, &domain, port, &opts.ca_files).await;
+        let mx_hosts: Vec<String> = match &views[0].answer {
+            Answer::Found(set) => set.hosts.iter().map(|(_, h)| h.clone()).collect(),
+            _ => Vec::new(),
+        };
+        out.extend(crate::policy::analyze_sts_policy(
+            &domain, &fetched, &mx_hosts,
+        ));
+    }
     out.extend(crate::policy::analyze_tls_rpt(
         &domain,
         &dns.txt(&format!("_smtp._tls.{domain}")).await,
     ));
     Ok(out)
+}
+
+/// Fetches `https://mta-sts.DOMAIN/.well-known/mta-sts.txt` (RFC 8461 3.3): a
+/// valid certificate for the policy host is required and redirects are not
+/// followed. HTTP/1.0, so the body is never chunked.
+pub async fn fetch_sts_policy(
+    dns: &Dns,
+    domain: &str,
+    port: u16,
+    ca_files: &[std::path::PathBuf],
+) -> Result<String, String> {
+    use std::sync::Arc;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let host = format!("mta-sts.{domain}");
+    let addr = match dns.addrs(&host).await {
+        Answer::Found(a) => a[0],
+        Answer::Error(e) => return Err(format!("{host} does not resolve: {e}")),
+        _ => return Err(format!("{host} has no address")),
+    };
+    let roots = crate::smtp::root_store(ca_files).map_err(|e| format!("{e:#}"))?;
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from(host.clone()).map_err(|e| e.to_string())?;
+    let fetch = async {
+        let tcp = tokio::net::TcpStream::connect((addr, port))
+            .await
+            .map_err(|e| format!("cannot connect to {host} ({addr}:{port}): {e}"))?;
+        let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(name, tcp)
+            .await
+            .map_err(|e| {
+                format!("TLS to {host} failed (RFC 8461 3.3 needs a valid certificate): {e}")
+            })?;
+        let request = format!(
+            "GET /.well-known/mta-sts.txt HTTP/1.0\r\nHost: {host}\r\nUser-Agent: godwit-check\r\n\r\n"
+        );
+        tls.write_all(request.as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut body = Vec::new();
+        // RFC 8461 3.3: senders may cap the policy at 64 KiB.
+        let read = (&mut tls)
+            .take(64 * 1024 + 4096)
+            .read_to_end(&mut body)
+            .await;
+        // Servers often close TLS without close_notify; what arrived is enough.
+        if body.is_empty() {
+            return Err(format!("no response from {host}: {read:?}"));
+        }
+        let text = String::from_utf8_lossy(&body).into_owned();
+        let (head, body) = text
+            .split_once("\r\n\r\n")
+            .ok_or("malformed HTTP response")?;
+        let status = head.lines().next().unwrap_or("");
+        if status.split_whitespace().nth(1) != Some("200") {
+            return Err(format!(
+                "{host} answered {status:?} (redirects are not followed, RFC 8461 3.3)"
+            ));
+        }
+        Ok(body.to_string())
+    };
+    tokio::time::timeout(Duration::from_secs(15), fetch)
+        .await
+        .map_err(|_| format!("fetching the policy from {host} timed out"))?
 }

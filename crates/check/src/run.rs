@@ -16,6 +16,8 @@ fn dns_opts(args: &CheckArgs) -> DnsCheck {
         new_senders: args.new_senders.clone(),
         dkim_selectors: args.dkim_selectors.clone(),
         cutover_window: args.cutover_window,
+        ca_files: args.ca_files.clone(),
+        mta_sts_port: 0,
     }
 }
 

@@ -390,3 +390,139 @@ async fn unreachable_resolver_is_reported_not_fatal() {
     );
     assert_sev(one(&f, "mx.records", "127.0.0.1:31510"), Severity::Ok);
 }
+
+/// A small HTTPS server standing in for the MTA-STS policy host: it serves
+/// `policies[Host]` at /.well-known/mta-sts.txt, 404 otherwise.
+async fn policy_server(
+    port: u16,
+    pki: &TestPki,
+    dir: &std::path::Path,
+    policies: Vec<(&'static str, &'static str)>,
+) {
+    use rustls::pki_types::pem::PemObject;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (crt, key) = pki.leaf(
+        dir,
+        "sts",
+        &["mta-sts.example.com", "mta-sts.example.net"],
+        -1,
+        90,
+        false,
+    );
+    let certs: Vec<_> = rustls::pki_types::CertificateDer::pem_file_iter(&crt)
+        .unwrap()
+        .map(|c| c.unwrap())
+        .collect();
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_file(&key).unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let acceptor = acceptor.clone();
+            let policies = policies.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let mut req = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tls.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => req.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let req = String::from_utf8_lossy(&req).to_string();
+                let host = req
+                    .lines()
+                    .find_map(|l| l.strip_prefix("Host: "))
+                    .unwrap_or("")
+                    .trim()
+                    .to_string();
+                let policy = policies.iter().find(|(h, _)| *h == host).map(|(_, p)| *p);
+                let resp = match (req.starts_with("GET /.well-known/mta-sts.txt "), policy) {
+                    (true, Some(p)) => {
+                        format!("HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\n{p}")
+                    }
+                    _ => "HTTP/1.0 404 Not Found\r\n\r\n".to_string(),
+                };
+                let _ = tls.write_all(resp.as_bytes()).await;
+                let _ = tls.shutdown().await;
+            });
+        }
+    });
+}
+
+#[tokio::test]
+async fn mta_sts_policy_mode_and_mx_coverage() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::new();
+    policy_server(
+        31511,
+        &pki,
+        dir.path(),
+        vec![
+            ("mta-sts.example.com", "version: STSv1\r\nmode: enforce\r\nmx: mx1.oldmail.example.com\r\nmax_age: 604800\r\n"),
+            ("mta-sts.example.net", "version: STSv1\nmode: testing\nmx: *.example.net\nmax_age: 86400\n"),
+        ],
+    )
+    .await;
+    let _d = dnsmasq(
+        31512,
+        300,
+        &[
+            // The MX already moved to the gateway; the enforcing policy still names the old host.
+            "--mx-host=example.com,mx-gw.example.com,10".into(),
+            txt("_mta-sts.example.com", "v=STSv1; id=20261128T000000"),
+            "--host-record=mta-sts.example.com,127.0.0.1".into(),
+            "--mx-host=example.net,mx1.example.net,10".into(),
+            txt("_mta-sts.example.net", "v=STSv1; id=1"),
+            "--host-record=mta-sts.example.net,127.0.0.1".into(),
+            "--mx-host=nopolicy.example.com,mx1.example.com,10".into(),
+            txt("_mta-sts.nopolicy.example.com", "v=STSv1; id=1"),
+            "--host-record=mta-sts.nopolicy.example.com,127.0.0.1".into(),
+        ],
+    );
+    let mut o = opts(&[31512]);
+    o.mta_sts_port = 31511;
+    o.ca_files = vec![pki.ca_file(dir.path())];
+
+    let f = check_domain("example.com", &o).await.unwrap();
+    let p = one(&f, "mta-sts.policy", "example.com");
+    assert_sev(p, Severity::Block);
+    assert!(
+        p.meaning.contains("mode enforce")
+            && p.meaning.contains("mx-gw.example.com is not covered"),
+        "{}",
+        p.meaning
+    );
+    assert!(
+        p.meaning.contains("max_age 604800s (7days)"),
+        "{}",
+        p.meaning
+    );
+
+    let f = check_domain("example.net", &o).await.unwrap();
+    let p = one(&f, "mta-sts.policy", "example.net");
+    assert_sev(p, Severity::Ok);
+    assert!(p.meaning.contains("mode testing"), "{}", p.meaning);
+
+    // A record without a policy behind it (404, and a certificate that does not name the host).
+    let f = check_domain("nopolicy.example.com", &o).await.unwrap();
+    let p = one(&f, "mta-sts.policy", "nopolicy.example.com");
+    assert_sev(p, Severity::Warn);
+    assert!(p.meaning.contains("cannot be used"), "{}", p.meaning);
+}
