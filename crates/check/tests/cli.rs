@@ -171,15 +171,16 @@ async fn configuration_run_covers_domains_platforms_listener_and_imap() {
     let pw = dir.path().join("pw");
     std::fs::write(&pw, "secret\n").unwrap();
 
-    let mut config = godwit_config::Config::default();
-    config.hostname = "mx.test.example".into();
+    let mut config = godwit_config::Config {
+        hostname: "mx.test.example".into(),
+        ..Default::default()
+    };
     config.domains.accepted = vec!["example.com".into()];
     config.smtp.listen = vec!["0.0.0.0:31593".parse().unwrap()];
-    let platform = |relay: &str, insecure: bool| {
-        let mut p = godwit_config::PlatformConfig::default();
-        p.relay = vec![relay.into()];
-        p.tls_insecure = insecure;
-        p
+    let platform = |relay: &str, insecure: bool| godwit_config::PlatformConfig {
+        relay: vec![relay.into()],
+        tls_insecure: insecure,
+        ..Default::default()
     };
     config
         .platforms
