@@ -1101,6 +1101,54 @@ mod tests {
     }
 
     #[test]
+    fn void_lookups_and_ptr_are_flagged() {
+        let void_a = |d: &str| {
+            t(
+                Qualifier::Pass,
+                SpfMechanism::A {
+                    domain: d.into(),
+                    prefix4: 32,
+                    prefix6: 128,
+                    addrs: Answer::Void,
+                },
+            )
+        };
+        let cases = [(2, false), (3, true)];
+        for (voids, flagged) in cases {
+            let mut terms: Vec<SpfTerm> = (0..voids)
+                .map(|i| void_a(&format!("gone{i}.example.com")))
+                .collect();
+            terms.push(t(Qualifier::Fail, SpfMechanism::All));
+            let f = analyze("example.com", &node("example.com", terms, None), &[]);
+            let v = f.iter().find(|f| f.check == "spf.void-lookups");
+            assert_eq!(v.is_some(), flagged, "{voids} void lookups");
+            if let Some(v) = v {
+                assert_eq!(v.severity, Severity::Block);
+            }
+        }
+        let tree = node(
+            "example.com",
+            vec![
+                t(
+                    Qualifier::Pass,
+                    SpfMechanism::Ptr {
+                        domain: "example.com".into(),
+                    },
+                ),
+                t(Qualifier::Fail, SpfMechanism::All),
+            ],
+            None,
+        );
+        let f = analyze("example.com", &tree, &[]);
+        assert_eq!(
+            f.iter().find(|f| f.check == "spf.ptr").unwrap().severity,
+            Severity::Warn
+        );
+        // ptr cannot be evaluated offline: a sender it might authorize is undecided, not failed.
+        assert_eq!(evaluate(&tree, ip("192.0.2.1")), SpfResult::Undecided);
+    }
+
+    #[test]
     fn missing_include_blocks_and_sources_are_listed() {
         let tree = node(
             "example.com",

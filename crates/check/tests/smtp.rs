@@ -37,6 +37,14 @@ async fn starttls_certificates_valid_expiring_expired_wrong_name_self_signed() {
             (31543, tls_opts(&wrong)),
             (31544, tls_opts(&selfsigned)),
             (31545, vec!["smtpd_tls_security_level=none".into()]),
+            // Refuses every client at connect time: 554 instead of the 220 banner.
+            (
+                31549,
+                vec![
+                    "smtpd_delay_reject=no".into(),
+                    "smtpd_client_restrictions=reject".into(),
+                ],
+            ),
         ],
     );
 
@@ -103,6 +111,20 @@ async fn starttls_certificates_valid_expiring_expired_wrong_name_self_signed() {
     assert_sev(t, Severity::Block);
     assert!(t.meaning.contains("self-signed"), "{}", t.meaning);
     assert_sev(one(&f, "tls.name", "31544"), Severity::Ok);
+    // Vouching for that very certificate with --ca makes it trusted.
+    let f = check(&probe(
+        31544,
+        name,
+        Some(std::path::Path::new(&selfsigned.0)),
+    ))
+    .await
+    .unwrap();
+    assert_sev(one(&f, "tls.trust", "31544"), Severity::Ok);
+
+    let f = check(&probe(31549, name, None)).await.unwrap();
+    let b = one(&f, "smtp.banner", "31549");
+    assert_sev(b, Severity::Block);
+    assert!(b.meaning.contains("554"), "{}", b.meaning);
 
     let f = check(&probe(31545, name, None)).await.unwrap();
     let s = one(&f, "smtp.starttls", "31545");
