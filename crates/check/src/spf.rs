@@ -752,8 +752,9 @@ pub fn analyze(domain: &str, tree: &SpfNode, new_senders: &[NewSender]) -> Vec<F
             domain,
             sev,
             format!(
-                "{text}. RFC 7208 5.2 and 6.1 make a {kind} without exactly one valid record a \
-                 permerror: every sender that reaches it fails SPF."
+                "{text}. RFC 7208 5.2 and 6.1 make {} {kind} without exactly one valid record a \
+                 permerror: every sender that reaches it fails SPF.",
+                if kind == "include" { "an" } else { "a" }
             ),
             "Fix or remove that include (a vendor may have renamed its SPF host).",
         ));
