@@ -472,8 +472,13 @@ pub async fn check_domain(domain: &str, opts: &DnsCheck) -> anyhow::Result<Vec<F
     .await;
     let mut out = crate::mx::analyze(&domain, &views, opts.cutover_window);
 
-    // The policy records are read through the first resolver.
-    let dns = &resolvers[0];
+    // The policy records are read through the first resolver that answered the
+    // MX query, so one unreachable resolver does not turn every record into an error.
+    let first_ok = views
+        .iter()
+        .position(|v| !matches!(v.answer, Answer::Error(_)))
+        .unwrap_or(0);
+    let dns = &resolvers[first_ok];
     let spf_tree = collect_spf(dns, &domain).await;
     let mut senders = Vec::new();
     for s in &opts.new_senders {
@@ -505,7 +510,7 @@ pub async fn check_domain(domain: &str, opts: &DnsCheck) -> anyhow::Result<Vec<F
             opts.mta_sts_port
         };
         let fetched = fetch_sts_policy(dns, &domain, port, &opts.ca_files).await;
-        let mx_hosts: Vec<String> = match &views[0].answer {
+        let mx_hosts: Vec<String> = match &views[first_ok].answer {
             Answer::Found(set) => set.hosts.iter().map(|(_, h)| h.clone()).collect(),
             _ => Vec::new(),
         };

@@ -145,6 +145,18 @@ async fn collect_config(config: &Config, args: &CheckArgs) -> anyhow::Result<Vec
             let mut findings = crate::smtp::check(&o).await?;
             for f in &mut findings {
                 f.subject = format!("{} (platform {name})", f.subject);
+                // platforms.NAME.tls = "require": without STARTTLS the gateway
+                // defers every message for this platform instead of delivering it.
+                if platform.tls == godwit_config::TlsPolicy::Require
+                    && f.check == "smtp.starttls"
+                    && f.severity == Severity::Warn
+                {
+                    f.severity = Severity::Block;
+                    f.meaning.push_str(&format!(
+                        " platforms.{name}.tls = \"require\": the gateway will defer all mail \
+                         for this platform."
+                    ));
+                }
                 // The operator already chose to accept this platform's
                 // certificate (platforms.NAME.tls_insecure): inform, don't block.
                 if platform.tls_insecure

@@ -151,6 +151,7 @@ async fn configuration_run_covers_domains_platforms_listener_and_imap() {
             (31591, tls_opts(&new)),
             (31592, tls_opts(&lab)),
             (31593, tls_opts(&gw)),
+            (31595, vec!["smtpd_tls_security_level=none".into()]),
         ],
     );
     let _d = dnsmasq(
@@ -191,6 +192,9 @@ async fn configuration_run_covers_domains_platforms_listener_and_imap() {
     config
         .platforms
         .insert("lab".into(), platform("127.0.0.1:31592", true));
+    let mut plain = platform("127.0.0.1:31595", false);
+    plain.tls = godwit_config::TlsPolicy::Require;
+    config.platforms.insert("plain".into(), plain);
 
     let args = parse(&[
         "--resolver",
@@ -222,6 +226,14 @@ async fn configuration_run_covers_domains_platforms_listener_and_imap() {
     let lab = one(f, "tls.trust", "(platform lab)");
     assert_sev(lab, Severity::Warn);
     assert!(lab.meaning.contains("tls_insecure"), "{}", lab.meaning);
+    // tls = "require" towards a platform without STARTTLS defers everything.
+    let plain = one(f, "smtp.starttls", "(platform plain)");
+    assert_sev(plain, Severity::Block);
+    assert!(
+        plain.meaning.contains("defer all mail"),
+        "{}",
+        plain.meaning
+    );
     // The gateway's own listener, judged by the configured hostname.
     assert_sev(
         one(f, "tls.name", "127.0.0.1:31593 (gateway listener)"),

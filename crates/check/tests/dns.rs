@@ -375,13 +375,17 @@ async fn mta_sts_and_tls_rpt_records() {
 
 #[tokio::test]
 async fn unreachable_resolver_is_reported_not_fatal() {
-    // Nothing listens on 31509: the MX query times out and is a warning.
+    // Nothing listens on 31509: the MX query times out and is a warning, and
+    // the policy records are read through the resolver that did answer.
     let _d = dnsmasq(
         31510,
         300,
-        &["--mx-host=example.com,mx1.example.com,10".into()],
+        &[
+            "--mx-host=example.com,mx1.example.com,10".into(),
+            txt("example.com", "v=spf1 ip4:192.0.2.1 -all"),
+        ],
     );
-    let f = check_domain("example.com", &opts(&[31510, 31509]))
+    let f = check_domain("example.com", &opts(&[31509, 31510]))
         .await
         .unwrap();
     assert_sev(
@@ -389,6 +393,7 @@ async fn unreachable_resolver_is_reported_not_fatal() {
         Severity::Warn,
     );
     assert_sev(one(&f, "mx.records", "127.0.0.1:31510"), Severity::Ok);
+    assert_sev(one(&f, "spf.record", "example.com"), Severity::Ok);
 }
 
 /// A small HTTPS server standing in for the MTA-STS policy host: it serves
