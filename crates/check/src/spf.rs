@@ -545,6 +545,9 @@ fn has_term(node: &SpfNode, pred: &dyn Fn(&SpfTerm) -> bool) -> bool {
 pub struct NewSender {
     pub name: String,
     pub addrs: Answer<Vec<IpAddr>>,
+    /// Verdicts of a full RFC 7208 evaluation (mail-auth's, with macros
+    /// expanded for that IP) for addresses this snapshot cannot decide.
+    pub verified: Vec<(IpAddr, SpfResult)>,
 }
 
 /// All SPF findings for one domain.
@@ -819,7 +822,14 @@ fn new_sender_findings(domain: &str, tree: &SpfNode, new_senders: &[NewSender]) 
             }
         };
         for ip in addrs {
-            let result = evaluate(tree, *ip);
+            let mut result = evaluate(tree, *ip);
+            let mut how = "";
+            if result == SpfResult::Undecided
+                && let Some((_, r)) = sender.verified.iter().find(|(a, _)| a == ip)
+            {
+                result = *r;
+                how = " (decided by a full evaluation with the sender's macros expanded)";
+            }
             let who = if sender.name == ip.to_string() {
                 ip.to_string()
             } else {
@@ -828,7 +838,7 @@ fn new_sender_findings(domain: &str, tree: &SpfNode, new_senders: &[NewSender]) 
             let (sev, meaning, action) = match result {
                 SpfResult::Pass => (
                     Severity::Ok,
-                    format!("SPF authorizes the new sender {who}: its mail passes SPF."),
+                    format!("SPF authorizes the new sender {who}: its mail passes SPF{how}."),
                     String::new(),
                 ),
                 SpfResult::TempError | SpfResult::Undecided => (
@@ -845,8 +855,8 @@ fn new_sender_findings(domain: &str, tree: &SpfNode, new_senders: &[NewSender]) 
                 other => (
                     Severity::Block,
                     format!(
-                        "SPF does not authorize the new sender {who}: receivers get \"{}\". You'll \
-                         see silent deliverability failures once it sends.",
+                        "SPF does not authorize the new sender {who}: receivers get \"{}\"{how}. \
+                         You'll see silent deliverability failures once it sends.",
                         other.as_str()
                     ),
                     format!(
@@ -1184,14 +1194,17 @@ mod tests {
             NewSender {
                 name: "198.51.100.5".into(),
                 addrs: Answer::Found(vec![ip("198.51.100.5")]),
+                verified: vec![],
             },
             NewSender {
                 name: "out.newmail.example".into(),
                 addrs: Answer::Found(vec![ip("192.0.2.50")]),
+                verified: vec![],
             },
             NewSender {
                 name: "nowhere.example".into(),
                 addrs: Answer::Void,
+                verified: vec![],
             },
         ];
         let f = analyze("example.com", &base(), &senders);
@@ -1201,6 +1214,42 @@ mod tests {
         assert_eq!(ns[1].severity, Severity::Block);
         assert!(ns[1].meaning.contains("silent deliverability failures"));
         assert_eq!(ns[2].severity, Severity::Warn);
+
+        // A macro mechanism is undecided offline; a full evaluation settles it.
+        let tree = node(
+            "example.com",
+            vec![
+                t(
+                    Qualifier::Pass,
+                    SpfMechanism::MacroDependent {
+                        kind: "exists",
+                        spec: "exists:%{i}._spf.example.com".into(),
+                    },
+                ),
+                t(Qualifier::Fail, SpfMechanism::All),
+            ],
+            None,
+        );
+        let cases = [
+            (vec![], Severity::Warn),
+            (vec![(ip("192.0.2.5"), SpfResult::Pass)], Severity::Ok),
+            (vec![(ip("192.0.2.5"), SpfResult::Fail)], Severity::Block),
+        ];
+        for (verified, sev) in cases {
+            let s = NewSender {
+                name: "192.0.2.5".into(),
+                addrs: Answer::Found(vec![ip("192.0.2.5")]),
+                verified,
+            };
+            let f = analyze("example.com", &tree, &[s]);
+            assert_eq!(
+                f.iter()
+                    .find(|f| f.check == "spf.new-sender")
+                    .unwrap()
+                    .severity,
+                sev
+            );
+        }
     }
 
     #[test]

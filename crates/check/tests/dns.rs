@@ -531,3 +531,35 @@ async fn mta_sts_policy_mode_and_mx_coverage() {
     assert_sev(p, Severity::Warn);
     assert!(p.meaning.contains("cannot be used"), "{}", p.meaning);
 }
+
+#[tokio::test]
+async fn spf_macros_are_decided_per_new_sender_by_a_full_evaluation() {
+    // exists:%{i}._spf.example.com authorizes exactly the IPs that have a
+    // name there (RFC 7208 7.3): only a per-sender evaluation can tell.
+    let _d = dnsmasq(
+        31513,
+        300,
+        &[
+            "--mx-host=example.com,mx1.example.com,10".into(),
+            txt("example.com", "v=spf1 exists:%{i}._spf.example.com -all"),
+            "--host-record=192.0.2.5._spf.example.com,127.0.0.2".into(),
+        ],
+    );
+    let mut o = opts(&[31513]);
+    o.new_senders = vec!["192.0.2.5".into(), "192.0.2.6".into()];
+    let f = check_domain("example.com", &o).await.unwrap();
+    let sources = one(&f, "spf.sources", "example.com");
+    assert!(
+        sources
+            .meaning
+            .contains("exists:%{i}._spf.example.com (depends on the sender)"),
+        "{}",
+        sources.meaning
+    );
+    let yes = one(&f, "spf.new-sender", "192.0.2.5");
+    assert_sev(yes, Severity::Ok);
+    assert!(yes.meaning.contains("macros expanded"), "{}", yes.meaning);
+    let no = one(&f, "spf.new-sender", "192.0.2.6");
+    assert_sev(no, Severity::Block);
+    assert!(no.meaning.contains("\"fail\""), "{}", no.meaning);
+}
