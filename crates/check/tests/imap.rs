@@ -92,3 +92,27 @@ async fn unreachable_imap_blocks() {
     let f = check(&probe(31572, "secret")).await.unwrap();
     assert_sev(one(&f, "imap.connect", "31572"), Severity::Block);
 }
+
+#[tokio::test]
+async fn imaps_verifies_the_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::new();
+    let cert = pki.leaf(dir.path(), "imap", &["127.0.0.1"], -1, 90, false);
+    let ca = pki.ca_file(dir.path());
+    let dv_dir = dir.path().join("dovecot");
+    std::fs::create_dir(&dv_dir).unwrap();
+    let _dv = Dovecot::start_with(&dv_dir, 31573, true, Some((31574, cert)));
+    let mut o = probe(31573, "secret");
+    o.url = ImapUrl::parse("imaps://127.0.0.1:31574").unwrap();
+    o.ca_files = vec![ca];
+    let f = check(&o).await.unwrap();
+    assert_sev(one(&f, "imap.login", "imaps://"), Severity::Ok);
+    assert!(find(&f, "imap.tls", "imaps://").is_empty(), "{f:#?}");
+
+    // Without the private CA, the handshake fails and the sync could not connect.
+    o.ca_files = vec![];
+    let f = check(&o).await.unwrap();
+    let tls = one(&f, "imap.tls", "imaps://");
+    assert_sev(tls, Severity::Block);
+    assert!(tls.meaning.contains("UnknownIssuer"), "{}", tls.meaning);
+}

@@ -355,6 +355,17 @@ pub struct Dovecot {
 
 impl Dovecot {
     pub fn start(dir: &Path, port: u16, special_use: bool) -> Dovecot {
+        Self::start_with(dir, port, special_use, None)
+    }
+
+    /// As `start`, plus implicit TLS (imaps) on `tls.0` with the certificate
+    /// and key files `tls.1`.
+    pub fn start_with(
+        dir: &Path,
+        port: u16,
+        special_use: bool,
+        tls: Option<(u16, (String, String))>,
+    ) -> Dovecot {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
         let d = dir.display();
@@ -393,6 +404,13 @@ impl Dovecot {
         } else {
             ""
         };
+        let (ssl, imaps_port) = match &tls {
+            Some((p, (crt, key))) => (
+                format!("ssl = yes\nssl_cert = <{crt}\nssl_key = <{key}"),
+                *p,
+            ),
+            None => ("ssl = no".to_string(), 0),
+        };
         let conf = dir.join("dovecot.conf");
         std::fs::write(
             &conf,
@@ -402,7 +420,7 @@ listen = 127.0.0.1
 base_dir = {d}/run
 state_dir = {d}/state
 log_path = {d}/dovecot.log
-ssl = no
+{ssl}
 disable_plaintext_auth = no
 auth_mechanisms = plain login
 mail_location = maildir:{d}/mail/%u
@@ -416,7 +434,7 @@ service imap-login {{
     port = {port}
   }}
   inet_listener imaps {{
-    port = 0
+    port = {imaps_port}
   }}
 }}
 service anvil {{
@@ -467,6 +485,9 @@ namespace inbox {{
             conf,
         };
         wait_for_port(port, "dovecot");
+        if let Some((p, _)) = &tls {
+            wait_for_port(*p, "dovecot imaps");
+        }
         dv
     }
 }
