@@ -77,13 +77,28 @@ fn imap_opts(args: &CheckArgs, url: &str) -> anyhow::Result<ImapCheck> {
     })
 }
 
-/// IMAP endpoints the configuration implies. The `[sync]` section (source and
-/// target servers and credentials) is being added to godwit-config; until it
-/// lands, the configuration-driven run takes them from `--imap URL`.
-fn imap_targets(_config: &Config, args: &CheckArgs) -> anyhow::Result<Vec<ImapCheck>> {
-    // Hook: when Config gains `sync`, map `sync.source` and `sync.target` to
-    // ImapCheck here (URL, user, password file), before the --imap entries.
-    args.imap_urls.iter().map(|u| imap_opts(args, u)).collect()
+/// IMAP endpoints the configuration implies: the `[sync]` source and target,
+/// logged in as the first account of `sync.accounts`, then any `--imap URL`.
+fn imap_targets(config: &Config, args: &CheckArgs) -> anyhow::Result<Vec<ImapCheck>> {
+    let mut out = Vec::new();
+    if let Some(sync) = &config.sync {
+        let accounts = godwit_imap::accounts::load(&sync.accounts).context("sync.accounts")?;
+        if let Some(first) = accounts.first() {
+            for (server, login) in [(&sync.source, &first.source), (&sync.target, &first.target)] {
+                out.push(ImapCheck {
+                    url: ImapUrl::parse(&server.url)?,
+                    user: login.user.clone(),
+                    password: login.password.clone(),
+                    ca_files: args.ca_files.clone(),
+                    timeout: args.timeout,
+                });
+            }
+        }
+    }
+    for u in &args.imap_urls {
+        out.push(imap_opts(args, u)?);
+    }
+    Ok(out)
 }
 
 /// Where the gateway's own listener can be reached from this machine.

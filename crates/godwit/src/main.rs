@@ -49,6 +49,9 @@ enum Command {
         #[command(subcommand)]
         command: QueueCommand,
     },
+    /// Preflight: DNS, SPF/DKIM/DMARC, TLS, SMTP and IMAP checks with a
+    /// verdict. Exit 0: nothing blocks; 1: warnings only; 2: something blocks.
+    Check(godwit_check::cli::CheckArgs),
     /// Copy mailboxes IMAP to IMAP (pre-seed, then deltas); exits 0 only when
     /// every account verified clean.
     Sync(godwit_imap::cli::SyncArgs),
@@ -189,12 +192,23 @@ fn main() {
 }
 
 async fn run(cli: Cli) -> Result<i32> {
+    if let Command::Check(args) = &cli.command {
+        // The configuration is optional here: `check dns example.com` needs none.
+        let explicit = std::env::args().any(|a| a == "--config" || a.starts_with("--config="));
+        let config = if explicit || cli.config.exists() {
+            Some(Config::load(&cli.config)?)
+        } else {
+            None
+        };
+        return godwit_check::run(config.as_ref(), args).await;
+    }
     let config = Config::load(&cli.config)
         .with_context(|| "run with --config FILE (see examples/godwit.toml)")?;
     match cli.command {
         Command::Serve => serve(config).await,
         Command::Route { command } => route(config, command).await,
         Command::Queue { command } => queue(config, command).await,
+        Command::Check(_) => unreachable!("handled above"),
         Command::Sync(args) => godwit_imap::cli::run_sync(&config, &args).await,
         Command::Verify(args) => godwit_imap::cli::run_verify(&config, &args).await,
         Command::Trace {
