@@ -314,7 +314,10 @@ fn dashboard_in_headless_chromium_matches_the_metrics() {
     });
     let (_, text) = wait_for("metrics", T, || {
         let r = gw.admin_get("/metrics");
-        let settled = metric(&r.1, "godwit_deliveries_total{platform=\"old\",outcome=\"delivered\",class=\"2xx\",code=\"2.0.0\"}") == Some(12.0)
+        let settled = metric(
+            &r.1,
+            "godwit_deliveries_total{platform=\"old\",outcome=\"delivered\",class=\"2xx\",code=\"2.0.0\"}",
+        ) == Some(12.0)
             && metric(&r.1, "godwit_messages_accepted_total") == Some(15.0);
         settled.then_some(r)
     });

@@ -435,3 +435,41 @@ fn delay_warning_when_configured() {
         "one warning only"
     );
 }
+
+#[test]
+fn a_temporary_failure_at_one_relay_host_fails_over_to_the_next() {
+    let (pa, pb, pn) = (free_port(), free_port(), free_port());
+    // The platform's first host answers 421 to RCPT; its second accepts.
+    let first = Sink::start(pa, &["-Q", "rcpt"]);
+    let second = Sink::start(pb, &[]);
+    let mut gw = Gateway::start(pa, pn, "", "");
+    let cfg = std::fs::read_to_string(&gw.config_path).unwrap().replace(
+        &format!("relay = [\"127.0.0.1:{pa}\"]"),
+        &format!("relay = [\"127.0.0.1:{pa}\", \"127.0.0.1:{pb}\"]"),
+    );
+    std::fs::write(&gw.config_path, cfg).unwrap();
+    gw.kill9();
+    gw.restart();
+    let mut c = gw.client();
+    c.greet();
+    assert!(
+        c.mail(
+            "s@outside.test",
+            &["u@example.com"],
+            &message("failover@test", "x")
+        )
+        .starts_with("250")
+    );
+    wait_for("delivery at the second host", T, || {
+        (second.count_containing("failover@test") == 1).then_some(())
+    });
+    assert_eq!(first.messages().len(), 0);
+    // Within one attempt: no deferral was recorded.
+    assert!(
+        gw.events_named("delivery.deferred").is_empty(),
+        "{:?}",
+        gw.events_named("delivery.deferred")
+    );
+    let d = &gw.events_named("delivery.delivered")[0];
+    assert_eq!(d["host"], format!("127.0.0.1:{pb}"));
+}

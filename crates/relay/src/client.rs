@@ -42,6 +42,8 @@ pub struct AttemptOutcome {
 struct Pooled {
     client: Client,
     host: String,
+    /// Index of the host in the platform's relay list.
+    host_idx: usize,
     caps: u32,
     tls: bool,
     uses: usize,
@@ -128,17 +130,24 @@ impl Platform {
         }
     }
 
-    /// Connects to the first relay host that greets us. Connection failures
-    /// and 4xx greetings move on to the next host.
-    async fn connect(&self, helo: &str) -> Result<Pooled, (Option<String>, Reply)> {
+    /// Connects to the first relay host, from `start` on, that greets us.
+    /// Connection failures and 4xx greetings move on to the next host.
+    async fn connect_from(
+        &self,
+        helo: &str,
+        start: usize,
+    ) -> Result<Pooled, (Option<String>, Reply)> {
         let mut last = (
             None,
             local(451, (4, 4, 1), "no relay host configured".into()),
         );
-        for (host, port) in &self.hosts {
+        for (idx, (host, port)) in self.hosts.iter().enumerate().skip(start) {
             let label = format!("{host}:{port}");
             match self.connect_one(host, *port, helo).await {
-                Ok(p) => return Ok(p),
+                Ok(mut p) => {
+                    p.host_idx = idx;
+                    return Ok(p);
+                }
                 Err(r) => last = (Some(label), r),
             }
         }
@@ -189,6 +198,7 @@ impl Platform {
         };
         if !want_tls {
             return Ok(Pooled {
+                host_idx: 0,
                 client: SmtpClient {
                     stream: Box::new(client.stream),
                     timeout: client.timeout,
@@ -248,6 +258,7 @@ impl Platform {
             .map_err(|e| conn_err(format!("EHLO after TLS: {e}")))?
             .capabilities;
         Ok(Pooled {
+            host_idx: 0,
             client,
             host: label,
             caps,
@@ -281,12 +292,19 @@ impl Platform {
                 })
                 .collect()
         };
-        for round in 0..2 {
-            let (mut conn, pooled) = match self.take_pooled().filter(|_| round == 0) {
+        let mut next_host = 0;
+        let mut use_pool = true;
+        // The outcome at an earlier host that answered 4xx, if any.
+        let mut last: Option<AttemptOutcome> = None;
+        loop {
+            let (mut conn, pooled) = match use_pool.then(|| self.take_pooled()).flatten() {
                 Some(p) => (p, true),
-                None => match self.connect(helo).await {
+                None => match self.connect_from(helo, next_host).await {
                     Ok(p) => (p, false),
                     Err((host, reply)) => {
+                        if let Some(l) = last {
+                            return l;
+                        }
                         let permanent = reply.code >= 500;
                         return AttemptOutcome {
                             host,
@@ -298,42 +316,57 @@ impl Platform {
                     }
                 },
             };
-            match transaction(&mut conn, queue_id, env, rcpts, body, &self.config).await {
-                Ok((outcomes, summary, reusable)) => {
-                    let host = Some(conn.host.clone());
-                    let tls = conn.tls;
-                    if reusable {
-                        self.give_back(conn);
+            use_pool = false;
+            let idx = conn.host_idx;
+            let outcome =
+                match transaction(&mut conn, queue_id, env, rcpts, body, &self.config).await {
+                    Ok((outcomes, summary, reusable)) => {
+                        let host = Some(conn.host.clone());
+                        let tls = conn.tls;
+                        if reusable {
+                            self.give_back(conn);
+                        }
+                        AttemptOutcome {
+                            host,
+                            tls,
+                            rcpts: outcomes,
+                            summary,
+                            duration: started.elapsed(),
+                        }
                     }
-                    return AttemptOutcome {
-                        host,
-                        tls,
-                        rcpts: outcomes,
-                        summary,
-                        duration: started.elapsed(),
-                    };
-                }
-                // A pooled connection the peer closed while idle: nothing was
-                // sent past MAIL, so a fresh connection is safe.
-                Err(TxError::BeforeData(_)) if pooled => continue,
-                Err(TxError::BeforeData(r)) | Err(TxError::AfterData(r)) => {
-                    return AttemptOutcome {
+                    // A pooled connection the peer closed while idle: nothing was
+                    // sent past MAIL, so a fresh connection is safe.
+                    Err(TxError::BeforeData(_)) if pooled => continue,
+                    Err(TxError::BeforeData(r)) => AttemptOutcome {
                         host: Some(conn.host.clone()),
                         tls: conn.tls,
                         rcpts: all(&r, false),
                         summary: r,
                         duration: started.elapsed(),
-                    };
-                }
+                    },
+                    // The message may have been received: never resend elsewhere now.
+                    Err(TxError::AfterData(r)) => {
+                        return AttemptOutcome {
+                            host: Some(conn.host.clone()),
+                            tls: conn.tls,
+                            rcpts: all(&r, false),
+                            summary: r,
+                            duration: started.elapsed(),
+                        };
+                    }
+                };
+            // RFC 5321 5.1: on a temporary failure, try the platform's next
+            // relay host in the same attempt.
+            let all_transient = outcome
+                .rcpts
+                .iter()
+                .all(|o| matches!(o, RcptOutcome::Transient(_)));
+            if all_transient && idx + 1 < self.hosts.len() {
+                next_host = idx + 1;
+                last = Some(outcome);
+                continue;
             }
-        }
-        let r = local(451, (4, 4, 1), "no usable connection".into());
-        AttemptOutcome {
-            host: None,
-            tls: false,
-            rcpts: all(&r, false),
-            summary: r,
-            duration: started.elapsed(),
+            return outcome;
         }
     }
 }
