@@ -2,6 +2,7 @@
 //! work beside a running gateway (they share the state store and spool).
 
 mod control;
+mod mailboxes;
 mod smtpd;
 mod tls;
 
@@ -72,6 +73,10 @@ enum Command {
         until: Option<String>,
         #[arg(long)]
         json: bool,
+        /// Also search both platforms' mailboxes (IMAP, the [sync] credentials)
+        /// for each recipient.
+        #[arg(long)]
+        mailboxes: bool,
     },
     /// Evidence for a wave or an incident window: volumes, codes, latency,
     /// what is still queued, and a sample traced end to end.
@@ -217,7 +222,8 @@ async fn run(cli: Cli) -> Result<i32> {
             since,
             until,
             json,
-        } => trace(config, key, rcpt, since, until, json).await,
+            mailboxes,
+        } => trace(config, key, rcpt, since, until, json, mailboxes).await,
         Command::Report {
             since,
             until,
@@ -395,6 +401,7 @@ async fn trace(
     since: Option<String>,
     until: Option<String>,
     json: bool,
+    search_mailboxes: bool,
 ) -> Result<i32> {
     if key.is_none() && rcpt.is_none() {
         bail!("give a Message-ID or queue ID, or --rcpt ADDRESS with --since/--until");
@@ -413,16 +420,48 @@ async fn trace(
             .transpose()?,
     };
     let traces = godwit_evidence::trace::find(&store, &q).await?;
+    let mut found = Vec::new();
+    if search_mailboxes {
+        for t in &traces {
+            let mut sides = Vec::new();
+            if let Some(mid) = &t.message_id {
+                let rcpts = t.events.iter().find_map(|r| match &r.event {
+                    godwit_events::Event::MessageAccepted { rcpts, .. } => Some(rcpts.clone()),
+                    _ => None,
+                });
+                for a in rcpts.unwrap_or_default() {
+                    sides.extend(mailboxes::search(&config, &a, mid).await?);
+                }
+            }
+            found.push(sides);
+        }
+    }
     if json {
-        println!("{}", serde_json::to_string_pretty(&traces)?);
+        if search_mailboxes {
+            let v: Vec<_> = traces
+                .iter()
+                .zip(&found)
+                .map(|(t, m)| serde_json::json!({"trace": t, "mailboxes": m}))
+                .collect();
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        } else {
+            println!("{}", serde_json::to_string_pretty(&traces)?);
+        }
     } else if traces.is_empty() {
         println!(
             "no message found (events are kept for {:?}; is the Message-ID right?)",
             config.events.retention
         );
     } else {
-        for t in &traces {
+        for (i, t) in traces.iter().enumerate() {
             println!("{}", godwit_evidence::trace::render(t));
+            if let Some(sides) = found.get(i) {
+                if sides.is_empty() {
+                    println!("Mailboxes: no recipient of this message is in sync.accounts");
+                } else {
+                    println!("Mailboxes:\n{}", mailboxes::render(sides));
+                }
+            }
         }
     }
     Ok(if traces.is_empty() { 1 } else { 0 })
