@@ -135,6 +135,31 @@ impl Admin {
         });
     }
 
+    /// Sync progress per account, from the sync state in the store.
+    async fn sample_sync(&self) {
+        let q = |sql: &'static str| godwit_store::sqlx::query(sql).fetch_all(&self.store.pool);
+        let status = q("SELECT address, status, COALESCE(verified_at_ms, 0) FROM sync_accounts").await.unwrap_or_default();
+        let copied = q("SELECT address, COUNT(*) FROM sync_messages GROUP BY address").await.unwrap_or_default();
+        let source = q("SELECT address, SUM(source_exists) FROM sync_folders GROUP BY address").await.unwrap_or_default();
+        self.metrics.with(|| {
+            for r in status {
+                let (a, st, v): (String, String, i64) = (r.try_get(0).unwrap_or_default(), r.try_get(1).unwrap_or_default(), r.try_get(2).unwrap_or(0));
+                for s in ["seeding", "ready", "verified"] {
+                    metrics::gauge!("godwit_sync_account_status", "account" => a.clone(), "status" => s).set(if st == s { 1.0 } else { 0.0 });
+                }
+                metrics::gauge!("godwit_sync_account_verified_timestamp_seconds", "account" => a).set(v as f64 / 1000.0);
+            }
+            for r in copied {
+                let (a, n): (String, i64) = (r.try_get(0).unwrap_or_default(), r.try_get(1).unwrap_or(0));
+                metrics::gauge!("godwit_sync_account_messages_copied", "account" => a).set(n as f64);
+            }
+            for r in source {
+                let (a, n): (String, i64) = (r.try_get(0).unwrap_or_default(), r.try_get(1).unwrap_or(0));
+                metrics::gauge!("godwit_sync_account_messages_source", "account" => a).set(n as f64);
+            }
+        });
+    }
+
     /// Samples the queue every 2 s for the dashboard's charts (10 minutes kept).
     pub async fn run_sampler(self) {
         loop {
@@ -215,6 +240,7 @@ async fn metrics_text(
         return denied();
     }
     a.sample_gauges();
+    a.sample_sync().await;
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         a.metrics.handle.render(),
