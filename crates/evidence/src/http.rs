@@ -138,9 +138,15 @@ impl Admin {
     /// Sync progress per account, from the sync state in the store.
     async fn sample_sync(&self) {
         let q = |sql: &'static str| godwit_store::sqlx::query(sql).fetch_all(&self.store.pool);
-        let status = q("SELECT address, status, COALESCE(verified_at_ms, 0) FROM sync_accounts").await.unwrap_or_default();
-        let copied = q("SELECT address, COUNT(*) FROM sync_messages GROUP BY address").await.unwrap_or_default();
-        let source = q("SELECT address, SUM(source_exists) FROM sync_folders GROUP BY address").await.unwrap_or_default();
+        let status = q("SELECT address, status, COALESCE(verified_at_ms, 0) FROM sync_accounts")
+            .await
+            .unwrap_or_default();
+        let copied = q("SELECT address, COUNT(*) FROM sync_messages GROUP BY address")
+            .await
+            .unwrap_or_default();
+        let source = q("SELECT address, SUM(source_exists) FROM sync_folders GROUP BY address")
+            .await
+            .unwrap_or_default();
         self.metrics.with(|| {
             for r in status {
                 let (a, st, v): (String, String, i64) = (r.try_get(0).unwrap_or_default(), r.try_get(1).unwrap_or_default(), r.try_get(2).unwrap_or(0));

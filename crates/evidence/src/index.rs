@@ -52,19 +52,21 @@ pub async fn run_indexer(store: Store, mut rx: UnboundedReceiver<Arc<Record>>) {
             .write_tx(move |tx| {
                 let rows = rows.clone();
                 Box::pin(async move {
-                    for (ts, node, name, q, m, rc, body) in rows {
-                        godwit_store::sqlx::query(
-                            "INSERT INTO events (ts_ms, node, name, queue_id, message_id, rcpt, body) VALUES ($1, $2, $3, $4, $5, $6, $7)",
-                        )
-                        .bind(ts)
-                        .bind(node)
-                        .bind(name)
-                        .bind(q)
-                        .bind(m)
-                        .bind(rc)
-                        .bind(body)
-                        .execute(&mut *tx)
-                        .await?;
+                    // Multi-row INSERTs: one statement per 100 events.
+                    for chunk in rows.chunks(100) {
+                        let mut sql = String::from("INSERT INTO events (ts_ms, node, name, queue_id, message_id, rcpt, body) VALUES ");
+                        for i in 0..chunk.len() {
+                            let b = i * 7;
+                            if i > 0 {
+                                sql.push_str(", ");
+                            }
+                            sql.push_str(&format!("(${}, ${}, ${}, ${}, ${}, ${}, ${})", b + 1, b + 2, b + 3, b + 4, b + 5, b + 6, b + 7));
+                        }
+                        let mut q = godwit_store::sqlx::query(godwit_store::sqlx::AssertSqlSafe(sql));
+                        for (ts, node, name, qid, mid, rc, body) in chunk {
+                            q = q.bind(*ts).bind(node.clone()).bind(name.clone()).bind(qid.clone()).bind(mid.clone()).bind(rc.clone()).bind(body.clone());
+                        }
+                        q.execute(&mut *tx).await?;
                     }
                     Ok(())
                 })

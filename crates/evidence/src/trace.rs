@@ -87,36 +87,42 @@ pub async fn find(store: &Store, q: &Query) -> anyhow::Result<Vec<Trace>> {
         if events.is_empty() {
             continue;
         }
-        // Follow DSNs generated for this message.
-        let dsns: Vec<String> = events
-            .iter()
-            .filter_map(|r| match &r.event {
-                Event::DsnQueued {
+        // Follow DSNs generated for this message: their dsn.queued events are
+        // indexed under the original Message-ID.
+        let mid = events.iter().find_map(|r| match &r.event {
+            Event::MessageAccepted { message_id, .. } => message_id.clone(),
+            _ => None,
+        });
+        let mut dsns = Vec::new();
+        if let Some(mid) = &mid {
+            let rows = godwit_store::sqlx::query(
+                "SELECT body FROM events WHERE message_id = $1 AND name = 'dsn.queued'",
+            )
+            .bind(mid)
+            .fetch_all(&store.pool)
+            .await?;
+            for r in records(rows) {
+                if let Event::DsnQueued {
                     queue_id,
                     original_queue_id,
                     ..
-                } if *original_queue_id == qid => Some(queue_id.clone()),
-                _ => None,
-            })
-            .collect();
-        let extra = records(
-            godwit_store::sqlx::query("SELECT body FROM events WHERE name = 'dsn.queued' AND message_id IS NOT NULL AND body LIKE $1 ORDER BY ts_ms")
-                .bind(format!("%\"original_queue_id\":\"{qid}\"%"))
-                .fetch_all(&store.pool)
-                .await?,
-        );
-        for r in extra {
-            if let Event::DsnQueued { queue_id, .. } = &r.event {
-                if !dsns.contains(queue_id)
-                    && !events.iter().any(|e| e.ts == r.ts && e.event == r.event)
+                } = &r.event
                 {
-                    events.push(r.clone());
+                    if *original_queue_id == qid && !dsns.contains(queue_id) {
+                        dsns.push(queue_id.clone());
+                        if !events.iter().any(|e| e.ts == r.ts && e.event == r.event) {
+                            events.push(r.clone());
+                        }
+                    }
                 }
             }
         }
         for d in dsns {
             events.extend(records(
-                godwit_store::sqlx::query("SELECT body FROM events WHERE queue_id = $1 AND name != 'dsn.queued' ORDER BY ts_ms").bind(&d).fetch_all(&store.pool).await?,
+                godwit_store::sqlx::query("SELECT body FROM events WHERE queue_id = $1 AND name != 'dsn.queued' ORDER BY ts_ms")
+                    .bind(&d)
+                    .fetch_all(&store.pool)
+                    .await?,
             ));
         }
         events.sort_by(|a, b| a.ts.cmp(&b.ts));

@@ -83,9 +83,20 @@ fn trace_finds_the_message_in_both_platforms_mailboxes() {
     assert!(out.contains("verdict: delivered"), "{out}");
     // Sync progress per account reaches the metrics.
     let (_, text) = gw.admin_get("/metrics");
-    assert!(text.contains("godwit_sync_account_messages_copied{account=\"alice@example.com\"} 1"), "{text}");
-    assert!(text.contains("godwit_sync_account_messages_source{account=\"alice@example.com\"} 1"), "{text}");
-    assert!(text.contains("godwit_sync_account_status{account=\"alice@example.com\",status=\"verified\"} 1"), "{text}");
+    assert!(
+        text.contains("godwit_sync_account_messages_copied{account=\"alice@example.com\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("godwit_sync_account_messages_source{account=\"alice@example.com\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "godwit_sync_account_status{account=\"alice@example.com\",status=\"verified\"} 1"
+        ),
+        "{text}"
+    );
     let (_, js) = gw.cli(&["trace", "<forensic@test>", "--mailboxes", "--json"]);
     let v: serde_json::Value = serde_json::from_str(&js).unwrap();
     assert_eq!(
