@@ -195,6 +195,10 @@ impl Admin {
             .route("/metrics", get(metrics_text))
             .route("/api/summary", get(summary))
             .route("/api/trace", get(trace_api))
+            .layer(axum::middleware::from_fn_with_state(
+                self.clone(),
+                require_token,
+            ))
             .with_state(self)
     }
 
@@ -218,6 +222,19 @@ impl Admin {
     }
 }
 
+/// Every route needs the token when one is configured.
+async fn require_token(
+    State(a): State<Admin>,
+    Query(q): Query<HashMap<String, String>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if !a.authorized(request.headers(), &q) {
+        return denied();
+    }
+    next.run(request).await
+}
+
 fn denied() -> Response {
     (
         StatusCode::UNAUTHORIZED,
@@ -226,25 +243,11 @@ fn denied() -> Response {
         .into_response()
 }
 
-async fn dashboard(
-    State(a): State<Admin>,
-    headers: HeaderMap,
-    Query(q): Query<HashMap<String, String>>,
-) -> Response {
-    if !a.authorized(&headers, &q) {
-        return denied();
-    }
+async fn dashboard() -> Response {
     Html(include_str!("dashboard.html")).into_response()
 }
 
-async fn metrics_text(
-    State(a): State<Admin>,
-    headers: HeaderMap,
-    Query(q): Query<HashMap<String, String>>,
-) -> Response {
-    if !a.authorized(&headers, &q) {
-        return denied();
-    }
+async fn metrics_text(State(a): State<Admin>) -> Response {
     a.sample_gauges();
     a.sample_sync().await;
     (
@@ -254,14 +257,7 @@ async fn metrics_text(
         .into_response()
 }
 
-async fn summary(
-    State(a): State<Admin>,
-    headers: HeaderMap,
-    Query(q): Query<HashMap<String, String>>,
-) -> Response {
-    if !a.authorized(&headers, &q) {
-        return denied();
-    }
+async fn summary(State(a): State<Admin>) -> Response {
     let stats = a.metrics.stats.lock().unwrap().clone();
     let percentiles = stats.percentiles();
     let samples: Vec<Sample> = a.samples.lock().unwrap().iter().cloned().collect();
@@ -313,14 +309,7 @@ async fn summary(
     .into_response()
 }
 
-async fn trace_api(
-    State(a): State<Admin>,
-    headers: HeaderMap,
-    Query(q): Query<HashMap<String, String>>,
-) -> Response {
-    if !a.authorized(&headers, &q) {
-        return denied();
-    }
+async fn trace_api(State(a): State<Admin>, Query(q): Query<HashMap<String, String>>) -> Response {
     let key = q.get("q").cloned().unwrap_or_default();
     let query = if key.contains('@') && !key.contains('<') && !key.contains('.') {
         trace::Query {

@@ -191,12 +191,7 @@ fn metrics_are_exact_after_a_known_workload() {
 fn admin_token_is_required_when_set() {
     let (po, pn) = (free_port(), free_port());
     let mut gw = Gateway::start(po, pn, "", "");
-    let cfg = std::fs::read_to_string(&gw.config_path)
-        .unwrap()
-        .replace("[admin]\n", "[admin]\ntoken = \"s3cret\"\n");
-    std::fs::write(&gw.config_path, cfg).unwrap();
-    gw.kill9();
-    gw.restart();
+    gw.reconfigure(|c| c.replace("[admin]\n", "[admin]\ntoken = \"s3cret\"\n"));
     for path in ["/metrics", "/", "/api/summary", "/api/trace?q=x"] {
         assert_eq!(gw.admin_get(path).0, 401, "{path} without the token");
     }

@@ -12,20 +12,17 @@ const FAST: &str = "breaker_cooldown = \"1s\"\ninitial_connections = 2";
 fn start(po: u16, pn: u16, smtp: &str, queue: &str) -> Gateway {
     let gw = Gateway::start(po, pn, smtp, queue);
     // Insert the fast breaker settings under both platform sections.
-    let cfg = std::fs::read_to_string(&gw.config_path).unwrap();
-    let cfg = cfg
-        .replace(
+    let mut gw = gw;
+    gw.reconfigure(|c| {
+        c.replace(
             &format!("relay = [\"127.0.0.1:{po}\"]"),
             &format!("relay = [\"127.0.0.1:{po}\"]\n{FAST}"),
         )
         .replace(
             &format!("relay = [\"127.0.0.1:{pn}\"]"),
             &format!("relay = [\"127.0.0.1:{pn}\"]\n{FAST}"),
-        );
-    std::fs::write(&gw.config_path, cfg).unwrap();
-    let mut gw = gw;
-    gw.kill9();
-    gw.restart();
+        )
+    });
     gw
 }
 
@@ -384,11 +381,12 @@ fn dsns_go_to_the_sender_and_parse_as_reports() {
     assert_eq!(q[0]["original_queue_id"], qid.as_str());
     // The DSN itself is traced like any other message.
     let dsn_qid = q[0]["queue_id"].as_str().unwrap();
-    assert!(
+    wait_for("the DSN's delivery event", T, || {
         gw.events_named("delivery.delivered")
             .iter()
             .any(|e| e["queue_id"] == dsn_qid)
-    );
+            .then_some(())
+    });
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(
         old.messages()
@@ -443,13 +441,13 @@ fn a_temporary_failure_at_one_relay_host_fails_over_to_the_next() {
     let first = Sink::start(pa, &["-Q", "rcpt"]);
     let second = Sink::start(pb, &[]);
     let mut gw = Gateway::start(pa, pn, "", "");
-    let cfg = std::fs::read_to_string(&gw.config_path).unwrap().replace(
-        &format!("relay = [\"127.0.0.1:{pa}\"]"),
-        &format!("relay = [\"127.0.0.1:{pa}\", \"127.0.0.1:{pb}\"]"),
-    );
-    std::fs::write(&gw.config_path, cfg).unwrap();
-    gw.kill9();
-    gw.restart();
+    let one = format!("relay = [\"127.0.0.1:{pa}\"]");
+    gw.reconfigure(|c| {
+        c.replace(
+            &one,
+            &format!("relay = [\"127.0.0.1:{pa}\", \"127.0.0.1:{pb}\"]"),
+        )
+    });
     let mut c = gw.client();
     c.greet();
     assert!(
@@ -470,6 +468,8 @@ fn a_temporary_failure_at_one_relay_host_fails_over_to_the_next() {
         "{:?}",
         gw.events_named("delivery.deferred")
     );
-    let d = &gw.events_named("delivery.delivered")[0];
+    let d = wait_for("the delivery event", T, || {
+        gw.events_named("delivery.delivered").into_iter().next()
+    });
     assert_eq!(d["host"], format!("127.0.0.1:{pb}"));
 }

@@ -193,6 +193,14 @@ max_backoff = "2s"
         });
     }
 
+    /// Rewrites the configuration file with `f` and restarts the gateway.
+    pub fn reconfigure(&mut self, f: impl FnOnce(String) -> String) {
+        let cfg = std::fs::read_to_string(&self.config_path).unwrap();
+        std::fs::write(&self.config_path, f(cfg)).unwrap();
+        self.kill9();
+        self.restart();
+    }
+
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill(); // SIGKILL
