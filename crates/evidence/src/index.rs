@@ -109,3 +109,56 @@ pub async fn run_retention(store: Store, events_dir: std::path::PathBuf, retenti
         tokio::time::sleep(Duration::from_secs(3600)).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use godwit_events::Event;
+
+    #[tokio::test]
+    async fn indexes_and_prunes_by_retention() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&format!(
+            "sqlite://{}?mode=rwc",
+            dir.path().join("s.db").display()
+        ))
+        .await
+        .unwrap();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let rec = |ts: &str, q: &str| {
+            Arc::new(Record {
+                ts: ts.into(),
+                node: "n".into(),
+                event: Event::Held {
+                    queue_id: q.into(),
+                    message_id: Some("<m@x>".into()),
+                    rcpt: "a@b".into(),
+                    why: "t".into(),
+                },
+            })
+        };
+        tx.send(rec("2020-01-01T00:00:00.000Z", "OLD")).unwrap();
+        let now = time::OffsetDateTime::now_utc()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap();
+        tx.send(rec(&now, "NEW")).unwrap();
+        drop(tx);
+        run_indexer(store.clone(), rx).await;
+        let count = || async {
+            godwit_store::sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM events")
+                .fetch_one(&store.pool)
+                .await
+                .unwrap()
+        };
+        assert_eq!(count().await, 2);
+        let pruned = prune(&store, Duration::from_secs(90 * 86400))
+            .await
+            .unwrap();
+        assert_eq!(pruned, 1);
+        let left: String = godwit_store::sqlx::query_scalar("SELECT queue_id FROM events")
+            .fetch_one(&store.pool)
+            .await
+            .unwrap();
+        assert_eq!(left, "NEW");
+    }
+}

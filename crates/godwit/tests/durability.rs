@@ -181,3 +181,79 @@ fn recovery_resumes_delivery_and_never_delivers_a_torn_file() {
     assert!(gw.data.join("spool/corrupt").read_dir().unwrap().count() == 1);
     assert_eq!(gw.events_named("queue.recovered").len(), 1);
 }
+
+#[test]
+fn opportunistic_starttls_to_a_platform_that_offers_it() {
+    // The platform is another godwit gateway with a certificate (a real
+    // STARTTLS server), relaying on to an smtp-sink.
+    let sink_port = free_port();
+    let sink = Sink::start(sink_port, &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = write_cert(dir.path());
+    let downstream = Gateway::start(
+        sink_port,
+        sink_port,
+        &format!("tls_cert = \"{cert}\"\ntls_key = \"{key}\""),
+        "",
+    );
+    let mut gw = Gateway::start(downstream.port, free_port(), "", "");
+    // A self-signed test certificate: accept it (tls_insecure), but use TLS.
+    let relay = format!("relay = [\"127.0.0.1:{}\"]", downstream.port);
+    gw.reconfigure(|c| c.replacen(&relay, &format!("{relay}\ntls_insecure = true"), 1));
+    let mut c = gw.client();
+    c.greet();
+    assert!(
+        c.mail(
+            "a@b.test",
+            &["u@example.com"],
+            &message("tls-out@test", "x")
+        )
+        .starts_with("250")
+    );
+    wait_for("delivery through the TLS platform", T, || {
+        (sink.count_containing("tls-out@test") == 1).then_some(())
+    });
+    let attempt = wait_for("attempt event", T, || {
+        gw.events_named("delivery.attempt").into_iter().next()
+    });
+    assert_eq!(attempt["tls"], true, "{attempt}");
+    assert_eq!(downstream.events_named("connection.tls").len(), 1);
+    let m = sink
+        .messages()
+        .into_iter()
+        .find(|m| m.contains("tls-out@test"))
+        .unwrap();
+    assert!(
+        m.contains("by gw.test (godwit) with ESMTPS"),
+        "the hop to the platform was not TLS: {m}"
+    );
+}
+
+#[test]
+fn total_connection_limit_and_data_timeout() {
+    let (po, pn) = (free_port(), free_port());
+    let old = Sink::start(po, &[]);
+    let gw = Gateway::start(po, pn, "max_connections = 2\ndata_timeout = \"1s\"", "");
+    let mut a = gw.client();
+    assert!(a.reply().starts_with("220"));
+    let mut b = gw.client();
+    assert!(b.reply().starts_with("220"));
+    let mut third = gw.client();
+    assert!(
+        third.reply().starts_with("421 4.7.0"),
+        "a third connection over max_connections = 2"
+    );
+    drop(third);
+    // A client that stops in the middle of DATA is cut off, and nothing is queued.
+    assert!(a.cmd("EHLO c").starts_with("250"));
+    assert!(a.cmd("MAIL FROM:<a@b.test>").starts_with("250"));
+    assert!(a.cmd("RCPT TO:<u@example.com>").starts_with("250"));
+    assert!(a.cmd("DATA").starts_with("354"));
+    a.send(b"Subject: half\r\n\r\nhalf a message");
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(a.reply().starts_with("421 4.4.2"));
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(old.messages().is_empty());
+    let (_, q) = gw.cli(&["queue", "list"]);
+    assert!(q.contains("-- 0 message"), "{q}");
+}

@@ -473,3 +473,35 @@ fn a_temporary_failure_at_one_relay_host_fails_over_to_the_next() {
     });
     assert_eq!(d["host"], format!("127.0.0.1:{pb}"));
 }
+
+#[test]
+fn a_failed_dsn_never_causes_a_dsn() {
+    let (po, pn) = (free_port(), free_port());
+    // Both platforms refuse every recipient: the message fails, and so does
+    // its DSN (sent through old).
+    let old = Sink::start(po, &["-f", "rcpt"]);
+    let _new = Sink::start(pn, &["-f", "rcpt"]);
+    let gw = start(po, pn, "", "soft_bounce = false");
+    let mut c = gw.client();
+    c.greet();
+    assert!(
+        c.mail(
+            "sender@outside.test",
+            &["u@example.com"],
+            &message("nodsnloop@test", "x")
+        )
+        .starts_with("250")
+    );
+    wait_for("the DSN to fail too", T, || {
+        (gw.events_named("delivery.failed").len() >= 2).then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        gw.events_named("dsn.queued").len(),
+        1,
+        "a DSN about a DSN was generated"
+    );
+    assert!(old.messages().is_empty());
+    let (_, q) = gw.cli(&["queue", "list"]);
+    assert!(q.contains("-- 0 message"), "{q}");
+}
