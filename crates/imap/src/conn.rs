@@ -432,6 +432,80 @@ impl Conn {
         Ok(out)
     }
 
+    /// Starts an APPEND whose literal is then written in slices with
+    /// `write_literal` and closed by `append_end` (RFC 3501 6.3.11, RFC 7888).
+    pub async fn append_begin(
+        &mut self,
+        mailbox_wire: &str,
+        flags: &[String],
+        internal_date: Option<&str>,
+        size: u32,
+    ) -> Result<async_imap::imap_proto::RequestId, ImapError> {
+        let literal_plus = self.has("LITERAL+");
+        let date = internal_date
+            .map(|d| format!(" \"{d}\""))
+            .unwrap_or_default();
+        let cmd = format!(
+            "APPEND {} ({}){date} {{{size}{}}}",
+            quote(mailbox_wire),
+            flags.join(" "),
+            if literal_plus { "+" } else { "" }
+        );
+        let tag = self.session.run_command(&cmd).await?;
+        if !literal_plus {
+            loop {
+                let r = self
+                    .session
+                    .read_response()
+                    .await
+                    .map_err(|e| ImapError::Io(e.to_string()))?
+                    .ok_or(ImapError::ConnectionLost)?;
+                match r.parsed() {
+                    Response::Continue { .. } => break,
+                    Response::Done {
+                        status, outcome, ..
+                    } => {
+                        return Err(ImapError::Command {
+                            command: "APPEND".into(),
+                            message: format!(
+                                "{status:?} {}",
+                                outcome.information.as_deref().unwrap_or("")
+                            ),
+                        });
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Ok(tag)
+    }
+
+    pub async fn write_literal(&mut self, data: &[u8]) -> Result<(), ImapError> {
+        self.session
+            .get_mut()
+            .write_all(data)
+            .await
+            .map_err(|e| ImapError::Io(e.to_string()))
+    }
+
+    pub async fn append_end(
+        &mut self,
+        tag: &async_imap::imap_proto::RequestId,
+    ) -> Result<Result<Option<(u32, u32)>, String>, ImapError> {
+        let stream = self.session.get_mut();
+        stream
+            .write_all(b"\r\n")
+            .await
+            .map_err(|e| ImapError::Io(e.to_string()))?;
+        stream
+            .flush()
+            .await
+            .map_err(|e| ImapError::Io(e.to_string()))?;
+        let r = self.read_done(tag).await;
+        self.drain_unsolicited();
+        r
+    }
+
     async fn read_done(
         &mut self,
         tag: &async_imap::imap_proto::RequestId,

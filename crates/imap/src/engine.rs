@@ -51,6 +51,9 @@ pub struct SyncOptions {
     /// Folders synced at once per account, each over its own connection pair
     /// (only as far as the per-server caps allow).
     pub parallel_folders: usize,
+    /// Messages larger than this are copied slice by slice.
+    pub stream_threshold: usize,
+    pub stream_slice: usize,
 }
 
 impl Default for SyncOptions {
@@ -61,6 +64,8 @@ impl Default for SyncOptions {
             max_batch_bytes: 8 << 20,
             max_reconnects: 5,
             parallel_folders: 4,
+            stream_threshold: 4 << 20,
+            stream_slice: 1 << 20,
         }
     }
 }
@@ -637,16 +642,18 @@ async fn sync_folder(
         .map_err(|e| folder_err(&pair.source, "EXAMINE", e))?;
     let validity = sbox.uid_validity.unwrap_or(validity);
     let mut source_flags: BTreeMap<u32, String> = BTreeMap::new();
+    let mut sizes: HashMap<u32, u32> = HashMap::new();
     if sbox.exists > 0 {
         let fetches: Vec<Fetch> = src
             .session
-            .uid_fetch("1:*", "(UID FLAGS)")
+            .uid_fetch("1:*", "(UID FLAGS RFC822.SIZE)")
             .await?
             .try_collect()
             .await?;
         for f in &fetches {
             if let Some(uid) = f.uid {
                 source_flags.insert(uid, flag_string(flags_of(f).into_iter()));
+                sizes.insert(uid, f.size.unwrap_or(0));
             }
         }
     }
@@ -776,6 +783,68 @@ async fn sync_folder(
         .messages_total
         .fetch_add(new_uids.len() as u64, Ordering::Relaxed);
     let append_limit = tgt.append_limit();
+
+    let mut new_uids_whole: Vec<u32> = Vec::new();
+    // Large messages never sit whole in memory: they are copied in slices.
+    let (large, new_uids): (Vec<u32>, Vec<u32>) = new_uids.into_iter().partition(|u| {
+        sizes
+            .get(u)
+            .is_some_and(|s| *s as usize > opts.stream_threshold)
+    });
+    for uid in large {
+        let size = sizes[&uid];
+        if let Some(limit) = append_limit.filter(|l| u64::from(size) > *l) {
+            let reason = format!("{size} bytes exceeds the target's APPENDLIMIT of {limit}");
+            state::record_skipped(store, address, &pair.source, validity, uid, None, &reason)
+                .await?;
+            fr.skipped.push(format!("UID {uid}: {reason}"));
+            continue;
+        }
+        let placed = stream_large(
+            src,
+            tgt,
+            pair,
+            tgt_wire,
+            tvalidity,
+            validity,
+            uid,
+            size,
+            opts,
+            &mut repair_pool,
+            &mut target_pool,
+            fr,
+        )
+        .await?;
+        progress.messages_done.fetch_add(1, Ordering::Relaxed);
+        match placed {
+            Large::Placed(row) => {
+                state::record_messages(store, address, &pair.source, &[row]).await?
+            }
+            Large::Refused { message_id, reason } => {
+                state::record_skipped(
+                    store,
+                    address,
+                    &pair.source,
+                    validity,
+                    uid,
+                    message_id.as_deref(),
+                    &reason,
+                )
+                .await?;
+                fr.skipped.push(format!(
+                    "UID {uid} {}: {reason}",
+                    message_id.as_deref().unwrap_or("(no Message-ID)")
+                ));
+            }
+            Large::SizeUnreliable => {
+                // RFC822.SIZE did not match BODY[]: copy it whole instead.
+                new_uids_whole.push(uid);
+            }
+        }
+    }
+    let mut new_uids = new_uids;
+    new_uids.append(&mut new_uids_whole);
+    new_uids.sort_unstable();
 
     // Copy (or pair) new messages, streaming batches from the source.
     for chunk in new_uids.chunks(opts.fetch_batch) {
@@ -916,6 +985,162 @@ async fn sync_folder(
     )
     .await?;
     Ok(())
+}
+
+enum Large {
+    Placed(MessageRow),
+    Refused {
+        message_id: Option<String>,
+        reason: String,
+    },
+    SizeUnreliable,
+}
+
+/// Fetches `BODY.PEEK[]<offset.len>` (RFC 3501 6.4.5 partial fetch).
+async fn fetch_slice(
+    src: &mut Conn,
+    uid: u32,
+    offset: u32,
+    len: u32,
+    meta: bool,
+) -> Result<(Vec<u8>, Option<Fetch>), ImapError> {
+    let items = if meta {
+        format!("(UID FLAGS INTERNALDATE BODY.PEEK[]<{offset}.{len}>)")
+    } else {
+        format!("(UID BODY.PEEK[]<{offset}.{len}>)")
+    };
+    let fetches: Vec<Fetch> = src
+        .session
+        .uid_fetch(uid.to_string(), items)
+        .await?
+        .try_collect()
+        .await?;
+    src.drain_unsolicited();
+    let f = fetches.into_iter().find(|f| f.uid == Some(uid));
+    let data = f
+        .as_ref()
+        .and_then(|f| f.body())
+        .map(<[u8]>::to_vec)
+        .unwrap_or_default();
+    if let Some(bw) = &src.bandwidth {
+        bw.consume(data.len() as u64).await;
+    }
+    Ok((data, if meta { f } else { None }))
+}
+
+/// Copies one large message slice by slice: at most one slice is in memory.
+/// The APPEND literal's length is announced up front (RFC 3501 4.3), so the
+/// size is checked first; when lost state or a UIDVALIDITY change needs the
+/// digest before deciding, the message is read once for that, then copied.
+#[allow(clippy::too_many_arguments)]
+async fn stream_large(
+    src: &mut Conn,
+    tgt: &mut Conn,
+    pair: &FolderPair,
+    tgt_wire: &str,
+    tvalidity: u32,
+    validity: u32,
+    uid: u32,
+    size: u32,
+    opts: &SyncOptions,
+    repair_pool: &mut HashMap<Key, Vec<MessageRow>>,
+    target_pool: &mut HashMap<Key, Vec<u32>>,
+    fr: &mut FolderReport,
+) -> Result<Large, ImapError> {
+    let slice = opts.stream_slice.max(1024) as u32;
+    // The last byte must exist and nothing may follow it.
+    let (tail, meta) = fetch_slice(src, uid, size - 1, 2, true).await?;
+    if tail.len() != 1 {
+        return Ok(Large::SizeUnreliable);
+    }
+    let meta = meta.ok_or(ImapError::Folder {
+        folder: pair.source.clone(),
+        message: format!("UID {uid} vanished"),
+    })?;
+    let flags = flags_of(&meta);
+    let date = append_date(&meta);
+    let row = |message_id: Option<String>, digest: String, target_uid: Option<u32>| MessageRow {
+        source_uidvalidity: validity,
+        source_uid: uid,
+        target_folder: pair.target.clone(),
+        target_uidvalidity: tvalidity,
+        target_uid,
+        message_id,
+        digest,
+        flags: flag_string(flags.iter().cloned()),
+    };
+    if !repair_pool.is_empty() || !target_pool.is_empty() {
+        let mut hasher = Sha256::new();
+        let mut mid = None;
+        let mut offset = 0;
+        while offset < size {
+            let (data, _) = fetch_slice(src, uid, offset, slice.min(size - offset), false).await?;
+            if data.is_empty() {
+                return Ok(Large::SizeUnreliable);
+            }
+            if offset == 0 {
+                mid = message_id(&data);
+            }
+            hasher.update(&data);
+            offset += data.len() as u32;
+        }
+        let dig: String = hasher
+            .finalize()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let key = (mid.clone(), dig.clone());
+        if let Some(old) = repair_pool.get_mut(&key).and_then(Vec::pop) {
+            fr.repaired += 1;
+            if old.target_folder == pair.target && old.target_uidvalidity == tvalidity {
+                return Ok(Large::Placed(row(mid, dig, old.target_uid)));
+            }
+        }
+        if let Some(tuid) = target_pool.get_mut(&key).and_then(Vec::pop) {
+            fr.matched += 1;
+            return Ok(Large::Placed(row(mid, dig, Some(tuid))));
+        }
+    }
+    let tag = tgt
+        .append_begin(tgt_wire, &flags, date.as_deref(), size)
+        .await?;
+    let mut hasher = Sha256::new();
+    let mut mid = None;
+    let mut offset = 0;
+    while offset < size {
+        let (data, _) = fetch_slice(src, uid, offset, slice.min(size - offset), false).await?;
+        if data.is_empty() || offset + data.len() as u32 > size {
+            // Mid-literal: the only way out is dropping the target connection,
+            // which discards the partial APPEND (RFC 3501 6.3.11).
+            return Err(ImapError::Io(format!(
+                "UID {uid} in {} changed size while being copied",
+                pair.source
+            )));
+        }
+        if offset == 0 {
+            mid = message_id(&data);
+        }
+        hasher.update(&data);
+        tgt.write_literal(&data).await?;
+        offset += data.len() as u32;
+    }
+    let dig: String = hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    match tgt.append_end(&tag).await? {
+        Ok(appended) => {
+            fr.copied += 1;
+            fr.bytes += u64::from(size);
+            let target_uid = appended.filter(|(v, _)| *v == tvalidity).map(|(_, u)| u);
+            Ok(Large::Placed(row(mid, dig, target_uid)))
+        }
+        Err(text) => Ok(Large::Refused {
+            message_id: mid,
+            reason: format!("target refused APPEND: {text}"),
+        }),
+    }
 }
 
 fn folder_err(folder: &str, command: &str, e: async_imap::error::Error) -> ImapError {

@@ -43,6 +43,16 @@ async fn populate(s: &mut Imap) -> usize {
         .await;
         n += 1;
     }
+    // Over the streaming threshold: copied, and after lost state matched, slice by slice.
+    append(
+        s,
+        "Work",
+        "(\\Seen)",
+        "01-Mar-2021 10:00:00 +0000",
+        &with_attachment("<large@x>", 3_400_000),
+    )
+    .await;
+    n += 1;
     for i in 0..8 {
         append(
             s,
@@ -146,7 +156,7 @@ async fn lost_state_and_uidvalidity_changes_repair_instead_of_copying() {
             .find(|f| f.source == "Work")
             .unwrap()
             .repaired,
-        10,
+        11,
         "{r:#?}"
     );
     assert_eq!(dump(&mut tgt).await, before, "target unchanged");
