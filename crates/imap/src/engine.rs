@@ -848,14 +848,21 @@ async fn sync_folder(
 
     // Copy (or pair) new messages, streaming batches from the source.
     for chunk in new_uids.chunks(opts.fetch_batch) {
+        src.server.limits.pace().await;
+        let asked = std::time::Instant::now();
         let mut stream = src
             .session
             .uid_fetch(uid_set(chunk), "(UID FLAGS INTERNALDATE BODY.PEEK[])")
             .await?;
         let mut batch: Vec<Fetch> = Vec::new();
         let mut batch_bytes = 0usize;
+        let mut first = true;
         loop {
             let next = stream.try_next().await?;
+            if first {
+                first = false;
+                src.server.limits.observe_latency(asked.elapsed());
+            }
             let done = next.is_none();
             if let Some(f) = next {
                 let len = f.body().map(<[u8]>::len).unwrap_or(0);
