@@ -708,7 +708,8 @@ async fn sync_folder(
         )
         .filter_map(|r| r.target_uid)
         .collect();
-    let mut target_pool: HashMap<Key, Vec<u32>> = HashMap::new();
+    // Target messages the state does not know, by content, with their flags.
+    let mut target_pool: HashMap<Key, Vec<(u32, String)>> = HashMap::new();
     if tbox.exists > 0 {
         let uids: Vec<Fetch> = tgt
             .session
@@ -725,7 +726,7 @@ async fn sync_folder(
         for chunk in unknown.chunks(opts.fetch_batch) {
             let fetches: Vec<Fetch> = tgt
                 .session
-                .uid_fetch(uid_set(chunk), "(UID BODY.PEEK[])")
+                .uid_fetch(uid_set(chunk), "(UID FLAGS BODY.PEEK[])")
                 .await?
                 .try_collect()
                 .await?;
@@ -734,7 +735,7 @@ async fn sync_folder(
                     target_pool
                         .entry((message_id(body), digest(body)))
                         .or_default()
-                        .push(uid);
+                        .push((uid, flag_string(flags_of(f).into_iter())));
                 }
             }
         }
@@ -745,11 +746,12 @@ async fn sync_folder(
     // the metadata the state kept (no source download needed).
     let mut repaired_rows = Vec::new();
     for mut r in stale_target {
-        if let Some(uid) = target_pool
+        if let Some((uid, tflags)) = target_pool
             .get_mut(&(r.message_id.clone(), r.digest.clone()))
             .and_then(Vec::pop)
         {
             r.target_uid = Some(uid);
+            r.flags = tflags;
             r.target_uidvalidity = tvalidity;
             r.target_folder = pair.target.clone();
             fr.repaired += 1;
@@ -904,7 +906,18 @@ async fn sync_folder(
         src.drain_unsolicited();
     }
 
-    // Flag changes on the source since the last run (RFC 3501 6.4.6 STORE FLAGS replaces the set).
+    // Flag changes on the source since the last run (RFC 3501 6.4.6 STORE FLAGS
+    // replaces the set), including messages paired this run whose target copy
+    // carries other flags. The state now holds every pairing: read it back.
+    let current: Vec<MessageRow> = state::messages(store, address, &pair.source)
+        .await?
+        .into_iter()
+        .filter(|r| {
+            r.source_uidvalidity == validity
+                && r.target_folder == pair.target
+                && r.target_uidvalidity == tvalidity
+        })
+        .collect();
     let mut by_flags: BTreeMap<String, Vec<u32>> = BTreeMap::new();
     let mut updated = Vec::new();
     for r in &current {
@@ -1051,7 +1064,7 @@ async fn stream_large(
     size: u32,
     opts: &SyncOptions,
     repair_pool: &mut HashMap<Key, Vec<MessageRow>>,
-    target_pool: &mut HashMap<Key, Vec<u32>>,
+    target_pool: &mut HashMap<Key, Vec<(u32, String)>>,
     fr: &mut FolderReport,
 ) -> Result<Large, ImapError> {
     let slice = opts.stream_slice.max(1024) as u32;
@@ -1100,12 +1113,18 @@ async fn stream_large(
         if let Some(old) = repair_pool.get_mut(&key).and_then(Vec::pop) {
             fr.repaired += 1;
             if old.target_folder == pair.target && old.target_uidvalidity == tvalidity {
-                return Ok(Large::Placed(row(mid, dig, old.target_uid)));
+                return Ok(Large::Placed(MessageRow {
+                    flags: old.flags,
+                    ..row(mid, dig, old.target_uid)
+                }));
             }
         }
-        if let Some(tuid) = target_pool.get_mut(&key).and_then(Vec::pop) {
+        if let Some((tuid, tflags)) = target_pool.get_mut(&key).and_then(Vec::pop) {
             fr.matched += 1;
-            return Ok(Large::Placed(row(mid, dig, Some(tuid))));
+            return Ok(Large::Placed(MessageRow {
+                flags: tflags,
+                ..row(mid, dig, Some(tuid))
+            }));
         }
     }
     let tag = tgt
@@ -1173,7 +1192,7 @@ async fn place_batch(
     batch: &[Fetch],
     append_limit: Option<u64>,
     repair_pool: &mut HashMap<Key, Vec<MessageRow>>,
-    target_pool: &mut HashMap<Key, Vec<u32>>,
+    target_pool: &mut HashMap<Key, Vec<(u32, String)>>,
     progress: &Progress,
     fr: &mut FolderReport,
 ) -> Result<Vec<MessageRow>, ImapError> {
@@ -1202,17 +1221,20 @@ async fn place_batch(
         if let Some(old) = repair_pool.get_mut(&key).and_then(Vec::pop) {
             fr.repaired += 1;
             if old.target_folder == pair.target && old.target_uidvalidity == tvalidity {
+                // The flags the target holds; the flag pass below brings them up to date.
                 rows.push(MessageRow {
                     target_uid: old.target_uid,
+                    flags: old.flags,
                     ..row
                 });
                 continue;
             }
         }
-        if let Some(tuid) = target_pool.get_mut(&key).and_then(Vec::pop) {
+        if let Some((tuid, tflags)) = target_pool.get_mut(&key).and_then(Vec::pop) {
             fr.matched += 1;
             rows.push(MessageRow {
                 target_uid: Some(tuid),
+                flags: tflags,
                 ..row
             });
             continue;
