@@ -27,6 +27,8 @@ pub struct Dovecot {
     pub port: u16,
     child: Child,
     pub conf: PathBuf,
+    /// Implicit-TLS port when started with `start_tls` (0 otherwise).
+    pub imaps_port: u16,
 }
 
 fn free_port() -> u16 {
@@ -43,6 +45,15 @@ impl Dovecot {
     }
 
     pub fn start_with(flavor: Flavor, users: &[&str], extra: &str) -> Dovecot {
+        Self::start_full(flavor, users, extra, false)
+    }
+
+    /// With a self-signed certificate: STARTTLS on `port`, implicit TLS on `imaps_port`.
+    pub fn start_tls(flavor: Flavor, users: &[&str]) -> Dovecot {
+        Self::start_full(flavor, users, "", true)
+    }
+
+    fn start_full(flavor: Flavor, users: &[&str], extra: &str, tls: bool) -> Dovecot {
         let dir = tempfile::Builder::new()
             .prefix("godwit-dovecot-")
             .tempdir()
@@ -96,13 +107,32 @@ impl Dovecot {
             .map(|(name, usage)| format!("  mailbox \"{name}\" {{\n    special_use = \\{usage}\n    auto = create\n  }}\n"))
             .collect();
         let port = free_port();
+        let (ssl, imaps_port) = if tls {
+            let cert = rcgen::generate_simple_self_signed(vec![
+                "localhost".to_string(),
+                "127.0.0.1".to_string(),
+            ])
+            .unwrap();
+            std::fs::write(d.join("cert.pem"), cert.cert.pem()).unwrap();
+            std::fs::write(d.join("key.pem"), cert.signing_key.serialize_pem()).unwrap();
+            let p = free_port();
+            (
+                format!(
+                    "ssl = yes\nssl_cert = <{0}/cert.pem\nssl_key = <{0}/key.pem",
+                    d.display()
+                ),
+                p,
+            )
+        } else {
+            ("ssl = no".to_string(), 0)
+        };
         let conf = format!(
             r#"base_dir = {d}/run
 state_dir = {d}/state
 log_path = {d}/dovecot.log
 protocols = imap
 listen = 127.0.0.1
-ssl = no
+{ssl}
 disable_plaintext_auth = no
 auth_mechanisms = plain login
 mail_uid = vmail
@@ -136,7 +166,8 @@ service imap-login {{
     port = {port}
   }}
   inet_listener imaps {{
-    port = 0
+    address = 127.0.0.1
+    port = {imaps_port}
   }}
   chroot =
 }}
@@ -160,6 +191,7 @@ service anvil {{
             port,
             child,
             conf: conf_path,
+            imaps_port,
         };
         let deadline = Instant::now() + Duration::from_secs(20);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
