@@ -849,6 +849,7 @@ async fn sync_folder(
     new_uids.sort_unstable();
 
     // Copy (or pair) new messages, streaming batches from the source.
+    let timeout = src.server.command_timeout;
     for chunk in new_uids.chunks(opts.fetch_batch) {
         src.server.limits.pace().await;
         let asked = std::time::Instant::now();
@@ -860,7 +861,15 @@ async fn sync_folder(
         let mut batch_bytes = 0usize;
         let mut first = true;
         loop {
-            let next = stream.try_next().await?;
+            // A server that stops answering mid-FETCH is a dropped connection.
+            let next = tokio::time::timeout(timeout, stream.try_next())
+                .await
+                .map_err(|_| {
+                    ImapError::Io(format!(
+                        "no answer to FETCH in {} for {timeout:?}",
+                        pair.source
+                    ))
+                })??;
             if first {
                 first = false;
                 src.server.limits.observe_latency(asked.elapsed());
