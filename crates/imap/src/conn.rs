@@ -649,3 +649,54 @@ pub fn quote(s: &str) -> String {
     out.push('"');
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn throttling_answers_are_recognised() {
+        for t in [
+            "[THROTTLED] Request is throttled. Suggested Backoff Time: 1000 milliseconds",
+            "Too many connections from this IP",
+            "Maximum number of connections from user+IP exceeded (mail_max_userip_connections=2)",
+            "[UNAVAILABLE] Try again later",
+        ] {
+            assert!(is_throttling(t), "{t}");
+        }
+        for t in [
+            "Mailbox doesn't exist: Foo",
+            "[LIMIT] Mail size is too large",
+            "Quota exceeded",
+        ] {
+            assert!(!is_throttling(t), "{t}");
+        }
+        let e: ImapError = async_imap::error::Error::No("[THROTTLED] slow down".into()).into();
+        assert!(matches!(e, ImapError::Throttled(_)) && e.is_transient());
+        let e: ImapError = async_imap::error::Error::No("Mailbox doesn't exist".into()).into();
+        assert!(!e.is_transient());
+    }
+
+    #[test]
+    fn urls_and_secrets() {
+        let s = Server::from_url("imaps://mail.example.com").unwrap();
+        assert_eq!(
+            (s.host.as_str(), s.port, s.security),
+            ("mail.example.com", 993, Security::Implicit)
+        );
+        let s = Server::from_url("imap://127.0.0.1:1143/").unwrap();
+        assert_eq!(
+            (s.host.as_str(), s.port, s.security),
+            ("127.0.0.1", 1143, Security::StartTls)
+        );
+        assert!(Server::from_url("http://x").is_err());
+        let mut s = Server::from_url("imap://h").unwrap();
+        s.master = Some(("admin".into(), "hunter2".into()));
+        let l = Login {
+            user: "u".into(),
+            password: "hunter2".into(),
+        };
+        assert!(!format!("{s:?}{l:?}").contains("hunter2"));
+        assert_eq!(quote(r#"Tom &- "Jerry" \ x"#), r#""Tom &- \"Jerry\" \\ x""#);
+    }
+}
