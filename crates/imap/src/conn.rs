@@ -365,10 +365,22 @@ impl Conn {
         &mut self,
         mailbox_wire: &str,
         messages: &[AppendItem<'_>],
-    ) -> Result<Vec<Result<Option<(u32, u32)>, String>>, ImapError> {
+    ) -> Result<Vec<AppendOutcome>, ImapError> {
+        let sent = self.append_send(mailbox_wire, messages).await?;
+        self.append_collect(sent).await
+    }
+
+    /// Sends the APPENDs without waiting for their answers (with LITERAL+),
+    /// so the caller can fetch the next batch meanwhile; `append_collect` reads
+    /// the answers. Without LITERAL+ each literal waits for its continuation
+    /// (RFC 3501 7.5) and the answer is read at once.
+    pub async fn append_send(
+        &mut self,
+        mailbox_wire: &str,
+        messages: &[AppendItem<'_>],
+    ) -> Result<Vec<Sent>, ImapError> {
         let literal_plus = self.has("LITERAL+");
         let mbox = quote(mailbox_wire);
-        let mut tags = Vec::with_capacity(messages.len());
         let mut out = Vec::with_capacity(messages.len());
         let io = |e: std::io::Error| ImapError::Io(e.to_string());
         for m in messages {
@@ -389,7 +401,6 @@ impl Conn {
                 .await
                 .map_err(|e| ImapError::Io(e.to_string()))?;
             if !literal_plus {
-                // RFC 3501 7.5: wait for the continuation before sending the literal.
                 loop {
                     let r = self
                         .session
@@ -418,15 +429,27 @@ impl Conn {
             stream.write_all(m.body).await.map_err(io)?;
             stream.write_all(b"\r\n").await.map_err(io)?;
             if literal_plus {
-                tags.push(tag);
+                out.push(Sent::Pending(tag));
             } else {
                 stream.flush().await.map_err(io)?;
-                out.push(self.read_done(&tag).await?);
+                out.push(Sent::Done(self.read_done(&tag).await?));
             }
         }
         self.session.get_mut().flush().await.map_err(io)?;
-        for tag in &tags {
-            out.push(self.read_done(tag).await?);
+        Ok(out)
+    }
+
+    /// The answers to `append_send`, in order.
+    pub async fn append_collect(
+        &mut self,
+        sent: Vec<Sent>,
+    ) -> Result<Vec<AppendOutcome>, ImapError> {
+        let mut out = Vec::with_capacity(sent.len());
+        for s in sent {
+            out.push(match s {
+                Sent::Pending(tag) => self.read_done(&tag).await?,
+                Sent::Done(r) => r,
+            });
         }
         self.drain_unsolicited();
         Ok(out)
@@ -619,6 +642,16 @@ impl Conn {
     pub async fn logout(mut self) {
         let _ = tokio::time::timeout(Duration::from_secs(5), self.session.logout()).await;
     }
+}
+
+/// An APPEND's answer: the target (UIDVALIDITY, UID) when the server sent
+/// APPENDUID, or its refusal text.
+pub type AppendOutcome = Result<Option<(u32, u32)>, String>;
+
+/// An APPEND sent and not yet answered, or answered already.
+pub enum Sent {
+    Pending(async_imap::imap_proto::RequestId),
+    Done(AppendOutcome),
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

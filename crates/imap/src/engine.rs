@@ -850,6 +850,7 @@ async fn sync_folder(
 
     // Copy (or pair) new messages, streaming batches from the source.
     let timeout = src.server.command_timeout;
+    let mut in_flight: Option<InFlight> = None;
     for chunk in new_uids.chunks(opts.fetch_batch) {
         src.server.limits.pace().await;
         let asked = std::time::Instant::now();
@@ -887,7 +888,7 @@ async fn sync_folder(
                 || batch_bytes >= opts.max_batch_bytes
                 || batch.len() >= 64
             {
-                let rows = place_batch(
+                let (rows, flight) = place_batch(
                     store,
                     address,
                     tgt,
@@ -904,6 +905,15 @@ async fn sync_folder(
                 )
                 .await?;
                 state::record_messages(store, address, &pair.source, &rows).await?;
+                // The previous batch's APPENDs were answered while this one was
+                // fetched: record them now, and leave this batch in flight.
+                if let Some(prev) = std::mem::replace(&mut in_flight, flight) {
+                    let rows = land_batch(
+                        store, address, tgt, pair, tvalidity, validity, prev, progress, fr,
+                    )
+                    .await?;
+                    state::record_messages(store, address, &pair.source, &rows).await?;
+                }
                 batch.clear();
                 batch_bytes = 0;
             }
@@ -913,6 +923,13 @@ async fn sync_folder(
         }
         drop(stream);
         src.drain_unsolicited();
+    }
+    if let Some(last) = in_flight.take() {
+        let rows = land_batch(
+            store, address, tgt, pair, tvalidity, validity, last, progress, fr,
+        )
+        .await?;
+        state::record_messages(store, address, &pair.source, &rows).await?;
     }
 
     // Flag changes on the source since the last run (RFC 3501 6.4.6 STORE FLAGS
@@ -1188,7 +1205,62 @@ fn folder_err(folder: &str, command: &str, e: async_imap::error::Error) -> ImapE
     }
 }
 
-/// Pairs or appends one batch of fetched source messages; returns the rows to record.
+/// APPENDs sent for one batch, with the rows they will fill in.
+struct InFlight {
+    rows: Vec<MessageRow>,
+    sizes: Vec<u64>,
+    sent: Vec<crate::conn::Sent>,
+}
+
+/// Reads the answers to a batch's APPENDs; returns the rows to record.
+#[allow(clippy::too_many_arguments)]
+async fn land_batch(
+    store: &Store,
+    address: &str,
+    tgt: &mut Conn,
+    pair: &FolderPair,
+    tvalidity: u32,
+    validity: u32,
+    flight: InFlight,
+    progress: &Progress,
+    fr: &mut FolderReport,
+) -> Result<Vec<MessageRow>, ImapError> {
+    let mut rows = Vec::new();
+    let results = tgt.append_collect(flight.sent).await?;
+    for ((row, size), result) in flight.rows.into_iter().zip(flight.sizes).zip(results) {
+        match result {
+            Ok(appended) => {
+                fr.copied += 1;
+                fr.bytes += size;
+                progress.bytes_done.fetch_add(size, Ordering::Relaxed);
+                let target_uid = appended.filter(|(v, _)| *v == tvalidity).map(|(_, u)| u);
+                rows.push(MessageRow { target_uid, ..row });
+            }
+            Err(text) => {
+                let reason = format!("target refused APPEND: {text}");
+                state::record_skipped(
+                    store,
+                    address,
+                    &pair.source,
+                    validity,
+                    row.source_uid,
+                    row.message_id.as_deref(),
+                    &reason,
+                )
+                .await?;
+                fr.skipped.push(format!(
+                    "UID {} {}: {reason}",
+                    row.source_uid,
+                    row.message_id.as_deref().unwrap_or("(no Message-ID)")
+                ));
+            }
+        }
+    }
+    Ok(rows)
+}
+
+/// Pairs one batch of fetched source messages with target copies, or sends
+/// their APPENDs; returns the rows paired now and the APPENDs in flight.
 #[allow(clippy::too_many_arguments)]
 async fn place_batch(
     store: &Store,
@@ -1204,7 +1276,7 @@ async fn place_batch(
     target_pool: &mut HashMap<Key, Vec<(u32, String)>>,
     progress: &Progress,
     fr: &mut FolderReport,
-) -> Result<Vec<MessageRow>, ImapError> {
+) -> Result<(Vec<MessageRow>, Option<InFlight>), ImapError> {
     let mut rows = Vec::new();
     let mut to_append: Vec<(usize, MessageRow)> = Vec::new();
     let mut items = Vec::new();
@@ -1278,41 +1350,19 @@ async fn place_batch(
         });
         to_append.push((i, row));
     }
-    if !items.is_empty() {
-        let results = tgt.append_batch(tgt_wire, &items).await?;
-        for ((_, row), (item, result)) in to_append.into_iter().zip(items.iter().zip(results)) {
-            match result {
-                Ok(appended) => {
-                    fr.copied += 1;
-                    fr.bytes += item.body.len() as u64;
-                    progress
-                        .bytes_done
-                        .fetch_add(item.body.len() as u64, Ordering::Relaxed);
-                    let target_uid = appended.filter(|(v, _)| *v == tvalidity).map(|(_, u)| u);
-                    rows.push(MessageRow { target_uid, ..row });
-                }
-                Err(text) => {
-                    let reason = format!("target refused APPEND: {text}");
-                    state::record_skipped(
-                        store,
-                        address,
-                        &pair.source,
-                        validity,
-                        row.source_uid,
-                        row.message_id.as_deref(),
-                        &reason,
-                    )
-                    .await?;
-                    fr.skipped.push(format!(
-                        "UID {} {}: {reason}",
-                        row.source_uid,
-                        row.message_id.as_deref().unwrap_or("(no Message-ID)")
-                    ));
-                }
-            }
-        }
+    if items.is_empty() {
+        return Ok((rows, None));
     }
-    Ok(rows)
+    let sent = tgt.append_send(tgt_wire, &items).await?;
+    let sizes = items.iter().map(|i| i.body.len() as u64).collect();
+    Ok((
+        rows,
+        Some(InFlight {
+            rows: to_append.into_iter().map(|(_, r)| r).collect(),
+            sizes,
+            sent,
+        }),
+    ))
 }
 
 #[cfg(test)]
