@@ -268,6 +268,7 @@ impl Conn {
             .map_err(|e| err(e.to_string()))?;
         // RFC 3501 7.1: the greeting may carry the capabilities; most servers send them.
         let mut starttls = false;
+        let mut greeting_caps = false;
         if let Some(g) = &greeting {
             match g.parsed() {
                 Response::Data {
@@ -283,10 +284,39 @@ impl Conn {
                 }
                 Response::Data { outcome, .. } => {
                     if let Some(ResponseCode::Capabilities(c)) = &outcome.code {
+                        greeting_caps = true;
                         starttls = c.iter().any(|c| matches!(c, async_imap::imap_proto::Capability::Atom(a) if a.eq_ignore_ascii_case("STARTTLS")));
                     }
                 }
                 _ => {}
+            }
+        }
+        if server.security == Security::StartTls && !greeting_caps {
+            // Ask (RFC 3501 6.1.1), so that a password never goes out in clear
+            // text to a server that offers STARTTLS without announcing it. A
+            // private tag: async-imap's own counter never produces it.
+            let io = |e: std::io::Error| err(e.to_string());
+            client
+                .get_mut()
+                .write_all(b"gw0 CAPABILITY\r\n")
+                .await
+                .map_err(io)?;
+            client.get_mut().flush().await.map_err(io)?;
+            loop {
+                let r = client
+                    .read_response()
+                    .await
+                    .map_err(io)?
+                    .ok_or_else(|| err("connection closed".into()))?;
+                match r.parsed() {
+                    Response::Capabilities(c) => {
+                        starttls = c.iter().any(|c| {
+                            matches!(c, async_imap::imap_proto::Capability::Atom(a) if a.eq_ignore_ascii_case("STARTTLS"))
+                        });
+                    }
+                    Response::Done { tag, .. } if tag.0 == "gw0" => break,
+                    _ => {}
+                }
             }
         }
         if server.security == Security::StartTls && starttls {
