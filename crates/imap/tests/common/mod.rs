@@ -20,6 +20,8 @@ pub enum Flavor {
     Source,
     /// separator '/', LAYOUT=fs, Exchange names: Sent Items, Deleted Items, Junk Email.
     Exchange,
+    /// Courier-style: every folder under the `INBOX.` namespace prefix, no special-use attributes.
+    Courier,
 }
 
 pub struct Dovecot {
@@ -79,7 +81,13 @@ impl Dovecot {
             format!("admin:{{PLAIN}}{PASSWORD}::::::\n"),
         )
         .unwrap();
+        let prefix = if flavor == Flavor::Courier {
+            "  prefix = INBOX.\n"
+        } else {
+            ""
+        };
         let (sep, layout, specials): (&str, &str, &[(&str, &str)]) = match flavor {
+            Flavor::Courier => (".", "", &[]),
             Flavor::Source => (
                 ".",
                 "",
@@ -144,7 +152,7 @@ auth_master_user_separator = *
 namespace inbox {{
   inbox = yes
   separator = {sep}
-{mailboxes}
+{prefix}{mailboxes}
 }}
 passdb {{
   driver = passwd-file
