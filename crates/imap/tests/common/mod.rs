@@ -55,7 +55,18 @@ impl Dovecot {
         Self::start_full(flavor, users, "", true)
     }
 
+    /// Retries on a new port when another process took the chosen one between
+    /// `free_port` and Dovecot's bind (tests of several crates run in parallel).
     fn start_full(flavor: Flavor, users: &[&str], extra: &str, tls: bool) -> Dovecot {
+        for _ in 0..5 {
+            if let Some(d) = Self::try_start(flavor, users, extra, tls) {
+                return d;
+            }
+        }
+        panic!("dovecot did not start on five ports");
+    }
+
+    fn try_start(flavor: Flavor, users: &[&str], extra: &str, tls: bool) -> Option<Dovecot> {
         let dir = tempfile::Builder::new()
             .prefix("godwit-dovecot-")
             .tempdir()
@@ -188,29 +199,32 @@ service anvil {{
         );
         let conf_path = d.join("dovecot.conf");
         std::fs::write(&conf_path, conf).unwrap();
-        let child = Command::new("dovecot")
+        let mut child = Command::new("dovecot")
             .arg("-F")
             .arg("-c")
             .arg(&conf_path)
             .spawn()
             .expect("dovecot starts");
-        let dc = Dovecot {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if child.try_wait().unwrap().is_some() {
+                return None; // the port was taken: try another
+            }
+            assert!(Instant::now() < deadline, "dovecot did not listen");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // Whoever answered must be our Dovecot, still running.
+        std::thread::sleep(Duration::from_millis(100));
+        if child.try_wait().unwrap().is_some() {
+            return None;
+        }
+        Some(Dovecot {
             dir,
             port,
             child,
             conf: conf_path,
             imaps_port,
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "dovecot did not listen: {}",
-                dc.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        dc
+        })
     }
 
     pub fn log(&self) -> String {
