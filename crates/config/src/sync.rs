@@ -72,7 +72,7 @@ impl Default for SyncConfig {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SyncServerConfig {
     /// `imaps://host:993` (implicit TLS) or `imap://host:143` (STARTTLS when offered).
@@ -85,6 +85,22 @@ pub struct SyncServerConfig {
     pub tls_insecure: bool,
     /// Personal namespace prefix such as `INBOX.`; detected when absent.
     pub namespace_prefix: Option<String>,
+}
+
+/// Debug without the master password (a literal one would otherwise be printed).
+impl std::fmt::Debug for SyncServerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SyncServerConfig")
+            .field("url", &self.url)
+            .field("master_user", &self.master_user)
+            .field(
+                "master_password",
+                &self.master_password.as_ref().map(|_| "(hidden)"),
+            )
+            .field("tls_insecure", &self.tls_insecure)
+            .field("namespace_prefix", &self.namespace_prefix)
+            .finish()
+    }
 }
 
 fn de_opt_size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
@@ -174,6 +190,11 @@ mod tests {
         assert_eq!(s.max_bytes_per_second, Some(20_000_000));
         assert_eq!(s.max_connections_per_server, 8);
         assert_eq!(s.folders["Old"], "Archive/Old");
+        let shown = format!(
+            "{:?}",
+            Config::parse(&text.replace("env:X", "hunter2")).unwrap()
+        );
+        assert!(!shown.contains("hunter2"), "master password printed");
     }
 
     #[test]

@@ -23,6 +23,12 @@ enum Command {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(godwit_imap::cli::ProgressWriter)
+        .init();
     let config = godwit_config::Config::load(&cli.config)?;
     let code = match &cli.command {
         Command::Sync(a) => run_sync(&config, a).await?,

@@ -118,7 +118,8 @@ pub async fn run_sync(config: &Config, args: &SyncArgs) -> anyhow::Result<i32> {
         ..Default::default()
     };
     let show_progress = !args.no_progress && !args.json && std::io::stderr().is_terminal();
-    let bars = indicatif::MultiProgress::with_draw_target(if show_progress {
+    let bars = progress_bars();
+    bars.set_draw_target(if show_progress {
         indicatif::ProgressDrawTarget::stderr()
     } else {
         indicatif::ProgressDrawTarget::hidden()
@@ -249,6 +250,36 @@ pub async fn run_verify(config: &Config, args: &VerifyArgs) -> anyhow::Result<i3
         print!("{}", render(&checks));
     }
     Ok(if checks.iter().all(|c| c.clean) { 0 } else { 1 })
+}
+
+/// The progress bars of `godwit sync`, shared with the log writer below.
+pub fn progress_bars() -> &'static indicatif::MultiProgress {
+    static BARS: std::sync::OnceLock<indicatif::MultiProgress> = std::sync::OnceLock::new();
+    BARS.get_or_init(|| {
+        indicatif::MultiProgress::with_draw_target(indicatif::ProgressDrawTarget::hidden())
+    })
+}
+
+/// A tracing writer that prints log lines above the progress bars instead of
+/// through them: `tracing_subscriber::fmt().with_writer(ProgressWriter)`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ProgressWriter;
+
+impl std::io::Write for ProgressWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        progress_bars().suspend(|| std::io::stderr().write_all(buf))?;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for ProgressWriter {
+    type Writer = ProgressWriter;
+    fn make_writer(&'a self) -> Self::Writer {
+        ProgressWriter
+    }
 }
 
 fn bytesize(n: u64) -> String {

@@ -268,6 +268,7 @@ impl Conn {
             .map_err(|e| err(e.to_string()))?;
         // RFC 3501 7.1: the greeting may carry the capabilities; most servers send them.
         let mut starttls = false;
+        let mut greeting_caps = false;
         if let Some(g) = &greeting {
             match g.parsed() {
                 Response::Data {
@@ -283,10 +284,39 @@ impl Conn {
                 }
                 Response::Data { outcome, .. } => {
                     if let Some(ResponseCode::Capabilities(c)) = &outcome.code {
+                        greeting_caps = true;
                         starttls = c.iter().any(|c| matches!(c, async_imap::imap_proto::Capability::Atom(a) if a.eq_ignore_ascii_case("STARTTLS")));
                     }
                 }
                 _ => {}
+            }
+        }
+        if server.security == Security::StartTls && !greeting_caps {
+            // Ask (RFC 3501 6.1.1), so that a password never goes out in clear
+            // text to a server that offers STARTTLS without announcing it. A
+            // private tag: async-imap's own counter never produces it.
+            let io = |e: std::io::Error| err(e.to_string());
+            client
+                .get_mut()
+                .write_all(b"gw0 CAPABILITY\r\n")
+                .await
+                .map_err(io)?;
+            client.get_mut().flush().await.map_err(io)?;
+            loop {
+                let r = client
+                    .read_response()
+                    .await
+                    .map_err(io)?
+                    .ok_or_else(|| err("connection closed".into()))?;
+                match r.parsed() {
+                    Response::Capabilities(c) => {
+                        starttls = c.iter().any(|c| {
+                            matches!(c, async_imap::imap_proto::Capability::Atom(a) if a.eq_ignore_ascii_case("STARTTLS"))
+                        });
+                    }
+                    Response::Done { tag, .. } if tag.0 == "gw0" => break,
+                    _ => {}
+                }
             }
         }
         if server.security == Security::StartTls && starttls {
@@ -365,10 +395,22 @@ impl Conn {
         &mut self,
         mailbox_wire: &str,
         messages: &[AppendItem<'_>],
-    ) -> Result<Vec<Result<Option<(u32, u32)>, String>>, ImapError> {
+    ) -> Result<Vec<AppendOutcome>, ImapError> {
+        let sent = self.append_send(mailbox_wire, messages).await?;
+        self.append_collect(sent).await
+    }
+
+    /// Sends the APPENDs without waiting for their answers (with LITERAL+),
+    /// so the caller can fetch the next batch meanwhile; `append_collect` reads
+    /// the answers. Without LITERAL+ each literal waits for its continuation
+    /// (RFC 3501 7.5) and the answer is read at once.
+    pub async fn append_send(
+        &mut self,
+        mailbox_wire: &str,
+        messages: &[AppendItem<'_>],
+    ) -> Result<Vec<Sent>, ImapError> {
         let literal_plus = self.has("LITERAL+");
         let mbox = quote(mailbox_wire);
-        let mut tags = Vec::with_capacity(messages.len());
         let mut out = Vec::with_capacity(messages.len());
         let io = |e: std::io::Error| ImapError::Io(e.to_string());
         for m in messages {
@@ -389,7 +431,6 @@ impl Conn {
                 .await
                 .map_err(|e| ImapError::Io(e.to_string()))?;
             if !literal_plus {
-                // RFC 3501 7.5: wait for the continuation before sending the literal.
                 loop {
                     let r = self
                         .session
@@ -418,18 +459,104 @@ impl Conn {
             stream.write_all(m.body).await.map_err(io)?;
             stream.write_all(b"\r\n").await.map_err(io)?;
             if literal_plus {
-                tags.push(tag);
+                out.push(Sent::Pending(tag));
             } else {
                 stream.flush().await.map_err(io)?;
-                out.push(self.read_done(&tag).await?);
+                out.push(Sent::Done(self.read_done(&tag).await?));
             }
         }
         self.session.get_mut().flush().await.map_err(io)?;
-        for tag in &tags {
-            out.push(self.read_done(tag).await?);
+        Ok(out)
+    }
+
+    /// The answers to `append_send`, in order.
+    pub async fn append_collect(
+        &mut self,
+        sent: Vec<Sent>,
+    ) -> Result<Vec<AppendOutcome>, ImapError> {
+        let mut out = Vec::with_capacity(sent.len());
+        for s in sent {
+            out.push(match s {
+                Sent::Pending(tag) => self.read_done(&tag).await?,
+                Sent::Done(r) => r,
+            });
         }
         self.drain_unsolicited();
         Ok(out)
+    }
+
+    /// Starts an APPEND whose literal is then written in slices with
+    /// `write_literal` and closed by `append_end` (RFC 3501 6.3.11, RFC 7888).
+    pub async fn append_begin(
+        &mut self,
+        mailbox_wire: &str,
+        flags: &[String],
+        internal_date: Option<&str>,
+        size: u32,
+    ) -> Result<async_imap::imap_proto::RequestId, ImapError> {
+        let literal_plus = self.has("LITERAL+");
+        let date = internal_date
+            .map(|d| format!(" \"{d}\""))
+            .unwrap_or_default();
+        let cmd = format!(
+            "APPEND {} ({}){date} {{{size}{}}}",
+            quote(mailbox_wire),
+            flags.join(" "),
+            if literal_plus { "+" } else { "" }
+        );
+        let tag = self.session.run_command(&cmd).await?;
+        if !literal_plus {
+            loop {
+                let r = self
+                    .session
+                    .read_response()
+                    .await
+                    .map_err(|e| ImapError::Io(e.to_string()))?
+                    .ok_or(ImapError::ConnectionLost)?;
+                match r.parsed() {
+                    Response::Continue { .. } => break,
+                    Response::Done {
+                        status, outcome, ..
+                    } => {
+                        return Err(ImapError::Command {
+                            command: "APPEND".into(),
+                            message: format!(
+                                "{status:?} {}",
+                                outcome.information.as_deref().unwrap_or("")
+                            ),
+                        });
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Ok(tag)
+    }
+
+    pub async fn write_literal(&mut self, data: &[u8]) -> Result<(), ImapError> {
+        self.session
+            .get_mut()
+            .write_all(data)
+            .await
+            .map_err(|e| ImapError::Io(e.to_string()))
+    }
+
+    pub async fn append_end(
+        &mut self,
+        tag: &async_imap::imap_proto::RequestId,
+    ) -> Result<Result<Option<(u32, u32)>, String>, ImapError> {
+        let stream = self.session.get_mut();
+        stream
+            .write_all(b"\r\n")
+            .await
+            .map_err(|e| ImapError::Io(e.to_string()))?;
+        stream
+            .flush()
+            .await
+            .map_err(|e| ImapError::Io(e.to_string()))?;
+        let r = self.read_done(tag).await;
+        self.drain_unsolicited();
+        r
     }
 
     async fn read_done(
@@ -547,6 +674,16 @@ impl Conn {
     }
 }
 
+/// An APPEND's answer: the target (UIDVALIDITY, UID) when the server sent
+/// APPENDUID, or its refusal text.
+pub type AppendOutcome = Result<Option<(u32, u32)>, String>;
+
+/// An APPEND sent and not yet answered, or answered already.
+pub enum Sent {
+    Pending(async_imap::imap_proto::RequestId),
+    Done(AppendOutcome),
+}
+
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct FolderStatus {
     pub messages: u32,
@@ -574,4 +711,55 @@ pub fn quote(s: &str) -> String {
     }
     out.push('"');
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn throttling_answers_are_recognised() {
+        for t in [
+            "[THROTTLED] Request is throttled. Suggested Backoff Time: 1000 milliseconds",
+            "Too many connections from this IP",
+            "Maximum number of connections from user+IP exceeded (mail_max_userip_connections=2)",
+            "[UNAVAILABLE] Try again later",
+        ] {
+            assert!(is_throttling(t), "{t}");
+        }
+        for t in [
+            "Mailbox doesn't exist: Foo",
+            "[LIMIT] Mail size is too large",
+            "Quota exceeded",
+        ] {
+            assert!(!is_throttling(t), "{t}");
+        }
+        let e: ImapError = async_imap::error::Error::No("[THROTTLED] slow down".into()).into();
+        assert!(matches!(e, ImapError::Throttled(_)) && e.is_transient());
+        let e: ImapError = async_imap::error::Error::No("Mailbox doesn't exist".into()).into();
+        assert!(!e.is_transient());
+    }
+
+    #[test]
+    fn urls_and_secrets() {
+        let s = Server::from_url("imaps://mail.example.com").unwrap();
+        assert_eq!(
+            (s.host.as_str(), s.port, s.security),
+            ("mail.example.com", 993, Security::Implicit)
+        );
+        let s = Server::from_url("imap://127.0.0.1:1143/").unwrap();
+        assert_eq!(
+            (s.host.as_str(), s.port, s.security),
+            ("127.0.0.1", 1143, Security::StartTls)
+        );
+        assert!(Server::from_url("http://x").is_err());
+        let mut s = Server::from_url("imap://h").unwrap();
+        s.master = Some(("admin".into(), "hunter2".into()));
+        let l = Login {
+            user: "u".into(),
+            password: "hunter2".into(),
+        };
+        assert!(!format!("{s:?}{l:?}").contains("hunter2"));
+        assert_eq!(quote(r#"Tom &- "Jerry" \ x"#), r#""Tom &- \"Jerry\" \\ x""#);
+    }
 }

@@ -51,6 +51,9 @@ pub struct SyncOptions {
     /// Folders synced at once per account, each over its own connection pair
     /// (only as far as the per-server caps allow).
     pub parallel_folders: usize,
+    /// Messages larger than this are copied slice by slice.
+    pub stream_threshold: usize,
+    pub stream_slice: usize,
 }
 
 impl Default for SyncOptions {
@@ -61,6 +64,8 @@ impl Default for SyncOptions {
             max_batch_bytes: 8 << 20,
             max_reconnects: 5,
             parallel_folders: 4,
+            stream_threshold: 4 << 20,
+            stream_slice: 1 << 20,
         }
     }
 }
@@ -637,16 +642,18 @@ async fn sync_folder(
         .map_err(|e| folder_err(&pair.source, "EXAMINE", e))?;
     let validity = sbox.uid_validity.unwrap_or(validity);
     let mut source_flags: BTreeMap<u32, String> = BTreeMap::new();
+    let mut sizes: HashMap<u32, u32> = HashMap::new();
     if sbox.exists > 0 {
         let fetches: Vec<Fetch> = src
             .session
-            .uid_fetch("1:*", "(UID FLAGS)")
+            .uid_fetch("1:*", "(UID FLAGS RFC822.SIZE)")
             .await?
             .try_collect()
             .await?;
         for f in &fetches {
             if let Some(uid) = f.uid {
                 source_flags.insert(uid, flag_string(flags_of(f).into_iter()));
+                sizes.insert(uid, f.size.unwrap_or(0));
             }
         }
     }
@@ -701,7 +708,8 @@ async fn sync_folder(
         )
         .filter_map(|r| r.target_uid)
         .collect();
-    let mut target_pool: HashMap<Key, Vec<u32>> = HashMap::new();
+    // Target messages the state does not know, by content, with their flags.
+    let mut target_pool: HashMap<Key, Vec<(u32, String)>> = HashMap::new();
     if tbox.exists > 0 {
         let uids: Vec<Fetch> = tgt
             .session
@@ -718,7 +726,7 @@ async fn sync_folder(
         for chunk in unknown.chunks(opts.fetch_batch) {
             let fetches: Vec<Fetch> = tgt
                 .session
-                .uid_fetch(uid_set(chunk), "(UID BODY.PEEK[])")
+                .uid_fetch(uid_set(chunk), "(UID FLAGS BODY.PEEK[])")
                 .await?
                 .try_collect()
                 .await?;
@@ -727,7 +735,7 @@ async fn sync_folder(
                     target_pool
                         .entry((message_id(body), digest(body)))
                         .or_default()
-                        .push(uid);
+                        .push((uid, flag_string(flags_of(f).into_iter())));
                 }
             }
         }
@@ -738,11 +746,12 @@ async fn sync_folder(
     // the metadata the state kept (no source download needed).
     let mut repaired_rows = Vec::new();
     for mut r in stale_target {
-        if let Some(uid) = target_pool
+        if let Some((uid, tflags)) = target_pool
             .get_mut(&(r.message_id.clone(), r.digest.clone()))
             .and_then(Vec::pop)
         {
             r.target_uid = Some(uid);
+            r.flags = tflags;
             r.target_uidvalidity = tvalidity;
             r.target_folder = pair.target.clone();
             fr.repaired += 1;
@@ -777,16 +786,95 @@ async fn sync_folder(
         .fetch_add(new_uids.len() as u64, Ordering::Relaxed);
     let append_limit = tgt.append_limit();
 
+    let mut new_uids_whole: Vec<u32> = Vec::new();
+    // Large messages never sit whole in memory: they are copied in slices.
+    let (large, new_uids): (Vec<u32>, Vec<u32>) = new_uids.into_iter().partition(|u| {
+        sizes
+            .get(u)
+            .is_some_and(|s| *s as usize > opts.stream_threshold)
+    });
+    for uid in large {
+        let size = sizes[&uid];
+        if let Some(limit) = append_limit.filter(|l| u64::from(size) > *l) {
+            let reason = format!("{size} bytes exceeds the target's APPENDLIMIT of {limit}");
+            state::record_skipped(store, address, &pair.source, validity, uid, None, &reason)
+                .await?;
+            fr.skipped.push(format!("UID {uid}: {reason}"));
+            continue;
+        }
+        let placed = stream_large(
+            src,
+            tgt,
+            pair,
+            tgt_wire,
+            tvalidity,
+            validity,
+            uid,
+            size,
+            opts,
+            &mut repair_pool,
+            &mut target_pool,
+            fr,
+        )
+        .await?;
+        progress.messages_done.fetch_add(1, Ordering::Relaxed);
+        match placed {
+            Large::Placed(row) => {
+                state::record_messages(store, address, &pair.source, &[row]).await?
+            }
+            Large::Refused { message_id, reason } => {
+                state::record_skipped(
+                    store,
+                    address,
+                    &pair.source,
+                    validity,
+                    uid,
+                    message_id.as_deref(),
+                    &reason,
+                )
+                .await?;
+                fr.skipped.push(format!(
+                    "UID {uid} {}: {reason}",
+                    message_id.as_deref().unwrap_or("(no Message-ID)")
+                ));
+            }
+            Large::SizeUnreliable => {
+                // RFC822.SIZE did not match BODY[]: copy it whole instead.
+                new_uids_whole.push(uid);
+            }
+        }
+    }
+    let mut new_uids = new_uids;
+    new_uids.append(&mut new_uids_whole);
+    new_uids.sort_unstable();
+
     // Copy (or pair) new messages, streaming batches from the source.
+    let timeout = src.server.command_timeout;
+    let mut in_flight: Option<InFlight> = None;
     for chunk in new_uids.chunks(opts.fetch_batch) {
+        src.server.limits.pace().await;
+        let asked = std::time::Instant::now();
         let mut stream = src
             .session
             .uid_fetch(uid_set(chunk), "(UID FLAGS INTERNALDATE BODY.PEEK[])")
             .await?;
         let mut batch: Vec<Fetch> = Vec::new();
         let mut batch_bytes = 0usize;
+        let mut first = true;
         loop {
-            let next = stream.try_next().await?;
+            // A server that stops answering mid-FETCH is a dropped connection.
+            let next = tokio::time::timeout(timeout, stream.try_next())
+                .await
+                .map_err(|_| {
+                    ImapError::Io(format!(
+                        "no answer to FETCH in {} for {timeout:?}",
+                        pair.source
+                    ))
+                })??;
+            if first {
+                first = false;
+                src.server.limits.observe_latency(asked.elapsed());
+            }
             let done = next.is_none();
             if let Some(f) = next {
                 let len = f.body().map(<[u8]>::len).unwrap_or(0);
@@ -800,7 +888,7 @@ async fn sync_folder(
                 || batch_bytes >= opts.max_batch_bytes
                 || batch.len() >= 64
             {
-                let rows = place_batch(
+                let (rows, flight) = place_batch(
                     store,
                     address,
                     tgt,
@@ -817,6 +905,15 @@ async fn sync_folder(
                 )
                 .await?;
                 state::record_messages(store, address, &pair.source, &rows).await?;
+                // The previous batch's APPENDs were answered while this one was
+                // fetched: record them now, and leave this batch in flight.
+                if let Some(prev) = std::mem::replace(&mut in_flight, flight) {
+                    let rows = land_batch(
+                        store, address, tgt, pair, tvalidity, validity, prev, progress, fr,
+                    )
+                    .await?;
+                    state::record_messages(store, address, &pair.source, &rows).await?;
+                }
                 batch.clear();
                 batch_bytes = 0;
             }
@@ -827,8 +924,26 @@ async fn sync_folder(
         drop(stream);
         src.drain_unsolicited();
     }
+    if let Some(last) = in_flight.take() {
+        let rows = land_batch(
+            store, address, tgt, pair, tvalidity, validity, last, progress, fr,
+        )
+        .await?;
+        state::record_messages(store, address, &pair.source, &rows).await?;
+    }
 
-    // Flag changes on the source since the last run (RFC 3501 6.4.6 STORE FLAGS replaces the set).
+    // Flag changes on the source since the last run (RFC 3501 6.4.6 STORE FLAGS
+    // replaces the set), including messages paired this run whose target copy
+    // carries other flags. The state now holds every pairing: read it back.
+    let current: Vec<MessageRow> = state::messages(store, address, &pair.source)
+        .await?
+        .into_iter()
+        .filter(|r| {
+            r.source_uidvalidity == validity
+                && r.target_folder == pair.target
+                && r.target_uidvalidity == tvalidity
+        })
+        .collect();
     let mut by_flags: BTreeMap<String, Vec<u32>> = BTreeMap::new();
     let mut updated = Vec::new();
     for r in &current {
@@ -918,6 +1033,168 @@ async fn sync_folder(
     Ok(())
 }
 
+enum Large {
+    Placed(MessageRow),
+    Refused {
+        message_id: Option<String>,
+        reason: String,
+    },
+    SizeUnreliable,
+}
+
+/// Fetches `BODY.PEEK[]<offset.len>` (RFC 3501 6.4.5 partial fetch).
+async fn fetch_slice(
+    src: &mut Conn,
+    uid: u32,
+    offset: u32,
+    len: u32,
+    meta: bool,
+) -> Result<(Vec<u8>, Option<Fetch>), ImapError> {
+    let items = if meta {
+        format!("(UID FLAGS INTERNALDATE BODY.PEEK[]<{offset}.{len}>)")
+    } else {
+        format!("(UID BODY.PEEK[]<{offset}.{len}>)")
+    };
+    let fetches: Vec<Fetch> = src
+        .session
+        .uid_fetch(uid.to_string(), items)
+        .await?
+        .try_collect()
+        .await?;
+    src.drain_unsolicited();
+    let f = fetches.into_iter().find(|f| f.uid == Some(uid));
+    let data = f
+        .as_ref()
+        .and_then(|f| f.body())
+        .map(<[u8]>::to_vec)
+        .unwrap_or_default();
+    if let Some(bw) = &src.bandwidth {
+        bw.consume(data.len() as u64).await;
+    }
+    Ok((data, if meta { f } else { None }))
+}
+
+/// Copies one large message slice by slice: at most one slice is in memory.
+/// The APPEND literal's length is announced up front (RFC 3501 4.3), so the
+/// size is checked first; when lost state or a UIDVALIDITY change needs the
+/// digest before deciding, the message is read once for that, then copied.
+#[allow(clippy::too_many_arguments)]
+async fn stream_large(
+    src: &mut Conn,
+    tgt: &mut Conn,
+    pair: &FolderPair,
+    tgt_wire: &str,
+    tvalidity: u32,
+    validity: u32,
+    uid: u32,
+    size: u32,
+    opts: &SyncOptions,
+    repair_pool: &mut HashMap<Key, Vec<MessageRow>>,
+    target_pool: &mut HashMap<Key, Vec<(u32, String)>>,
+    fr: &mut FolderReport,
+) -> Result<Large, ImapError> {
+    let slice = opts.stream_slice.max(1024) as u32;
+    // The last byte must exist and nothing may follow it.
+    let (tail, meta) = fetch_slice(src, uid, size - 1, 2, true).await?;
+    if tail.len() != 1 {
+        return Ok(Large::SizeUnreliable);
+    }
+    let meta = meta.ok_or(ImapError::Folder {
+        folder: pair.source.clone(),
+        message: format!("UID {uid} vanished"),
+    })?;
+    let flags = flags_of(&meta);
+    let date = append_date(&meta);
+    let row = |message_id: Option<String>, digest: String, target_uid: Option<u32>| MessageRow {
+        source_uidvalidity: validity,
+        source_uid: uid,
+        target_folder: pair.target.clone(),
+        target_uidvalidity: tvalidity,
+        target_uid,
+        message_id,
+        digest,
+        flags: flag_string(flags.iter().cloned()),
+    };
+    if !repair_pool.is_empty() || !target_pool.is_empty() {
+        let mut hasher = Sha256::new();
+        let mut mid = None;
+        let mut offset = 0;
+        while offset < size {
+            let (data, _) = fetch_slice(src, uid, offset, slice.min(size - offset), false).await?;
+            if data.is_empty() {
+                return Ok(Large::SizeUnreliable);
+            }
+            if offset == 0 {
+                mid = message_id(&data);
+            }
+            hasher.update(&data);
+            offset += data.len() as u32;
+        }
+        let dig: String = hasher
+            .finalize()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let key = (mid.clone(), dig.clone());
+        if let Some(old) = repair_pool.get_mut(&key).and_then(Vec::pop) {
+            fr.repaired += 1;
+            if old.target_folder == pair.target && old.target_uidvalidity == tvalidity {
+                return Ok(Large::Placed(MessageRow {
+                    flags: old.flags,
+                    ..row(mid, dig, old.target_uid)
+                }));
+            }
+        }
+        if let Some((tuid, tflags)) = target_pool.get_mut(&key).and_then(Vec::pop) {
+            fr.matched += 1;
+            return Ok(Large::Placed(MessageRow {
+                flags: tflags,
+                ..row(mid, dig, Some(tuid))
+            }));
+        }
+    }
+    let tag = tgt
+        .append_begin(tgt_wire, &flags, date.as_deref(), size)
+        .await?;
+    let mut hasher = Sha256::new();
+    let mut mid = None;
+    let mut offset = 0;
+    while offset < size {
+        let (data, _) = fetch_slice(src, uid, offset, slice.min(size - offset), false).await?;
+        if data.is_empty() || offset + data.len() as u32 > size {
+            // Mid-literal: the only way out is dropping the target connection,
+            // which discards the partial APPEND (RFC 3501 6.3.11).
+            return Err(ImapError::Io(format!(
+                "UID {uid} in {} changed size while being copied",
+                pair.source
+            )));
+        }
+        if offset == 0 {
+            mid = message_id(&data);
+        }
+        hasher.update(&data);
+        tgt.write_literal(&data).await?;
+        offset += data.len() as u32;
+    }
+    let dig: String = hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    match tgt.append_end(&tag).await? {
+        Ok(appended) => {
+            fr.copied += 1;
+            fr.bytes += u64::from(size);
+            let target_uid = appended.filter(|(v, _)| *v == tvalidity).map(|(_, u)| u);
+            Ok(Large::Placed(row(mid, dig, target_uid)))
+        }
+        Err(text) => Ok(Large::Refused {
+            message_id: mid,
+            reason: format!("target refused APPEND: {text}"),
+        }),
+    }
+}
+
 fn folder_err(folder: &str, command: &str, e: async_imap::error::Error) -> ImapError {
     match ImapError::from(e) {
         t if t.is_transient() => t,
@@ -928,7 +1205,62 @@ fn folder_err(folder: &str, command: &str, e: async_imap::error::Error) -> ImapE
     }
 }
 
-/// Pairs or appends one batch of fetched source messages; returns the rows to record.
+/// APPENDs sent for one batch, with the rows they will fill in.
+struct InFlight {
+    rows: Vec<MessageRow>,
+    sizes: Vec<u64>,
+    sent: Vec<crate::conn::Sent>,
+}
+
+/// Reads the answers to a batch's APPENDs; returns the rows to record.
+#[allow(clippy::too_many_arguments)]
+async fn land_batch(
+    store: &Store,
+    address: &str,
+    tgt: &mut Conn,
+    pair: &FolderPair,
+    tvalidity: u32,
+    validity: u32,
+    flight: InFlight,
+    progress: &Progress,
+    fr: &mut FolderReport,
+) -> Result<Vec<MessageRow>, ImapError> {
+    let mut rows = Vec::new();
+    let results = tgt.append_collect(flight.sent).await?;
+    for ((row, size), result) in flight.rows.into_iter().zip(flight.sizes).zip(results) {
+        match result {
+            Ok(appended) => {
+                fr.copied += 1;
+                fr.bytes += size;
+                progress.bytes_done.fetch_add(size, Ordering::Relaxed);
+                let target_uid = appended.filter(|(v, _)| *v == tvalidity).map(|(_, u)| u);
+                rows.push(MessageRow { target_uid, ..row });
+            }
+            Err(text) => {
+                let reason = format!("target refused APPEND: {text}");
+                state::record_skipped(
+                    store,
+                    address,
+                    &pair.source,
+                    validity,
+                    row.source_uid,
+                    row.message_id.as_deref(),
+                    &reason,
+                )
+                .await?;
+                fr.skipped.push(format!(
+                    "UID {} {}: {reason}",
+                    row.source_uid,
+                    row.message_id.as_deref().unwrap_or("(no Message-ID)")
+                ));
+            }
+        }
+    }
+    Ok(rows)
+}
+
+/// Pairs one batch of fetched source messages with target copies, or sends
+/// their APPENDs; returns the rows paired now and the APPENDs in flight.
 #[allow(clippy::too_many_arguments)]
 async fn place_batch(
     store: &Store,
@@ -941,10 +1273,10 @@ async fn place_batch(
     batch: &[Fetch],
     append_limit: Option<u64>,
     repair_pool: &mut HashMap<Key, Vec<MessageRow>>,
-    target_pool: &mut HashMap<Key, Vec<u32>>,
+    target_pool: &mut HashMap<Key, Vec<(u32, String)>>,
     progress: &Progress,
     fr: &mut FolderReport,
-) -> Result<Vec<MessageRow>, ImapError> {
+) -> Result<(Vec<MessageRow>, Option<InFlight>), ImapError> {
     let mut rows = Vec::new();
     let mut to_append: Vec<(usize, MessageRow)> = Vec::new();
     let mut items = Vec::new();
@@ -970,17 +1302,20 @@ async fn place_batch(
         if let Some(old) = repair_pool.get_mut(&key).and_then(Vec::pop) {
             fr.repaired += 1;
             if old.target_folder == pair.target && old.target_uidvalidity == tvalidity {
+                // The flags the target holds; the flag pass below brings them up to date.
                 rows.push(MessageRow {
                     target_uid: old.target_uid,
+                    flags: old.flags,
                     ..row
                 });
                 continue;
             }
         }
-        if let Some(tuid) = target_pool.get_mut(&key).and_then(Vec::pop) {
+        if let Some((tuid, tflags)) = target_pool.get_mut(&key).and_then(Vec::pop) {
             fr.matched += 1;
             rows.push(MessageRow {
                 target_uid: Some(tuid),
+                flags: tflags,
                 ..row
             });
             continue;
@@ -1015,41 +1350,19 @@ async fn place_batch(
         });
         to_append.push((i, row));
     }
-    if !items.is_empty() {
-        let results = tgt.append_batch(tgt_wire, &items).await?;
-        for ((_, row), (item, result)) in to_append.into_iter().zip(items.iter().zip(results)) {
-            match result {
-                Ok(appended) => {
-                    fr.copied += 1;
-                    fr.bytes += item.body.len() as u64;
-                    progress
-                        .bytes_done
-                        .fetch_add(item.body.len() as u64, Ordering::Relaxed);
-                    let target_uid = appended.filter(|(v, _)| *v == tvalidity).map(|(_, u)| u);
-                    rows.push(MessageRow { target_uid, ..row });
-                }
-                Err(text) => {
-                    let reason = format!("target refused APPEND: {text}");
-                    state::record_skipped(
-                        store,
-                        address,
-                        &pair.source,
-                        validity,
-                        row.source_uid,
-                        row.message_id.as_deref(),
-                        &reason,
-                    )
-                    .await?;
-                    fr.skipped.push(format!(
-                        "UID {} {}: {reason}",
-                        row.source_uid,
-                        row.message_id.as_deref().unwrap_or("(no Message-ID)")
-                    ));
-                }
-            }
-        }
+    if items.is_empty() {
+        return Ok((rows, None));
     }
-    Ok(rows)
+    let sent = tgt.append_send(tgt_wire, &items).await?;
+    let sizes = items.iter().map(|i| i.body.len() as u64).collect();
+    Ok((
+        rows,
+        Some(InFlight {
+            rows: to_append.into_iter().map(|(_, r)| r).collect(),
+            sizes,
+            sent,
+        }),
+    ))
 }
 
 #[cfg(test)]

@@ -15,6 +15,8 @@ pub struct ServerLimits {
     backoff: Mutex<Duration>,
     in_use: std::sync::atomic::AtomicUsize,
     peak: std::sync::atomic::AtomicUsize,
+    /// (fastest answer seen, moving average) of command latency.
+    latency: Mutex<Option<(Duration, Duration)>>,
 }
 
 /// Held by an open connection; gives its slot back when dropped.
@@ -40,6 +42,7 @@ impl ServerLimits {
             backoff: Mutex::new(Duration::ZERO),
             in_use: Default::default(),
             peak: Default::default(),
+            latency: Mutex::new(None),
         }
     }
 
@@ -77,6 +80,37 @@ impl ServerLimits {
     /// The most connections that were open at once.
     pub fn peak_connections(&self) -> usize {
         self.peak.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Records how long the server took to start answering a command.
+    pub fn observe_latency(&self, sample: Duration) {
+        let mut l = self.latency.lock().unwrap_or_else(|e| e.into_inner());
+        *l = Some(match *l {
+            None => (sample, sample),
+            Some((min, avg)) => (min.min(sample), avg.mul_f64(0.8) + sample.mul_f64(0.2)),
+        });
+    }
+
+    /// How long to pause before the next command: when the server answers
+    /// several times slower than its best (it is loaded, perhaps by users),
+    /// give it that much room again, up to 5 s.
+    pub fn latency_pause(&self) -> Duration {
+        let l = self.latency.lock().unwrap_or_else(|e| e.into_inner());
+        match *l {
+            Some((min, avg)) if avg > min * 4 + Duration::from_millis(50) => {
+                (avg - min).min(Duration::from_secs(5))
+            }
+            _ => Duration::ZERO,
+        }
+    }
+
+    /// Sleeps for `latency_pause` (throttling answers are handled by the
+    /// reconnect loop with `throttled`).
+    pub async fn pace(&self) {
+        let pause = self.latency_pause();
+        if !pause.is_zero() {
+            tokio::time::sleep(pause).await;
+        }
     }
 
     /// Called after a throttling answer; returns how long to wait.
@@ -142,6 +176,27 @@ mod tests {
             "{:?}",
             start.elapsed()
         );
+    }
+
+    #[test]
+    fn pauses_when_latency_rises() {
+        let l = ServerLimits::new(2, None);
+        for _ in 0..5 {
+            l.observe_latency(Duration::from_millis(2));
+        }
+        assert_eq!(l.latency_pause(), Duration::ZERO);
+        for _ in 0..10 {
+            l.observe_latency(Duration::from_millis(400));
+        }
+        let p = l.latency_pause();
+        assert!(
+            p > Duration::from_millis(200) && p <= Duration::from_secs(5),
+            "{p:?}"
+        );
+        for _ in 0..30 {
+            l.observe_latency(Duration::from_millis(2));
+        }
+        assert_eq!(l.latency_pause(), Duration::ZERO);
     }
 
     #[test]

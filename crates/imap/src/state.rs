@@ -367,6 +367,26 @@ mod tests {
         ))
         .await
         .unwrap();
+        round_trip(&store).await;
+    }
+
+    /// The same SQL on PostgreSQL, when a scratch database is given:
+    /// GODWIT_TEST_POSTGRES_URL=postgres://user@/db?host=/var/run/postgresql
+    #[tokio::test]
+    async fn status_round_trip_on_postgres() {
+        let Ok(url) = std::env::var("GODWIT_TEST_POSTGRES_URL") else {
+            eprintln!("GODWIT_TEST_POSTGRES_URL not set: PostgreSQL not exercised");
+            return;
+        };
+        let store = Store::open(&url).await.unwrap();
+        for q in ["DELETE FROM sync_accounts", "DELETE FROM sync_messages"] {
+            sqlx::query(q).execute(&store.pool).await.unwrap();
+        }
+        round_trip(&store).await;
+    }
+
+    async fn round_trip(store: &Store) {
+        let store = store.clone();
         assert!(account_status(&store, "a@x.test").await.unwrap().is_none());
         set_account_status(&store, "A@x.test", Status::Seeding, None)
             .await

@@ -149,11 +149,33 @@ pub async fn verify_account(
             if out.clean {
                 let _ =
                     state::set_account_status(store, address, state::Status::Verified, None).await;
+            } else {
+                // A mailbox that verified earlier and differs now must not stay
+                // "verified" for the cutover guard.
+                let unclean = out.folders.iter().filter(|f| !f.is_clean()).count();
+                let _ = demote(
+                    store,
+                    address,
+                    &format!("verify: {unclean} folder pairs differ"),
+                )
+                .await;
             }
         }
-        Err(e) => out.error = Some(e.to_string()),
+        Err(e) => {
+            let _ = demote(store, address, &format!("verify failed: {e}")).await;
+            out.error = Some(e.to_string());
+        }
     }
     out
+}
+
+async fn demote(store: &Store, address: &str, why: &str) -> Result<(), godwit_store::sqlx::Error> {
+    if let Some(s) = state::account_status(store, address).await?
+        && s.status == state::Status::Verified
+    {
+        state::set_account_status(store, address, state::Status::Ready, Some(why)).await?;
+    }
+    Ok(())
 }
 
 async fn verify_inner(

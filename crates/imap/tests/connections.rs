@@ -104,3 +104,77 @@ async fn eight_accounts_through_a_two_connection_source() {
         assert_eq!(count(&mut s, "Projekte/Grüße").await, 4);
     }
 }
+
+/// TLS both ways: implicit TLS (imaps://) to the source, STARTTLS (imap://,
+/// offered in the greeting) to the target, with self-signed certificates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copies_over_implicit_tls_and_starttls() {
+    const EVE: &str = "eve@example.com";
+    let source = Dovecot::start_tls(Flavor::Source, &[EVE]);
+    let target = Dovecot::start_tls(Flavor::Exchange, &[EVE]);
+    let mut src = login(source.port, EVE).await;
+    for i in 0..5 {
+        append(
+            &mut src,
+            "INBOX",
+            "(\\Seen)",
+            "01-Jan-2019 00:00:00 +0000",
+            &message(Some(&format!("<t{i}@x>")), "t", "tls"),
+        )
+        .await;
+    }
+    let mut ep = endpoints(&source, &target, 4);
+    ep.source = godwit_imap::conn::Server {
+        tls_insecure: true,
+        ..godwit_imap::conn::Server::from_url(&format!("imaps://127.0.0.1:{}", source.imaps_port))
+            .unwrap()
+    };
+    ep.target.tls_insecure = true;
+    // Without tls_insecure the self-signed certificate is refused.
+    let mut strict = ep.clone();
+    strict.source.tls_insecure = false;
+    let tmp = tempfile::tempdir().unwrap();
+    let store = store(tmp.path()).await;
+    let opts = SyncOptions {
+        max_reconnects: 0,
+        ..Default::default()
+    };
+    let r = sync_account(
+        &store,
+        &strict,
+        EVE,
+        &login_of(EVE),
+        &login_of(EVE),
+        &opts,
+        Arc::new(Default::default()),
+    )
+    .await;
+    assert!(
+        r.error.as_deref().is_some_and(|e| e.contains("TLS")),
+        "{r:#?}"
+    );
+
+    let r = sync_account(
+        &store,
+        &ep,
+        EVE,
+        &login_of(EVE),
+        &login_of(EVE),
+        &opts,
+        Arc::new(Default::default()),
+    )
+    .await;
+    assert_eq!((r.error.as_deref(), r.copied()), (None, 5), "{r:#?}");
+    let v = verify_account(&store, &ep, EVE, &login_of(EVE), &login_of(EVE)).await;
+    assert!(v.clean);
+    // The target saw only TLS sessions (Dovecot logs "TLS" for each login).
+    let log = target.log();
+    let logins: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("Login: user=<eve@example.com>"))
+        .collect();
+    assert!(
+        !logins.is_empty() && logins.iter().all(|l| l.contains("TLS")),
+        "{log}"
+    );
+}

@@ -167,3 +167,82 @@ async fn sigkill_mid_copy_then_rerun_leaves_no_duplicates_and_nothing_missing() 
     assert!(table.contains("verified clean"), "{table}");
     assert!(!table.contains(PASSWORD), "password printed");
 }
+
+/// The source drops every session mid-copy (`doveadm kick`): godwit reconnects,
+/// resumes from its state and finishes, without duplicates. It logs in as a
+/// Dovecot master user (`user*admin`), as a migration with no user passwords does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_connections_are_resumed_and_master_login_works() {
+    use godwit_imap::engine::{SyncOptions, sync_account};
+    const DAN: &str = "dan@example.com";
+    let source = Dovecot::start(Flavor::Source, &[DAN]);
+    let target = Dovecot::start(Flavor::Exchange, &[DAN]);
+    let mut src = login(source.port, DAN).await;
+    create(&mut src, "Big").await;
+    for i in 0..400 {
+        let folder = if i % 2 == 0 { "INBOX" } else { "Big" };
+        let body = format!("kick {i}\r\n{}", "y".repeat(30_000));
+        append(
+            &mut src,
+            folder,
+            "(\\Seen)",
+            "07-Jul-2017 07:07:07 +0000",
+            &message(Some(&format!("<d{i}@x>")), "d", &body),
+        )
+        .await;
+    }
+    src.logout().await.unwrap();
+
+    let tmp = tempfile::tempdir().unwrap();
+    let store = common::store(tmp.path()).await;
+    let mut ep = endpoints(&source, &target, 4);
+    ep.source.master = Some(("admin".into(), PASSWORD.into()));
+    let wrong = godwit_imap::conn::Login {
+        user: DAN.into(),
+        password: "not-the-user-password".into(),
+    };
+    let opts = SyncOptions {
+        max_reconnects: 20,
+        ..Default::default()
+    };
+    let sync = {
+        let (store, ep, opts, wrong) = (store.clone(), ep.clone(), opts.clone(), wrong.clone());
+        tokio::spawn(async move {
+            sync_account(
+                &store,
+                &ep,
+                DAN,
+                &wrong,
+                &login_of(DAN),
+                &opts,
+                std::sync::Arc::new(Default::default()),
+            )
+            .await
+        })
+    };
+    let mut tgt = login(target.port, DAN).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while count(&mut tgt, "INBOX").await < 30 {
+        assert!(!sync.is_finished(), "finished before the kick");
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(!sync.is_finished(), "finished before the kick");
+    // Both sides: the target loses APPENDs whose UIDs were not recorded yet.
+    source.doveadm(&["kick", DAN]);
+    target.doveadm(&["kick", DAN]);
+    let r = sync.await.unwrap();
+    assert_eq!(r.error, None, "{r:#?}");
+    assert!(r.reconnects >= 1, "the kick was noticed: {r:#?}");
+    let mut src = login(source.port, DAN).await;
+    let mut tgt = login(target.port, DAN).await; // the kick closed the old one too
+    let (s, t) = (dump(&mut src).await, dump(&mut tgt).await);
+    assert_eq!(s["INBOX"], t["INBOX"]);
+    assert_eq!(s["Big"], t["Big"]);
+    let check = godwit_imap::verify::verify_account(&store, &ep, DAN, &wrong, &login_of(DAN)).await;
+    assert!(
+        check.clean,
+        "{}",
+        godwit_imap::verify::render(std::slice::from_ref(&check))
+    );
+}

@@ -342,3 +342,71 @@ async fn messy_mailbox_copies_exactly_reruns_add_nothing_and_deltas_arrive() {
         godwit_imap::verify::render(std::slice::from_ref(&check))
     );
 }
+
+/// A Courier-style source: everything below the `INBOX.` personal namespace,
+/// special folders known only by name. The prefix is detected and dropped, and
+/// the names land in the Exchange-style target's special folders.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn courier_prefix_and_localized_names_map_to_exchange_folders() {
+    const FRED: &str = "fred@example.com";
+    let source = Dovecot::start(Flavor::Courier, &[FRED]);
+    let target = Dovecot::start(Flavor::Exchange, &[FRED]);
+    let mut src = login(source.port, FRED).await;
+    let table = [
+        ("INBOX", "INBOX"),
+        ("INBOX.Sent", "Sent Items"),
+        ("INBOX.Trash", "Deleted Items"),
+        ("INBOX.Drafts", "Drafts"),
+        ("INBOX.Spam", "Junk Email"),
+        ("INBOX.Projects", "Projects"),
+        ("INBOX.Projects.Alpha", "Projects/Alpha"),
+        ("INBOX.Sent.2020", "Sent Items/2020"),
+    ];
+    for (i, (folder, _)) in table.iter().enumerate() {
+        if *folder != "INBOX" {
+            create(&mut src, folder).await;
+        }
+        append(
+            &mut src,
+            folder,
+            "(\\Seen)",
+            "03-Mar-2013 13:13:13 +0100",
+            &message(Some(&format!("<c{i}@x>")), folder, "c"),
+        )
+        .await;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let store = store(tmp.path()).await;
+    let ep = endpoints(&source, &target, 4);
+    let r = sync_account(
+        &store,
+        &ep,
+        FRED,
+        &login_of(FRED),
+        &login_of(FRED),
+        &SyncOptions::default(),
+        Arc::new(Default::default()),
+    )
+    .await;
+    assert_eq!(
+        (r.error.as_deref(), r.copied()),
+        (None, table.len() as u64),
+        "{r:#?}"
+    );
+    let mut tgt = login(target.port, FRED).await;
+    let (s, t) = (dump(&mut src).await, dump(&mut tgt).await);
+    for (from, to) in table {
+        assert_eq!(
+            s[from],
+            t.get(to).cloned().unwrap_or_default(),
+            "{from} -> {to}; target has {:?}",
+            t.keys()
+        );
+    }
+    assert!(
+        !t.keys()
+            .any(|k| k.starts_with("INBOX/") || k == "Sent" || k == "Spam"),
+        "{:?}",
+        t.keys()
+    );
+}

@@ -70,8 +70,28 @@ async fn oversized_message_is_reported_not_dropped() {
     let mut tgt = login(target.port, USER).await;
     assert_eq!(count(&mut tgt, "INBOX").await, 2);
 
+    // Pretend an earlier verify passed: a failing one must take "verified" away.
+    godwit_imap::state::set_account_status(
+        &store,
+        USER,
+        godwit_imap::state::Status::Verified,
+        None,
+    )
+    .await
+    .unwrap();
     let check = verify_account(&store, &ep, USER, &login_of(USER), &login_of(USER)).await;
     assert!(!check.clean);
+    let st = godwit_imap::state::account_status(&store, USER)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(st.status, godwit_imap::state::Status::Ready, "{st:?}");
+    assert!(
+        st.last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("differ")),
+        "{st:?}"
+    );
     let inbox = check.folders.iter().find(|f| f.source == "INBOX").unwrap();
     assert_eq!(inbox.missing_on_target, vec!["<huge@x>"]);
     assert_eq!(inbox.skipped.len(), 1);

@@ -43,6 +43,16 @@ async fn populate(s: &mut Imap) -> usize {
         .await;
         n += 1;
     }
+    // Over the streaming threshold: copied, and after lost state matched, slice by slice.
+    append(
+        s,
+        "Work",
+        "(\\Seen)",
+        "01-Mar-2021 10:00:00 +0000",
+        &with_attachment("<large@x>", 3_400_000),
+    )
+    .await;
+    n += 1;
     for i in 0..8 {
         append(
             s,
@@ -87,7 +97,20 @@ async fn lost_state_and_uidvalidity_changes_repair_instead_of_copying() {
     let before = dump(&mut tgt).await;
     assert_eq!(before["INBOX"].len() + before["Work"].len(), total);
 
-    // The state is lost: a fresh store. Everything is found on the target.
+    // The state is lost: a fresh store. Everything is found on the target; a
+    // flag changed on the source meanwhile reaches the matched target copy.
+    {
+        use futures::TryStreamExt;
+        src.select("INBOX").await.unwrap();
+        let _: Vec<_> = src
+            .uid_store("2", "+FLAGS ($Lost)")
+            .await
+            .unwrap()
+            .try_collect()
+            .await
+            .unwrap();
+        src.close().await.unwrap();
+    }
     let second = tempfile::tempdir().unwrap();
     let store2 = store(second.path()).await;
     let r = run(&store2).await;
@@ -96,7 +119,18 @@ async fn lost_state_and_uidvalidity_changes_repair_instead_of_copying() {
         r.folders.iter().map(|f| f.matched).sum::<u64>() as usize,
         total
     );
-    assert_eq!(dump(&mut tgt).await, before, "target unchanged");
+    assert_eq!(
+        r.folders.iter().map(|f| f.flags_updated).sum::<u64>(),
+        1,
+        "{r:#?}"
+    );
+    let before = dump(&mut tgt).await;
+    let now_src = dump(&mut src).await;
+    assert_eq!(
+        (&before["INBOX"], &before["Work"]),
+        (&now_src["INBOX"], &now_src["Work"]),
+        "target equals source"
+    );
 
     // UIDVALIDITY changes on the source (RFC 3501 2.3.1.1): re-paired, reported.
     source.doveadm(&[
@@ -146,7 +180,7 @@ async fn lost_state_and_uidvalidity_changes_repair_instead_of_copying() {
             .find(|f| f.source == "Work")
             .unwrap()
             .repaired,
-        10,
+        11,
         "{r:#?}"
     );
     assert_eq!(dump(&mut tgt).await, before, "target unchanged");

@@ -20,6 +20,8 @@ pub enum Flavor {
     Source,
     /// separator '/', LAYOUT=fs, Exchange names: Sent Items, Deleted Items, Junk Email.
     Exchange,
+    /// Courier-style: every folder under the `INBOX.` namespace prefix, no special-use attributes.
+    Courier,
 }
 
 pub struct Dovecot {
@@ -27,6 +29,8 @@ pub struct Dovecot {
     pub port: u16,
     child: Child,
     pub conf: PathBuf,
+    /// Implicit-TLS port when started with `start_tls` (0 otherwise).
+    pub imaps_port: u16,
 }
 
 fn free_port() -> u16 {
@@ -43,6 +47,26 @@ impl Dovecot {
     }
 
     pub fn start_with(flavor: Flavor, users: &[&str], extra: &str) -> Dovecot {
+        Self::start_full(flavor, users, extra, false)
+    }
+
+    /// With a self-signed certificate: STARTTLS on `port`, implicit TLS on `imaps_port`.
+    pub fn start_tls(flavor: Flavor, users: &[&str]) -> Dovecot {
+        Self::start_full(flavor, users, "", true)
+    }
+
+    /// Retries on a new port when another process took the chosen one between
+    /// `free_port` and Dovecot's bind (tests of several crates run in parallel).
+    fn start_full(flavor: Flavor, users: &[&str], extra: &str, tls: bool) -> Dovecot {
+        for _ in 0..5 {
+            if let Some(d) = Self::try_start(flavor, users, extra, tls) {
+                return d;
+            }
+        }
+        panic!("dovecot did not start on five ports");
+    }
+
+    fn try_start(flavor: Flavor, users: &[&str], extra: &str, tls: bool) -> Option<Dovecot> {
         let dir = tempfile::Builder::new()
             .prefix("godwit-dovecot-")
             .tempdir()
@@ -68,7 +92,13 @@ impl Dovecot {
             format!("admin:{{PLAIN}}{PASSWORD}::::::\n"),
         )
         .unwrap();
+        let prefix = if flavor == Flavor::Courier {
+            "  prefix = INBOX.\n"
+        } else {
+            ""
+        };
         let (sep, layout, specials): (&str, &str, &[(&str, &str)]) = match flavor {
+            Flavor::Courier => (".", "", &[]),
             Flavor::Source => (
                 ".",
                 "",
@@ -96,13 +126,32 @@ impl Dovecot {
             .map(|(name, usage)| format!("  mailbox \"{name}\" {{\n    special_use = \\{usage}\n    auto = create\n  }}\n"))
             .collect();
         let port = free_port();
+        let (ssl, imaps_port) = if tls {
+            let cert = rcgen::generate_simple_self_signed(vec![
+                "localhost".to_string(),
+                "127.0.0.1".to_string(),
+            ])
+            .unwrap();
+            std::fs::write(d.join("cert.pem"), cert.cert.pem()).unwrap();
+            std::fs::write(d.join("key.pem"), cert.signing_key.serialize_pem()).unwrap();
+            let p = free_port();
+            (
+                format!(
+                    "ssl = yes\nssl_cert = <{0}/cert.pem\nssl_key = <{0}/key.pem",
+                    d.display()
+                ),
+                p,
+            )
+        } else {
+            ("ssl = no".to_string(), 0)
+        };
         let conf = format!(
             r#"base_dir = {d}/run
 state_dir = {d}/state
 log_path = {d}/dovecot.log
 protocols = imap
 listen = 127.0.0.1
-ssl = no
+{ssl}
 disable_plaintext_auth = no
 auth_mechanisms = plain login
 mail_uid = vmail
@@ -114,7 +163,7 @@ auth_master_user_separator = *
 namespace inbox {{
   inbox = yes
   separator = {sep}
-{mailboxes}
+{prefix}{mailboxes}
 }}
 passdb {{
   driver = passwd-file
@@ -136,7 +185,8 @@ service imap-login {{
     port = {port}
   }}
   inet_listener imaps {{
-    port = 0
+    address = 127.0.0.1
+    port = {imaps_port}
   }}
   chroot =
 }}
@@ -149,28 +199,32 @@ service anvil {{
         );
         let conf_path = d.join("dovecot.conf");
         std::fs::write(&conf_path, conf).unwrap();
-        let child = Command::new("dovecot")
+        let mut child = Command::new("dovecot")
             .arg("-F")
             .arg("-c")
             .arg(&conf_path)
             .spawn()
             .expect("dovecot starts");
-        let dc = Dovecot {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if child.try_wait().unwrap().is_some() {
+                return None; // the port was taken: try another
+            }
+            assert!(Instant::now() < deadline, "dovecot did not listen");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // Whoever answered must be our Dovecot, still running.
+        std::thread::sleep(Duration::from_millis(100));
+        if child.try_wait().unwrap().is_some() {
+            return None;
+        }
+        Some(Dovecot {
             dir,
             port,
             child,
             conf: conf_path,
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "dovecot did not listen: {}",
-                dc.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        dc
+            imaps_port,
+        })
     }
 
     pub fn log(&self) -> String {
