@@ -17,7 +17,10 @@ use std::time::Duration;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read configuration file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("configuration file {path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("configuration key `{key}`: {message}")]
@@ -25,7 +28,10 @@ pub enum ConfigError {
 }
 
 fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid { key: key.into(), message: message.into() }
+    ConfigError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
 }
 
 /// The whole file. See `examples/godwit.toml` for a commented copy.
@@ -221,7 +227,10 @@ pub struct RoutingConfig {
 
 impl Default for RoutingConfig {
     fn default() -> Self {
-        RoutingConfig { default: "old".into(), domains: BTreeMap::new() }
+        RoutingConfig {
+            default: "old".into(),
+            domains: BTreeMap::new(),
+        }
     }
 }
 
@@ -282,7 +291,10 @@ pub struct LogConfig {
 
 impl Default for LogConfig {
     fn default() -> Self {
-        LogConfig { level: "info".into(), format: "text".into() }
+        LogConfig {
+            level: "info".into(),
+            format: "text".into(),
+        }
     }
 }
 
@@ -325,10 +337,14 @@ impl Default for EventsConfig {
 
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
-        let mut config = Config::parse(&text)
-            .map_err(|message| ConfigError::Parse { path: path.to_path_buf(), message })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut config = Config::parse(&text).map_err(|message| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message,
+        })?;
         // A relative data_dir is relative to where godwit runs, as in the quick start.
         config.normalize();
         config.validate()?;
@@ -367,32 +383,50 @@ impl Config {
         }
         if self.smtp.max_recipients < 100 {
             // RFC 5321 4.5.3.1.8: a server must accept at least 100 recipients.
-            return Err(invalid("smtp.max_recipients", "must be at least 100 (RFC 5321 4.5.3.1.8)"));
+            return Err(invalid(
+                "smtp.max_recipients",
+                "must be at least 100 (RFC 5321 4.5.3.1.8)",
+            ));
         }
         if self.smtp.max_command_line < 512 {
-            return Err(invalid("smtp.max_command_line", "must be at least 512 (RFC 5321 4.5.3.1.4)"));
+            return Err(invalid(
+                "smtp.max_command_line",
+                "must be at least 512 (RFC 5321 4.5.3.1.4)",
+            ));
         }
         if self.smtp.max_connections == 0 || self.smtp.max_connections_per_ip == 0 {
             return Err(invalid("smtp.max_connections", "limits must be at least 1"));
         }
         if self.smtp.tls_cert.is_some() != self.smtp.tls_key.is_some() {
-            return Err(invalid("smtp.tls_cert", "tls_cert and tls_key must be set together"));
+            return Err(invalid(
+                "smtp.tls_cert",
+                "tls_cert and tls_key must be set together",
+            ));
         }
         if self.domains.accepted.is_empty() {
             return Err(invalid("domains.accepted", "must list at least one domain"));
         }
         for d in &self.domains.accepted {
             if d.is_empty() || d.contains(['@', ' ', '/']) {
-                return Err(invalid("domains.accepted", format!("`{d}` is not a domain name")));
+                return Err(invalid(
+                    "domains.accepted",
+                    format!("`{d}` is not a domain name"),
+                ));
             }
         }
         if self.platforms.is_empty() {
-            return Err(invalid("platforms", "define at least one platform, e.g. [platforms.old]"));
+            return Err(invalid(
+                "platforms",
+                "define at least one platform, e.g. [platforms.old]",
+            ));
         }
         for (name, p) in &self.platforms {
             let key = format!("platforms.{name}.relay");
             if name == ROUTE_HOLD || name == ROUTE_BOTH {
-                return Err(invalid(format!("platforms.{name}"), "`hold` and `both` are reserved route names"));
+                return Err(invalid(
+                    format!("platforms.{name}"),
+                    "`hold` and `both` are reserved route names",
+                ));
             }
             if p.relay.is_empty() {
                 return Err(invalid(key, "must list at least one host:port"));
@@ -401,7 +435,10 @@ impl Config {
                 split_host_port(r).map_err(|m| invalid(&key, m))?;
             }
             if p.max_connections == 0 {
-                return Err(invalid(format!("platforms.{name}.max_connections"), "must be at least 1"));
+                return Err(invalid(
+                    format!("platforms.{name}.max_connections"),
+                    "must be at least 1",
+                ));
             }
             if p.initial_connections == 0 || p.initial_connections > p.max_connections {
                 return Err(invalid(
@@ -422,28 +459,46 @@ impl Config {
                 ));
             }
             if p.max_messages_per_connection == 0 {
-                return Err(invalid(format!("platforms.{name}.max_messages_per_connection"), "must be at least 1"));
+                return Err(invalid(
+                    format!("platforms.{name}.max_messages_per_connection"),
+                    "must be at least 1",
+                ));
             }
         }
         if !self.is_route_name(&self.routing.default) {
             return Err(invalid(
                 "routing.default",
-                format!("`{}` is neither a configured platform nor `hold`/`both`", self.routing.default),
+                format!(
+                    "`{}` is neither a configured platform nor `hold`/`both`",
+                    self.routing.default
+                ),
             ));
         }
         if self.routing.default == ROUTE_BOTH && self.platforms.len() != 2 {
-            return Err(invalid("routing.default", "`both` needs exactly two platforms"));
+            return Err(invalid(
+                "routing.default",
+                "`both` needs exactly two platforms",
+            ));
         }
         for (domain, route) in &self.routing.domains {
             if !self.is_route_name(route) {
-                return Err(invalid(format!("routing.domains.{domain}"), format!("`{route}` is not a platform")));
+                return Err(invalid(
+                    format!("routing.domains.{domain}"),
+                    format!("`{route}` is not a platform"),
+                ));
             }
         }
         if self.queue.min_backoff.is_zero() || self.queue.min_backoff > self.queue.max_backoff {
-            return Err(invalid("queue.min_backoff", "must be above zero and not above queue.max_backoff"));
+            return Err(invalid(
+                "queue.min_backoff",
+                "must be above zero and not above queue.max_backoff",
+            ));
         }
         if self.queue.max_lifetime < self.queue.min_backoff {
-            return Err(invalid("queue.max_lifetime", "must be at least queue.min_backoff"));
+            return Err(invalid(
+                "queue.max_lifetime",
+                "must be at least queue.min_backoff",
+            ));
         }
         if let Some(p) = &self.queue.dsn_platform {
             if !self.platforms.contains_key(p) {
@@ -487,7 +542,10 @@ impl Config {
 
     pub fn is_accepted_domain(&self, domain: &str) -> bool {
         let domain = domain.trim_end_matches('.');
-        self.domains.accepted.iter().any(|d| d.eq_ignore_ascii_case(domain))
+        self.domains
+            .accepted
+            .iter()
+            .any(|d| d.eq_ignore_ascii_case(domain))
     }
 
     pub fn spool_dir(&self) -> PathBuf {
@@ -501,7 +559,10 @@ impl Config {
     pub fn store_url(&self) -> String {
         match &self.store.url {
             Some(u) if !u.is_empty() => u.clone(),
-            _ => format!("sqlite://{}?mode=rwc", self.data_dir.join("state.db").display()),
+            _ => format!(
+                "sqlite://{}?mode=rwc",
+                self.data_dir.join("state.db").display()
+            ),
         }
     }
 }
@@ -511,7 +572,9 @@ pub fn split_host_port(s: &str) -> Result<(String, u16), String> {
     let (host, port) = s
         .rsplit_once(':')
         .ok_or_else(|| format!("`{s}` must be host:port"))?;
-    let port: u16 = port.parse().map_err(|_| format!("`{s}`: `{port}` is not a port number"))?;
+    let port: u16 = port
+        .parse()
+        .map_err(|_| format!("`{s}`: `{port}` is not a port number"))?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
     if host.is_empty() || port == 0 {
         return Err(format!("`{s}` must be host:port"));
@@ -594,18 +657,36 @@ max_backoff = "1h"
         assert!(c.is_accepted_domain("example.com"));
         assert!(c.is_accepted_domain("EXAMPLE.com."));
         assert!(!c.is_accepted_domain("evil.com"));
-        assert_eq!(split_host_port("[::1]:2602").unwrap(), ("::1".to_string(), 2602));
+        assert_eq!(
+            split_host_port("[::1]:2602").unwrap(),
+            ("::1".to_string(), 2602)
+        );
     }
 
     #[test]
     fn errors_name_the_key() {
         let cases = [
-            (GOOD.replace("default = \"old\"", "default = \"mars\""), "routing.default"),
+            (
+                GOOD.replace("default = \"old\"", "default = \"mars\""),
+                "routing.default",
+            ),
             (GOOD.replace("\"10MB\"", "\"ten\""), "max_message_size"),
-            (GOOD.replace("min_backoff = \"1s\"", "min_backoff = \"2h\""), "queue.min_backoff"),
-            (GOOD.replace("\"127.0.0.1:2601\"", "\"nohost\""), "platforms.old.relay"),
-            (GOOD.replace("accepted = [\"Example.COM.\"]", "accepted = []"), "domains.accepted"),
-            (GOOD.replace("[smtp]", "[smtp]\nlisten_typo = 1"), "listen_typo"),
+            (
+                GOOD.replace("min_backoff = \"1s\"", "min_backoff = \"2h\""),
+                "queue.min_backoff",
+            ),
+            (
+                GOOD.replace("\"127.0.0.1:2601\"", "\"nohost\""),
+                "platforms.old.relay",
+            ),
+            (
+                GOOD.replace("accepted = [\"Example.COM.\"]", "accepted = []"),
+                "domains.accepted",
+            ),
+            (
+                GOOD.replace("[smtp]", "[smtp]\nlisten_typo = 1"),
+                "listen_typo",
+            ),
         ];
         for (text, key) in cases {
             let err = load(&text).unwrap_err().to_string();

@@ -214,8 +214,14 @@ async fn run(cli: Cli) -> Result<i32> {
         Command::Route { command } => route(config, command).await,
         Command::Queue { command } => queue(config, command).await,
         Command::Check(_) => unreachable!("handled above"),
-        Command::Sync(args) => godwit_imap::cli::run_sync(&config, &args).await,
-        Command::Verify(args) => godwit_imap::cli::run_verify(&config, &args).await,
+        Command::Sync(args) => {
+            init_sync_logging(&config);
+            godwit_imap::cli::run_sync(&config, &args).await
+        }
+        Command::Verify(args) => {
+            init_sync_logging(&config);
+            godwit_imap::cli::run_verify(&config, &args).await
+        }
         Command::Trace {
             key,
             rcpt,
@@ -231,6 +237,16 @@ async fn run(cli: Cli) -> Result<i32> {
             sample,
         } => report(config, since, until, format, sample).await,
     }
+}
+
+/// Sync logs go through the progress bars' writer, so lines never tear them.
+fn init_sync_logging(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(godwit_imap::cli::ProgressWriter)
+        .init();
 }
 
 fn init_logging(config: &Config) {
