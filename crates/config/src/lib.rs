@@ -46,6 +46,7 @@ pub struct Config {
     pub queue: QueueConfig,
     pub store: StoreConfig,
     pub log: LogConfig,
+    pub directory: DirectoryConfig,
 }
 
 impl Default for Config {
@@ -60,6 +61,7 @@ impl Default for Config {
             queue: QueueConfig::default(),
             store: StoreConfig::default(),
             log: LogConfig::default(),
+            directory: DirectoryConfig::default(),
         }
     }
 }
@@ -263,6 +265,42 @@ impl Default for LogConfig {
     }
 }
 
+/// What happens to a recipient in an accepted domain that the imported
+/// directory does not know. Applies only once a directory has been imported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum UnknownRecipient {
+    /// Refuse at RCPT with 550 5.1.1, as Postfix's `relay_recipient_maps`.
+    Reject,
+    /// Accept and route by the domain or global default (no directory check).
+    #[default]
+    Default,
+    /// Accept and keep in the queue (route `hold`) until someone decides.
+    Hold,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DirectoryConfig {
+    /// Policy for unknown recipients: "reject", "default" or "hold".
+    /// Default "default", so importing a directory never starts refusing mail
+    /// until the administrator asks for it.
+    pub unknown_recipient: UnknownRecipient,
+    /// The platform mailboxes move to at cutover. Unset means `new`; a
+    /// cutover then fails with an error naming this key if no platform is
+    /// called `new`.
+    pub target_platform: Option<String>,
+}
+
+impl Default for DirectoryConfig {
+    fn default() -> Self {
+        DirectoryConfig {
+            unknown_recipient: UnknownRecipient::Default,
+            target_platform: None,
+        }
+    }
+}
+
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -410,6 +448,14 @@ impl Config {
                 "must be at least queue.min_backoff",
             ));
         }
+        if let Some(t) = &self.directory.target_platform {
+            if !self.platforms.contains_key(t) {
+                return Err(invalid(
+                    "directory.target_platform",
+                    format!("`{t}` is not a configured platform; name the platform mailboxes move to"),
+                ));
+            }
+        }
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return Err(invalid("log.format", "must be `text` or `json`"));
         }
@@ -422,6 +468,14 @@ impl Config {
             .accepted
             .iter()
             .any(|d| d.eq_ignore_ascii_case(domain))
+    }
+
+    /// The platform a cutover routes to: `directory.target_platform`, else `new`.
+    pub fn target_platform(&self) -> Option<&str> {
+        match &self.directory.target_platform {
+            Some(t) => Some(t),
+            None => self.platforms.contains_key("new").then_some("new"),
+        }
     }
 
     pub fn spool_dir(&self) -> PathBuf {
@@ -555,6 +609,14 @@ max_backoff = "1h"
             (
                 GOOD.replace("[smtp]", "[smtp]\nlisten_typo = 1"),
                 "listen_typo",
+            ),
+            (
+                format!("{GOOD}[directory]\nunknown_recipient = \"bounce\"\n"),
+                "unknown_recipient",
+            ),
+            (
+                format!("{GOOD}[directory]\ntarget_platform = \"mars\"\n"),
+                "directory.target_platform",
             ),
         ];
         for (text, key) in cases {

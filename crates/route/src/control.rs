@@ -1,0 +1,1160 @@
+//! The control plane's writes: directory import, migration states, overrides,
+//! waves and rollback. Every command is one transaction that
+//!
+//! 1. claims the next routing version (inserting its row first, so two
+//!    administrators racing for the same number serialize on the primary key
+//!    and the loser retries on fresh data: nothing is lost);
+//! 2. loads the sources of routing for the addresses it touches;
+//! 3. changes them in memory;
+//! 4. writes the difference: the sources, their before/after
+//!    (`control_changes`), and the recomputed effective routes
+//!    (`route_entries`, with before/after in `route_changes`, which is what
+//!    running gateways apply).
+//!
+//! A wave of 100,000 mailboxes is therefore one version and one transaction:
+//! all or nothing.
+
+use crate::model::{Basis, Kind, MigrationState, Object, Sources};
+use crate::{Change, normalize_address};
+use godwit_config::Config;
+use godwit_store::sqlx::{self, AnyConnection, Row};
+use godwit_store::{Store, StoreError, now_ms};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A refusal that names what to do next.
+    #[error("{0}")]
+    Refused(String),
+    #[error(
+        "wave `{wave}`: {} of {total} mailbox(es) are not ready for cutover (their sync is not `ready`): {}{}\n  \
+         wait for the sync, mark them with `godwit directory state ready ADDRESS...`, remove them from the wave, or run again with --force (recorded in the history)",
+        addresses.len(), list_some(addresses), more(addresses)
+    )]
+    NotReady {
+        wave: String,
+        total: usize,
+        addresses: Vec<String>,
+    },
+}
+
+impl From<sqlx::Error> for ControlError {
+    fn from(e: sqlx::Error) -> Self {
+        ControlError::Store(StoreError::Sql(e))
+    }
+}
+
+fn list_some(v: &[String]) -> String {
+    v.iter().take(10).cloned().collect::<Vec<_>>().join(", ")
+}
+
+fn more(v: &[String]) -> String {
+    if v.len() > 10 {
+        format!(" and {} more", v.len() - 10)
+    } else {
+        String::new()
+    }
+}
+
+fn refused(m: impl Into<String>) -> ControlError {
+    ControlError::Refused(m.into())
+}
+
+/// One before/after of something that is not an effective route.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControlChange {
+    /// mailbox | state | alias | member | override | wave | wave-member | note
+    pub subject: String,
+    pub item: String,
+    pub before: Option<String>,
+    pub after: Option<String>,
+}
+
+fn cc(
+    subject: &str,
+    item: impl Into<String>,
+    before: Option<String>,
+    after: Option<String>,
+) -> ControlChange {
+    ControlChange {
+        subject: subject.into(),
+        item: item.into(),
+        before,
+        after,
+    }
+}
+
+/// What one command did (or, in a dry run, would do).
+#[derive(Debug, Clone, Default)]
+pub struct Outcome {
+    /// The version written (or that a dry run would have written).
+    pub version: i64,
+    pub applied: bool,
+    pub control: Vec<ControlChange>,
+    /// Effective-route changes, as running gateways will apply them.
+    pub routes: Vec<Change>,
+}
+
+impl Outcome {
+    /// Route changes that move mail (not just a new reason for the same route).
+    pub fn moved(&self) -> impl Iterator<Item = &Change> {
+        self.routes.iter().filter(|c| c.before != c.after)
+    }
+}
+
+// ---------------------------------------------------------------- SQL helpers
+
+enum Val {
+    T(Option<String>),
+    I(i64),
+}
+
+fn t(s: &str) -> Val {
+    Val::T(Some(s.to_string()))
+}
+
+fn ot(s: Option<&str>) -> Val {
+    Val::T(s.map(|s| s.to_string()))
+}
+
+/// Bind parameters per statement: far below SQLite's 32766 and PostgreSQL's
+/// 65535, large enough that 100,000 rows are a few dozen statements.
+const BINDS: usize = 4000;
+
+async fn insert_rows(
+    tx: &mut AnyConnection,
+    table: &str,
+    cols: &[&str],
+    rows: Vec<Vec<Val>>,
+) -> Result<(), sqlx::Error> {
+    let per = (BINDS / cols.len()).max(1);
+    let mut rows = rows.into_iter().peekable();
+    while rows.peek().is_some() {
+        let chunk: Vec<Vec<Val>> = rows.by_ref().take(per).collect();
+        let mut sql = format!("INSERT INTO {table} ({}) VALUES ", cols.join(", "));
+        let mut n = 0;
+        for (i, _) in chunk.iter().enumerate() {
+            if i > 0 {
+                sql.push(',');
+            }
+            sql.push('(');
+            for j in 0..cols.len() {
+                if j > 0 {
+                    sql.push(',');
+                }
+                n += 1;
+                sql.push_str(&format!("${n}"));
+            }
+            sql.push(')');
+        }
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for row in chunk {
+            for v in row {
+                q = match v {
+                    Val::T(s) => q.bind(s),
+                    Val::I(i) => q.bind(i),
+                };
+            }
+        }
+        q.execute(&mut *tx).await?;
+    }
+    Ok(())
+}
+
+fn placeholders(from: usize, n: usize) -> String {
+    (from..from + n)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// `DELETE FROM table WHERE col IN (...)`, chunked.
+async fn delete_in(
+    tx: &mut AnyConnection,
+    table: &str,
+    col: &str,
+    keys: &[String],
+) -> Result<(), sqlx::Error> {
+    for chunk in keys.chunks(BINDS) {
+        let sql = format!(
+            "DELETE FROM {table} WHERE {col} IN ({})",
+            placeholders(1, chunk.len())
+        );
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for k in chunk {
+            q = q.bind(k.as_str());
+        }
+        q.execute(&mut *tx).await?;
+    }
+    Ok(())
+}
+
+/// Which addresses a command loads the sources of.
+#[derive(Debug, Clone)]
+pub enum Scope {
+    All,
+    /// The members of one wave (mailboxes), their aliases, and nothing else.
+    Wave(String),
+    Addresses(Vec<String>),
+}
+
+/// Runs `select` (ending in `WHERE col`) for `keys`, chunked, or for every row with `All`.
+async fn select_in(
+    tx: &mut AnyConnection,
+    select: &'static str,
+    col: &str,
+    keys: Option<&[String]>,
+) -> Result<Vec<sqlx::any::AnyRow>, sqlx::Error> {
+    let Some(keys) = keys else {
+        return sqlx::query(select).fetch_all(&mut *tx).await;
+    };
+    let mut out = Vec::new();
+    for chunk in keys.chunks(BINDS) {
+        let sql = format!("{select} WHERE {col} IN ({})", placeholders(1, chunk.len()));
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for k in chunk {
+            q = q.bind(k.as_str());
+        }
+        out.extend(q.fetch_all(&mut *tx).await?);
+    }
+    Ok(out)
+}
+
+/// The current effective entry of an address: route, basis.
+type Entries = HashMap<String, (String, Option<String>)>;
+
+const OBJECTS: &str = "SELECT address, display_name, kind, platform, state FROM directory_objects";
+const ALIASES: &str = "SELECT alias, mailbox FROM directory_aliases";
+const OVERRIDES: &str = "SELECT address, route FROM route_overrides";
+const ENTRIES: &str = "SELECT address, route, basis FROM route_entries";
+const MEMBERS: &str = "SELECT group_address, member FROM directory_members";
+
+fn put_object(src: &mut Sources, r: &sqlx::any::AnyRow) -> Result<(), ControlError> {
+    let address: String = r.try_get(0)?;
+    let kind: String = r.try_get(2)?;
+    let state: String = r.try_get(4)?;
+    let bad = |what: &str, v: &str| {
+        refused(format!(
+            "the store holds an unknown {what} `{v}` for {address}; was it written by a newer godwit?"
+        ))
+    };
+    let object = Object {
+        display_name: r.try_get(1)?,
+        kind: kind.parse().map_err(|_| bad("kind", &kind))?,
+        platform: r.try_get(3)?,
+        state: state.parse().map_err(|_| bad("state", &state))?,
+    };
+    src.objects.insert(address, object);
+    Ok(())
+}
+
+/// Loads the sources and current entries for `scope`, closed so that every
+/// address whose effective route the sources decide is complete: an alias
+/// comes with its mailbox, a mailbox with all its aliases.
+async fn load(
+    tx: &mut AnyConnection,
+    scope: &Scope,
+    with_members: bool,
+) -> Result<(Sources, Entries), ControlError> {
+    let mut src = Sources::default();
+    let mut entries = Entries::new();
+    // The address set S, or None for everything.
+    let set: Option<Vec<String>> = match scope {
+        Scope::All => None,
+        Scope::Wave(name) => {
+            let seeds: Vec<String> =
+                sqlx::query_scalar("SELECT address FROM wave_members WHERE wave = $1")
+                    .bind(name.as_str())
+                    .fetch_all(&mut *tx)
+                    .await?;
+            Some(seeds)
+        }
+        Scope::Addresses(a) => Some(a.iter().map(|a| normalize_address(a)).collect()),
+    };
+    let set = match set {
+        None => None,
+        Some(seeds) => {
+            let mut s: BTreeSet<String> = seeds.iter().cloned().collect();
+            // An alias in the set brings its mailbox...
+            for r in select_in(tx, ALIASES, "alias", Some(&seeds)).await? {
+                s.insert(r.try_get(1)?);
+            }
+            // ...and every mailbox in the set brings all its aliases.
+            let s0: Vec<String> = s.iter().cloned().collect();
+            for r in select_in(tx, ALIASES, "mailbox", Some(&s0)).await? {
+                s.insert(r.try_get(0)?);
+            }
+            Some(s.into_iter().collect::<Vec<_>>())
+        }
+    };
+    let keys = set.as_deref();
+    for r in select_in(tx, OBJECTS, "address", keys).await? {
+        put_object(&mut src, &r)?;
+    }
+    for r in select_in(tx, ALIASES, "alias", keys).await? {
+        src.aliases.insert(r.try_get(0)?, r.try_get(1)?);
+    }
+    for r in select_in(tx, OVERRIDES, "address", keys).await? {
+        src.overrides.insert(r.try_get(0)?, r.try_get(1)?);
+    }
+    for r in select_in(tx, ENTRIES, "address", keys).await? {
+        entries.insert(r.try_get(0)?, (r.try_get(1)?, r.try_get(2)?));
+    }
+    if with_members {
+        for r in select_in(tx, MEMBERS, "group_address", keys).await? {
+            let (g, m): (String, String) = (r.try_get(0)?, r.try_get(1)?);
+            src.members.entry(g).or_default().insert(m);
+        }
+    }
+    Ok((src, entries))
+}
+
+fn object_value(o: &Object) -> String {
+    serde_json::json!({
+        "display_name": o.display_name,
+        "kind": o.kind.as_str(),
+        "platform": o.platform,
+    })
+    .to_string()
+}
+
+fn parse_object_value(v: &str) -> Option<(String, Kind, String)> {
+    let j: serde_json::Value = serde_json::from_str(v).ok()?;
+    Some((
+        j["display_name"].as_str()?.to_string(),
+        j["kind"].as_str()?.parse().ok()?,
+        j["platform"].as_str()?.to_string(),
+    ))
+}
+
+/// Writes the difference between `before` and `after` (and the recomputed
+/// effective routes) as part of `version`.
+async fn write_diff(
+    tx: &mut AnyConnection,
+    version: i64,
+    before: &Sources,
+    after: &Sources,
+    entries: &Entries,
+    target: &str,
+    mut control: Vec<ControlChange>,
+) -> Result<Outcome, ControlError> {
+    // Directory objects.
+    let mut del_objects = Vec::new();
+    let mut new_objects = Vec::new();
+    let mut state_only: BTreeMap<MigrationState, Vec<String>> = BTreeMap::new();
+    let keys: BTreeSet<&String> = before.objects.keys().chain(after.objects.keys()).collect();
+    for a in keys {
+        let (b, n) = (before.objects.get(a), after.objects.get(a));
+        if b == n {
+            continue;
+        }
+        let (bv, nv) = (b.map(object_value), n.map(object_value));
+        if bv != nv {
+            control.push(cc("mailbox", a.as_str(), bv.clone(), nv.clone()));
+        }
+        let (bs, ns) = (b.map(|o| o.state), n.map(|o| o.state));
+        if bs != ns {
+            control.push(cc(
+                "state",
+                a.as_str(),
+                bs.map(|s| s.to_string()),
+                ns.map(|s| s.to_string()),
+            ));
+        }
+        match n {
+            Some(n) if b.is_some() && bv == nv => state_only.entry(n.state).or_default().push(a.clone()),
+            Some(n) => {
+                if b.is_some() {
+                    del_objects.push(a.clone());
+                }
+                new_objects.push(vec![
+                    t(a),
+                    t(&n.display_name),
+                    t(n.kind.as_str()),
+                    t(&n.platform),
+                    t(n.state.as_str()),
+                    Val::I(version),
+                ]);
+            }
+            None => del_objects.push(a.clone()),
+        }
+    }
+    delete_in(tx, "directory_objects", "address", &del_objects).await?;
+    insert_rows(
+        tx,
+        "directory_objects",
+        &["address", "display_name", "kind", "platform", "state", "version"],
+        new_objects,
+    )
+    .await?;
+    for (state, addrs) in state_only {
+        for chunk in addrs.chunks(BINDS) {
+            let sql = format!(
+                "UPDATE directory_objects SET state = $1, version = $2 WHERE address IN ({})",
+                placeholders(3, chunk.len())
+            );
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(state.as_str()).bind(version);
+            for a in chunk {
+                q = q.bind(a.as_str());
+            }
+            q.execute(&mut *tx).await?;
+        }
+    }
+
+    // Aliases and overrides: key → value tables.
+    for (subject, table, key_col, val_col, b, n) in [
+        ("alias", "directory_aliases", "alias", "mailbox", &before.aliases, &after.aliases),
+        ("override", "route_overrides", "address", "route", &before.overrides, &after.overrides),
+    ] {
+        let mut dels = Vec::new();
+        let mut ins = Vec::new();
+        let keys: BTreeSet<&String> = b.keys().chain(n.keys()).collect();
+        for k in keys {
+            let (bv, nv) = (b.get(k), n.get(k));
+            if bv == nv {
+                continue;
+            }
+            control.push(cc(subject, k.as_str(), bv.cloned(), nv.cloned()));
+            if bv.is_some() {
+                dels.push(k.clone());
+            }
+            if let Some(v) = nv {
+                ins.push(vec![t(k), t(v), Val::I(version)]);
+            }
+        }
+        delete_in(tx, table, key_col, &dels).await?;
+        insert_rows(tx, table, &[key_col, val_col, "version"], ins).await?;
+    }
+
+    // Group members.
+    let groups: BTreeSet<&String> = before.members.keys().chain(after.members.keys()).collect();
+    let empty = BTreeSet::new();
+    for g in groups {
+        let (b, n) = (
+            before.members.get(g).unwrap_or(&empty),
+            after.members.get(g).unwrap_or(&empty),
+        );
+        if b == n {
+            continue;
+        }
+        for m in b.difference(n) {
+            control.push(cc("member", format!("{g} {m}"), Some("member".into()), None));
+            sqlx::query("DELETE FROM directory_members WHERE group_address = $1 AND member = $2")
+                .bind(g.as_str())
+                .bind(m.as_str())
+                .execute(&mut *tx)
+                .await?;
+        }
+        let added: Vec<Vec<Val>> = n
+            .difference(b)
+            .map(|m| {
+                control.push(cc("member", format!("{g} {m}"), None, Some("member".into())));
+                vec![t(g), t(m)]
+            })
+            .collect();
+        insert_rows(tx, "directory_members", &["group_address", "member"], added).await?;
+    }
+
+    // Effective routes.
+    let mut addresses: BTreeSet<&str> = before.addresses();
+    addresses.extend(after.addresses());
+    addresses.extend(entries.keys().map(|s| s.as_str()));
+    let mut routes = Vec::new();
+    let mut dels = Vec::new();
+    let mut ins = Vec::new();
+    let mut change_rows = Vec::new();
+    for a in addresses {
+        let now = after.effective(a, target);
+        let was = entries.get(a);
+        let now_tok = now.as_ref().map(|(r, b)| (r.as_str(), b.token()));
+        let was_tok = was.map(|(r, b)| (r.as_str(), Basis::parse(b.as_deref()).token()));
+        if now_tok == was_tok {
+            continue;
+        }
+        if was.is_some() {
+            dels.push(a.to_string());
+        }
+        if let Some((r, b)) = &now {
+            ins.push(vec![t(a), t(r), Val::I(version), t(&b.token())]);
+        }
+        let before_route = was.map(|(r, _)| r.clone());
+        let after_route = now.as_ref().map(|(r, _)| r.clone());
+        let basis = now.as_ref().map(|(_, b)| *b);
+        change_rows.push(vec![
+            Val::I(version),
+            t(a),
+            ot(before_route.as_deref()),
+            ot(after_route.as_deref()),
+            ot(basis.map(|b| b.token()).as_deref()),
+        ]);
+        routes.push(Change {
+            version,
+            address: a.to_string(),
+            before: before_route,
+            after: after_route,
+            basis,
+        });
+    }
+    delete_in(tx, "route_entries", "address", &dels).await?;
+    insert_rows(
+        tx,
+        "route_entries",
+        &["address", "route", "version", "basis"],
+        ins,
+    )
+    .await?;
+    insert_rows(
+        tx,
+        "route_changes",
+        &["version", "address", "before_route", "after_route", "basis"],
+        change_rows,
+    )
+    .await?;
+    let rows = control
+        .iter()
+        .map(|c| {
+            vec![
+                Val::I(version),
+                t(&c.subject),
+                t(&c.item),
+                ot(c.before.as_deref()),
+                ot(c.after.as_deref()),
+            ]
+        })
+        .collect();
+    insert_rows(
+        tx,
+        "control_changes",
+        &["version", "subject", "item", "before_value", "after_value"],
+        rows,
+    )
+    .await?;
+    Ok(Outcome {
+        version,
+        applied: false,
+        control,
+        routes,
+    })
+}
+
+/// Whether a failed transaction lost a race and should run again on fresh
+/// data (SQLite BUSY/locked, PostgreSQL unique or serialization conflicts).
+fn retryable(e: &ControlError) -> bool {
+    let ControlError::Store(StoreError::Sql(sqlx::Error::Database(db))) = e else {
+        return false;
+    };
+    let msg = db.message().to_ascii_lowercase();
+    let code = db.code().map(|c| c.to_string()).unwrap_or_default();
+    msg.contains("locked")
+        || msg.contains("busy")
+        || msg.contains("unique")
+        || matches!(code.as_str(), "23505" | "40001" | "40P01" | "5")
+}
+
+/// The context a command runs in.
+pub struct Ctx<'a> {
+    pub store: &'a Store,
+    pub config: &'a Config,
+    pub actor: &'a str,
+    pub command: &'a str,
+    /// Compute and report, then roll back.
+    pub dry_run: bool,
+}
+
+impl Ctx<'_> {
+    fn target(&self) -> Result<String, ControlError> {
+        self.config.target_platform().map(str::to_string).ok_or_else(|| {
+            refused("no platform is called `new`: set [directory] target_platform to the platform mailboxes move to")
+        })
+    }
+
+    /// Runs `f` in one transaction as a new version, retrying lost races.
+    /// `f` returns the changed sources and extra history rows; an `Err`
+    /// rolls everything back.
+    async fn run<F>(&self, scope: Scope, with_members: bool, f: F) -> Result<Outcome, ControlError>
+    where
+        F: Fn(&mut Sources, i64) -> Result<Vec<ControlChange>, ControlError>,
+    {
+        self.run_tx(scope, with_members, |_tx, src, v| {
+            let r = f(src, v);
+            Box::pin(async move { r })
+        })
+        .await
+    }
+
+    async fn run_tx<F>(&self, scope: Scope, with_members: bool, f: F) -> Result<Outcome, ControlError>
+    where
+        F: for<'c> Fn(
+            &'c mut AnyConnection,
+            &'c mut Sources,
+            i64,
+        ) -> std::pin::Pin<
+            Box<dyn std::future::Future<Output = Result<Vec<ControlChange>, ControlError>> + Send + 'c>,
+        >,
+    {
+        let target = self.target()?;
+        let mut attempt = 0u32;
+        loop {
+            let mut tx = self.store.pool.begin().await.map_err(StoreError::from)?;
+            let result = async {
+                let version = claim_version(&mut tx, self.actor, self.command).await?;
+                let (before, entries) = load(&mut tx, &scope, with_members).await?;
+                let mut after = before.clone();
+                let extra = f(&mut tx, &mut after, version).await?;
+                write_diff(&mut tx, version, &before, &after, &entries, &target, extra).await
+            }
+            .await;
+            let result = match result {
+                Ok(mut o) if !self.dry_run => {
+                    tx.commit().await?;
+                    o.applied = true;
+                    Ok(o)
+                }
+                other => {
+                    let _ = tx.rollback().await;
+                    other
+                }
+            };
+            match result {
+                Err(e) if attempt < 50 && retryable(&e) => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(5 * u64::from(attempt.min(20)))).await;
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
+/// Inserts the next version's row. Done first in every command: a concurrent
+/// command claiming the same number blocks (PostgreSQL) or fails to upgrade
+/// its lock (SQLite), and retries after this one commits.
+async fn claim_version(
+    tx: &mut AnyConnection,
+    actor: &str,
+    command: &str,
+) -> Result<i64, ControlError> {
+    let v: Option<i64> = sqlx::query_scalar("SELECT MAX(version) FROM routing_versions")
+        .fetch_one(&mut *tx)
+        .await?;
+    let version = v.unwrap_or(0) + 1;
+    sqlx::query("INSERT INTO routing_versions (version, at_ms, actor, command) VALUES ($1, $2, $3, $4)")
+        .bind(version)
+        .bind(now_ms())
+        .bind(actor)
+        .bind(command)
+        .execute(&mut *tx)
+        .await?;
+    Ok(version)
+}
+
+// ---------------------------------------------------------------- commands
+
+/// Sets (`Some`) or removes (`None`) per-address overrides (`route set` /
+/// `route unset`) as one version. An override beats the directory; removing
+/// it lets the directory (or the defaults) decide again. Returns the version
+/// and the route changes that moved mail.
+pub async fn commit(
+    store: &Store,
+    config: &Config,
+    actor: &str,
+    command: &str,
+    changes: Vec<(String, Option<String>)>,
+) -> Result<(i64, Vec<Change>), ControlError> {
+    let ctx = Ctx {
+        store,
+        config,
+        actor,
+        command,
+        dry_run: false,
+    };
+    let addrs: Vec<String> = changes.iter().map(|(a, _)| normalize_address(a)).collect();
+    let o = ctx
+        .run(Scope::Addresses(addrs), false, |src, _| {
+            for (a, r) in &changes {
+                let a = normalize_address(a);
+                match r {
+                    Some(r) => src.overrides.insert(a, r.clone()),
+                    None => src.overrides.remove(&a),
+                };
+            }
+            Ok(Vec::new())
+        })
+        .await?;
+    let moved = o.moved().cloned().collect();
+    Ok((o.version, moved))
+}
+
+/// A directory import's difference, object by object.
+#[derive(Debug, Clone, Default)]
+pub struct ImportDiff {
+    pub added: Vec<String>,
+    /// address, what changed
+    pub changed: Vec<(String, Vec<String>)>,
+    pub removed: Vec<String>,
+}
+
+impl ImportDiff {
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.changed.is_empty() && self.removed.is_empty()
+    }
+}
+
+/// Replaces the directory with `rows` (already checked by
+/// `directory::parse`). Existing objects keep their migration state; new
+/// ones start `pending`. Applies only if `ctx.dry_run` is false and
+/// something differs.
+pub async fn import(
+    ctx: &Ctx<'_>,
+    rows: Vec<crate::directory::DirectoryRow>,
+) -> Result<(ImportDiff, Option<Outcome>), ControlError> {
+    let diff = std::sync::Mutex::new(ImportDiff::default());
+    let dry = Ctx {
+        dry_run: true,
+        ..*ctx
+    };
+    let body = |src: &mut Sources, _v: i64| {
+        let mut d = ImportDiff::default();
+        let mut objects = HashMap::new();
+        let mut aliases = HashMap::new();
+        let mut members: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for r in &rows {
+            let state = src
+                .objects
+                .get(&r.address)
+                .map_or(MigrationState::Pending, |o| o.state);
+            objects.insert(
+                r.address.clone(),
+                Object {
+                    display_name: r.display_name.clone(),
+                    kind: r.kind,
+                    platform: r.platform.clone(),
+                    state,
+                },
+            );
+            for a in &r.aliases {
+                aliases.insert(a.clone(), r.address.clone());
+            }
+            if !r.members.is_empty() {
+                members.insert(r.address.clone(), r.members.iter().cloned().collect());
+            }
+        }
+        for r in &rows {
+            let Some(old) = src.objects.get(&r.address) else {
+                d.added.push(r.address.clone());
+                continue;
+            };
+            let new = &objects[&r.address];
+            let mut what = Vec::new();
+            if old.display_name != new.display_name {
+                what.push(format!("display_name {:?} -> {:?}", old.display_name, new.display_name));
+            }
+            if old.kind != new.kind {
+                what.push(format!("kind {} -> {}", old.kind, new.kind));
+            }
+            if old.platform != new.platform {
+                what.push(format!("platform {} -> {}", old.platform, new.platform));
+            }
+            let (oa, na) = (src.aliases_of(&r.address), r.aliases.iter().map(|s| s.as_str()).collect::<BTreeSet<_>>());
+            let oa: BTreeSet<&str> = oa.into_iter().collect();
+            if oa != na {
+                what.push(format!(
+                    "aliases [{}] -> [{}]",
+                    oa.into_iter().collect::<Vec<_>>().join(";"),
+                    na.into_iter().collect::<Vec<_>>().join(";")
+                ));
+            }
+            let empty = BTreeSet::new();
+            let (om, nm) = (
+                src.members.get(&r.address).unwrap_or(&empty),
+                members.get(&r.address).unwrap_or(&empty),
+            );
+            if om != nm {
+                what.push(format!("members: {} -> {}", om.len(), nm.len()));
+            }
+            if !what.is_empty() {
+                d.changed.push((r.address.clone(), what));
+            }
+        }
+        let mut removed: Vec<String> = src
+            .objects
+            .keys()
+            .filter(|a| !objects.contains_key(*a))
+            .cloned()
+            .collect();
+        removed.sort();
+        d.removed = removed;
+        src.objects = objects;
+        src.aliases = aliases;
+        src.members = members;
+        *diff.lock().unwrap() = d;
+        Ok(Vec::new())
+    };
+    // Compute first without writing, so an unchanged directory records no
+    // version at all (an import is idempotent).
+    dry.run(Scope::All, true, &body).await?;
+    let d = diff.lock().unwrap().clone();
+    if ctx.dry_run || d.is_empty() {
+        return Ok((d, None));
+    }
+    let o = ctx.run(Scope::All, true, &body).await?;
+    let d = diff.lock().unwrap().clone();
+    Ok((d, Some(o)))
+}
+
+/// Sets the migration state of directory objects (what the sync does as a
+/// mailbox becomes `ready`, and what an administrator does to finish with
+/// `migrated`). Aliases are resolved to their mailbox.
+pub async fn set_state(
+    ctx: &Ctx<'_>,
+    addresses: Vec<String>,
+    state: MigrationState,
+) -> Result<Outcome, ControlError> {
+    let addrs: Vec<String> = addresses.iter().map(|a| normalize_address(a)).collect();
+    ctx.run(Scope::Addresses(addrs.clone()), false, |src, _| {
+        for a in &addrs {
+            let m = src.aliases.get(a).cloned().unwrap_or_else(|| a.clone());
+            match src.objects.get_mut(&m) {
+                Some(o) => o.state = state,
+                None => {
+                    return Err(refused(format!(
+                        "`{a}` is not in the directory; import it first (godwit directory import FILE --apply)"
+                    )));
+                }
+            }
+        }
+        Ok(Vec::new())
+    })
+    .await
+}
+
+pub fn check_wave_name(name: &str) -> Result<(), ControlError> {
+    if name.is_empty()
+        || name.len() > 64
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    {
+        return Err(refused(format!(
+            "`{name}` is not a wave name: use 1 to 64 letters, digits, `-`, `_` or `.`"
+        )));
+    }
+    Ok(())
+}
+
+/// Creates a wave of directory objects. Aliases are resolved to their
+/// mailbox; an address the directory does not know is refused.
+pub async fn wave_create(
+    ctx: &Ctx<'_>,
+    name: &str,
+    members: Vec<String>,
+) -> Result<Outcome, ControlError> {
+    check_wave_name(name)?;
+    if members.is_empty() {
+        return Err(refused("a wave needs members: --members FILE or addresses"));
+    }
+    let members: Vec<String> = members.iter().map(|a| normalize_address(a)).collect();
+    let name = name.to_string();
+    ctx.run_tx(Scope::Addresses(members.clone()), false, move |tx, src, version| {
+        let name = name.clone();
+        let members = members.clone();
+        Box::pin(async move {
+            let exists: Option<String> = sqlx::query_scalar("SELECT name FROM waves WHERE name = $1")
+                .bind(name.as_str())
+                .fetch_optional(&mut *tx)
+                .await?;
+            if exists.is_some() {
+                return Err(refused(format!(
+                    "wave `{name}` exists; choose another name (godwit wave list)"
+                )));
+            }
+            let mut resolved = BTreeSet::new();
+            let mut unknown = Vec::new();
+            for a in &members {
+                let m = src.aliases.get(a).unwrap_or(a);
+                if src.objects.contains_key(m) {
+                    resolved.insert(m.clone());
+                } else {
+                    unknown.push(a.clone());
+                }
+            }
+            if !unknown.is_empty() {
+                return Err(refused(format!(
+                    "{} address(es) are not in the directory: {}{}; import them first or remove them from the member list",
+                    unknown.len(),
+                    list_some(&unknown),
+                    more(&unknown)
+                )));
+            }
+            sqlx::query("INSERT INTO waves (name, status, created_version, version) VALUES ($1, 'created', $2, $2)")
+                .bind(name.as_str())
+                .bind(version)
+                .execute(&mut *tx)
+                .await?;
+            let rows = resolved.iter().map(|m| vec![t(&name), t(m)]).collect();
+            insert_rows(tx, "wave_members", &["wave", "address"], rows).await?;
+            let mut control = vec![cc("wave", name.as_str(), None, Some("created".into()))];
+            control.extend(
+                resolved
+                    .iter()
+                    .map(|m| cc("wave-member", format!("{name} {m}"), None, Some("member".into()))),
+            );
+            Ok(control)
+        })
+    })
+    .await
+}
+
+/// The sync's verdict per account, from the sync engine's `sync_accounts`
+/// table (status `seeding`, `ready` or `verified`). The table belongs to the
+/// mailbox sync; until it exists (or if its shape differs), every account
+/// counts as not synced and only the directory state (`ready`, set by
+/// `godwit directory state ready`) admits a mailbox to cutover.
+pub async fn sync_ready_accounts(store: &Store) -> BTreeSet<String> {
+    let rows: Result<Vec<(String, String)>, _> =
+        sqlx::query_as("SELECT address, status FROM sync_accounts")
+            .fetch_all(&store.pool)
+            .await;
+    match rows {
+        Ok(rows) => rows
+            .into_iter()
+            .filter(|(_, s)| matches!(s.as_str(), "ready" | "verified"))
+            .map(|(a, _)| normalize_address(&a))
+            .collect(),
+        Err(e) => {
+            tracing::debug!("no sync status available ({e}); the directory state decides readiness");
+            BTreeSet::new()
+        }
+    }
+}
+
+/// Whether a wave member may be cut over without `--force`. Groups have no
+/// mailbox to sync. A rolled-back mailbox was ready when it first moved, and
+/// the sync keeps running after a rollback.
+pub fn ready_for_cutover(kind: Kind, state: MigrationState, sync_ready: bool) -> bool {
+    kind == Kind::Group
+        || sync_ready
+        || matches!(state, MigrationState::Ready | MigrationState::RolledBack)
+}
+
+async fn set_wave_status(
+    tx: &mut AnyConnection,
+    name: &str,
+    status: &str,
+    version: i64,
+) -> Result<ControlChange, ControlError> {
+    let before: Option<String> = sqlx::query_scalar("SELECT status FROM waves WHERE name = $1")
+        .bind(name)
+        .fetch_optional(&mut *tx)
+        .await?;
+    let Some(before) = before else {
+        return Err(refused(format!("no wave `{name}` (godwit wave list)")));
+    };
+    sqlx::query("UPDATE waves SET status = $1, version = $2 WHERE name = $3")
+        .bind(status)
+        .bind(version)
+        .bind(name)
+        .execute(&mut *tx)
+        .await?;
+    Ok(cc("wave", name, Some(before), Some(status.into())))
+}
+
+/// Moves every member of a wave to the target platform (state `cutover`),
+/// in one version. Refuses members that are not ready unless `force`, which
+/// is recorded in the history as a `note`.
+pub async fn wave_cutover(ctx: &Ctx<'_>, name: &str, force: bool) -> Result<Outcome, ControlError> {
+    let sync = sync_ready_accounts(ctx.store).await;
+    let name = name.to_string();
+    ctx.run_tx(Scope::Wave(name.clone()), false, move |tx, src, version| {
+        let name = name.clone();
+        let sync = sync.clone();
+        Box::pin(async move {
+            let mut control = vec![set_wave_status(tx, &name, "cutover", version).await?];
+            let members: Vec<String> =
+                sqlx::query_scalar("SELECT address FROM wave_members WHERE wave = $1 ORDER BY address")
+                    .bind(name.as_str())
+                    .fetch_all(&mut *tx)
+                    .await?;
+            let mut not_ready = Vec::new();
+            let mut missing = Vec::new();
+            for m in &members {
+                let Some(o) = src.objects.get_mut(m) else {
+                    missing.push(m.clone());
+                    continue;
+                };
+                if o.state.routes_to_target() {
+                    continue;
+                }
+                if !ready_for_cutover(o.kind, o.state, sync.contains(m)) {
+                    not_ready.push(m.clone());
+                    if !force {
+                        continue;
+                    }
+                }
+                o.state = MigrationState::Cutover;
+            }
+            if !not_ready.is_empty() && !force {
+                return Err(ControlError::NotReady {
+                    wave: name.clone(),
+                    total: members.len(),
+                    addresses: not_ready,
+                });
+            }
+            if !not_ready.is_empty() {
+                control.push(cc(
+                    "note",
+                    "forced",
+                    None,
+                    Some(format!(
+                        "--force: {} mailbox(es) cut over without a ready sync: {}{}",
+                        not_ready.len(),
+                        list_some(&not_ready),
+                        more(&not_ready)
+                    )),
+                ));
+            }
+            if !missing.is_empty() {
+                control.push(cc(
+                    "note",
+                    "not-in-directory",
+                    None,
+                    Some(format!(
+                        "{} member(s) no longer in the directory were skipped: {}{}",
+                        missing.len(),
+                        list_some(&missing),
+                        more(&missing)
+                    )),
+                ));
+            }
+            Ok(control)
+        })
+    })
+    .await
+}
+
+/// Moves every member of a wave that is at the target (`cutover` or
+/// `migrated`) back to the platform that owned it (`rolled-back`), in one
+/// version. Mail already queued follows at its next attempt.
+pub async fn wave_rollback(ctx: &Ctx<'_>, name: &str) -> Result<Outcome, ControlError> {
+    let name = name.to_string();
+    ctx.run_tx(Scope::Wave(name.clone()), false, move |tx, src, version| {
+        let name = name.clone();
+        Box::pin(async move {
+            let control = vec![set_wave_status(tx, &name, "rolled-back", version).await?];
+            let members: Vec<String> =
+                sqlx::query_scalar("SELECT address FROM wave_members WHERE wave = $1")
+                    .bind(name.as_str())
+                    .fetch_all(&mut *tx)
+                    .await?;
+            for m in &members {
+                if let Some(o) = src.objects.get_mut(m) {
+                    if o.state.routes_to_target() {
+                        o.state = MigrationState::RolledBack;
+                    }
+                }
+            }
+            Ok(control)
+        })
+    })
+    .await
+}
+
+/// Restores every source of routing (directory objects, states, aliases,
+/// group members, overrides) to what it was at version `to`, as a new
+/// version, so the rollback can itself be rolled back. Waves keep their
+/// definitions; the routing they caused is restored like anything else.
+pub async fn rollback_to(ctx: &Ctx<'_>, to: i64) -> Result<Outcome, ControlError> {
+    let current: Option<i64> = sqlx::query_scalar("SELECT MAX(version) FROM routing_versions")
+        .fetch_one(&ctx.store.pool)
+        .await
+        .map_err(StoreError::from)?;
+    let current = current.unwrap_or(0);
+    if to < 0 || to > current {
+        return Err(refused(format!(
+            "there is no version {to}: versions run from 0 (before any change) to {current} (godwit history)"
+        )));
+    }
+    ctx.run_tx(Scope::All, true, move |tx, src, _version| {
+        Box::pin(async move {
+            let rows = sqlx::query(
+                "SELECT subject, item, before_value FROM control_changes \
+                 WHERE version > $1 AND subject IN ('mailbox', 'state', 'alias', 'member', 'override') \
+                 ORDER BY version",
+            )
+            .bind(to)
+            .fetch_all(&mut *tx)
+            .await?;
+            // The value at `to` is the `before` of the first change after it.
+            let mut at: BTreeMap<(String, String), Option<String>> = BTreeMap::new();
+            for r in rows {
+                let key: (String, String) = (r.try_get(0)?, r.try_get(1)?);
+                let before: Option<String> = r.try_get(2)?;
+                at.entry(key).or_insert(before);
+            }
+            // Objects first (a restored object needs to exist before its state).
+            for ((subject, item), value) in &at {
+                if subject != "mailbox" {
+                    continue;
+                }
+                match value.as_deref().and_then(parse_object_value) {
+                    None => {
+                        src.objects.remove(item);
+                    }
+                    Some((display_name, kind, platform)) => {
+                        let state = src
+                            .objects
+                            .get(item)
+                            .map_or(MigrationState::Pending, |o| o.state);
+                        src.objects.insert(
+                            item.clone(),
+                            Object {
+                                display_name,
+                                kind,
+                                platform,
+                                state,
+                            },
+                        );
+                    }
+                }
+            }
+            for ((subject, item), value) in at {
+                match (subject.as_str(), value) {
+                    ("state", Some(s)) => {
+                        if let (Some(o), Ok(s)) = (src.objects.get_mut(&item), s.parse()) {
+                            o.state = s;
+                        }
+                    }
+                    ("alias", None) => {
+                        src.aliases.remove(&item);
+                    }
+                    ("alias", Some(m)) => {
+                        src.aliases.insert(item, m);
+                    }
+                    ("override", None) => {
+                        src.overrides.remove(&item);
+                    }
+                    ("override", Some(r)) => {
+                        src.overrides.insert(item, r);
+                    }
+                    ("member", v) => {
+                        if let Some((g, m)) = item.split_once(' ') {
+                            let set = src.members.entry(g.to_string()).or_default();
+                            if v.is_some() {
+                                set.insert(m.to_string());
+                            } else {
+                                set.remove(m);
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            src.members.retain(|_, m| !m.is_empty());
+            Ok(vec![cc("note", "rollback", None, Some(format!("restored the routing of version {to}")))])
+        })
+    })
+    .await
+}
