@@ -1,6 +1,7 @@
 //! godwit: the command line. `serve` runs the gateway; the other commands
 //! work beside a running gateway (they share the state store and spool).
 
+mod control;
 mod smtpd;
 mod tls;
 
@@ -48,6 +49,24 @@ enum Command {
         #[command(subcommand)]
         command: QueueCommand,
     },
+    /// The directory: mailboxes, aliases, groups and their migration state.
+    Directory {
+        #[command(subcommand)]
+        command: control::DirectoryCommand,
+    },
+    /// Waves: move a set of mailboxes (and back) in one command.
+    Wave {
+        #[command(subcommand)]
+        command: control::WaveCommand,
+    },
+    /// Every change to routes, states, waves and the directory, numbered.
+    History {
+        #[command(subcommand)]
+        command: Option<control::HistoryCommand>,
+        /// How many versions to list, newest first.
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -68,6 +87,18 @@ enum RouteCommand {
     },
     /// Where mail for ADDRESS goes now, and why.
     Show { address: String },
+    /// Where mail for ADDRESS goes and everything that decides it: alias,
+    /// group, state, override, wave, and the version that set it.
+    Explain { address: String },
+    /// Restore the routing as of version N, as a new version (undoable).
+    Rollback {
+        #[arg(long)]
+        to: i64,
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        actor: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -103,6 +134,9 @@ async fn run(cli: Cli) -> Result<i32> {
         Command::Serve => serve(config).await,
         Command::Route { command } => route(config, command).await,
         Command::Queue { command } => queue(config, command).await,
+        Command::Directory { command } => control::directory(config, command).await,
+        Command::Wave { command } => control::wave(config, command).await,
+        Command::History { command, limit } => control::history(config, command, limit).await,
     }
 }
 
@@ -252,6 +286,7 @@ async fn route(config: Config, command: RouteCommand) -> Result<i32> {
             let cmd = format!("route set {address} {platform}");
             let (v, applied) = godwit_route::commit(
                 &store,
+                &config,
                 &actor(who),
                 &cmd,
                 vec![(address.clone(), Some(platform.clone()))],
@@ -275,7 +310,7 @@ async fn route(config: Config, command: RouteCommand) -> Result<i32> {
         } => {
             let cmd = format!("route unset {address}");
             let (v, applied) =
-                godwit_route::commit(&store, &actor(who), &cmd, vec![(address.clone(), None)])
+                godwit_route::commit(&store, &config, &actor(who), &cmd, vec![(address.clone(), None)])
                     .await?;
             if applied.is_empty() {
                 println!("{address} had no entry (version {v})");
@@ -285,7 +320,7 @@ async fn route(config: Config, command: RouteCommand) -> Result<i32> {
         }
         RouteCommand::Show { address } => {
             check_address(&config, &address)?;
-            let map = godwit_route::load(&store, &config).await?;
+            let map = godwit_route::load_one(&store, &config, &address).await?;
             let d = map.decide(&address);
             println!(
                 "{}: {} ({}; routing version {})",
@@ -295,6 +330,14 @@ async fn route(config: Config, command: RouteCommand) -> Result<i32> {
                 d.version
             );
         }
+        RouteCommand::Explain { address } => {
+            return control::route_explain(&config, &store, &address).await;
+        }
+        RouteCommand::Rollback {
+            to,
+            dry_run,
+            actor,
+        } => return control::route_rollback(&config, &store, to, dry_run, actor).await,
     }
     Ok(0)
 }

@@ -104,6 +104,12 @@ impl RelayHandle {
         }))
     }
 
+    /// The routing map this relay decides with (the SMTP RCPT policy reads
+    /// the same map for unknown recipients).
+    pub fn routes(&self) -> &SharedRoutes {
+        &self.0.routes
+    }
+
     /// Adds a message just accepted (or recovered) and makes it due now,
     /// except recipients whose recorded state says otherwise.
     pub fn enqueue(&self, sp: Spooled) {

@@ -1077,7 +1077,7 @@ pub async fn rollback_to(ctx: &Ctx<'_>, to: i64) -> Result<Outcome, ControlError
             "there is no version {to}: versions run from 0 (before any change) to {current} (godwit history)"
         )));
     }
-    ctx.run_tx(Scope::All, true, move |tx, src, _version| {
+    ctx.run_tx(Scope::All, true, move |tx, src, version| {
         Box::pin(async move {
             let rows = sqlx::query(
                 "SELECT subject, item, before_value FROM control_changes \
@@ -1153,7 +1153,29 @@ pub async fn rollback_to(ctx: &Ctx<'_>, to: i64) -> Result<Outcome, ControlError
                 }
             }
             src.members.retain(|_, m| !m.is_empty());
-            Ok(vec![cc("note", "rollback", None, Some(format!("restored the routing of version {to}")))])
+            let mut control = vec![cc("note", "rollback", None, Some(format!("restored the routing of version {to}")))];
+            // A wave's status follows the routing it describes; a wave created
+            // since `to` stays, as not yet cut over.
+            let rows = sqlx::query(
+                "SELECT item, before_value FROM control_changes WHERE version > $1 AND subject = 'wave' ORDER BY version",
+            )
+            .bind(to)
+            .fetch_all(&mut *tx)
+            .await?;
+            let mut waves: BTreeMap<String, String> = BTreeMap::new();
+            for r in rows {
+                let before: Option<String> = r.try_get(1)?;
+                waves
+                    .entry(r.try_get(0)?)
+                    .or_insert(before.unwrap_or_else(|| "created".into()));
+            }
+            for (name, status) in waves {
+                let c = set_wave_status(tx, &name, &status, version).await?;
+                if c.before != c.after {
+                    control.push(c);
+                }
+            }
+            Ok(control)
         })
     })
     .await

@@ -265,3 +265,91 @@ pub async fn explain(store: &Store, config: &Config, address: &str) -> Result<Ex
         rejected_at_rcpt,
     })
 }
+
+#[derive(Debug, Clone)]
+pub struct WaveMember {
+    pub address: String,
+    /// The migration state, or "(not in the directory)".
+    pub state: String,
+    /// The effective route now, or "(default)".
+    pub route: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Wave {
+    pub name: String,
+    pub status: String,
+    pub created_version: i64,
+    pub version: i64,
+    pub members: Vec<WaveMember>,
+}
+
+#[derive(Debug, Clone)]
+pub struct WaveSummary {
+    pub name: String,
+    pub status: String,
+    pub count: i64,
+    pub created_version: i64,
+    pub version: i64,
+}
+
+pub async fn wave(store: &Store, name: &str) -> Result<Option<Wave>, StoreError> {
+    let Some(r) =
+        sqlx::query("SELECT name, status, created_version, version FROM waves WHERE name = $1")
+            .bind(name.to_string())
+            .fetch_optional(&store.pool)
+            .await?
+    else {
+        return Ok(None);
+    };
+    let rows = sqlx::query(
+        "SELECT m.address, o.state, e.route FROM wave_members m \
+         LEFT JOIN directory_objects o ON o.address = m.address \
+         LEFT JOIN route_entries e ON e.address = m.address \
+         WHERE m.wave = $1 ORDER BY m.address",
+    )
+    .bind(name.to_string())
+    .fetch_all(&store.pool)
+    .await?;
+    let members = rows
+        .iter()
+        .map(|m| {
+            Ok(WaveMember {
+                address: m.try_get(0)?,
+                state: m
+                    .try_get::<Option<String>, _>(1)?
+                    .unwrap_or_else(|| "(not in the directory)".into()),
+                route: m
+                    .try_get::<Option<String>, _>(2)?
+                    .unwrap_or_else(|| "(default)".into()),
+            })
+        })
+        .collect::<Result<Vec<_>, StoreError>>()?;
+    Ok(Some(Wave {
+        name: r.try_get(0)?,
+        status: r.try_get(1)?,
+        created_version: r.try_get(2)?,
+        version: r.try_get(3)?,
+        members,
+    }))
+}
+
+pub async fn waves(store: &Store) -> Result<Vec<WaveSummary>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT w.name, w.status, (SELECT COUNT(*) FROM wave_members m WHERE m.wave = w.name), \
+         w.created_version, w.version FROM waves w ORDER BY w.created_version",
+    )
+    .fetch_all(&store.pool)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(WaveSummary {
+                name: r.try_get(0)?,
+                status: r.try_get(1)?,
+                count: r.try_get(2)?,
+                created_version: r.try_get(3)?,
+                version: r.try_get(4)?,
+            })
+        })
+        .collect()
+}
