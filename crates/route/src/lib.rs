@@ -503,6 +503,54 @@ mod tests {
         assert_eq!(reloaded.version(), 3);
     }
 
+    #[test]
+    fn unknown_recipient_policy_applies_only_with_a_directory() {
+        use godwit_config::UnknownRecipient::*;
+        let dir_entry = Basis::State {
+            kind: Kind::User,
+            state: MigrationState::Cutover,
+        };
+        // (policy, directory imported, address, route, rejected at RCPT)
+        let cases = [
+            (Reject, true, "alice@example.com", "new", false),
+            (Reject, true, "stranger@example.com", "old", true),
+            (Reject, true, "Postmaster@example.com", "old", false),
+            (Reject, true, "pinned@example.com", "hold", false),
+            (Reject, false, "stranger@example.com", "old", false),
+            (Hold, true, "stranger@example.com", "hold", false),
+            (Hold, true, "stranger@example.org", "hold", false),
+            (Hold, true, "postmaster@example.com", "old", false),
+            (Hold, false, "stranger@example.com", "old", false),
+            (Default, true, "stranger@example.com", "old", false),
+            (Default, true, "stranger@example.org", "new", false),
+        ];
+        for (policy, directory, addr, route, rejected) in cases {
+            let mut cfg = config();
+            cfg.directory.unknown_recipient = policy;
+            let mut map = RoutingMap::new(&cfg);
+            map.set("pinned@example.com", Some(("hold", Basis::Override { in_directory: false })), 1);
+            if directory {
+                map.set("alice@example.com", Some(("new", dir_entry)), 2);
+            }
+            let d = map.decide(addr);
+            assert_eq!(
+                (d.route.as_str(), map.rejects_unknown(addr)),
+                (route, rejected),
+                "{policy:?} directory={directory} {addr}: {:?}",
+                d.why
+            );
+        }
+        // Removing the last directory entry turns the policy off again.
+        let mut cfg = config();
+        cfg.directory.unknown_recipient = Reject;
+        let mut map = RoutingMap::new(&cfg);
+        map.set("alice@example.com", Some(("new", dir_entry)), 2);
+        map.set("alice@example.com", Some(("old", Basis::Override { in_directory: true })), 3);
+        assert!(map.rejects_unknown("x@example.com"));
+        map.set("alice@example.com", None, 4);
+        assert!(!map.rejects_unknown("x@example.com"));
+    }
+
     #[tokio::test]
     async fn concurrent_writers_lose_nothing() {
         let dir = tempfile::tempdir().unwrap();
