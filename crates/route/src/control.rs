@@ -18,8 +18,8 @@ use crate::model::{Basis, Kind, MigrationState, Object, Sources};
 use crate::{Change, normalize_address};
 use godwit_config::Config;
 use godwit_store::sqlx::{self, AnyConnection, Row};
-use godwit_store::{Store, StoreError, now_ms};
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use godwit_store::{Backend, Store, StoreError, now_ms};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
@@ -107,87 +107,86 @@ impl Outcome {
 
 // ---------------------------------------------------------------- SQL helpers
 
-enum Val {
-    T(Option<String>),
-    I(i64),
+/// Rows go to the store as one JSON array per statement, unpacked by the
+/// engine's JSON table function (SQLite `json_each`, PostgreSQL
+/// `json_array_elements`): a 100,000-row change is a handful of statements
+/// instead of thousands of bound parameters, which sqlx binds slowly.
+fn json_rows(b: Backend, param: usize) -> String {
+    match b {
+        Backend::Sqlite => format!("json_each(${param}) AS j"),
+        Backend::Postgres => format!("json_array_elements(CAST(${param} AS json)) AS j(value)"),
+    }
 }
 
-fn t(s: &str) -> Val {
-    Val::T(Some(s.to_string()))
+/// Rows per statement: bounds the size of one JSON parameter.
+const ROWS: usize = 50_000;
+
+type Rows = Vec<Vec<Option<String>>>;
+
+fn row(vals: &[&str]) -> Vec<Option<String>> {
+    vals.iter().map(|v| Some(v.to_string())).collect()
 }
 
-fn ot(s: Option<&str>) -> Val {
-    Val::T(s.map(|s| s.to_string()))
-}
-
-/// Bind parameters per statement: far below SQLite's 32766 and PostgreSQL's
-/// 65535, large enough that 100,000 rows are a few dozen statements.
-const BINDS: usize = 4000;
-
+/// `INSERT INTO table (version_col?, cols...)` for every row; `version`
+/// fills `version_col` in every row.
 async fn insert_rows(
     tx: &mut AnyConnection,
+    b: Backend,
     table: &str,
+    version_col: Option<(&str, i64)>,
     cols: &[&str],
-    rows: Vec<Vec<Val>>,
+    rows: Rows,
 ) -> Result<(), sqlx::Error> {
-    let per = (BINDS / cols.len()).max(1);
-    let mut rows = rows.into_iter().peekable();
-    while rows.peek().is_some() {
-        let chunk: Vec<Vec<Val>> = rows.by_ref().take(per).collect();
-        let mut sql = format!("INSERT INTO {table} ({}) VALUES ", cols.join(", "));
-        let mut n = 0;
-        for (i, _) in chunk.iter().enumerate() {
-            if i > 0 {
-                sql.push(',');
-            }
-            sql.push('(');
-            for j in 0..cols.len() {
-                if j > 0 {
-                    sql.push(',');
-                }
-                n += 1;
-                sql.push_str(&format!("${n}"));
-            }
-            sql.push(')');
-        }
+    for chunk in rows.chunks(ROWS) {
+        let json = serde_json::to_string(chunk).expect("strings serialize");
+        let picks: Vec<String> = (0..cols.len()).map(|i| format!("j.value ->> {i}")).collect();
+        let sql = match version_col {
+            Some((vc, _)) => format!(
+                "INSERT INTO {table} ({vc}, {}) SELECT CAST($1 AS BIGINT), {} FROM {}",
+                cols.join(", "),
+                picks.join(", "),
+                json_rows(b, 2)
+            ),
+            None => format!(
+                "INSERT INTO {table} ({}) SELECT {} FROM {}",
+                cols.join(", "),
+                picks.join(", "),
+                json_rows(b, 1)
+            ),
+        };
         let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-        for row in chunk {
-            for v in row {
-                q = match v {
-                    Val::T(s) => q.bind(s),
-                    Val::I(i) => q.bind(i),
-                };
-            }
+        if let Some((_, v)) = version_col {
+            q = q.bind(v);
         }
-        q.execute(&mut *tx).await?;
+        q.bind(json).execute(&mut *tx).await?;
     }
     Ok(())
 }
 
-fn placeholders(from: usize, n: usize) -> String {
-    (from..from + n)
-        .map(|i| format!("${i}"))
-        .collect::<Vec<_>>()
-        .join(",")
+/// `(SELECT j.value ->> 0 FROM <json $param>)`: the keys as a subquery.
+fn keys_subquery(b: Backend, param: usize) -> String {
+    format!("(SELECT j.value ->> 0 FROM {})", json_rows(b, param))
 }
 
-/// `DELETE FROM table WHERE col IN (...)`, chunked.
+fn keys_json(keys: &[String]) -> String {
+    let rows: Vec<[&str; 1]> = keys.iter().map(|k| [k.as_str()]).collect();
+    serde_json::to_string(&rows).expect("strings serialize")
+}
+
+/// `DELETE FROM table WHERE col IN (keys)`.
 async fn delete_in(
     tx: &mut AnyConnection,
+    b: Backend,
     table: &str,
     col: &str,
     keys: &[String],
 ) -> Result<(), sqlx::Error> {
-    for chunk in keys.chunks(BINDS) {
-        let sql = format!(
-            "DELETE FROM {table} WHERE {col} IN ({})",
-            placeholders(1, chunk.len())
-        );
-        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-        for k in chunk {
-            q = q.bind(k.as_str());
-        }
-        q.execute(&mut *tx).await?;
+    for chunk in keys.chunks(ROWS) {
+        let sql = format!("DELETE FROM {table} WHERE {col} IN {}", keys_subquery(b, 1));
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(keys_json(chunk))
+            .execute(&mut *tx)
+            .await?;
     }
     Ok(())
 }
@@ -201,9 +200,10 @@ pub enum Scope {
     Addresses(Vec<String>),
 }
 
-/// Runs `select` (ending in `WHERE col`) for `keys`, chunked, or for every row with `All`.
+/// Runs `select` for the rows whose `col` is in `keys`, or for every row.
 async fn select_in(
     tx: &mut AnyConnection,
+    b: Backend,
     select: &'static str,
     col: &str,
     keys: Option<&[String]>,
@@ -212,13 +212,14 @@ async fn select_in(
         return sqlx::query(select).fetch_all(&mut *tx).await;
     };
     let mut out = Vec::new();
-    for chunk in keys.chunks(BINDS) {
-        let sql = format!("{select} WHERE {col} IN ({})", placeholders(1, chunk.len()));
-        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-        for k in chunk {
-            q = q.bind(k.as_str());
-        }
-        out.extend(q.fetch_all(&mut *tx).await?);
+    for chunk in keys.chunks(ROWS) {
+        let sql = format!("{select} WHERE {col} IN {}", keys_subquery(b, 1));
+        out.extend(
+            sqlx::query(sqlx::AssertSqlSafe(sql))
+                .bind(keys_json(chunk))
+                .fetch_all(&mut *tx)
+                .await?,
+        );
     }
     Ok(out)
 }
@@ -256,6 +257,7 @@ fn put_object(src: &mut Sources, r: &sqlx::any::AnyRow) -> Result<(), ControlErr
 /// comes with its mailbox, a mailbox with all its aliases.
 async fn load(
     tx: &mut AnyConnection,
+    b: Backend,
     scope: &Scope,
     with_members: bool,
 ) -> Result<(Sources, Entries), ControlError> {
@@ -279,32 +281,32 @@ async fn load(
         Some(seeds) => {
             let mut s: BTreeSet<String> = seeds.iter().cloned().collect();
             // An alias in the set brings its mailbox...
-            for r in select_in(tx, ALIASES, "alias", Some(&seeds)).await? {
+            for r in select_in(tx, b, ALIASES, "alias", Some(&seeds)).await? {
                 s.insert(r.try_get(1)?);
             }
             // ...and every mailbox in the set brings all its aliases.
             let s0: Vec<String> = s.iter().cloned().collect();
-            for r in select_in(tx, ALIASES, "mailbox", Some(&s0)).await? {
+            for r in select_in(tx, b, ALIASES, "mailbox", Some(&s0)).await? {
                 s.insert(r.try_get(0)?);
             }
             Some(s.into_iter().collect::<Vec<_>>())
         }
     };
     let keys = set.as_deref();
-    for r in select_in(tx, OBJECTS, "address", keys).await? {
+    for r in select_in(tx, b, OBJECTS, "address", keys).await? {
         put_object(&mut src, &r)?;
     }
-    for r in select_in(tx, ALIASES, "alias", keys).await? {
+    for r in select_in(tx, b, ALIASES, "alias", keys).await? {
         src.aliases.insert(r.try_get(0)?, r.try_get(1)?);
     }
-    for r in select_in(tx, OVERRIDES, "address", keys).await? {
+    for r in select_in(tx, b, OVERRIDES, "address", keys).await? {
         src.overrides.insert(r.try_get(0)?, r.try_get(1)?);
     }
-    for r in select_in(tx, ENTRIES, "address", keys).await? {
+    for r in select_in(tx, b, ENTRIES, "address", keys).await? {
         entries.insert(r.try_get(0)?, (r.try_get(1)?, r.try_get(2)?));
     }
     if with_members {
-        for r in select_in(tx, MEMBERS, "group_address", keys).await? {
+        for r in select_in(tx, b, MEMBERS, "group_address", keys).await? {
             let (g, m): (String, String) = (r.try_get(0)?, r.try_get(1)?);
             src.members.entry(g).or_default().insert(m);
         }
@@ -334,6 +336,7 @@ fn parse_object_value(v: &str) -> Option<(String, Kind, String)> {
 /// effective routes) as part of `version`.
 async fn write_diff(
     tx: &mut AnyConnection,
+    be: Backend,
     version: i64,
     before: &Sources,
     after: &Sources,
@@ -345,7 +348,9 @@ async fn write_diff(
     let mut del_objects = Vec::new();
     let mut new_objects = Vec::new();
     let mut state_only: BTreeMap<MigrationState, Vec<String>> = BTreeMap::new();
-    let keys: BTreeSet<&String> = before.objects.keys().chain(after.objects.keys()).collect();
+    // Hash sets, not ordered ones: a 100,000-mailbox wave passes through
+    // here and order does not matter to the store.
+    let keys: HashSet<&String> = before.objects.keys().chain(after.objects.keys()).collect();
     for a in keys {
         let (b, n) = (before.objects.get(a), after.objects.get(a));
         if b == n {
@@ -370,37 +375,39 @@ async fn write_diff(
                 if b.is_some() {
                     del_objects.push(a.clone());
                 }
-                new_objects.push(vec![
-                    t(a),
-                    t(&n.display_name),
-                    t(n.kind.as_str()),
-                    t(&n.platform),
-                    t(n.state.as_str()),
-                    Val::I(version),
-                ]);
+                new_objects.push(row(&[
+                    a,
+                    &n.display_name,
+                    n.kind.as_str(),
+                    &n.platform,
+                    n.state.as_str(),
+                ]));
             }
             None => del_objects.push(a.clone()),
         }
     }
-    delete_in(tx, "directory_objects", "address", &del_objects).await?;
+    delete_in(tx, be, "directory_objects", "address", &del_objects).await?;
     insert_rows(
         tx,
+        be,
         "directory_objects",
-        &["address", "display_name", "kind", "platform", "state", "version"],
+        Some(("version", version)),
+        &["address", "display_name", "kind", "platform", "state"],
         new_objects,
     )
     .await?;
     for (state, addrs) in state_only {
-        for chunk in addrs.chunks(BINDS) {
+        for chunk in addrs.chunks(ROWS) {
             let sql = format!(
-                "UPDATE directory_objects SET state = $1, version = $2 WHERE address IN ({})",
-                placeholders(3, chunk.len())
+                "UPDATE directory_objects SET state = $1, version = $2 WHERE address IN {}",
+                keys_subquery(be, 3)
             );
-            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(state.as_str()).bind(version);
-            for a in chunk {
-                q = q.bind(a.as_str());
-            }
-            q.execute(&mut *tx).await?;
+            sqlx::query(sqlx::AssertSqlSafe(sql))
+                .bind(state.as_str())
+                .bind(version)
+                .bind(keys_json(chunk))
+                .execute(&mut *tx)
+                .await?;
         }
     }
 
@@ -411,7 +418,7 @@ async fn write_diff(
     ] {
         let mut dels = Vec::new();
         let mut ins = Vec::new();
-        let keys: BTreeSet<&String> = b.keys().chain(n.keys()).collect();
+        let keys: HashSet<&String> = b.keys().chain(n.keys()).collect();
         for k in keys {
             let (bv, nv) = (b.get(k), n.get(k));
             if bv == nv {
@@ -422,11 +429,11 @@ async fn write_diff(
                 dels.push(k.clone());
             }
             if let Some(v) = nv {
-                ins.push(vec![t(k), t(v), Val::I(version)]);
+                ins.push(row(&[k, v]));
             }
         }
-        delete_in(tx, table, key_col, &dels).await?;
-        insert_rows(tx, table, &[key_col, val_col, "version"], ins).await?;
+        delete_in(tx, be, table, key_col, &dels).await?;
+        insert_rows(tx, be, table, Some(("version", version)), &[key_col, val_col], ins).await?;
     }
 
     // Group members.
@@ -448,18 +455,18 @@ async fn write_diff(
                 .execute(&mut *tx)
                 .await?;
         }
-        let added: Vec<Vec<Val>> = n
+        let added: Rows = n
             .difference(b)
             .map(|m| {
                 control.push(cc("member", format!("{g} {m}"), None, Some("member".into())));
-                vec![t(g), t(m)]
+                row(&[g, m])
             })
             .collect();
-        insert_rows(tx, "directory_members", &["group_address", "member"], added).await?;
+        insert_rows(tx, be, "directory_members", None, &["group_address", "member"], added).await?;
     }
 
     // Effective routes.
-    let mut addresses: BTreeSet<&str> = before.addresses();
+    let mut addresses: HashSet<&str> = before.addresses();
     addresses.extend(after.addresses());
     addresses.extend(entries.keys().map(|s| s.as_str()));
     let mut routes = Vec::new();
@@ -469,26 +476,23 @@ async fn write_diff(
     for a in addresses {
         let now = after.effective(a, target);
         let was = entries.get(a);
-        let now_tok = now.as_ref().map(|(r, b)| (r.as_str(), b.token()));
-        let was_tok = was.map(|(r, b)| (r.as_str(), Basis::parse(b.as_deref()).token()));
-        if now_tok == was_tok {
+        let now_key = now.as_ref().map(|(r, b)| (r.as_str(), *b));
+        let was_key = was.map(|(r, b)| (r.as_str(), Basis::parse(b.as_deref())));
+        if now_key == was_key {
             continue;
         }
-        if was.is_some() {
-            dels.push(a.to_string());
-        }
-        if let Some((r, b)) = &now {
-            ins.push(vec![t(a), t(r), Val::I(version), t(&b.token())]);
+        match &now {
+            Some((r, b)) => ins.push(row(&[a, r, &b.token()])),
+            None => dels.push(a.to_string()),
         }
         let before_route = was.map(|(r, _)| r.clone());
         let after_route = now.as_ref().map(|(r, _)| r.clone());
         let basis = now.as_ref().map(|(_, b)| *b);
         change_rows.push(vec![
-            Val::I(version),
-            t(a),
-            ot(before_route.as_deref()),
-            ot(after_route.as_deref()),
-            ot(basis.map(|b| b.token()).as_deref()),
+            Some(a.to_string()),
+            before_route.clone(),
+            after_route.clone(),
+            basis.map(|b| b.token()),
         ]);
         routes.push(Change {
             version,
@@ -498,18 +502,28 @@ async fn write_diff(
             basis,
         });
     }
-    delete_in(tx, "route_entries", "address", &dels).await?;
+    delete_in(tx, be, "route_entries", "address", &dels).await?;
+    // An upsert: one statement per chunk whether the address had an entry or
+    // not. (`WHERE true` keeps SQLite from reading ON CONFLICT as a join.)
+    for chunk in ins.chunks(ROWS) {
+        let sql = format!(
+            "INSERT INTO route_entries (version, address, route, basis) \
+             SELECT CAST($1 AS BIGINT), j.value ->> 0, j.value ->> 1, j.value ->> 2 FROM {} WHERE true \
+             ON CONFLICT (address) DO UPDATE SET route = excluded.route, version = excluded.version, basis = excluded.basis",
+            json_rows(be, 2)
+        );
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(version)
+            .bind(serde_json::to_string(chunk).expect("strings serialize"))
+            .execute(&mut *tx)
+            .await?;
+    }
     insert_rows(
         tx,
-        "route_entries",
-        &["address", "route", "version", "basis"],
-        ins,
-    )
-    .await?;
-    insert_rows(
-        tx,
+        be,
         "route_changes",
-        &["version", "address", "before_route", "after_route", "basis"],
+        Some(("version", version)),
+        &["address", "before_route", "after_route", "basis"],
         change_rows,
     )
     .await?;
@@ -517,21 +531,23 @@ async fn write_diff(
         .iter()
         .map(|c| {
             vec![
-                Val::I(version),
-                t(&c.subject),
-                t(&c.item),
-                ot(c.before.as_deref()),
-                ot(c.after.as_deref()),
+                Some(c.subject.clone()),
+                Some(c.item.clone()),
+                c.before.clone(),
+                c.after.clone(),
             ]
         })
         .collect();
     insert_rows(
         tx,
+        be,
         "control_changes",
-        &["version", "subject", "item", "before_value", "after_value"],
+        Some(("version", version)),
+        &["subject", "item", "before_value", "after_value"],
         rows,
     )
     .await?;
+    routes.sort_unstable_by(|a, b| a.address.cmp(&b.address));
     Ok(Outcome {
         version,
         applied: false,
@@ -574,18 +590,31 @@ impl Ctx<'_> {
     /// Runs `f` in one transaction as a new version, retrying lost races.
     /// `f` returns the changed sources and extra history rows; an `Err`
     /// rolls everything back.
-    async fn run<F>(&self, scope: Scope, with_members: bool, f: F) -> Result<Outcome, ControlError>
+    async fn run<F>(
+        &self,
+        scope: Scope,
+        with_members: bool,
+        skip_empty: bool,
+        f: F,
+    ) -> Result<Outcome, ControlError>
     where
         F: Fn(&mut Sources, i64) -> Result<Vec<ControlChange>, ControlError>,
     {
-        self.run_tx(scope, with_members, |_tx, src, v| {
+        self.run_tx(scope, with_members, skip_empty, |_tx, src, v| {
             let r = f(src, v);
             Box::pin(async move { r })
         })
         .await
     }
 
-    async fn run_tx<F>(&self, scope: Scope, with_members: bool, f: F) -> Result<Outcome, ControlError>
+    /// With `skip_empty`, a command that changes nothing writes no version.
+    async fn run_tx<F>(
+        &self,
+        scope: Scope,
+        with_members: bool,
+        skip_empty: bool,
+        f: F,
+    ) -> Result<Outcome, ControlError>
     where
         F: for<'c> Fn(
             &'c mut AnyConnection,
@@ -596,19 +625,42 @@ impl Ctx<'_> {
         >,
     {
         let target = self.target()?;
+        let be = self.store.backend;
         let mut attempt = 0u32;
         loop {
-            let mut tx = self.store.pool.begin().await.map_err(StoreError::from)?;
+            // SQLite: take the write lock up front, so a concurrent writer
+            // waits (busy_timeout) instead of failing at its first write and
+            // redoing all its work.
+            let mut tx = match be {
+                Backend::Sqlite => self.store.pool.begin_with("BEGIN IMMEDIATE").await,
+                Backend::Postgres => self.store.pool.begin().await,
+            }
+            .map_err(StoreError::from)?;
+            if be == Backend::Sqlite {
+                // A wave touches a few tables' worth of 100,000 rows: SQLite's
+                // default 2 MB page cache would re-read them from the OS.
+                sqlx::query("PRAGMA cache_size = -65536")
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(StoreError::from)?;
+            }
             let result = async {
+                let t = std::time::Instant::now();
                 let version = claim_version(&mut tx, self.actor, self.command).await?;
-                let (before, entries) = load(&mut tx, &scope, with_members).await?;
+                let (before, entries) = load(&mut tx, be, &scope, with_members).await?;
+                let loaded = t.elapsed();
                 let mut after = before.clone();
                 let extra = f(&mut tx, &mut after, version).await?;
-                write_diff(&mut tx, version, &before, &after, &entries, &target, extra).await
+                let r = write_diff(&mut tx, be, version, &before, &after, &entries, &target, extra).await;
+                tracing::debug!("version {version}: loaded in {loaded:?}, written by {:?}", t.elapsed());
+                r
             }
             .await;
             let result = match result {
-                Ok(mut o) if !self.dry_run => {
+                Ok(mut o)
+                    if !self.dry_run
+                        && !(skip_empty && o.control.is_empty() && o.routes.is_empty()) =>
+                {
                     tx.commit().await?;
                     o.applied = true;
                     Ok(o)
@@ -620,6 +672,7 @@ impl Ctx<'_> {
             };
             match result {
                 Err(e) if attempt < 50 && retryable(&e) => {
+                    tracing::debug!("retrying after a lost race: {e}");
                     attempt += 1;
                     tokio::time::sleep(Duration::from_millis(5 * u64::from(attempt.min(20)))).await;
                 }
@@ -673,7 +726,7 @@ pub async fn commit(
     };
     let addrs: Vec<String> = changes.iter().map(|(a, _)| normalize_address(a)).collect();
     let o = ctx
-        .run(Scope::Addresses(addrs), false, |src, _| {
+        .run(Scope::Addresses(addrs), false, false, |src, _| {
             for (a, r) in &changes {
                 let a = normalize_address(a);
                 match r {
@@ -712,10 +765,6 @@ pub async fn import(
     rows: Vec<crate::directory::DirectoryRow>,
 ) -> Result<(ImportDiff, Option<Outcome>), ControlError> {
     let diff = std::sync::Mutex::new(ImportDiff::default());
-    let dry = Ctx {
-        dry_run: true,
-        ..*ctx
-    };
     let body = |src: &mut Sources, _v: i64| {
         let mut d = ImportDiff::default();
         let mut objects = HashMap::new();
@@ -793,16 +842,10 @@ pub async fn import(
         *diff.lock().unwrap() = d;
         Ok(Vec::new())
     };
-    // Compute first without writing, so an unchanged directory records no
-    // version at all (an import is idempotent).
-    dry.run(Scope::All, true, &body).await?;
+    // An unchanged directory records no version at all (an import is idempotent).
+    let o = ctx.run(Scope::All, true, true, &body).await?;
     let d = diff.lock().unwrap().clone();
-    if ctx.dry_run || d.is_empty() {
-        return Ok((d, None));
-    }
-    let o = ctx.run(Scope::All, true, &body).await?;
-    let d = diff.lock().unwrap().clone();
-    Ok((d, Some(o)))
+    Ok((d, o.applied.then_some(o)))
 }
 
 /// Sets the migration state of directory objects (what the sync does as a
@@ -814,7 +857,7 @@ pub async fn set_state(
     state: MigrationState,
 ) -> Result<Outcome, ControlError> {
     let addrs: Vec<String> = addresses.iter().map(|a| normalize_address(a)).collect();
-    ctx.run(Scope::Addresses(addrs.clone()), false, |src, _| {
+    ctx.run(Scope::Addresses(addrs.clone()), false, false, |src, _| {
         for a in &addrs {
             let m = src.aliases.get(a).cloned().unwrap_or_else(|| a.clone());
             match src.objects.get_mut(&m) {
@@ -858,7 +901,8 @@ pub async fn wave_create(
     }
     let members: Vec<String> = members.iter().map(|a| normalize_address(a)).collect();
     let name = name.to_string();
-    ctx.run_tx(Scope::Addresses(members.clone()), false, move |tx, src, version| {
+    let be = ctx.store.backend;
+    ctx.run_tx(Scope::Addresses(members.clone()), false, false, move |tx, src, version| {
         let name = name.clone();
         let members = members.clone();
         Box::pin(async move {
@@ -894,8 +938,8 @@ pub async fn wave_create(
                 .bind(version)
                 .execute(&mut *tx)
                 .await?;
-            let rows = resolved.iter().map(|m| vec![t(&name), t(m)]).collect();
-            insert_rows(tx, "wave_members", &["wave", "address"], rows).await?;
+            let rows = resolved.iter().map(|m| row(&[&name, m])).collect();
+            insert_rows(tx, be, "wave_members", None, &["wave", "address"], rows).await?;
             let mut control = vec![cc("wave", name.as_str(), None, Some("created".into()))];
             control.extend(
                 resolved
@@ -968,7 +1012,7 @@ async fn set_wave_status(
 pub async fn wave_cutover(ctx: &Ctx<'_>, name: &str, force: bool) -> Result<Outcome, ControlError> {
     let sync = sync_ready_accounts(ctx.store).await;
     let name = name.to_string();
-    ctx.run_tx(Scope::Wave(name.clone()), false, move |tx, src, version| {
+    ctx.run_tx(Scope::Wave(name.clone()), false, false, move |tx, src, version| {
         let name = name.clone();
         let sync = sync.clone();
         Box::pin(async move {
@@ -1040,7 +1084,7 @@ pub async fn wave_cutover(ctx: &Ctx<'_>, name: &str, force: bool) -> Result<Outc
 /// version. Mail already queued follows at its next attempt.
 pub async fn wave_rollback(ctx: &Ctx<'_>, name: &str) -> Result<Outcome, ControlError> {
     let name = name.to_string();
-    ctx.run_tx(Scope::Wave(name.clone()), false, move |tx, src, version| {
+    ctx.run_tx(Scope::Wave(name.clone()), false, false, move |tx, src, version| {
         let name = name.clone();
         Box::pin(async move {
             let control = vec![set_wave_status(tx, &name, "rolled-back", version).await?];
@@ -1077,7 +1121,7 @@ pub async fn rollback_to(ctx: &Ctx<'_>, to: i64) -> Result<Outcome, ControlError
             "there is no version {to}: versions run from 0 (before any change) to {current} (godwit history)"
         )));
     }
-    ctx.run_tx(Scope::All, true, move |tx, src, version| {
+    ctx.run_tx(Scope::All, true, false, move |tx, src, version| {
         Box::pin(async move {
             let rows = sqlx::query(
                 "SELECT subject, item, before_value FROM control_changes \

@@ -246,7 +246,7 @@ impl Sources {
     }
 
     /// Every address these sources can give an entry to.
-    pub fn addresses(&self) -> BTreeSet<&str> {
+    pub fn addresses(&self) -> std::collections::HashSet<&str> {
         self.objects
             .keys()
             .chain(self.aliases.keys())
