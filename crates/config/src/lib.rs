@@ -452,7 +452,9 @@ impl Config {
             if !self.platforms.contains_key(t) {
                 return Err(invalid(
                     "directory.target_platform",
-                    format!("`{t}` is not a configured platform; name the platform mailboxes move to"),
+                    format!(
+                        "`{t}` is not a configured platform; name the platform mailboxes move to"
+                    ),
                 ));
             }
         }

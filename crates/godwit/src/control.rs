@@ -268,9 +268,13 @@ pub async fn wave(config: Config, command: WaveCommand) -> Result<i32> {
             let list = read_members(&members)?;
             let who = crate::actor(actor);
             let cmd = format!("wave create {name} --members {}", members.join(" "));
-            let o = control::wave_create(&ctx(&store, &config, &who, &cmd, false), &name, list)
-                .await?;
-            let n = o.control.iter().filter(|c| c.subject == "wave-member").count();
+            let o =
+                control::wave_create(&ctx(&store, &config, &who, &cmd, false), &name, list).await?;
+            let n = o
+                .control
+                .iter()
+                .filter(|c| c.subject == "wave-member")
+                .count();
             println!(
                 "wave {name} created with {n} member(s) (version {}); `godwit wave cutover {name} --dry-run` shows what it would move",
                 o.version
@@ -299,7 +303,10 @@ pub async fn wave(config: Config, command: WaveCommand) -> Result<i32> {
                 println!("  {}  {}  -> {}", m.address, m.state, m.route);
             }
             if w.members.len() > limit {
-                println!("  ... and {} more (--all lists them)", w.members.len() - limit);
+                println!(
+                    "  ... and {} more (--all lists them)",
+                    w.members.len() - limit
+                );
             }
         }
         WaveCommand::List => {
@@ -333,8 +340,8 @@ pub async fn wave(config: Config, command: WaveCommand) -> Result<i32> {
         } => {
             let who = crate::actor(actor);
             let cmd = format!("wave rollback {name}");
-            let o = control::wave_rollback(&ctx(&store, &config, &who, &cmd, dry_run), &name)
-                .await?;
+            let o =
+                control::wave_rollback(&ctx(&store, &config, &who, &cmd, dry_run), &name).await?;
             print_outcome(&o, "moved back");
         }
     }
@@ -463,7 +470,9 @@ pub async fn route_explain(config: &Config, store: &Store, address: &str) -> Res
         println!("  member of: {}", e.member_of.join(", "));
     }
     if let Some((r, v)) = &e.override_route {
-        println!("  override:  {r} (set at version {v}; it beats the directory; `godwit route unset` removes it)");
+        println!(
+            "  override:  {r} (set at version {v}; it beats the directory; `godwit route unset` removes it)"
+        );
     }
     if let Some((r, v)) = &e.mailbox_override {
         println!("  mailbox override: {r} (set at version {v})");

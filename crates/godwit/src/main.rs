@@ -309,9 +309,14 @@ async fn route(config: Config, command: RouteCommand) -> Result<i32> {
             actor: who,
         } => {
             let cmd = format!("route unset {address}");
-            let (v, applied) =
-                godwit_route::commit(&store, &config, &actor(who), &cmd, vec![(address.clone(), None)])
-                    .await?;
+            let (v, applied) = godwit_route::commit(
+                &store,
+                &config,
+                &actor(who),
+                &cmd,
+                vec![(address.clone(), None)],
+            )
+            .await?;
             if applied.is_empty() {
                 println!("{address} had no entry (version {v})");
             } else {
@@ -333,11 +338,9 @@ async fn route(config: Config, command: RouteCommand) -> Result<i32> {
         RouteCommand::Explain { address } => {
             return control::route_explain(&config, &store, &address).await;
         }
-        RouteCommand::Rollback {
-            to,
-            dry_run,
-            actor,
-        } => return control::route_rollback(&config, &store, to, dry_run, actor).await,
+        RouteCommand::Rollback { to, dry_run, actor } => {
+            return control::route_rollback(&config, &store, to, dry_run, actor).await;
+        }
     }
     Ok(0)
 }

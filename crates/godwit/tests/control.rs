@@ -31,12 +31,16 @@ fn control(gw: &Gateway, args: &[&str]) -> i64 {
         .parse()
         .unwrap_or_else(|_| panic!("no version in {out}"));
     let start = Instant::now();
-    wait_for("the gateway to apply the version", Duration::from_secs(1), || {
-        gw.events_named("route.changed")
-            .iter()
-            .any(|e| e["version"].as_i64() >= Some(version))
-            .then_some(())
-    });
+    wait_for(
+        "the gateway to apply the version",
+        Duration::from_secs(1),
+        || {
+            gw.events_named("route.changed")
+                .iter()
+                .any(|e| e["version"].as_i64() >= Some(version))
+                .then_some(())
+        },
+    );
     assert!(start.elapsed() < Duration::from_secs(1));
     version
 }
@@ -71,20 +75,42 @@ fn wave_cutover_moves_only_its_members_and_rollback_brings_queued_mail_back() {
     let gw = Gateway::start(po, pn, "", "");
     let dir = write(&gw, "directory.csv", DIRECTORY);
     control(&gw, &["directory", "import", &dir, "--apply"]);
-    control(&gw, &["directory", "state", "ready", "alice@example.com", "bob@example.com"]);
+    control(
+        &gw,
+        &[
+            "directory",
+            "state",
+            "ready",
+            "alice@example.com",
+            "bob@example.com",
+        ],
+    );
     // Members from a file and an alias on the command line (resolved to its mailbox).
     let members = write(&gw, "wave1.txt", "# pilot\nalice@example.com\n");
-    let (ok, out) = gw.cli(&["wave", "create", "pilot", "--members", &members, "bob@example.com"]);
+    let (ok, out) = gw.cli(&[
+        "wave",
+        "create",
+        "pilot",
+        "--members",
+        &members,
+        "bob@example.com",
+    ]);
     assert!(ok && out.contains("2 member(s)"), "{out}");
 
     // The guard: carol is not ready.
     let (ok, out) = gw.cli(&["wave", "create", "two", "--members", "carol@example.com"]);
     assert!(ok, "{out}");
     let (ok, out) = gw.cli(&["wave", "cutover", "two"]);
-    assert!(!ok && out.contains("not ready") && out.contains("carol@example.com"), "{out}");
+    assert!(
+        !ok && out.contains("not ready") && out.contains("carol@example.com"),
+        "{out}"
+    );
 
     let (ok, out) = gw.cli(&["wave", "cutover", "pilot", "--dry-run"]);
-    assert!(ok && out.contains("dry run") && out.contains("al@example.org: old -> new"), "{out}");
+    assert!(
+        ok && out.contains("dry run") && out.contains("al@example.org: old -> new"),
+        "{out}"
+    );
     let (_, out) = gw.cli(&["route", "show", "alice@example.com"]);
     assert!(out.contains(": old ("), "a dry run changes nothing: {out}");
 
@@ -108,14 +134,20 @@ fn wave_cutover_moves_only_its_members_and_rollback_brings_queued_mail_back() {
         ["al@example.org", "alice@example.com", "bob@example.com"]
     );
     // Not a member: carol, and the group (its own route decides who expands it).
-    assert_eq!(rcpts_of(&old, "w1@test"), ["carol@example.com", "sales@example.com"]);
+    assert_eq!(
+        rcpts_of(&old, "w1@test"),
+        ["carol@example.com", "sales@example.com"]
+    );
     let routed: Vec<_> = gw
         .events_named("delivery.routed")
         .into_iter()
         .filter(|e| e["rcpt"] == "al@example.org")
         .collect();
     assert!(
-        routed[0]["why"].as_str().unwrap().contains("alias of a mailbox in state cutover")
+        routed[0]["why"]
+            .as_str()
+            .unwrap()
+            .contains("alias of a mailbox in state cutover")
             && routed[0]["routing_version"].as_i64() >= Some(v),
         "{routed:?}"
     );
@@ -137,7 +169,11 @@ fn wave_cutover_moves_only_its_members_and_rollback_brings_queued_mail_back() {
     // The new platform goes down: alice's mail queues there. A wave rollback
     // sends it to old at its next attempt.
     new.stop();
-    let r = c.mail("s@sender.test", &["alice@example.com"], &message("w2@test", "queued"));
+    let r = c.mail(
+        "s@sender.test",
+        &["alice@example.com"],
+        &message("w2@test", "queued"),
+    );
     assert!(r.starts_with("250"), "{r}");
     wait_for("a deferral at new", T, || {
         gw.events_named("delivery.deferred")
@@ -150,7 +186,10 @@ fn wave_cutover_moves_only_its_members_and_rollback_brings_queued_mail_back() {
         (rcpts_of(&old, "w2@test") == ["alice@example.com"]).then_some(())
     });
     let (_, out) = gw.cli(&["route", "explain", "alice@example.com"]);
-    assert!(out.contains("alice@example.com: old") && out.contains("rolled-back"), "{out}");
+    assert!(
+        out.contains("alice@example.com: old") && out.contains("rolled-back"),
+        "{out}"
+    );
     assert!(gw.events_named("delivery.failed").is_empty());
 }
 
@@ -161,11 +200,36 @@ fn import_errors_name_the_line_and_apply_nothing() {
     let h = "address,display_name,kind,aliases,members,platform\n";
     let good = "alice@example.com,Alice,user,,,old\n";
     let cases = [
-        ("bad address", format!("{h}{good}not-an-address,X,user,,,old\n"), "line 3", "not an address"),
-        ("duplicate", format!("{h}{good}bob@example.com,B,user,,,old\nAlice@example.com,A2,user,,,old\n"), "line 4", "duplicate address `alice@example.com` (already a mailbox on line 2)"),
-        ("unknown kind", format!("{h}{good}room@example.com,R,room,,,old\n"), "line 3", "unknown kind `room`"),
-        ("alias collides", format!("{h}{good}bob@example.com,B,user,alice@example.com,,old\n"), "line 3", "alias `alice@example.com` collides with a mailbox on line 2"),
-        ("outside domains", format!("{h}{good}eve@elsewhere.test,E,user,,,old\n"), "line 3", "outside domains.accepted"),
+        (
+            "bad address",
+            format!("{h}{good}not-an-address,X,user,,,old\n"),
+            "line 3",
+            "not an address",
+        ),
+        (
+            "duplicate",
+            format!("{h}{good}bob@example.com,B,user,,,old\nAlice@example.com,A2,user,,,old\n"),
+            "line 4",
+            "duplicate address `alice@example.com` (already a mailbox on line 2)",
+        ),
+        (
+            "unknown kind",
+            format!("{h}{good}room@example.com,R,room,,,old\n"),
+            "line 3",
+            "unknown kind `room`",
+        ),
+        (
+            "alias collides",
+            format!("{h}{good}bob@example.com,B,user,alice@example.com,,old\n"),
+            "line 3",
+            "alias `alice@example.com` collides with a mailbox on line 2",
+        ),
+        (
+            "outside domains",
+            format!("{h}{good}eve@elsewhere.test,E,user,,,old\n"),
+            "line 3",
+            "outside domains.accepted",
+        ),
     ];
     for (what, text, line, words) in cases {
         let file = write(&gw, "bad.csv", &text);
@@ -185,8 +249,15 @@ fn import_errors_name_the_line_and_apply_nothing() {
     // A good import, then a bad re-import: the first stays exactly as it was.
     let file = write(&gw, "good.csv", &format!("{h}{good}"));
     let (ok, out) = gw.cli(&["directory", "import", &file, "--apply"]);
-    assert!(ok && out.contains("1 added") && out.contains("version 1"), "{out}");
-    let file = write(&gw, "bad.csv", &format!("{h}alice@example.com,Alice B,user,,,new\nx,X,user,,,old\n"));
+    assert!(
+        ok && out.contains("1 added") && out.contains("version 1"),
+        "{out}"
+    );
+    let file = write(
+        &gw,
+        "bad.csv",
+        &format!("{h}alice@example.com,Alice B,user,,,new\nx,X,user,,,old\n"),
+    );
     let (ok, _) = gw.cli(&["directory", "import", &file, "--apply"]);
     assert!(!ok);
     let (_, out) = gw.cli(&["route", "explain", "alice@example.com"]);
@@ -198,11 +269,23 @@ fn import_errors_name_the_line_and_apply_nothing() {
     let file = write(&gw, "good.csv", &format!("{h}{good}"));
     let (ok, out) = gw.cli(&["directory", "import", &file, "--apply"]);
     assert!(ok && out.contains("already matches"), "{out}");
-    let file = write(&gw, "next.csv", &format!("{h}alice@example.com,Alice,user,,,new\nbob@example.com,Bob,shared,,,old\n"));
+    let file = write(
+        &gw,
+        "next.csv",
+        &format!("{h}alice@example.com,Alice,user,,,new\nbob@example.com,Bob,shared,,,old\n"),
+    );
     let (ok, out) = gw.cli(&["directory", "import", &file]);
-    assert!(ok && out.contains("+ bob@example.com") && out.contains("~ alice@example.com: platform old -> new") && out.contains("run again with --apply"), "{out}");
+    assert!(
+        ok && out.contains("+ bob@example.com")
+            && out.contains("~ alice@example.com: platform old -> new")
+            && out.contains("run again with --apply"),
+        "{out}"
+    );
     let (_, out) = gw.cli(&["route", "show", "bob@example.com"]);
-    assert!(out.contains("global default"), "not applied without --apply: {out}");
+    assert!(
+        out.contains("global default"),
+        "not applied without --apply: {out}"
+    );
 }
 
 #[test]

@@ -115,16 +115,22 @@ fn records(text: &str) -> Result<Vec<(usize, Vec<String>)>, LineError> {
 /// spaces, controls or the specials that would need quoting (RFC 5322 3.2.3).
 pub fn check_address(address: &str) -> Result<(), String> {
     let Some((local, domain)) = address.rsplit_once('@') else {
-        return Err(format!("`{address}` is not an address (expected local@domain)"));
+        return Err(format!(
+            "`{address}` is not an address (expected local@domain)"
+        ));
     };
     if local.is_empty() || local.len() > 64 {
-        return Err(format!("`{address}`: the local part must be 1 to 64 characters"));
+        return Err(format!(
+            "`{address}`: the local part must be 1 to 64 characters"
+        ));
     }
     if let Some(c) = address
         .chars()
         .find(|c| c.is_control() || c.is_whitespace() || "<>()[]\\,;:\"".contains(*c))
     {
-        return Err(format!("`{address}` contains `{c}`, which an address cannot"));
+        return Err(format!(
+            "`{address}` contains `{c}`, which an address cannot"
+        ));
     }
     if local.contains('@') {
         return Err(format!("`{address}` has more than one @"));
@@ -164,7 +170,14 @@ pub fn parse(text: &str, rules: &Rules) -> Result<Vec<DirectoryRow>, Vec<LineErr
     let mut col: HashMap<&str, usize> = HashMap::new();
     for (i, name) in header.iter().enumerate() {
         let name = name.trim().to_ascii_lowercase();
-        let known = ["address", "display_name", "kind", "aliases", "members", "platform"];
+        let known = [
+            "address",
+            "display_name",
+            "kind",
+            "aliases",
+            "members",
+            "platform",
+        ];
         match known.iter().find(|k| **k == name) {
             Some(k) => {
                 col.insert(k, i);
@@ -256,9 +269,9 @@ pub fn parse(text: &str, rules: &Rules) -> Result<Vec<DirectoryRow>, Vec<LineErr
                 continue;
             }
             match seen.get(a) {
-                Some((first, what)) => err(format!(
-                    "alias `{a}` collides with {what} on line {first}"
-                )),
+                Some((first, what)) => {
+                    err(format!("alias `{a}` collides with {what} on line {first}"))
+                }
                 None => {
                     seen.insert(a.clone(), (line, "an alias"));
                 }
@@ -327,7 +340,10 @@ mod tests {
         assert_eq!(rows.len(), 3);
         assert_eq!(rows[0].address, "alice@example.com");
         assert_eq!(rows[0].display_name, "Martin, Alice");
-        assert_eq!(rows[0].aliases, vec!["a.martin@example.com", "am@example.org"]);
+        assert_eq!(
+            rows[0].aliases,
+            vec!["a.martin@example.com", "am@example.org"]
+        );
         assert_eq!(rows[0].line, 3);
         assert_eq!(rows[1].kind, Kind::Group);
         assert_eq!(rows[1].members.len(), 2);
@@ -340,22 +356,55 @@ mod tests {
         // (file body after the header, expected line, expected words)
         let cases = [
             ("not-an-address,A,user,,,old\n", 2, "not an address"),
-            ("a@example.com,A,user,,,old\nA@example.com,B,user,,,old\n", 3, "duplicate address `a@example.com` (already a mailbox on line 2)"),
+            (
+                "a@example.com,A,user,,,old\nA@example.com,B,user,,,old\n",
+                3,
+                "duplicate address `a@example.com` (already a mailbox on line 2)",
+            ),
             ("a@example.com,A,person,,,old\n", 2, "unknown kind `person`"),
-            ("a@example.com,A,user,,,old\nb@example.com,B,user,a@example.com,,old\n", 3, "alias `a@example.com` collides with a mailbox on line 2"),
-            ("b@example.com,B,user,x@example.com,,old\nc@example.com,C,user,x@example.com,,old\n", 3, "alias `x@example.com` collides with an alias on line 2"),
-            ("b@example.com,B,user,a@example.com,,old\na@example.com,A,user,,,old\n", 3, "duplicate address `a@example.com` (already an alias on line 2)"),
-            ("a@elsewhere.test,A,user,,,old\n", 2, "outside domains.accepted"),
-            ("a@example.com,A,user,,,mars\n", 2, "platform `mars` is not configured"),
-            ("a@example.com,A,user,,x@y.test,old\n", 2, "only a group has members"),
-            ("a@example.com,A,user,,old\n", 2, "5 fields, but the header has 6"),
+            (
+                "a@example.com,A,user,,,old\nb@example.com,B,user,a@example.com,,old\n",
+                3,
+                "alias `a@example.com` collides with a mailbox on line 2",
+            ),
+            (
+                "b@example.com,B,user,x@example.com,,old\nc@example.com,C,user,x@example.com,,old\n",
+                3,
+                "alias `x@example.com` collides with an alias on line 2",
+            ),
+            (
+                "b@example.com,B,user,a@example.com,,old\na@example.com,A,user,,,old\n",
+                3,
+                "duplicate address `a@example.com` (already an alias on line 2)",
+            ),
+            (
+                "a@elsewhere.test,A,user,,,old\n",
+                2,
+                "outside domains.accepted",
+            ),
+            (
+                "a@example.com,A,user,,,mars\n",
+                2,
+                "platform `mars` is not configured",
+            ),
+            (
+                "a@example.com,A,user,,x@y.test,old\n",
+                2,
+                "only a group has members",
+            ),
+            (
+                "a@example.com,A,user,,old\n",
+                2,
+                "5 fields, but the header has 6",
+            ),
             ("a b@example.com,A,user,,,old\n", 2, "contains ` `"),
             ("a@example.com,\"A,user,,,old\n", 2, "never closed"),
         ];
         for (body, line, words) in cases {
             let errs = rules_parse(&format!("{HEADER}{body}")).unwrap_err();
             assert!(
-                errs.iter().any(|e| e.line == line && e.message.contains(words)),
+                errs.iter()
+                    .any(|e| e.line == line && e.message.contains(words)),
                 "{body:?}: want line {line} `{words}`, got {errs:?}"
             );
         }
@@ -364,7 +413,10 @@ mod tests {
     #[test]
     fn header_problems() {
         let errs = rules_parse("address,kind\na@example.com,user\n").unwrap_err();
-        assert_eq!(errs[0].to_string(), "line 1: the header lacks the `platform` column");
+        assert_eq!(
+            errs[0].to_string(),
+            "line 1: the header lacks the `platform` column"
+        );
         let errs = rules_parse("address,kind,platform,colour\n").unwrap_err();
         assert!(errs[0].message.contains("unknown column `colour`"));
         assert!(rules_parse("").unwrap_err()[0].message.contains("empty"));

@@ -50,13 +50,19 @@ fn version_info(r: &sqlx::any::AnyRow) -> Result<VersionInfo, StoreError> {
 /// The newest `limit` versions, newest first.
 pub async fn versions(store: &Store, limit: i64) -> Result<Vec<VersionInfo>, StoreError> {
     let sql = format!("{VERSIONS} ORDER BY v.version DESC LIMIT $1");
-    let rows = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(limit).fetch_all(&store.pool).await?;
+    let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(limit)
+        .fetch_all(&store.pool)
+        .await?;
     rows.iter().map(version_info).collect()
 }
 
 pub async fn version(store: &Store, n: i64) -> Result<Option<VersionInfo>, StoreError> {
     let sql = format!("{VERSIONS} WHERE v.version = $1");
-    let row = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(n).fetch_optional(&store.pool).await?;
+    let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(n)
+        .fetch_optional(&store.pool)
+        .await?;
     row.as_ref().map(version_info).transpose()
 }
 
@@ -149,7 +155,11 @@ async fn override_of(store: &Store, a: &str) -> Result<Option<(String, i64)>, St
     r.map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).transpose()
 }
 
-pub async fn explain(store: &Store, config: &Config, address: &str) -> Result<Explanation, StoreError> {
+pub async fn explain(
+    store: &Store,
+    config: &Config,
+    address: &str,
+) -> Result<Explanation, StoreError> {
     let address = normalize_address(address);
     let alias_of = strings(
         store,
@@ -225,12 +235,14 @@ pub async fn explain(store: &Store, config: &Config, address: &str) -> Result<Ex
     // that removed its last entry.
     let route_version = match route_version {
         Some(v) => Some(v),
-        None => sqlx::query_scalar::<_, Option<i64>>(
-            "SELECT MAX(version) FROM route_changes WHERE address = $1",
-        )
-        .bind(address.clone())
-        .fetch_one(&store.pool)
-        .await?,
+        None => {
+            sqlx::query_scalar::<_, Option<i64>>(
+                "SELECT MAX(version) FROM route_changes WHERE address = $1",
+            )
+            .bind(address.clone())
+            .fetch_one(&store.pool)
+            .await?
+        }
     };
     let route_set_by = match route_version {
         Some(v) => version(store, v).await?,

@@ -46,9 +46,9 @@ impl std::fmt::Display for Why {
             Why::Directory { basis, version } => {
                 write!(f, "directory: {basis} (version {version})")
             }
-            Why::UnknownHeld => f.write_str(
-                "not in the directory; held by directory.unknown_recipient = \"hold\"",
-            ),
+            Why::UnknownHeld => {
+                f.write_str("not in the directory; held by directory.unknown_recipient = \"hold\"")
+            }
             Why::DomainDefault { domain } => write!(f, "domain default for {domain}"),
             Why::GlobalDefault => write!(f, "global default"),
         }
@@ -319,7 +319,11 @@ pub async fn load(store: &Store, config: &Config) -> Result<RoutingMap, StoreErr
 
 /// The map as a gateway would hold it, with only `address`'s entry loaded:
 /// for `route show`/`route explain` beside a store of a million addresses.
-pub async fn load_one(store: &Store, config: &Config, address: &str) -> Result<RoutingMap, StoreError> {
+pub async fn load_one(
+    store: &Store,
+    config: &Config,
+    address: &str,
+) -> Result<RoutingMap, StoreError> {
     let mut map = RoutingMap::new(config);
     let address = normalize_address(address);
     let row = sqlx_query("SELECT route, version, basis FROM route_entries WHERE address = $1")
@@ -329,7 +333,11 @@ pub async fn load_one(store: &Store, config: &Config, address: &str) -> Result<R
     if let Some(r) = row {
         let route: String = r.try_get(0)?;
         let basis: Option<String> = r.try_get(2)?;
-        map.set(&address, Some((&route, Basis::parse(basis.as_deref()))), r.try_get(1)?);
+        map.set(
+            &address,
+            Some((&route, Basis::parse(basis.as_deref()))),
+            r.try_get(1)?,
+        );
     }
     let directory: Option<i64> = godwit_store::sqlx::query_scalar(
         "SELECT 1 FROM route_entries WHERE basis IS NOT NULL AND basis <> 'override' LIMIT 1",
@@ -343,7 +351,11 @@ pub async fn load_one(store: &Store, config: &Config, address: &str) -> Result<R
 }
 
 /// The map as it was at version `version`, replayed from the change history.
-pub async fn map_at(store: &Store, config: &Config, version: i64) -> Result<RoutingMap, StoreError> {
+pub async fn map_at(
+    store: &Store,
+    config: &Config,
+    version: i64,
+) -> Result<RoutingMap, StoreError> {
     let mut map = RoutingMap::new(config);
     let rows = sqlx_query(
         "SELECT version, address, before_route, after_route, basis FROM route_changes WHERE version <= $1 ORDER BY version, address",
@@ -528,7 +540,16 @@ mod tests {
             let mut cfg = config();
             cfg.directory.unknown_recipient = policy;
             let mut map = RoutingMap::new(&cfg);
-            map.set("pinned@example.com", Some(("hold", Basis::Override { in_directory: false })), 1);
+            map.set(
+                "pinned@example.com",
+                Some((
+                    "hold",
+                    Basis::Override {
+                        in_directory: false,
+                    },
+                )),
+                1,
+            );
             if directory {
                 map.set("alice@example.com", Some(("new", dir_entry)), 2);
             }
@@ -545,7 +566,11 @@ mod tests {
         cfg.directory.unknown_recipient = Reject;
         let mut map = RoutingMap::new(&cfg);
         map.set("alice@example.com", Some(("new", dir_entry)), 2);
-        map.set("alice@example.com", Some(("old", Basis::Override { in_directory: true })), 3);
+        map.set(
+            "alice@example.com",
+            Some(("old", Basis::Override { in_directory: true })),
+            3,
+        );
         assert!(map.rejects_unknown("x@example.com"));
         map.set("alice@example.com", None, 4);
         assert!(!map.rejects_unknown("x@example.com"));

@@ -123,13 +123,20 @@ pub enum Basis {
 
 impl Basis {
     pub fn in_directory(self) -> bool {
-        !matches!(self, Basis::Override { in_directory: false })
+        !matches!(
+            self,
+            Basis::Override {
+                in_directory: false
+            }
+        )
     }
 
     /// The token stored in `route_entries.basis`.
     pub fn token(self) -> String {
         match self {
-            Basis::Override { in_directory: false } => "override".into(),
+            Basis::Override {
+                in_directory: false,
+            } => "override".into(),
             Basis::Override { in_directory: true } => "override+dir".into(),
             Basis::State { kind, state } => format!("{kind}:{state}"),
             Basis::Alias { state: None } => "alias:override".into(),
@@ -218,8 +225,7 @@ impl Sources {
     /// policy). Precedence: the address's own override, its own directory
     /// object, then (for an alias) its mailbox's override or state.
     pub fn effective(&self, address: &str, target: &str) -> Option<(String, Basis)> {
-        let in_directory =
-            self.objects.contains_key(address) || self.aliases.contains_key(address);
+        let in_directory = self.objects.contains_key(address) || self.aliases.contains_key(address);
         if let Some(r) = self.overrides.get(address) {
             return Some((r.clone(), Basis::Override { in_directory }));
         }
@@ -315,7 +321,10 @@ mod tests {
         let cases: [(&str, Option<(&str, Basis)>); 6] = [
             ("a@x", Some(("new", user(Cutover)))),
             // An override beats the state, and is marked as in the directory.
-            ("b@x", Some(("hold", Basis::Override { in_directory: true }))),
+            (
+                "b@x",
+                Some(("hold", Basis::Override { in_directory: true })),
+            ),
             // An alias's own override beats its mailbox.
             (
                 "alias-a@x",
@@ -325,22 +334,28 @@ mod tests {
             ("alias-b@x", Some(("hold", Basis::Alias { state: None }))),
             (
                 "loner@x",
-                Some(("new", Basis::Override { in_directory: false })),
+                Some((
+                    "new",
+                    Basis::Override {
+                        in_directory: false,
+                    },
+                )),
             ),
             ("nobody@x", None),
         ];
         for (addr, want) in cases {
             let got = s.effective(addr, "new");
-            assert_eq!(
-                got.as_ref().map(|(r, b)| (r.as_str(), *b)),
-                want,
-                "{addr}"
-            );
+            assert_eq!(got.as_ref().map(|(r, b)| (r.as_str(), *b)), want, "{addr}");
         }
         s.overrides.remove("alias-a@x");
         assert_eq!(
             s.effective("alias-a@x", "new"),
-            Some(("new".into(), Basis::Alias { state: Some(Cutover) }))
+            Some((
+                "new".into(),
+                Basis::Alias {
+                    state: Some(Cutover)
+                }
+            ))
         );
     }
 
@@ -373,7 +388,12 @@ mod tests {
     #[test]
     fn names_parse_case_insensitively_and_reject_others() {
         assert_eq!("Group".parse::<Kind>(), Ok(Kind::Group));
-        assert!("list".parse::<Kind>().unwrap_err().contains("unknown kind `list`"));
+        assert!(
+            "list"
+                .parse::<Kind>()
+                .unwrap_err()
+                .contains("unknown kind `list`")
+        );
         assert_eq!(
             "rolled-back".parse::<MigrationState>(),
             Ok(MigrationState::RolledBack)
