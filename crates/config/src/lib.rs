@@ -448,15 +448,13 @@ impl Config {
                 "must be at least queue.min_backoff",
             ));
         }
-        if let Some(t) = &self.directory.target_platform {
-            if !self.platforms.contains_key(t) {
-                return Err(invalid(
-                    "directory.target_platform",
-                    format!(
-                        "`{t}` is not a configured platform; name the platform mailboxes move to"
-                    ),
-                ));
-            }
+        if let Some(t) = &self.directory.target_platform
+            && !self.platforms.contains_key(t)
+        {
+            return Err(invalid(
+                "directory.target_platform",
+                format!("`{t}` is not a configured platform; name the platform mailboxes move to"),
+            ));
         }
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return Err(invalid("log.format", "must be `text` or `json`"));

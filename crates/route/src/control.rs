@@ -336,6 +336,7 @@ fn parse_object_value(v: &str) -> Option<(String, Kind, String)> {
 
 /// Writes the difference between `before` and `after` (and the recomputed
 /// effective routes) as part of `version`.
+#[allow(clippy::too_many_arguments)] // each is one distinct input of the diff
 async fn write_diff(
     tx: &mut AnyConnection,
     be: Backend,
@@ -713,7 +714,7 @@ impl Ctx<'_> {
             let result = match result {
                 Ok(mut o)
                     if !self.dry_run
-                        && !(skip_empty && o.control.is_empty() && o.routes.is_empty()) =>
+                        && (!skip_empty || !o.control.is_empty() || !o.routes.is_empty()) =>
                 {
                     tx.commit().await?;
                     o.applied = true;
@@ -1171,10 +1172,10 @@ pub async fn wave_rollback(ctx: &Ctx<'_>, name: &str) -> Result<Outcome, Control
                         .fetch_all(&mut *tx)
                         .await?;
                 for m in &members {
-                    if let Some(o) = src.objects.get_mut(m) {
-                        if o.state.routes_to_target() {
-                            o.state = MigrationState::RolledBack;
-                        }
+                    if let Some(o) = src.objects.get_mut(m)
+                        && o.state.routes_to_target()
+                    {
+                        o.state = MigrationState::RolledBack;
                     }
                 }
                 Ok(control)
