@@ -208,10 +208,18 @@ async fn select_in(
     b: Backend,
     select: &'static str,
     col: &str,
-    keys: Option<&[String]>,
+    keys: Keys<'_>,
 ) -> Result<Vec<sqlx::any::AnyRow>, sqlx::Error> {
-    let Some(keys) = keys else {
-        return sqlx::query(select).fetch_all(&mut *tx).await;
+    let keys = match keys {
+        Keys::All => return sqlx::query(select).fetch_all(&mut *tx).await,
+        Keys::Wave(name) => {
+            let sql = format!("{select} WHERE {col} IN ({WAVE_SET})");
+            return sqlx::query(sqlx::AssertSqlSafe(sql))
+                .bind(name.to_string())
+                .fetch_all(&mut *tx)
+                .await;
+        }
+        Keys::List(keys) => keys,
     };
     let mut out = Vec::new();
     for chunk in keys.chunks(ROWS) {
@@ -225,6 +233,24 @@ async fn select_in(
     }
     Ok(out)
 }
+
+/// Which rows `select_in` reads.
+#[derive(Clone, Copy)]
+enum Keys<'a> {
+    All,
+    List(&'a [String]),
+    /// The closed address set of a wave (`WAVE_SET`), computed by the engine.
+    Wave(&'a str),
+}
+
+/// A wave's members, the mailboxes of members that are aliases, and every
+/// alias of those: the same closure `load` computes for a list, in SQL, so a
+/// 100,000-member wave does not travel to the client and back.
+const WAVE_SET: &str = "SELECT address FROM wave_members WHERE wave = $1 \
+    UNION SELECT mailbox FROM directory_aliases WHERE alias IN (SELECT address FROM wave_members WHERE wave = $1) \
+    UNION SELECT alias FROM directory_aliases WHERE mailbox IN (SELECT address FROM wave_members WHERE wave = $1) \
+    UNION SELECT alias FROM directory_aliases WHERE mailbox IN \
+        (SELECT mailbox FROM directory_aliases WHERE alias IN (SELECT address FROM wave_members WHERE wave = $1))";
 
 /// The current effective entry of an address: route, basis.
 type Entries = HashMap<String, (String, Option<String>)>;
@@ -265,36 +291,29 @@ async fn load(
 ) -> Result<(Sources, Entries), ControlError> {
     let mut src = Sources::default();
     let mut entries = Entries::new();
-    // The address set S, or None for everything.
-    let set: Option<Vec<String>> = match scope {
-        Scope::All => None,
-        Scope::Wave(name) => {
-            let seeds: Vec<String> =
-                sqlx::query_scalar("SELECT address FROM wave_members WHERE wave = $1")
-                    .bind(name.as_str())
-                    .fetch_all(&mut *tx)
-                    .await?;
-            Some(seeds)
-        }
-        Scope::Addresses(a) => Some(a.iter().map(|a| normalize_address(a)).collect()),
-    };
-    let set = match set {
-        None => None,
-        Some(seeds) => {
+    // The address set S: everything, a wave's closure, or a list's closure.
+    let list: Option<Vec<String>> = match scope {
+        Scope::Addresses(a) => {
+            let seeds: Vec<String> = a.iter().map(|a| normalize_address(a)).collect();
             let mut s: BTreeSet<String> = seeds.iter().cloned().collect();
             // An alias in the set brings its mailbox...
-            for r in select_in(tx, b, ALIASES, "alias", Some(&seeds)).await? {
+            for r in select_in(tx, b, ALIASES, "alias", Keys::List(&seeds)).await? {
                 s.insert(r.try_get(1)?);
             }
             // ...and every mailbox in the set brings all its aliases.
             let s0: Vec<String> = s.iter().cloned().collect();
-            for r in select_in(tx, b, ALIASES, "mailbox", Some(&s0)).await? {
+            for r in select_in(tx, b, ALIASES, "mailbox", Keys::List(&s0)).await? {
                 s.insert(r.try_get(0)?);
             }
-            Some(s.into_iter().collect::<Vec<_>>())
+            Some(s.into_iter().collect())
         }
+        _ => None,
     };
-    let keys = set.as_deref();
+    let keys = match (scope, &list) {
+        (Scope::Wave(name), _) => Keys::Wave(name),
+        (_, Some(list)) => Keys::List(list),
+        _ => Keys::All,
+    };
     for r in select_in(tx, b, OBJECTS, "address", keys).await? {
         put_object(&mut src, &r)?;
     }
