@@ -52,6 +52,7 @@ pub struct Config {
     pub admin: AdminConfig,
     pub events: EventsConfig,
     pub sync: Option<SyncConfig>,
+    pub directory: DirectoryConfig,
 }
 
 impl Default for Config {
@@ -69,6 +70,7 @@ impl Default for Config {
             admin: AdminConfig::default(),
             events: EventsConfig::default(),
             sync: None,
+            directory: DirectoryConfig::default(),
         }
     }
 }
@@ -298,6 +300,42 @@ impl Default for LogConfig {
     }
 }
 
+/// What happens to a recipient in an accepted domain that the imported
+/// directory does not know. Applies only once a directory has been imported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum UnknownRecipient {
+    /// Refuse at RCPT with 550 5.1.1, as Postfix's `relay_recipient_maps`.
+    Reject,
+    /// Accept and route by the domain or global default (no directory check).
+    #[default]
+    Default,
+    /// Accept and keep in the queue (route `hold`) until someone decides.
+    Hold,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DirectoryConfig {
+    /// Policy for unknown recipients: "reject", "default" or "hold".
+    /// Default "default", so importing a directory never starts refusing mail
+    /// until the administrator asks for it.
+    pub unknown_recipient: UnknownRecipient,
+    /// The platform mailboxes move to at cutover. Unset means `new`; a
+    /// cutover then fails with an error naming this key if no platform is
+    /// called `new`.
+    pub target_platform: Option<String>,
+}
+
+impl Default for DirectoryConfig {
+    fn default() -> Self {
+        DirectoryConfig {
+            unknown_recipient: UnknownRecipient::Default,
+            target_platform: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
@@ -508,6 +546,14 @@ impl Config {
                 ));
             }
         }
+        if let Some(t) = &self.directory.target_platform
+            && !self.platforms.contains_key(t)
+        {
+            return Err(invalid(
+                "directory.target_platform",
+                format!("`{t}` is not a configured platform; name the platform mailboxes move to"),
+            ));
+        }
         if let Some(addr) = self.admin.listen {
             if !addr.ip().is_loopback() && self.admin.token.as_deref().is_none_or(str::is_empty) {
                 // Admin interfaces listen on loopback or require a token.
@@ -537,6 +583,14 @@ impl Config {
                 self.routing.default.clone()
             }
             None => self.platforms.keys().next().cloned().unwrap_or_default(),
+        }
+    }
+
+    /// The platform a cutover routes to: `directory.target_platform`, else `new`.
+    pub fn target_platform(&self) -> Option<&str> {
+        match &self.directory.target_platform {
+            Some(t) => Some(t),
+            None => self.platforms.contains_key("new").then_some("new"),
         }
     }
 
@@ -686,6 +740,14 @@ max_backoff = "1h"
             (
                 GOOD.replace("[smtp]", "[smtp]\nlisten_typo = 1"),
                 "listen_typo",
+            ),
+            (
+                format!("{GOOD}[directory]\nunknown_recipient = \"bounce\"\n"),
+                "unknown_recipient",
+            ),
+            (
+                format!("{GOOD}[directory]\ntarget_platform = \"mars\"\n"),
+                "directory.target_platform",
             ),
         ];
         for (text, key) in cases {

@@ -1,177 +1,509 @@
-//! How CLI queue commands reach running gateways: through the state store.
-//! Each gateway announces itself every second (liveness, queue size,
-//! destination state) and executes new `queue_commands` rows, recording its
-//! result. A command with no live gateway is applied to the spool directly.
+//! The control-plane commands: `directory`, `wave`, `history`, and
+//! `route explain` / `route rollback`. The work happens in `godwit_route`;
+//! this module parses arguments and prints for people.
 
-use anyhow::{Context, Result};
-use godwit_events::{Event, EventLog};
-use godwit_relay::{QueueOp, Relay, Selector};
-use godwit_store::{Row, Store, now_ms};
-use std::time::Duration;
+use anyhow::{Context, Result, bail};
+use clap::Subcommand;
+use godwit_config::Config;
+use godwit_route::control::{self, Ctx, Outcome};
+use godwit_route::history;
+use godwit_route::{MigrationState, normalize_address};
+use godwit_store::Store;
+use std::path::PathBuf;
 
-/// A gateway not seen for this long is considered stopped.
-pub const LIVE_MS: i64 = 3000;
+#[derive(Subcommand)]
+pub enum DirectoryCommand {
+    /// Compare a CSV export with the directory; with --apply, replace it.
+    ///
+    /// Header: address,display_name,kind,aliases,members,platform (any order;
+    /// display_name, aliases and members optional). kind: user, shared,
+    /// resource or group. aliases and members are `;`-separated. platform:
+    /// the platform that owns the object today.
+    Import {
+        file: PathBuf,
+        /// Apply the difference (default: only show it).
+        #[arg(long)]
+        apply: bool,
+        #[arg(long)]
+        actor: Option<String>,
+    },
+    /// Set the migration state of mailboxes (pending, seeding, ready,
+    /// cutover, migrated, rolled-back).
+    State {
+        state: String,
+        #[arg(required = true)]
+        addresses: Vec<String>,
+        #[arg(long)]
+        actor: Option<String>,
+    },
+}
 
-pub async fn heartbeat_and_commands(store: Store, relay: Relay, events: EventLog, node: String) {
-    let started = now_ms();
-    // Commands issued before this node started are not replayed.
-    let mut seen: i64 =
-        godwit_store::sqlx::query_scalar::<_, Option<i64>>("SELECT MAX(id) FROM queue_commands")
-            .fetch_one(&store.pool)
-            .await
-            .ok()
-            .flatten()
-            .unwrap_or(0);
-    let mut last_beat = 0;
-    loop {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        if now_ms() - last_beat >= 1000 {
-            last_beat = now_ms();
-            let dests = serde_json::to_string(&relay.destinations()).unwrap_or_default();
-            let n = node.clone();
-            let len = relay.len() as i64;
-            let r = store
-                .write_tx(move |tx| {
-                    let (n, dests) = (n.clone(), dests.clone());
-                    Box::pin(async move {
-                        godwit_store::sqlx::query("DELETE FROM gateway_nodes WHERE node = $1").bind(&n).execute(&mut *tx).await?;
-                        godwit_store::sqlx::query(
-                            "INSERT INTO gateway_nodes (node, started_ms, seen_ms, queue_len, destinations) VALUES ($1, $2, $3, $4, $5)",
-                        )
-                        .bind(&n)
-                        .bind(started)
-                        .bind(now_ms())
-                        .bind(len)
-                        .bind(&dests)
-                        .execute(&mut *tx)
-                        .await?;
-                        Ok(())
-                    })
-                })
-                .await;
-            if let Err(e) = r {
-                tracing::warn!("heartbeat: {e}");
-            }
-        }
-        let rows = match godwit_store::sqlx::query(
-            "SELECT id, actor, op, selector FROM queue_commands WHERE id > $1 ORDER BY id",
-        )
-        .bind(seen)
-        .fetch_all(&store.pool)
-        .await
-        {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::warn!("queue commands: {e}");
-                continue;
-            }
-        };
-        for row in rows {
-            let (id, actor, op, sel): (i64, String, String, String) = (
-                row.try_get(0).unwrap_or(0),
-                row.try_get(1).unwrap_or_default(),
-                row.try_get(2).unwrap_or_default(),
-                row.try_get(3).unwrap_or_default(),
-            );
-            seen = seen.max(id);
-            let (Ok(op_v), Ok(selector)) = (
-                serde_json::from_str::<QueueOp>(&format!("\"{op}\"")),
-                serde_json::from_str::<Selector>(&sel),
-            ) else {
-                tracing::warn!("queue command {id}: cannot parse `{op}` `{sel}`");
-                continue;
+#[derive(Subcommand)]
+pub enum WaveCommand {
+    /// Create a wave from addresses and/or files (one address per line).
+    Create {
+        name: String,
+        #[arg(long, num_args = 1.., required = true, value_name = "FILE|ADDR")]
+        members: Vec<String>,
+        #[arg(long)]
+        actor: Option<String>,
+    },
+    /// A wave's members with their state and route.
+    Show {
+        name: String,
+        /// List every member (default: the first 50).
+        #[arg(long)]
+        all: bool,
+    },
+    /// All waves.
+    List,
+    /// Route every member to the target platform, in one version.
+    Cutover {
+        name: String,
+        /// Print what would change; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Cut over members whose sync is not ready (recorded in the history).
+        #[arg(long)]
+        force: bool,
+        #[arg(long)]
+        actor: Option<String>,
+    },
+    /// Route every member back to the platform that owned it, in one version.
+    Rollback {
+        name: String,
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        actor: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum HistoryCommand {
+    /// One version: who, when, the command, and every before/after.
+    Show {
+        version: i64,
+        /// Every route change (default: the first 100).
+        #[arg(long)]
+        all: bool,
+    },
+}
+
+fn ctx<'a>(
+    store: &'a Store,
+    config: &'a Config,
+    actor: &'a str,
+    command: &'a str,
+    dry_run: bool,
+) -> Ctx<'a> {
+    Ctx {
+        store,
+        config,
+        actor,
+        command,
+        dry_run,
+    }
+}
+
+const SHOW: usize = 50;
+
+fn print_outcome(o: &Outcome, verb: &str) {
+    let moved: Vec<_> = o.moved().collect();
+    for c in moved.iter().take(SHOW) {
+        println!(
+            "  {}: {} -> {}",
+            c.address,
+            c.before.as_deref().unwrap_or("(default)"),
+            c.after.as_deref().unwrap_or("(default)")
+        );
+    }
+    if moved.len() > SHOW {
+        println!("  ... and {} more", moved.len() - SHOW);
+    }
+    for n in o.control.iter().filter(|c| c.subject == "note") {
+        println!("  note: {}", n.after.as_deref().unwrap_or(""));
+    }
+    if o.applied {
+        println!(
+            "{} address(es) {verb} (version {}; `godwit route rollback --to {}` undoes it)",
+            moved.len(),
+            o.version,
+            o.version - 1
+        );
+    } else {
+        println!(
+            "dry run: {} address(es) would be {verb} as version {}; nothing changed",
+            moved.len(),
+            o.version
+        );
+    }
+}
+
+pub async fn directory(config: Config, command: DirectoryCommand) -> Result<i32> {
+    let store = Store::open(&config.store_url()).await?;
+    match command {
+        DirectoryCommand::Import { file, apply, actor } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("cannot read {}", file.display()))?;
+            let platforms: Vec<String> = config
+                .platforms
+                .keys()
+                .cloned()
+                .chain([godwit_config::ROUTE_HOLD.to_string()])
+                .collect();
+            let accepted = |d: &str| config.is_accepted_domain(d);
+            let rules = godwit_route::directory::Rules {
+                accepted_domain: &accepted,
+                platforms: &platforms,
             };
-            let affected = relay.apply_op(&op_v, &selector, &actor);
-            events.emit(Event::QueueCommand {
-                op: op.clone(),
-                selector: sel.clone(),
-                actor: actor.clone(),
-                affected,
-                node: node.clone(),
-            });
-            let _ = godwit_store::sqlx::query("INSERT INTO queue_command_results (id, node, done_ms, affected) VALUES ($1, $2, $3, $4)")
-                .bind(id)
-                .bind(&node)
-                .bind(now_ms())
-                .bind(affected as i64)
-                .execute(&store.pool)
-                .await;
+            let rows = match godwit_route::directory::parse(&text, &rules) {
+                Ok(rows) => rows,
+                Err(errors) => {
+                    let list: Vec<String> = errors
+                        .iter()
+                        .map(|e| format!("  {}: {e}", file.display()))
+                        .collect();
+                    bail!(
+                        "{} problem(s) in {}; nothing was applied. Fix them and run again:\n{}",
+                        errors.len(),
+                        file.display(),
+                        list.join("\n")
+                    );
+                }
+            };
+            let n = rows.len();
+            let who = crate::actor(actor);
+            let cmd = format!(
+                "directory import {}{}",
+                file.display(),
+                if apply { " --apply" } else { "" }
+            );
+            let (diff, outcome) =
+                control::import(&ctx(&store, &config, &who, &cmd, !apply), rows).await?;
+            for a in diff.added.iter().take(SHOW) {
+                println!("+ {a}");
+            }
+            if diff.added.len() > SHOW {
+                println!("+ ... and {} more", diff.added.len() - SHOW);
+            }
+            for (a, what) in diff.changed.iter().take(SHOW) {
+                println!("~ {a}: {}", what.join(", "));
+            }
+            if diff.changed.len() > SHOW {
+                println!("~ ... and {} more", diff.changed.len() - SHOW);
+            }
+            for a in diff.removed.iter().take(SHOW) {
+                println!("- {a}");
+            }
+            if diff.removed.len() > SHOW {
+                println!("- ... and {} more", diff.removed.len() - SHOW);
+            }
+            let summary = format!(
+                "{n} object(s) in the file: {} added, {} changed, {} removed",
+                diff.added.len(),
+                diff.changed.len(),
+                diff.removed.len()
+            );
+            match outcome {
+                Some(o) => println!(
+                    "{summary}; applied as version {} ({} route(s) changed)",
+                    o.version,
+                    o.moved().count()
+                ),
+                None if diff.is_empty() => {
+                    println!("{summary}; the directory already matches, nothing to do")
+                }
+                None => println!("{summary}; nothing applied: run again with --apply"),
+            }
+        }
+        DirectoryCommand::State {
+            state,
+            addresses,
+            actor,
+        } => {
+            let state: MigrationState = state.parse().map_err(anyhow::Error::msg)?;
+            let who = crate::actor(actor);
+            let cmd = format!("directory state {state} {}", addresses.join(" "));
+            let o = control::set_state(&ctx(&store, &config, &who, &cmd, false), addresses, state)
+                .await?;
+            print_outcome(&o, "re-routed");
         }
     }
+    Ok(0)
 }
 
-pub struct LiveNode {
-    pub node: String,
-    pub seen_ms: i64,
-    pub queue_len: i64,
-    pub destinations: serde_json::Value,
+/// `--members` values: an address, or a file of addresses (one per line;
+/// blank lines, `#` comments and a CSV header are skipped; only the first
+/// CSV column is read).
+fn read_members(values: &[String]) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    for v in values {
+        if v.contains('@') && !std::path::Path::new(v).exists() {
+            out.push(normalize_address(v));
+            continue;
+        }
+        let text = std::fs::read_to_string(v).with_context(|| {
+            format!("`{v}` is neither an address nor a readable file of addresses")
+        })?;
+        for line in text.lines() {
+            let first = line.split(',').next().unwrap_or("").trim();
+            if first.is_empty() || first.starts_with('#') || first == "address" {
+                continue;
+            }
+            out.push(normalize_address(first));
+        }
+    }
+    Ok(out)
 }
 
-pub async fn live_nodes(store: &Store) -> Result<Vec<LiveNode>> {
-    let rows = godwit_store::sqlx::query("SELECT node, seen_ms, queue_len, destinations FROM gateway_nodes WHERE seen_ms > $1 ORDER BY node")
-        .bind(now_ms() - LIVE_MS)
-        .fetch_all(&store.pool)
-        .await?;
-    Ok(rows
-        .into_iter()
-        .map(|r| LiveNode {
-            node: r.try_get(0).unwrap_or_default(),
-            seen_ms: r.try_get(1).unwrap_or(0),
-            queue_len: r.try_get(2).unwrap_or(0),
-            destinations: serde_json::from_str(&r.try_get::<String, _>(3).unwrap_or_default())
-                .unwrap_or_default(),
-        })
-        .collect())
+pub async fn wave(config: Config, command: WaveCommand) -> Result<i32> {
+    let store = Store::open(&config.store_url()).await?;
+    match command {
+        WaveCommand::Create {
+            name,
+            members,
+            actor,
+        } => {
+            let list = read_members(&members)?;
+            let who = crate::actor(actor);
+            let cmd = format!("wave create {name} --members {}", members.join(" "));
+            let o =
+                control::wave_create(&ctx(&store, &config, &who, &cmd, false), &name, list).await?;
+            let n = o
+                .control
+                .iter()
+                .filter(|c| c.subject == "wave-member")
+                .count();
+            println!(
+                "wave {name} created with {n} member(s) (version {}); `godwit wave cutover {name} --dry-run` shows what it would move",
+                o.version
+            );
+        }
+        WaveCommand::Show { name, all } => {
+            let w = history::wave(&store, &name)
+                .await?
+                .with_context(|| format!("no wave `{name}` (godwit wave list)"))?;
+            println!(
+                "wave {}: {} ({} member(s); created at version {}, last changed at version {})",
+                w.name,
+                w.status,
+                w.members.len(),
+                w.created_version,
+                w.version
+            );
+            let mut by_state = std::collections::BTreeMap::new();
+            for m in &w.members {
+                *by_state.entry(m.state.clone()).or_insert(0) += 1;
+            }
+            let counts: Vec<String> = by_state.iter().map(|(s, n)| format!("{s} {n}")).collect();
+            println!("  states: {}", counts.join(", "));
+            let limit = if all { usize::MAX } else { SHOW };
+            for m in w.members.iter().take(limit) {
+                println!("  {}  {}  -> {}", m.address, m.state, m.route);
+            }
+            if w.members.len() > limit {
+                println!(
+                    "  ... and {} more (--all lists them)",
+                    w.members.len() - limit
+                );
+            }
+        }
+        WaveCommand::List => {
+            let waves = history::waves(&store).await?;
+            if waves.is_empty() {
+                println!("no waves yet: godwit wave create NAME --members FILE|ADDR...");
+            }
+            for w in waves {
+                println!(
+                    "{}  {}  {} member(s)  (created at version {}, last changed at version {})",
+                    w.name, w.status, w.count, w.created_version, w.version
+                );
+            }
+        }
+        WaveCommand::Cutover {
+            name,
+            dry_run,
+            force,
+            actor,
+        } => {
+            let who = crate::actor(actor);
+            let cmd = format!("wave cutover {name}{}", if force { " --force" } else { "" });
+            let o = control::wave_cutover(&ctx(&store, &config, &who, &cmd, dry_run), &name, force)
+                .await?;
+            print_outcome(&o, "moved to the target platform");
+        }
+        WaveCommand::Rollback {
+            name,
+            dry_run,
+            actor,
+        } => {
+            let who = crate::actor(actor);
+            let cmd = format!("wave rollback {name}");
+            let o =
+                control::wave_rollback(&ctx(&store, &config, &who, &cmd, dry_run), &name).await?;
+            print_outcome(&o, "moved back");
+        }
+    }
+    Ok(0)
 }
 
-/// Sends a command to every live gateway and waits for each to answer.
-/// Returns (node, affected) pairs; empty when no gateway is running.
-pub async fn send(
+pub async fn history(config: Config, command: Option<HistoryCommand>, limit: i64) -> Result<i32> {
+    let store = Store::open(&config.store_url()).await?;
+    match command {
+        None => {
+            let vs = history::versions(&store, limit).await?;
+            if vs.is_empty() {
+                println!("no versions yet");
+            }
+            for v in vs {
+                println!(
+                    "{:>6}  {}  {:<12}  {}  ({} route change(s), {} other)",
+                    v.version,
+                    v.time(),
+                    v.actor,
+                    v.command,
+                    v.route_changes,
+                    v.control_changes
+                );
+            }
+        }
+        Some(HistoryCommand::Show { version, all }) => {
+            let v = history::version(&store, version)
+                .await?
+                .with_context(|| format!("no version {version} (godwit history lists them)"))?;
+            println!("version {}", v.version);
+            println!("  time:    {}", v.time());
+            println!("  actor:   {}", v.actor);
+            println!("  command: {}", v.command);
+            for c in history::control_changes(&store, version).await? {
+                println!(
+                    "  {:<11} {}: {} -> {}",
+                    c.subject,
+                    c.item,
+                    c.before.as_deref().unwrap_or("(none)"),
+                    c.after.as_deref().unwrap_or("(none)")
+                );
+            }
+            let limit = if all { i64::MAX } else { 100 };
+            let routes = history::route_changes(&store, version, limit).await?;
+            println!("  route changes: {}", v.route_changes);
+            for c in &routes {
+                println!(
+                    "    {}: {} -> {}{}",
+                    c.address,
+                    c.before.as_deref().unwrap_or("(default)"),
+                    c.after.as_deref().unwrap_or("(default)"),
+                    c.basis.map(|b| format!(" ({b})")).unwrap_or_default()
+                );
+            }
+            if (routes.len() as i64) < v.route_changes {
+                println!(
+                    "    ... and {} more (--all lists them)",
+                    v.route_changes - routes.len() as i64
+                );
+            }
+        }
+    }
+    Ok(0)
+}
+
+pub async fn route_explain(config: &Config, store: &Store, address: &str) -> Result<i32> {
+    let e = history::explain(store, config, address).await?;
+    let d = &e.decision;
+    if e.rejected_at_rcpt {
+        println!(
+            "{}: refused at RCPT (550 5.1.1): not in the directory and directory.unknown_recipient = \"reject\"",
+            e.address
+        );
+    } else {
+        println!("{}: {} ({})", e.address, d.route, d.why);
+    }
+    if let Some(m) = &e.alias_of {
+        println!("  alias of:  {m} (routes with it)");
+    }
+    match &e.object {
+        Some((a, o)) => {
+            println!(
+                "  directory: {a} {} {:?}, owned today by {}",
+                o.kind, o.display_name, o.platform
+            );
+            println!(
+                "  state:     {}{}{}",
+                o.state,
+                if o.state.routes_to_target() {
+                    format!(
+                        " (routes to the target platform {})",
+                        e.target.as_deref().unwrap_or("?")
+                    )
+                } else {
+                    format!(" (routes to its owner {})", o.platform)
+                },
+                if e.sync_ready {
+                    "; sync reports it ready"
+                } else {
+                    ""
+                }
+            );
+            if let Some(v) = &e.state_set_by {
+                println!(
+                    "             set at version {} by {} at {}: {}",
+                    v.version,
+                    v.actor,
+                    v.time(),
+                    v.command
+                );
+            }
+            if o.kind == godwit_route::Kind::Group {
+                println!(
+                    "  group:     {} member(s), expanded by the platform it routes to (godwit does not expand groups)",
+                    e.members.len()
+                );
+            }
+        }
+        None => println!("  directory: not in the directory"),
+    }
+    if !e.aliases.is_empty() {
+        println!("  aliases:   {}", e.aliases.join(", "));
+    }
+    if !e.member_of.is_empty() {
+        println!("  member of: {}", e.member_of.join(", "));
+    }
+    if let Some((r, v)) = &e.override_route {
+        println!(
+            "  override:  {r} (set at version {v}; it beats the directory; `godwit route unset` removes it)"
+        );
+    }
+    if let Some((r, v)) = &e.mailbox_override {
+        println!("  mailbox override: {r} (set at version {v})");
+    }
+    for (w, status) in &e.waves {
+        println!("  wave:      {w} ({status})");
+    }
+    match &e.route_set_by {
+        Some(v) => println!(
+            "  route set at version {} by {} at {}: {}",
+            v.version,
+            v.actor,
+            v.time(),
+            v.command
+        ),
+        None => println!("  route: no version has named this address; the defaults decide"),
+    }
+    println!("  routing version now: {}", d.version);
+    Ok(0)
+}
+
+pub async fn route_rollback(
+    config: &Config,
     store: &Store,
-    actor: &str,
-    op: &QueueOp,
-    sel: &Selector,
-) -> Result<Vec<(String, i64)>> {
-    let nodes = live_nodes(store).await?;
-    if nodes.is_empty() {
-        return Ok(Vec::new());
-    }
-    let op_s = serde_json::to_string(op)?.trim_matches('"').to_string();
-    let sel_s = serde_json::to_string(sel)?;
-    let actor = actor.to_string();
-    let id = store
-        .write_tx(move |tx| {
-            let (op_s, sel_s, actor) = (op_s.clone(), sel_s.clone(), actor.clone());
-            Box::pin(async move {
-                let max: Option<i64> = godwit_store::sqlx::query_scalar("SELECT MAX(id) FROM queue_commands").fetch_one(&mut *tx).await?;
-                let id = max.unwrap_or(0) + 1;
-                godwit_store::sqlx::query("INSERT INTO queue_commands (id, at_ms, actor, op, selector) VALUES ($1, $2, $3, $4, $5)")
-                    .bind(id)
-                    .bind(now_ms())
-                    .bind(&actor)
-                    .bind(&op_s)
-                    .bind(&sel_s)
-                    .execute(&mut *tx)
-                    .await?;
-                Ok(id)
-            })
-        })
-        .await?;
-    let deadline = now_ms() + 5000;
-    loop {
-        let rows = godwit_store::sqlx::query(
-            "SELECT node, affected FROM queue_command_results WHERE id = $1",
-        )
-        .bind(id)
-        .fetch_all(&store.pool)
-        .await?;
-        if rows.len() >= nodes.len() || now_ms() > deadline {
-            return rows
-                .into_iter()
-                .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
-                .collect::<Result<Vec<_>, godwit_store::sqlx::Error>>()
-                .context("reading command results");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    to: i64,
+    dry_run: bool,
+    actor: Option<String>,
+) -> Result<i32> {
+    let who = crate::actor(actor);
+    let cmd = format!("route rollback --to {to}");
+    let o = control::rollback_to(&ctx(store, config, &who, &cmd, dry_run), to).await?;
+    print_outcome(&o, &format!("restored to their route at version {to}"));
+    Ok(0)
 }

@@ -2,6 +2,7 @@
 //! work beside a running gateway (they share the state store and spool).
 
 mod control;
+mod fleet;
 mod mailboxes;
 mod smtpd;
 mod tls;
@@ -93,6 +94,24 @@ enum Command {
         #[arg(long, default_value_t = 10)]
         sample: usize,
     },
+    /// The directory: mailboxes, aliases, groups and their migration state.
+    Directory {
+        #[command(subcommand)]
+        command: control::DirectoryCommand,
+    },
+    /// Waves: move a set of mailboxes (and back) in one command.
+    Wave {
+        #[command(subcommand)]
+        command: control::WaveCommand,
+    },
+    /// Every change to routes, states, waves and the directory, numbered.
+    History {
+        #[command(subcommand)]
+        command: Option<control::HistoryCommand>,
+        /// How many versions to list, newest first.
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -113,6 +132,18 @@ enum RouteCommand {
     },
     /// Where mail for ADDRESS goes now, and why.
     Show { address: String },
+    /// Where mail for ADDRESS goes and everything that decides it: alias,
+    /// group, state, override, wave, and the version that set it.
+    Explain { address: String },
+    /// Restore the routing as of version N, as a new version (undoable).
+    Rollback {
+        #[arg(long)]
+        to: i64,
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        actor: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -236,6 +267,9 @@ async fn run(cli: Cli) -> Result<i32> {
             format,
             sample,
         } => report(config, since, until, format, sample).await,
+        Command::Directory { command } => control::directory(config, command).await,
+        Command::Wave { command } => control::wave(config, command).await,
+        Command::History { command, limit } => control::history(config, command, limit).await,
     }
 }
 
@@ -369,7 +403,7 @@ async fn serve(config: Config) -> Result<i32> {
         tokio::spawn(godwit_evidence::http::serve(admin, l));
         tracing::info!("admin listener (metrics, dashboard) on http://{addr}/");
     }
-    tokio::spawn(control::heartbeat_and_commands(
+    tokio::spawn(fleet::heartbeat_and_commands(
         store.clone(),
         relay.clone(),
         events.clone(),
@@ -557,6 +591,7 @@ async fn route(config: Config, command: RouteCommand) -> Result<i32> {
             let cmd = format!("route set {address} {platform}");
             let (v, applied) = godwit_route::commit(
                 &store,
+                &config,
                 &actor(who),
                 &cmd,
                 vec![(address.clone(), Some(platform.clone()))],
@@ -579,9 +614,14 @@ async fn route(config: Config, command: RouteCommand) -> Result<i32> {
             actor: who,
         } => {
             let cmd = format!("route unset {address}");
-            let (v, applied) =
-                godwit_route::commit(&store, &actor(who), &cmd, vec![(address.clone(), None)])
-                    .await?;
+            let (v, applied) = godwit_route::commit(
+                &store,
+                &config,
+                &actor(who),
+                &cmd,
+                vec![(address.clone(), None)],
+            )
+            .await?;
             if applied.is_empty() {
                 println!("{address} had no entry (version {v})");
             } else {
@@ -590,7 +630,7 @@ async fn route(config: Config, command: RouteCommand) -> Result<i32> {
         }
         RouteCommand::Show { address } => {
             check_address(&config, &address)?;
-            let map = godwit_route::load(&store, &config).await?;
+            let map = godwit_route::load_one(&store, &config, &address).await?;
             let d = map.decide(&address);
             println!(
                 "{}: {} ({}; routing version {})",
@@ -599,6 +639,12 @@ async fn route(config: Config, command: RouteCommand) -> Result<i32> {
                 d.why,
                 d.version
             );
+        }
+        RouteCommand::Explain { address } => {
+            return control::route_explain(&config, &store, &address).await;
+        }
+        RouteCommand::Rollback { to, dry_run, actor } => {
+            return control::route_rollback(&config, &store, to, dry_run, actor).await;
         }
     }
     Ok(0)
@@ -797,11 +843,11 @@ async fn queue(config: Config, command: QueueCommand) -> Result<i32> {
         }
         QueueCommand::Destinations { json } => {
             let store = Store::open(&config.store_url()).await?;
-            let nodes = control::live_nodes(&store).await?;
+            let nodes = fleet::live_nodes(&store).await?;
             if nodes.is_empty() {
                 println!(
                     "no running gateway has reported in the last {}s",
-                    control::LIVE_MS / 1000
+                    fleet::LIVE_MS / 1000
                 );
                 return Ok(1);
             }
@@ -875,7 +921,7 @@ async fn queue_op(config: &Config, op: godwit_relay::QueueOp, t: &Target) -> Res
     let sel = selector(t)?;
     let who = actor(t.actor.clone());
     let store = Store::open(&config.store_url()).await?;
-    let results = control::send(&store, &who, &op, &sel).await?;
+    let results = fleet::send(&store, &who, &op, &sel).await?;
     let name = serde_json::to_string(&op)?.trim_matches('"').to_string();
     if !results.is_empty() {
         for (node, affected) in results {

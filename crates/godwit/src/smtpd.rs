@@ -27,8 +27,10 @@ pub struct Smtpd {
     session_ids: AtomicU64,
 }
 
-/// Only our domains are accepted: godwit is never an open relay.
-struct Domains<'a>(&'a Config);
+/// Only our domains are accepted: godwit is never an open relay. Once a
+/// directory is imported, `directory.unknown_recipient = "reject"` also
+/// refuses addresses it does not know.
+struct Domains<'a>(&'a Config, &'a godwit_route::SharedRoutes);
 
 impl RcptPolicy for Domains<'_> {
     fn check_rcpt(&self, address: &str) -> Result<(), Reply> {
@@ -38,6 +40,16 @@ impl RcptPolicy for Domains<'_> {
         }
         match address.rsplit_once('@') {
             Some((local, domain)) if !local.is_empty() && self.0.is_accepted_domain(domain) => {
+                // As Postfix's relay_recipient_maps: refuse at RCPT rather than
+                // accept and bounce later (RFC 5321 4.2.2: 550 for a mailbox
+                // that does not exist; RFC 3463 5.1.1 bad destination mailbox).
+                if self.1.rejects_unknown(address) {
+                    return Err(Reply::new(
+                        550,
+                        (5, 1, 1),
+                        format!("<{address}>: Recipient address rejected: User unknown"),
+                    ));
+                }
                 Ok(())
             }
             Some(_) => Err(Reply::new(
@@ -258,7 +270,7 @@ impl Smtpd {
         sid: u64,
         messages: &mut u32,
     ) -> End {
-        let policy = Domains(&self.config);
+        let policy = Domains(&self.config, self.relay.routes());
         let mut buf = vec![0u8; 64 * 1024];
         let mut out: Vec<u8> = Vec::with_capacity(1024);
         loop {

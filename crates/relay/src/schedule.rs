@@ -225,7 +225,14 @@ impl RelayHandle {
         }))
     }
 
-    /// Adds a message just accepted (or recovered).
+    /// The routing map this relay decides with (the SMTP RCPT policy reads
+    /// the same map for unknown recipients).
+    pub fn routes(&self) -> &SharedRoutes {
+        &self.0.routes
+    }
+
+    /// Adds a message just accepted (or recovered) and makes it due now,
+    /// except recipients whose recorded state says otherwise.
     pub fn enqueue(&self, sp: Spooled) {
         let now = now_ms();
         let rcpts: Vec<RcptRt> = sp.status.iter().map(|s| rt_of(s, now)).collect();

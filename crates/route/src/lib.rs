@@ -4,29 +4,51 @@
 //! version and applies only the changes since its own, so a change reaches
 //! it within a second and a lookup on the delivery path is a hash lookup.
 
-use godwit_config::Config;
-use godwit_store::{Row, Store, StoreError, now_ms};
+pub mod control;
+pub mod directory;
+pub mod history;
+pub mod model;
+
+use godwit_config::{Config, UnknownRecipient};
+use godwit_store::{Row, Store, StoreError};
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+pub use control::commit;
+pub use model::{Basis, Kind, MigrationState};
+
 /// Why a recipient got its route.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Why {
-    /// An explicit per-address entry, set at this routing version.
+    /// An explicit per-address override (`route set`), set at this version.
     Entry {
+        version: i64,
+    },
+    /// The directory: a mailbox's or group's migration state, or an alias
+    /// following its mailbox; last changed at this version.
+    Directory {
+        basis: Basis,
         version: i64,
     },
     DomainDefault {
         domain: String,
     },
     GlobalDefault,
+    /// Not in the imported directory; `[directory] unknown_recipient = "hold"`.
+    UnknownHeld,
 }
 
 impl std::fmt::Display for Why {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Why::Entry { version } => write!(f, "address entry (version {version})"),
+            Why::Entry { version } => write!(f, "override (address entry, version {version})"),
+            Why::Directory { basis, version } => {
+                write!(f, "directory: {basis} (version {version})")
+            }
+            Why::UnknownHeld => {
+                f.write_str("not in the directory; held by directory.unknown_recipient = \"hold\"")
+            }
             Why::DomainDefault { domain } => write!(f, "domain default for {domain}"),
             Why::GlobalDefault => write!(f, "global default"),
         }
@@ -42,13 +64,29 @@ pub struct Decision {
     pub version: i64,
 }
 
-/// The in-memory map: explicit entries plus the configured defaults.
+/// One address's entry, kept small: a million of them is the design point.
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    /// Index into `RoutingMap::routes` (routes are a handful of names).
+    route: u16,
+    basis: Basis,
+    version: i64,
+}
+
+/// The in-memory map: every address the store names (overrides, directory
+/// objects, aliases) plus the configured defaults. A lookup is one hash
+/// probe and never touches the store.
 #[derive(Debug, Clone, Default)]
 pub struct RoutingMap {
-    entries: HashMap<String, (String, i64)>,
+    entries: HashMap<Box<str>, Entry>,
+    routes: Vec<String>,
     version: i64,
     default: String,
     domains: HashMap<String, String>,
+    unknown: UnknownRecipient,
+    /// Entries that come from the directory: the unknown-recipient policy
+    /// applies only while this is above zero.
+    directory_entries: usize,
 }
 
 /// Addresses compare case-insensitively, as mail administrators expect.
@@ -63,6 +101,7 @@ impl RoutingMap {
     pub fn new(config: &Config) -> RoutingMap {
         RoutingMap {
             entries: HashMap::new(),
+            routes: Vec::new(),
             version: 0,
             default: config.routing.default.clone(),
             domains: config
@@ -71,6 +110,8 @@ impl RoutingMap {
                 .iter()
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
+            unknown: config.directory.unknown_recipient,
+            directory_entries: 0,
         }
     }
 
@@ -86,12 +127,59 @@ impl RoutingMap {
         self.entries.is_empty()
     }
 
+    /// Whether a directory has been imported (some entry comes from it).
+    pub fn has_directory(&self) -> bool {
+        self.directory_entries > 0
+    }
+
+    /// Every entry as (address, route), sorted: to compare two maps.
+    pub fn snapshot(&self) -> Vec<(String, String)> {
+        let mut v: Vec<_> = self
+            .entries
+            .iter()
+            .map(|(a, e)| (a.to_string(), self.routes[e.route as usize].clone()))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Whether RCPT should refuse `rcpt` as unknown (550 5.1.1): only with
+    /// `unknown_recipient = "reject"`, only once a directory exists, and
+    /// never for postmaster (RFC 5321 4.5.1).
+    pub fn rejects_unknown(&self, rcpt: &str) -> bool {
+        if self.unknown != UnknownRecipient::Reject || !self.has_directory() {
+            return false;
+        }
+        let addr = normalize_address(rcpt);
+        if addr.split('@').next() == Some("postmaster") {
+            return false;
+        }
+        !self.entries.contains_key(addr.as_str())
+    }
+
     pub fn decide(&self, rcpt: &str) -> Decision {
         let addr = normalize_address(rcpt);
-        if let Some((route, version)) = self.entries.get(&addr) {
+        if let Some(e) = self.entries.get(addr.as_str()) {
+            let why = match e.basis {
+                Basis::Override { .. } => Why::Entry { version: e.version },
+                basis => Why::Directory {
+                    basis,
+                    version: e.version,
+                },
+            };
             return Decision {
-                route: route.clone(),
-                why: Why::Entry { version: *version },
+                route: self.routes[e.route as usize].clone(),
+                why,
+                version: self.version,
+            };
+        }
+        if self.unknown == UnknownRecipient::Hold
+            && self.has_directory()
+            && addr.split('@').next() != Some("postmaster")
+        {
+            return Decision {
+                route: godwit_config::ROUTE_HOLD.to_string(),
+                why: Why::UnknownHeld,
                 version: self.version,
             };
         }
@@ -112,16 +200,49 @@ impl RoutingMap {
         }
     }
 
-    fn apply(&mut self, change: &Change) {
-        match &change.after {
-            Some(route) => {
-                self.entries
-                    .insert(change.address.clone(), (route.clone(), change.version));
-            }
+    fn route_index(&mut self, route: &str) -> u16 {
+        match self.routes.iter().position(|r| r == route) {
+            Some(i) => i as u16,
             None => {
-                self.entries.remove(&change.address);
+                self.routes.push(route.to_string());
+                (self.routes.len() - 1) as u16
             }
         }
+    }
+
+    /// Sets or removes one address's entry (the address already normalized).
+    pub fn set(&mut self, address: &str, entry: Option<(&str, Basis)>, version: i64) {
+        let old = match entry {
+            Some((route, basis)) => {
+                let route = self.route_index(route);
+                self.entries.insert(
+                    address.into(),
+                    Entry {
+                        route,
+                        basis,
+                        version,
+                    },
+                )
+            }
+            None => self.entries.remove(address),
+        };
+        if old.is_some_and(|e| e.basis.in_directory()) {
+            self.directory_entries -= 1;
+        }
+        if entry.is_some_and(|(_, b)| b.in_directory()) {
+            self.directory_entries += 1;
+        }
+    }
+
+    fn apply(&mut self, change: &Change) {
+        let basis = change.basis.unwrap_or(Basis::Override {
+            in_directory: false,
+        });
+        self.set(
+            &change.address,
+            change.after.as_deref().map(|r| (r, basis)),
+            change.version,
+        );
         self.version = self.version.max(change.version);
     }
 }
@@ -133,6 +254,8 @@ pub struct Change {
     pub address: String,
     pub before: Option<String>,
     pub after: Option<String>,
+    /// What decided `after` (`None` for a removed entry).
+    pub basis: Option<Basis>,
 }
 
 /// The map shared by the SMTP sessions and the delivery scheduler.
@@ -152,8 +275,20 @@ impl SharedRoutes {
         self.0.read().unwrap().version
     }
 
-    fn apply(&self, changes: &[Change]) {
+    /// Whether RCPT should refuse `rcpt` as unknown; see `RoutingMap::rejects_unknown`.
+    pub fn rejects_unknown(&self, rcpt: &str) -> bool {
+        self.0.read().unwrap().rejects_unknown(rcpt)
+    }
+
+    pub fn snapshot(&self) -> Vec<(String, String)> {
+        self.0.read().unwrap().snapshot()
+    }
+
+    /// Applies a batch under one write lock: a 100,000-address wave is one
+    /// batch and takes milliseconds, so lookups wait at most that long.
+    pub fn apply(&self, changes: &[Change]) {
         let mut map = self.0.write().unwrap();
+        map.entries.reserve(changes.len());
         for c in changes {
             map.apply(c);
         }
@@ -163,16 +298,83 @@ impl SharedRoutes {
 /// Loads the whole map from the store.
 pub async fn load(store: &Store, config: &Config) -> Result<RoutingMap, StoreError> {
     let mut map = RoutingMap::new(config);
-    let rows = sqlx_query("SELECT address, route, version FROM route_entries")
+    let rows = sqlx_query("SELECT address, route, version, basis FROM route_entries")
         .fetch_all(&store.pool)
         .await?;
+    map.entries.reserve(rows.len());
     for r in rows {
         let address: String = r.try_get(0)?;
         let route: String = r.try_get(1)?;
         let version: i64 = r.try_get(2)?;
-        map.entries.insert(address, (route, version));
+        let basis: Option<String> = r.try_get(3)?;
+        map.set(
+            &address,
+            Some((&route, Basis::parse(basis.as_deref()))),
+            version,
+        );
     }
     map.version = current_version(store).await?;
+    Ok(map)
+}
+
+/// The map as a gateway would hold it, with only `address`'s entry loaded:
+/// for `route show`/`route explain` beside a store of a million addresses.
+pub async fn load_one(
+    store: &Store,
+    config: &Config,
+    address: &str,
+) -> Result<RoutingMap, StoreError> {
+    let mut map = RoutingMap::new(config);
+    let address = normalize_address(address);
+    let row = sqlx_query("SELECT route, version, basis FROM route_entries WHERE address = $1")
+        .bind(address.clone())
+        .fetch_optional(&store.pool)
+        .await?;
+    if let Some(r) = row {
+        let route: String = r.try_get(0)?;
+        let basis: Option<String> = r.try_get(2)?;
+        map.set(
+            &address,
+            Some((&route, Basis::parse(basis.as_deref()))),
+            r.try_get(1)?,
+        );
+    }
+    let directory: Option<i64> = godwit_store::sqlx::query_scalar(
+        "SELECT 1 FROM route_entries WHERE basis IS NOT NULL AND basis <> 'override' LIMIT 1",
+    )
+    .fetch_optional(&store.pool)
+    .await?;
+    // Only "is there a directory" matters outside the full map.
+    map.directory_entries = map.directory_entries.max(usize::from(directory.is_some()));
+    map.version = current_version(store).await?;
+    Ok(map)
+}
+
+/// The map as it was at version `version`, replayed from the change history.
+pub async fn map_at(
+    store: &Store,
+    config: &Config,
+    version: i64,
+) -> Result<RoutingMap, StoreError> {
+    let mut map = RoutingMap::new(config);
+    let rows = sqlx_query(
+        "SELECT version, address, before_route, after_route, basis FROM route_changes WHERE version <= $1 ORDER BY version, address",
+    )
+    .bind(version)
+    .fetch_all(&store.pool)
+    .await?;
+    for r in rows {
+        map.apply(&Change {
+            version: r.try_get(0)?,
+            address: r.try_get(1)?,
+            before: r.try_get(2)?,
+            after: r.try_get(3)?,
+            basis: r
+                .try_get::<Option<String>, _>(4)?
+                .map(|b| Basis::parse(Some(&b))),
+        });
+    }
+    map.version = version;
     Ok(map)
 }
 
@@ -196,7 +398,7 @@ pub async fn current_version(store: &Store) -> Result<i64, StoreError> {
 
 pub async fn changes_since(store: &Store, version: i64) -> Result<Vec<Change>, StoreError> {
     let rows = sqlx_query(
-        "SELECT version, address, before_route, after_route FROM route_changes WHERE version > $1 ORDER BY version, address",
+        "SELECT version, address, before_route, after_route, basis FROM route_changes WHERE version > $1 ORDER BY version, address",
     )
     .bind(version)
     .fetch_all(&store.pool)
@@ -208,78 +410,12 @@ pub async fn changes_since(store: &Store, version: i64) -> Result<Vec<Change>, S
                 address: r.try_get(1)?,
                 before: r.try_get(2)?,
                 after: r.try_get(3)?,
+                basis: r
+                    .try_get::<Option<String>, _>(4)?
+                    .map(|b| Basis::parse(Some(&b))),
             })
         })
         .collect()
-}
-
-/// Applies `changes` (address → new route, or None to remove the entry) as
-/// one new version, atomically. Returns the version and the changes that
-/// actually altered something.
-pub async fn commit(
-    store: &Store,
-    actor: &str,
-    command: &str,
-    changes: Vec<(String, Option<String>)>,
-) -> Result<(i64, Vec<Change>), StoreError> {
-    let actor = actor.to_string();
-    let command = command.to_string();
-    store
-        .write_tx(move |tx| {
-            let actor = actor.clone();
-            let command = command.clone();
-            let changes = changes.clone();
-            Box::pin(async move {
-                let v: Option<i64> = godwit_store::sqlx::query_scalar("SELECT MAX(version) FROM routing_versions")
-                    .fetch_one(&mut *tx)
-                    .await?;
-                let version = v.unwrap_or(0) + 1;
-                godwit_store::sqlx::query("INSERT INTO routing_versions (version, at_ms, actor, command) VALUES ($1, $2, $3, $4)")
-                    .bind(version)
-                    .bind(now_ms())
-                    .bind(&actor)
-                    .bind(&command)
-                    .execute(&mut *tx)
-                    .await?;
-                let mut applied = Vec::new();
-                for (address, after) in changes {
-                    let address = normalize_address(&address);
-                    let before: Option<String> = godwit_store::sqlx::query_scalar("SELECT route FROM route_entries WHERE address = $1")
-                        .bind(&address)
-                        .fetch_optional(&mut *tx)
-                        .await?;
-                    if before == after {
-                        continue;
-                    }
-                    match &after {
-                        Some(route) => {
-                            godwit_store::sqlx::query("DELETE FROM route_entries WHERE address = $1").bind(&address).execute(&mut *tx).await?;
-                            godwit_store::sqlx::query("INSERT INTO route_entries (address, route, version) VALUES ($1, $2, $3)")
-                                .bind(&address)
-                                .bind(route)
-                                .bind(version)
-                                .execute(&mut *tx)
-                                .await?;
-                        }
-                        None => {
-                            godwit_store::sqlx::query("DELETE FROM route_entries WHERE address = $1").bind(&address).execute(&mut *tx).await?;
-                        }
-                    }
-                    godwit_store::sqlx::query(
-                        "INSERT INTO route_changes (version, address, before_route, after_route) VALUES ($1, $2, $3, $4)",
-                    )
-                    .bind(version)
-                    .bind(&address)
-                    .bind(&before)
-                    .bind(&after)
-                    .execute(&mut *tx)
-                    .await?;
-                    applied.push(Change { version, address, before, after });
-                }
-                Ok((version, applied))
-            })
-        })
-        .await
 }
 
 /// Keeps `shared` current: polls the store's version every `interval` and
@@ -335,6 +471,7 @@ mod tests {
 
         let (v, applied) = commit(
             &store,
+            &cfg,
             "t",
             "route set",
             vec![("Alice@Example.com".into(), Some("new".into()))],
@@ -355,6 +492,7 @@ mod tests {
         // A no-op change records a version but no change rows.
         let (v2, applied) = commit(
             &store,
+            &cfg,
             "t",
             "route set",
             vec![("alice@example.com".into(), Some("new".into()))],
@@ -364,6 +502,7 @@ mod tests {
         assert_eq!((v2, applied.len()), (2, 0));
         let (_, applied) = commit(
             &store,
+            &cfg,
             "t",
             "route unset",
             vec![("alice@example.com".into(), None)],
@@ -374,6 +513,67 @@ mod tests {
         let reloaded = load(&store, &cfg).await.unwrap();
         assert_eq!(reloaded.decide("alice@example.com").route, "old");
         assert_eq!(reloaded.version(), 3);
+    }
+
+    #[test]
+    fn unknown_recipient_policy_applies_only_with_a_directory() {
+        use godwit_config::UnknownRecipient::*;
+        let dir_entry = Basis::State {
+            kind: Kind::User,
+            state: MigrationState::Cutover,
+        };
+        // (policy, directory imported, address, route, rejected at RCPT)
+        let cases = [
+            (Reject, true, "alice@example.com", "new", false),
+            (Reject, true, "stranger@example.com", "old", true),
+            (Reject, true, "Postmaster@example.com", "old", false),
+            (Reject, true, "pinned@example.com", "hold", false),
+            (Reject, false, "stranger@example.com", "old", false),
+            (Hold, true, "stranger@example.com", "hold", false),
+            (Hold, true, "stranger@example.org", "hold", false),
+            (Hold, true, "postmaster@example.com", "old", false),
+            (Hold, false, "stranger@example.com", "old", false),
+            (Default, true, "stranger@example.com", "old", false),
+            (Default, true, "stranger@example.org", "new", false),
+        ];
+        for (policy, directory, addr, route, rejected) in cases {
+            let mut cfg = config();
+            cfg.directory.unknown_recipient = policy;
+            let mut map = RoutingMap::new(&cfg);
+            map.set(
+                "pinned@example.com",
+                Some((
+                    "hold",
+                    Basis::Override {
+                        in_directory: false,
+                    },
+                )),
+                1,
+            );
+            if directory {
+                map.set("alice@example.com", Some(("new", dir_entry)), 2);
+            }
+            let d = map.decide(addr);
+            assert_eq!(
+                (d.route.as_str(), map.rejects_unknown(addr)),
+                (route, rejected),
+                "{policy:?} directory={directory} {addr}: {:?}",
+                d.why
+            );
+        }
+        // Removing the last directory entry turns the policy off again.
+        let mut cfg = config();
+        cfg.directory.unknown_recipient = Reject;
+        let mut map = RoutingMap::new(&cfg);
+        map.set("alice@example.com", Some(("new", dir_entry)), 2);
+        map.set(
+            "alice@example.com",
+            Some(("old", Basis::Override { in_directory: true })),
+            3,
+        );
+        assert!(map.rejects_unknown("x@example.com"));
+        map.set("alice@example.com", None, 4);
+        assert!(!map.rejects_unknown("x@example.com"));
     }
 
     #[tokio::test]
@@ -387,6 +587,7 @@ mod tests {
             tasks.push(tokio::spawn(async move {
                 commit(
                     &s,
+                    &config(),
                     "t",
                     "set",
                     vec![(format!("u{i}@example.com"), Some("new".into()))],
