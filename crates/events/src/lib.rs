@@ -360,13 +360,20 @@ pub fn read_all(dir: &Path) -> std::io::Result<Vec<Record>> {
     Ok(out)
 }
 
+/// UTC, always with three fractional digits, so that timestamps sort as text
+/// and slice at fixed offsets.
 pub fn now_rfc3339() -> String {
-    let now = time::OffsetDateTime::now_utc();
-    let now = now
-        .replace_nanosecond(now.millisecond() as u32 * 1_000_000)
-        .unwrap_or(now);
-    now.format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
+    let t = time::OffsetDateTime::now_utc();
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second(),
+        t.millisecond()
+    )
 }
 
 #[cfg(test)]
@@ -401,5 +408,10 @@ mod tests {
         .unwrap();
         assert!(raw.contains("\"event\":\"delivery.held\""), "{raw}");
         assert_eq!(ev.name(), "delivery.held");
+        let ts = &records[0].ts;
+        assert_eq!(ts.len(), 24, "{ts}");
+        assert!(
+            time::OffsetDateTime::parse(ts, &time::format_description::well_known::Rfc3339).is_ok()
+        );
     }
 }

@@ -195,9 +195,22 @@ impl Smtpd {
         if !delay.is_zero() {
             // Postscreen-style pregreet test: a client that talks before the
             // greeting is not speaking SMTP (RFC 5321 4.3.1), usually a bot.
-            if let Ok(Ok(())) = tokio::time::timeout(delay, stream.readable()).await {
+            let deadline = tokio::time::Instant::now() + delay;
+            let mut talked = false;
+            // readable() may wake spuriously: keep waiting out the delay.
+            while let Ok(Ok(())) = tokio::time::timeout_at(deadline, stream.readable()).await {
                 let mut probe = [0u8; 1];
-                if matches!(stream.try_read(&mut probe), Ok(n) if n > 0) {
+                match stream.try_read(&mut probe) {
+                    Ok(n) => {
+                        talked = n > 0;
+                        break;
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                    Err(_) => break,
+                }
+            }
+            {
+                if talked {
                     let r = Reply::new(554, (5, 5, 1), "Error: talking before the greeting");
                     self.events.emit(Event::MessageRefused {
                         session: sid,

@@ -59,7 +59,7 @@ fn trace_follows_a_message_through_deferral_hold_release_and_delivery() {
     for needle in [
         format!("queue ID {qid}"),
         "received from [127.0.0.1] (HELO client.test, no TLS)".to_string(),
-        "routed alice@example.com -> new (address entry".to_string(),
+        "routed alice@example.com -> new (override (address entry".to_string(),
         "routing version 1".to_string(),
         "[451]".to_string(),
         "deferred alice@example.com for new".to_string(),

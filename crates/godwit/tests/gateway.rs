@@ -178,7 +178,7 @@ fn limits_each_with_its_code() {
 fn early_talkers_are_refused() {
     let (po, pn) = (free_port(), free_port());
     let _old = Sink::start(po, &[]);
-    let gw = Gateway::start(po, pn, "greeting_delay = \"700ms\"", "");
+    let gw = Gateway::start(po, pn, "greeting_delay = \"2s\"", "");
     let mut c = gw.client();
     c.send(b"EHLO impatient\r\n");
     let r = c.reply();
