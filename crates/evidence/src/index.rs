@@ -14,13 +14,72 @@ pub fn ts_ms(record: &Record) -> i64 {
 
 /// The keys of one event: queue ID, Message-ID, recipient.
 pub fn keys(record: &Record) -> (Option<String>, Option<String>, Option<String>) {
-    let v = serde_json::to_value(&record.event).unwrap_or_default();
-    let s = |k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_string);
-    (
-        s("queue_id"),
-        s("message_id").or_else(|| s("original_message_id")),
-        s("rcpt").or_else(|| s("to")),
-    )
+    use godwit_events::Event::*;
+    // Recipients are indexed lowercased: a trace by recipient is case-insensitive.
+    let own = |q: &str, m: &Option<String>, r: Option<&str>| {
+        (Some(q.to_string()), m.clone(), r.map(str::to_lowercase))
+    };
+    // The hot path (every message) without a JSON round trip.
+    match &record.event {
+        ConnectionOpened { .. } | ConnectionClosed { .. } | ConnectionTls { .. } => {
+            (None, None, None)
+        }
+        MessageAccepted {
+            queue_id,
+            message_id,
+            ..
+        } => own(queue_id, message_id, None),
+        Routed {
+            queue_id,
+            message_id,
+            rcpt,
+            ..
+        }
+        | Delivered {
+            queue_id,
+            message_id,
+            rcpt,
+            ..
+        }
+        | Deferred {
+            queue_id,
+            message_id,
+            rcpt,
+            ..
+        }
+        | Failed {
+            queue_id,
+            message_id,
+            rcpt,
+            ..
+        }
+        | Held {
+            queue_id,
+            message_id,
+            rcpt,
+            ..
+        }
+        | Released {
+            queue_id,
+            message_id,
+            rcpt,
+            ..
+        } => own(queue_id, message_id, Some(rcpt)),
+        Attempt {
+            queue_id,
+            message_id,
+            ..
+        } => own(queue_id, message_id, None),
+        other => {
+            let v = serde_json::to_value(other).unwrap_or_default();
+            let s = |k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_string);
+            (
+                s("queue_id"),
+                s("message_id").or_else(|| s("original_message_id")),
+                s("rcpt").or_else(|| s("to")).map(|r| r.to_lowercase()),
+            )
+        }
+    }
 }
 
 /// Writes events into the store in batches (one transaction per batch).
@@ -33,11 +92,16 @@ pub async fn run_indexer(store: Store, mut rx: UnboundedReceiver<Arc<Record>>) {
                 break;
             }
         }
+        // Events without a queue ID, Message-ID or recipient (connections)
+        // cannot be found by a trace: they stay in the JSON-lines log only.
         let rows: Vec<_> = batch
             .iter()
-            .map(|r| {
+            .filter_map(|r| {
                 let (q, m, rc) = keys(r);
-                (
+                if q.is_none() && m.is_none() && rc.is_none() {
+                    return None;
+                }
+                Some((
                     ts_ms(r),
                     r.node.clone(),
                     r.event.name().to_string(),
@@ -45,9 +109,12 @@ pub async fn run_indexer(store: Store, mut rx: UnboundedReceiver<Arc<Record>>) {
                     m,
                     rc,
                     serde_json::to_string(&**r).unwrap_or_default(),
-                )
+                ))
             })
             .collect();
+        if rows.is_empty() {
+            continue;
+        }
         let result = store
             .write_tx(move |tx| {
                 let rows = rows.clone();
