@@ -92,15 +92,15 @@ pub async fn run_indexer(store: Store, mut rx: UnboundedReceiver<Arc<Record>>) {
                 break;
             }
         }
-        // Events without a queue ID, Message-ID or recipient (connections)
-        // cannot be found by a trace: they stay in the JSON-lines log only.
+        // Connection events cannot be found by a trace and reports do not
+        // count them: they stay in the JSON-lines log only.
         let rows: Vec<_> = batch
             .iter()
             .filter_map(|r| {
-                let (q, m, rc) = keys(r);
-                if q.is_none() && m.is_none() && rc.is_none() {
+                if r.event.name().starts_with("connection.") {
                     return None;
                 }
+                let (q, m, rc) = keys(r);
                 Some((
                     ts_ms(r),
                     r.node.clone(),
