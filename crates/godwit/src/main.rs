@@ -240,6 +240,19 @@ async fn run(cli: Cli) -> Result<i32> {
     }
     let config = Config::load(&cli.config)
         .with_context(|| "run with --config FILE (see examples/godwit.toml)")?;
+    if !matches!(
+        cli.command,
+        Command::Serve | Command::Sync(_) | Command::Verify(_)
+    ) {
+        // Other commands print for people (and JSON for scripts): logs only on
+        // errors, or as RUST_LOG asks (e.g. RUST_LOG=godwit_route=debug for timings).
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| "error".into());
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init();
+    }
     match cli.command {
         Command::Serve => serve(config).await,
         Command::Route { command } => route(config, command).await,
