@@ -111,8 +111,7 @@ impl Admin {
         let version = self.routes.version();
         self.metrics.with(|| {
             metrics::gauge!("godwit_queue_messages").set(q.messages as f64);
-            for (p, states) in &self.relay.destinations() {
-                let _ = states;
+            for p in dests.keys() {
                 for s in ["pending", "deferred", "held"] {
                     let n = q.recipients.get(p).and_then(|m| m.get(s)).copied().unwrap_or(0);
                     metrics::gauge!("godwit_queue_recipients", "platform" => p.clone(), "state" => s).set(n as f64);

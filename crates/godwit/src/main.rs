@@ -116,7 +116,7 @@ enum Command {
 
 #[derive(Subcommand)]
 enum RouteCommand {
-    /// Route ADDRESS to PLATFORM (a configured platform, or `hold`).
+    /// Route ADDRESS to PLATFORM (a configured platform, `both` or `hold`).
     Set {
         address: String,
         platform: String,
@@ -904,7 +904,8 @@ async fn queue(config: Config, command: QueueCommand) -> Result<i32> {
             return queue_op(&config, godwit_relay::QueueOp::Requeue, &t).await;
         }
         QueueCommand::Delete { target, yes } => {
-            let sel = selector(&target)?;
+            // A bad selector is refused before anyone is asked to confirm.
+            selector(&target)?;
             if !yes {
                 use std::io::{BufRead, IsTerminal, Write};
                 if !std::io::stdin().is_terminal() {
@@ -921,7 +922,6 @@ async fn queue(config: Config, command: QueueCommand) -> Result<i32> {
                     return Ok(1);
                 }
             }
-            let _ = sel;
             return queue_op(&config, godwit_relay::QueueOp::Delete, &target).await;
         }
     }

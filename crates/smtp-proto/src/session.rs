@@ -284,7 +284,7 @@ impl Session {
         match request {
             Ok(req) => self.request(req, policy),
             Err(e) => {
-                let r = parse_error_reply(&e, line);
+                let r = parse_error_reply(&e);
                 self.error("command", r);
             }
         }
@@ -529,7 +529,7 @@ impl Session {
     }
 }
 
-fn parse_error_reply(e: &ParseError, line: &[u8]) -> Reply {
+fn parse_error_reply(e: &ParseError) -> Reply {
     match e {
         ParseError::UnknownCommand => Reply::new(500, (5, 5, 2), "Error: command not recognized"),
         ParseError::InvalidSenderAddress => {
@@ -552,10 +552,7 @@ fn parse_error_reply(e: &ParseError, line: &[u8]) -> Reply {
                 param.chars().take(40).collect::<String>()
             ),
         ),
-        _ => {
-            let _ = line;
-            Reply::new(500, (5, 5, 2), "Error: syntax error")
-        }
+        _ => Reply::new(500, (5, 5, 2), "Error: syntax error"),
     }
 }
 
