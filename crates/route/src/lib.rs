@@ -10,7 +10,7 @@ pub mod history;
 pub mod model;
 
 use godwit_config::{Config, UnknownRecipient};
-use godwit_store::{Row, Store, StoreError};
+use godwit_store::{Row, Store, StoreError, bulk};
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -298,15 +298,17 @@ impl SharedRoutes {
 /// Loads the whole map from the store.
 pub async fn load(store: &Store, config: &Config) -> Result<RoutingMap, StoreError> {
     let mut map = RoutingMap::new(config);
-    let rows = sqlx_query("SELECT address, route, version, basis FROM route_entries")
-        .fetch_all(&store.pool)
-        .await?;
+    let mut conn = store.pool.acquire().await?;
+    let rows: Vec<(String, String, i64, Option<String>)> = bulk::select_rows(
+        &mut conn,
+        store.backend,
+        &["address", "route", "version", "basis"],
+        "route_entries",
+        &[],
+    )
+    .await?;
     map.entries.reserve(rows.len());
-    for r in rows {
-        let address: String = r.try_get(0)?;
-        let route: String = r.try_get(1)?;
-        let version: i64 = r.try_get(2)?;
-        let basis: Option<String> = r.try_get(3)?;
+    for (address, route, version, basis) in rows {
         map.set(
             &address,
             Some((&route, Basis::parse(basis.as_deref()))),
@@ -357,22 +359,9 @@ pub async fn map_at(
     version: i64,
 ) -> Result<RoutingMap, StoreError> {
     let mut map = RoutingMap::new(config);
-    let rows = sqlx_query(
-        "SELECT version, address, before_route, after_route, basis FROM route_changes WHERE version <= $1 ORDER BY version, address",
-    )
-    .bind(version)
-    .fetch_all(&store.pool)
-    .await?;
-    for r in rows {
-        map.apply(&Change {
-            version: r.try_get(0)?,
-            address: r.try_get(1)?,
-            before: r.try_get(2)?,
-            after: r.try_get(3)?,
-            basis: r
-                .try_get::<Option<String>, _>(4)?
-                .map(|b| Basis::parse(Some(&b))),
-        });
+    let mut conn = store.pool.acquire().await?;
+    for c in changes_where(&mut conn, store.backend, "version <= $1", version).await? {
+        map.apply(&c);
     }
     map.version = version;
     Ok(map)
@@ -397,25 +386,39 @@ pub async fn current_version(store: &Store) -> Result<i64, StoreError> {
 }
 
 pub async fn changes_since(store: &Store, version: i64) -> Result<Vec<Change>, StoreError> {
-    let rows = sqlx_query(
-        "SELECT version, address, before_route, after_route, basis FROM route_changes WHERE version > $1 ORDER BY version, address",
+    let mut conn = store.pool.acquire().await?;
+    changes_where(&mut conn, store.backend, "version > $1", version).await
+}
+
+/// Route changes matching `filter` (with `$1` bound to `version`), in the
+/// order they were made: by version, then address.
+async fn changes_where(
+    conn: &mut godwit_store::sqlx::AnyConnection,
+    backend: godwit_store::Backend,
+    filter: &str,
+    version: i64,
+) -> Result<Vec<Change>, StoreError> {
+    type Row = (i64, String, Option<String>, Option<String>, Option<String>);
+    let rows: Vec<Row> = bulk::select_rows(
+        conn,
+        backend,
+        &["version", "address", "before_route", "after_route", "basis"],
+        &format!("route_changes WHERE {filter}"),
+        &[bulk::Arg::Int(version)],
     )
-    .bind(version)
-    .fetch_all(&store.pool)
     .await?;
-    rows.into_iter()
-        .map(|r| {
-            Ok(Change {
-                version: r.try_get(0)?,
-                address: r.try_get(1)?,
-                before: r.try_get(2)?,
-                after: r.try_get(3)?,
-                basis: r
-                    .try_get::<Option<String>, _>(4)?
-                    .map(|b| Basis::parse(Some(&b))),
-            })
+    let mut changes: Vec<Change> = rows
+        .into_iter()
+        .map(|(version, address, before, after, basis)| Change {
+            version,
+            address,
+            before,
+            after,
+            basis: basis.map(|b| Basis::parse(Some(&b))),
         })
-        .collect()
+        .collect();
+    changes.sort_unstable_by(|a, b| (a.version, &a.address).cmp(&(b.version, &b.address)));
+    Ok(changes)
 }
 
 /// Keeps `shared` current: polls the store's version every `interval` and

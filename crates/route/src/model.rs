@@ -252,13 +252,13 @@ impl Sources {
     }
 
     /// Every address these sources can give an entry to.
-    pub fn addresses(&self) -> std::collections::HashSet<&str> {
+    /// (An address may come more than once.)
+    pub fn addresses(&self) -> impl Iterator<Item = &str> {
         self.objects
             .keys()
             .chain(self.aliases.keys())
             .chain(self.overrides.keys())
             .map(|s| s.as_str())
-            .collect()
     }
 
     /// The aliases pointing at `mailbox`, sorted.

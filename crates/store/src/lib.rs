@@ -3,6 +3,8 @@
 //! and PostgreSQL (a fleet of gateways and sync workers) through sqlx's `Any`
 //! driver. Engine-specific SQL stays behind `Backend`.
 
+pub mod bulk;
+
 use sqlx::any::{AnyPoolOptions, install_default_drivers};
 use std::time::Duration;
 
