@@ -13,14 +13,25 @@ use std::path::PathBuf;
 
 #[derive(Subcommand)]
 pub enum DirectoryCommand {
-    /// Compare a CSV export with the directory; with --apply, replace it.
+    /// Compare a CSV or LDIF export with the directory; with --apply, replace it.
     ///
-    /// Header: address,display_name,kind,aliases,members,platform (any order;
-    /// display_name, aliases and members optional). kind: user, shared,
-    /// resource or group. aliases and members are `;`-separated. platform:
-    /// the platform that owns the object today.
+    /// CSV header: address,display_name,kind,aliases,members,platform (any
+    /// order; display_name, aliases and members optional). kind: user,
+    /// shared, resource or group. aliases and members are `;`-separated.
+    /// platform: the platform that owns the object today.
+    ///
+    /// LDIF (ldapsearch -LLL, slapcat, ldifde): mail, displayName/cn,
+    /// objectClass (groups), mailAlternateAddress/mailLocalAddress/
+    /// proxyAddresses (aliases), member/uniqueMember/rfc822MailMember, and
+    /// godwitPlatform or --platform.
     Import {
         file: PathBuf,
+        /// csv or ldif (default: ldif for a .ldif or .ldi file, else csv).
+        #[arg(long)]
+        format: Option<String>,
+        /// LDIF: the platform owning entries without godwitPlatform.
+        #[arg(long)]
+        platform: Option<String>,
         /// Apply the difference (default: only show it).
         #[arg(long)]
         apply: bool,
@@ -143,7 +154,13 @@ fn print_outcome(o: &Outcome, verb: &str) {
 pub async fn directory(config: Config, command: DirectoryCommand) -> Result<i32> {
     let store = Store::open(&config.store_url()).await?;
     match command {
-        DirectoryCommand::Import { file, apply, actor } => {
+        DirectoryCommand::Import {
+            file,
+            format,
+            platform,
+            apply,
+            actor,
+        } => {
             let text = std::fs::read_to_string(&file)
                 .with_context(|| format!("cannot read {}", file.display()))?;
             let platforms: Vec<String> = config
@@ -157,7 +174,24 @@ pub async fn directory(config: Config, command: DirectoryCommand) -> Result<i32>
                 accepted_domain: &accepted,
                 platforms: &platforms,
             };
-            let rows = match godwit_route::directory::parse(&text, &rules) {
+            let ext = file.extension().and_then(|e| e.to_str()).unwrap_or("");
+            let ldif = match format.as_deref() {
+                Some("ldif") => true,
+                Some("csv") => false,
+                Some(f) => bail!("--format {f}: expected csv or ldif"),
+                None => ext.eq_ignore_ascii_case("ldif") || ext.eq_ignore_ascii_case("ldi"),
+            };
+            if platform.is_some() && !ldif {
+                bail!(
+                    "--platform is for LDIF; a CSV file names the platform in its platform column"
+                );
+            }
+            let parsed = if ldif {
+                godwit_route::ldif::parse(&text, &rules, platform.as_deref())
+            } else {
+                godwit_route::directory::parse(&text, &rules)
+            };
+            let rows = match parsed {
                 Ok(rows) => rows,
                 Err(errors) => {
                     let list: Vec<String> = errors

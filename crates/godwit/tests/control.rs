@@ -321,3 +321,74 @@ fn unknown_recipients_are_refused_at_rcpt_once_a_directory_exists() {
     let (_, out) = gw.cli(&["route", "explain", "nobody@example.com"]);
     assert!(out.contains("550 5.1.1"), "{out}");
 }
+
+/// An LDIF export (as slapcat or ldifde writes it) drives routing like the
+/// CSV: aliases from proxyAddresses route with their mailbox, a group's
+/// members come from member DNs, and a bad entry names its line.
+#[test]
+fn an_ldif_export_imports_and_routes() {
+    let (po, pn) = (free_port(), free_port());
+    let old = Sink::start(po, &[]);
+    let new = Sink::start(pn, &[]);
+    let gw = Gateway::start(po, pn, "", "[directory]\nunknown_recipient = \"reject\"\n");
+    let ldif = "version: 1\n\
+dn: dc=example,dc=com\n\
+objectClass: domain\n\
+\n\
+dn: uid=alice,ou=people,dc=example,dc=com\n\
+objectClass: inetOrgPerson\n\
+cn: Alice\n\
+mail: alice@example.com\n\
+proxyAddresses: SMTP:alice@example.com\n\
+proxyAddresses: smtp:al@example.org\n\
+\n\
+dn: uid=bob,ou=people,dc=example,dc=com\n\
+objectClass: inetOrgPerson\n\
+cn:: Qm9iIETDvHJy\n\
+mail: bob@example.com\n\
+godwitPlatform: new\n\
+\n\
+dn: cn=sales,ou=groups,dc=example,dc=com\n\
+objectClass: groupOfNames\n\
+mail: sales@example.com\n\
+member: uid=alice,ou=people,dc=example,dc=com\n\
+member: uid=bob,ou=people,dc=example,dc=com\n";
+    let file = write(&gw, "export.ldif", ldif);
+    // Without --platform, alice and sales have no owner: refused by line.
+    let (ok, out) = gw.cli(&["directory", "import", &file, "--apply"]);
+    assert!(
+        !ok && out.contains("line 5: alice@example.com has no godwitPlatform")
+            && out.contains("nothing was applied"),
+        "{out}"
+    );
+    control(
+        &gw,
+        &["directory", "import", &file, "--platform", "old", "--apply"],
+    );
+    let (_, out) = gw.cli(&["route", "explain", "al@example.org"]);
+    assert!(out.contains("alice@example.com"), "{out}");
+    let (_, out) = gw.cli(&["route", "explain", "bob@example.com"]);
+    assert!(out.contains("\"Bob Dürr\", owned today by new"), "{out}");
+    let mut c = gw.client();
+    c.greet();
+    let to = ["al@example.org", "bob@example.com", "sales@example.com"];
+    let r = c.mail("s@sender.test", &to, &message("ldif1@test", "from ldif"));
+    assert!(r.starts_with("250"), "{r}");
+    wait_for("delivery by the LDIF routes", T, || {
+        (rcpts_of(&old, "ldif1@test").len() == 2 && rcpts_of(&new, "ldif1@test").len() == 1)
+            .then_some(())
+    });
+    assert_eq!(
+        rcpts_of(&old, "ldif1@test"),
+        ["al@example.org", "sales@example.com"]
+    );
+    assert_eq!(rcpts_of(&new, "ldif1@test"), ["bob@example.com"]);
+    assert!(c.cmd("MAIL FROM:<s@sender.test>").starts_with("250"));
+    let r = c.cmd("RCPT TO:<carol@example.com>");
+    assert!(r.starts_with("550 5.1.1"), "{r}");
+    // A group member that is not in the export names its line.
+    let bad = format!("{ldif}member: uid=zed,ou=people,dc=example,dc=com\n");
+    let file = write(&gw, "bad.ldif", &bad);
+    let (ok, out) = gw.cli(&["directory", "import", &file, "--platform", "old"]);
+    assert!(!ok && out.contains("line 23: member `uid=zed"), "{out}");
+}

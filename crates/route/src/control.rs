@@ -1312,6 +1312,7 @@ pub async fn wave_rollback(ctx: &Ctx<'_>, name: &str) -> Result<Outcome, Control
 /// version, so the rollback can itself be rolled back. Waves keep their
 /// definitions; the routing they caused is restored like anything else.
 pub async fn rollback_to(ctx: &Ctx<'_>, to: i64) -> Result<Outcome, ControlError> {
+    let be = ctx.store.backend;
     let current: Option<i64> = sqlx::query_scalar("SELECT MAX(version) FROM routing_versions")
         .fetch_one(&ctx.store.pool)
         .await
@@ -1324,20 +1325,34 @@ pub async fn rollback_to(ctx: &Ctx<'_>, to: i64) -> Result<Outcome, ControlError
     }
     ctx.run_tx(Scope::All, true, false, move |tx, src, version| {
         Box::pin(async move {
-            let rows = sqlx::query(
-                "SELECT subject, item, before_value FROM control_changes \
-                 WHERE version > $1 AND subject IN ('mailbox', 'state', 'alias', 'member', 'override') \
-                 ORDER BY version",
+            type Before = (i64, String, String, Option<String>);
+            let mut rows: Vec<Before> = select_rows(
+                tx,
+                be,
+                &["version", "subject", "item", "before_value"],
+                "control_changes WHERE version > $1 \
+                 AND subject IN ('mailbox', 'state', 'alias', 'member', 'override')",
+                &[Arg::Int(to)],
             )
-            .bind(to)
-            .fetch_all(&mut *tx)
             .await?;
+            // Versions written before the control plane existed (migration
+            // 0200) have no control_changes; every route then was an
+            // override, so their route_changes are override changes.
+            let legacy: Vec<(i64, String, Option<String>)> = select_rows(
+                tx,
+                be,
+                &["version", "address", "before_route"],
+                "route_changes WHERE version > $1 AND basis IS NULL \
+                 AND version NOT IN (SELECT version FROM control_changes)",
+                &[Arg::Int(to)],
+            )
+            .await?;
+            rows.extend(legacy.into_iter().map(|(v, a, b)| (v, "override".to_string(), a, b)));
+            rows.sort_by_key(|r| r.0);
             // The value at `to` is the `before` of the first change after it.
             let mut at: BTreeMap<(String, String), Option<String>> = BTreeMap::new();
-            for r in rows {
-                let key: (String, String) = (r.try_get(0)?, r.try_get(1)?);
-                let before: Option<String> = r.try_get(2)?;
-                at.entry(key).or_insert(before);
+            for (_, subject, item, before) in rows {
+                at.entry((subject, item)).or_insert(before);
             }
             // Objects first (a restored object needs to exist before its state).
             for ((subject, item), value) in &at {
@@ -1474,6 +1489,69 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (s, _) = store(&dir).await;
         rollback_scenario(&s).await;
+    }
+
+    /// A store that routed before the control plane existed: its versions
+    /// have route_changes without a basis and no control_changes, and
+    /// migration 0200 copied its entries into route_overrides. Rolling back
+    /// to one of those versions restores its overrides.
+    #[tokio::test]
+    async fn rollback_reaches_versions_from_before_the_control_plane() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, _) = store(&dir).await;
+        let cfg = config();
+        // v1: a → new. v2: a → hold, b → old.
+        for (v, a, before, after) in [
+            (1, "a@example.com", None, "new"),
+            (2, "a@example.com", Some("new"), "hold"),
+            (2, "b@example.com", None, "old"),
+        ] {
+            sqlx::query("INSERT INTO routing_versions (version, at_ms, actor, command) VALUES ($1, 0, 'old', 'route set') ON CONFLICT DO NOTHING")
+                .bind(v as i64)
+                .execute(&s.pool)
+                .await
+                .unwrap();
+            sqlx::query("INSERT INTO route_changes (version, address, before_route, after_route) VALUES ($1, $2, $3, $4)")
+                .bind(v as i64)
+                .bind(a)
+                .bind(before)
+                .bind(after)
+                .execute(&s.pool)
+                .await
+                .unwrap();
+        }
+        for (a, r) in [("a@example.com", "hold"), ("b@example.com", "old")] {
+            for table in ["route_entries", "route_overrides"] {
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "INSERT INTO {table} (address, route, version) VALUES ($1, $2, 2)"
+                )))
+                .bind(a)
+                .bind(r)
+                .execute(&s.pool)
+                .await
+                .unwrap();
+            }
+        }
+        let at_1 = map_at(&s, &cfg, 1).await.unwrap().snapshot();
+        assert_eq!(at_1, vec![("a@example.com".to_string(), "new".to_string())]);
+        // A change made with the control plane, then back to version 1.
+        commit(
+            &s,
+            &cfg,
+            "test",
+            "set",
+            vec![("c@example.com".into(), Some("new".into()))],
+        )
+        .await
+        .unwrap();
+        rollback_to(&ctx(&s, &cfg, "rollback"), 1).await.unwrap();
+        assert_eq!(load(&s, &cfg).await.unwrap().snapshot(), at_1);
+        let e = crate::history::explain(&s, &cfg, "a@example.com")
+            .await
+            .unwrap();
+        assert_eq!(e.override_route.map(|(r, _)| r).as_deref(), Some("new"));
+        rollback_to(&ctx(&s, &cfg, "rollback"), 0).await.unwrap();
+        assert!(load(&s, &cfg).await.unwrap().snapshot().is_empty());
     }
 
     #[tokio::test]

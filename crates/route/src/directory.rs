@@ -208,22 +208,59 @@ pub fn parse(text: &str, rules: &Rules) -> Result<Vec<DirectoryRow>, Vec<LineErr
             .map(|s| s.trim().to_string())
             .unwrap_or_default()
     };
+    let mut raws = Vec::new();
+    for (line, fields) in rows {
+        if fields.len() != header.len() {
+            errors.push(LineError {
+                line: *line,
+                message: format!(
+                    "{} fields, but the header has {}",
+                    fields.len(),
+                    header.len()
+                ),
+            });
+            continue;
+        }
+        raws.push(Raw {
+            line: *line,
+            address: get(fields, "address"),
+            display_name: get(fields, "display_name"),
+            kind: get(fields, "kind"),
+            aliases: list(&get(fields, "aliases")),
+            members: list(&get(fields, "members")),
+            platform: get(fields, "platform"),
+        });
+    }
+    check(raws, rules, errors)
+}
 
+/// One object as a reader (CSV or LDIF) found it, before any check.
+#[derive(Debug, Default)]
+pub(crate) struct Raw {
+    pub line: usize,
+    pub address: String,
+    pub display_name: String,
+    pub kind: String,
+    pub aliases: Vec<String>,
+    pub members: Vec<String>,
+    pub platform: String,
+}
+
+/// The checks every reader shares: addresses, domains, kinds, platforms,
+/// duplicates and collisions. `errors` may hold the reader's own problems;
+/// any problem refuses the whole file.
+pub(crate) fn check(
+    raws: Vec<Raw>,
+    rules: &Rules,
+    mut errors: Vec<LineError>,
+) -> Result<Vec<DirectoryRow>, Vec<LineError>> {
     let mut out = Vec::new();
     // address → (line, what) for every mailbox and alias seen so far.
     let mut seen: HashMap<String, (usize, &'static str)> = HashMap::new();
-    for (line, fields) in rows {
-        let line = *line;
+    for raw in raws {
+        let line = raw.line;
         let mut err = |m: String| errors.push(LineError { line, message: m });
-        if fields.len() != header.len() {
-            err(format!(
-                "{} fields, but the header has {}",
-                fields.len(),
-                header.len()
-            ));
-            continue;
-        }
-        let address = normalize_address(&get(fields, "address"));
+        let address = normalize_address(&raw.address);
         let in_domain = |a: &str, err: &mut dyn FnMut(String)| -> bool {
             if let Err(m) = check_address(a) {
                 err(m);
@@ -239,14 +276,14 @@ pub fn parse(text: &str, rules: &Rules) -> Result<Vec<DirectoryRow>, Vec<LineErr
             true
         };
         let address_ok = in_domain(&address, &mut err);
-        let kind = match get(fields, "kind").parse::<Kind>() {
+        let kind = match raw.kind.parse::<Kind>() {
             Ok(k) => Some(k),
             Err(m) => {
                 err(m);
                 None
             }
         };
-        let platform = get(fields, "platform");
+        let platform = raw.platform;
         if !rules.platforms.contains(&platform) {
             err(format!(
                 "platform `{platform}` is not configured (configured: {})",
@@ -263,7 +300,7 @@ pub fn parse(text: &str, rules: &Rules) -> Result<Vec<DirectoryRow>, Vec<LineErr
                 }
             }
         }
-        let aliases = list(&get(fields, "aliases"));
+        let aliases = raw.aliases;
         for a in &aliases {
             if !in_domain(a, &mut err) {
                 continue;
@@ -277,7 +314,7 @@ pub fn parse(text: &str, rules: &Rules) -> Result<Vec<DirectoryRow>, Vec<LineErr
                 }
             }
         }
-        let members = list(&get(fields, "members"));
+        let members = raw.members;
         if !members.is_empty() && kind.is_some_and(|k| k != Kind::Group) {
             err(format!(
                 "only a group has members; `{address}` is a {}",
@@ -294,7 +331,7 @@ pub fn parse(text: &str, rules: &Rules) -> Result<Vec<DirectoryRow>, Vec<LineErr
             out.push(DirectoryRow {
                 line,
                 address,
-                display_name: get(fields, "display_name"),
+                display_name: raw.display_name,
                 kind,
                 aliases,
                 members,

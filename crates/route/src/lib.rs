@@ -7,6 +7,7 @@
 pub mod control;
 pub mod directory;
 pub mod history;
+pub mod ldif;
 pub mod model;
 
 use godwit_config::{Config, UnknownRecipient};
