@@ -325,6 +325,15 @@ pub struct DirectoryConfig {
     /// cutover then fails with an error naming this key if no platform is
     /// called `new`.
     pub target_platform: Option<String>,
+    /// Expand groups (distribution lists) in the gateway, as Postfix's
+    /// virtual_alias_maps does, so each member is routed where that member
+    /// is now. Default false: a group's own route decides which platform
+    /// expands it.
+    pub expand_groups: bool,
+    /// Most addresses one recipient may expand to (nested groups included),
+    /// as Postfix's virtual_alias_expansion_limit. A larger group is not
+    /// expanded: it goes to its own route, whose platform expands it.
+    pub expansion_limit: usize,
 }
 
 impl Default for DirectoryConfig {
@@ -332,6 +341,8 @@ impl Default for DirectoryConfig {
         DirectoryConfig {
             unknown_recipient: UnknownRecipient::Default,
             target_platform: None,
+            expand_groups: false,
+            expansion_limit: 1000,
         }
     }
 }
@@ -424,6 +435,12 @@ impl Config {
             return Err(invalid(
                 "smtp.max_recipients",
                 "must be at least 100 (RFC 5321 4.5.3.1.8)",
+            ));
+        }
+        if self.directory.expansion_limit == 0 {
+            return Err(invalid(
+                "directory.expansion_limit",
+                "must be at least 1 (a group over the limit is left to its platform)",
             ));
         }
         if self.smtp.max_command_line < 512 {

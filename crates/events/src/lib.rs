@@ -55,6 +55,19 @@ pub enum Event {
         rcpts: Vec<String>,
         size: u64,
     },
+    /// A recipient that is a group, expanded before the message was queued
+    /// (`directory.expand_groups`). With `over_limit` it was not expanded
+    /// and goes to its own route, whose platform expands it.
+    #[serde(rename = "recipient.expanded")]
+    RecipientExpanded {
+        queue_id: String,
+        rcpt: String,
+        members: Vec<String>,
+        /// Nested groups expanded on the way.
+        groups: Vec<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        over_limit: Option<usize>,
+    },
     /// A command or message refused: `stage` is command, mail, rcpt or data.
     #[serde(rename = "message.refused")]
     MessageRefused {
@@ -193,6 +206,7 @@ impl Event {
             Event::ConnectionClosed { .. } => "connection.closed",
             Event::ConnectionTls { .. } => "connection.tls",
             Event::MessageAccepted { .. } => "message.accepted",
+            Event::RecipientExpanded { .. } => "recipient.expanded",
             Event::MessageRefused { .. } => "message.refused",
             Event::QueueRecovered { .. } => "queue.recovered",
             Event::QueueCorrupt { .. } => "queue.corrupt",

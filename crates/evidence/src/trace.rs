@@ -201,6 +201,27 @@ pub fn render(t: &Trace) -> String {
                 if *tls { "TLS" } else { "no TLS" },
                 rcpts.join(", ")
             ),
+            Event::RecipientExpanded {
+                rcpt,
+                members,
+                groups,
+                over_limit,
+                ..
+            } => match over_limit {
+                Some(limit) => format!(
+                    "group {rcpt} not expanded: over directory.expansion_limit ({limit}); its platform expands it"
+                ),
+                None => format!(
+                    "expanded group {rcpt}{} to {} member(s): {}",
+                    if groups.len() > 1 {
+                        format!(" (nested: {})", groups[1..].join(", "))
+                    } else {
+                        String::new()
+                    },
+                    members.len(),
+                    members.join(", ")
+                ),
+            },
             Event::Routed {
                 rcpt,
                 route,

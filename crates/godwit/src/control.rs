@@ -489,10 +489,18 @@ pub async fn route_explain(config: &Config, store: &Store, address: &str) -> Res
                 );
             }
             if o.kind == godwit_route::Kind::Group {
-                println!(
-                    "  group:     {} member(s), expanded by the platform it routes to (godwit does not expand groups)",
-                    e.members.len()
-                );
+                if config.directory.expand_groups {
+                    println!(
+                        "  group:     {} member(s), expanded by godwit at acceptance (directory.expand_groups, limit {}); each member routes on its own",
+                        e.members.len(),
+                        config.directory.expansion_limit
+                    );
+                } else {
+                    println!(
+                        "  group:     {} member(s), expanded by the platform it routes to (directory.expand_groups = false)",
+                        e.members.len()
+                    );
+                }
             }
         }
         None => println!("  directory: not in the directory"),

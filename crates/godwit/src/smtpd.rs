@@ -5,9 +5,10 @@
 use godwit_config::{BareNewline, Config};
 use godwit_events::{Event, EventLog};
 use godwit_relay::Relay;
-use godwit_smtp_proto::{Limits, NewlinePolicy, Output, RcptPolicy, Reply, Session};
+use godwit_route::{Expansion, SharedRoutes, normalize_address};
+use godwit_smtp_proto::{Envelope, Limits, NewlinePolicy, Output, RcptPolicy, Reply, Session};
 use godwit_spool::{Header, Spool, now_ms};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -364,6 +365,7 @@ impl Smtpd {
         let queue_id = self.spool.new_queue_id();
         let message_id = message_id_of(&message);
         let received = received_header(&self.config.hostname, &envelope, &queue_id);
+        let (envelope, expansions) = expand_groups(self.relay.routes(), envelope);
         let mut full = Vec::with_capacity(received.len() + message.len());
         full.extend_from_slice(received.as_bytes());
         full.extend_from_slice(&message);
@@ -390,6 +392,20 @@ impl Smtpd {
                     rcpts: envelope.rcpts.iter().map(|(a, _)| a.clone()).collect(),
                     size,
                 });
+                for (rcpt, e) in expansions {
+                    let (members, groups, over_limit) = match e {
+                        Expansion::Members { members, groups } => (members, groups, None),
+                        Expansion::OverLimit { limit } => (Vec::new(), Vec::new(), Some(limit)),
+                        Expansion::Itself => continue,
+                    };
+                    self.events.emit(Event::RecipientExpanded {
+                        queue_id: queue_id.clone(),
+                        rcpt,
+                        members,
+                        groups,
+                        over_limit,
+                    });
+                }
                 self.relay.enqueue(spooled);
                 session.queued(&queue_id)
             }
@@ -417,6 +433,48 @@ impl Smtpd {
             }
         }
     }
+}
+
+/// `directory.expand_groups`: replaces each group recipient by its members
+/// before the message is queued, as Postfix's cleanup does with
+/// virtual_alias_maps, so each member is routed where it is now. Members keep
+/// the group's NOTIFY and carry ORCPT=rfc822;GROUP (RFC 3461 4.2) unless the
+/// client gave one, so a DSN names the address the sender used. A member
+/// already among the recipients is not added twice. A group that expands to
+/// nothing stays as addressed: mail is never dropped by expansion.
+fn expand_groups(routes: &SharedRoutes, mut env: Envelope) -> (Envelope, Vec<(String, Expansion)>) {
+    if !routes.expands_groups() {
+        return (env, Vec::new());
+    }
+    let mut seen: HashSet<String> = env
+        .rcpts
+        .iter()
+        .map(|(a, _)| normalize_address(a))
+        .collect();
+    let mut rcpts = Vec::with_capacity(env.rcpts.len());
+    let mut notes = Vec::new();
+    for (rcpt, params) in std::mem::take(&mut env.rcpts) {
+        match routes.expand(&rcpt) {
+            Expansion::Members { members, groups } if !members.is_empty() => {
+                for m in &members {
+                    if seen.insert(m.clone()) {
+                        let mut p = params.clone();
+                        p.orcpt.get_or_insert_with(|| format!("rfc822;{rcpt}"));
+                        rcpts.push((m.clone(), p));
+                    }
+                }
+                notes.push((rcpt, Expansion::Members { members, groups }));
+            }
+            e => {
+                if matches!(e, Expansion::OverLimit { .. }) {
+                    notes.push((rcpt.clone(), e));
+                }
+                rcpts.push((rcpt, params));
+            }
+        }
+    }
+    env.rcpts = rcpts;
+    (env, notes)
 }
 
 enum End {

@@ -392,3 +392,86 @@ member: uid=bob,ou=people,dc=example,dc=com\n";
     let (ok, out) = gw.cli(&["directory", "import", &file, "--platform", "old"]);
     assert!(!ok && out.contains("line 23: member `uid=zed"), "{out}");
 }
+
+/// `directory.expand_groups = true`: godwit expands a group before queueing
+/// (nested groups too), each member goes where that member is now, members
+/// carry ORCPT=rfc822;GROUP, a member who is also addressed directly gets
+/// one copy, and a membership change reaches the running gateway.
+#[test]
+fn groups_expand_in_the_gateway_when_told_to() {
+    let (po, pn) = (free_port(), free_port());
+    let old = Sink::start(po, &[]);
+    let new = Sink::start(pn, &[]);
+    let gw = Gateway::start(po, pn, "", "[directory]\nexpand_groups = true\n");
+    let directory = "address,display_name,kind,aliases,members,platform
+alice@example.com,Alice,user,,,old
+bob@example.com,Bob,user,,,old
+carol@example.com,Carol,user,,,old
+team@example.com,Team,group,,bob@example.com,old
+sales@example.com,Sales,group,,alice@example.com;carol@example.com;team@example.com;partner@elsewhere.test,old
+";
+    let file = write(&gw, "directory.csv", directory);
+    control(&gw, &["directory", "import", &file, "--apply"]);
+    control(&gw, &["directory", "state", "ready", "alice@example.com"]);
+    let (ok, out) = gw.cli(&["wave", "create", "w", "--members", "alice@example.com"]);
+    assert!(ok, "{out}");
+    control(&gw, &["wave", "cutover", "w"]);
+    let (_, out) = gw.cli(&["route", "explain", "sales@example.com"]);
+    assert!(out.contains("expanded by godwit at acceptance"), "{out}");
+
+    let mut c = gw.client();
+    c.greet();
+    let to = ["sales@example.com", "carol@example.com"];
+    let r = c.mail("s@sender.test", &to, &message("grp1@test", "to the list"));
+    assert!(r.starts_with("250"), "{r}");
+    wait_for("each member delivered where it is", T, || {
+        (rcpts_of(&new, "grp1@test").len() == 1 && rcpts_of(&old, "grp1@test").len() == 3)
+            .then_some(())
+    });
+    assert_eq!(rcpts_of(&new, "grp1@test"), ["alice@example.com"]);
+    // carol once (addressed directly and as a member); the list itself never.
+    assert_eq!(
+        rcpts_of(&old, "grp1@test"),
+        [
+            "bob@example.com",
+            "carol@example.com",
+            "partner@elsewhere.test"
+        ]
+    );
+    let alice = new
+        .messages()
+        .into_iter()
+        .find(|m| m.contains("grp1@test"))
+        .unwrap();
+    assert!(alice.contains("ORCPT=rfc822;sales@example.com"), "{alice}");
+    let (ok, out) = gw.cli(&["trace", "grp1@test"]);
+    assert!(
+        ok && out
+            .contains("expanded group sales@example.com (nested: team@example.com) to 4 member(s)"),
+        "{out}"
+    );
+
+    // Carol leaves the list: the running gateway learns it with the version.
+    let file = write(
+        &gw,
+        "directory.csv",
+        &directory.replace("carol@example.com;team", "team"),
+    );
+    control(&gw, &["directory", "import", &file, "--apply"]);
+    let mut c = gw.client();
+    c.greet();
+    let r = c.mail(
+        "s@sender.test",
+        &["sales@example.com"],
+        &message("grp2@test", "again"),
+    );
+    assert!(r.starts_with("250"), "{r}");
+    wait_for("delivery after the membership change", T, || {
+        (rcpts_of(&new, "grp2@test").len() == 1 && rcpts_of(&old, "grp2@test").len() == 2)
+            .then_some(())
+    });
+    assert_eq!(
+        rcpts_of(&old, "grp2@test"),
+        ["bob@example.com", "partner@elsewhere.test"]
+    );
+}

@@ -88,6 +88,25 @@ pub struct RoutingMap {
     /// Entries that come from the directory: the unknown-recipient policy
     /// applies only while this is above zero.
     directory_entries: usize,
+    /// Group → members, held only with `directory.expand_groups`.
+    groups: Option<HashMap<Box<str>, Vec<Box<str>>>>,
+    expansion_limit: usize,
+}
+
+/// What expanding one recipient gave.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Expansion {
+    /// Not a group with members, or expansion is off: deliver as addressed.
+    Itself,
+    /// The addresses the groups (nested ones too) finally name, in order,
+    /// each once; and the groups expanded on the way.
+    Members {
+        members: Vec<String>,
+        groups: Vec<String>,
+    },
+    /// More than `directory.expansion_limit` addresses: the group goes to its
+    /// own route and that platform expands it.
+    OverLimit { limit: usize },
 }
 
 /// Addresses compare case-insensitively, as mail administrators expect.
@@ -113,6 +132,75 @@ impl RoutingMap {
                 .collect(),
             unknown: config.directory.unknown_recipient,
             directory_entries: 0,
+            groups: config.directory.expand_groups.then(HashMap::new),
+            expansion_limit: config.directory.expansion_limit,
+        }
+    }
+
+    /// Whether groups are expanded here (`directory.expand_groups`).
+    pub fn expands_groups(&self) -> bool {
+        self.groups.is_some()
+    }
+
+    /// Adds (`present`) or removes one group member.
+    pub fn set_member(&mut self, group: &str, member: &str, present: bool) {
+        let Some(groups) = &mut self.groups else {
+            return;
+        };
+        let list = groups.entry(group.into()).or_default();
+        let at = list.iter().position(|m| &**m == member);
+        match (present, at) {
+            (true, None) => list.push(member.into()),
+            (false, Some(i)) => {
+                list.remove(i);
+                if list.is_empty() {
+                    groups.remove(group);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Expands `rcpt` if it is a group, depth first through nested groups
+    /// (each visited once, so a loop ends), as Postfix's virtual alias
+    /// expansion does before the message is queued.
+    pub fn expand(&self, rcpt: &str) -> Expansion {
+        let Some(groups) = &self.groups else {
+            return Expansion::Itself;
+        };
+        let addr = normalize_address(rcpt);
+        if !groups.contains_key(addr.as_str()) {
+            return Expansion::Itself;
+        }
+        let mut members = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        let mut expanded = Vec::new();
+        let mut stack = vec![addr.as_str()];
+        seen.insert(addr.as_str());
+        while let Some(a) = stack.pop() {
+            match groups.get(a) {
+                Some(list) => {
+                    expanded.push(a.to_string());
+                    // Reversed, so members come out in their listed order.
+                    for m in list.iter().rev() {
+                        if seen.insert(m) {
+                            stack.push(m);
+                        }
+                    }
+                }
+                None => {
+                    members.push(a.to_string());
+                    if members.len() > self.expansion_limit {
+                        return Expansion::OverLimit {
+                            limit: self.expansion_limit,
+                        };
+                    }
+                }
+            }
+        }
+        Expansion::Members {
+            members,
+            groups: expanded,
         }
     }
 
@@ -276,6 +364,15 @@ impl SharedRoutes {
         self.0.read().unwrap().version
     }
 
+    /// See `RoutingMap::expand`.
+    pub fn expand(&self, rcpt: &str) -> Expansion {
+        self.0.read().unwrap().expand(rcpt)
+    }
+
+    pub fn expands_groups(&self) -> bool {
+        self.0.read().unwrap().expands_groups()
+    }
+
     /// Whether RCPT should refuse `rcpt` as unknown; see `RoutingMap::rejects_unknown`.
     pub fn rejects_unknown(&self, rcpt: &str) -> bool {
         self.0.read().unwrap().rejects_unknown(rcpt)
@@ -316,8 +413,48 @@ pub async fn load(store: &Store, config: &Config) -> Result<RoutingMap, StoreErr
             version,
         );
     }
+    if map.expands_groups() {
+        let members: Vec<(String, String)> = bulk::select_rows(
+            &mut conn,
+            store.backend,
+            &["group_address", "member"],
+            "directory_members",
+            &[],
+        )
+        .await?;
+        for (g, m) in members {
+            map.set_member(&g, &m, true);
+        }
+    }
     map.version = current_version(store).await?;
     Ok(map)
+}
+
+/// Group membership changes after version `after` up to `upto`: (group,
+/// member, present), in order. Membership is not routing, so it travels in
+/// control_changes (subject `member`, item `GROUP MEMBER`).
+pub async fn member_changes(
+    store: &Store,
+    after: i64,
+    upto: i64,
+) -> Result<Vec<(String, String, bool)>, StoreError> {
+    let mut conn = store.pool.acquire().await?;
+    let mut rows: Vec<(i64, String, Option<String>)> = bulk::select_rows(
+        &mut conn,
+        store.backend,
+        &["version", "item", "after_value"],
+        "control_changes WHERE subject = 'member' AND version > $1 AND version <= $2",
+        &[bulk::Arg::Int(after), bulk::Arg::Int(upto)],
+    )
+    .await?;
+    rows.sort_by_key(|r| r.0);
+    Ok(rows
+        .into_iter()
+        .filter_map(|(_, item, after)| {
+            let (g, m) = item.split_once(' ')?;
+            Some((g.to_string(), m.to_string(), after.is_some()))
+        })
+        .collect())
 }
 
 /// The map as a gateway would hold it, with only `address`'s entry loaded:
@@ -436,6 +573,21 @@ pub async fn watch(
         match current_version(&store).await {
             Ok(v) if v > have => match changes_since(&store, have).await {
                 Ok(changes) => {
+                    if shared.0.read().unwrap().expands_groups() {
+                        match member_changes(&store, have, v).await {
+                            Ok(m) => {
+                                let mut map = shared.0.write().unwrap();
+                                for (g, member, present) in m {
+                                    map.set_member(&g, &member, present);
+                                }
+                            }
+                            Err(e) => {
+                                // Retried from the same version next time.
+                                tracing::warn!("group membership reload failed: {e}");
+                                continue;
+                            }
+                        }
+                    }
                     shared.apply(&changes);
                     // Versions whose changes were all no-ops still count as seen.
                     shared.0.write().unwrap().version = v;
@@ -457,6 +609,63 @@ mod tests {
         let mut c = Config::parse("[domains]\naccepted=[\"example.com\"]\n[platforms.old]\nrelay=[\"127.0.0.1:1\"]\n[platforms.new]\nrelay=[\"127.0.0.1:2\"]\n[routing.domains]\n\"example.org\" = \"new\"").unwrap();
         c.data_dir = std::path::PathBuf::from("/nonexistent");
         c
+    }
+
+    #[test]
+    fn groups_expand_through_nesting_and_loops_within_the_limit() {
+        let mut c = config();
+        assert_eq!(
+            RoutingMap::new(&c).expand("all@example.com"),
+            Expansion::Itself
+        );
+        c.directory.expand_groups = true;
+        c.directory.expansion_limit = 4;
+        let mut m = RoutingMap::new(&c);
+        for (g, member) in [
+            ("all@example.com", "sales@example.com"),
+            ("all@example.com", "zed@example.com"),
+            ("sales@example.com", "alice@example.com"),
+            ("sales@example.com", "all@example.com"), // a loop
+            ("sales@example.com", "Partner@Elsewhere.test"),
+            ("sales@example.com", "zed@example.com"), // twice
+        ] {
+            m.set_member(g, &normalize_address(member), true);
+        }
+        assert_eq!(
+            m.expand("<ALL@example.com>"),
+            Expansion::Members {
+                members: vec![
+                    "alice@example.com".into(),
+                    "partner@elsewhere.test".into(),
+                    "zed@example.com".into()
+                ],
+                groups: vec!["all@example.com".into(), "sales@example.com".into()],
+            }
+        );
+        assert_eq!(m.expand("alice@example.com"), Expansion::Itself);
+        for extra in ["b@example.com", "c@example.com"] {
+            m.set_member("sales@example.com", extra, true);
+        }
+        assert_eq!(
+            m.expand("all@example.com"),
+            Expansion::OverLimit { limit: 4 }
+        );
+        // Removing members (a re-import) brings it back under the limit;
+        // an emptied group is no group at all.
+        m.set_member("sales@example.com", "b@example.com", false);
+        assert!(
+            matches!(m.expand("sales@example.com"), Expansion::Members { members, .. } if members.len() == 4)
+        );
+        for member in [
+            "alice@example.com",
+            "all@example.com",
+            "partner@elsewhere.test",
+            "zed@example.com",
+            "c@example.com",
+        ] {
+            m.set_member("sales@example.com", member, false);
+        }
+        assert_eq!(m.expand("sales@example.com"), Expansion::Itself);
     }
 
     #[tokio::test]
