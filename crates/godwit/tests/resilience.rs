@@ -505,3 +505,55 @@ fn a_failed_dsn_never_causes_a_dsn() {
     let (_, q) = gw.cli(&["queue", "list"]);
     assert!(q.contains("-- 0 message"), "{q}");
 }
+
+/// A message whose attempt has begun but waits for a connection slot is
+/// still the operator's: once `queue hold` answers, nothing of it is sent,
+/// and `queue release` lets it go, once.
+#[test]
+fn a_hold_stops_a_message_waiting_for_a_connection_slot() {
+    let (po, pn) = (free_port(), free_port());
+    // The platform takes 3 s to answer DATA, and godwit may open one
+    // connection to it: the first message holds the only slot.
+    let old = Sink::start(po, &["-w", "3"]);
+    let mut gw = Gateway::start(po, pn, "", "");
+    let relay = format!("relay = [\"127.0.0.1:{po}\"]");
+    gw.reconfigure(|c| {
+        c.replace(
+            &relay,
+            &format!("{relay}\nmax_connections = 1\ninitial_connections = 1"),
+        )
+    });
+    let mut c = gw.client();
+    c.greet();
+    let r = c.mail(
+        "s@outside.test",
+        &["a@example.com"],
+        &message("slow@test", "x"),
+    );
+    assert!(r.starts_with("250"), "{r}");
+    let r = c.mail(
+        "s@outside.test",
+        &["b@example.com"],
+        &message("waiting@test", "x"),
+    );
+    let waiting = r.rsplit(' ').next().unwrap().to_string();
+    std::thread::sleep(Duration::from_millis(300));
+    let (ok, out) = gw.cli(&["queue", "hold", &waiting]);
+    assert!(ok && out.contains("1 affected"), "{out}");
+    wait_for("the slow message", T, || {
+        (old.count_containing("slow@test") == 1).then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        old.count_containing("waiting@test"),
+        0,
+        "held mail was sent"
+    );
+    let (_, out) = gw.cli(&["queue", "show", &waiting]);
+    assert!(out.contains("Held"), "{out}");
+    let (ok, out) = gw.cli(&["queue", "release", &waiting]);
+    assert!(ok && out.contains("1 affected"), "{out}");
+    wait_for("the released message", T, || {
+        (old.count_containing("waiting@test") == 1).then_some(())
+    });
+}

@@ -568,9 +568,18 @@ impl RelayHandle {
                         let sp = sp.clone();
                         let body = body.clone();
                         let helo = inner.config.hostname.clone();
+                        let relay = self.clone();
+                        let id = id.to_string();
                         tasks.spawn(async move {
                             let out = match flow.admit().await {
                                 Admission::Granted(_permit) => {
+                                    // Waiting for a slot can take long: an operator may
+                                    // have held or deleted the message meanwhile. Look
+                                    // again now, before anything is sent.
+                                    let idxs = relay.still_deliverable(&id, &idxs);
+                                    if idxs.is_empty() {
+                                        return (platform, idxs, Ok(None));
+                                    }
                                     let out = p
                                         .deliver(
                                             &helo,
@@ -582,20 +591,21 @@ impl RelayHandle {
                                         .await;
                                     let signal = classify(&out.summary, out.host.is_some());
                                     flow.observe(signal, out.summary.code);
-                                    Ok(out)
+                                    (platform, idxs, Ok(Some(out)))
                                 }
-                                Admission::Down(wait) => Err(wait),
+                                Admission::Down(wait) => (platform, idxs, Err(wait)),
                             };
-                            (platform, idxs, out)
+                            out
                         });
                     }
                     // Settle each platform as it finishes: a slow platform never
                     // delays the record of the other's deliveries.
                     while let Some(Ok((platform, idxs, out))) = tasks.join_next().await {
                         let records = match out {
-                            Ok(out) => {
+                            Ok(Some(out)) => {
                                 self.settle(&sp, &mut rcpts, &platform, &idxs, out, &mut failed)
                             }
+                            Ok(None) => continue,
                             Err(wait) => {
                                 let reply = format!(
                                     "4.4.1 platform {platform} is marked down (circuit open)"
@@ -887,6 +897,19 @@ impl RelayHandle {
         }
     }
 
+    /// Of `idxs`, the recipients of message `id` that may still be sent:
+    /// none if the message was deleted, none on operator hold.
+    fn still_deliverable(&self, id: &str, idxs: &[usize]) -> Vec<usize> {
+        let st = self.0.state.lock().unwrap();
+        let Some(e) = st.msgs.get(id) else {
+            return Vec::new();
+        };
+        idxs.iter()
+            .copied()
+            .filter(|&i| !e.rcpts.get(i).is_some_and(|r| r.operator_hold))
+            .collect()
+    }
+
     /// Applies an operator's queue command to the messages in memory (and
     /// their spool records). Returns how many recipients (or, for delete,
     /// messages) it affected.
@@ -922,6 +945,13 @@ impl RelayHandle {
                     continue;
                 }
                 if e.in_flight && *op != QueueOp::Delete {
+                    if *op == QueueOp::Hold {
+                        // Seen at once by `still_deliverable`; the pending op
+                        // makes it stick (and emits the event) after the attempt.
+                        for &i in &matching {
+                            e.rcpts[i].operator_hold = true;
+                        }
+                    }
                     e.pending_ops.push((op.clone(), actor.to_string()));
                     affected += matching.len();
                     continue;
