@@ -129,6 +129,7 @@ impl Admin {
                 metrics::gauge!("godwit_destination_concurrency_limit", "platform" => p.clone()).set(d.limit as f64);
                 metrics::gauge!("godwit_destination_in_flight", "platform" => p.clone()).set(d.in_flight as f64);
                 metrics::gauge!("godwit_destination_circuit_open", "platform" => p.clone()).set(if d.circuit == "open" { 1.0 } else { 0.0 });
+                metrics::gauge!("godwit_destination_relay_hosts_down", "platform" => p.clone()).set(d.down_hosts.len() as f64);
             }
             metrics::gauge!("godwit_routing_version").set(version as f64);
         });

@@ -896,6 +896,14 @@ async fn queue(config: Config, command: QueueCommand) -> Result<i32> {
                             d["down_for_s"],
                             d["recent_codes"]
                         );
+                        for h in d["down_hosts"].as_array().into_iter().flatten() {
+                            println!(
+                                "  {:<10} relay host {} passed over for {}s after connection failures",
+                                "",
+                                h[0].as_str().unwrap_or("?"),
+                                h[1]
+                            );
+                        }
                     }
                 }
             }

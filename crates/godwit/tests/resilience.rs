@@ -557,3 +557,60 @@ fn a_hold_stops_a_message_waiting_for_a_connection_slot() {
         (old.count_containing("waiting@test") == 1).then_some(())
     });
 }
+
+/// A relay host that accepts TCP but never greets costs one timeout, then is
+/// passed over while it is down: later messages go straight to the next
+/// host, and `queue destinations` says which host is skipped.
+#[test]
+fn a_silent_relay_host_is_passed_over_after_it_fails() {
+    let pn = free_port();
+    // Accepts connections (the kernel does) and never says a word.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let pa = silent.local_addr().unwrap().port();
+    let pb = free_port();
+    let second = Sink::start(pb, &[]);
+    let mut gw = Gateway::start(pa, pn, "", "");
+    let one = format!("relay = [\"127.0.0.1:{pa}\"]");
+    gw.reconfigure(|c| {
+        c.replace(
+            &one,
+            &format!(
+                "relay = [\"127.0.0.1:{pa}\", \"127.0.0.1:{pb}\"]\ncommand_timeout = \"2s\"\nmax_messages_per_connection = 1"
+            ),
+        )
+    });
+    let mut c = gw.client();
+    c.greet();
+    for i in 0..4 {
+        let id = format!("silent{i}@test");
+        assert!(
+            c.mail("s@outside.test", &["u@example.com"], &message(&id, "x"))
+                .starts_with("250")
+        );
+        wait_for("delivery at the second host", T, || {
+            (second.count_containing(&id) == 1).then_some(())
+        });
+    }
+    let attempts = wait_for("four attempt events", T, || {
+        let a = gw.events_named("delivery.attempt");
+        (a.len() >= 4).then_some(a)
+    });
+    let ms: Vec<i64> = attempts
+        .iter()
+        .map(|a| a["duration_ms"].as_i64().unwrap())
+        .collect();
+    assert!(
+        ms[0] >= 1900,
+        "the first attempt waits for the silent host's greeting: {ms:?}"
+    );
+    assert!(
+        ms[1..].iter().all(|&d| d < 1000),
+        "later attempts skip the silent host: {ms:?}"
+    );
+    let (ok, out) = gw.cli(&["queue", "destinations"]);
+    assert!(
+        ok && out.contains(&format!("relay host 127.0.0.1:{pa} passed over")),
+        "{out}"
+    );
+    drop(silent);
+}

@@ -50,12 +50,32 @@ struct Pooled {
     idle_since: Instant,
 }
 
+#[derive(Debug, Clone, Copy, Default)]
+struct HostHealth {
+    failures: u32,
+    down_until: Option<Instant>,
+}
+
+/// How long a host that failed `failures` times in a row is passed over:
+/// 5 s, doubling, at most 5 minutes.
+fn host_backoff(failures: u32) -> Duration {
+    Duration::from_secs(
+        5u64.saturating_mul(1 << failures.saturating_sub(1).min(6))
+            .min(300),
+    )
+}
+
 /// A platform's relay hosts, connection pool and TLS settings.
 pub struct Platform {
     /// The platform's name in the configuration, for logs.
     pub name: String,
     pub config: PlatformConfig,
     hosts: Vec<(String, u16)>,
+    /// Per relay host: consecutive connection failures, and until when the
+    /// host is skipped in favour of the others (as Exim's retry database
+    /// does), so a dead or black-holed host costs one connect timeout per
+    /// back-off period rather than one per attempt.
+    health: Mutex<Vec<HostHealth>>,
     pool: Mutex<Vec<Pooled>>,
     tls: TlsConnector,
 }
@@ -82,7 +102,7 @@ fn local(code: u16, e: (u8, u16, u16), text: String) -> Reply {
 
 impl Platform {
     pub fn new(name: &str, config: &PlatformConfig) -> Platform {
-        let hosts = config
+        let hosts: Vec<(String, u16)> = config
             .relay
             .iter()
             .filter_map(|r| split_host_port(r).ok())
@@ -106,6 +126,7 @@ impl Platform {
         Platform {
             name: name.to_string(),
             config: config.clone(),
+            health: Mutex::new(vec![HostHealth::default(); hosts.len()]),
             hosts,
             pool: Mutex::new(Vec::new()),
             tls,
@@ -130,25 +151,88 @@ impl Platform {
         }
     }
 
-    /// Connects to the first relay host, from `start` on, that greets us.
+    /// The hosts not in `tried`, in configured order, those passed over for
+    /// recent failures last (soonest back first): when every host is down,
+    /// they are still tried rather than the mail waiting.
+    fn host_order(&self, tried: &[usize]) -> Vec<usize> {
+        let now = Instant::now();
+        let health = self.health.lock().unwrap();
+        let mut order: Vec<usize> = (0..self.hosts.len())
+            .filter(|i| !tried.contains(i))
+            .collect();
+        order.sort_by_key(|&i| match health[i].down_until {
+            Some(t) if t > now => (1, Some(t)),
+            _ => (0, None),
+        });
+        order
+    }
+
+    fn host_ok(&self, idx: usize) {
+        let mut health = self.health.lock().unwrap();
+        if health[idx].failures > 0 {
+            tracing::info!(platform = %self.name, host = %self.label(idx), "relay host is back");
+        }
+        health[idx] = HostHealth::default();
+    }
+
+    fn host_failed(&self, idx: usize, why: &Reply) {
+        let mut health = self.health.lock().unwrap();
+        let h = &mut health[idx];
+        h.failures += 1;
+        let back_off = host_backoff(h.failures);
+        h.down_until = Some(Instant::now() + back_off);
+        tracing::warn!(
+            platform = %self.name,
+            host = %self.label(idx),
+            failures = h.failures,
+            "relay host passed over for {}s: {why}",
+            back_off.as_secs()
+        );
+    }
+
+    fn label(&self, idx: usize) -> String {
+        let (h, p) = &self.hosts[idx];
+        format!("{h}:{p}")
+    }
+
+    /// Relay hosts now passed over, with the seconds left.
+    pub fn down_hosts(&self) -> Vec<(String, u64)> {
+        let now = Instant::now();
+        let health = self.health.lock().unwrap();
+        health
+            .iter()
+            .enumerate()
+            .filter_map(|(i, h)| {
+                let t = h.down_until.filter(|t| *t > now)?;
+                Some((self.label(i), (t - now).as_secs() + 1))
+            })
+            .collect()
+    }
+
+    /// Connects to the first relay host not in `tried` that greets us.
     /// Connection failures and 4xx greetings move on to the next host.
     async fn connect_from(
         &self,
         helo: &str,
-        start: usize,
+        tried: &mut Vec<usize>,
     ) -> Result<Pooled, (Option<String>, Reply)> {
         let mut last = (
             None,
             local(451, (4, 4, 1), "no relay host configured".into()),
         );
-        for (idx, (host, port)) in self.hosts.iter().enumerate().skip(start) {
-            let label = format!("{host}:{port}");
+        for idx in self.host_order(tried) {
+            tried.push(idx);
+            let (host, port) = &self.hosts[idx];
             match self.connect_one(host, *port, helo).await {
                 Ok(mut p) => {
+                    self.host_ok(idx);
                     p.host_idx = idx;
                     return Ok(p);
                 }
-                Err(r) => last = (Some(label), r),
+                Err(r) => {
+                    self.host_failed(idx, &r);
+                    last = (Some(self.label(idx)), r);
+                }
             }
         }
         Err(last)
@@ -292,14 +376,15 @@ impl Platform {
                 })
                 .collect()
         };
-        let mut next_host = 0;
+        // Hosts this attempt has used, so a failover never returns to one.
+        let mut tried: Vec<usize> = Vec::new();
         let mut use_pool = true;
         // The outcome at an earlier host that answered 4xx, if any.
         let mut last: Option<AttemptOutcome> = None;
         loop {
             let (mut conn, pooled) = match use_pool.then(|| self.take_pooled()).flatten() {
                 Some(p) => (p, true),
-                None => match self.connect_from(helo, next_host).await {
+                None => match self.connect_from(helo, &mut tried).await {
                     Ok(p) => (p, false),
                     Err((host, reply)) => {
                         if let Some(l) = last {
@@ -317,7 +402,9 @@ impl Platform {
                 },
             };
             use_pool = false;
-            let idx = conn.host_idx;
+            if !tried.contains(&conn.host_idx) {
+                tried.push(conn.host_idx);
+            }
             let outcome =
                 match transaction(&mut conn, queue_id, env, rcpts, body, &self.config).await {
                     Ok((outcomes, summary, reusable)) => {
@@ -361,8 +448,7 @@ impl Platform {
                 .rcpts
                 .iter()
                 .all(|o| matches!(o, RcptOutcome::Transient(_)));
-            if all_transient && idx + 1 < self.hosts.len() {
-                next_host = idx + 1;
+            if all_transient && tried.len() < self.hosts.len() {
                 last = Some(outcome);
                 continue;
             }
@@ -652,6 +738,13 @@ impl rustls::client::danger::ServerCertVerifier for AcceptAny {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_backoff_doubles_from_5s_to_5min() {
+        let secs: Vec<u64> = (1..=9).map(|n| host_backoff(n).as_secs()).collect();
+        assert_eq!(secs, [5, 10, 20, 40, 80, 160, 300, 300, 300]);
+        assert_eq!(host_backoff(u32::MAX).as_secs(), 300);
+    }
 
     #[test]
     fn remote_queue_ids() {

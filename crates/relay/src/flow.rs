@@ -52,6 +52,9 @@ pub struct FlowSnapshot {
     pub recent_codes: Vec<u16>,
     pub delivered: u64,
     pub throttled: u64,
+    /// Relay hosts passed over after connection failures, with the seconds
+    /// left (filled in by the scheduler, which knows the hosts).
+    pub down_hosts: Vec<(String, u64)>,
 }
 
 /// How a delivery went, for the controller.
@@ -232,6 +235,7 @@ impl Flow {
             recent_codes: st.recent.iter().copied().collect(),
             delivered: st.delivered,
             throttled: st.throttled,
+            down_hosts: Vec::new(),
         }
     }
 }

@@ -272,7 +272,11 @@ impl RelayHandle {
         self.0
             .dests
             .iter()
-            .map(|(n, d)| (n.clone(), d.flow.snapshot()))
+            .map(|(n, d)| {
+                let mut s = d.flow.snapshot();
+                s.down_hosts = d.platform.down_hosts();
+                (n.clone(), s)
+            })
             .collect()
     }
 
