@@ -99,6 +99,12 @@ pub struct SmtpConfig {
     pub listen: Vec<SocketAddr>,
     #[serde(deserialize_with = "de_size")]
     pub max_message_size: u64,
+    /// Message content all sessions may hold in memory at once while they
+    /// receive DATA. Past it, the DATA that would go over is read to its end
+    /// and answered 452 4.3.1 (try again later), so a flood of large
+    /// messages cannot exhaust memory. At least max_message_size.
+    #[serde(deserialize_with = "de_size")]
+    pub max_data_memory: u64,
     /// RFC 5321 4.5.3.1.8 requires at least 100; more than this gets 452 4.5.3.
     pub max_recipients: usize,
     /// RFC 5321 4.5.3.1.4 sets 512 octets; extensions (SIZE, DSN) legitimately
@@ -128,6 +134,7 @@ impl Default for SmtpConfig {
         SmtpConfig {
             listen: vec!["0.0.0.0:25".parse().unwrap()],
             max_message_size: 50_000_000,
+            max_data_memory: 1_000_000_000,
             max_recipients: 1000,
             max_command_line: 2048,
             command_timeout: Duration::from_secs(300),
@@ -435,6 +442,12 @@ impl Config {
             return Err(invalid(
                 "smtp.max_recipients",
                 "must be at least 100 (RFC 5321 4.5.3.1.8)",
+            ));
+        }
+        if self.smtp.max_data_memory < self.smtp.max_message_size {
+            return Err(invalid(
+                "smtp.max_data_memory",
+                "must be at least smtp.max_message_size, or no message of the maximum size could be received",
             ));
         }
         if self.directory.expansion_limit == 0 {
@@ -761,6 +774,17 @@ max_backoff = "1h"
             (
                 format!("{GOOD}[directory]\nunknown_recipient = \"bounce\"\n"),
                 "unknown_recipient",
+            ),
+            (
+                GOOD.replace(
+                    "max_message_size = \"10MB\"",
+                    "max_message_size = \"10MB\"\nmax_data_memory = \"5MB\"",
+                ),
+                "smtp.max_data_memory",
+            ),
+            (
+                format!("{GOOD}[directory]\nexpansion_limit = 0\n"),
+                "directory.expansion_limit",
             ),
             (
                 format!("{GOOD}[directory]\ntarget_platform = \"mars\"\n"),

@@ -26,6 +26,62 @@ pub struct Smtpd {
     connections: Arc<Semaphore>,
     per_ip: Mutex<HashMap<IpAddr, usize>>,
     session_ids: AtomicU64,
+    data_memory: DataMemory,
+}
+
+/// DATA content held in memory by all sessions (`smtp.max_data_memory`):
+/// each session charges what its message buffer holds as it grows.
+struct DataMemory {
+    used: AtomicU64,
+    max: u64,
+}
+
+impl DataMemory {
+    fn try_charge(&self, bytes: u64) -> bool {
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+                (u + bytes <= self.max).then_some(u + bytes)
+            })
+            .is_ok()
+    }
+
+    fn release(&self, bytes: u64) {
+        self.used.fetch_sub(bytes, Ordering::AcqRel);
+    }
+}
+
+/// What one session has charged to `DataMemory`; released when it ends.
+struct Charged<'a> {
+    memory: &'a DataMemory,
+    bytes: u64,
+}
+
+impl Charged<'_> {
+    /// Brings the charge to what `session` holds now. If the memory is not
+    /// there, the session's DATA is abandoned (452 4.3.1 at its end) and the
+    /// charge dropped; returns false then.
+    fn follow(&mut self, session: &mut Session) -> bool {
+        let now = session.data_held() as u64;
+        if now <= self.bytes {
+            self.memory.release(self.bytes - now);
+            self.bytes = now;
+            return true;
+        }
+        if self.memory.try_charge(now - self.bytes) {
+            self.bytes = now;
+            return true;
+        }
+        session.abandon_data();
+        self.memory.release(self.bytes);
+        self.bytes = 0;
+        false
+    }
+}
+
+impl Drop for Charged<'_> {
+    fn drop(&mut self) {
+        self.memory.release(self.bytes);
+    }
 }
 
 /// Only our domains are accepted: godwit is never an open relay. Once a
@@ -78,6 +134,10 @@ impl Smtpd {
             (Some(cert), Some(key)) => Some(crate::tls::acceptor(cert, key)?),
             _ => None,
         };
+        let data_memory = DataMemory {
+            used: AtomicU64::new(0),
+            max: config.smtp.max_data_memory,
+        };
         Ok(Arc::new(Smtpd {
             connections: Arc::new(Semaphore::new(config.smtp.max_connections)),
             config,
@@ -87,6 +147,7 @@ impl Smtpd {
             tls,
             per_ip: Mutex::new(HashMap::new()),
             session_ids: AtomicU64::new(1),
+            data_memory,
         }))
     }
 
@@ -287,6 +348,10 @@ impl Smtpd {
         let policy = Domains(&self.config, self.relay.routes());
         let mut buf = vec![0u8; 64 * 1024];
         let mut out: Vec<u8> = Vec::with_capacity(1024);
+        let mut charged = Charged {
+            memory: &self.data_memory,
+            bytes: 0,
+        };
         loop {
             while let Some(o) = session.next(&policy) {
                 match o {
@@ -323,6 +388,13 @@ impl Smtpd {
                     return End::Closed("write failed".into());
                 }
                 out.clear();
+            }
+            if !charged.follow(session) {
+                tracing::warn!(
+                    session = sid,
+                    "smtp.max_data_memory ({} bytes) reached: this DATA is discarded and will be answered 452 4.3.1",
+                    self.config.smtp.max_data_memory
+                );
             }
             let timeout = if session.in_data() {
                 self.config.smtp.data_timeout

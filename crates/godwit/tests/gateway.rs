@@ -432,3 +432,65 @@ fn cli_errors_name_the_problem() {
         "{err}"
     );
 }
+
+/// `smtp.max_data_memory` bounds the DATA content all sessions hold at once:
+/// the session that would go over reads its DATA to the end and gets
+/// 452 4.3.1 (try later), the others are untouched, and the memory is
+/// there again once they finish.
+#[test]
+fn data_memory_is_bounded_across_sessions() {
+    let (po, pn) = (free_port(), free_port());
+    let old = Sink::start(po, &[]);
+    let gw = Gateway::start(
+        po,
+        pn,
+        "max_message_size = \"1MB\"\nmax_data_memory = \"1500KB\"",
+        "",
+    );
+    let open = |id: &str| {
+        let mut c = gw.client();
+        c.greet();
+        assert!(c.cmd("MAIL FROM:<a@b.test>").starts_with("250"));
+        assert!(c.cmd("RCPT TO:<u@example.com>").starts_with("250"));
+        assert!(c.cmd("DATA").starts_with("354"));
+        c.send(message(id, "").as_bytes());
+        // 900 KB of content, no end yet: the session holds it.
+        for _ in 0..900 {
+            c.send(&[b'x'; 1022]);
+            c.send(b"\r\n");
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        c
+    };
+    let mut a = open("mem-a@test");
+    let mut b = open("mem-b@test");
+    b.send(b".\r\n");
+    let r = b.reply();
+    assert!(r.starts_with("452 4.3.1"), "{r}");
+    // The session goes on, and so does the one that holds the memory.
+    assert!(b.cmd("NOOP").starts_with("250"));
+    a.send(b".\r\n");
+    let r = a.reply();
+    assert!(r.starts_with("250"), "{r}");
+    // Released: a third large message fits again.
+    let mut c = open("mem-c@test");
+    c.send(b".\r\n");
+    let r = c.reply();
+    assert!(r.starts_with("250"), "{r}");
+    wait_for(
+        "delivery of the two accepted",
+        Duration::from_secs(20),
+        || {
+            (old.count_containing("mem-a@test") == 1 && old.count_containing("mem-c@test") == 1)
+                .then_some(())
+        },
+    );
+    assert_eq!(old.count_containing("mem-b@test"), 0);
+    let refused = gw.events_named("message.refused");
+    assert!(
+        refused
+            .iter()
+            .any(|e| e["reply"].as_str().unwrap_or("").starts_with("452 4.3.1")),
+        "{refused:?}"
+    );
+}

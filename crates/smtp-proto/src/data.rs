@@ -25,6 +25,9 @@ pub enum DataOutcome {
     BareNewline,
     /// A NUL byte under `Reject`.
     Nul,
+    /// The server stopped keeping the content (`DataDecoder::abandon`): it
+    /// is short of memory, so a temporary 452 4.3.1.
+    Abandoned,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,6 +56,7 @@ pub struct DataDecoder {
     too_big: bool,
     bare: bool,
     nul: bool,
+    abandoned: bool,
 }
 
 impl DataDecoder {
@@ -65,7 +69,14 @@ impl DataDecoder {
             too_big: false,
             bare: false,
             nul: false,
+            abandoned: false,
         }
+    }
+
+    /// Stops keeping content: the rest is read to the terminator and
+    /// discarded, and the outcome is `Abandoned` (unless already `TooBig`).
+    pub fn abandon(&mut self) {
+        self.abandoned = true;
     }
 
     pub fn is_done(&self) -> bool {
@@ -83,6 +94,8 @@ impl DataDecoder {
         }
         Some(if self.too_big {
             DataOutcome::TooBig
+        } else if self.abandoned {
+            DataOutcome::Abandoned
         } else if self.bare {
             DataOutcome::BareNewline
         } else if self.nul {
@@ -97,7 +110,7 @@ impl DataDecoder {
         if self.size > self.max {
             self.too_big = true;
         }
-        if !self.too_big && !self.rejecting() {
+        if !self.too_big && !self.rejecting() && !self.abandoned {
             out.extend_from_slice(bytes);
         }
     }

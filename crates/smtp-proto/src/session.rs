@@ -118,6 +118,21 @@ impl Session {
         self.input.len()
     }
 
+    /// Bytes of message content held for the transaction in DATA.
+    pub fn data_held(&self) -> usize {
+        self.message.capacity()
+    }
+
+    /// Drops the content held so far and discards the rest of this DATA:
+    /// it ends with 452 4.3.1 (the server is short of memory; RFC 3463
+    /// 4.3.1), and the client tries again later. Outside DATA, nothing.
+    pub fn abandon_data(&mut self) {
+        if let State::Data(decoder) = &mut self.state {
+            decoder.abandon();
+            self.message = Vec::new();
+        }
+    }
+
     /// After a TLS upgrade: forget everything learned in clear text (RFC 3207 4.2).
     pub fn tls_started(&mut self) {
         self.input.clear();
@@ -248,6 +263,15 @@ impl Session {
                 self,
                 "data",
                 Reply::new(550, (5, 6, 0), "Error: NUL byte in message data"),
+            ),
+            DataOutcome::Abandoned => refuse(
+                self,
+                "data",
+                Reply::new(
+                    452,
+                    (4, 3, 1),
+                    "Error: insufficient system resources for this message now, try again later",
+                ),
             ),
             DataOutcome::Complete => {
                 let received = count_received(&self.message);
@@ -670,6 +694,48 @@ mod tests {
                 String::from_utf8_lossy(input)
             );
         }
+    }
+
+    #[test]
+    fn abandoned_data_is_read_to_its_end_and_answered_452() {
+        let mut s = Session::new(limits(), "127.0.0.1");
+        let mut replies = Vec::new();
+        let step = |s: &mut Session, replies: &mut Vec<String>, input: &[u8]| {
+            s.push(input);
+            while let Some(o) = s.next(&OnlyExample) {
+                match o {
+                    Output::Reply(r) => replies.push(r.to_string()),
+                    Output::Message { message, .. } => {
+                        replies.push(format!("message {}", message.len()));
+                        replies.push(s.queued("Q1").to_string());
+                    }
+                    _ => {}
+                }
+            }
+        };
+        step(
+            &mut s,
+            &mut replies,
+            b"HELO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@example.com>\r\nDATA\r\nfirst part\r\n",
+        );
+        assert!(s.data_held() >= 12, "{}", s.data_held());
+        s.abandon_data();
+        assert_eq!(s.data_held(), 0);
+        // The rest is read and dropped; a dot line inside stays content.
+        step(&mut s, &mut replies, b"..not the end\r\nmore\r\n.\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@example.com>\r\nDATA\r\nok\r\n.\r\n");
+        let last = replies.len();
+        assert_eq!(
+            replies[last - 6],
+            "452 4.3.1 Error: insufficient system resources for this message now, try again later",
+            "{replies:?}"
+        );
+        // The session goes on: the next transaction is whole.
+        assert_eq!(replies[last - 2], "message 4");
+        assert_eq!(replies[last - 1], "250 2.0.0 Ok: queued as Q1");
+        // Outside DATA it does nothing.
+        s.abandon_data();
+        step(&mut s, &mut replies, b"NOOP\r\n");
+        assert_eq!(replies.last().unwrap(), "250 2.0.0 Ok");
     }
 
     #[test]
