@@ -438,9 +438,6 @@ impl Smtpd {
         let message_id = message_id_of(&message);
         let received = received_header(&self.config.hostname, &envelope, &queue_id);
         let (envelope, expansions) = expand_groups(self.relay.routes(), envelope);
-        let mut full = Vec::with_capacity(received.len() + message.len());
-        full.extend_from_slice(received.as_bytes());
-        full.extend_from_slice(&message);
         let header = Header {
             queue_id: queue_id.clone(),
             arrival_ms: now_ms(),
@@ -449,8 +446,11 @@ impl Smtpd {
             kind: None,
         };
         let spool = self.spool.clone();
-        let size = full.len() as u64;
-        let stored = tokio::task::spawn_blocking(move || spool.store(&header, &full)).await;
+        let size = (received.len() + message.len()) as u64;
+        let stored = tokio::task::spawn_blocking(move || {
+            spool.store_parts(&header, &[received.as_bytes(), &message])
+        })
+        .await;
         match stored {
             Ok(Ok(spooled)) => {
                 self.events.emit(Event::MessageAccepted {

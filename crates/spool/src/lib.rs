@@ -213,26 +213,42 @@ impl Spool {
     /// Writes the message durably. When this returns Ok, the message survives
     /// a crash or power loss; the caller may then reply 250.
     pub fn store(&self, header: &Header, message: &[u8]) -> Result<Spooled, SpoolError> {
+        self.store_parts(header, &[message])
+    }
+
+    /// `store` for a message given in parts (the Received header we add,
+    /// then the client's content): written one after the other, with the
+    /// CRC computed as they go, so a 50 MB message is never copied.
+    pub fn store_parts(&self, header: &Header, parts: &[&[u8]]) -> Result<Spooled, SpoolError> {
         let tmp = self.tmp.join(&header.queue_id);
         let dst = self.path(&header.queue_id);
         let head = serde_json::to_vec(header).expect("header serializes");
-        let mut buf = Vec::with_capacity(MAGIC.len() + 4 + head.len() + 8 + message.len() + 8);
-        buf.extend_from_slice(MAGIC);
-        buf.extend_from_slice(&(head.len() as u32).to_le_bytes());
-        buf.extend_from_slice(&head);
-        buf.extend_from_slice(&(message.len() as u64).to_le_bytes());
-        let body_offset = buf.len() as u64;
-        buf.extend_from_slice(message);
-        let crc = crc32fast::hash(&buf);
-        buf.extend_from_slice(END);
-        buf.extend_from_slice(&crc.to_le_bytes());
+        let body_len: u64 = parts.iter().map(|p| p.len() as u64).sum();
+        let mut prefix = Vec::with_capacity(MAGIC.len() + 4 + head.len() + 8);
+        prefix.extend_from_slice(MAGIC);
+        prefix.extend_from_slice(&(head.len() as u32).to_le_bytes());
+        prefix.extend_from_slice(&head);
+        prefix.extend_from_slice(&body_len.to_le_bytes());
+        let body_offset = prefix.len() as u64;
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&prefix);
+        for p in parts {
+            crc.update(p);
+        }
+        let mut trailer = Vec::with_capacity(END.len() + 4);
+        trailer.extend_from_slice(END);
+        trailer.extend_from_slice(&crc.finalize().to_le_bytes());
         let result = (|| {
             let mut f = OpenOptions::new()
                 .write(true)
                 .create_new(true)
                 .open(&tmp)
                 .map_err(io(&tmp))?;
-            f.write_all(&buf).map_err(io(&tmp))?;
+            f.write_all(&prefix).map_err(io(&tmp))?;
+            for p in parts {
+                f.write_all(p).map_err(io(&tmp))?;
+            }
+            f.write_all(&trailer).map_err(io(&tmp))?;
             f.sync_all().map_err(io(&tmp))?;
             drop(f);
             std::fs::rename(&tmp, &dst).map_err(io(&dst))?;
@@ -249,7 +265,7 @@ impl Spool {
         Ok(Spooled {
             header: header.clone(),
             body_offset,
-            body_len: message.len() as u64,
+            body_len,
             status: vec![None; header.envelope.rcpts.len()],
         })
     }
