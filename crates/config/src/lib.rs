@@ -568,13 +568,13 @@ impl Config {
                 "must be at least queue.min_backoff",
             ));
         }
-        if let Some(p) = &self.queue.dsn_platform {
-            if !self.platforms.contains_key(p) {
-                return Err(invalid(
-                    "queue.dsn_platform",
-                    format!("`{p}` is not a configured platform"),
-                ));
-            }
+        if let Some(p) = &self.queue.dsn_platform
+            && !self.platforms.contains_key(p)
+        {
+            return Err(invalid(
+                "queue.dsn_platform",
+                format!("`{p}` is not a configured platform"),
+            ));
         }
         if let Some(t) = &self.directory.target_platform
             && !self.platforms.contains_key(t)
@@ -584,14 +584,15 @@ impl Config {
                 format!("`{t}` is not a configured platform; name the platform mailboxes move to"),
             ));
         }
-        if let Some(addr) = self.admin.listen {
-            if !addr.ip().is_loopback() && self.admin.token.as_deref().is_none_or(str::is_empty) {
-                // Admin interfaces listen on loopback or require a token.
-                return Err(invalid(
-                    "admin.token",
-                    format!("admin.listen {addr} is not loopback: set admin.token"),
-                ));
-            }
+        if let Some(addr) = self.admin.listen
+            && !addr.ip().is_loopback()
+            && self.admin.token.as_deref().is_none_or(str::is_empty)
+        {
+            // Admin interfaces listen on loopback or require a token.
+            return Err(invalid(
+                "admin.token",
+                format!("admin.listen {addr} is not loopback: set admin.token"),
+            ));
         }
         if self.events.retention < Duration::from_secs(3600) {
             return Err(invalid("events.retention", "must be at least 1h"));

@@ -291,10 +291,10 @@ impl EventLog {
             node: self.node.to_string(),
             event,
         };
-        if tracing::enabled!(target: "godwit::event", tracing::Level::INFO) {
-            if let Ok(line) = serde_json::to_string(&record.event) {
-                tracing::info!(target: "godwit::event", "{line}");
-            }
+        if tracing::enabled!(target: "godwit::event", tracing::Level::INFO)
+            && let Ok(line) = serde_json::to_string(&record.event)
+        {
+            tracing::info!(target: "godwit::event", "{line}");
         }
         {
             let taps = self.taps.lock().unwrap();
@@ -346,10 +346,10 @@ impl EventWriter {
                     let _ = w.write_all(b"\n");
                 }
             }
-            if let Some((_, w)) = current.as_mut() {
-                if let Err(e) = w.flush() {
-                    tracing::error!("cannot write event log: {e}");
-                }
+            if let Some((_, w)) = current.as_mut()
+                && let Err(e) = w.flush()
+            {
+                tracing::error!("cannot write event log: {e}");
             }
         }
     }

@@ -72,9 +72,7 @@ pub fn code_of(reply: &str) -> String {
     };
     if enhanced(second) {
         second.to_string()
-    } else if enhanced(first) {
-        first.to_string()
-    } else if first.len() == 3 && first.chars().all(|c| c.is_ascii_digit()) {
+    } else if enhanced(first) || (first.len() == 3 && first.chars().all(|c| c.is_ascii_digit())) {
         first.to_string()
     } else {
         "none".into()

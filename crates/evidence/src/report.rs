@@ -128,11 +128,10 @@ pub async fn build(
                     queue_id,
                     ..
                 } = &e.event
+                    && *queue_id == t.queue_id
                 {
-                    if *queue_id == t.queue_id {
-                        platforms.push(platform.clone());
-                        remote.extend(remote_queue_id.clone());
-                    }
+                    platforms.push(platform.clone());
+                    remote.extend(remote_queue_id.clone());
                 }
             }
             r.samples.push(SampleTrace {

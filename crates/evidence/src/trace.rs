@@ -107,12 +107,12 @@ pub async fn find(store: &Store, q: &Query) -> anyhow::Result<Vec<Trace>> {
                     original_queue_id,
                     ..
                 } = &r.event
+                    && *original_queue_id == qid
+                    && !dsns.contains(queue_id)
                 {
-                    if *original_queue_id == qid && !dsns.contains(queue_id) {
-                        dsns.push(queue_id.clone());
-                        if !events.iter().any(|e| e.ts == r.ts && e.event == r.event) {
-                            events.push(r.clone());
-                        }
+                    dsns.push(queue_id.clone());
+                    if !events.iter().any(|e| e.ts == r.ts && e.event == r.event) {
+                        events.push(r.clone());
                     }
                 }
             }

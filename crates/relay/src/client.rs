@@ -463,10 +463,10 @@ async fn transaction(
     let caps = conn.caps;
     let dsn = caps & EXT_DSN != 0;
     let mut mail = format!("MAIL FROM:<{}>", env.mail_from);
-    if let Some(body) = &env.mail_params.body {
-        if caps & EXT_8BIT_MIME != 0 {
-            mail.push_str(&format!(" BODY={body}"));
-        }
+    if let Some(body) = &env.mail_params.body
+        && caps & EXT_8BIT_MIME != 0
+    {
+        mail.push_str(&format!(" BODY={body}"));
     }
     if env.mail_params.smtputf8 {
         if caps & EXT_SMTP_UTF8 == 0 {

@@ -195,7 +195,7 @@ mod tests {
             "gw.test",
             &header(None),
             body,
-            &[r.clone()],
+            std::slice::from_ref(&r),
             1_700_000_100_000,
         );
         let msg = mail_parser::MessageParser::default().parse(&raw).unwrap();

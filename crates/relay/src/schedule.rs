@@ -525,27 +525,27 @@ impl RelayHandle {
             }
         }
         // Delay warnings (RFC 3464 action=delayed), once per recipient.
-        if let Some(after) = inner.config.queue.delay_warning {
-            if h.kind.is_none() && now - h.arrival_ms >= after.as_millis() as i64 {
-                let mut delayed = Vec::new();
-                for (i, (addr, params)) in h.envelope.rcpts.iter().enumerate() {
-                    let r = &mut rcpts[i];
-                    if !r.status.is_final() && !r.warned && !groups.values().any(|g| g.contains(&i))
-                    {
-                        r.warned = true;
-                        changed.insert(i);
-                        if dsn::wanted(&params.notify, "delayed") {
-                            let reply = r
-                                .last_reply
-                                .clone()
-                                .unwrap_or_else(|| "4.4.7 still queued".into());
-                            delayed.push(dsn_rcpt(addr, params, "delayed", "4.4.7", &reply, None));
-                        }
+        if let Some(after) = inner.config.queue.delay_warning
+            && h.kind.is_none()
+            && now - h.arrival_ms >= after.as_millis() as i64
+        {
+            let mut delayed = Vec::new();
+            for (i, (addr, params)) in h.envelope.rcpts.iter().enumerate() {
+                let r = &mut rcpts[i];
+                if !r.status.is_final() && !r.warned && !groups.values().any(|g| g.contains(&i)) {
+                    r.warned = true;
+                    changed.insert(i);
+                    if dsn::wanted(&params.notify, "delayed") {
+                        let reply = r
+                            .last_reply
+                            .clone()
+                            .unwrap_or_else(|| "4.4.7 still queued".into());
+                        delayed.push(dsn_rcpt(addr, params, "delayed", "4.4.7", &reply, None));
                     }
                 }
-                if !delayed.is_empty() {
-                    self.send_dsn(&sp, delayed).await;
-                }
+            }
+            if !delayed.is_empty() {
+                self.send_dsn(&sp, delayed).await;
             }
         }
         if !changed.is_empty() {
@@ -575,7 +575,7 @@ impl RelayHandle {
                         let relay = self.clone();
                         let id = id.to_string();
                         tasks.spawn(async move {
-                            let out = match flow.admit().await {
+                            match flow.admit().await {
                                 Admission::Granted(_permit) => {
                                     // Waiting for a slot can take long: an operator may
                                     // have held or deleted the message meanwhile. Look
@@ -598,8 +598,7 @@ impl RelayHandle {
                                     (platform, idxs, Ok(Some(out)))
                                 }
                                 Admission::Down(wait) => (platform, idxs, Err(wait)),
-                            };
-                            out
+                            }
                         });
                     }
                     // Settle each platform as it finishes: a slow platform never
@@ -1073,9 +1072,9 @@ fn dsn_rcpt(
 
 fn humanize(d: Duration) -> String {
     let s = d.as_secs();
-    if s % 86400 == 0 {
+    if s.is_multiple_of(86400) {
         format!("{}d", s / 86400)
-    } else if s % 3600 == 0 {
+    } else if s.is_multiple_of(3600) {
         format!("{}h", s / 3600)
     } else {
         format!("{s}s")

@@ -160,6 +160,9 @@ pub struct Spool {
     node_salt: u32,
 }
 
+/// A damaged queue file moved to `corrupt/`, and why.
+pub type Quarantined = (PathBuf, String);
+
 impl Spool {
     pub fn open(dir: &Path) -> Result<Spool, SpoolError> {
         let queue = dir.join("queue");
@@ -332,7 +335,7 @@ impl Spool {
     /// Every message in the queue, oldest first. Damaged files (a crash in the
     /// middle of a write that was never acknowledged) are moved to `corrupt/`
     /// and reported, never delivered.
-    pub fn recover(&self) -> Result<(Vec<Spooled>, Vec<(PathBuf, String)>), SpoolError> {
+    pub fn recover(&self) -> Result<(Vec<Spooled>, Vec<Quarantined>), SpoolError> {
         let mut names: Vec<_> = std::fs::read_dir(&self.queue)
             .map_err(io(&self.queue))?
             .filter_map(|e| e.ok())
@@ -418,10 +421,10 @@ fn load_file(p: &Path) -> Result<Spooled, SpoolError> {
         if crc32fast::hash(json) != crc {
             break;
         }
-        if let Ok(rec) = serde_json::from_slice::<StatusRecord>(json) {
-            if let Some(slot) = status.get_mut(rec.rcpt) {
-                *slot = Some(rec);
-            }
+        if let Ok(rec) = serde_json::from_slice::<StatusRecord>(json)
+            && let Some(slot) = status.get_mut(rec.rcpt)
+        {
+            *slot = Some(rec);
         }
         pos = rec_end;
     }
@@ -449,6 +452,16 @@ pub fn now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
+}
+
+/// Every message in a spool directory, read-only (for `queue list` beside a
+/// running gateway): nothing is moved or removed. Unreadable files are skipped.
+pub fn list(spool_dir: &Path) -> Vec<Spooled> {
+    let mut names: Vec<_> = std::fs::read_dir(spool_dir.join("queue"))
+        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.path()).collect())
+        .unwrap_or_default();
+    names.sort();
+    names.iter().filter_map(|p| load_file(p).ok()).collect()
 }
 
 #[cfg(test)]
@@ -566,14 +579,4 @@ mod tests {
                 .all(|i| i.len() == 16 && i.chars().all(|c| c.is_ascii_alphanumeric()))
         );
     }
-}
-
-/// Every message in a spool directory, read-only (for `queue list` beside a
-/// running gateway): nothing is moved or removed. Unreadable files are skipped.
-pub fn list(spool_dir: &Path) -> Vec<Spooled> {
-    let mut names: Vec<_> = std::fs::read_dir(spool_dir.join("queue"))
-        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.path()).collect())
-        .unwrap_or_default();
-    names.sort();
-    names.iter().filter_map(|p| load_file(p).ok()).collect()
 }

@@ -46,12 +46,11 @@ impl Store {
         } else {
             Backend::Sqlite
         };
-        if backend == Backend::Sqlite {
-            if let Some(path) = sqlite_path(url) {
-                if let Some(dir) = std::path::Path::new(path).parent() {
-                    let _ = std::fs::create_dir_all(dir);
-                }
-            }
+        if backend == Backend::Sqlite
+            && let Some(path) = sqlite_path(url)
+            && let Some(dir) = std::path::Path::new(path).parent()
+        {
+            let _ = std::fs::create_dir_all(dir);
         }
         let open = |source| StoreError::Open {
             url: redact(url),

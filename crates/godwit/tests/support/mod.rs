@@ -188,9 +188,17 @@ max_backoff = "2s"
             .unwrap();
         self.child = Some(child);
         let port = self.port;
-        wait_for("godwit to listen", Duration::from_secs(20), || {
+        let probe = wait_for("godwit to listen", Duration::from_secs(20), || {
             TcpStream::connect(("127.0.0.1", port)).ok()
         });
+        // End the probe's session before going on: until the gateway has seen
+        // it close, it counts against max_connections.
+        let _ = probe.set_read_timeout(Some(Duration::from_secs(10)));
+        let mut probe = std::io::BufReader::new(probe);
+        let mut greeting = String::new();
+        let _ = probe.read_line(&mut greeting);
+        let _ = probe.get_mut().write_all(b"QUIT\r\n");
+        let _ = probe.read_to_string(&mut greeting);
     }
 
     /// Rewrites the configuration file with `f` and restarts the gateway.
