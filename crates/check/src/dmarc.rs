@@ -65,6 +65,24 @@ pub fn analyze(domain: &str, txt: &Answer<Vec<String>>) -> Vec<Finding> {
     }
 }
 
+/// `domain` has no record of its own and receivers use `at`'s.
+pub fn inherited(domain: &str, at: &str) -> Finding {
+    Finding::new(
+        Contract::OutboundSending,
+        "dmarc.inherited",
+        format!("_dmarc.{domain}"),
+        Severity::Ok,
+        format!(
+            "{domain} publishes no DMARC record of its own: receivers apply the one at _dmarc.{at} \
+             (found by the DMARC DNS tree walk, as RFC 7489's organizational domain would be), \
+             with its sp= policy where it sets one. The findings for _dmarc.{at} apply to {domain}."
+        ),
+        format!(
+            "Nothing to do, unless {domain} should have a policy of its own: then publish _dmarc.{domain}."
+        ),
+    )
+}
+
 /// `pct` (RFC 7489 6.3) is not kept by mail-auth's parser (DMARCbis drops it),
 /// but receivers still honour it, so it is read from the tag list here.
 fn pct(record: &str) -> Option<u8> {

@@ -494,6 +494,37 @@ pub struct DnsCheck {
 }
 
 /// Runs every DNS check for one domain.
+fn has_dmarc(a: &Answer<Vec<String>>) -> bool {
+    matches!(a, Answer::Found(r) if r.iter().any(|r| r.trim_start().to_ascii_lowercase().starts_with("v=dmarc1")))
+}
+
+/// The DMARC record receivers apply to `domain`, and the domain it was found
+/// at: its own, or else the nearest ancestor's by the DNS tree walk of
+/// DMARCbis (draft-ietf-dmarc-dmarcbis 4.10), which replaces RFC 7489's
+/// public-suffix lookup of the organizational domain. Past 8 labels the walk
+/// jumps to the rightmost 7. A lookup error at the domain itself is reported
+/// as such, not walked past.
+async fn dmarc_record(dns: &Dns, domain: &str) -> (String, Answer<Vec<String>>) {
+    let own = dns.txt(&format!("_dmarc.{domain}")).await;
+    if has_dmarc(&own) || matches!(own, Answer::Error(_)) {
+        return (domain.to_string(), own);
+    }
+    let labels: Vec<&str> = domain.split('.').filter(|l| !l.is_empty()).collect();
+    let first = if labels.len() > 8 {
+        labels.len() - 7
+    } else {
+        1
+    };
+    for i in first..labels.len() {
+        let target = labels[i..].join(".");
+        let a = dns.txt(&format!("_dmarc.{target}")).await;
+        if has_dmarc(&a) {
+            return (target, a);
+        }
+    }
+    (domain.to_string(), own)
+}
+
 pub async fn check_domain(domain: &str, opts: &DnsCheck) -> anyhow::Result<Vec<Finding>> {
     let domain = domain.trim_end_matches('.').to_ascii_lowercase();
     let resolvers = if opts.resolvers.is_empty() {
@@ -552,10 +583,11 @@ pub async fn check_domain(domain: &str, opts: &DnsCheck) -> anyhow::Result<Vec<F
         let txt = dns.txt(&format!("{selector}._domainkey.{domain}")).await;
         out.extend(crate::dkim::analyze(&domain, selector, &txt));
     }
-    out.extend(crate::dmarc::analyze(
-        &domain,
-        &dns.txt(&format!("_dmarc.{domain}")).await,
-    ));
+    let (at, dmarc) = dmarc_record(dns, &domain).await;
+    if at != domain {
+        out.push(crate::dmarc::inherited(&domain, &at));
+    }
+    out.extend(crate::dmarc::analyze(&at, &dmarc));
     let sts = dns.txt(&format!("_mta-sts.{domain}")).await;
     out.extend(crate::policy::analyze_mta_sts(&domain, &sts));
     let has_sts = matches!(&sts, Answer::Found(r) if r.iter().any(|r| r.to_ascii_lowercase().starts_with("v=stsv1")));

@@ -250,6 +250,12 @@ async fn dmarc_policies_and_syntax_error() {
                 "v=DMARC1; p=rejected; rua=mailto:d@example.com",
             ),
             txt("_dmarc.norua.example.com", "v=DMARC1; p=quarantine"),
+            // A parent with a policy, and a "record" there that is not DMARC.
+            txt(
+                "_dmarc.parent.example.com",
+                "v=DMARC1; p=none; sp=quarantine; rua=mailto:d@example.com",
+            ),
+            txt("_dmarc.a.parent.example.com", "not a dmarc record"),
         ],
     );
     let o = opts(&[31506]);
@@ -290,6 +296,21 @@ async fn dmarc_policies_and_syntax_error() {
         one(&f, "dmarc.record", "missing.example.com"),
         Severity::Warn,
     );
+    assert!(find(&f, "dmarc.inherited", "").is_empty());
+
+    // No record of its own (a TXT that is not DMARC does not count): the
+    // tree walk finds the nearest ancestor's, two labels up.
+    let f = check_domain("mail.a.parent.example.com", &o).await.unwrap();
+    let i = one(&f, "dmarc.inherited", "_dmarc.mail.a.parent.example.com");
+    assert_sev(i, Severity::Ok);
+    assert!(
+        i.meaning.contains("_dmarc.parent.example.com"),
+        "{}",
+        i.meaning
+    );
+    let p = one(&f, "dmarc.policy", "_dmarc.parent.example.com");
+    assert!(p.meaning.contains("sp=quarantine"), "{}", p.meaning);
+    assert!(find(&f, "dmarc.record", "").is_empty(), "{f:#?}");
 }
 
 #[tokio::test]
