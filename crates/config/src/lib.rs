@@ -500,7 +500,17 @@ impl Config {
                 return Err(invalid(key, "must list at least one host:port"));
             }
             for r in &p.relay {
-                split_host_port(r).map_err(|m| invalid(&key, m))?;
+                let (host, port) = split_host_port(r).map_err(|m| invalid(&key, m))?;
+                if let Some(l) = self.own_listener(&host, port) {
+                    // Every message would come straight back: a mail loop that
+                    // only the Received count (RFC 5321 6.3) would end.
+                    return Err(invalid(
+                        &key,
+                        format!(
+                            "`{r}` is godwit's own listener ({l}): mail would loop back to this gateway"
+                        ),
+                    ));
+                }
             }
             if p.max_connections == 0 {
                 return Err(invalid(
@@ -653,6 +663,27 @@ impl Config {
 }
 
 /// "host:port" with a numeric port; IPv6 literals as "[::1]:25".
+impl Config {
+    /// The smtp.listen address that `host:port` names, if it is this
+    /// gateway itself: the same port on a listen address, on loopback for a
+    /// wildcard listener, or at our own hostname.
+    fn own_listener(&self, host: &str, port: u16) -> Option<SocketAddr> {
+        let ip: Option<std::net::IpAddr> = match host.parse() {
+            Ok(ip) => Some(ip),
+            Err(_) if host.eq_ignore_ascii_case("localhost") => Some([127, 0, 0, 1].into()),
+            Err(_) => None,
+        };
+        let own_name = host.eq_ignore_ascii_case(self.hostname.trim_end_matches('.'));
+        self.smtp.listen.iter().copied().find(|l| {
+            l.port() == port
+                && (own_name
+                    || ip.is_some_and(|ip| {
+                        ip == l.ip() || (l.ip().is_unspecified() && ip.is_loopback())
+                    }))
+        })
+    }
+}
+
 pub fn split_host_port(s: &str) -> Result<(String, u16), String> {
     let (host, port) = s
         .rsplit_once(':')
@@ -796,6 +827,24 @@ max_backoff = "1h"
             let err = load(&text).unwrap_err().to_string();
             assert!(err.contains(key), "error `{err}` should name `{key}`");
         }
+    }
+
+    #[test]
+    fn a_platform_relaying_to_godwit_itself_is_refused() {
+        for own in ["127.0.0.1:2525", "localhost:2525", "mx-gw.example.com:2525"] {
+            let err = load(&GOOD.replace("\"127.0.0.1:2601\"", &format!("\"{own}\"")))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("platforms.old.relay") && err.contains("loop back to this gateway"),
+                "{own}: {err}"
+            );
+        }
+        // The same port elsewhere is another host; a wildcard listener is
+        // reached through loopback.
+        assert!(load(&GOOD.replace("\"127.0.0.1:2601\"", "\"10.0.0.9:2525\"")).is_ok());
+        let wildcard = GOOD.replace("\"127.0.0.1:2525\"", "\"0.0.0.0:2525\"");
+        assert!(load(&wildcard.replace("\"127.0.0.1:2601\"", "\"127.0.0.1:2525\"")).is_err());
     }
 
     #[test]

@@ -175,7 +175,7 @@ mod tests {
     use crate::Config;
 
     const BASE: &str =
-        "[domains]\naccepted=[\"example.com\"]\n[platforms.old]\nrelay=[\"127.0.0.1:25\"]\n";
+        "[domains]\naccepted=[\"example.com\"]\n[platforms.old]\nrelay=[\"127.0.0.1:2601\"]\n";
 
     #[test]
     fn parses_and_validates() {

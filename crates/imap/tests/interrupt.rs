@@ -43,7 +43,7 @@ fn write_config(dir: &Path, source: &Dovecot, target: &Dovecot) -> PathBuf {
 [domains]
 accepted = ["example.com"]
 [platforms.old]
-relay = ["127.0.0.1:25"]
+relay = ["127.0.0.1:2601"]
 [store]
 url = "sqlite://{d}/state.db?mode=rwc"
 [sync]
