@@ -59,6 +59,28 @@ pub enum WaveCommand {
         #[arg(long)]
         actor: Option<String>,
     },
+    /// Add members (addresses and/or files); they move at the wave's next cutover.
+    Add {
+        name: String,
+        #[arg(long, num_args = 1.., required = true, value_name = "FILE|ADDR")]
+        members: Vec<String>,
+        #[arg(long)]
+        actor: Option<String>,
+    },
+    /// Remove members; their state and route stay as they are.
+    Remove {
+        name: String,
+        #[arg(long, num_args = 1.., required = true, value_name = "FILE|ADDR")]
+        members: Vec<String>,
+        #[arg(long)]
+        actor: Option<String>,
+    },
+    /// Delete a wave that is not cut over (its members keep their states).
+    Delete {
+        name: String,
+        #[arg(long)]
+        actor: Option<String>,
+    },
     /// A wave's members with their state and route.
     Show {
         name: String,
@@ -293,6 +315,11 @@ fn read_members(values: &[String]) -> Result<Vec<String>> {
 
 pub async fn wave(config: Config, command: WaveCommand) -> Result<i32> {
     let store = Store::open(&config.store_url()).await?;
+    let command_kind = match &command {
+        WaveCommand::Add { .. } => "add",
+        WaveCommand::Remove { .. } => "remove",
+        _ => "",
+    };
     match command {
         WaveCommand::Create {
             name,
@@ -311,6 +338,55 @@ pub async fn wave(config: Config, command: WaveCommand) -> Result<i32> {
                 .count();
             println!(
                 "wave {name} created with {n} member(s) (version {}); `godwit wave cutover {name} --dry-run` shows what it would move",
+                o.version
+            );
+        }
+        WaveCommand::Add {
+            name,
+            members,
+            actor,
+        }
+        | WaveCommand::Remove {
+            name,
+            members,
+            actor,
+        } => {
+            let add = matches!(command_kind, "add");
+            let list = read_members(&members)?;
+            let who = crate::actor(actor);
+            let cmd = format!("wave {command_kind} {name} --members {}", members.join(" "));
+            let o = control::wave_members_change(
+                &ctx(&store, &config, &who, &cmd, false),
+                &name,
+                list,
+                add,
+            )
+            .await?;
+            let n = o.control.len();
+            if !o.applied {
+                println!(
+                    "nothing to change: wave {name} already {} them",
+                    if add { "holds" } else { "lacks" }
+                );
+            } else if add {
+                println!(
+                    "{n} member(s) added to wave {name} (version {}); they move at its next cutover (godwit wave cutover {name})",
+                    o.version
+                );
+            } else {
+                println!(
+                    "{n} member(s) removed from wave {name} (version {}); their states and routes are unchanged",
+                    o.version
+                );
+            }
+        }
+        WaveCommand::Delete { name, actor } => {
+            let who = crate::actor(actor);
+            let cmd = format!("wave delete {name}");
+            let o = control::wave_delete(&ctx(&store, &config, &who, &cmd, false), &name).await?;
+            println!(
+                "wave {name} deleted with {} member(s) (version {}); their states and routes are unchanged",
+                o.control.len() - 1,
                 o.version
             );
         }

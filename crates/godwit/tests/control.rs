@@ -475,3 +475,85 @@ sales@example.com,Sales,group,,alice@example.com;carol@example.com;team@example.
         ["bob@example.com", "partner@elsewhere.test"]
     );
 }
+
+/// Waves can be corrected before and after a cutover: members added move at
+/// the next cutover, members removed keep their route, a cut-over wave
+/// cannot be deleted, and a rollback past a deletion still works.
+#[test]
+fn waves_take_and_lose_members_and_can_be_deleted() {
+    let (po, pn) = (free_port(), free_port());
+    let _old = Sink::start(po, &[]);
+    let _new = Sink::start(pn, &[]);
+    let gw = Gateway::start(po, pn, "", "");
+    let dir = write(&gw, "directory.csv", DIRECTORY);
+    control(&gw, &["directory", "import", &dir, "--apply"]);
+    let ready = ["alice@example.com", "bob@example.com", "carol@example.com"];
+    let mut args = vec!["directory", "state", "ready"];
+    args.extend(ready);
+    control(&gw, &args);
+    let route = |a: &str| gw.cli(&["route", "show", a]).1;
+    let (ok, out) = gw.cli(&["wave", "create", "w", "--members", "alice@example.com"]);
+    assert!(ok, "{out}");
+    // An alias resolves to its (already member) mailbox; bob is new.
+    let (ok, out) = gw.cli(&[
+        "wave",
+        "add",
+        "w",
+        "--members",
+        "bob@example.com",
+        "a.l@example.com",
+    ]);
+    assert!(ok && out.contains("1 member(s) added"), "{out}");
+    let (ok, out) = gw.cli(&["wave", "remove", "w", "--members", "carol@example.com"]);
+    assert!(
+        !ok && out.contains("not members of wave `w`: carol@example.com"),
+        "{out}"
+    );
+    let (ok, out) = gw.cli(&["wave", "add", "w", "--members", "nobody@example.com"]);
+    assert!(!ok && out.contains("not in the directory"), "{out}");
+
+    control(&gw, &["wave", "cutover", "w"]);
+    assert!(route("bob@example.com").contains(": new ("));
+    control(&gw, &["wave", "add", "w", "--members", "carol@example.com"]);
+    assert!(
+        route("carol@example.com").contains(": old ("),
+        "added, not yet moved"
+    );
+    control(&gw, &["wave", "cutover", "w"]);
+    assert!(route("carol@example.com").contains(": new ("));
+    let v = control(
+        &gw,
+        &["wave", "remove", "w", "--members", "carol@example.com"],
+    );
+    assert!(
+        route("carol@example.com").contains(": new ("),
+        "removal keeps the route"
+    );
+    let (ok, out) = gw.cli(&["wave", "delete", "w"]);
+    assert!(
+        !ok && out.contains("is cut over; roll it back first"),
+        "{out}"
+    );
+
+    control(&gw, &["wave", "rollback", "w"]);
+    assert!(route("alice@example.com").contains(": old ("));
+    assert!(
+        route("carol@example.com").contains(": new ("),
+        "no longer a member"
+    );
+    let (ok, out) = gw.cli(&["wave", "delete", "w"]);
+    assert!(ok && out.contains("deleted with 2 member(s)"), "{out}");
+    let (_, out) = gw.cli(&["wave", "list"]);
+    assert!(out.contains("no waves yet"), "{out}");
+    // Back to before the rollback: alice and bob on new again, the wave
+    // stays deleted.
+    control(&gw, &["route", "rollback", "--to", &v.to_string()]);
+    assert!(route("alice@example.com").contains(": new ("));
+    let (ok, _) = gw.cli(&["wave", "show", "w"]);
+    assert!(!ok);
+    let (_, out) = gw.cli(&["history"]);
+    assert!(
+        out.contains("wave delete w") && out.contains("wave remove w"),
+        "{out}"
+    );
+}

@@ -1128,6 +1128,141 @@ pub async fn wave_create(
     .await
 }
 
+/// Adds members to a wave (`add`) or removes them, as one version. Aliases
+/// resolve to their mailbox. Adding an address the directory lacks, or
+/// removing one the wave does not hold, is refused with the addresses named.
+/// Routing does not change: a member keeps its state, so a member added to a
+/// cut-over wave moves at the wave's next `cutover`, and one removed after
+/// cutover stays on the target until its own state changes.
+pub async fn wave_members_change(
+    ctx: &Ctx<'_>,
+    name: &str,
+    members: Vec<String>,
+    add: bool,
+) -> Result<Outcome, ControlError> {
+    if members.is_empty() {
+        return Err(refused("name the members: --members FILE or addresses"));
+    }
+    let members: Vec<String> = members.iter().map(|a| normalize_address(a)).collect();
+    let name = name.to_string();
+    let be = ctx.store.backend;
+    ctx.run_tx(Scope::Addresses(members.clone()), false, true, move |tx, src, version| {
+        let name = name.clone();
+        let members = members.clone();
+        Box::pin(async move {
+            let status: Option<String> = sqlx::query_scalar("SELECT status FROM waves WHERE name = $1")
+                .bind(name.as_str())
+                .fetch_optional(&mut *tx)
+                .await?;
+            if status.is_none() {
+                return Err(refused(format!("no wave `{name}` (godwit wave list)")));
+            }
+            let current: BTreeSet<String> = wave_members(tx, be, &name).await?.into_iter().collect();
+            let mut resolved = BTreeSet::new();
+            let mut bad = Vec::new();
+            for a in &members {
+                let m = src.aliases.get(a).unwrap_or(a);
+                let ok = if add { src.objects.contains_key(m) } else { current.contains(m) };
+                if ok {
+                    resolved.insert(m.clone());
+                } else {
+                    bad.push(a.clone());
+                }
+            }
+            if !bad.is_empty() {
+                return Err(refused(if add {
+                    format!(
+                        "{} address(es) are not in the directory: {}{}; import them first",
+                        bad.len(),
+                        list_some(&bad),
+                        more(&bad)
+                    )
+                } else {
+                    format!(
+                        "{} address(es) are not members of wave `{name}`: {}{} (godwit wave show {name})",
+                        bad.len(),
+                        list_some(&bad),
+                        more(&bad)
+                    )
+                }));
+            }
+            let change: Vec<String> = resolved
+                .into_iter()
+                .filter(|m| current.contains(m) != add)
+                .collect();
+            if add {
+                let rows = change.iter().map(|m| row(&[m, &name])).collect();
+                insert_rows(tx, be, "wave_members", None, &["address", "wave"], rows, "").await?;
+            } else {
+                for chunk in change.chunks(ROWS) {
+                    let sql = format!(
+                        "DELETE FROM wave_members WHERE wave = $1 AND address IN {}",
+                        keys_subquery(be, 2)
+                    );
+                    sqlx::query(sqlx::AssertSqlSafe(sql))
+                        .bind(name.as_str())
+                        .bind(json_param(chunk))
+                        .execute(&mut *tx)
+                        .await?;
+                }
+            }
+            if !change.is_empty() {
+                sqlx::query("UPDATE waves SET version = $1 WHERE name = $2")
+                    .bind(version)
+                    .bind(name.as_str())
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            let (before, after) = if add { (None, Some("member".to_string())) } else { (Some("member".to_string()), None) };
+            Ok(change
+                .iter()
+                .map(|m| cc("wave-member", format!("{name} {m}"), before.clone(), after.clone()))
+                .collect())
+        })
+    })
+    .await
+}
+
+/// Deletes a wave's definition (not its members' states or routes), as one
+/// version. A wave that is cut over is refused: roll it back first, or keep
+/// it as the record of what moved together.
+pub async fn wave_delete(ctx: &Ctx<'_>, name: &str) -> Result<Outcome, ControlError> {
+    let name = name.to_string();
+    let be = ctx.store.backend;
+    ctx.run_tx(Scope::Addresses(Vec::new()), false, false, move |tx, _src, _version| {
+        let name = name.clone();
+        Box::pin(async move {
+            let status: Option<String> = sqlx::query_scalar("SELECT status FROM waves WHERE name = $1")
+                .bind(name.as_str())
+                .fetch_optional(&mut *tx)
+                .await?;
+            let Some(status) = status else {
+                return Err(refused(format!("no wave `{name}` (godwit wave list)")));
+            };
+            if status == "cutover" {
+                return Err(refused(format!(
+                    "wave `{name}` is cut over; roll it back first (godwit wave rollback {name}) or keep it"
+                )));
+            }
+            let members = wave_members(tx, be, &name).await?;
+            sqlx::query("DELETE FROM wave_members WHERE wave = $1")
+                .bind(name.as_str())
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query("DELETE FROM waves WHERE name = $1")
+                .bind(name.as_str())
+                .execute(&mut *tx)
+                .await?;
+            let mut control = vec![cc("wave", name.as_str(), Some(status), None)];
+            control.extend(members.iter().map(|m| {
+                cc("wave-member", format!("{name} {m}"), Some("member".into()), None)
+            }));
+            Ok(control)
+        })
+    })
+    .await
+}
+
 /// The sync's verdict per account, from the sync engine's `sync_accounts`
 /// table (status `seeding`, `ready` or `verified`). The table belongs to the
 /// mailbox sync; until it exists (or if its shape differs), every account
@@ -1430,6 +1565,15 @@ pub async fn rollback_to(ctx: &Ctx<'_>, to: i64) -> Result<Outcome, ControlError
                     .or_insert(before.unwrap_or_else(|| "created".into()));
             }
             for (name, status) in waves {
+                // A deleted wave stays deleted: definitions are not routing.
+                let exists: Option<String> =
+                    sqlx::query_scalar("SELECT name FROM waves WHERE name = $1")
+                        .bind(name.as_str())
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                if exists.is_none() {
+                    continue;
+                }
                 let c = set_wave_status(tx, &name, &status, version).await?;
                 if c.before != c.after {
                     control.push(c);
