@@ -2009,6 +2009,34 @@ mod tests {
         let o = wave_rollback(&c("rollback"), "big").await.unwrap();
         assert_eq!(o.moved().count(), 300);
         assert!(wave_routes(&s, &cfg).await.iter().all(|r| r == "old"));
+
+        // Membership changes and deletion, on both engines.
+        let gone: Vec<String> = all[..10].to_vec();
+        let o = wave_members_change(&c("remove"), "big", gone.clone(), false)
+            .await
+            .unwrap();
+        assert!(o.applied && o.control.len() == 10 && o.routes.is_empty());
+        let o = wave_members_change(&c("remove again"), "big", gone.clone(), false).await;
+        assert!(o.unwrap_err().to_string().contains("not members"));
+        let o = wave_members_change(&c("add"), "big", gone, true)
+            .await
+            .unwrap();
+        assert!(o.applied && o.control.len() == 10);
+        let o = wave_members_change(&c("add again"), "big", all[..10].to_vec(), true)
+            .await
+            .unwrap();
+        assert!(!o.applied, "a no-op writes no version");
+        let o = wave_delete(&c("delete"), "big").await.unwrap();
+        assert_eq!(o.control.len(), 301);
+        let left: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM wave_members WHERE wave = 'big'")
+            .fetch_one(&s.pool)
+            .await
+            .unwrap();
+        assert_eq!(left, 0);
+        assert!(
+            wave_routes(&s, &cfg).await.iter().all(|r| r == "old"),
+            "routes untouched"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
