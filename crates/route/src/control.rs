@@ -313,6 +313,56 @@ async fn fill_scope(
     Ok(true)
 }
 
+/// A row whose first column is its table's unique key.
+trait Keyed {
+    fn key(&self) -> &str;
+}
+
+impl Keyed for (String, String) {
+    fn key(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Keyed for (String, String, Option<String>) {
+    fn key(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Keyed for (String, String, String, String, String) {
+    fn key(&self) -> &str {
+        &self.0
+    }
+}
+
+/// `cols` of `table` (the first is its unique key): the rows in the scope
+/// as one aggregate, or, unscoped, every row in pages, so that a table of
+/// millions never becomes one JSON text.
+async fn keyed_rows<T: serde::de::DeserializeOwned + Keyed>(
+    tx: &mut AnyConnection,
+    b: Backend,
+    cols: &[&str],
+    table: &str,
+    scoped: bool,
+) -> Result<Vec<T>, StoreError> {
+    let key = cols[0];
+    if scoped {
+        select_rows(tx, b, cols, &format!("{table} WHERE {key} {IN_SCOPE}"), &[]).await
+    } else {
+        godwit_store::bulk::select_all(
+            tx,
+            b,
+            cols,
+            table,
+            key,
+            godwit_store::bulk::PAGE,
+            |r: &T| r.key(),
+        )
+        .await
+    }
+}
+
 /// The current effective entry of an address: route, basis.
 type Entries = HashMap<String, (String, Option<String>)>;
 
@@ -336,12 +386,12 @@ async fn load(
         }
     };
     let mut src = Sources::default();
-    let objects: Vec<(String, String, String, String, String)> = select_rows(
+    let objects: Vec<(String, String, String, String, String)> = keyed_rows(
         tx,
         b,
         &["address", "display_name", "kind", "platform", "state"],
-        &from("directory_objects", "address"),
-        &[],
+        "directory_objects",
+        scoped,
     )
     .await?;
     src.objects.reserve(objects.len());
@@ -360,29 +410,37 @@ async fn load(
         src.objects.insert(address, object);
     }
     st.lap("load objects");
-    let pairs = async |tx: &mut AnyConnection, cols: [&str; 2], table: &str| {
-        select_rows::<(String, String)>(tx, b, &cols, &from(table, cols[0]), &[]).await
-    };
-    src.aliases = pairs(tx, ["alias", "mailbox"], "directory_aliases")
-        .await?
-        .into_iter()
-        .collect();
-    src.overrides = pairs(tx, ["address", "route"], "route_overrides")
-        .await?
-        .into_iter()
-        .collect();
+    src.aliases =
+        keyed_rows::<(String, String)>(tx, b, &["alias", "mailbox"], "directory_aliases", scoped)
+            .await?
+            .into_iter()
+            .collect();
+    src.overrides =
+        keyed_rows::<(String, String)>(tx, b, &["address", "route"], "route_overrides", scoped)
+            .await?
+            .into_iter()
+            .collect();
     if with_members {
-        for (g, m) in pairs(tx, ["group_address", "member"], "directory_members").await? {
+        // Keyed by (group, member): one aggregate, scoped or not.
+        for (g, m) in select_rows::<(String, String)>(
+            tx,
+            b,
+            &["group_address", "member"],
+            &from("directory_members", "group_address"),
+            &[],
+        )
+        .await?
+        {
             src.members.entry(g).or_default().insert(m);
         }
     }
     st.lap("load aliases, overrides, members");
-    let rows: Vec<(String, String, Option<String>)> = select_rows(
+    let rows: Vec<(String, String, Option<String>)> = keyed_rows(
         tx,
         b,
         &["address", "route", "basis"],
-        &from("route_entries", "address"),
-        &[],
+        "route_entries",
+        scoped,
     )
     .await?;
     let entries: Entries = rows

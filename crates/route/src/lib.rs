@@ -397,12 +397,15 @@ impl SharedRoutes {
 pub async fn load(store: &Store, config: &Config) -> Result<RoutingMap, StoreError> {
     let mut map = RoutingMap::new(config);
     let mut conn = store.pool.acquire().await?;
-    let rows: Vec<(String, String, i64, Option<String>)> = bulk::select_rows(
+    type Row = (String, String, i64, Option<String>);
+    let rows: Vec<Row> = bulk::select_all(
         &mut conn,
         store.backend,
         &["address", "route", "version", "basis"],
         "route_entries",
-        &[],
+        "address",
+        bulk::PAGE,
+        |r: &Row| r.0.as_str(),
     )
     .await?;
     map.entries.reserve(rows.len());
