@@ -38,6 +38,30 @@ pub enum DirectoryCommand {
         #[arg(long)]
         actor: Option<String>,
     },
+    /// Who is where: every directory object with its kind, owning platform,
+    /// migration state, current route, override and waves, with a summary.
+    List {
+        /// Only objects in this migration state.
+        #[arg(long)]
+        state: Option<String>,
+        /// Only objects owned by this platform before the migration.
+        #[arg(long)]
+        platform: Option<String>,
+        /// Only objects whose mail goes here now (a platform, hold or both).
+        #[arg(long)]
+        route: Option<String>,
+        /// Only objects of this kind (user, shared, resource, group).
+        #[arg(long)]
+        kind: Option<String>,
+        /// Only members of this wave.
+        #[arg(long)]
+        wave: Option<String>,
+        /// text (a summary, then the first 50 unless --all), csv or json.
+        #[arg(long, default_value = "text")]
+        format: String,
+        #[arg(long)]
+        all: bool,
+    },
     /// Set the migration state of mailboxes (pending, seeding, ready,
     /// cutover, migrated, rolled-back).
     State {
@@ -273,6 +297,114 @@ pub async fn directory(config: Config, command: DirectoryCommand) -> Result<i32>
                 None => println!("{summary}; nothing applied: run again with --apply"),
             }
         }
+        DirectoryCommand::List {
+            state,
+            platform,
+            route,
+            kind,
+            wave,
+            format,
+            all,
+        } => {
+            // As stored: the canonical names.
+            let state = match state {
+                Some(st) => Some(
+                    st.parse::<MigrationState>()
+                        .map_err(anyhow::Error::msg)?
+                        .as_str()
+                        .to_string(),
+                ),
+                None => None,
+            };
+            let kind = match kind {
+                Some(k) => Some(
+                    k.parse::<godwit_route::Kind>()
+                        .map_err(anyhow::Error::msg)?
+                        .as_str()
+                        .to_string(),
+                ),
+                None => None,
+            };
+            let filter = history::DirectoryFilter {
+                state,
+                platform,
+                route,
+                kind,
+                wave,
+            };
+            let rows = history::directory(&store, &filter).await?;
+            match format.as_str() {
+                "json" => println!("{}", serde_json::to_string_pretty(&rows)?),
+                "csv" => {
+                    println!(
+                        "address,display_name,kind,platform,state,route,override,waves,aliases"
+                    );
+                    for r in &rows {
+                        let f = [
+                            r.address.as_str(),
+                            &r.display_name,
+                            &r.kind,
+                            &r.platform,
+                            &r.state,
+                            r.route.as_deref().unwrap_or(""),
+                            r.override_route.as_deref().unwrap_or(""),
+                            &r.waves,
+                            &r.aliases.to_string(),
+                        ];
+                        let f: Vec<String> = f.iter().map(|v| csv_field(v)).collect();
+                        println!("{}", f.join(","));
+                    }
+                }
+                "text" => {
+                    let count = |key: &dyn Fn(&history::DirectoryEntry) -> String| {
+                        let mut m = std::collections::BTreeMap::new();
+                        for r in &rows {
+                            *m.entry(key(r)).or_insert(0) += 1;
+                        }
+                        m.iter()
+                            .map(|(k, n)| format!("{k} {n}"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    };
+                    println!("{} object(s)", rows.len());
+                    if !rows.is_empty() {
+                        println!("  by state: {}", count(&|r| r.state.clone()));
+                        println!(
+                            "  by route now: {}",
+                            count(&|r| r.route.clone().unwrap_or_else(|| "(none)".into()))
+                        );
+                        let overrides = rows.iter().filter(|r| r.override_route.is_some()).count();
+                        if overrides > 0 {
+                            println!("  with an override: {overrides}");
+                        }
+                    }
+                    let limit = if all { usize::MAX } else { SHOW };
+                    for r in rows.iter().take(limit) {
+                        println!(
+                            "  {}  {}  {}  owned by {}  -> {}{}{}",
+                            r.address,
+                            r.kind,
+                            r.state,
+                            r.platform,
+                            r.route.as_deref().unwrap_or("(none)"),
+                            r.override_route
+                                .as_deref()
+                                .map(|o| format!(" (override {o})"))
+                                .unwrap_or_default(),
+                            if r.waves.is_empty() {
+                                String::new()
+                            } else {
+                                format!("  waves: {}", r.waves)
+                            }
+                        );
+                    }
+                    if rows.len() > limit {
+                        println!("  ... and {} more (--all lists them)", rows.len() - limit);
+                    }
+                }
+                other => bail!("--format {other}: expected text, csv or json"),
+            }
+        }
         DirectoryCommand::State {
             state,
             addresses,
@@ -287,6 +419,15 @@ pub async fn directory(config: Config, command: DirectoryCommand) -> Result<i32>
         }
     }
     Ok(0)
+}
+
+/// A CSV field (RFC 4180): quoted when it holds a comma, quote or newline.
+fn csv_field(v: &str) -> String {
+    if v.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", v.replace('"', "\"\""))
+    } else {
+        v.to_string()
+    }
 }
 
 /// `--members` values: an address, or a file of addresses (one per line;

@@ -557,3 +557,63 @@ fn waves_take_and_lose_members_and_can_be_deleted() {
         "{out}"
     );
 }
+
+/// "Nobody has to guess who is where": `directory list` shows each object's
+/// state, owner and current route, filters by state, route and wave, and
+/// exports CSV (quoted as RFC 4180) and JSON that agree with the routes.
+#[test]
+fn directory_list_says_who_is_where() {
+    let (po, pn) = (free_port(), free_port());
+    let gw = Gateway::start(po, pn, "", "");
+    let directory = DIRECTORY.replace(
+        "carol@example.com,Carol,",
+        "carol@example.com,\"Carol, Jr.\",",
+    );
+    let dir = write(&gw, "directory.csv", &directory);
+    control(&gw, &["directory", "import", &dir, "--apply"]);
+    control(&gw, &["directory", "state", "ready", "alice@example.com"]);
+    let (ok, out) = gw.cli(&["wave", "create", "pilot", "--members", "alice@example.com"]);
+    assert!(ok, "{out}");
+    control(&gw, &["wave", "cutover", "pilot"]);
+    control(&gw, &["route", "set", "bob@example.com", "hold"]);
+
+    let (ok, out) = gw.cli(&["directory", "list"]);
+    assert!(ok, "{out}");
+    assert!(out.starts_with("4 object(s)"), "{out}");
+    assert!(out.contains("by state: cutover 1, pending 3"), "{out}");
+    assert!(out.contains("by route now: hold 1, new 1, old 2"), "{out}");
+    assert!(out.contains("with an override: 1"), "{out}");
+    assert!(
+        out.contains("alice@example.com  user  cutover  owned by old  -> new  waves: pilot"),
+        "{out}"
+    );
+    assert!(
+        out.contains("bob@example.com  user  pending  owned by old  -> hold (override hold)"),
+        "{out}"
+    );
+
+    let (_, out) = gw.cli(&["directory", "list", "--route", "new", "--format", "csv"]);
+    assert_eq!(
+        out.trim(),
+        "address,display_name,kind,platform,state,route,override,waves,aliases\n\
+         alice@example.com,Alice,user,old,cutover,new,,pilot,2"
+    );
+    let (_, out) = gw.cli(&[
+        "directory",
+        "list",
+        "--state",
+        "Pending",
+        "--kind",
+        "user",
+        "--format",
+        "csv",
+    ]);
+    assert!(out.contains("\"Carol, Jr.\""), "{out}");
+    assert_eq!(out.trim().lines().count(), 3, "bob and carol: {out}");
+    let (_, out) = gw.cli(&["directory", "list", "--wave", "pilot", "--format", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v.as_array().unwrap().len(), 1);
+    assert_eq!(v[0]["route"], "new");
+    let (ok, out) = gw.cli(&["directory", "list", "--state", "flying"]);
+    assert!(!ok && out.contains("unknown state `flying`"), "{out}");
+}

@@ -365,3 +365,142 @@ pub async fn waves(store: &Store) -> Result<Vec<WaveSummary>, StoreError> {
         })
         .collect()
 }
+
+/// One directory object as `directory list` shows it: who is where.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct DirectoryEntry {
+    pub address: String,
+    pub display_name: String,
+    pub kind: String,
+    /// The platform that owned it before the migration.
+    pub platform: String,
+    pub state: String,
+    /// Where its mail goes now (the effective route; `None` only for a
+    /// store written before the control plane).
+    pub route: Option<String>,
+    /// Its own `route set` override, if any (it beats the state).
+    pub override_route: Option<String>,
+    /// The waves holding it, `;`-separated.
+    pub waves: String,
+    pub aliases: usize,
+}
+
+/// What `directory list` selects; `None` is any.
+#[derive(Debug, Clone, Default)]
+pub struct DirectoryFilter {
+    pub state: Option<String>,
+    pub platform: Option<String>,
+    pub route: Option<String>,
+    pub kind: Option<String>,
+    pub wave: Option<String>,
+}
+
+/// The directory objects matching `f`, sorted by address.
+pub async fn directory(
+    store: &Store,
+    f: &DirectoryFilter,
+) -> Result<Vec<DirectoryEntry>, StoreError> {
+    let mut conds = Vec::new();
+    let mut args = Vec::new();
+    let mut bind = |cond: &str, v: &Option<String>, args: &mut Vec<String>| {
+        if let Some(v) = v {
+            args.push(v.clone());
+            conds.push(cond.replace('?', &format!("${}", args.len())));
+        }
+    };
+    bind("o.state = ?", &f.state, &mut args);
+    bind("o.platform = ?", &f.platform, &mut args);
+    bind("e.route = ?", &f.route, &mut args);
+    bind("o.kind = ?", &f.kind, &mut args);
+    bind(
+        "o.address IN (SELECT address FROM wave_members WHERE wave = ?)",
+        &f.wave,
+        &mut args,
+    );
+    let filter = if conds.is_empty() {
+        String::new()
+    } else {
+        format!(" WHERE {}", conds.join(" AND "))
+    };
+    let rest = format!(
+        "directory_objects o LEFT JOIN route_entries e ON e.address = o.address \
+         LEFT JOIN route_overrides r ON r.address = o.address{filter}"
+    );
+    type Row = (
+        String,
+        String,
+        String,
+        String,
+        String,
+        Option<String>,
+        Option<String>,
+    );
+    let mut conn = store.pool.acquire().await?;
+    let args: Vec<godwit_store::bulk::Arg> = args
+        .iter()
+        .map(|a| godwit_store::bulk::Arg::Text(a))
+        .collect();
+    let rows: Vec<Row> = godwit_store::bulk::select_rows(
+        &mut conn,
+        store.backend,
+        &[
+            "o.address",
+            "o.display_name",
+            "o.kind",
+            "o.platform",
+            "o.state",
+            "e.route",
+            "r.route",
+        ],
+        &rest,
+        &args,
+    )
+    .await?;
+    // Waves and alias counts: two small aggregates joined here.
+    let waves: Vec<(String, String)> = godwit_store::bulk::select_rows(
+        &mut conn,
+        store.backend,
+        &["address", "wave"],
+        "wave_members",
+        &[],
+    )
+    .await?;
+    let mut wave_of: std::collections::HashMap<String, Vec<String>> = Default::default();
+    for (a, w) in waves {
+        wave_of.entry(a).or_default().push(w);
+    }
+    let aliases: Vec<(String, String)> = godwit_store::bulk::select_rows(
+        &mut conn,
+        store.backend,
+        &["mailbox", "alias"],
+        "directory_aliases",
+        &[],
+    )
+    .await?;
+    let mut alias_count: std::collections::HashMap<String, usize> = Default::default();
+    for (m, _) in aliases {
+        *alias_count.entry(m).or_default() += 1;
+    }
+    let mut out: Vec<DirectoryEntry> = rows
+        .into_iter()
+        .map(
+            |(address, display_name, kind, platform, state, route, override_route)| {
+                let mut w = wave_of.remove(&address).unwrap_or_default();
+                w.sort();
+                DirectoryEntry {
+                    aliases: alias_count.get(&address).copied().unwrap_or(0),
+                    waves: w.join(";"),
+                    address,
+                    display_name,
+                    kind,
+                    platform,
+                    state,
+                    route,
+                    override_route,
+                }
+            },
+        )
+        .collect();
+    out.sort_by(|a, b| a.address.cmp(&b.address));
+    Ok(out)
+}
