@@ -66,7 +66,8 @@ pub enum DirectoryCommand {
     /// cutover, migrated, rolled-back).
     State {
         state: String,
-        #[arg(required = true)]
+        /// Addresses, or files of addresses (one per line, as for waves).
+        #[arg(required = true, value_name = "ADDR|FILE")]
         addresses: Vec<String>,
         #[arg(long)]
         actor: Option<String>,
@@ -413,8 +414,9 @@ pub async fn directory(config: Config, command: DirectoryCommand) -> Result<i32>
             let state: MigrationState = state.parse().map_err(anyhow::Error::msg)?;
             let who = crate::actor(actor);
             let cmd = format!("directory state {state} {}", addresses.join(" "));
-            let o = control::set_state(&ctx(&store, &config, &who, &cmd, false), addresses, state)
-                .await?;
+            let list = read_members(&addresses)?;
+            let o =
+                control::set_state(&ctx(&store, &config, &who, &cmd, false), list, state).await?;
             print_outcome(&o, "re-routed");
         }
     }

@@ -571,7 +571,13 @@ fn directory_list_says_who_is_where() {
     );
     let dir = write(&gw, "directory.csv", &directory);
     control(&gw, &["directory", "import", &dir, "--apply"]);
-    control(&gw, &["directory", "state", "ready", "alice@example.com"]);
+    // A file of addresses works as for waves.
+    let ready = write(
+        &gw,
+        "ready.txt",
+        "# from the sync report\nalice@example.com\n",
+    );
+    control(&gw, &["directory", "state", "ready", &ready]);
     let (ok, out) = gw.cli(&["wave", "create", "pilot", "--members", "alice@example.com"]);
     assert!(ok, "{out}");
     control(&gw, &["wave", "cutover", "pilot"]);
