@@ -9,16 +9,20 @@ use crate::spf::Answer;
 use mail_auth::common::parse::TxtRecordParser;
 use mail_auth::dmarc::{Alignment, Dmarc, Policy};
 
+/// RFC 7489 6.6.3: a TXT record that does not start with "v=DMARC1" is
+/// discarded.
+pub fn is_record(txt: &str) -> bool {
+    txt.trim_start()
+        .to_ascii_lowercase()
+        .starts_with("v=dmarc1")
+}
+
 /// Findings for the TXT records found at `_dmarc.DOMAIN`.
 pub fn analyze(domain: &str, txt: &Answer<Vec<String>>) -> Vec<Finding> {
     let c = Contract::OutboundSending;
     let subject = format!("_dmarc.{domain}");
     let records: Vec<&String> = match txt {
-        Answer::Found(all) => all
-            .iter()
-            // RFC 7489 6.6.3: records that do not start with "v=DMARC1" are discarded.
-            .filter(|r| r.trim_start().to_ascii_lowercase().starts_with("v=dmarc1"))
-            .collect(),
+        Answer::Found(all) => all.iter().filter(|r| is_record(r)).collect(),
         Answer::Error(e) => {
             return vec![Finding::new(
                 c,

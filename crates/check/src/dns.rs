@@ -495,7 +495,7 @@ pub struct DnsCheck {
 
 /// Runs every DNS check for one domain.
 fn has_dmarc(a: &Answer<Vec<String>>) -> bool {
-    matches!(a, Answer::Found(r) if r.iter().any(|r| r.trim_start().to_ascii_lowercase().starts_with("v=dmarc1")))
+    matches!(a, Answer::Found(r) if r.iter().any(|r| crate::dmarc::is_record(r)))
 }
 
 /// The DMARC record receivers apply to `domain`, and the domain it was found

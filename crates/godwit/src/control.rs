@@ -456,13 +456,43 @@ fn read_members(values: &[String]) -> Result<Vec<String>> {
     Ok(out)
 }
 
+/// `wave add` (`add`) or `wave remove`.
+async fn change_members(
+    store: &Store,
+    config: &Config,
+    name: &str,
+    members: &[String],
+    actor: Option<String>,
+    add: bool,
+) -> Result<()> {
+    let list = read_members(members)?;
+    let who = crate::actor(actor);
+    let verb = if add { "add" } else { "remove" };
+    let cmd = format!("wave {verb} {name} --members {}", members.join(" "));
+    let o = control::wave_members_change(&ctx(store, config, &who, &cmd, false), name, list, add)
+        .await?;
+    let n = o.control.len();
+    if !o.applied {
+        println!(
+            "nothing to change: wave {name} already {} them",
+            if add { "holds" } else { "lacks" }
+        );
+    } else if add {
+        println!(
+            "{n} member(s) added to wave {name} (version {}); they move at its next cutover (godwit wave cutover {name})",
+            o.version
+        );
+    } else {
+        println!(
+            "{n} member(s) removed from wave {name} (version {}); their states and routes are unchanged",
+            o.version
+        );
+    }
+    Ok(())
+}
+
 pub async fn wave(config: Config, command: WaveCommand) -> Result<i32> {
     let store = Store::open(&config.store_url()).await?;
-    let command_kind = match &command {
-        WaveCommand::Add { .. } => "add",
-        WaveCommand::Remove { .. } => "remove",
-        _ => "",
-    };
     match command {
         WaveCommand::Create {
             name,
@@ -488,41 +518,12 @@ pub async fn wave(config: Config, command: WaveCommand) -> Result<i32> {
             name,
             members,
             actor,
-        }
-        | WaveCommand::Remove {
+        } => change_members(&store, &config, &name, &members, actor, true).await?,
+        WaveCommand::Remove {
             name,
             members,
             actor,
-        } => {
-            let add = matches!(command_kind, "add");
-            let list = read_members(&members)?;
-            let who = crate::actor(actor);
-            let cmd = format!("wave {command_kind} {name} --members {}", members.join(" "));
-            let o = control::wave_members_change(
-                &ctx(&store, &config, &who, &cmd, false),
-                &name,
-                list,
-                add,
-            )
-            .await?;
-            let n = o.control.len();
-            if !o.applied {
-                println!(
-                    "nothing to change: wave {name} already {} them",
-                    if add { "holds" } else { "lacks" }
-                );
-            } else if add {
-                println!(
-                    "{n} member(s) added to wave {name} (version {}); they move at its next cutover (godwit wave cutover {name})",
-                    o.version
-                );
-            } else {
-                println!(
-                    "{n} member(s) removed from wave {name} (version {}); their states and routes are unchanged",
-                    o.version
-                );
-            }
-        }
+        } => change_members(&store, &config, &name, &members, actor, false).await?,
         WaveCommand::Delete { name, actor } => {
             let who = crate::actor(actor);
             let cmd = format!("wave delete {name}");

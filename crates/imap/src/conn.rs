@@ -355,51 +355,17 @@ impl Conn {
         messages: &[AppendItem<'_>],
     ) -> Result<Vec<Sent>, ImapError> {
         let literal_plus = self.has("LITERAL+");
-        let mbox = quote(mailbox_wire);
         let mut out = Vec::with_capacity(messages.len());
         let io = |e: std::io::Error| ImapError::Io(e.to_string());
         for m in messages {
-            let date = m
-                .internal_date
-                .as_ref()
-                .map(|d| format!(" \"{d}\""))
-                .unwrap_or_default();
-            let cmd = format!(
-                "APPEND {mbox} ({}){date} {{{}{}}}",
-                m.flags.join(" "),
-                m.body.len(),
-                if literal_plus { "+" } else { "" }
-            );
             let tag = self
-                .session
-                .run_command(&cmd)
-                .await
-                .map_err(|e| ImapError::Io(e.to_string()))?;
-            if !literal_plus {
-                loop {
-                    let r = self
-                        .session
-                        .read_response()
-                        .await
-                        .map_err(io)?
-                        .ok_or(ImapError::ConnectionLost)?;
-                    match r.parsed() {
-                        Response::Continue { .. } => break,
-                        Response::Done {
-                            status, outcome, ..
-                        } => {
-                            return Err(ImapError::Command {
-                                command: "APPEND".into(),
-                                message: format!(
-                                    "{status:?} {}",
-                                    outcome.information.as_deref().unwrap_or("")
-                                ),
-                            });
-                        }
-                        _ => {}
-                    }
-                }
-            }
+                .append_begin(
+                    mailbox_wire,
+                    &m.flags,
+                    m.internal_date.as_deref(),
+                    m.body.len() as u32,
+                )
+                .await?;
             let stream = self.session.get_mut();
             stream.write_all(m.body).await.map_err(io)?;
             stream.write_all(b"\r\n").await.map_err(io)?;

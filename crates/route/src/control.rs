@@ -313,51 +313,33 @@ async fn fill_scope(
     Ok(true)
 }
 
-/// A row whose first column is its table's unique key.
-trait Keyed {
-    fn key(&self) -> &str;
+/// `table` restricted to the scope by its column `col`.
+fn in_scope(table: &str, col: &str) -> String {
+    format!("{table} WHERE {col} {IN_SCOPE}")
 }
 
-impl Keyed for (String, String) {
-    fn key(&self) -> &str {
-        &self.0
-    }
-}
-
-impl Keyed for (String, String, Option<String>) {
-    fn key(&self) -> &str {
-        &self.0
-    }
-}
-
-impl Keyed for (String, String, String, String, String) {
-    fn key(&self) -> &str {
-        &self.0
-    }
-}
-
-/// `cols` of `table` (the first is its unique key): the rows in the scope
-/// as one aggregate, or, unscoped, every row in pages, so that a table of
-/// millions never becomes one JSON text.
-async fn keyed_rows<T: serde::de::DeserializeOwned + Keyed>(
+/// `cols` of `table` (the first is its unique key, `key_of` reads it from a
+/// row): the rows in the scope as one aggregate, or, unscoped, every row in
+/// pages, so that a table of millions never becomes one JSON text.
+async fn keyed_rows<T: serde::de::DeserializeOwned>(
     tx: &mut AnyConnection,
     b: Backend,
     cols: &[&str],
     table: &str,
     scoped: bool,
+    key_of: fn(&T) -> &str,
 ) -> Result<Vec<T>, StoreError> {
-    let key = cols[0];
     if scoped {
-        select_rows(tx, b, cols, &format!("{table} WHERE {key} {IN_SCOPE}"), &[]).await
+        select_rows(tx, b, cols, &in_scope(table, cols[0]), &[]).await
     } else {
         godwit_store::bulk::select_all(
             tx,
             b,
             cols,
             table,
-            key,
+            cols[0],
             godwit_store::bulk::PAGE,
-            |r: &T| r.key(),
+            key_of,
         )
         .await
     }
@@ -378,20 +360,15 @@ async fn load(
     let mut st = Stages::new();
     let scoped = fill_scope(tx, b, scope).await?;
     st.lap("scope");
-    let from = |table: &str, col: &str| {
-        if scoped {
-            format!("{table} WHERE {col} {IN_SCOPE}")
-        } else {
-            table.to_string()
-        }
-    };
     let mut src = Sources::default();
-    let objects: Vec<(String, String, String, String, String)> = keyed_rows(
+    type ObjectRow = (String, String, String, String, String);
+    let objects = keyed_rows::<ObjectRow>(
         tx,
         b,
         &["address", "display_name", "kind", "platform", "state"],
         "directory_objects",
         scoped,
+        |r| &r.0,
     )
     .await?;
     src.objects.reserve(objects.len());
@@ -410,23 +387,39 @@ async fn load(
         src.objects.insert(address, object);
     }
     st.lap("load objects");
-    src.aliases =
-        keyed_rows::<(String, String)>(tx, b, &["alias", "mailbox"], "directory_aliases", scoped)
-            .await?
-            .into_iter()
-            .collect();
-    src.overrides =
-        keyed_rows::<(String, String)>(tx, b, &["address", "route"], "route_overrides", scoped)
-            .await?
-            .into_iter()
-            .collect();
+    src.aliases = keyed_rows::<(String, String)>(
+        tx,
+        b,
+        &["alias", "mailbox"],
+        "directory_aliases",
+        scoped,
+        |r| &r.0,
+    )
+    .await?
+    .into_iter()
+    .collect();
+    src.overrides = keyed_rows::<(String, String)>(
+        tx,
+        b,
+        &["address", "route"],
+        "route_overrides",
+        scoped,
+        |r| &r.0,
+    )
+    .await?
+    .into_iter()
+    .collect();
     if with_members {
         // Keyed by (group, member): one aggregate, scoped or not.
         for (g, m) in select_rows::<(String, String)>(
             tx,
             b,
             &["group_address", "member"],
-            &from("directory_members", "group_address"),
+            &if scoped {
+                in_scope("directory_members", "group_address")
+            } else {
+                "directory_members".to_string()
+            },
             &[],
         )
         .await?
@@ -435,12 +428,13 @@ async fn load(
         }
     }
     st.lap("load aliases, overrides, members");
-    let rows: Vec<(String, String, Option<String>)> = keyed_rows(
+    let rows = keyed_rows::<(String, String, Option<String>)>(
         tx,
         b,
         &["address", "route", "basis"],
         "route_entries",
         scoped,
+        |r| &r.0,
     )
     .await?;
     let entries: Entries = rows
@@ -1140,11 +1134,7 @@ pub async fn wave_create(
         let name = name.clone();
         let members = members.clone();
         Box::pin(async move {
-            let exists: Option<String> = sqlx::query_scalar("SELECT name FROM waves WHERE name = $1")
-                .bind(name.as_str())
-                .fetch_optional(&mut *tx)
-                .await?;
-            if exists.is_some() {
+            if wave_status(tx, &name).await?.is_some() {
                 return Err(refused(format!(
                     "wave `{name}` exists; choose another name (godwit wave list)"
                 )));
@@ -1208,13 +1198,7 @@ pub async fn wave_members_change(
         let name = name.clone();
         let members = members.clone();
         Box::pin(async move {
-            let status: Option<String> = sqlx::query_scalar("SELECT status FROM waves WHERE name = $1")
-                .bind(name.as_str())
-                .fetch_optional(&mut *tx)
-                .await?;
-            if status.is_none() {
-                return Err(refused(format!("no wave `{name}` (godwit wave list)")));
-            }
+            existing_wave_status(tx, &name).await?;
             let current: BTreeSet<String> = wave_members(tx, be, &name).await?.into_iter().collect();
             let mut resolved = BTreeSet::new();
             let mut bad = Vec::new();
@@ -1290,13 +1274,7 @@ pub async fn wave_delete(ctx: &Ctx<'_>, name: &str) -> Result<Outcome, ControlEr
     ctx.run_tx(Scope::Addresses(Vec::new()), false, false, move |tx, _src, _version| {
         let name = name.clone();
         Box::pin(async move {
-            let status: Option<String> = sqlx::query_scalar("SELECT status FROM waves WHERE name = $1")
-                .bind(name.as_str())
-                .fetch_optional(&mut *tx)
-                .await?;
-            let Some(status) = status else {
-                return Err(refused(format!("no wave `{name}` (godwit wave list)")));
-            };
+            let status = existing_wave_status(tx, &name).await?;
             if status == "cutover" {
                 return Err(refused(format!(
                     "wave `{name}` is cut over; roll it back first (godwit wave rollback {name}) or keep it"
@@ -1355,19 +1333,30 @@ pub fn ready_for_cutover(kind: Kind, state: MigrationState, sync_ready: bool) ->
         || matches!(state, MigrationState::Ready | MigrationState::RolledBack)
 }
 
+/// A wave's status, or `None` if there is no such wave.
+async fn wave_status(tx: &mut AnyConnection, name: &str) -> Result<Option<String>, ControlError> {
+    Ok(
+        sqlx::query_scalar("SELECT status FROM waves WHERE name = $1")
+            .bind(name)
+            .fetch_optional(&mut *tx)
+            .await?,
+    )
+}
+
+/// A wave's status, refusing a wave that does not exist.
+async fn existing_wave_status(tx: &mut AnyConnection, name: &str) -> Result<String, ControlError> {
+    wave_status(tx, name)
+        .await?
+        .ok_or_else(|| refused(format!("no wave `{name}` (godwit wave list)")))
+}
+
 async fn set_wave_status(
     tx: &mut AnyConnection,
     name: &str,
     status: &str,
     version: i64,
 ) -> Result<ControlChange, ControlError> {
-    let before: Option<String> = sqlx::query_scalar("SELECT status FROM waves WHERE name = $1")
-        .bind(name)
-        .fetch_optional(&mut *tx)
-        .await?;
-    let Some(before) = before else {
-        return Err(refused(format!("no wave `{name}` (godwit wave list)")));
-    };
+    let before = existing_wave_status(tx, name).await?;
     sqlx::query("UPDATE waves SET status = $1, version = $2 WHERE name = $3")
         .bind(status)
         .bind(version)
@@ -1624,12 +1613,7 @@ pub async fn rollback_to(ctx: &Ctx<'_>, to: i64) -> Result<Outcome, ControlError
             }
             for (name, status) in waves {
                 // A deleted wave stays deleted: definitions are not routing.
-                let exists: Option<String> =
-                    sqlx::query_scalar("SELECT name FROM waves WHERE name = $1")
-                        .bind(name.as_str())
-                        .fetch_optional(&mut *tx)
-                        .await?;
-                if exists.is_none() {
+                if wave_status(tx, &name).await?.is_none() {
                     continue;
                 }
                 let c = set_wave_status(tx, &name, &status, version).await?;
