@@ -266,6 +266,10 @@ pub struct QueueConfig {
     /// mail leaving the organisation). Default: `routing.default` when it is a
     /// platform, else the first platform by name.
     pub dsn_platform: Option<String>,
+    /// Attempts that may wait for a connection slot per platform (KumoMTA's
+    /// `max_ready`). Past it, a due message stays parked in the scheduled
+    /// queue and costs no task and no memory for its body until a slot frees.
+    pub max_ready: usize,
 }
 
 impl Default for QueueConfig {
@@ -278,6 +282,7 @@ impl Default for QueueConfig {
             scan_interval: Duration::from_millis(250),
             delay_warning: None,
             dsn_platform: None,
+            max_ready: 1000,
         }
     }
 }

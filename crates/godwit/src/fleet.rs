@@ -81,7 +81,7 @@ pub async fn heartbeat_and_commands(store: Store, relay: Relay, events: EventLog
                 tracing::warn!("queue command {id}: cannot parse `{op}` `{sel}`");
                 continue;
             };
-            let affected = relay.apply_op(&op_v, &selector, &actor);
+            let affected = relay.apply_op(&op_v, &selector, &actor).await;
             events.emit(Event::QueueCommand {
                 op: op.clone(),
                 selector: sel.clone(),

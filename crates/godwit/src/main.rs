@@ -218,6 +218,14 @@ struct Target {
 
 fn main() {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Serve) {
+        // A command's output piped into `head` ends it quietly, as a Unix
+        // tool does (Rust ignores SIGPIPE, so println! would panic).
+        // SAFETY: setting a signal disposition before any thread starts.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -851,8 +859,8 @@ async fn queue(config: Config, command: QueueCommand) -> Result<i32> {
                     println!("             last reply: {r}");
                 }
             }
-            let spool = Spool::open(&config.spool_dir())?;
-            let body = spool.read_body(&m)?;
+            // Read-only: the gateway may be writing beside us.
+            let body = godwit_spool::read_body_at(&config.spool_dir(), &m)?;
             let end = body
                 .windows(4)
                 .position(|w| w == b"\r\n\r\n")
@@ -947,93 +955,55 @@ async fn queue_op(config: &Config, op: godwit_relay::QueueOp, t: &Target) -> Res
     let sel = selector(t)?;
     let who = actor(t.actor.clone());
     let store = Store::open(&config.store_url()).await?;
-    let results = fleet::send(&store, &who, &op, &sel).await?;
-    let name = serde_json::to_string(&op)?.trim_matches('"').to_string();
-    if !results.is_empty() {
+    let name = op.name();
+    // Change the spool directly only when no gateway runs, and only if no
+    // process owns the spool: a gateway that has not reported in yet (just
+    // started), or is slow to (a long wave transaction holding the store's
+    // write lock, say), still owns its spool, and its files must not be
+    // edited under it.
+    let mut offline = None;
+    if fleet::live_nodes(&store).await?.is_empty() {
+        match Spool::open(&config.spool_dir()) {
+            Ok(s) => offline = Some(s),
+            Err(e @ godwit_spool::SpoolError::Locked { .. }) => {
+                let deadline = std::time::Instant::now() + Duration::from_secs(10);
+                while fleet::live_nodes(&store).await?.is_empty() {
+                    if std::time::Instant::now() > deadline {
+                        bail!("{e}\nIt has not reported in to the store for 10 s: nothing was changed.");
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let Some(spool) = offline else {
+        let results = fleet::send(&store, &who, &op, &sel).await?;
+        if results.is_empty() {
+            bail!(
+                "no gateway answered the {name} command within 5 s; it stays queued in the store and applies when a gateway reads it. Check with `godwit queue list`."
+            );
+        }
+        let total: i64 = results.iter().map(|(_, a)| a).sum();
         for (node, affected) in results {
             println!("{name}: {affected} affected on {node}");
         }
-        return Ok(0);
-    }
-    // Offline: no gateway is running; change the spool records directly.
-    let spool = Spool::open(&config.spool_dir())?;
+        // As postsuper: nothing matched is a failure the caller can see.
+        return Ok(if total == 0 { 1 } else { 0 });
+    };
     let (events, writer) = EventLog::new(&config.events_dir(), &config.hostname)?;
     let writer = tokio::spawn(writer.run());
     let routes = godwit_route::load(&store, config).await?;
-    let now = godwit_spool::now_ms();
-    let mut affected = 0;
-    for m in godwit_spool::list(&config.spool_dir()) {
-        let h = &m.header;
-        let mut recs = Vec::new();
-        let mut matched = Vec::new();
-        for (i, (addr, _)) in h.envelope.rcpts.iter().enumerate() {
-            let s = &m.status[i];
-            if s.as_ref().is_some_and(|s| s.status.is_final()) {
-                continue;
-            }
-            let route = s
-                .as_ref()
-                .and_then(|s| s.platform.clone())
-                .unwrap_or_else(|| routes.decide(addr).route);
-            if !sel.matches(h, addr, &route, now) {
-                continue;
-            }
-            matched.push(addr.clone());
-            let mut rec = s.clone().unwrap_or(godwit_spool::StatusRecord {
-                rcpt: i,
-                status: RcptStatus::Pending,
-                at_ms: now,
-                attempts: 0,
-                next_ms: 0,
-                platform: None,
-                reply: None,
-                delivered_to: vec![],
-                operator_hold: false,
-                warned: false,
-            });
-            rec.at_ms = now;
-            match op {
-                godwit_relay::QueueOp::Hold => {
-                    rec.operator_hold = true;
-                    rec.status = RcptStatus::Held;
-                }
-                godwit_relay::QueueOp::Release
-                | godwit_relay::QueueOp::Flush
-                | godwit_relay::QueueOp::Requeue => {
-                    if op == godwit_relay::QueueOp::Release {
-                        rec.operator_hold = false;
-                    } else if rec.operator_hold {
-                        continue;
-                    }
-                    if op == godwit_relay::QueueOp::Requeue {
-                        rec.platform = None;
-                    }
-                    rec.status = RcptStatus::Deferred;
-                    rec.next_ms = 0;
-                }
-                godwit_relay::QueueOp::Delete => {}
-            }
-            recs.push(rec);
-        }
-        if matched.is_empty() {
-            continue;
-        }
-        if op == godwit_relay::QueueOp::Delete {
-            spool.remove_durable(&h.queue_id)?;
-            events.emit(Event::QueueDeleted {
-                queue_id: h.queue_id.clone(),
-                message_id: h.message_id.clone(),
-                rcpts: matched,
-                actor: who.clone(),
-            });
-            affected += 1;
-        } else if !recs.is_empty() {
-            affected += recs.len();
-            spool.record_many(&h.queue_id, &recs)?;
-        }
-    }
+    let affected = godwit_relay::apply_offline(
+        &spool,
+        &|a: &str| routes.decide(a).route,
+        &op,
+        &sel,
+        &who,
+        &mut |e| events.emit(e),
+    )?;
     events.emit(Event::QueueCommand {
-        op: name.clone(),
+        op: name.to_string(),
         selector: serde_json::to_string(&sel)?,
         actor: who,
         affected,
@@ -1042,5 +1012,5 @@ async fn queue_op(config: &Config, op: godwit_relay::QueueOp, t: &Target) -> Res
     drop(events);
     let _ = writer.await;
     println!("{name}: {affected} affected (no gateway running; spool changed directly)");
-    Ok(0)
+    Ok(if affected == 0 { 1 } else { 0 })
 }

@@ -352,6 +352,8 @@ impl Smtpd {
             memory: &self.data_memory,
             bytes: 0,
         };
+        let mut was_data = false;
+        let mut deadline = tokio::time::Instant::now() + self.config.smtp.command_timeout;
         loop {
             while let Some(o) = session.next(&policy) {
                 match o {
@@ -396,12 +398,21 @@ impl Smtpd {
                     self.config.smtp.max_data_memory
                 );
             }
-            let timeout = if session.in_data() {
-                self.config.smtp.data_timeout
-            } else {
-                self.config.smtp.command_timeout
-            };
-            match tokio::time::timeout(timeout, stream.read(&mut buf)).await {
+            // RFC 5321 4.5.3.2: the timeouts bound a whole command line, and
+            // the whole DATA phase, not each read: a client sending a byte
+            // every few seconds must not hold a session for ever. A new
+            // command's clock starts once the previous one is consumed.
+            let in_data = session.in_data();
+            if in_data != was_data || (!in_data && session.buffered() == 0) {
+                deadline = tokio::time::Instant::now()
+                    + if in_data {
+                        self.config.smtp.data_timeout
+                    } else {
+                        self.config.smtp.command_timeout
+                    };
+                was_data = in_data;
+            }
+            match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
                 Ok(Ok(0)) => {
                     return End::Closed(if session.in_data() {
                         "lost connection in DATA".into()

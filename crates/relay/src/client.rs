@@ -163,6 +163,12 @@ impl Platform {
     fn host_failed(&self, idx: usize, why: &Reply) {
         let mut health = self.health.lock().unwrap();
         let h = &mut health[idx];
+        // One failure per pass-over period: attempts that were already
+        // connecting when the host failed (or that tried it as a last
+        // resort while it was passed over) say nothing new about it.
+        if h.down_until.is_some_and(|t| t > Instant::now()) {
+            return;
+        }
         h.failures += 1;
         let back_off = host_backoff(h.failures);
         h.down_until = Some(Instant::now() + back_off);
@@ -407,8 +413,12 @@ impl Platform {
                         }
                     }
                     // A pooled connection the peer closed while idle: nothing was
-                    // sent past MAIL, so a fresh connection is safe.
-                    Err(TxError::BeforeData(_)) if pooled => continue,
+                    // sent past MAIL, so a fresh connection is safe, to any
+                    // host, that one included.
+                    Err(TxError::BeforeData(_)) if pooled => {
+                        tried.retain(|&i| i != conn.host_idx);
+                        continue;
+                    }
                     Err(TxError::BeforeData(r)) => AttemptOutcome {
                         host: Some(conn.host.clone()),
                         tls: conn.tls,
@@ -693,6 +703,37 @@ mod tests {
         let secs: Vec<u64> = (1..=9).map(|n| host_backoff(n).as_secs()).collect();
         assert_eq!(secs, [5, 10, 20, 40, 80, 160, 300, 300, 300]);
         assert_eq!(host_backoff(u32::MAX).as_secs(), 300);
+    }
+
+    /// Simultaneous attempts that all fail to connect count as one failure:
+    /// the pass-over grows once per period, not once per attempt.
+    #[tokio::test]
+    async fn concurrent_connect_failures_count_once() {
+        // A port with nothing listening (bound, then released): refused at once.
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let cfg = PlatformConfig {
+            relay: vec![format!("127.0.0.1:{port}")],
+            ..Default::default()
+        };
+        let p = std::sync::Arc::new(Platform::new("old", &cfg));
+        let mut tasks = Vec::new();
+        for _ in 0..5 {
+            let p = p.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut tried = Vec::new();
+                p.connect_from("test", &mut tried).await.is_err()
+            }));
+        }
+        for t in tasks {
+            assert!(t.await.unwrap());
+        }
+        let down = p.down_hosts();
+        assert_eq!(down.len(), 1);
+        assert!(down[0].1 <= 6, "passed over for {}s after one outage", down[0].1);
+        assert_eq!(p.health.lock().unwrap()[0].failures, 1);
     }
 
     #[test]

@@ -55,6 +55,10 @@ pub struct FlowSnapshot {
     /// Relay hosts passed over after connection failures, with the seconds
     /// left (filled in by the scheduler, which knows the hosts).
     pub down_hosts: Vec<(String, u64)>,
+    /// Attempts waiting for a delivery slot (at most `queue.max_ready`).
+    pub ready: usize,
+    /// Due messages parked because the ready queue was full.
+    pub parked: usize,
 }
 
 /// How a delivery went, for the controller.
@@ -236,6 +240,8 @@ impl Flow {
             delivered: st.delivered,
             throttled: st.throttled,
             down_hosts: Vec::new(),
+            ready: 0,
+            parked: 0,
         }
     }
 }

@@ -7,8 +7,11 @@
 mod client;
 mod dsn;
 mod flow;
+pub mod plan;
+pub mod queue_op;
 mod schedule;
 
 pub use client::{AttemptOutcome, RcptOutcome, parse_remote_queue_id};
 pub use flow::FlowSnapshot;
-pub use schedule::{QueueOp, QueueSnapshot, Relay, RelayHandle, Selector};
+pub use queue_op::{QueueOp, Selector};
+pub use schedule::{QueueSnapshot, Relay, RelayHandle, apply_offline};

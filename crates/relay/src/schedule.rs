@@ -1,41 +1,47 @@
-//! The queue manager (Postfix's qmgr): which message is due, where each of its
-//! recipients goes now, and what happened to each copy.
+//! The queue manager's driver (Postfix's qmgr): keeps every queued message
+//! in memory (metadata only; bodies stay in the spool), picks the due ones,
+//! plans each with `plan::plan_attempt`, and hands each platform's share to
+//! that platform's ready queue. A platform's dispatcher grants its delivery
+//! slots (flow control) to the waiting attempts in order; only then is the
+//! route checked again and the body read, so a routing change or rollback
+//! reaches every message whose SMTP transaction has not begun, and a backlog
+//! costs no memory for bodies. The ready queue is capped (KumoMTA's
+//! `max_ready`): past it, a due message is parked and waits for a free place.
 
-use crate::client::{AttemptOutcome, Platform, RcptOutcome};
+use crate::client::{AttemptOutcome, Platform};
 use crate::dsn::{self, DsnRcpt};
-use crate::flow::{Admission, Flow, FlowSnapshot, classify};
-use godwit_config::{Config, ROUTE_BOTH, ROUTE_HOLD};
+use crate::flow::{Admission, Flow, FlowSnapshot, Permit, classify};
+use crate::plan::{self, Hold, RcptState, Routed, World};
+use crate::queue_op::{self, QueueOp, Selector};
+use godwit_config::Config;
 use godwit_events::{Event, EventLog};
 use godwit_route::SharedRoutes;
 use godwit_smtp_proto::{Envelope, MailParams, RcptParams};
-use godwit_spool::{Header, RcptStatus, Spool, Spooled, StatusRecord, now_ms};
-use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use godwit_spool::{Header, RcptStatus, Spool, SpoolError, Spooled, StatusRecord, now_ms};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, oneshot};
+use tokio_util::sync::CancellationToken;
 
-#[derive(Debug, Clone, Default)]
-struct RcptRt {
-    status: RcptStatus,
-    attempts: u32,
-    next_ms: i64,
-    /// The route used at the last attempt: a change makes the message due now.
-    last_route: Option<String>,
-    delivered_to: Vec<String>,
-    operator_hold: bool,
-    warned: bool,
-    last_reply: Option<String>,
-}
+/// After this many failed reads of its body, a message is moved to
+/// `spool/corrupt/` (with an event) rather than retried for ever.
+const MAX_BODY_FAILURES: u32 = 5;
 
 struct Entry {
     sp: Arc<Spooled>,
-    rcpts: Vec<RcptRt>,
+    rcpts: Vec<RcptState>,
+    /// An attempt owns the message: planning, waiting for slots, or sending.
     in_flight: bool,
-    /// A routing change arrived while in flight.
+    /// Cancelled by a route change while the attempt waits for slots.
+    reroute: Option<CancellationToken>,
+    /// The attempt's platform groups not finished yet.
+    groups_left: usize,
+    /// A routing change arrived while in flight: plan again at once after.
     recheck: bool,
-    /// Operator commands that arrived while in flight, applied afterwards.
-    pending_ops: Vec<(QueueOp, String)>,
+    /// Waiting in a full platform's parked list, not in the due set.
+    parked: bool,
+    body_failures: u32,
     due: Option<i64>,
 }
 
@@ -43,6 +49,8 @@ struct Entry {
 struct State {
     msgs: HashMap<String, Entry>,
     due: BTreeSet<(i64, String)>,
+    /// Per platform: messages waiting for a place in its ready queue.
+    parked: BTreeMap<String, VecDeque<String>>,
 }
 
 impl State {
@@ -57,11 +65,19 @@ impl State {
             }
         }
     }
+
+    fn remove(&mut self, id: &str) -> Option<Entry> {
+        self.schedule(id, None);
+        self.msgs.remove(id)
+    }
 }
 
 struct Dest {
     platform: Arc<Platform>,
     flow: Arc<Flow>,
+    /// Attempts waiting for a delivery slot, oldest first.
+    ready: Mutex<VecDeque<oneshot::Sender<Admission>>>,
+    ready_changed: Notify,
 }
 
 struct Inner {
@@ -70,6 +86,7 @@ struct Inner {
     routes: SharedRoutes,
     events: EventLog,
     dests: BTreeMap<String, Dest>,
+    platforms: Vec<String>,
     state: Mutex<State>,
     wake: Notify,
 }
@@ -89,109 +106,12 @@ pub struct QueueSnapshot {
     pub rcpts: Vec<(String, RcptStatus, u32, Option<String>)>,
 }
 
-/// An operator's queue command (postsuper/postqueue equivalents).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum QueueOp {
-    Hold,
-    Release,
-    /// Retry now.
-    Flush,
-    /// Decide the route again and retry now.
-    Requeue,
-    Delete,
-}
-
-/// Which recipients a command applies to. Empty fields match everything;
-/// `all` must be set for a command with no other filter (no accidents).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Selector {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub queue_id: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub platform: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rcpt: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub older_than_s: Option<u64>,
-    #[serde(default)]
-    pub all: bool,
-}
-
-impl Selector {
-    pub fn is_empty(&self) -> bool {
-        self.queue_id.is_none()
-            && self.platform.is_none()
-            && self.rcpt.is_none()
-            && self.older_than_s.is_none()
-            && !self.all
-    }
-
-    /// Whether recipient `addr` of message `h`, currently routed to `route`, matches.
-    pub fn matches(&self, h: &Header, addr: &str, route: &str, now: i64) -> bool {
-        self.queue_id
-            .as_ref()
-            .is_none_or(|q| q.eq_ignore_ascii_case(&h.queue_id))
-            && self
-                .platform
-                .as_ref()
-                .is_none_or(|p| p == route || (route == ROUTE_BOTH))
-            && self
-                .rcpt
-                .as_ref()
-                .is_none_or(|r| r.eq_ignore_ascii_case(addr))
-            && self
-                .older_than_s
-                .is_none_or(|s| (now - h.arrival_ms) / 1000 >= s as i64)
-    }
-}
-
-fn rt_of(s: &Option<StatusRecord>, now: i64) -> RcptRt {
-    match s {
-        Some(r) => RcptRt {
-            status: r.status,
-            attempts: r.attempts,
-            next_ms: if r.status == RcptStatus::Held && !r.operator_hold {
-                now
-            } else {
-                r.next_ms
-            },
-            last_route: r.platform.clone(),
-            delivered_to: r.delivered_to.clone(),
-            operator_hold: r.operator_hold,
-            warned: r.warned,
-            last_reply: r.reply.clone(),
-        },
-        None => RcptRt {
-            next_ms: now,
-            ..Default::default()
-        },
-    }
-}
-
-fn status_rec(i: usize, r: &RcptRt) -> StatusRecord {
-    StatusRecord {
-        rcpt: i,
-        status: r.status,
-        at_ms: now_ms(),
-        attempts: r.attempts,
-        next_ms: if r.next_ms == i64::MAX { 0 } else { r.next_ms },
-        platform: r.last_route.clone(),
-        reply: r.last_reply.clone(),
-        delivered_to: r.delivered_to.clone(),
-        operator_hold: r.operator_hold,
-        warned: r.warned,
-    }
-}
-
-/// The earliest attempt due among recipients that can move.
-fn next_due(rcpts: &[RcptRt]) -> Option<i64> {
-    rcpts
-        .iter()
-        .filter(|r| !r.status.is_final() && !r.operator_hold && r.status != RcptStatus::Held)
-        .map(|r| r.next_ms)
-        .filter(|&t| t != i64::MAX)
-        .min()
+/// How one platform group of an attempt ended.
+enum GroupEnd {
+    Done,
+    /// The body could not be read: counted, and after too many the message
+    /// is quarantined.
+    Unreadable(SpoolError),
 }
 
 impl RelayHandle {
@@ -201,7 +121,7 @@ impl RelayHandle {
         routes: SharedRoutes,
         events: EventLog,
     ) -> RelayHandle {
-        let dests = config
+        let dests: BTreeMap<String, Dest> = config
             .platforms
             .iter()
             .map(|(name, p)| {
@@ -210,16 +130,20 @@ impl RelayHandle {
                     Dest {
                         platform: Arc::new(Platform::new(name, p)),
                         flow: Flow::new(p),
+                        ready: Mutex::default(),
+                        ready_changed: Notify::new(),
                     },
                 )
             })
             .collect();
+        let platforms = dests.keys().cloned().collect();
         RelayHandle(Arc::new(Inner {
             config,
             spool,
             routes,
             events,
             dests,
+            platforms,
             state: Mutex::default(),
             wake: Notify::new(),
         }))
@@ -235,13 +159,12 @@ impl RelayHandle {
     /// except recipients whose recorded state says otherwise.
     pub fn enqueue(&self, sp: Spooled) {
         let now = now_ms();
-        let rcpts: Vec<RcptRt> = sp.status.iter().map(|s| rt_of(s, now)).collect();
-        let due = next_due(&rcpts).or_else(|| {
-            rcpts
-                .iter()
-                .any(|r| r.status == RcptStatus::Held && !r.operator_hold)
-                .then_some(now)
-        });
+        let rcpts: Vec<RcptState> = sp
+            .status
+            .iter()
+            .map(|s| RcptState::from_record(s.as_ref(), now))
+            .collect();
+        let due = plan::next_due(&rcpts);
         let id = sp.header.queue_id.clone();
         let mut st = self.0.state.lock().unwrap();
         st.msgs.insert(
@@ -250,8 +173,11 @@ impl RelayHandle {
                 sp: Arc::new(sp),
                 rcpts,
                 in_flight: false,
+                reroute: None,
+                groups_left: 0,
                 recheck: false,
-                pending_ops: Vec::new(),
+                parked: false,
+                body_failures: 0,
                 due: None,
             },
         );
@@ -269,12 +195,27 @@ impl RelayHandle {
     }
 
     pub fn destinations(&self) -> BTreeMap<String, FlowSnapshot> {
+        let parked: BTreeMap<String, usize> = {
+            let st = self.0.state.lock().unwrap();
+            st.parked
+                .iter()
+                .map(|(p, q)| {
+                    let n = q
+                        .iter()
+                        .filter(|id| st.msgs.get(*id).is_some_and(|e| e.parked))
+                        .count();
+                    (p.clone(), n)
+                })
+                .collect()
+        };
         self.0
             .dests
             .iter()
             .map(|(n, d)| {
                 let mut s = d.flow.snapshot();
                 s.down_hosts = d.platform.down_hosts();
+                s.ready = d.ready.lock().unwrap().len();
+                s.parked = parked.get(n).copied().unwrap_or(0);
                 (n.clone(), s)
             })
             .collect()
@@ -295,51 +236,64 @@ impl RelayHandle {
                     .rcpts
                     .iter()
                     .zip(&e.rcpts)
-                    .map(|((a, _), r)| (a.clone(), r.status, r.attempts, r.last_route.clone()))
+                    .map(|((a, _), r)| {
+                        (a.clone(), r.shown_status(), r.attempts, r.last_route.clone())
+                    })
                     .collect(),
             })
             .collect()
     }
 
+    /// The route for recipient `addr` of message `h` now: DSNs go to the
+    /// DSN platform, whatever the routing map says.
+    fn route_of(&self, h: &Header, addr: &str) -> Routed {
+        let inner = &self.0;
+        if h.kind.is_some() {
+            return Routed {
+                route: inner.config.dsn_platform(),
+                why: "DSN to the sender".into(),
+                version: inner.routes.version(),
+            };
+        }
+        let d = inner.routes.decide(addr);
+        Routed {
+            route: d.route,
+            why: d.why.to_string(),
+            version: d.version,
+        }
+    }
+
     /// Called when the routing version changes: every queued message with a
     /// recipient whose route is now different becomes due at once, so a
-    /// routing change or rollback applies to mail already queued.
+    /// routing change or rollback applies to mail already queued, including
+    /// mail waiting for a delivery slot (its wait is cancelled).
     pub fn routes_changed(&self) {
         let now = now_ms();
         let mut st = self.0.state.lock().unwrap();
         let mut due_now = Vec::new();
         for (id, e) in st.msgs.iter_mut() {
-            if e.in_flight {
-                e.recheck = true;
+            let h = &e.sp.header;
+            if h.kind.is_some() {
                 continue;
             }
-            let dsn = e.sp.header.kind.is_some();
-            let changed = !dsn
-                && e.sp
-                    .header
-                    .envelope
-                    .rcpts
-                    .iter()
-                    .zip(&e.rcpts)
-                    .any(|((addr, _), r)| {
-                        !r.status.is_final()
-                            && !r.operator_hold
-                            && r.last_route.as_deref()
-                                != Some(self.0.routes.decide(addr).route.as_str())
-                    });
-            if changed {
-                for r in e
-                    .rcpts
-                    .iter_mut()
-                    .filter(|r| !r.status.is_final() && !r.operator_hold)
-                {
-                    r.next_ms = now;
-                    if r.status == RcptStatus::Held {
-                        r.status = RcptStatus::Deferred;
-                    }
-                }
-                due_now.push(id.clone());
+            let changed = h.envelope.rcpts.iter().zip(&e.rcpts).any(|((addr, _), r)| {
+                !r.is_final()
+                    && r.hold != Hold::Operator
+                    && r.last_route.as_deref() != Some(self.0.routes.decide(addr).route.as_str())
+            });
+            if !changed {
+                continue;
             }
+            if e.in_flight {
+                e.recheck = true;
+                if let Some(t) = &e.reroute {
+                    t.cancel();
+                }
+                continue;
+            }
+            make_due(&mut e.rcpts, now);
+            e.parked = false;
+            due_now.push(id.clone());
         }
         for id in &due_now {
             st.schedule(id, Some(now));
@@ -350,8 +304,12 @@ impl RelayHandle {
         }
     }
 
-    /// Runs the scheduler until the process ends.
+    /// Runs the scheduler (and each platform's dispatcher) until the process
+    /// ends.
     pub async fn run(self) {
+        for name in self.0.dests.keys() {
+            tokio::spawn(self.clone().dispatch(name.clone()));
+        }
         let scan = self.0.config.queue.scan_interval;
         loop {
             let now = now_ms();
@@ -374,8 +332,7 @@ impl RelayHandle {
                 (ready, st.due.first().map(|(at, _)| *at))
             };
             for id in ready {
-                let me = self.clone();
-                tokio::spawn(async move { me.attempt(&id).await });
+                self.spawn_attempt(id);
             }
             let wait = next.map_or(scan, |at| {
                 Duration::from_millis((at - now).clamp(1, scan.as_millis() as i64) as u64)
@@ -384,6 +341,83 @@ impl RelayHandle {
                 _ = self.0.wake.notified() => {}
                 _ = tokio::time::sleep(wait) => {}
             }
+        }
+    }
+
+    /// Runs one attempt in its own task, watched: an attempt that panics is
+    /// recorded as a deferral and retried, never left "in flight" for ever
+    /// (as mox's queue recovers and reschedules).
+    fn spawn_attempt(&self, id: String) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            let task = tokio::spawn({
+                let me = me.clone();
+                let id = id.clone();
+                async move { me.attempt(&id).await }
+            });
+            if let Err(e) = task.await {
+                me.attempt_crashed(&id, None, &e.to_string()).await;
+            }
+        });
+    }
+
+    /// A platform's dispatcher: grants each delivery slot the flow control
+    /// allows to the oldest waiting attempt, or tells every waiting attempt
+    /// that the circuit is open.
+    async fn dispatch(self, name: String) {
+        let d = &self.0.dests[&name];
+        loop {
+            loop {
+                if !d.ready.lock().unwrap().is_empty() {
+                    break;
+                }
+                d.ready_changed.notified().await;
+            }
+            match d.flow.admit().await {
+                Admission::Granted(permit) => {
+                    let mut grant = Some(Admission::Granted(permit));
+                    while let Some(g) = grant.take() {
+                        let Some(tx) = d.ready.lock().unwrap().pop_front() else {
+                            break; // every waiter left (rerouted): the slot frees
+                        };
+                        // A waiter that gave up hands the slot back.
+                        grant = tx.send(g).err();
+                    }
+                    self.unpark(&name, 1);
+                }
+                Admission::Down(wait) => {
+                    let waiting: Vec<_> = d.ready.lock().unwrap().drain(..).collect();
+                    for tx in waiting {
+                        let _ = tx.send(Admission::Down(wait));
+                    }
+                    self.unpark(&name, usize::MAX);
+                }
+            }
+        }
+    }
+
+    /// Makes up to `n` messages parked for `platform` due again.
+    fn unpark(&self, platform: &str, n: usize) {
+        let now = now_ms();
+        let mut st = self.0.state.lock().unwrap();
+        let mut woken = Vec::new();
+        while woken.len() < n {
+            let Some(id) = st.parked.get_mut(platform).and_then(|q| q.pop_front()) else {
+                break;
+            };
+            if let Some(e) = st.msgs.get_mut(&id)
+                && e.parked
+            {
+                e.parked = false;
+                woken.push(id);
+            }
+        }
+        for id in &woken {
+            st.schedule(id, Some(now));
+        }
+        drop(st);
+        if !woken.is_empty() {
+            self.0.wake.notify_one();
         }
     }
 
@@ -397,424 +431,411 @@ impl RelayHandle {
         )
     }
 
-    /// The platforms a recipient must still reach under `route`.
-    fn targets(&self, route: &str, delivered_to: &[String]) -> Vec<String> {
-        let all: Vec<String> = if route == ROUTE_BOTH {
-            self.0.dests.keys().cloned().collect()
-        } else {
-            vec![route.to_string()]
-        };
-        all.into_iter()
-            .filter(|p| !delivered_to.contains(p))
-            .collect()
+    fn emit_all(&self, events: Vec<Event>) {
+        for e in events {
+            self.0.events.emit(e);
+        }
+    }
+
+    /// Appends status records off the async workers: a slow disk stalls one
+    /// blocking thread, not every session.
+    async fn write_records(&self, qid: &str, recs: Vec<StatusRecord>) {
+        if recs.is_empty() {
+            return;
+        }
+        let spool = self.0.spool.clone();
+        let qid = qid.to_string();
+        match tokio::task::spawn_blocking(move || spool.record_many(&qid, &recs)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!("{e}"),
+            Err(e) => tracing::error!("status record task: {e}"),
+        }
     }
 
     async fn attempt(&self, id: &str) {
         let inner = &self.0;
-        let (sp, mut rcpts) = {
-            let st = inner.state.lock().unwrap();
-            match st.msgs.get(id) {
-                Some(e) => (e.sp.clone(), e.rcpts.clone()),
-                None => return,
-            }
-        };
         let now = now_ms();
-        let h = &sp.header;
-        let qid = &h.queue_id;
-        let mid = &h.message_id;
-        let expired = now - h.arrival_ms > inner.config.queue.max_lifetime.as_millis() as i64;
-        let mut groups: BTreeMap<String, Vec<usize>> = BTreeMap::new();
-        let mut changed: BTreeSet<usize> = BTreeSet::new();
-        let mut failed: Vec<DsnRcpt> = Vec::new();
-        for (i, (addr, params)) in h.envelope.rcpts.iter().enumerate() {
-            let r = &mut rcpts[i];
-            if r.status.is_final() || r.next_ms > now || r.operator_hold {
-                continue;
-            }
-            let (route, why, version) = if h.kind.is_some() {
-                (
-                    inner.config.dsn_platform(),
-                    "DSN to the sender".to_string(),
-                    inner.routes.version(),
-                )
-            } else {
-                let d = inner.routes.decide(addr);
-                (d.route, d.why.to_string(), d.version)
+        let cap = inner.config.queue.max_ready.max(1);
+        let backoff = |n| self.backoff(n);
+        let (sp, plan, records, token) = {
+            let mut guard = inner.state.lock().unwrap();
+            let st = &mut *guard;
+            let Some(e) = st.msgs.get_mut(id) else { return };
+            let sp = e.sp.clone();
+            let route = |a: &str| self.route_of(&sp.header, a);
+            let circuit = |p: &str| inner.dests.get(p).and_then(|d| d.flow.down_for());
+            let world = World {
+                now,
+                max_lifetime: inner.config.queue.max_lifetime,
+                delay_warning: inner.config.queue.delay_warning,
+                platforms: &inner.platforms,
+                route: &route,
+                circuit_open: &circuit,
+                backoff: &backoff,
             };
-            if r.last_route.as_deref() != Some(&route) || r.attempts == 0 {
-                inner.events.emit(Event::Routed {
-                    queue_id: qid.clone(),
-                    message_id: mid.clone(),
-                    rcpt: addr.clone(),
-                    route: route.clone(),
-                    why: why.clone(),
-                    routing_version: version,
-                });
-            }
-            r.last_route = Some(route.clone());
-            if expired {
-                let reply = format!(
-                    "4.4.7 message expired after {} in the queue",
-                    humanize(inner.config.queue.max_lifetime)
-                );
-                r.status = RcptStatus::Failed;
-                r.last_reply = Some(reply.clone());
-                changed.insert(i);
-                inner.events.emit(Event::Failed {
-                    queue_id: qid.clone(),
-                    message_id: mid.clone(),
-                    rcpt: addr.clone(),
-                    platform: route.clone(),
-                    reply: reply.clone(),
-                    reason: "expired".into(),
-                });
-                failed.push(dsn_rcpt(addr, params, "failed", "4.4.7", &reply, None));
-                continue;
-            }
-            if route == ROUTE_HOLD {
-                if r.status != RcptStatus::Held {
-                    r.status = RcptStatus::Held;
-                    changed.insert(i);
-                    inner.events.emit(Event::Held {
-                        queue_id: qid.clone(),
-                        message_id: mid.clone(),
-                        rcpt: addr.clone(),
-                        why,
-                    });
-                }
-                r.next_ms = i64::MAX;
-                continue;
-            }
-            let targets = self.targets(&route, &r.delivered_to);
-            if targets.is_empty() {
-                // Every platform of the route already has its copy.
-                r.status = RcptStatus::Delivered;
-                changed.insert(i);
-                continue;
-            }
-            for p in targets {
-                match inner.dests.get(&p) {
-                    None => {
-                        // A route naming a platform this gateway does not know:
-                        // keep the mail (never bounce on a configuration mistake).
-                        let reply = format!("4.3.5 route `{p}` names no configured platform");
-                        self.defer(h, i, r, &p, None, &reply, None, now);
-                        changed.insert(i);
-                    }
-                    Some(d) => match d.flow.down_for() {
-                        // Circuit open: the mail waits without taking a worker.
-                        Some(wait) => {
-                            let reply = format!(
-                                "4.4.1 platform {p} is marked down (circuit open) after repeated failures"
-                            );
-                            self.defer(
-                                h,
-                                i,
-                                r,
-                                &p,
-                                None,
-                                &reply,
-                                Some(now + wait.as_millis() as i64 + 10),
-                                now,
-                            );
-                            changed.insert(i);
-                        }
-                        None => groups.entry(p).or_default().push(i),
-                    },
-                }
-            }
-        }
-        // Delay warnings (RFC 3464 action=delayed), once per recipient.
-        if let Some(after) = inner.config.queue.delay_warning
-            && h.kind.is_none()
-            && now - h.arrival_ms >= after.as_millis() as i64
-        {
-            let mut delayed = Vec::new();
-            for (i, (addr, params)) in h.envelope.rcpts.iter().enumerate() {
-                let r = &mut rcpts[i];
-                if !r.status.is_final() && !r.warned && !groups.values().any(|g| g.contains(&i)) {
-                    r.warned = true;
-                    changed.insert(i);
-                    if dsn::wanted(&params.notify, "delayed") {
-                        let reply = r
-                            .last_reply
-                            .clone()
-                            .unwrap_or_else(|| "4.4.7 still queued".into());
-                        delayed.push(dsn_rcpt(addr, params, "delayed", "4.4.7", &reply, None));
-                    }
-                }
-            }
-            if !delayed.is_empty() {
-                self.send_dsn(&sp, delayed).await;
-            }
-        }
-        if !changed.is_empty() {
-            let recs: Vec<_> = changed.iter().map(|&i| status_rec(i, &rcpts[i])).collect();
-            if let Err(e) = inner.spool.record_many(qid, &recs) {
-                tracing::error!("{e}");
-            }
-        }
-        if !groups.is_empty() {
-            let spool = inner.spool.clone();
-            let sp2 = sp.clone();
-            match tokio::task::spawn_blocking(move || spool.read_body(&sp2))
-                .await
-                .ok()
-                .and_then(|r| r.ok())
-            {
-                Some(body) => {
-                    let body = Arc::new(body);
-                    let mut tasks = tokio::task::JoinSet::new();
-                    let single = groups.len() == 1;
-                    for (platform, idxs) in groups.clone() {
-                        let d = &inner.dests[&platform];
-                        let (p, flow) = (d.platform.clone(), d.flow.clone());
-                        let sp = sp.clone();
-                        let body = body.clone();
-                        let helo = inner.config.hostname.clone();
-                        let relay = self.clone();
-                        let id = id.to_string();
-                        tasks.spawn(async move {
-                            match flow.admit().await {
-                                Admission::Granted(_permit) => {
-                                    // Waiting for a slot can take long: an operator may
-                                    // have held or deleted the message meanwhile. Look
-                                    // again now, before anything is sent.
-                                    let idxs = relay.still_deliverable(&id, &idxs);
-                                    if idxs.is_empty() {
-                                        return (platform, idxs, Ok(None));
-                                    }
-                                    let out = p
-                                        .deliver(
-                                            &helo,
-                                            &sp.header.queue_id,
-                                            &sp.header.envelope,
-                                            &idxs,
-                                            &body,
-                                        )
-                                        .await;
-                                    let signal = classify(&out.summary, out.host.is_some());
-                                    flow.observe(signal, out.summary.code);
-                                    (platform, idxs, Ok(Some(out)))
-                                }
-                                Admission::Down(wait) => (platform, idxs, Err(wait)),
-                            }
-                        });
-                    }
-                    // Settle each platform as it finishes: a slow platform never
-                    // delays the record of the other's deliveries.
-                    while let Some(Ok((platform, idxs, out))) = tasks.join_next().await {
-                        let records = match out {
-                            Ok(Some(out)) => {
-                                self.settle(&sp, &mut rcpts, &platform, &idxs, out, &mut failed)
-                            }
-                            Ok(None) => continue,
-                            Err(wait) => {
-                                let reply = format!(
-                                    "4.4.1 platform {platform} is marked down (circuit open)"
-                                );
-                                idxs.iter()
-                                    .map(|&i| {
-                                        self.defer(
-                                            h,
-                                            i,
-                                            &mut rcpts[i],
-                                            &platform,
-                                            None,
-                                            &reply,
-                                            Some(now_ms() + wait.as_millis() as i64),
-                                            now_ms(),
-                                        );
-                                        status_rec(i, &rcpts[i])
-                                    })
-                                    .collect()
-                            }
-                        };
-                        if single && rcpts.iter().all(|r| r.status.is_final()) && failed.is_empty()
-                        {
-                            // Everything is delivered: the durable removal below is
-                            // the record (one group-committed directory sync).
-                            continue;
-                        }
-                        // Written (fdatasync'ed for final outcomes) right after the
-                        // platform's reply: the window in which a crash duplicates.
-                        if let Err(e) = inner.spool.record_many(qid, &records) {
-                            tracing::error!("{e}");
-                        }
-                    }
-                }
-                None => {
-                    tracing::error!(queue_id = %qid, "cannot read message body from the spool; will retry")
-                }
-            }
-        }
-        if !failed.is_empty() && h.kind.is_none() {
-            let wanted: Vec<DsnRcpt> = failed
-                .into_iter()
-                .filter(|f| {
-                    h.envelope
-                        .rcpts
-                        .iter()
-                        .find(|(a, _)| *a == f.address)
-                        .is_none_or(|(_, p)| dsn::wanted(&p.notify, "failed"))
-                })
+            let mut plan = plan::plan_attempt(&sp.header, &mut e.rcpts, &world);
+            let records: Vec<_> = plan
+                .changed
+                .iter()
+                .map(|&i| e.rcpts[i].to_record(i, now))
                 .collect();
-            if !wanted.is_empty() {
-                self.send_dsn(&sp, wanted).await;
+            let full = plan
+                .groups
+                .keys()
+                .find(|p| inner.dests[*p].ready.lock().unwrap().len() >= cap)
+                .cloned();
+            if let Some(p) = full {
+                // No place to wait for a slot: park, costing nothing until a
+                // place frees. The recipients stay due.
+                plan.groups.clear();
+                e.parked = true;
+                st.parked.entry(p).or_default().push_back(id.to_string());
+            }
+            let token = CancellationToken::new();
+            e.reroute = Some(token.clone());
+            e.groups_left = plan.groups.len();
+            (sp, plan, records, token)
+        };
+        let plan::Plan {
+            groups,
+            events,
+            failed,
+            delayed,
+            ..
+        } = plan;
+        self.emit_all(events);
+        self.write_records(id, records).await;
+        if !delayed.is_empty() {
+            self.send_dsn(&sp, delayed).await;
+        }
+        let mut failed = failed;
+        let mut tasks = tokio::task::JoinSet::new();
+        let mut groups_of = HashMap::new();
+        for (platform, idxs) in groups {
+            let me = self.clone();
+            let (id2, p2, idxs2, token) = (id.to_string(), platform.clone(), idxs.clone(), token.clone());
+            let handle = tasks.spawn(async move { me.deliver_group(&id2, &p2, &idxs2, token).await });
+            groups_of.insert(handle.id(), (platform, idxs));
+        }
+        while let Some(res) = tasks.join_next_with_id().await {
+            match res {
+                Ok((tid, (end, mut dsns))) => {
+                    failed.append(&mut dsns);
+                    if let GroupEnd::Unreadable(err) = end {
+                        let (platform, idxs) = &groups_of[&tid];
+                        self.body_unreadable(id, platform, idxs, err).await;
+                    }
+                }
+                Err(e) => {
+                    let (platform, idxs) = &groups_of[&e.id()];
+                    self.attempt_crashed(id, Some((platform, idxs)), &e.to_string())
+                        .await;
+                }
             }
         }
-        self.write_back(id, rcpts).await;
+        self.send_failure_dsn(&sp, failed).await;
+        self.finish(id).await;
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn defer(
+    /// One platform's share of an attempt: wait for a slot, take the
+    /// recipients still bound to the platform, send, and settle.
+    async fn deliver_group(
         &self,
-        h: &Header,
-        i: usize,
-        r: &mut RcptRt,
+        id: &str,
         platform: &str,
-        host: Option<String>,
-        reply: &str,
-        at: Option<i64>,
-        now: i64,
-    ) {
-        r.status = RcptStatus::Deferred;
-        r.attempts += 1;
-        let next = at.unwrap_or_else(|| now + self.backoff(r.attempts).as_millis() as i64);
-        // With dual delivery, the earliest pending copy decides.
-        r.next_ms = if r.next_ms > now && r.next_ms != i64::MAX {
-            r.next_ms.min(next)
-        } else {
-            next
+        planned: &[usize],
+        reroute: CancellationToken,
+    ) -> (GroupEnd, Vec<DsnRcpt>) {
+        let inner = &self.0;
+        let d = &inner.dests[platform];
+        let (tx, rx) = oneshot::channel();
+        d.ready.lock().unwrap().push_back(tx);
+        d.ready_changed.notify_one();
+        let admission = tokio::select! {
+            a = rx => a.unwrap_or(Admission::Down(Duration::from_secs(1))),
+            _ = reroute.cancelled() => {
+                // The route changed while waiting: plan again at once.
+                self.group_done(id, None, true);
+                return (GroupEnd::Done, Vec::new());
+            }
         };
-        r.last_reply = Some(reply.to_string());
-        self.0.events.emit(Event::Deferred {
-            queue_id: h.queue_id.clone(),
-            message_id: h.message_id.clone(),
-            rcpt: h.envelope.rcpts[i].0.clone(),
-            platform: platform.to_string(),
-            host,
-            reply: reply.to_string(),
-            attempts: r.attempts,
-            next_attempt_in_s: ((r.next_ms - now) / 1000).max(0) as u64,
-        });
+        let permit = match admission {
+            Admission::Granted(permit) => permit,
+            Admission::Down(wait) => {
+                let reply = format!("4.4.1 platform {platform} is marked down (circuit open)");
+                let recs = self.defer_all(id, platform, planned, &reply, Some(wait));
+                self.write_records(id, recs).await;
+                self.group_done(id, None, false);
+                return (GroupEnd::Done, Vec::new());
+            }
+        };
+        self.send_with(id, platform, planned, permit).await
     }
 
-    fn settle(
+    async fn send_with(
         &self,
-        sp: &Spooled,
-        rcpts: &mut [RcptRt],
+        id: &str,
+        platform: &str,
+        planned: &[usize],
+        permit: Permit,
+    ) -> (GroupEnd, Vec<DsnRcpt>) {
+        let inner = &self.0;
+        let d = &inner.dests[platform];
+        // The route is decided again now that a slot is granted: from here
+        // on, the transaction has begun and goes where it was bound.
+        let bound = {
+            let mut st = inner.state.lock().unwrap();
+            match st.msgs.get_mut(id) {
+                None => None,
+                Some(e) => {
+                    let sp = e.sp.clone();
+                    let route = |a: &str| self.route_of(&sp.header, a);
+                    let (go, rerouted) = plan::still_bound(
+                        &sp.header,
+                        &e.rcpts,
+                        planned,
+                        platform,
+                        &inner.platforms,
+                        &route,
+                    );
+                    if !rerouted.is_empty() {
+                        e.recheck = true;
+                    }
+                    Some((sp, go))
+                }
+            }
+        };
+        let Some((sp, go)) = bound.filter(|(_, go)| !go.is_empty()) else {
+            drop(permit);
+            self.group_done(id, None, false);
+            return (GroupEnd::Done, Vec::new());
+        };
+        let spool = inner.spool.clone();
+        let sp2 = sp.clone();
+        let body = match tokio::task::spawn_blocking(move || spool.read_body(&sp2)).await {
+            Ok(Ok(body)) => body,
+            Ok(Err(e)) => {
+                drop(permit);
+                self.group_done(id, None, false);
+                return (GroupEnd::Unreadable(e), Vec::new());
+            }
+            Err(e) => {
+                drop(permit);
+                self.group_done(id, None, false);
+                return (
+                    GroupEnd::Unreadable(SpoolError::Corrupt {
+                        path: inner.spool.queue_dir().join(id),
+                        reason: e.to_string(),
+                    }),
+                    Vec::new(),
+                );
+            }
+        };
+        let out = d
+            .platform
+            .deliver(
+                &inner.config.hostname,
+                &sp.header.queue_id,
+                &sp.header.envelope,
+                &go,
+                &body,
+            )
+            .await;
+        drop(body);
+        d.flow
+            .observe(classify(&out.summary, out.host.is_some()), out.summary.code);
+        drop(permit);
+        let failed = self.settle(id, platform, &go, &out).await;
+        (GroupEnd::Done, failed)
+    }
+
+    /// Applies a platform's replies, records them (fdatasync'ed for final
+    /// outcomes) right after the reply: the window in which a crash
+    /// duplicates a delivery.
+    async fn settle(
+        &self,
+        id: &str,
+        platform: &str,
+        go: &[usize],
+        out: &AttemptOutcome,
+    ) -> Vec<DsnRcpt> {
+        let inner = &self.0;
+        let now = now_ms();
+        let backoff = |n| self.backoff(n);
+        let (settled, recs) = {
+            let mut st = inner.state.lock().unwrap();
+            let Some(e) = st.msgs.get_mut(id) else {
+                tracing::warn!(queue_id = id, platform, "message left the queue during its delivery: {}", out.summary);
+                return Vec::new();
+            };
+            let sp = e.sp.clone();
+            let settled = plan::settle(
+                &sp.header,
+                &mut e.rcpts,
+                platform,
+                &inner.platforms,
+                go,
+                out,
+                inner.config.queue.soft_bounce,
+                now,
+                &backoff,
+            );
+            e.groups_left = e.groups_left.saturating_sub(1);
+            let last = e.groups_left == 0 && !e.recheck;
+            let recs: Vec<_> = if last && settled.failed.is_empty() && e.rcpts.iter().all(|r| r.is_final()) {
+                // Everything is delivered: the durable removal that follows is
+                // the record (one group-committed directory sync).
+                Vec::new()
+            } else {
+                go.iter().map(|&i| e.rcpts[i].to_record(i, now)).collect()
+            };
+            (settled, recs)
+        };
+        self.emit_all(settled.events);
+        self.write_records(id, recs).await;
+        settled.failed
+    }
+
+    /// Defers `idxs` of message `id` (those still movable) with `reply`.
+    fn defer_all(
+        &self,
+        id: &str,
         platform: &str,
         idxs: &[usize],
-        out: AttemptOutcome,
-        failed: &mut Vec<DsnRcpt>,
+        reply: &str,
+        wait: Option<Duration>,
     ) -> Vec<StatusRecord> {
-        let inner = &self.0;
-        let h = &sp.header;
         let now = now_ms();
-        let host = out.host.clone().unwrap_or_default();
-        inner.events.emit(Event::Attempt {
-            queue_id: h.queue_id.clone(),
-            message_id: h.message_id.clone(),
-            platform: platform.to_string(),
-            host: host.clone(),
-            rcpts: idxs
-                .iter()
-                .map(|&i| h.envelope.rcpts[i].0.clone())
-                .collect(),
-            code: out.summary.code,
-            enhanced: out.summary.enhanced_string(),
-            reply: out.summary.to_string(),
-            duration_ms: out.duration.as_millis() as u64,
-            tls: out.tls,
-        });
-        let mut records = Vec::new();
-        for (&i, o) in idxs.iter().zip(out.rcpts) {
-            let (addr, params) = &h.envelope.rcpts[i];
-            let r = &mut rcpts[i];
-            match o {
-                RcptOutcome::Delivered {
-                    reply,
-                    remote_queue_id,
-                } => {
-                    r.attempts += 1;
-                    if !r.delivered_to.iter().any(|p| p == platform) {
-                        r.delivered_to.push(platform.to_string());
-                    }
-                    r.last_reply = Some(reply.to_string());
-                    let route = r.last_route.clone().unwrap_or_default();
-                    if self.targets(&route, &r.delivered_to).is_empty() {
-                        r.status = RcptStatus::Delivered;
-                    }
-                    inner.events.emit(Event::Delivered {
-                        queue_id: h.queue_id.clone(),
-                        message_id: h.message_id.clone(),
-                        rcpt: addr.clone(),
-                        platform: platform.to_string(),
-                        host: host.clone(),
-                        reply: reply.to_string(),
-                        remote_queue_id,
-                        delay_ms: (now - h.arrival_ms).max(0) as u64,
-                    });
-                }
-                RcptOutcome::Permanent(reply) if !inner.config.queue.soft_bounce => {
-                    r.attempts += 1;
-                    r.status = RcptStatus::Failed;
-                    r.last_reply = Some(reply.to_string());
-                    inner.events.emit(Event::Failed {
-                        queue_id: h.queue_id.clone(),
-                        message_id: h.message_id.clone(),
-                        rcpt: addr.clone(),
-                        platform: platform.to_string(),
-                        reply: reply.to_string(),
-                        reason: "rejected by platform".into(),
-                    });
-                    let status = reply.enhanced_string().unwrap_or_else(|| "5.0.0".into());
-                    failed.push(dsn_rcpt(
-                        addr,
-                        params,
-                        "failed",
-                        &status,
-                        &reply.to_string(),
-                        out.host.clone(),
-                    ));
-                }
-                RcptOutcome::Permanent(reply) | RcptOutcome::Transient(reply) => {
-                    self.defer(
-                        h,
-                        i,
-                        r,
-                        platform,
-                        out.host.clone(),
-                        &reply.to_string(),
-                        None,
-                        now,
-                    );
-                }
+        let backoff = |n| self.backoff(n);
+        let mut st = self.0.state.lock().unwrap();
+        let Some(e) = st.msgs.get_mut(id) else {
+            return Vec::new();
+        };
+        let sp = e.sp.clone();
+        let mut recs = Vec::new();
+        for &i in idxs {
+            let r = &mut e.rcpts[i];
+            if !r.is_movable() {
+                continue;
             }
-            records.push(status_rec(i, r));
+            let at = wait.map(|w| now + w.as_millis() as i64);
+            let ev = plan::defer(&sp.header, i, r, platform, None, reply, at, now, &backoff);
+            self.0.events.emit(ev);
+            recs.push(r.to_record(i, now));
         }
-        records
+        recs
     }
 
-    async fn write_back(&self, id: &str, rcpts: Vec<RcptRt>) {
+    fn group_done(&self, id: &str, _platform: Option<&str>, recheck: bool) {
+        let mut st = self.0.state.lock().unwrap();
+        if let Some(e) = st.msgs.get_mut(id) {
+            e.groups_left = e.groups_left.saturating_sub(1);
+            e.recheck |= recheck;
+        }
+    }
+
+    /// The body of message `id` could not be read for `platform`: defer (the
+    /// backoff grows), and after `MAX_BODY_FAILURES` move the file to
+    /// `corrupt/` with an event. It is never silently dropped.
+    async fn body_unreadable(&self, id: &str, platform: &str, idxs: &[usize], err: SpoolError) {
         let inner = &self.0;
-        let (all_final, ops) = {
+        let quarantine = {
             let mut st = inner.state.lock().unwrap();
             let Some(e) = st.msgs.get_mut(id) else { return };
-            e.rcpts = rcpts;
+            e.body_failures += 1;
+            let n = e.body_failures;
+            tracing::error!(queue_id = id, failures = n, "cannot read message body from the spool: {err}");
+            if n >= MAX_BODY_FAILURES {
+                st.remove(id);
+                true
+            } else {
+                false
+            }
+        };
+        if quarantine {
+            let spool = inner.spool.clone();
+            let qid = id.to_string();
+            let moved = tokio::task::spawn_blocking(move || spool.quarantine(&qid)).await;
+            let file = match moved {
+                Ok(Ok(p)) => p.display().to_string(),
+                Ok(Err(e)) => {
+                    tracing::error!("{e}");
+                    inner.spool.queue_dir().join(id).display().to_string()
+                }
+                Err(e) => {
+                    tracing::error!("{e}");
+                    inner.spool.queue_dir().join(id).display().to_string()
+                }
+            };
+            inner.events.emit(Event::QueueCorrupt {
+                file,
+                reason: format!("message body unreadable {MAX_BODY_FAILURES} times: {err}"),
+            });
+            return;
+        }
+        let reply = format!("4.3.0 cannot read the message from the spool: {err}");
+        let recs = self.defer_all(id, platform, idxs, &reply, None);
+        self.write_records(id, recs).await;
+    }
+
+    /// An attempt (or one platform group of it) panicked: its recipients
+    /// are deferred with a local error and retried after the backoff.
+    async fn attempt_crashed(&self, id: &str, group: Option<(&String, &Vec<usize>)>, why: &str) {
+        tracing::error!(queue_id = id, "delivery attempt failed internally: {why}");
+        let reply = "4.3.0 internal error in the delivery attempt; will retry";
+        let recs = {
+            let (platform, idxs) = match group {
+                Some((p, idxs)) => (p.clone(), idxs.clone()),
+                None => {
+                    let st = self.0.state.lock().unwrap();
+                    let Some(e) = st.msgs.get(id) else { return };
+                    (
+                        e.rcpts
+                            .iter()
+                            .find_map(|r| r.last_route.clone())
+                            .unwrap_or_default(),
+                        (0..e.rcpts.len()).collect(),
+                    )
+                }
+            };
+            self.defer_all(id, &platform, &idxs, reply, None)
+        };
+        self.write_records(id, recs).await;
+        if group.is_some() {
+            self.group_done(id, None, false);
+        } else {
+            self.finish(id).await;
+        }
+    }
+
+    /// The attempt is over: remove the message when every recipient is
+    /// final, else schedule its next attempt.
+    async fn finish(&self, id: &str) {
+        let inner = &self.0;
+        let now = now_ms();
+        let all_final = {
+            let mut st = inner.state.lock().unwrap();
+            let Some(e) = st.msgs.get_mut(id) else { return };
             e.in_flight = false;
-            (
-                e.rcpts.iter().all(|r| r.status.is_final()),
-                std::mem::take(&mut e.pending_ops),
-            )
+            e.reroute = None;
+            if e.rcpts.iter().all(|r| r.is_final()) {
+                st.remove(id);
+                true
+            } else {
+                if e.parked {
+                    return;
+                }
+                let at = if std::mem::take(&mut e.recheck) {
+                    make_due(&mut e.rcpts, now);
+                    Some(now)
+                } else {
+                    plan::next_due(&e.rcpts)
+                };
+                st.schedule(id, at);
+                false
+            }
         };
         if all_final {
-            {
-                let mut st = inner.state.lock().unwrap();
-                st.schedule(id, None);
-                st.msgs.remove(id);
-            }
             let spool = inner.spool.clone();
             let qid = id.to_string();
             match tokio::task::spawn_blocking(move || spool.remove_durable(&qid)).await {
@@ -822,30 +843,29 @@ impl RelayHandle {
                 Err(e) => tracing::error!("{e}"),
                 Ok(Ok(())) => {}
             }
+        } else {
+            inner.wake.notify_one();
+        }
+    }
+
+    /// DSNs for recipients that failed, as their NOTIFY asks (RFC 3461 4.1).
+    async fn send_failure_dsn(&self, sp: &Spooled, failed: Vec<DsnRcpt>) {
+        let h = &sp.header;
+        if failed.is_empty() || h.kind.is_some() {
             return;
         }
-        for (op, actor) in ops {
-            let sel = Selector {
-                queue_id: Some(id.to_string()),
-                ..Default::default()
-            };
-            self.apply_op(&op, &sel, &actor);
-        }
-        let mut st = inner.state.lock().unwrap();
-        let Some(e) = st.msgs.get_mut(id) else { return };
-        let recheck = std::mem::take(&mut e.recheck);
-        if recheck {
-            let now = now_ms();
-            e.rcpts
-                .iter_mut()
-                .filter(|r| !r.status.is_final() && !r.operator_hold)
-                .for_each(|r| r.next_ms = now);
-            st.schedule(id, Some(now));
-            drop(st);
-            inner.wake.notify_one();
-        } else {
-            let due = next_due(&e.rcpts);
-            st.schedule(id, due);
+        let wanted: Vec<DsnRcpt> = failed
+            .into_iter()
+            .filter(|f| {
+                h.envelope
+                    .rcpts
+                    .iter()
+                    .find(|(a, _)| *a == f.address)
+                    .is_none_or(|(_, p)| dsn::wanted(&p.notify, "failed"))
+            })
+            .collect();
+        if !wanted.is_empty() {
+            self.send_dsn(sp, wanted).await;
         }
     }
 
@@ -858,7 +878,7 @@ impl RelayHandle {
             return;
         }
         let spool = inner.spool.clone();
-        let sp2 = sp.clone();
+        let sp2 = Arc::new(sp.clone());
         let body = tokio::task::spawn_blocking(move || spool.read_body(&sp2))
             .await
             .ok()
@@ -900,183 +920,129 @@ impl RelayHandle {
         }
     }
 
-    /// Of `idxs`, the recipients of message `id` that may still be sent:
-    /// none if the message was deleted, none on operator hold.
-    fn still_deliverable(&self, id: &str, idxs: &[usize]) -> Vec<usize> {
-        let st = self.0.state.lock().unwrap();
-        let Some(e) = st.msgs.get(id) else {
-            return Vec::new();
-        };
-        idxs.iter()
-            .copied()
-            .filter(|&i| !e.rcpts.get(i).is_some_and(|r| r.operator_hold))
-            .collect()
-    }
-
     /// Applies an operator's queue command to the messages in memory (and
-    /// their spool records). Returns how many recipients (or, for delete,
-    /// messages) it affected.
-    pub fn apply_op(&self, op: &QueueOp, sel: &Selector, actor: &str) -> usize {
+    /// their spool records), through the same `queue_op::apply` the CLI uses
+    /// when no gateway runs. Returns how many recipients it affected.
+    pub async fn apply_op(&self, op: &QueueOp, sel: &Selector, actor: &str) -> usize {
         let inner = &self.0;
         let now = now_ms();
         let mut affected = 0;
-        let mut to_delete = Vec::new();
-        let mut records: Vec<(String, Vec<StatusRecord>)> = Vec::new();
-        let mut wake = false;
+        let mut events = Vec::new();
+        let mut writes: Vec<(String, Vec<StatusRecord>)> = Vec::new();
+        let mut removals = Vec::new();
         {
             let mut st = inner.state.lock().unwrap();
             let ids: Vec<String> = st.msgs.keys().cloned().collect();
             for id in ids {
                 let e = st.msgs.get_mut(&id).unwrap();
-                let h = e.sp.header.clone();
-                let matching: Vec<usize> = h
-                    .envelope
-                    .rcpts
-                    .iter()
-                    .enumerate()
-                    .filter(|(i, (addr, _))| {
-                        let r = &e.rcpts[*i];
-                        let route = r
-                            .last_route
-                            .clone()
-                            .unwrap_or_else(|| inner.routes.decide(addr).route);
-                        !r.status.is_final() && sel.matches(&h, addr, &route, now)
-                    })
-                    .map(|(i, _)| i)
-                    .collect();
-                if matching.is_empty() {
+                let sp = e.sp.clone();
+                let route = |a: &str| self.route_of(&sp.header, a).route;
+                let fx = queue_op::apply(op, sel, &sp.header, &mut e.rcpts, &route, now, actor);
+                if fx.affected == 0 {
                     continue;
                 }
-                if e.in_flight && *op != QueueOp::Delete {
-                    if *op == QueueOp::Hold {
-                        // Seen at once by `still_deliverable`; the pending op
-                        // makes it stick (and emits the event) after the attempt.
-                        for &i in &matching {
-                            e.rcpts[i].operator_hold = true;
-                        }
-                    }
-                    e.pending_ops.push((op.clone(), actor.to_string()));
-                    affected += matching.len();
+                affected += fx.affected;
+                events.extend(fx.events);
+                if e.rcpts.iter().all(|r| r.is_final()) && !e.in_flight {
+                    st.remove(&id);
+                    removals.push(id);
                     continue;
                 }
-                let mut recs = Vec::new();
-                match op {
-                    QueueOp::Delete => {
-                        to_delete.push((
-                            id.clone(),
-                            h.message_id.clone(),
-                            matching
-                                .iter()
-                                .map(|&i| h.envelope.rcpts[i].0.clone())
-                                .collect::<Vec<_>>(),
-                        ));
-                        affected += 1;
-                        continue;
-                    }
-                    QueueOp::Hold => {
-                        for &i in &matching {
-                            let r = &mut e.rcpts[i];
-                            if !r.operator_hold {
-                                r.operator_hold = true;
-                                r.status = RcptStatus::Held;
-                                recs.push(status_rec(i, r));
-                                inner.events.emit(Event::Held {
-                                    queue_id: id.clone(),
-                                    message_id: h.message_id.clone(),
-                                    rcpt: h.envelope.rcpts[i].0.clone(),
-                                    why: format!("operator hold by {actor}"),
-                                });
-                                affected += 1;
-                            }
-                        }
-                    }
-                    QueueOp::Release | QueueOp::Flush | QueueOp::Requeue => {
-                        for &i in &matching {
-                            let r = &mut e.rcpts[i];
-                            if *op == QueueOp::Release {
-                                if !r.operator_hold && r.status != RcptStatus::Held {
-                                    continue;
-                                }
-                                r.operator_hold = false;
-                                inner.events.emit(Event::Released {
-                                    queue_id: id.clone(),
-                                    message_id: h.message_id.clone(),
-                                    rcpt: h.envelope.rcpts[i].0.clone(),
-                                    actor: actor.to_string(),
-                                });
-                            } else if r.operator_hold {
-                                continue; // flush does not override a hold
-                            }
-                            if *op == QueueOp::Requeue {
-                                r.last_route = None;
-                            }
-                            r.status = RcptStatus::Deferred;
-                            r.next_ms = now;
-                            recs.push(status_rec(i, r));
-                            affected += 1;
-                        }
-                    }
+                writes.push((
+                    id.clone(),
+                    fx.changed
+                        .iter()
+                        .map(|&i| e.rcpts[i].to_record(i, now))
+                        .collect(),
+                ));
+                if !e.in_flight {
+                    e.parked = false;
+                    let due = plan::next_due(&e.rcpts);
+                    st.schedule(&id, due);
                 }
-                if !recs.is_empty() {
-                    records.push((id.clone(), recs));
-                }
-                let due = next_due(&e.rcpts);
-                st.schedule(&id, due);
-                wake = true;
-            }
-            for (id, _, _) in &to_delete {
-                st.schedule(id, None);
-                st.msgs.remove(id);
             }
         }
-        for (id, recs) in records {
-            if let Err(e) = inner.spool.record_many(&id, &recs) {
-                tracing::error!("{e}");
+        for (id, recs) in writes {
+            self.write_records(&id, recs).await;
+        }
+        for id in removals {
+            let spool = inner.spool.clone();
+            match tokio::task::spawn_blocking(move || spool.remove_durable(&id)).await {
+                Ok(Err(e)) => tracing::error!("{e}"),
+                Err(e) => tracing::error!("{e}"),
+                Ok(Ok(())) => {}
             }
         }
-        for (id, message_id, rcpts) in to_delete {
-            if let Err(e) = inner.spool.remove_durable(&id) {
-                tracing::error!("{e}");
-            }
-            inner.events.emit(Event::QueueDeleted {
-                queue_id: id,
-                message_id,
-                rcpts,
-                actor: actor.to_string(),
-            });
-        }
-        if wake {
-            inner.wake.notify_one();
-        }
+        self.emit_all(events);
+        inner.wake.notify_one();
         affected
     }
 }
 
-fn dsn_rcpt(
-    addr: &str,
-    params: &RcptParams,
-    action: &'static str,
-    status: &str,
-    reply: &str,
-    host: Option<String>,
-) -> DsnRcpt {
-    DsnRcpt {
-        address: addr.to_string(),
-        orcpt: params.orcpt.clone(),
-        action,
-        status: status.to_string(),
-        diagnostic: reply.to_string(),
-        remote_mta: host,
+/// Recipients that are not final and not on operator hold become due now;
+/// a route hold is decided again.
+fn make_due(rcpts: &mut [RcptState], now: i64) {
+    for r in rcpts
+        .iter_mut()
+        .filter(|r| !r.is_final() && r.hold != Hold::Operator)
+    {
+        r.hold = Hold::None;
+        r.next_ms = now;
     }
 }
 
-fn humanize(d: Duration) -> String {
-    let s = d.as_secs();
-    if s.is_multiple_of(86400) {
-        format!("{}d", s / 86400)
-    } else if s.is_multiple_of(3600) {
-        format!("{}h", s / 3600)
-    } else {
-        format!("{s}s")
+/// Applies a queue command to a spool that no gateway serves (the caller
+/// holds its lock), through the same `queue_op::apply` as a running
+/// gateway. Returns the recipients affected.
+pub fn apply_offline(
+    spool: &Spool,
+    routes: &dyn Fn(&str) -> String,
+    op: &QueueOp,
+    sel: &Selector,
+    actor: &str,
+    emit: &mut dyn FnMut(Event),
+) -> Result<usize, SpoolError> {
+    let now = now_ms();
+    let (msgs, corrupt) = spool.recover()?;
+    for (path, reason) in corrupt {
+        emit(Event::QueueCorrupt {
+            file: path.display().to_string(),
+            reason,
+        });
     }
+    let mut affected = 0;
+    for m in msgs {
+        let h = &m.header;
+        let mut rcpts: Vec<RcptState> = m
+            .status
+            .iter()
+            .map(|s| RcptState::from_record(s.as_ref(), now))
+            .collect();
+        let dsn_route;
+        let route: &dyn Fn(&str) -> String = if h.kind.is_some() {
+            dsn_route = |_: &str| String::new();
+            &dsn_route
+        } else {
+            routes
+        };
+        let fx = queue_op::apply(op, sel, h, &mut rcpts, route, now, actor);
+        if fx.affected == 0 {
+            continue;
+        }
+        affected += fx.affected;
+        if rcpts.iter().all(|r| r.is_final()) {
+            spool.remove_durable(&h.queue_id)?;
+        } else {
+            let recs: Vec<_> = fx
+                .changed
+                .iter()
+                .map(|&i| rcpts[i].to_record(i, now))
+                .collect();
+            spool.record_many(&h.queue_id, &recs)?;
+        }
+        for e in fx.events {
+            emit(e);
+        }
+    }
+    Ok(affected)
 }

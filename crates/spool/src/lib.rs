@@ -37,6 +37,10 @@ pub enum SpoolError {
     },
     #[error("spool file {path} is damaged: {reason}")]
     Corrupt { path: PathBuf, reason: String },
+    #[error(
+        "spool {path} is in use by another godwit process{holder}: one gateway owns a spool; stop it first, or use the queue commands, which reach it"
+    )]
+    Locked { path: PathBuf, holder: String },
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SpoolError + '_ {
@@ -68,11 +72,17 @@ pub enum RcptStatus {
     Held,
     Delivered,
     Failed,
+    /// Removed from the queue by an operator (`queue delete`): final, never
+    /// delivered, and no DSN.
+    Deleted,
 }
 
 impl RcptStatus {
     pub fn is_final(self) -> bool {
-        matches!(self, RcptStatus::Delivered | RcptStatus::Failed)
+        matches!(
+            self,
+            RcptStatus::Delivered | RcptStatus::Failed | RcptStatus::Deleted
+        )
     }
 }
 
@@ -151,6 +161,11 @@ impl DirSync {
 }
 
 pub struct Spool {
+    /// The exclusive lock on `lock`, held for the life of the value: one
+    /// process owns a spool at a time (a serving gateway, or an offline queue
+    /// command when none runs). Readers (`list`, `read_body_at`) take no lock
+    /// and never write.
+    _lock: File,
     dirsync: DirSync,
     queue: PathBuf,
     tmp: PathBuf,
@@ -164,6 +179,8 @@ pub struct Spool {
 pub type Quarantined = (PathBuf, String);
 
 impl Spool {
+    /// Opens the spool for exclusive use: takes its lock (or fails with
+    /// `SpoolError::Locked` naming the holder), then cleans `tmp/`.
     pub fn open(dir: &Path) -> Result<Spool, SpoolError> {
         let queue = dir.join("queue");
         let tmp = dir.join("tmp");
@@ -171,8 +188,36 @@ impl Spool {
         for d in [&queue, &tmp, &corrupt] {
             std::fs::create_dir_all(d).map_err(io(d))?;
         }
-        // A file still in tmp/ was never acknowledged with 250: the client
-        // still holds the message and will retry. Remove it.
+        let lock_path = dir.join("lock");
+        let mut lock = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&lock_path)
+            .map_err(io(&lock_path))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let mut pid = String::new();
+                let _ = lock.read_to_string(&mut pid);
+                let pid = pid.trim();
+                return Err(SpoolError::Locked {
+                    path: dir.to_path_buf(),
+                    holder: if pid.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" (pid {pid})")
+                    },
+                });
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(io(&lock_path)(e)),
+        }
+        let _ = lock.set_len(0);
+        let _ = lock.write_all_at(std::process::id().to_string().as_bytes(), 0);
+        // Only the owner may clean tmp/: a file there is either being written
+        // by the owner right now, or (after a crash) was never acknowledged
+        // with 250, so its client still holds the message and will retry.
         if let Ok(entries) = std::fs::read_dir(&tmp) {
             for e in entries.flatten() {
                 let _ = std::fs::remove_file(e.path());
@@ -184,6 +229,7 @@ impl Spool {
             cv: Default::default(),
         };
         Ok(Spool {
+            _lock: lock,
             dirsync,
             queue,
             tmp,
@@ -275,11 +321,37 @@ impl Spool {
 
     /// Reads the message bytes (for delivery).
     pub fn read_body(&self, m: &Spooled) -> Result<Vec<u8>, SpoolError> {
+        read_body_from(&self.path(&m.header.queue_id), m)
+    }
+
+    /// Opens the message bytes for streaming: the file, positioned nowhere,
+    /// with the body's offset and length (a 50 MB message is never held
+    /// whole).
+    pub fn open_body(&self, m: &Spooled) -> Result<File, SpoolError> {
         let p = self.path(&m.header.queue_id);
         let f = File::open(&p).map_err(io(&p))?;
-        let mut body = vec![0u8; m.body_len as usize];
-        f.read_exact_at(&mut body, m.body_offset).map_err(io(&p))?;
-        Ok(body)
+        let len = f.metadata().map_err(io(&p))?.len();
+        if len < m.body_offset + m.body_len {
+            return Err(SpoolError::Corrupt {
+                path: p,
+                reason: format!(
+                    "{len} bytes, shorter than the message it must hold ({} bytes at {})",
+                    m.body_len, m.body_offset
+                ),
+            });
+        }
+        Ok(f)
+    }
+
+    /// Moves a message that cannot be delivered from (say, its body can no
+    /// longer be read) to `corrupt/`, so it is kept for an operator and never
+    /// silently dropped. Returns the new path.
+    pub fn quarantine(&self, queue_id: &str) -> Result<PathBuf, SpoolError> {
+        let from = self.path(queue_id);
+        let to = self.corrupt.join(queue_id);
+        std::fs::rename(&from, &to).map_err(io(&from))?;
+        self.dirsync.sync().map_err(io(&self.queue))?;
+        Ok(to)
     }
 
     /// Appends one status record. Final outcomes are fdatasync'ed before this
@@ -298,7 +370,13 @@ impl Spool {
             buf.extend_from_slice(&crc32fast::hash(&json).to_le_bytes());
         }
         let mut f = OpenOptions::new().append(true).open(&p).map_err(io(&p))?;
-        f.write_all(&buf).map_err(io(&p))?;
+        let before = f.metadata().map_err(io(&p))?.len();
+        if let Err(e) = f.write_all(&buf) {
+            // A partial append (a full disk) would leave a torn record that
+            // hides every later one: cut it off again.
+            let _ = f.set_len(before);
+            return Err(io(&p)(e));
+        }
         if recs
             .iter()
             .any(|r| r.status.is_final() || r.status == RcptStatus::Held)
@@ -329,7 +407,7 @@ impl Spool {
 
     /// Loads one message from disk.
     pub fn load(&self, queue_id: &str) -> Result<Spooled, SpoolError> {
-        load_file(&self.path(queue_id))
+        load_file(&self.path(queue_id)).map(|(m, _)| m)
     }
 
     /// Every message in the queue, oldest first. Damaged files (a crash in the
@@ -346,7 +424,13 @@ impl Spool {
         let mut bad = Vec::new();
         for p in names {
             match load_file(&p) {
-                Ok(m) => {
+                Ok((m, valid)) => {
+                    // A record torn by a crash stays at the tail; the next
+                    // record would be appended after it and never read. Cut
+                    // the file back to its last whole record first.
+                    if let Err(e) = truncate_to(&p, valid) {
+                        tracing::warn!("{e}");
+                    }
                     if m.status
                         .iter()
                         .all(|s| s.as_ref().is_some_and(|s| s.status.is_final()))
@@ -367,7 +451,30 @@ impl Spool {
     }
 }
 
-fn load_file(p: &Path) -> Result<Spooled, SpoolError> {
+fn truncate_to(p: &Path, valid: u64) -> Result<(), SpoolError> {
+    let f = OpenOptions::new().write(true).open(p).map_err(io(p))?;
+    if f.metadata().map_err(io(p))?.len() > valid {
+        f.set_len(valid).map_err(io(p))?;
+        f.sync_data().map_err(io(p))?;
+    }
+    Ok(())
+}
+
+fn read_body_from(p: &Path, m: &Spooled) -> Result<Vec<u8>, SpoolError> {
+    let f = File::open(p).map_err(io(p))?;
+    let mut body = vec![0u8; m.body_len as usize];
+    f.read_exact_at(&mut body, m.body_offset).map_err(io(p))?;
+    Ok(body)
+}
+
+/// A message's bytes, read-only (for `queue show` beside a running gateway).
+pub fn read_body_at(spool_dir: &Path, m: &Spooled) -> Result<Vec<u8>, SpoolError> {
+    read_body_from(&spool_dir.join("queue").join(&m.header.queue_id), m)
+}
+
+/// The message, and the length of its valid prefix (everything up to the
+/// last whole status record).
+fn load_file(p: &Path) -> Result<(Spooled, u64), SpoolError> {
     let corrupt = |reason: &str| SpoolError::Corrupt {
         path: p.to_path_buf(),
         reason: reason.to_string(),
@@ -428,12 +535,15 @@ fn load_file(p: &Path) -> Result<Spooled, SpoolError> {
         }
         pos = rec_end;
     }
-    Ok(Spooled {
-        header,
-        body_offset: body.start as u64,
-        body_len: bl as u64,
-        status,
-    })
+    Ok((
+        Spooled {
+            header,
+            body_offset: body.start as u64,
+            body_len: bl as u64,
+            status,
+        },
+        pos as u64,
+    ))
 }
 
 const CROCKFORD: &[u8; 32] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
@@ -461,7 +571,10 @@ pub fn list(spool_dir: &Path) -> Vec<Spooled> {
         .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.path()).collect())
         .unwrap_or_default();
     names.sort();
-    names.iter().filter_map(|p| load_file(p).ok()).collect()
+    names
+        .iter()
+        .filter_map(|p| load_file(p).ok().map(|(m, _)| m))
+        .collect()
 }
 
 #[cfg(test)]
@@ -514,6 +627,7 @@ mod tests {
         spool
             .record(&h.queue_id, &rec(0, RcptStatus::Delivered))
             .unwrap();
+        drop(spool);
         let spool = Spool::open(dir.path()).unwrap();
         let (good, bad) = spool.recover().unwrap();
         assert!(bad.is_empty());
@@ -565,6 +679,71 @@ mod tests {
         assert_eq!(good.len(), 1);
         assert!(good[0].status[0].is_none(), "torn record must not count");
         assert!(after.len() > before.len());
+    }
+
+    #[test]
+    fn a_record_appended_after_a_tear_is_read_after_recovery() {
+        // Power loss mid-append leaves a torn record at the tail. Recovery
+        // must cut it off, or the next (final) record lands after the tear
+        // and is never read: a delivered recipient would be delivered again.
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        let h = header(&spool, 2);
+        spool.store(&h, b"x\r\n").unwrap();
+        spool
+            .record(&h.queue_id, &rec(0, RcptStatus::Deferred))
+            .unwrap();
+        let full = std::fs::read(spool.path(&h.queue_id)).unwrap();
+        std::fs::write(spool.path(&h.queue_id), &full[..full.len() - 5]).unwrap();
+        drop(spool);
+        let spool = Spool::open(dir.path()).unwrap();
+        let (good, _) = spool.recover().unwrap();
+        assert!(good[0].status[0].is_none());
+        spool
+            .record(&h.queue_id, &rec(0, RcptStatus::Delivered))
+            .unwrap();
+        spool
+            .record(&h.queue_id, &rec(1, RcptStatus::Held))
+            .unwrap();
+        let m = spool.load(&h.queue_id).unwrap();
+        assert_eq!(m.status[0].as_ref().unwrap().status, RcptStatus::Delivered);
+        assert_eq!(m.status[1].as_ref().unwrap().status, RcptStatus::Held);
+    }
+
+    #[test]
+    fn one_owner_at_a_time_and_readers_never_clean() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        let err = Spool::open(dir.path()).err().expect("second owner refused");
+        let text = err.to_string();
+        assert!(text.contains("in use by another godwit process"), "{text}");
+        assert!(text.contains(&format!("pid {}", std::process::id())), "{text}");
+        // A file being written in tmp/ survives readers.
+        let wip = dir.path().join("tmp").join("WIP");
+        std::fs::write(&wip, b"partial").unwrap();
+        let h = header(&spool, 1);
+        let m = spool.store(&h, b"Subject: z\r\n\r\nbody\r\n").unwrap();
+        assert_eq!(list(dir.path()).len(), 1);
+        assert_eq!(
+            read_body_at(dir.path(), &m).unwrap(),
+            b"Subject: z\r\n\r\nbody\r\n"
+        );
+        assert!(wip.exists());
+        drop(spool);
+        // The lock goes with its owner; the next owner cleans tmp/.
+        let _spool = Spool::open(dir.path()).unwrap();
+        assert!(!wip.exists());
+    }
+
+    #[test]
+    fn quarantine_keeps_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        let h = header(&spool, 1);
+        spool.store(&h, b"x\r\n").unwrap();
+        let to = spool.quarantine(&h.queue_id).unwrap();
+        assert!(to.exists());
+        assert!(!spool.path(&h.queue_id).exists());
     }
 
     #[test]

@@ -1,0 +1,345 @@
+//! The delivery engine and spool under the conditions operators and platforms
+//! create: a rollback while mail waits for a slow platform, queue commands
+//! beside live accepts, a backlog draining, a body that cannot be read, a
+//! stale pooled connection. Real binary, real smtp-sinks.
+
+mod support;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+use support::*;
+
+const T: Duration = Duration::from_secs(30);
+
+/// Adds keys under one platform's section.
+fn platform_keys(gw: &mut Gateway, port: u16, keys: &str) {
+    gw.reconfigure(|c| {
+        c.replace(
+            &format!("relay = [\"127.0.0.1:{port}\"]"),
+            &format!("relay = [\"127.0.0.1:{port}\"]\n{keys}"),
+        )
+    });
+}
+
+fn send_n(gw: &Gateway, rcpts: &[&str], prefix: &str, n: usize, body: &str) {
+    let mut c = gw.client();
+    c.greet();
+    for i in 0..n {
+        let r = c.mail(
+            "sender@outside.test",
+            rcpts,
+            &message(&format!("{prefix}{i}@test"), body),
+        );
+        assert!(r.starts_with("250"), "{r}");
+    }
+}
+
+/// Seed: "This is how you get real rollback: you change a routing map". A
+/// rollback must reach every message that has not begun its SMTP
+/// transaction, including mail already waiting for a slot at a slow
+/// platform. Before the fix, every message planned for `new` went there.
+#[test]
+fn rollback_reaches_mail_waiting_for_a_slow_platform() {
+    let (po, pn) = (free_port(), free_port());
+    let old = Sink::start(po, &[]);
+    // new answers DATA after 1 s: two slots, so about 2 messages a second.
+    let new = Sink::start(pn, &["-w", "1"]);
+    let mut gw = Gateway::start(po, pn, "", "");
+    platform_keys(&mut gw, pn, "max_connections = 2\ninitial_connections = 2");
+    gw.route("alice@example.com", "new");
+    send_n(&gw, &["alice@example.com"], "rb", 60, "x");
+    wait_for("a first delivery to the slow platform", T, || {
+        (new.count_containing("Message-ID: <rb") >= 1).then_some(())
+    });
+    gw.route("alice@example.com", "old");
+    // Counted once the gateway has applied the rollback: from now on only
+    // the transactions already begun (at most 2) may still reach new.
+    let at_rollback = new.count_containing("Message-ID: <rb");
+    wait_for("every message delivered once", Duration::from_secs(60), || {
+        (old.count_containing("Message-ID: <rb") + new.count_containing("Message-ID: <rb") >= 60)
+            .then_some(())
+    });
+    let (to_old, to_new) = (
+        old.count_containing("Message-ID: <rb"),
+        new.count_containing("Message-ID: <rb"),
+    );
+    assert_eq!(to_old + to_new, 60, "each message once");
+    assert!(
+        to_new <= at_rollback + 2,
+        "{to_new} reached new, {at_rollback} had before the rollback: only begun transactions may go the old way"
+    );
+    assert!(to_old >= 50, "the rollback moved the waiting mail: {to_old} at old");
+}
+
+/// `queue show` and `queue list` beside a live gateway never touch its
+/// spool: before the fix, `Spool::open` in the CLI deleted the files the
+/// gateway was writing in tmp/, and DATA answered 452.
+#[test]
+fn queue_commands_beside_live_accepts_lose_nothing() {
+    let (po, pn) = (free_port(), free_port());
+    // No platform listens: everything stays queued for the CLI to read.
+    let gw = Gateway::start(po, pn, "", "");
+    send_n(&gw, &["bob@example.com"], "first", 1, "x");
+    let id = wait_for("the first message in the queue", T, || {
+        let (_, out) = gw.cli(&["queue", "list", "--json"]);
+        out.lines()
+            .next()
+            .and_then(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .and_then(|v| v["queue_id"].as_str().map(String::from))
+    });
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let stop = stop.clone();
+        let config = gw.config_path.clone();
+        std::thread::spawn(move || {
+            let mut runs = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for args in [vec!["queue", "show", id.as_str()], vec!["queue", "list"]] {
+                    let out = Command::new(godwit_bin())
+                        .args(&args)
+                        .arg("--config")
+                        .arg(&config)
+                        .output()
+                        .unwrap();
+                    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+                    runs += 1;
+                }
+            }
+            runs
+        })
+    };
+    let senders: Vec<_> = (0..4)
+        .map(|t| {
+            let port = gw.port;
+            std::thread::spawn(move || {
+                let mut c = Client::connect(port);
+                c.greet();
+                let mut refused = Vec::new();
+                for i in 0..75 {
+                    let r = c.mail(
+                        "sender@outside.test",
+                        &["bob@example.com"],
+                        &message(&format!("live{t}-{i}@test"), &"y".repeat(20_000)),
+                    );
+                    if !r.starts_with("250") {
+                        refused.push(r);
+                    }
+                }
+                refused
+            })
+        })
+        .collect();
+    let refused: Vec<String> = senders.into_iter().flat_map(|s| s.join().unwrap()).collect();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let runs = reader.join().unwrap();
+    assert!(runs >= 2, "the CLI ran beside the accepts");
+    assert!(refused.is_empty(), "{} of 300 refused: {:?}", refused.len(), &refused[..refused.len().min(3)]);
+    let (_, out) = gw.cli(&["queue", "list", "--json"]);
+    assert_eq!(out.lines().count(), 301);
+}
+
+/// One gateway owns a spool: a second `serve` on the same data_dir refuses
+/// with an error that names the holder, and the first keeps working.
+#[test]
+fn a_second_gateway_on_one_spool_is_refused() {
+    let (po, pn) = (free_port(), free_port());
+    let old = Sink::start(po, &[]);
+    let gw = Gateway::start(po, pn, "", "");
+    let second = Command::new(godwit_bin())
+        .args(["serve", "--config", gw.config_path.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    assert!(!second.status.success());
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(err.contains("in use by another godwit process"), "{err}");
+    assert!(err.contains(&format!("pid {}", gw.pid())), "{err}");
+    send_n(&gw, &["bob@example.com"], "own", 1, "x");
+    wait_for("delivery by the owner", T, || {
+        (old.count_containing("Message-ID: <own0@test>") == 1).then_some(())
+    });
+}
+
+fn vm_hwm_kb(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// A backlog drains in bounded memory: bodies are read only once a
+/// delivery slot is granted, and at most `max_ready` attempts wait for
+/// one. Before the fix every due message read its body first: 150 × 1 MB
+/// took its peak up by about 150 MB.
+#[test]
+fn a_backlog_drains_in_bounded_memory() {
+    let (po, pn) = (free_port(), free_port());
+    let gw = Gateway::start(po, pn, "", "max_ready = 20");
+    let big = "z".repeat(76) + "\r\n";
+    let body = big.repeat(1024 * 1024 / 78);
+    send_n(&gw, &["bob@example.com"], "big", 150, &body);
+    wait_for("the whole backlog deferred once", T, || {
+        (gw.events_named("delivery.deferred").len() >= 150).then_some(())
+    });
+    let before = vm_hwm_kb(gw.pid());
+    let old = Sink::start(po, &[]);
+    wait_for("the backlog delivered", Duration::from_secs(120), || {
+        (old.count_containing("Message-ID: <big") == 150).then_some(())
+    });
+    let after = vm_hwm_kb(gw.pid());
+    let grew_mb = (after.saturating_sub(before)) / 1024;
+    eprintln!("peak RSS before the drain {} MB, after {} MB", before / 1024, after / 1024);
+    assert!(grew_mb < 60, "draining 150 x 1 MB raised the peak by {grew_mb} MB");
+}
+
+/// A body that cannot be read is retried with backoff and, after a few
+/// failures, moved to spool/corrupt/ with an event. Never dropped, never
+/// retried every scan for ever.
+#[test]
+fn an_unreadable_body_is_quarantined_with_an_event() {
+    let (po, pn) = (free_port(), free_port());
+    let gw = Gateway::start(po, pn, "", "");
+    send_n(&gw, &["bob@example.com"], "bad", 1, "x");
+    let id = wait_for("the message deferred", T, || {
+        gw.events_named("delivery.deferred")
+            .first()
+            .and_then(|e| e["queue_id"].as_str().map(String::from))
+    });
+    // The file becomes unreadable as a message (a directory in its place).
+    let file = gw.data.join("spool/queue").join(&id);
+    std::fs::remove_file(&file).unwrap();
+    std::fs::create_dir(&file).unwrap();
+    let old = Sink::start(po, &[]);
+    let ev = wait_for("queue.corrupt for the message", Duration::from_secs(60), || {
+        gw.events_named("queue.corrupt").into_iter().find(|e| {
+            e["file"].as_str().is_some_and(|f| f.ends_with(&id))
+        })
+    });
+    assert!(ev["reason"].as_str().unwrap().contains("unreadable"), "{ev}");
+    assert!(gw.data.join("spool/corrupt").join(&id).exists());
+    assert!(!file.exists());
+    let unreadable: Vec<_> = gw
+        .events_named("delivery.deferred")
+        .into_iter()
+        .filter(|e| e["reply"].as_str().is_some_and(|r| r.contains("cannot read")))
+        .collect();
+    assert_eq!(unreadable.len(), 4, "deferred with backoff before quarantine");
+    assert_eq!(old.messages().len(), 0);
+}
+
+/// `queue delete --rcpt` removes that recipient only; its co-recipients are
+/// still delivered, and the event names exactly what was removed.
+#[test]
+fn delete_by_recipient_keeps_co_recipients() {
+    let (po, pn) = (free_port(), free_port());
+    let gw = Gateway::start(po, pn, "", "");
+    send_n(&gw, &["ann@example.com", "ben@example.com"], "del", 1, "x");
+    wait_for("both deferred", T, || {
+        (gw.events_named("delivery.deferred").len() >= 2).then_some(())
+    });
+    let (ok, out) = gw.cli(&["queue", "delete", "--rcpt", "ann@example.com", "--yes"]);
+    assert!(ok, "{out}");
+    let old = Sink::start(po, &[]);
+    let (ok, out) = gw.cli(&["queue", "flush", "--all"]);
+    assert!(ok, "{out}");
+    wait_for("ben's copy delivered", T, || {
+        (old.count_containing("Message-ID: <del0@test>") == 1).then_some(())
+    });
+    let m = &old.messages()[0];
+    assert!(m.contains("ben@example.com"));
+    assert!(!m.contains("ann@example.com"), "{m}");
+    let del = gw.events_named("queue.deleted");
+    assert_eq!(del.len(), 1);
+    assert_eq!(del[0]["rcpts"], serde_json::json!(["ann@example.com"]));
+    wait_for("the queue empty", T, || {
+        let (_, out) = gw.cli(&["queue", "list", "--json"]);
+        out.trim().is_empty().then_some(())
+    });
+}
+
+/// A pooled connection the platform closed is replaced at once, even when
+/// the platform has a single relay host. Before the fix the retry found
+/// that host "tried" and deferred with "no relay host configured".
+#[test]
+fn a_stale_pooled_connection_is_replaced_in_the_same_attempt() {
+    let (po, pn) = (free_port(), free_port());
+    let mut old = Sink::start(po, &[]);
+    let gw = Gateway::start(po, pn, "", "");
+    send_n(&gw, &["bob@example.com"], "pool", 1, "x");
+    wait_for("the first delivery", T, || {
+        (old.count_containing("Message-ID: <pool0@test>") == 1).then_some(())
+    });
+    // The sink restarts: the pooled connection is dead.
+    old.stop();
+    let old = Sink::start(po, &[]);
+    send_n(&gw, &["bob@example.com"], "again", 1, "x");
+    wait_for("the second delivery", T, || {
+        (old.count_containing("Message-ID: <again0@test>") == 1).then_some(())
+    });
+    let deferred = gw.events_named("delivery.deferred");
+    assert!(deferred.is_empty(), "delivered at the first attempt: {deferred:?}");
+}
+
+/// RFC 5321 4.5.3.2: the timeout bounds a whole command, not each read. A
+/// client trickling one byte at a time used to hold a session for ever.
+#[test]
+fn a_trickled_command_times_out_as_a_whole() {
+    let (po, pn) = (free_port(), free_port());
+    let gw = Gateway::start(po, pn, "command_timeout = \"2s\"", "");
+    let mut s = TcpStream::connect(("127.0.0.1", gw.port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    let mut greeting = String::new();
+    r.read_line(&mut greeting).unwrap();
+    let started = Instant::now();
+    let line = b"EHLO a-very-long-name-sent-one-byte-at-a-time.example\r\n";
+    let mut reply = String::new();
+    for b in line.iter().cycle() {
+        if s.write_all(&[*b]).is_err() {
+            break;
+        }
+        let mut buf = [0u8; 512];
+        match r.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                reply.push_str(&String::from_utf8_lossy(&buf[..n]));
+                if reply.contains("421") {
+                    break;
+                }
+            }
+            Err(_) => {}
+        }
+        assert!(started.elapsed() < Duration::from_secs(15), "still open after 15 s");
+    }
+    assert!(reply.starts_with("421"), "{reply:?}");
+    assert!(started.elapsed() < Duration::from_secs(6), "{:?}", started.elapsed());
+}
+
+/// `godwit queue list | head -1` ends quietly: a closed pipe is not a panic.
+#[test]
+fn queue_list_into_a_closed_pipe_does_not_panic() {
+    let (po, pn) = (free_port(), free_port());
+    let gw = Gateway::start(po, pn, "", "");
+    send_n(&gw, &["bob@example.com"], "pipe", 30, "x");
+    wait_for("30 queued", T, || {
+        (gw.events_named("message.accepted").len() >= 30).then_some(())
+    });
+    let mut child = Command::new(godwit_bin())
+        .args(["queue", "list", "--config", gw.config_path.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = child.stdout.take().unwrap();
+    let mut first = [0u8; 16];
+    out.read_exact(&mut first).unwrap();
+    drop(out);
+    let res = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+}
