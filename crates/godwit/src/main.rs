@@ -969,7 +969,9 @@ async fn queue_op(config: &Config, op: godwit_relay::QueueOp, t: &Target) -> Res
                 let deadline = std::time::Instant::now() + Duration::from_secs(10);
                 while fleet::live_nodes(&store).await?.is_empty() {
                     if std::time::Instant::now() > deadline {
-                        bail!("{e}\nIt has not reported in to the store for 10 s: nothing was changed.");
+                        bail!(
+                            "{e}\nIt has not reported in to the store for 10 s: nothing was changed."
+                        );
                     }
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }

@@ -57,10 +57,15 @@ fn rollback_reaches_mail_waiting_for_a_slow_platform() {
     // Counted once the gateway has applied the rollback: from now on only
     // the transactions already begun (at most 2) may still reach new.
     let at_rollback = new.count_containing("Message-ID: <rb");
-    wait_for("every message delivered once", Duration::from_secs(60), || {
-        (old.count_containing("Message-ID: <rb") + new.count_containing("Message-ID: <rb") >= 60)
-            .then_some(())
-    });
+    wait_for(
+        "every message delivered once",
+        Duration::from_secs(60),
+        || {
+            (old.count_containing("Message-ID: <rb") + new.count_containing("Message-ID: <rb")
+                >= 60)
+                .then_some(())
+        },
+    );
     let (to_old, to_new) = (
         old.count_containing("Message-ID: <rb"),
         new.count_containing("Message-ID: <rb"),
@@ -70,7 +75,10 @@ fn rollback_reaches_mail_waiting_for_a_slow_platform() {
         to_new <= at_rollback + 2,
         "{to_new} reached new, {at_rollback} had before the rollback: only begun transactions may go the old way"
     );
-    assert!(to_old >= 50, "the rollback moved the waiting mail: {to_old} at old");
+    assert!(
+        to_old >= 50,
+        "the rollback moved the waiting mail: {to_old} at old"
+    );
 }
 
 /// `queue show` and `queue list` beside a live gateway never touch its
@@ -103,7 +111,11 @@ fn queue_commands_beside_live_accepts_lose_nothing() {
                         .arg(&config)
                         .output()
                         .unwrap();
-                    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+                    assert!(
+                        out.status.success(),
+                        "{}",
+                        String::from_utf8_lossy(&out.stderr)
+                    );
                     runs += 1;
                 }
             }
@@ -131,11 +143,19 @@ fn queue_commands_beside_live_accepts_lose_nothing() {
             })
         })
         .collect();
-    let refused: Vec<String> = senders.into_iter().flat_map(|s| s.join().unwrap()).collect();
+    let refused: Vec<String> = senders
+        .into_iter()
+        .flat_map(|s| s.join().unwrap())
+        .collect();
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let runs = reader.join().unwrap();
     assert!(runs >= 2, "the CLI ran beside the accepts");
-    assert!(refused.is_empty(), "{} of 300 refused: {:?}", refused.len(), &refused[..refused.len().min(3)]);
+    assert!(
+        refused.is_empty(),
+        "{} of 300 refused: {:?}",
+        refused.len(),
+        &refused[..refused.len().min(3)]
+    );
     let (_, out) = gw.cli(&["queue", "list", "--json"]);
     assert_eq!(out.lines().count(), 301);
 }
@@ -193,8 +213,15 @@ fn a_backlog_drains_in_bounded_memory() {
     });
     let after = vm_hwm_kb(gw.pid());
     let grew_mb = (after.saturating_sub(before)) / 1024;
-    eprintln!("peak RSS before the drain {} MB, after {} MB", before / 1024, after / 1024);
-    assert!(grew_mb < 60, "draining 150 x 1 MB raised the peak by {grew_mb} MB");
+    eprintln!(
+        "peak RSS before the drain {} MB, after {} MB",
+        before / 1024,
+        after / 1024
+    );
+    assert!(
+        grew_mb < 60,
+        "draining 150 x 1 MB raised the peak by {grew_mb} MB"
+    );
 }
 
 /// A body that cannot be read is retried with backoff and, after a few
@@ -215,20 +242,35 @@ fn an_unreadable_body_is_quarantined_with_an_event() {
     std::fs::remove_file(&file).unwrap();
     std::fs::create_dir(&file).unwrap();
     let old = Sink::start(po, &[]);
-    let ev = wait_for("queue.corrupt for the message", Duration::from_secs(60), || {
-        gw.events_named("queue.corrupt").into_iter().find(|e| {
-            e["file"].as_str().is_some_and(|f| f.ends_with(&id))
-        })
-    });
-    assert!(ev["reason"].as_str().unwrap().contains("unreadable"), "{ev}");
+    let ev = wait_for(
+        "queue.corrupt for the message",
+        Duration::from_secs(60),
+        || {
+            gw.events_named("queue.corrupt")
+                .into_iter()
+                .find(|e| e["file"].as_str().is_some_and(|f| f.ends_with(&id)))
+        },
+    );
+    assert!(
+        ev["reason"].as_str().unwrap().contains("unreadable"),
+        "{ev}"
+    );
     assert!(gw.data.join("spool/corrupt").join(&id).exists());
     assert!(!file.exists());
     let unreadable: Vec<_> = gw
         .events_named("delivery.deferred")
         .into_iter()
-        .filter(|e| e["reply"].as_str().is_some_and(|r| r.contains("cannot read")))
+        .filter(|e| {
+            e["reply"]
+                .as_str()
+                .is_some_and(|r| r.contains("cannot read"))
+        })
         .collect();
-    assert_eq!(unreadable.len(), 4, "deferred with backoff before quarantine");
+    assert_eq!(
+        unreadable.len(),
+        4,
+        "deferred with backoff before quarantine"
+    );
     assert_eq!(old.messages().len(), 0);
 }
 
@@ -282,7 +324,10 @@ fn a_stale_pooled_connection_is_replaced_in_the_same_attempt() {
         (old.count_containing("Message-ID: <again0@test>") == 1).then_some(())
     });
     let deferred = gw.events_named("delivery.deferred");
-    assert!(deferred.is_empty(), "delivered at the first attempt: {deferred:?}");
+    assert!(
+        deferred.is_empty(),
+        "delivered at the first attempt: {deferred:?}"
+    );
 }
 
 /// RFC 5321 4.5.3.2: the timeout bounds a whole command, not each read. A
@@ -292,7 +337,8 @@ fn a_trickled_command_times_out_as_a_whole() {
     let (po, pn) = (free_port(), free_port());
     let gw = Gateway::start(po, pn, "command_timeout = \"2s\"", "");
     let mut s = TcpStream::connect(("127.0.0.1", gw.port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
     let mut r = BufReader::new(s.try_clone().unwrap());
     let mut greeting = String::new();
     r.read_line(&mut greeting).unwrap();
@@ -314,10 +360,17 @@ fn a_trickled_command_times_out_as_a_whole() {
             }
             Err(_) => {}
         }
-        assert!(started.elapsed() < Duration::from_secs(15), "still open after 15 s");
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "still open after 15 s"
+        );
     }
     assert!(reply.starts_with("421"), "{reply:?}");
-    assert!(started.elapsed() < Duration::from_secs(6), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "{:?}",
+        started.elapsed()
+    );
 }
 
 /// `godwit queue list | head -1` ends quietly: a closed pipe is not a panic.
@@ -330,7 +383,12 @@ fn queue_list_into_a_closed_pipe_does_not_panic() {
         (gw.events_named("message.accepted").len() >= 30).then_some(())
     });
     let mut child = Command::new(godwit_bin())
-        .args(["queue", "list", "--config", gw.config_path.to_str().unwrap()])
+        .args([
+            "queue",
+            "list",
+            "--config",
+            gw.config_path.to_str().unwrap(),
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

@@ -3,7 +3,7 @@
 //! peer offers PIPELINING (RFC 2920), keeping each recipient's own reply.
 
 use godwit_config::{PlatformConfig, TlsPolicy, split_host_port};
-use godwit_smtp_proto::{Envelope, Reply, dot_stuff, envelope::xtext_encode};
+use godwit_smtp_proto::{DotStuffer, Envelope, Reply, envelope::xtext_encode};
 use mail_send::SmtpClient;
 use smtp_proto::{EXT_8BIT_MIME, EXT_DSN, EXT_PIPELINING, EXT_SMTP_UTF8, EXT_START_TLS, Response};
 use std::sync::Mutex;
@@ -11,6 +11,61 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
+
+/// A message's bytes in its spool file, read chunk by chunk as they are
+/// sent: a 50 MB message never needs 50 MB per copy in flight.
+#[derive(Clone)]
+pub struct Body {
+    file: std::sync::Arc<std::fs::File>,
+    offset: u64,
+    len: u64,
+    /// The first read that failed: the attempt was the spool's fault, not
+    /// the platform's (no throttling signal, and the message is counted
+    /// towards quarantine).
+    error: std::sync::Arc<Mutex<Option<String>>>,
+}
+
+/// How much of a body is read, stuffed and written at a time.
+const CHUNK: usize = 256 * 1024;
+
+impl Body {
+    pub fn new(file: std::fs::File, offset: u64, len: u64) -> Body {
+        Body {
+            file: std::sync::Arc::new(file),
+            offset,
+            len,
+            error: Default::default(),
+        }
+    }
+
+    /// Why reading the body failed during an attempt, if it did.
+    pub fn error(&self) -> Option<String> {
+        self.error.lock().unwrap().clone()
+    }
+
+    /// Bytes `pos..pos + n` of the message (positional reads, so several
+    /// transactions may read one body at once).
+    async fn chunk(&self, pos: u64, n: usize) -> std::io::Result<Vec<u8>> {
+        let file = self.file.clone();
+        let at = self.offset + pos;
+        let r = tokio::task::spawn_blocking(move || {
+            use std::os::unix::fs::FileExt;
+            let mut buf = vec![0u8; n];
+            file.read_exact_at(&mut buf, at)?;
+            Ok(buf)
+        })
+        .await
+        .map_err(std::io::Error::other)
+        .and_then(|r| r);
+        if let Err(e) = &r {
+            self.error
+                .lock()
+                .unwrap()
+                .get_or_insert_with(|| e.to_string());
+        }
+        r
+    }
+}
 
 pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
@@ -351,7 +406,7 @@ impl Platform {
         queue_id: &str,
         env: &Envelope,
         rcpts: &[usize],
-        body: &[u8],
+        body: &Body,
     ) -> AttemptOutcome {
         let started = Instant::now();
         tracing::debug!(platform = %self.name, queue_id, rcpts = rcpts.len(), "delivery attempt");
@@ -464,7 +519,7 @@ async fn transaction(
     queue_id: &str,
     env: &Envelope,
     rcpts: &[usize],
-    body: &[u8],
+    body: &Body,
     cfg: &PlatformConfig,
 ) -> Result<(Vec<RcptOutcome>, Reply, bool), TxError> {
     let io_err = |stage: &str, e: mail_send::Error| {
@@ -623,24 +678,57 @@ async fn transaction(
             return Ok((outs, summary, ok));
         }
     }
-    let mut wire = Vec::with_capacity(body.len() + 64);
     // Every copy names its queue ID so copies and duplicates can be reconciled.
-    let mut content = Vec::with_capacity(body.len() + 40);
-    content.extend_from_slice(format!("X-Godwit-Trace: {queue_id}\r\n").as_bytes());
-    content.extend_from_slice(body);
-    dot_stuff(&content, &mut wire);
+    let mut stuffer = DotStuffer::default();
+    let mut wire = Vec::with_capacity(CHUNK + CHUNK / 16 + 64);
+    stuffer.push(
+        format!("X-Godwit-Trace: {queue_id}\r\n").as_bytes(),
+        &mut wire,
+    );
     client.timeout = cfg.data_timeout;
     let sent = tokio::time::timeout(cfg.data_timeout, async {
-        client.stream.write_all(&wire).await?;
-        client.stream.flush().await
+        let mut pos = 0u64;
+        while pos < body.len {
+            let n = CHUNK.min((body.len - pos) as usize);
+            let chunk = body.chunk(pos, n).await.map_err(|e| (true, e))?;
+            pos += n as u64;
+            stuffer.push(&chunk, &mut wire);
+            if pos < body.len {
+                client
+                    .stream
+                    .write_all(&wire)
+                    .await
+                    .map_err(|e| (false, e))?;
+                wire.clear();
+            }
+        }
+        stuffer.finish(&mut wire);
+        client
+            .stream
+            .write_all(&wire)
+            .await
+            .map_err(|e| (false, e))?;
+        client.stream.flush().await.map_err(|e| (false, e))
     })
     .await;
-    if !matches!(sent, Ok(Ok(()))) {
-        return Err(TxError::AfterData(local(
-            451,
-            (4, 4, 2),
-            format!("connection to {} lost while sending the message", conn.host),
-        )));
+    match sent {
+        Ok(Ok(())) => {}
+        // The spool failed us mid-message: no terminator was sent, so the
+        // peer discards what it has. Safe to retry; the connection is spent.
+        Ok(Err((true, e))) => {
+            return Err(TxError::BeforeData(local(
+                451,
+                (4, 3, 0),
+                format!("cannot read the message from the spool while sending it: {e}"),
+            )));
+        }
+        _ => {
+            return Err(TxError::AfterData(local(
+                451,
+                (4, 4, 2),
+                format!("connection to {} lost while sending the message", conn.host),
+            )));
+        }
     }
     let final_reply = match tokio::time::timeout(cfg.data_timeout, client.read()).await {
         Ok(Ok(r)) => reply_of(&r),
@@ -732,7 +820,11 @@ mod tests {
         }
         let down = p.down_hosts();
         assert_eq!(down.len(), 1);
-        assert!(down[0].1 <= 6, "passed over for {}s after one outage", down[0].1);
+        assert!(
+            down[0].1 <= 6,
+            "passed over for {}s after one outage",
+            down[0].1
+        );
         assert_eq!(p.health.lock().unwrap()[0].failures, 1);
     }
 

@@ -537,7 +537,10 @@ pub(crate) mod tests {
     fn plan(h: &Header, rcpts: &mut [RcptState], down: &[&str]) -> Plan {
         let platforms = vec!["new".to_string(), "old".to_string()];
         let down: Vec<String> = down.iter().map(|s| s.to_string()).collect();
-        let circuit = move |p: &str| down.contains(&p.to_string()).then(|| Duration::from_secs(30));
+        let circuit = move |p: &str| {
+            down.contains(&p.to_string())
+                .then(|| Duration::from_secs(30))
+        };
         let w = World {
             now: NOW,
             max_lifetime: Duration::from_secs(5 * 86400),
@@ -591,17 +594,116 @@ pub(crate) mod tests {
             ..due.clone()
         };
         let cases = [
-            Case { addr: "a@x", before: due.clone(), down: &[], groups: &["old"], status: RcptStatus::Pending, hold: Hold::None, attempts: 0, changed: false },
-            Case { addr: "moved@x", before: due.clone(), down: &[], groups: &["new"], status: RcptStatus::Pending, hold: Hold::None, attempts: 0, changed: false },
-            Case { addr: "dual@x", before: due.clone(), down: &[], groups: &["new", "old"], status: RcptStatus::Pending, hold: Hold::None, attempts: 0, changed: false },
-            Case { addr: "dual@x", before: half, down: &[], groups: &["new"], status: RcptStatus::Pending, hold: Hold::None, attempts: 1, changed: false },
-            Case { addr: "dual@x", before: both_done, down: &[], groups: &[], status: RcptStatus::Delivered, hold: Hold::None, attempts: 0, changed: true },
-            Case { addr: "held@x", before: due.clone(), down: &[], groups: &[], status: RcptStatus::Pending, hold: Hold::Route, attempts: 0, changed: true },
-            Case { addr: "a@x", before: later, down: &[], groups: &[], status: RcptStatus::Pending, hold: Hold::None, attempts: 0, changed: false },
-            Case { addr: "a@x", before: op_held, down: &[], groups: &[], status: RcptStatus::Pending, hold: Hold::Operator, attempts: 0, changed: false },
-            Case { addr: "a@x", before: done, down: &[], groups: &[], status: RcptStatus::Delivered, hold: Hold::None, attempts: 0, changed: false },
-            Case { addr: "a@x", before: due.clone(), down: &["old"], groups: &[], status: RcptStatus::Deferred, hold: Hold::None, attempts: 1, changed: true },
-            Case { addr: "lost@x", before: due.clone(), down: &[], groups: &[], status: RcptStatus::Deferred, hold: Hold::None, attempts: 1, changed: true },
+            Case {
+                addr: "a@x",
+                before: due.clone(),
+                down: &[],
+                groups: &["old"],
+                status: RcptStatus::Pending,
+                hold: Hold::None,
+                attempts: 0,
+                changed: false,
+            },
+            Case {
+                addr: "moved@x",
+                before: due.clone(),
+                down: &[],
+                groups: &["new"],
+                status: RcptStatus::Pending,
+                hold: Hold::None,
+                attempts: 0,
+                changed: false,
+            },
+            Case {
+                addr: "dual@x",
+                before: due.clone(),
+                down: &[],
+                groups: &["new", "old"],
+                status: RcptStatus::Pending,
+                hold: Hold::None,
+                attempts: 0,
+                changed: false,
+            },
+            Case {
+                addr: "dual@x",
+                before: half,
+                down: &[],
+                groups: &["new"],
+                status: RcptStatus::Pending,
+                hold: Hold::None,
+                attempts: 1,
+                changed: false,
+            },
+            Case {
+                addr: "dual@x",
+                before: both_done,
+                down: &[],
+                groups: &[],
+                status: RcptStatus::Delivered,
+                hold: Hold::None,
+                attempts: 0,
+                changed: true,
+            },
+            Case {
+                addr: "held@x",
+                before: due.clone(),
+                down: &[],
+                groups: &[],
+                status: RcptStatus::Pending,
+                hold: Hold::Route,
+                attempts: 0,
+                changed: true,
+            },
+            Case {
+                addr: "a@x",
+                before: later,
+                down: &[],
+                groups: &[],
+                status: RcptStatus::Pending,
+                hold: Hold::None,
+                attempts: 0,
+                changed: false,
+            },
+            Case {
+                addr: "a@x",
+                before: op_held,
+                down: &[],
+                groups: &[],
+                status: RcptStatus::Pending,
+                hold: Hold::Operator,
+                attempts: 0,
+                changed: false,
+            },
+            Case {
+                addr: "a@x",
+                before: done,
+                down: &[],
+                groups: &[],
+                status: RcptStatus::Delivered,
+                hold: Hold::None,
+                attempts: 0,
+                changed: false,
+            },
+            Case {
+                addr: "a@x",
+                before: due.clone(),
+                down: &["old"],
+                groups: &[],
+                status: RcptStatus::Deferred,
+                hold: Hold::None,
+                attempts: 1,
+                changed: true,
+            },
+            Case {
+                addr: "lost@x",
+                before: due.clone(),
+                down: &[],
+                groups: &[],
+                status: RcptStatus::Deferred,
+                hold: Hold::None,
+                attempts: 1,
+                changed: true,
+            },
         ];
         for (n, c) in cases.iter().enumerate() {
             let h = header(&[c.addr], NOW - 1000);
@@ -645,7 +747,11 @@ pub(crate) mod tests {
         assert!(!p.events.iter().any(|e| matches!(e, Event::Routed { .. })));
         let h = header(&["moved@x"], NOW - 1000);
         let p = plan(&h, &mut rcpts, &[]);
-        assert!(p.events.iter().any(|e| matches!(e, Event::Routed { route, .. } if route == "new")));
+        assert!(
+            p.events
+                .iter()
+                .any(|e| matches!(e, Event::Routed { route, .. } if route == "new"))
+        );
     }
 
     #[test]
@@ -731,7 +837,11 @@ pub(crate) mod tests {
             let rec = r.to_record(0, NOW);
             let back = RcptState::from_record(Some(&rec), NOW);
             // A route hold is decided again after a restart, at once.
-            let want = if hold == Hold::Route { Hold::None } else { hold };
+            let want = if hold == Hold::Route {
+                Hold::None
+            } else {
+                hold
+            };
             assert_eq!(back.hold, want);
             assert_eq!(back.attempts, 3);
             assert_eq!(rec.status == RcptStatus::Held, hold != Hold::None);

@@ -239,14 +239,34 @@ mod tests {
             all: true,
             ..Default::default()
         };
-        let fx = apply(&QueueOp::Release, &all, &h, &mut rcpts, &|_| "old".into(), 0, "ops");
+        let fx = apply(
+            &QueueOp::Release,
+            &all,
+            &h,
+            &mut rcpts,
+            &|_| "old".into(),
+            0,
+            "ops",
+        );
         assert!(matches!(&fx.events[..], [Event::Released { rcpt, .. }] if rcpt == "a@x"));
         let one = Selector {
             rcpt: Some("B@X".into()),
             ..Default::default()
         };
-        let fx = apply(&QueueOp::Delete, &one, &h, &mut rcpts, &|_| "old".into(), 0, "ops");
-        assert_eq!(rcpts[0].status, RcptStatus::Deferred, "co-recipient stays queued");
+        let fx = apply(
+            &QueueOp::Delete,
+            &one,
+            &h,
+            &mut rcpts,
+            &|_| "old".into(),
+            0,
+            "ops",
+        );
+        assert_eq!(
+            rcpts[0].status,
+            RcptStatus::Deferred,
+            "co-recipient stays queued"
+        );
         assert_eq!(rcpts[1].status, RcptStatus::Deleted);
         assert!(matches!(&fx.events[..], [Event::QueueDeleted { rcpts, .. }] if rcpts == &["b@x"]));
     }

@@ -8,7 +8,7 @@
 //! costs no memory for bodies. The ready queue is capped (KumoMTA's
 //! `max_ready`): past it, a due message is parked and waits for a free place.
 
-use crate::client::{AttemptOutcome, Platform};
+use crate::client::{AttemptOutcome, Body, Platform};
 use crate::dsn::{self, DsnRcpt};
 use crate::flow::{Admission, Flow, FlowSnapshot, Permit, classify};
 use crate::plan::{self, Hold, RcptState, Routed, World};
@@ -237,7 +237,12 @@ impl RelayHandle {
                     .iter()
                     .zip(&e.rcpts)
                     .map(|((a, _), r)| {
-                        (a.clone(), r.shown_status(), r.attempts, r.last_route.clone())
+                        (
+                            a.clone(),
+                            r.shown_status(),
+                            r.attempts,
+                            r.last_route.clone(),
+                        )
                     })
                     .collect(),
             })
@@ -513,8 +518,14 @@ impl RelayHandle {
         let mut groups_of = HashMap::new();
         for (platform, idxs) in groups {
             let me = self.clone();
-            let (id2, p2, idxs2, token) = (id.to_string(), platform.clone(), idxs.clone(), token.clone());
-            let handle = tasks.spawn(async move { me.deliver_group(&id2, &p2, &idxs2, token).await });
+            let (id2, p2, idxs2, token) = (
+                id.to_string(),
+                platform.clone(),
+                idxs.clone(),
+                token.clone(),
+            );
+            let handle =
+                tasks.spawn(async move { me.deliver_group(&id2, &p2, &idxs2, token).await });
             groups_of.insert(handle.id(), (platform, idxs));
         }
         while let Some(res) = tasks.join_next_with_id().await {
@@ -612,8 +623,8 @@ impl RelayHandle {
         };
         let spool = inner.spool.clone();
         let sp2 = sp.clone();
-        let body = match tokio::task::spawn_blocking(move || spool.read_body(&sp2)).await {
-            Ok(Ok(body)) => body,
+        let body = match tokio::task::spawn_blocking(move || spool.open_body(&sp2)).await {
+            Ok(Ok(file)) => Body::new(file, sp.body_offset, sp.body_len),
             Ok(Err(e)) => {
                 drop(permit);
                 self.group_done(id, None, false);
@@ -641,6 +652,15 @@ impl RelayHandle {
                 &body,
             )
             .await;
+        if let Some(reason) = body.error() {
+            drop(permit);
+            self.group_done(id, None, false);
+            let path = inner.spool.queue_dir().join(id);
+            return (
+                GroupEnd::Unreadable(SpoolError::Corrupt { path, reason }),
+                Vec::new(),
+            );
+        }
         drop(body);
         d.flow
             .observe(classify(&out.summary, out.host.is_some()), out.summary.code);
@@ -665,7 +685,12 @@ impl RelayHandle {
         let (settled, recs) = {
             let mut st = inner.state.lock().unwrap();
             let Some(e) = st.msgs.get_mut(id) else {
-                tracing::warn!(queue_id = id, platform, "message left the queue during its delivery: {}", out.summary);
+                tracing::warn!(
+                    queue_id = id,
+                    platform,
+                    "message left the queue during its delivery: {}",
+                    out.summary
+                );
                 return Vec::new();
             };
             let sp = e.sp.clone();
@@ -682,13 +707,14 @@ impl RelayHandle {
             );
             e.groups_left = e.groups_left.saturating_sub(1);
             let last = e.groups_left == 0 && !e.recheck;
-            let recs: Vec<_> = if last && settled.failed.is_empty() && e.rcpts.iter().all(|r| r.is_final()) {
-                // Everything is delivered: the durable removal that follows is
-                // the record (one group-committed directory sync).
-                Vec::new()
-            } else {
-                go.iter().map(|&i| e.rcpts[i].to_record(i, now)).collect()
-            };
+            let recs: Vec<_> =
+                if last && settled.failed.is_empty() && e.rcpts.iter().all(|r| r.is_final()) {
+                    // Everything is delivered: the durable removal that follows is
+                    // the record (one group-committed directory sync).
+                    Vec::new()
+                } else {
+                    go.iter().map(|&i| e.rcpts[i].to_record(i, now)).collect()
+                };
             (settled, recs)
         };
         self.emit_all(settled.events);
@@ -744,7 +770,11 @@ impl RelayHandle {
             let Some(e) = st.msgs.get_mut(id) else { return };
             e.body_failures += 1;
             let n = e.body_failures;
-            tracing::error!(queue_id = id, failures = n, "cannot read message body from the spool: {err}");
+            tracing::error!(
+                queue_id = id,
+                failures = n,
+                "cannot read message body from the spool: {err}"
+            );
             if n >= MAX_BODY_FAILURES {
                 st.remove(id);
                 true

@@ -13,4 +13,4 @@ pub use data::{DataDecoder, DataOutcome, NewlinePolicy};
 pub use envelope::{Envelope, MailParams, RcptParams};
 pub use reply::Reply;
 pub use session::{Limits, Output, RcptPolicy, Session};
-pub use stuff::dot_stuff;
+pub use stuff::{DotStuffer, dot_stuff};

@@ -6,35 +6,72 @@
 /// Appends the DATA form of `message` (including the final `.CRLF`) to `out`.
 pub fn dot_stuff(message: &[u8], out: &mut Vec<u8>) {
     out.reserve(message.len() + message.len() / 64 + 8);
-    let mut line_start = true;
-    let mut i = 0;
-    while i < message.len() {
-        let b = message[i];
-        if line_start && b == b'.' {
-            out.push(b'.');
+    let mut s = DotStuffer::default();
+    s.push(message, out);
+    s.finish(out);
+}
+
+/// `dot_stuff` for a message given in chunks (streamed from the spool), so a
+/// 50 MB message is never held whole: the state that crosses a chunk boundary
+/// is whether a line has just started, and a CR waiting for its LF.
+#[derive(Debug, Clone)]
+pub struct DotStuffer {
+    line_start: bool,
+    pending_cr: bool,
+}
+
+impl Default for DotStuffer {
+    fn default() -> Self {
+        DotStuffer {
+            line_start: true,
+            pending_cr: false,
         }
-        match b {
-            b'\r' if message.get(i + 1) == Some(&b'\n') => {
+    }
+}
+
+impl DotStuffer {
+    /// Appends the DATA form of the next chunk to `out`.
+    pub fn push(&mut self, chunk: &[u8], out: &mut Vec<u8>) {
+        for &b in chunk {
+            if self.pending_cr {
+                self.pending_cr = false;
+                // CR LF, or a bare CR: either way one CRLF on the wire.
                 out.extend_from_slice(b"\r\n");
-                i += 2;
-                line_start = true;
-                continue;
+                self.line_start = true;
+                if b == b'\n' {
+                    continue;
+                }
             }
-            b'\r' | b'\n' => {
-                out.extend_from_slice(b"\r\n");
-                line_start = true;
+            if self.line_start && b == b'.' {
+                // RFC 5321 4.5.2: a line starting with a period gets another.
+                out.push(b'.');
             }
-            _ => {
-                out.push(b);
-                line_start = false;
+            match b {
+                b'\r' => self.pending_cr = true,
+                b'\n' => {
+                    out.extend_from_slice(b"\r\n");
+                    self.line_start = true;
+                }
+                _ => {
+                    out.push(b);
+                    self.line_start = false;
+                }
             }
         }
-        i += 1;
     }
-    if !line_start {
-        out.extend_from_slice(b"\r\n");
+
+    /// Ends the message: a final CRLF if the last line lacks one, then the
+    /// terminator.
+    pub fn finish(mut self, out: &mut Vec<u8>) {
+        if self.pending_cr {
+            out.extend_from_slice(b"\r\n");
+            self.line_start = true;
+        }
+        if !self.line_start {
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b".\r\n");
     }
-    out.extend_from_slice(b".\r\n");
 }
 
 #[cfg(test)]
@@ -60,6 +97,20 @@ mod tests {
     }
 
     proptest! {
+        /// Chunked stuffing is byte for byte the same as stuffing whole,
+        /// wherever the chunks are cut (a CRLF split across two, say).
+        #[test]
+        fn chunked_equals_whole(msg in proptest::collection::vec(prop_oneof![Just(b'\r'), Just(b'\n'), Just(b'.'), any::<u8>()], 0..300), cut in 1usize..40) {
+            let whole = stuffed(&msg);
+            let mut s = DotStuffer::default();
+            let mut out = Vec::new();
+            for c in msg.chunks(cut) {
+                s.push(c, &mut out);
+            }
+            s.finish(&mut out);
+            prop_assert_eq!(out, whole);
+        }
+
         /// Whatever bytes are stored, the next hop sees exactly one terminator,
         /// at the end, and decodes back the CRLF-normalized content.
         #[test]

@@ -330,7 +330,14 @@ impl Spool {
     pub fn open_body(&self, m: &Spooled) -> Result<File, SpoolError> {
         let p = self.path(&m.header.queue_id);
         let f = File::open(&p).map_err(io(&p))?;
-        let len = f.metadata().map_err(io(&p))?.len();
+        let meta = f.metadata().map_err(io(&p))?;
+        if !meta.is_file() {
+            return Err(SpoolError::Corrupt {
+                path: p,
+                reason: "not a regular file".into(),
+            });
+        }
+        let len = meta.len();
         if len < m.body_offset + m.body_len {
             return Err(SpoolError::Corrupt {
                 path: p,
@@ -717,7 +724,10 @@ mod tests {
         let err = Spool::open(dir.path()).err().expect("second owner refused");
         let text = err.to_string();
         assert!(text.contains("in use by another godwit process"), "{text}");
-        assert!(text.contains(&format!("pid {}", std::process::id())), "{text}");
+        assert!(
+            text.contains(&format!("pid {}", std::process::id())),
+            "{text}"
+        );
         // A file being written in tmp/ survives readers.
         let wip = dir.path().join("tmp").join("WIP");
         std::fs::write(&wip, b"partial").unwrap();
