@@ -163,10 +163,17 @@ pub struct DomainsConfig {
 pub enum TlsPolicy {
     /// Never STARTTLS.
     None,
-    /// STARTTLS when offered; clear text when not, or when the handshake fails.
+    /// STARTTLS when offered, without requiring a valid certificate
+    /// (Postfix's `may`): encryption against passive listening, with the
+    /// verification result recorded in the delivery event. Clear text when
+    /// not offered.
     #[default]
     Opportunistic,
-    /// Defer rather than send in clear text.
+    /// STARTTLS with a certificate that verifies against `tls_ca` (or the
+    /// public roots) for the relay host's name (Postfix's `verify`/`secure`).
+    Verify,
+    /// Defer rather than send in clear text; the certificate is verified
+    /// unless `tls_insecure`.
     Require,
 }
 
@@ -178,6 +185,10 @@ pub struct PlatformConfig {
     pub tls: TlsPolicy,
     /// Accept any certificate (test platforms with self-signed certificates).
     pub tls_insecure: bool,
+    /// PEM file of the CA certificates that `verify` and `require` trust for
+    /// this platform (an on-premises platform with an internal CA); default:
+    /// the public webpki roots.
+    pub tls_ca: Option<PathBuf>,
     /// Simultaneous connections to this platform at most: the ceiling of the
     /// adaptive concurrency limit.
     pub max_connections: usize,
@@ -208,6 +219,7 @@ impl Default for PlatformConfig {
             relay: Vec::new(),
             tls: TlsPolicy::default(),
             tls_insecure: false,
+            tls_ca: None,
             max_connections: 20,
             initial_connections: 4,
             max_rate: 0.0,
@@ -514,6 +526,26 @@ impl Config {
                         format!(
                             "`{r}` is godwit's own listener ({l}): mail would loop back to this gateway"
                         ),
+                    ));
+                }
+            }
+            if p.tls == TlsPolicy::Verify && p.tls_insecure {
+                return Err(invalid(
+                    format!("platforms.{name}.tls_insecure"),
+                    "contradicts tls = \"verify\": verify requires a valid certificate",
+                ));
+            }
+            if let Some(ca) = &p.tls_ca {
+                let pem = std::fs::read_to_string(ca).map_err(|e| {
+                    invalid(
+                        format!("platforms.{name}.tls_ca"),
+                        format!("{}: {e}", ca.display()),
+                    )
+                })?;
+                if !pem.contains("-----BEGIN CERTIFICATE-----") {
+                    return Err(invalid(
+                        format!("platforms.{name}.tls_ca"),
+                        format!("{}: no PEM certificate in the file", ca.display()),
                     ));
                 }
             }

@@ -106,6 +106,9 @@ pub enum Event {
         reply: String,
         duration_ms: u64,
         tls: bool,
+        /// Whether the platform's certificate verified (absent without TLS).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tls_verified: Option<bool>,
     },
     #[serde(rename = "delivery.delivered")]
     Delivered {

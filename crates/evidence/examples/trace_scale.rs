@@ -61,6 +61,7 @@ async fn main() -> anyhow::Result<()> {
             reply: "250 2.0.0 Ok: queued as X".into(),
             duration_ms: 3,
             tls: true,
+            tls_verified: Some(true),
         }))?;
         tx.send(rec(Event::Delivered {
             queue_id: q,

@@ -196,10 +196,10 @@ fn opportunistic_starttls_to_a_platform_that_offers_it() {
         &format!("tls_cert = \"{cert}\"\ntls_key = \"{key}\""),
         "",
     );
-    let mut gw = Gateway::start(downstream.port, free_port(), "", "");
-    // A self-signed test certificate: accept it (tls_insecure), but use TLS.
-    let relay = format!("relay = [\"127.0.0.1:{}\"]", downstream.port);
-    gw.reconfigure(|c| c.replacen(&relay, &format!("{relay}\ntls_insecure = true"), 1));
+    // A self-signed certificate, and no tls_insecure: opportunistic TLS
+    // (Postfix's `may`) encrypts anyway and records that it did not verify.
+    // Before, it verified and deferred for ever (an internal CA's platform).
+    let gw = Gateway::start(downstream.port, free_port(), "", "");
     let mut c = gw.client();
     c.greet();
     assert!(
@@ -217,6 +217,7 @@ fn opportunistic_starttls_to_a_platform_that_offers_it() {
         gw.events_named("delivery.attempt").into_iter().next()
     });
     assert_eq!(attempt["tls"], true, "{attempt}");
+    assert_eq!(attempt["tls_verified"], false, "{attempt}");
     assert_eq!(downstream.events_named("connection.tls").len(), 1);
     let m = sink
         .messages()
@@ -227,6 +228,93 @@ fn opportunistic_starttls_to_a_platform_that_offers_it() {
         m.contains("by gw.test (godwit) with ESMTPS"),
         "the hop to the platform was not TLS: {m}"
     );
+}
+
+/// A CA and a platform certificate it signed for 127.0.0.1 (the relay
+/// host's name as godwit dials it).
+fn write_ca_signed(dir: &std::path::Path) -> (String, String, String) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "Old Platform Internal CA");
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).unwrap();
+    let leaf_key = rcgen::KeyPair::generate().unwrap();
+    let leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .unwrap()
+        .signed_by(&leaf_key, &ca)
+        .unwrap();
+    let (c, k, a) = (
+        dir.join("leaf.pem"),
+        dir.join("leaf.key"),
+        dir.join("ca.pem"),
+    );
+    std::fs::write(&c, leaf.pem()).unwrap();
+    std::fs::write(&k, leaf_key.serialize_pem()).unwrap();
+    std::fs::write(&a, ca.pem()).unwrap();
+    let s = |p: std::path::PathBuf| p.display().to_string();
+    (s(c), s(k), s(a))
+}
+
+/// `tls = "verify"` delivers only over a certificate that verifies: with
+/// the platform's internal CA as `tls_ca` it does (and says so); without
+/// it, the public roots refuse the chain and the mail waits, deferred with
+/// the reason.
+#[test]
+fn verify_trusts_the_configured_ca_and_only_it() {
+    let sink_port = free_port();
+    let sink = Sink::start(sink_port, &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key, ca) = write_ca_signed(dir.path());
+    let downstream = Gateway::start(
+        sink_port,
+        sink_port,
+        &format!("tls_cert = \"{cert}\"\ntls_key = \"{key}\""),
+        "",
+    );
+    let relay = format!("relay = [\"127.0.0.1:{}\"]", downstream.port);
+    let mut gw = Gateway::start(downstream.port, free_port(), "", "");
+    gw.reconfigure(|c| c.replacen(&relay, &format!("{relay}\ntls = \"verify\""), 1));
+    let mut c = gw.client();
+    c.greet();
+    assert!(
+        c.mail(
+            "a@b.test",
+            &["u@example.com"],
+            &message("unverified@test", "x")
+        )
+        .starts_with("250")
+    );
+    let deferred = wait_for("a deferral naming the certificate", T, || {
+        gw.events_named("delivery.deferred").into_iter().next()
+    });
+    let reply = deferred["reply"].as_str().unwrap();
+    assert!(
+        reply.contains("4.7") && reply.to_lowercase().contains("certificate"),
+        "{reply}"
+    );
+    assert_eq!(sink.count_containing("unverified@test"), 0);
+    drop(c);
+    gw.reconfigure(|c| {
+        c.replacen(
+            &format!("{relay}\ntls = \"verify\""),
+            &format!("{relay}\ntls = \"verify\"\ntls_ca = \"{ca}\""),
+            1,
+        )
+    });
+    let (ok, out) = gw.cli(&["queue", "flush", "--all"]);
+    assert!(ok, "{out}");
+    wait_for("delivery over the verified chain", T, || {
+        (sink.count_containing("unverified@test") == 1).then_some(())
+    });
+    let attempt = wait_for("a verified attempt", T, || {
+        gw.events_named("delivery.attempt")
+            .into_iter()
+            .find(|a| a["code"] == 250)
+    });
+    assert_eq!(attempt["tls"], true, "{attempt}");
+    assert_eq!(attempt["tls_verified"], true, "{attempt}");
 }
 
 #[test]

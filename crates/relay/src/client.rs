@@ -86,6 +86,8 @@ pub struct AttemptOutcome {
     /// The relay host that answered, if any did.
     pub host: Option<String>,
     pub tls: bool,
+    /// Whether the platform's certificate verified (None without TLS).
+    pub tls_verified: Option<bool>,
     /// One per recipient given, in order.
     pub rcpts: Vec<RcptOutcome>,
     /// The reply that decided the attempt as a whole (the final DATA reply, or
@@ -101,6 +103,8 @@ struct Pooled {
     host_idx: usize,
     caps: u32,
     tls: bool,
+    /// Whether the peer's certificate verified (None: no TLS).
+    tls_verified: Option<bool>,
     uses: usize,
     idle_since: Instant,
 }
@@ -133,6 +137,9 @@ pub struct Platform {
     health: Mutex<Vec<HostHealth>>,
     pool: Mutex<Vec<Pooled>>,
     tls: TlsConnector,
+    /// For `opportunistic`: checks the chain after an unverified handshake,
+    /// so the evidence says whether it would have verified.
+    checker: Option<godwit_tls::Checker>,
 }
 
 /// Idle connections older than this are not reused: peers time them out.
@@ -162,14 +169,30 @@ impl Platform {
             .iter()
             .filter_map(|r| split_host_port(r).ok())
             .collect();
-        let tls = TlsConnector::from(godwit_tls::client_config(config.tls_insecure));
+        // The trust anchors were checked when the configuration loaded; a
+        // file that went bad since leaves only the public roots.
+        let roots = || {
+            godwit_tls::roots(config.tls_ca.as_deref()).unwrap_or_else(|e| {
+                tracing::error!(platform = name, "tls_ca: {e}; using the public roots");
+                godwit_tls::roots(None).expect("webpki roots")
+            })
+        };
+        let (tls, checker) = match config.tls {
+            TlsPolicy::Opportunistic | TlsPolicy::None => (
+                godwit_tls::unverified_config(),
+                godwit_tls::Checker::new(roots()).ok(),
+            ),
+            TlsPolicy::Require if config.tls_insecure => (godwit_tls::unverified_config(), None),
+            TlsPolicy::Verify | TlsPolicy::Require => (godwit_tls::verifying_config(roots()), None),
+        };
         Platform {
             name: name.to_string(),
             config: config.clone(),
             health: Mutex::new(vec![HostHealth::default(); hosts.len()]),
             hosts,
             pool: Mutex::new(Vec::new()),
-            tls,
+            tls: TlsConnector::from(tls),
+            checker,
         }
     }
 
@@ -315,7 +338,7 @@ impl Platform {
         let want_tls = match self.config.tls {
             TlsPolicy::None => false,
             TlsPolicy::Opportunistic => offers_tls,
-            TlsPolicy::Require => {
+            TlsPolicy::Require | TlsPolicy::Verify => {
                 if !offers_tls {
                     return Err(local(
                         451,
@@ -336,6 +359,7 @@ impl Platform {
                 host: label,
                 caps,
                 tls: false,
+                tls_verified: None,
                 uses: 0,
                 idle_since: Instant::now(),
             });
@@ -360,7 +384,7 @@ impl Platform {
         })?;
         let tls = tokio::time::timeout(
             self.config.command_timeout,
-            self.tls.connect(name, client.stream),
+            self.tls.connect(name.clone(), client.stream),
         )
         .await
         .map_err(|_| {
@@ -377,6 +401,22 @@ impl Platform {
                 format!("TLS handshake with {label} failed: {e}"),
             )
         })?;
+        // Opportunistic TLS encrypts whatever the certificate; whether it
+        // would have verified is evidence (Postfix logs "Untrusted TLS").
+        let verified = match &self.checker {
+            Some(c) => {
+                let chain = tls.get_ref().1.peer_certificates().unwrap_or_default();
+                match c.check(chain, &name) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        tracing::debug!(platform = %self.name, host = %label, "certificate not verified: {e}");
+                        false
+                    }
+                }
+            }
+            // verify/require completed a verifying handshake.
+            None => !self.config.tls_insecure,
+        };
         let mut client: Client = SmtpClient {
             stream: Box::new(tls),
             timeout: self.config.command_timeout,
@@ -393,6 +433,7 @@ impl Platform {
             host: label,
             caps,
             tls: true,
+            tls_verified: Some(verified),
             uses: 0,
             idle_since: Instant::now(),
         })
@@ -440,6 +481,7 @@ impl Platform {
                         return AttemptOutcome {
                             host,
                             tls: false,
+                            tls_verified: None,
                             rcpts: all(&reply, permanent),
                             summary: reply,
                             duration: started.elapsed(),
@@ -456,12 +498,14 @@ impl Platform {
                     Ok((outcomes, summary, reusable)) => {
                         let host = Some(conn.host.clone());
                         let tls = conn.tls;
+                        let tls_verified = conn.tls_verified;
                         if reusable {
                             self.give_back(conn);
                         }
                         AttemptOutcome {
                             host,
                             tls,
+                            tls_verified,
                             rcpts: outcomes,
                             summary,
                             duration: started.elapsed(),
@@ -477,6 +521,7 @@ impl Platform {
                     Err(TxError::BeforeData(r)) => AttemptOutcome {
                         host: Some(conn.host.clone()),
                         tls: conn.tls,
+                        tls_verified: conn.tls_verified,
                         rcpts: all(&r, false),
                         summary: r,
                         duration: started.elapsed(),
@@ -486,6 +531,7 @@ impl Platform {
                         return AttemptOutcome {
                             host: Some(conn.host.clone()),
                             tls: conn.tls,
+                            tls_verified: conn.tls_verified,
                             rcpts: all(&r, false),
                             summary: r,
                             duration: started.elapsed(),

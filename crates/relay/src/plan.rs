@@ -404,6 +404,7 @@ pub fn settle(
         reply: out.summary.to_string(),
         duration_ms: out.duration.as_millis() as u64,
         tls: out.tls,
+        tls_verified: out.tls_verified,
     });
     for (&i, o) in idxs.iter().zip(&out.rcpts) {
         let (addr, params) = &h.envelope.rcpts[i];
@@ -783,6 +784,7 @@ pub(crate) mod tests {
         let out = AttemptOutcome {
             host: Some("127.0.0.1:25".into()),
             tls: false,
+            tls_verified: None,
             rcpts: vec![
                 RcptOutcome::Delivered {
                     reply: ok.clone(),

@@ -5,6 +5,98 @@
 
 use std::sync::Arc;
 
+/// Trust anchors: the PEM file an administrator named (an internal CA), or
+/// the webpki roots.
+pub fn roots(ca_file: Option<&std::path::Path>) -> Result<rustls::RootCertStore, String> {
+    let Some(path) = ca_file else {
+        return Ok(rustls::RootCertStore {
+            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+        });
+    };
+    let pem = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut store = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+        let cert = cert.map_err(|e| format!("{}: {e}", path.display()))?;
+        store
+            .add(cert)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    if store.is_empty() {
+        return Err(format!(
+            "{}: no PEM certificate in the file",
+            path.display()
+        ));
+    }
+    Ok(store)
+}
+
+fn builder() -> rustls::ConfigBuilder<rustls::ClientConfig, rustls::WantsVerifier> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("aws-lc-rs supports the default protocol versions")
+}
+
+/// A client configuration that verifies the chain against `roots`.
+pub fn verifying_config(roots: rustls::RootCertStore) -> Arc<rustls::ClientConfig> {
+    Arc::new(
+        builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    )
+}
+
+/// A client configuration that encrypts without verifying (Postfix's
+/// `may`): the chain is checked after the handshake with `Checker`, and
+/// only recorded.
+pub fn unverified_config() -> Arc<rustls::ClientConfig> {
+    Arc::new(
+        builder()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(NoVerify))
+            .with_no_client_auth(),
+    )
+}
+
+/// Checks a peer's chain after an unverified handshake, so opportunistic
+/// TLS can say in its evidence whether the peer would have verified.
+pub struct Checker(Arc<rustls::client::WebPkiServerVerifier>);
+
+impl Checker {
+    pub fn new(roots: rustls::RootCertStore) -> Result<Checker, String> {
+        rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            Arc::new(rustls::crypto::aws_lc_rs::default_provider()),
+        )
+        .build()
+        .map(Checker)
+        .map_err(|e| e.to_string())
+    }
+
+    /// Whether `chain` (end entity first) is valid for `name` now; the
+    /// reason when it is not.
+    pub fn check(
+        &self,
+        chain: &[rustls::pki_types::CertificateDer<'_>],
+        name: &rustls::pki_types::ServerName<'_>,
+    ) -> Result<(), String> {
+        use rustls::client::danger::ServerCertVerifier;
+        let Some((end, intermediates)) = chain.split_first() else {
+            return Err("no certificate presented".into());
+        };
+        self.0
+            .verify_server_cert(
+                end,
+                intermediates,
+                name,
+                &[],
+                rustls::pki_types::UnixTime::now(),
+            )
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+}
+
 /// A client configuration: verified against the webpki roots, or (with
 /// `insecure`) accepting any certificate, for test platforms only.
 pub fn client_config(insecure: bool) -> Arc<rustls::ClientConfig> {
