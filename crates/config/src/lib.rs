@@ -492,7 +492,8 @@ impl Config {
             return Err(invalid("domains.accepted", "must list at least one domain"));
         }
         for d in &self.domains.accepted {
-            if d.is_empty() || d.contains(['@', ' ', '/']) {
+            let name = d.strip_prefix('.').unwrap_or(d);
+            if name.is_empty() || name.starts_with('.') || d.contains(['@', ' ', '/']) {
                 return Err(invalid(
                     "domains.accepted",
                     format!("`{d}` is not a domain name"),
@@ -672,12 +673,23 @@ impl Config {
         }
     }
 
+    /// Whether mail for `domain` is ours: an `accepted` entry names it, or
+    /// an entry `.parent` names a domain it is under (Postfix's
+    /// `parent_domain_matches_subdomains` style: `.example.com` means every
+    /// subdomain of example.com, not example.com itself).
     pub fn is_accepted_domain(&self, domain: &str) -> bool {
         let domain = domain.trim_end_matches('.');
         self.domains
             .accepted
             .iter()
-            .any(|d| d.eq_ignore_ascii_case(domain))
+            .any(|d| match d.strip_prefix('.') {
+                Some(parent) => {
+                    domain.len() > parent.len() + 1
+                        && domain.as_bytes()[domain.len() - parent.len() - 1] == b'.'
+                        && domain[domain.len() - parent.len()..].eq_ignore_ascii_case(parent)
+                }
+                None => d.eq_ignore_ascii_case(domain),
+            })
     }
 
     pub fn spool_dir(&self) -> PathBuf {
@@ -804,12 +816,22 @@ max_backoff = "1h"
 
     #[test]
     fn parses_the_documented_shape() {
-        let c = load(GOOD).unwrap();
+        let mut c = load(GOOD).unwrap();
         assert_eq!(c.smtp.max_message_size, 10_000_000);
         assert_eq!(c.queue.max_lifetime, Duration::from_secs(5 * 86400));
         assert!(c.is_accepted_domain("example.com"));
         assert!(c.is_accepted_domain("EXAMPLE.com."));
         assert!(!c.is_accepted_domain("evil.com"));
+        assert!(!c.is_accepted_domain("sub.example.com"));
+        c.domains.accepted.push(".example.net".into());
+        assert!(c.is_accepted_domain("a.example.net"));
+        assert!(c.is_accepted_domain("B.A.Example.NET."));
+        assert!(
+            !c.is_accepted_domain("example.net"),
+            "the parent itself needs its own entry"
+        );
+        assert!(!c.is_accepted_domain("badexample.net"));
+        assert!(!c.is_accepted_domain("net"));
         assert_eq!(
             split_host_port("[::1]:2602").unwrap(),
             ("::1".to_string(), 2602)

@@ -401,3 +401,47 @@ fn queue_list_into_a_closed_pipe_does_not_panic() {
     let err = String::from_utf8_lossy(&res.stderr);
     assert!(!err.contains("panicked"), "{err}");
 }
+
+/// Common mistake 5: "coexistence routing missing for subdomains". An
+/// `accepted` entry `.example.com` takes every subdomain, and a subdomain
+/// follows its parent's domain default unless it has its own.
+#[test]
+fn subdomains_are_accepted_and_routed_by_the_most_specific_domain() {
+    let (po, pn) = (free_port(), free_port());
+    let old = Sink::start(po, &[]);
+    let new = Sink::start(pn, &[]);
+    let mut gw = Gateway::start(
+        po,
+        pn,
+        "",
+        "[routing.domains]\n\"example.com\" = \"new\"\n\"lab.example.com\" = \"old\"",
+    );
+    gw.reconfigure(|c| {
+        c.replace(
+            "accepted = [\"example.com\", \"example.org\"]",
+            "accepted = [\"example.com\", \".example.com\", \"example.org\"]",
+        )
+    });
+    let mut c = gw.client();
+    c.greet();
+    for (rcpt, id) in [
+        ("a@sales.example.com", "sub1"),
+        ("b@eu.sales.example.com", "sub2"),
+        ("c@lab.example.com", "sub3"),
+    ] {
+        let r = c.mail(
+            "s@outside.test",
+            &[rcpt],
+            &message(&format!("{id}@test"), "x"),
+        );
+        assert!(r.starts_with("250"), "{rcpt}: {r}");
+    }
+    assert!(c.cmd("MAIL FROM:<s@outside.test>").starts_with("250"));
+    let r = c.cmd("RCPT TO:<x@example.com.evil.test>");
+    assert!(r.starts_with("554 5.7.1"), "{r}");
+    wait_for("all three delivered", T, || {
+        (new.count_containing("Message-ID: <sub") == 2
+            && old.count_containing("Message-ID: <sub3") == 1)
+            .then_some(())
+    });
+}

@@ -128,7 +128,7 @@ impl RoutingMap {
                 .routing
                 .domains
                 .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
+                .map(|(k, v)| (k.trim_end_matches('.').to_ascii_lowercase(), v.clone()))
                 .collect(),
             unknown: config.directory.unknown_recipient,
             directory_entries: 0,
@@ -273,11 +273,11 @@ impl RoutingMap {
             };
         }
         let domain = addr.rsplit_once('@').map(|(_, d)| d).unwrap_or("");
-        if let Some(route) = self.domains.get(domain) {
+        if let Some((key, route)) = self.domain_default(domain) {
             return Decision {
                 route: route.clone(),
                 why: Why::DomainDefault {
-                    domain: domain.to_string(),
+                    domain: key.to_string(),
                 },
                 version: self.version,
             };
@@ -287,6 +287,26 @@ impl RoutingMap {
             why: Why::GlobalDefault,
             version: self.version,
         }
+    }
+
+    /// The most specific domain default for `domain`: its own entry, else
+    /// the nearest parent's (`.parent` or `parent`), so subdomains follow
+    /// their parent's coexistence route unless they have their own (common
+    /// mistake 5: "coexistence routing missing for subdomains").
+    fn domain_default(&self, domain: &str) -> Option<(&str, &String)> {
+        if let Some((k, v)) = self.domains.get_key_value(domain) {
+            return Some((k.as_str(), v));
+        }
+        let mut rest = domain;
+        while let Some((_, parent)) = rest.split_once('.') {
+            for key in [format!(".{parent}"), parent.to_string()] {
+                if let Some((k, v)) = self.domains.get_key_value(key.as_str()) {
+                    return Some((k.as_str(), v));
+                }
+            }
+            rest = parent;
+        }
+        None
     }
 
     fn route_index(&mut self, route: &str) -> u16 {
@@ -612,6 +632,32 @@ mod tests {
         let mut c = Config::parse("[domains]\naccepted=[\"example.com\"]\n[platforms.old]\nrelay=[\"127.0.0.1:1\"]\n[platforms.new]\nrelay=[\"127.0.0.1:2\"]\n[routing.domains]\n\"example.org\" = \"new\"").unwrap();
         c.data_dir = std::path::PathBuf::from("/nonexistent");
         c
+    }
+
+    #[test]
+    fn domain_defaults_by_the_most_specific_domain() {
+        let mut c = config();
+        c.routing.domains.insert("example.com".into(), "new".into());
+        c.routing
+            .domains
+            .insert(".eu.example.com".into(), "old".into());
+        c.routing
+            .domains
+            .insert("Lab.EU.example.com".into(), "hold".into());
+        let m = RoutingMap::new(&c);
+        for (addr, route) in [
+            ("a@example.com", "new"),
+            ("a@sub.example.com", "new"),
+            ("a@eu.example.com", "new"),
+            ("a@x.eu.example.com", "old"),
+            ("a@lab.eu.example.com", "hold"),
+            ("a@y.lab.eu.example.com", "hold"),
+            ("a@example.org", "new"),
+            ("a@example.net", "old"),
+            ("a@notexample.com", "old"),
+        ] {
+            assert_eq!(m.decide(addr).route, route, "{addr}");
+        }
     }
 
     #[test]
