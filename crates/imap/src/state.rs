@@ -374,8 +374,7 @@ mod tests {
     /// GODWIT_TEST_POSTGRES_URL=postgres://user@/db?host=/var/run/postgresql
     #[tokio::test]
     async fn status_round_trip_on_postgres() {
-        let Ok(url) = std::env::var("GODWIT_TEST_POSTGRES_URL") else {
-            eprintln!("GODWIT_TEST_POSTGRES_URL not set: PostgreSQL not exercised");
+        let Some(url) = godwit_store::test_postgres_url("GODWIT_TEST_POSTGRES_URL") else {
             return;
         };
         let store = Store::open(&url).await.unwrap();

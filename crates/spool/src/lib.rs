@@ -173,6 +173,11 @@ pub struct Spool {
     counter: AtomicU32,
     /// Distinguishes nodes or restarts within one millisecond.
     node_salt: u32,
+    /// Power-loss simulation for tests (`GODWIT_POWERLOSS_SHADOW=DIR`): after
+    /// every fsync that makes something durable, the synced state is copied
+    /// to DIR; what was written but not synced never reaches it. Starting a
+    /// gateway on DIR then shows what a power cut would have left.
+    shadow: Option<PathBuf>,
 }
 
 /// A damaged queue file moved to `corrupt/`, and why.
@@ -228,6 +233,12 @@ impl Spool {
             state: Default::default(),
             cv: Default::default(),
         };
+        let shadow = std::env::var_os("GODWIT_POWERLOSS_SHADOW").map(PathBuf::from);
+        if let Some(dir) = &shadow {
+            for d in ["queue", "corrupt"] {
+                std::fs::create_dir_all(dir.join(d)).map_err(io(dir))?;
+            }
+        }
         Ok(Spool {
             _lock: lock,
             dirsync,
@@ -236,7 +247,31 @@ impl Spool {
             corrupt,
             counter: AtomicU32::new(rand::random()),
             node_salt: rand::random::<u32>() & 0xfff,
+            shadow,
         })
+    }
+
+    /// See `shadow`: the file as it is now has just been made durable.
+    fn shadow_synced(&self, queue_id: &str) {
+        if let Some(dir) = &self.shadow {
+            let to = dir.join("queue").join(queue_id);
+            let part = to.with_extension("part");
+            if std::fs::copy(self.path(queue_id), &part).is_ok() {
+                let _ = std::fs::rename(&part, &to);
+            }
+        }
+    }
+
+    /// See `shadow`: the removal of a file has just been made durable.
+    fn shadow_removed(&self, queue_id: &str, to_corrupt: bool) {
+        if let Some(dir) = &self.shadow {
+            let from = dir.join("queue").join(queue_id);
+            if to_corrupt {
+                let _ = std::fs::rename(&from, dir.join("corrupt").join(queue_id));
+            } else {
+                let _ = std::fs::remove_file(from);
+            }
+        }
     }
 
     pub fn queue_dir(&self) -> &Path {
@@ -311,6 +346,7 @@ impl Spool {
             let _ = std::fs::remove_file(&dst);
         }
         result?;
+        self.shadow_synced(&header.queue_id);
         Ok(Spooled {
             header: header.clone(),
             body_offset,
@@ -358,6 +394,7 @@ impl Spool {
         let to = self.corrupt.join(queue_id);
         std::fs::rename(&from, &to).map_err(io(&from))?;
         self.dirsync.sync().map_err(io(&self.queue))?;
+        self.shadow_removed(queue_id, true);
         Ok(to)
     }
 
@@ -389,6 +426,7 @@ impl Spool {
             .any(|r| r.status.is_final() || r.status == RcptStatus::Held)
         {
             f.sync_data().map_err(io(&p))?;
+            self.shadow_synced(queue_id);
         }
         Ok(())
     }
@@ -409,7 +447,9 @@ impl Spool {
     /// fdatasync followed by an unlink.
     pub fn remove_durable(&self, queue_id: &str) -> Result<(), SpoolError> {
         self.remove(queue_id)?;
-        self.dirsync.sync().map_err(io(&self.queue))
+        self.dirsync.sync().map_err(io(&self.queue))?;
+        self.shadow_removed(queue_id, false);
+        Ok(())
     }
 
     /// Loads one message from disk.

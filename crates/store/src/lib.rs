@@ -192,3 +192,20 @@ mod tests {
         assert_eq!(n, 1);
     }
 }
+
+/// For tests that run the store's SQL on PostgreSQL: the URL in `var`, or
+/// `None` outside CI, where the test says so and passes. Under CI
+/// (`CI=true`), where `scripts/test` always provides the URL, a missing one
+/// fails the test instead of letting it pass without testing.
+pub fn test_postgres_url(var: &str) -> Option<String> {
+    match std::env::var(var) {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") => {
+            panic!("{var} is not set under CI: scripts/test starts PostgreSQL and sets it")
+        }
+        _ => {
+            eprintln!("{var} not set: the PostgreSQL scenarios are skipped (run ./scripts/test)");
+            None
+        }
+    }
+}

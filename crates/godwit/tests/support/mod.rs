@@ -163,6 +163,8 @@ pub struct Gateway {
     pub admin_port: u16,
     pub config_path: PathBuf,
     pub data: PathBuf,
+    /// Extra environment for the serving process.
+    pub env: Vec<(String, String)>,
     child: Option<Child>,
     _tmp: tempfile::TempDir,
 }
@@ -208,6 +210,7 @@ max_backoff = "2s"
             admin_port,
             config_path,
             data,
+            env: Vec::new(),
             child: None,
             _tmp: tmp,
         };
@@ -224,6 +227,7 @@ max_backoff = "2s"
         let child = Command::new(godwit_bin())
             .args(["serve", "--config", self.config_path.to_str().unwrap()])
             .env("RUST_LOG", "warn")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
