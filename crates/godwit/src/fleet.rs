@@ -124,15 +124,18 @@ pub async fn live_nodes(store: &Store) -> Result<Vec<LiveNode>> {
         .collect())
 }
 
-/// Sends a command to every live gateway and waits for each to answer.
-/// Returns (node, affected) pairs; empty when no gateway is running.
+/// Sends a command to every live gateway (but `except`, a node known to be
+/// down) and waits for each to answer. Returns (node, affected) pairs;
+/// empty when no gateway is running.
 pub async fn send(
     store: &Store,
     actor: &str,
     op: &QueueOp,
     sel: &Selector,
+    except: Option<&str>,
 ) -> Result<Vec<(String, i64)>> {
-    let nodes = live_nodes(store).await?;
+    let mut nodes = live_nodes(store).await?;
+    nodes.retain(|n| Some(n.node.as_str()) != except);
     if nodes.is_empty() {
         return Ok(Vec::new());
     }

@@ -956,43 +956,44 @@ async fn queue_op(config: &Config, op: godwit_relay::QueueOp, t: &Target) -> Res
     let who = actor(t.actor.clone());
     let store = Store::open(&config.store_url()).await?;
     let name = op.name();
-    // Change the spool directly only when no gateway runs, and only if no
-    // process owns the spool: a gateway that has not reported in yet (just
-    // started), or is slow to (a long wave transaction holding the store's
-    // write lock, say), still owns its spool, and its files must not be
-    // edited under it.
-    let mut offline = None;
-    if fleet::live_nodes(&store).await?.is_empty() {
-        match Spool::open(&config.spool_dir()) {
-            Ok(s) => offline = Some(s),
-            Err(e @ godwit_spool::SpoolError::Locked { .. }) => {
-                let deadline = std::time::Instant::now() + Duration::from_secs(10);
-                while fleet::live_nodes(&store).await?.is_empty() {
-                    if std::time::Instant::now() > deadline {
-                        bail!(
-                            "{e}\nIt has not reported in to the store for 10 s: nothing was changed."
-                        );
-                    }
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The spool's lock says whether a gateway serves it. If one does, it
+    // must apply the command itself, even if it has not reported in yet
+    // (just started) or is slow to (a long wave transaction holding the
+    // store's write lock): its files are never edited under it.
+    let spool = match Spool::open(&config.spool_dir()) {
+        Ok(s) => s,
+        Err(e @ godwit_spool::SpoolError::Locked { .. }) => {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while fleet::live_nodes(&store).await?.is_empty() {
+                if std::time::Instant::now() > deadline {
+                    bail!(
+                        "{e}\nIt has not reported in to the store for 10 s: nothing was changed."
+                    );
                 }
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            Err(e) => return Err(e.into()),
+            let results = fleet::send(&store, &who, &op, &sel, None).await?;
+            if results.is_empty() {
+                bail!(
+                    "no gateway answered the {name} command within 5 s; it stays queued in the store and applies when a gateway reads it. Check with `godwit queue list`."
+                );
+            }
+            let total: i64 = results.iter().map(|(_, a)| a).sum();
+            for (node, affected) in results {
+                println!("{name}: {affected} affected on {node}");
+            }
+            // As postsuper: nothing matched is a failure the caller can see.
+            return Ok(if total == 0 { 1 } else { 0 });
         }
-    }
-    let Some(spool) = offline else {
-        let results = fleet::send(&store, &who, &op, &sel).await?;
-        if results.is_empty() {
-            bail!(
-                "no gateway answered the {name} command within 5 s; it stays queued in the store and applies when a gateway reads it. Check with `godwit queue list`."
-            );
-        }
-        let total: i64 = results.iter().map(|(_, a)| a).sum();
-        for (node, affected) in results {
-            println!("{name}: {affected} affected on {node}");
-        }
-        // As postsuper: nothing matched is a failure the caller can see.
-        return Ok(if total == 0 { 1 } else { 0 });
+        Err(e) => return Err(e.into()),
     };
+    // No process serves this spool: change it here. Other live gateways of
+    // a fleet get the command too; this node's own heartbeat, if still
+    // fresh, is a gateway that has just died.
+    let fleet_results = fleet::send(&store, &who, &op, &sel, Some(&config.hostname)).await?;
+    for (node, affected) in &fleet_results {
+        println!("{name}: {affected} affected on {node}");
+    }
     let (events, writer) = EventLog::new(&config.events_dir(), &config.hostname)?;
     let writer = tokio::spawn(writer.run());
     let routes = godwit_route::load(&store, config).await?;
@@ -1014,5 +1015,6 @@ async fn queue_op(config: &Config, op: godwit_relay::QueueOp, t: &Target) -> Res
     drop(events);
     let _ = writer.await;
     println!("{name}: {affected} affected (no gateway running; spool changed directly)");
-    Ok(if affected == 0 { 1 } else { 0 })
+    let total = affected as i64 + fleet_results.iter().map(|(_, a)| a).sum::<i64>();
+    Ok(if total == 0 { 1 } else { 0 })
 }

@@ -85,7 +85,7 @@ fn throttled_platform_backs_off_while_the_other_flows_and_nothing_bounces() {
     wait_for("backlog drained", Duration::from_secs(30), || {
         (new.count_containing("Message-ID: <thr") == 20).then_some(())
     });
-    std::thread::sleep(Duration::from_millis(1500));
+    gw.wait_queue_empty(T);
     for i in 0..20 {
         assert_eq!(
             new.count_containing(&format!("<thr{i}@test>")),
@@ -163,7 +163,7 @@ fn dual_delivery_puts_one_traceable_copy_on_each_platform() {
     wait_for("new copy", Duration::from_secs(30), || {
         (new.count_containing("dual@test") == 1).then_some(())
     });
-    std::thread::sleep(Duration::from_millis(1500));
+    gw.wait_queue_empty(T);
     assert_eq!(
         old.count_containing("dual@test"),
         1,
@@ -303,7 +303,8 @@ fn queue_commands_work_offline_on_the_spool() {
     let id = r.rsplit(' ').next().unwrap().to_string();
     drop(c);
     gw.kill9();
-    std::thread::sleep(Duration::from_millis(3500)); // the heartbeat goes stale
+    // No wait for the heartbeat to go stale: the free spool lock says no
+    // gateway serves it.
     let (ok, out) = gw.cli(&["queue", "hold", &id]);
     assert!(
         ok && out.contains("no gateway running") && out.contains("1 affected"),
@@ -311,7 +312,11 @@ fn queue_commands_work_offline_on_the_spool() {
     );
     let old = Sink::start(po, &[]);
     gw.restart();
-    std::thread::sleep(Duration::from_secs(2));
+    // Recovered, and still held: the state, then the absence.
+    gw.wait_held(&id, T);
+    wait_for("the gateway's first heartbeat", T, || {
+        gw.cli(&["queue", "destinations"]).0.then_some(())
+    });
     assert_eq!(
         old.count_containing("offline@test"),
         0,
@@ -390,7 +395,7 @@ fn dsns_go_to_the_sender_and_parse_as_reports() {
             .any(|e| e["queue_id"] == dsn_qid)
             .then_some(())
     });
-    std::thread::sleep(Duration::from_millis(500));
+    gw.wait_queue_empty(T);
     assert_eq!(
         old.messages()
             .iter()
@@ -498,7 +503,8 @@ fn a_failed_dsn_never_causes_a_dsn() {
     wait_for("the DSN to fail too", T, || {
         (gw.events_named("delivery.failed").len() >= 2).then_some(())
     });
-    std::thread::sleep(Duration::from_secs(2));
+    // Both final and gone from the queue: no later DSN can be generated.
+    gw.wait_queue_empty(T);
     assert_eq!(
         gw.events_named("dsn.queued").len(),
         1,
@@ -546,7 +552,7 @@ fn a_hold_stops_a_message_waiting_for_a_connection_slot() {
     wait_for("the slow message", T, || {
         (old.count_containing("slow@test") == 1).then_some(())
     });
-    std::thread::sleep(Duration::from_secs(2));
+    gw.wait_held(&waiting, T);
     assert_eq!(
         old.count_containing("waiting@test"),
         0,

@@ -255,6 +255,40 @@ max_backoff = "2s"
         self.restart();
     }
 
+    /// Queue IDs in the spool, with whether any recipient is held (read-only
+    /// `queue list --json`).
+    pub fn queued(&self) -> Vec<(String, bool)> {
+        let (_, out) = self.cli(&["queue", "list", "--json"]);
+        out.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter_map(|v| {
+                let id = v["queue_id"].as_str()?.to_string();
+                let held = v["recipients"]
+                    .as_array()
+                    .is_some_and(|r| r.iter().any(|r| r["state"] == "held"));
+                Some((id, held))
+            })
+            .collect()
+    }
+
+    /// Waits until the queue is empty: every recipient final, so no further
+    /// attempt (and no duplicate) can happen.
+    pub fn wait_queue_empty(&self, timeout: Duration) {
+        wait_for("the queue to empty", timeout, || {
+            self.queued().is_empty().then_some(())
+        });
+    }
+
+    /// Waits until message `id` is queued with a held recipient.
+    pub fn wait_held(&self, id: &str, timeout: Duration) {
+        wait_for(&format!("{id} held in the queue"), timeout, || {
+            self.queued()
+                .iter()
+                .any(|(q, h)| q == id && *h)
+                .then_some(())
+        });
+    }
+
     /// The serving process's pid (for /proc measurements and signals).
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("gateway running").id()
