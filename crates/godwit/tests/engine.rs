@@ -445,3 +445,30 @@ fn subdomains_are_accepted_and_routed_by_the_most_specific_domain() {
             .then_some(())
     });
 }
+
+/// `queue flush --platform P`, like `postqueue -s`, closes P's open circuit
+/// and tries at once: the mail does not wait out the breaker's cooldown.
+#[test]
+fn flush_by_platform_closes_an_open_circuit() {
+    let (po, pn) = (free_port(), free_port());
+    let mut gw = Gateway::start(po, pn, "", "");
+    platform_keys(
+        &mut gw,
+        po,
+        "breaker_failures = 1\nbreaker_cooldown = \"10m\"",
+    );
+    send_n(&gw, &["bob@example.com"], "brk", 3, "x");
+    wait_for("the circuit open", T, || {
+        let (_, out) = gw.cli(&["queue", "destinations", "--json"]);
+        out.lines()
+            .next()
+            .and_then(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["destinations"]["old"]["circuit"] == "open")
+    });
+    let old = Sink::start(po, &[]);
+    let (ok, out) = gw.cli(&["queue", "flush", "--platform", "old"]);
+    assert!(ok, "{out}");
+    wait_for("delivery well before the 10 minute cooldown", T, || {
+        (old.count_containing("Message-ID: <brk") == 3).then_some(())
+    });
+}

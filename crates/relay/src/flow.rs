@@ -185,6 +185,18 @@ impl Flow {
         }
     }
 
+    /// Closes the circuit at once (an operator's `queue flush --platform`,
+    /// as `postqueue -s` does for a site): the platform is back, try now.
+    pub fn close_circuit(&self) {
+        let mut st = self.state.lock().unwrap();
+        st.down_until = None;
+        st.failures = 0;
+        st.probing = false;
+        st.cooldown = self.base_cooldown;
+        drop(st);
+        self.changed.notify_waiters();
+    }
+
     /// Feeds one attempt's outcome back into the controller.
     pub fn observe(&self, signal: Signal, code: u16) {
         let mut st = self.state.lock().unwrap();

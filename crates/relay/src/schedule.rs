@@ -955,6 +955,13 @@ impl RelayHandle {
     /// when no gateway runs. Returns how many recipients it affected.
     pub async fn apply_op(&self, op: &QueueOp, sel: &Selector, actor: &str) -> usize {
         let inner = &self.0;
+        if *op == QueueOp::Flush
+            && let Some(d) = sel.platform.as_ref().and_then(|p| inner.dests.get(p))
+            && d.flow.down_for().is_some()
+        {
+            tracing::info!(platform = %d.platform.name, actor, "queue flush closes the platform's open circuit");
+            d.flow.close_circuit();
+        }
         let now = now_ms();
         let mut affected = 0;
         let mut events = Vec::new();
