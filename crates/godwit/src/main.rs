@@ -386,8 +386,16 @@ async fn serve(config: Config) -> Result<i32> {
         tokio::spawn(smtpd.clone().serve(l));
     }
     tokio::spawn(relay.clone().run());
+    let access = godwit_access::Access::start(
+        config.clone(),
+        routes.clone(),
+        store.clone(),
+        events.clone(),
+    )
+    .await?;
     {
         let relay = relay.clone();
+        let access = access.clone();
         let events = events.clone();
         let store = store.clone();
         tokio::spawn(godwit_route::watch(
@@ -402,6 +410,9 @@ async fn serve(config: Config) -> Result<i32> {
                     changes,
                 });
                 relay.routes_changed();
+                if let Some(a) = &access {
+                    a.routes_changed();
+                }
             },
         ));
     }
