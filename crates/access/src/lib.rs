@@ -454,9 +454,8 @@ impl Access {
                     platform,
                     address,
                 } => {
-                    c.write(&reply).await?;
                     return self
-                        .splice(c, backend, session, ip, Protocol::Imap, address, platform)
+                        .splice(c, backend, reply, session, ip, Protocol::Imap, address, platform)
                         .await;
                 }
                 Login::Failed => {
@@ -627,9 +626,17 @@ impl Access {
                     platform,
                     address,
                 } => {
-                    c.write(&reply).await?;
                     return self
-                        .splice(c, backend, session, ip, Protocol::Pop3, address, platform)
+                        .splice(
+                            c,
+                            backend,
+                            reply,
+                            session,
+                            ip,
+                            Protocol::Pop3,
+                            address,
+                            platform,
+                        )
                         .await;
                 }
                 // RFC 3206 4: [AUTH] for credentials, [SYS/TEMP] for us.
@@ -863,6 +870,7 @@ impl Access {
         &self,
         mut client: Conn,
         mut backend: Conn,
+        reply: Vec<u8>,
         session: u64,
         ip: IpAddr,
         protocol: Protocol,
@@ -881,6 +889,8 @@ impl Access {
             },
         );
         let result = async {
+            // Registered first, so a move from now on reaches this session.
+            client.write(&reply).await?;
             // Whatever either side sent ahead (pipelined commands, or data
             // after the platform's OK) goes on first.
             if !client.buf.is_empty() {
