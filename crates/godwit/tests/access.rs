@@ -180,7 +180,7 @@ struct Setup {
     imap: u16,
     pop3: u16,
     http: u16,
-    _sinks: (Sink, Sink),
+    sinks: (Sink, Sink),
 }
 
 fn setup(access_extra: &str) -> Setup {
@@ -214,7 +214,7 @@ fn setup(access_extra: &str) -> Setup {
         imap,
         pop3,
         http,
-        _sinks: sinks,
+        sinks,
     }
 }
 
@@ -426,4 +426,227 @@ fn http(port: u16, req: &str) -> (u16, String) {
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
     (status, body)
+}
+
+const AUTOCONFIG_PY: &str = r#"
+import json, sys, urllib.request, urllib.error
+import xml.etree.ElementTree as ET
+base = "http://127.0.0.1:%s" % sys.argv[1]
+out = {}
+def get(path):
+    try:
+        return urllib.request.urlopen(base + path).read()
+    except urllib.error.HTTPError as e:
+        return e.code
+for key, path in [("tb", "/mail/config-v1.1.xml?emailaddress=alice%40example.com"),
+                  ("wk", "/.well-known/autoconfig/mail/config-v1.1.xml?emailaddress=alice%40example.com"),
+                  ("foreign", "/mail/config-v1.1.xml?emailaddress=alice%40evil.test")]:
+    body = get(path)
+    if isinstance(body, int):
+        out[key] = body
+        continue
+    root = ET.fromstring(body)
+    p = root.find("emailProvider")
+    out[key] = {
+        "version": root.get("version"),
+        "domain": p.findtext("domain"),
+        "servers": [[s.tag, s.get("type"), s.findtext("hostname"), s.findtext("port"),
+                     s.findtext("socketType"), s.findtext("authentication"), s.findtext("username")]
+                    for s in p if s.tag in ("incomingServer", "outgoingServer")],
+    }
+req = b'<?xml version="1.0" encoding="utf-8"?><Autodiscover xmlns="http://schemas.microsoft.com/exchange/autodiscover/outlook/requestschema/2006"><Request><EMailAddress>alice@example.com</EMailAddress><AcceptableResponseSchema>http://schemas.microsoft.com/exchange/autodiscover/outlook/responseschema/2006a</AcceptableResponseSchema></Request></Autodiscover>'
+body = urllib.request.urlopen(urllib.request.Request(base + "/autodiscover/autodiscover.xml", data=req, method="POST")).read()
+ns = {"a": "http://schemas.microsoft.com/exchange/autodiscover/responseschema/2006",
+      "r": "http://schemas.microsoft.com/exchange/autodiscover/outlook/responseschema/2006a"}
+acct = ET.fromstring(body).find("r:Response/r:Account", ns)
+out["pox"] = {
+    "type": acct.findtext("r:AccountType", namespaces=ns),
+    "action": acct.findtext("r:Action", namespaces=ns),
+    "protocols": [[p.findtext("r:" + f, namespaces=ns) for f in ("Type", "Server", "Port", "LoginName", "SSL", "Encryption")]
+                  for p in acct.findall("r:Protocol", ns)],
+}
+print(json.dumps(out))
+"#;
+
+#[test]
+fn tls_front_refuses_clear_text_and_autoconfig_names_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let cert =
+        rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
+    let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
+    std::fs::write(&key_path, cert.signing_key.serialize_pem()).unwrap();
+    let (imaps, pop3s) = (free_port(), free_port());
+    let s = setup(&format!(
+        "imaps_listen = [\"127.0.0.1:{imaps}\"]\npop3s_listen = [\"127.0.0.1:{pop3s}\"]\ntls_cert = \"{}\"\ntls_key = \"{}\"\n",
+        cert_path.display(),
+        key_path.display()
+    ));
+    let ca = cert_path.to_str().unwrap();
+
+    // Before TLS: STARTTLS and LOGINDISABLED, no AUTH=PLAIN; clear-text
+    // passwords are refused without asking a platform.
+    let mut r = Raw::connect(s.imap);
+    let caps = r.cmd("c", "CAPABILITY");
+    assert!(
+        caps.contains("STARTTLS") && caps.contains("LOGINDISABLED") && !caps.contains("AUTH=PLAIN"),
+        "{caps}"
+    );
+    let out = r.cmd("a", &format!("LOGIN alice@example.com {PASSWORD}"));
+    assert!(out.starts_with("a NO [PRIVACYREQUIRED]"), "{out}");
+    let out = r.cmd(
+        "b",
+        "AUTHENTICATE PLAIN AGFsaWNlQGV4YW1wbGUuY29tAHNlY3JldA==",
+    );
+    assert!(out.starts_with("b NO [PRIVACYREQUIRED]"), "{out}");
+    let out = pop3(s.pop3, "alice@example.com", PASSWORD, "user");
+    assert!(
+        out.contains("ERR") && out.contains("Plaintext authentication disallowed"),
+        "{out}"
+    );
+    assert!(s.gw.events_named("access.login").is_empty());
+
+    // STARTTLS (imaplib verifies the rcgen certificate), implicit TLS, STLS.
+    let out = py(
+        IMAP_PY,
+        &[
+            "localhost",
+            &s.imap.to_string(),
+            "alice@example.com",
+            PASSWORD,
+            "starttls",
+            ca,
+        ],
+    );
+    assert!(out.contains("SUBJECT Subject: from-old"), "{out}");
+    let out = py(
+        IMAP_PY,
+        &[
+            "localhost",
+            &imaps.to_string(),
+            "alice@example.com",
+            PASSWORD,
+            "imaps",
+            ca,
+        ],
+    );
+    assert!(
+        out.contains("GREETING * OK [CAPABILITY IMAP4rev1 SASL-IR LITERAL+ ID AUTH=PLAIN]"),
+        "{out}"
+    );
+    assert!(out.contains("SUBJECT Subject: from-old"), "{out}");
+    let out = py(
+        POP3_PY,
+        &[
+            "localhost",
+            &s.pop3.to_string(),
+            "alice@example.com",
+            PASSWORD,
+            "stls",
+            ca,
+        ],
+    );
+    assert!(out.contains("SUBJECT Subject: from-old"), "{out}");
+
+    // Autoconfig and autodiscover, parsed field by field.
+    let out = py(AUTOCONFIG_PY, &[&s.http.to_string()]);
+    let v: serde_json::Value =
+        serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"));
+    let server = |tag: &str, kind: &str, port: u16, socket: &str| {
+        serde_json::json!([
+            tag,
+            kind,
+            "mail.example.com",
+            port.to_string(),
+            socket,
+            "password-cleartext",
+            "%EMAILADDRESS%"
+        ])
+    };
+    let want = serde_json::json!({
+        "version": "1.1",
+        "domain": "example.com",
+        "servers": [
+            server("incomingServer", "imap", imaps, "SSL"),
+            server("incomingServer", "imap", s.imap, "STARTTLS"),
+            server("incomingServer", "pop3", pop3s, "SSL"),
+            server("incomingServer", "pop3", s.pop3, "STARTTLS"),
+            server("outgoingServer", "smtp", 587, "STARTTLS"),
+        ],
+    });
+    assert_eq!(v["tb"], want, "{out}");
+    assert_eq!(v["wk"], want, "{out}");
+    assert_eq!(v["foreign"], 404, "{out}");
+    let p = |t: &str, port: u16, ssl: &str, enc: &str| {
+        serde_json::json!([
+            t,
+            "mail.example.com",
+            port.to_string(),
+            "alice@example.com",
+            ssl,
+            enc
+        ])
+    };
+    assert_eq!(
+        v["pox"],
+        serde_json::json!({
+            "type": "email",
+            "action": "settings",
+            "protocols": [
+                p("IMAP", imaps, "on", "SSL"),
+                p("IMAP", s.imap, "on", "TLS"),
+                p("POP3", pop3s, "on", "SSL"),
+                p("POP3", s.pop3, "on", "TLS"),
+                p("SMTP", 587, "on", "TLS"),
+            ],
+        }),
+        "{out}"
+    );
+}
+
+#[test]
+fn idle_through_the_front_wakes_on_mail_delivered_through_the_gateway() {
+    let s = setup("allow_plaintext_login = true");
+    let mut idle = Raw::login(s.imap, "alice@example.com");
+    let sel = idle.cmd("s", "SELECT INBOX");
+    assert!(sel.contains("* 1 EXISTS"), "{sel}");
+    idle.send("i IDLE\r\n");
+    let l = idle.line();
+    assert!(l.starts_with("+ "), "{l}");
+
+    let mut c = s.gw.client();
+    c.greet();
+    let r = c.mail(
+        "s@outside.test",
+        &["alice@example.com"],
+        &message("idle-wake@test", "wake up"),
+    );
+    assert!(r.starts_with("250"), "{r}");
+    let delivered = wait_for("delivery to old", T, || {
+        s.sinks
+            .0
+            .messages()
+            .into_iter()
+            .find(|m| m.contains("idle-wake@test"))
+    });
+    // The old platform files it into alice's INBOX, as its delivery agent does.
+    save(
+        &s.old,
+        "alice@example.com",
+        &delivered[delivered.find("Received:").unwrap()..],
+    );
+    // Dovecot's IDLE notifies within its check interval; the front relays it.
+    let mut l = idle.line();
+    while l.starts_with("* ") && !l.contains("EXISTS") {
+        l = idle.line(); // `* n RECENT` and the like
+    }
+    assert_eq!(l.trim_end(), "* 2 EXISTS");
+    idle.send("DONE\r\n");
+    let mut l = idle.line();
+    while l.starts_with("* ") {
+        l = idle.line();
+    }
+    assert!(l.starts_with("i OK"), "{l}");
+    let out = idle.cmd("f", "FETCH 2 (BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)])");
+    assert!(out.contains("<idle-wake@test>"), "{out}");
 }
