@@ -91,7 +91,7 @@ impl Endpoints {
     pub fn domain_of(&self, address: &str) -> Option<String> {
         let (_, d) = address.trim().rsplit_once('@')?;
         let d = d.trim_end_matches('.').to_ascii_lowercase();
-        self.domains.iter().any(|a| *a == d).then_some(d)
+        self.domains.contains(&d).then_some(d)
     }
 }
 

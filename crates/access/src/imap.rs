@@ -258,7 +258,7 @@ pub fn status(line: &str) -> Option<(&str, &str, &str)> {
 /// Whether a CAPABILITY list (the greeting's response code, or the
 /// `* CAPABILITY` data) names `cap`.
 pub fn has_capability(line: &str, cap: &str) -> bool {
-    line.split(|c: char| c == ' ' || c == '[' || c == ']')
+    line.split([' ', '[', ']'])
         .any(|w| w.eq_ignore_ascii_case(cap))
 }
 

@@ -181,7 +181,8 @@ impl AccessConfig {
             ));
         }
         let tls = self.tls_cert.is_some() || config.smtp.tls_cert.is_some();
-        if !tls && !(self.imaps_listen.is_empty() && self.pop3s_listen.is_empty()) {
+        let implicit = !self.imaps_listen.is_empty() || !self.pop3s_listen.is_empty();
+        if implicit && !tls {
             return Err(invalid(
                 "access.imaps_listen",
                 "implicit TLS needs a certificate: set access.tls_cert/tls_key or smtp.tls_cert/tls_key",
