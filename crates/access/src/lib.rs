@@ -11,6 +11,7 @@
 
 pub mod autoconfig;
 mod backend;
+pub mod check;
 mod conn;
 pub mod imap;
 pub mod limits;
@@ -660,46 +661,7 @@ impl Access {
 
     /// Where `address` logs in now, or the reason it is refused.
     pub async fn resolve(&self, address: &str) -> Result<String, &'static str> {
-        let address = godwit_route::normalize_address(address);
-        let domain = address.rsplit_once('@').map(|(_, d)| d).unwrap_or("");
-        let accepted = self.config.is_accepted_domain(domain);
-        let decision = self.routes.decide(&address);
-        let platform =
-            match routing::classify(&address, accepted, self.routes.has_directory(), &decision) {
-                Step::Refuse(r) => return Err(r),
-                Step::Platform(p) => p,
-                Step::ByState => {
-                    let (owner, state) = self.mailbox_state(&address).await.ok_or("unknown")?;
-                    routing::by_state(&owner, state, self.config.target_platform())
-                        .ok_or("no_target_platform")?
-                }
-            };
-        if !self.config.platforms.contains_key(&platform) {
-            return Err("no_platform");
-        }
-        Ok(platform)
-    }
-
-    /// The owning platform and migration state of a mailbox, or of the
-    /// mailbox an alias names.
-    async fn mailbox_state(&self, address: &str) -> Option<(String, MigrationState)> {
-        let direct: Option<(String, String)> =
-            sqlx::query_as("SELECT platform, state FROM directory_objects WHERE address = $1")
-                .bind(address)
-                .fetch_optional(&self.store.pool)
-                .await
-                .ok()?;
-        let row = match direct {
-            Some(r) => r,
-            None => sqlx::query_as(
-                "SELECT o.platform, o.state FROM directory_aliases a JOIN directory_objects o ON o.address = a.mailbox WHERE a.alias = $1",
-            )
-            .bind(address)
-            .fetch_optional(&self.store.pool)
-            .await
-            .ok()??,
-        };
-        Some((row.0, row.1.parse().ok()?))
+        login_platform(&self.config, &self.routes, &self.store, address).await
     }
 
     async fn login(
@@ -1039,4 +1001,52 @@ impl Access {
             .map(|l| l.client_ip)
             .collect()
     }
+}
+
+/// Where `address` logs in now, or the reason it is refused.
+pub async fn login_platform(
+    config: &Config,
+    routes: &SharedRoutes,
+    store: &Store,
+    address: &str,
+) -> Result<String, &'static str> {
+    let address = godwit_route::normalize_address(address);
+    let domain = address.rsplit_once('@').map(|(_, d)| d).unwrap_or("");
+    let accepted = config.is_accepted_domain(domain);
+    let decision = routes.decide(&address);
+    let platform = match routing::classify(&address, accepted, routes.has_directory(), &decision) {
+        Step::Refuse(r) => return Err(r),
+        Step::Platform(p) => p,
+        Step::ByState => {
+            let (owner, state) = mailbox_state(store, &address).await.ok_or("unknown")?;
+            routing::by_state(&owner, state, config.target_platform())
+                .ok_or("no_target_platform")?
+        }
+    };
+    if !config.platforms.contains_key(&platform) {
+        return Err("no_platform");
+    }
+    Ok(platform)
+}
+
+/// The owning platform and migration state of a mailbox, or of the
+/// mailbox an alias names.
+async fn mailbox_state(store: &Store, address: &str) -> Option<(String, MigrationState)> {
+    let direct: Option<(String, String)> =
+        sqlx::query_as("SELECT platform, state FROM directory_objects WHERE address = $1")
+            .bind(address)
+            .fetch_optional(&store.pool)
+            .await
+            .ok()?;
+    let row = match direct {
+        Some(r) => r,
+        None => sqlx::query_as(
+            "SELECT o.platform, o.state FROM directory_aliases a JOIN directory_objects o ON o.address = a.mailbox WHERE a.alias = $1",
+        )
+        .bind(address)
+        .fetch_optional(&store.pool)
+        .await
+        .ok()??,
+    };
+    Some((row.0, row.1.parse().ok()?))
 }

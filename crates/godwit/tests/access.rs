@@ -317,6 +317,28 @@ fn logins_follow_wave_cutover_and_rollback() {
         "{moved:?}"
     );
 
+    // `check access` logs in through the front and finds who answered.
+    let (ok, out) = gw.cli(&[
+        "check",
+        "access",
+        "alice@example.com",
+        "--password",
+        PASSWORD,
+    ]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("logs in at new") && out.contains("answered by new, as routed"),
+        "{out}"
+    );
+    assert!(
+        out.contains("autoconfig (Thunderbird): names the front"),
+        "{out}"
+    );
+    assert!(
+        out.contains("autodiscover (Outlook): names the front"),
+        "{out}"
+    );
+
     // After: new's INBOX.
     let out = imap(s.imap, "alice@example.com", PASSWORD);
     assert!(out.contains("SUBJECT Subject: from-new"), "{out}");
@@ -331,6 +353,19 @@ fn logins_follow_wave_cutover_and_rollback() {
     assert!(took < Duration::from_secs(2), "closed after {took:?}");
     let out = imap(s.imap, "alice@example.com", PASSWORD);
     assert!(out.contains("SUBJECT Subject: from-old"), "{out}");
+    let (ok, out) = gw.cli(&[
+        "check",
+        "access",
+        "alice@example.com",
+        "--password",
+        PASSWORD,
+    ]);
+    assert!(ok && out.contains("answered by old, as routed"), "{out}");
+    let (ok, out) = gw.cli(&["check", "access", "alice@evil.test", "--password", PASSWORD]);
+    assert!(
+        !ok && out.contains("refuses this login (foreign_domain)"),
+        "{out}"
+    );
 
     // Refusals: one reply for a wrong password, an unknown user and a
     // foreign domain; only the wrong password reached a platform.
@@ -399,7 +434,7 @@ fn logins_follow_wave_cutover_and_rollback() {
     );
     assert_eq!(status, 200);
     assert!(
-        body.contains("godwit_access_logins_total{platform=\"new\",protocol=\"imap\"} 2"),
+        body.contains("godwit_access_logins_total{platform=\"new\",protocol=\"imap\"} 3"),
         "{body}"
     );
     assert!(
