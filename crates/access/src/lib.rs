@@ -886,8 +886,8 @@ impl Access {
                     address: address.clone(),
                     client_ip: ip.to_string(),
                     protocol: protocol.as_str().into(),
-                    from: platform.clone(),
-                    to,
+                    from_platform: platform.clone(),
+                    to_platform: to,
                 });
             }
             anyhow::Ok(())

@@ -218,8 +218,8 @@ pub enum Event {
         address: String,
         client_ip: String,
         protocol: String,
-        from: String,
-        to: String,
+        from_platform: String,
+        to_platform: String,
     },
 }
 

@@ -311,9 +311,9 @@ fn logins_follow_wave_cutover_and_rollback() {
     );
     let moved = gw.events_named("access.moved");
     assert!(
-        moved
-            .iter()
-            .any(|e| e["protocol"] == "imap" && e["from"] == "old" && e["to"] == "new"),
+        moved.iter().any(|e| e["protocol"] == "imap"
+            && e["from_platform"] == "old"
+            && e["to_platform"] == "new"),
         "{moved:?}"
     );
 
@@ -426,6 +426,22 @@ fn logins_follow_wave_cutover_and_rollback() {
         assert!(!e.to_string().contains(PASSWORD), "{e}");
     }
     let _ = (&s.old, &s.new);
+
+    // `godwit report` counts logins per platform and failures by reason.
+    let report = wait_for("the report to count the logins", T, || {
+        let (ok, out) = gw.cli(&[
+            "report", "--since", "1h", "--format", "csv", "--sample", "0",
+        ]);
+        (ok && out.contains("access_failed,foreign_domain,2")).then_some(out)
+    });
+    for line in [
+        "access_login,new,4",
+        "access_login,old,7",
+        "access_failed,unknown,2",
+        "access_moved,sessions,3",
+    ] {
+        assert!(report.contains(line), "{line}: {report}");
+    }
 
     // Metrics on the access listener.
     let (status, body) = http(
