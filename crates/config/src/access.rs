@@ -258,4 +258,50 @@ mod tests {
             assert_eq!(got, want, "{s}");
         }
     }
+
+    #[test]
+    fn errors_name_the_key() {
+        let base = |platform: &str, access: &str| {
+            format!(
+                "[smtp]\nlisten = [\"127.0.0.1:2525\"]\n[domains]\naccepted = [\"example.com\"]\n[platforms.old]\nrelay = [\"127.0.0.1:2601\"]\n{platform}\n[access]\nimap_listen = [\"127.0.0.1:2143\"]\n{access}\n"
+            )
+        };
+        let check = |text: String| {
+            crate::Config::parse(&text)
+                .and_then(|c| c.validate().map(|_| c).map_err(|e| e.to_string()))
+        };
+        let ok = check(base(
+            "imap = \"imap://127.0.0.1:1143\"\npop3 = \"pop3s://h\"",
+            "",
+        ))
+        .unwrap();
+        let a = ok.access.as_ref().unwrap();
+        assert!(a.disconnect_on_move && !a.allow_plaintext_login);
+        assert_eq!(a.idle_timeout, Duration::from_secs(1800));
+        assert_eq!(ok.platforms["old"].pop3.as_ref().unwrap().port, 995);
+        let cases = [
+            (base("", "idle_timeout = \"10m\""), "access.idle_timeout"),
+            (
+                base("", "imaps_listen = [\"127.0.0.1:2993\"]"),
+                "access.imaps_listen",
+            ),
+            (base("", "tls_cert = \"/x.pem\""), "access.tls_cert"),
+            (
+                base("", "max_sessions_per_user = 0"),
+                "access.max_connections",
+            ),
+            (
+                base("", "public_hostname = \"a b\""),
+                "access.public_hostname",
+            ),
+            (base("imap = \"pop3://h:110\"", ""), "platforms.old.imap"),
+            (base("pop3 = \"imaps://h\"", ""), "platforms.old.pop3"),
+            (base("imap = \"http://h\"", ""), "unknown scheme"),
+            (base("", "imap_listen_typo = 1"), "imap_listen_typo"),
+        ];
+        for (text, key) in cases {
+            let err = check(text).unwrap_err();
+            assert!(err.contains(key), "error `{err}` should name `{key}`");
+        }
+    }
 }
