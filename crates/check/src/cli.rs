@@ -95,4 +95,12 @@ pub enum CheckTarget {
         #[arg(value_name = "imap[s]://[USER@]HOST[:PORT]")]
         url: String,
     },
+    /// Log in through the access front as ADDRESS: which platform answered,
+    /// whether that is where the routing map sends it, and whether the
+    /// autoconfig answers name the front. Password: --password, else [sync].
+    Access {
+        address: String,
+        #[arg(long, env = "GODWIT_ACCESS_PASSWORD", hide_env_values = true)]
+        password: Option<String>,
+    },
 }

@@ -124,6 +124,9 @@ pub async fn collect(config: Option<&Config>, args: &CheckArgs) -> anyhow::Resul
         (Some(CheckTarget::Imap { url }), _) => {
             report.extend(crate::imap::check(&imap_opts(args, url)?).await?);
         }
+        (Some(CheckTarget::Access { .. }), _) => {
+            anyhow::bail!("`check access` is run by the godwit binary (it needs the state store)")
+        }
         (None, Some(config)) => {
             report.extend(collect_config(config, args).await?);
         }

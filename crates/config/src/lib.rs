@@ -5,7 +5,9 @@
 //! falls back to a default. Durations are human-readable ("5m", "1h 30m", "5d");
 //! sizes are "50MB" (decimal: 1 MB = 1,000,000 bytes) or "50MiB" (binary).
 
+mod access;
 mod sync;
+pub use access::*;
 pub use sync::*;
 
 use serde::{Deserialize, Deserializer};
@@ -53,6 +55,8 @@ pub struct Config {
     pub events: EventsConfig,
     pub sync: Option<SyncConfig>,
     pub directory: DirectoryConfig,
+    /// The IMAP/POP3 front and autoconfig; off when absent.
+    pub access: Option<AccessConfig>,
 }
 
 impl Default for Config {
@@ -71,6 +75,7 @@ impl Default for Config {
             events: EventsConfig::default(),
             sync: None,
             directory: DirectoryConfig::default(),
+            access: None,
         }
     }
 }
@@ -211,6 +216,11 @@ pub struct PlatformConfig {
     pub command_timeout: Duration,
     #[serde(deserialize_with = "de_duration")]
     pub data_timeout: Duration,
+    /// Its IMAP server, for the access front: `imap://` (STARTTLS when
+    /// offered) or `imaps://`.
+    pub imap: Option<MailUrl>,
+    /// Its POP3 server: `pop3://` (STLS when offered) or `pop3s://`.
+    pub pop3: Option<MailUrl>,
 }
 
 impl Default for PlatformConfig {
@@ -229,6 +239,8 @@ impl Default for PlatformConfig {
             connect_timeout: Duration::from_secs(30),
             command_timeout: Duration::from_secs(300),
             data_timeout: Duration::from_secs(600),
+            imap: None,
+            pop3: None,
         }
     }
 }
@@ -650,6 +662,9 @@ impl Config {
         }
         if let Some(sync) = &self.sync {
             sync.validate()?;
+        }
+        if let Some(access) = &self.access {
+            access.validate(self)?;
         }
         Ok(())
     }

@@ -196,6 +196,34 @@ pub enum Event {
         limit: usize,
         reason: String,
     },
+    /// A mailbox login at the access front (IMAP or POP3). `result` is `ok`
+    /// or `failed`; `reason` says why a login failed (`auth`, `unknown`,
+    /// `foreign_domain`, `rate_limited`, `unavailable`, ...) and
+    /// `backend_reply` is the platform's own answer. Never a password.
+    #[serde(rename = "access.login")]
+    AccessLogin {
+        session: u64,
+        address: String,
+        client_ip: String,
+        protocol: String,
+        platform: Option<String>,
+        result: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        backend_reply: Option<String>,
+    },
+    /// A logged-in session closed because its mailbox now routes elsewhere
+    /// (`access.disconnect_on_move`): the client reconnects to `to`.
+    #[serde(rename = "access.moved")]
+    AccessMoved {
+        session: u64,
+        address: String,
+        client_ip: String,
+        protocol: String,
+        from_platform: String,
+        to_platform: String,
+    },
 }
 
 impl Event {
@@ -225,6 +253,8 @@ impl Event {
             Event::QueueDeleted { .. } => "queue.deleted",
             Event::QueueCommand { .. } => "queue.command",
             Event::DestinationState { .. } => "destination.state",
+            Event::AccessLogin { .. } => "access.login",
+            Event::AccessMoved { .. } => "access.moved",
         }
     }
 }

@@ -22,6 +22,10 @@ pub struct Report {
     pub held: usize,
     pub dsns: u64,
     pub samples: Vec<SampleTrace>,
+    /// Access front: successful client logins per platform, failures by reason.
+    pub logins_by_platform: BTreeMap<String, u64>,
+    pub login_failures_by_reason: BTreeMap<String, u64>,
+    pub sessions_moved: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -65,6 +69,9 @@ pub async fn build(
         held: 0,
         dsns: 0,
         samples: Vec::new(),
+        logins_by_platform: BTreeMap::new(),
+        login_failures_by_reason: BTreeMap::new(),
+        sessions_moved: 0,
     };
     let mut lat: BTreeMap<String, Vec<f64>> = BTreeMap::new();
     let mut accepted_ids = Vec::new();
@@ -90,6 +97,16 @@ pub async fn build(
                 *r.bounced_by_code.entry(code_of(reply)).or_default() += 1
             }
             Event::DsnQueued { .. } => r.dsns += 1,
+            Event::AccessLogin {
+                platform, reason, ..
+            } => match (reason, platform) {
+                (None, Some(p)) => *r.logins_by_platform.entry(p.clone()).or_default() += 1,
+                (reason, _) => {
+                    let reason = reason.clone().unwrap_or_else(|| "unknown".into());
+                    *r.login_failures_by_reason.entry(reason).or_default() += 1
+                }
+            },
+            Event::AccessMoved { .. } => r.sessions_moved += 1,
             _ => {}
         }
     }
@@ -190,6 +207,19 @@ pub fn markdown(r: &Report) -> String {
     for (c, n) in &r.bounced_by_code {
         s.push_str(&format!("| bounced | {c} | {n} |\n"));
     }
+    if !r.logins_by_platform.is_empty() || !r.login_failures_by_reason.is_empty() {
+        s.push_str("\n## Client logins (access front)\n\n| outcome | platform or reason | count |\n|---|---|---|\n");
+        for (p, n) in &r.logins_by_platform {
+            s.push_str(&format!("| login | {p} | {n} |\n"));
+        }
+        for (why, n) in &r.login_failures_by_reason {
+            s.push_str(&format!("| failed | {why} | {n} |\n"));
+        }
+        s.push_str(&format!(
+            "| moved (disconnected) | - | {} |\n",
+            r.sessions_moved
+        ));
+    }
     s.push_str("\n## Sample traced end to end\n\n| Message-ID | queue ID | verdict | platforms | their queue IDs |\n|---|---|---|---|---|\n");
     for t in &r.samples {
         s.push_str(&format!(
@@ -221,6 +251,15 @@ pub fn csv(r: &Report) -> String {
             "latency_p50,{p},{}\nlatency_p95,{p},{}\nlatency_p99,{p},{}\n",
             l[0], l[1], l[2]
         ));
+    }
+    for (p, n) in &r.logins_by_platform {
+        s.push_str(&format!("access_login,{p},{n}\n"));
+    }
+    for (why, n) in &r.login_failures_by_reason {
+        s.push_str(&format!("access_failed,{why},{n}\n"));
+    }
+    if r.sessions_moved > 0 {
+        s.push_str(&format!("access_moved,sessions,{}\n", r.sessions_moved));
     }
     for t in &r.samples {
         s.push_str(&format!(

@@ -241,6 +241,14 @@ fn main() {
 }
 
 async fn run(cli: Cli) -> Result<i32> {
+    if let Command::Check(godwit_check::cli::CheckArgs {
+        target: Some(godwit_check::cli::CheckTarget::Access { address, password }),
+        ..
+    }) = &cli.command
+    {
+        let config = Config::load(&cli.config)?;
+        return check_access(config, address, password.clone()).await;
+    }
     if let Command::Check(args) = &cli.command {
         // The configuration is optional here: `check dns example.com` needs none.
         let explicit = std::env::args().any(|a| a == "--config" || a.starts_with("--config="));
@@ -394,8 +402,16 @@ async fn serve(config: Config) -> Result<i32> {
         tokio::spawn(smtpd.clone().serve(l));
     }
     tokio::spawn(relay.clone().run());
+    let access = godwit_access::Access::start(
+        config.clone(),
+        routes.clone(),
+        store.clone(),
+        events.clone(),
+    )
+    .await?;
     {
         let relay = relay.clone();
+        let access = access.clone();
         let events = events.clone();
         let store = store.clone();
         tokio::spawn(godwit_route::watch(
@@ -410,6 +426,9 @@ async fn serve(config: Config) -> Result<i32> {
                     changes,
                 });
                 relay.routes_changed();
+                if let Some(a) = &access {
+                    a.routes_changed();
+                }
             },
         ));
     }
@@ -458,6 +477,42 @@ async fn serve(config: Config) -> Result<i32> {
     });
     tokio::time::sleep(Duration::from_millis(100)).await;
     Ok(0)
+}
+
+/// `godwit check access ADDRESS`: the password from --password, else the
+/// [sync] account (its target login for the target platform, its source
+/// login for any other).
+async fn check_access(config: Config, address: &str, password: Option<String>) -> Result<i32> {
+    let store = Store::open(&config.store_url()).await?;
+    let accounts = match (&password, &config.sync) {
+        (None, Some(sync)) => godwit_imap::accounts::load(&sync.accounts)?,
+        _ => Vec::new(),
+    };
+    let wanted = godwit_route::normalize_address(address);
+    let target = config.target_platform().map(str::to_string);
+    let creds = |platform: &str| {
+        if let Some(p) = &password {
+            return Some(godwit_access::check::Credentials {
+                user: address.to_string(),
+                password: p.clone(),
+            });
+        }
+        let a = accounts
+            .iter()
+            .find(|a| a.address.eq_ignore_ascii_case(&wanted))?;
+        let l = if target.as_deref() == Some(platform) {
+            &a.target
+        } else {
+            &a.source
+        };
+        Some(godwit_access::check::Credentials {
+            user: l.user.clone(),
+            password: l.password.clone(),
+        })
+    };
+    let (text, ok) = godwit_access::check::run(&config, &store, address, creds).await?;
+    print!("{text}");
+    Ok(if ok { 0 } else { 2 })
 }
 
 /// RFC 3339, or a duration ago ("2h", "0s" = now).

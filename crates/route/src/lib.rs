@@ -393,6 +393,11 @@ impl SharedRoutes {
         self.0.read().unwrap().expands_groups()
     }
 
+    /// Whether a directory has been imported; see `RoutingMap::has_directory`.
+    pub fn has_directory(&self) -> bool {
+        self.0.read().unwrap().has_directory()
+    }
+
     /// Whether RCPT should refuse `rcpt` as unknown; see `RoutingMap::rejects_unknown`.
     pub fn rejects_unknown(&self, rcpt: &str) -> bool {
         self.0.read().unwrap().rejects_unknown(rcpt)
