@@ -287,7 +287,15 @@ impl Platform {
     ) -> Result<Pooled, (Option<String>, Reply)> {
         let mut last = (
             None,
-            local(451, (4, 4, 1), "no relay host configured".into()),
+            local(
+                451,
+                (4, 4, 1),
+                if self.hosts.is_empty() {
+                    "no relay host configured".into()
+                } else {
+                    "every relay host was already tried in this attempt".into()
+                },
+            ),
         );
         for idx in self.host_order(tried) {
             tried.push(idx);
