@@ -355,13 +355,13 @@ impl RelayHandle {
     fn spawn_attempt(&self, id: String) {
         let me = self.clone();
         tokio::spawn(async move {
-            let task = tokio::spawn({
+            let attempt = {
                 let me = me.clone();
                 let id = id.clone();
                 async move { me.attempt(&id).await }
-            });
-            if let Err(e) = task.await {
-                me.attempt_crashed(&id, None, &e.to_string()).await;
+            };
+            if let Err(why) = watched(attempt).await {
+                me.attempt_crashed(&id, None, &why).await;
             }
         });
     }
@@ -1016,6 +1016,14 @@ impl RelayHandle {
     }
 }
 
+/// Runs `fut` as a task of its own and reports a panic as an error, so the
+/// caller can record an outcome instead of losing one.
+async fn watched<T: Send + 'static>(
+    fut: impl std::future::Future<Output = T> + Send + 'static,
+) -> Result<T, String> {
+    tokio::spawn(fut).await.map_err(|e| e.to_string())
+}
+
 /// Recipients that are not final and not on operator hold become due now;
 /// a route hold is decided again.
 fn make_due(rcpts: &mut [RcptState], now: i64) {
@@ -1082,4 +1090,71 @@ pub fn apply_offline(
         }
     }
     Ok(affected)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn relay(dir: &std::path::Path) -> RelayHandle {
+        let mut config = Config::parse(
+            "[domains]\naccepted = [\"example.com\"]\n[platforms.old]\nrelay = [\"127.0.0.1:9\"]\n[queue]\nmin_backoff = \"1m\"",
+        )
+        .unwrap();
+        config.data_dir = dir.to_path_buf();
+        let spool = Arc::new(Spool::open(&dir.join("spool")).unwrap());
+        let routes = SharedRoutes::new(godwit_route::RoutingMap::new(&config));
+        let (events, writer) = EventLog::new(&dir.join("events"), "test").unwrap();
+        tokio::spawn(writer.run());
+        RelayHandle::new(Arc::new(config), spool, routes, events)
+    }
+
+    #[tokio::test]
+    async fn a_panic_is_reported_not_lost() {
+        let r = watched(async { panic!("boom in an attempt") }).await;
+        assert!(r.unwrap_err().contains("panicked"));
+        assert_eq!(watched(async { 7 }).await, Ok(7));
+    }
+
+    /// An attempt that crashed leaves a recorded, retried deferral: never a
+    /// message "in flight" for ever.
+    #[tokio::test]
+    async fn a_crashed_attempt_is_recorded_and_rescheduled() {
+        let dir = tempfile::tempdir().unwrap();
+        let relay = relay(dir.path());
+        let h = crate::plan::tests::header(&["a@example.com", "b@example.com"], now_ms());
+        let stored = relay.0.spool.store(&h, b"Subject: x\r\n\r\nx\r\n").unwrap();
+        relay.enqueue(stored);
+        relay
+            .0
+            .state
+            .lock()
+            .unwrap()
+            .msgs
+            .get_mut("Q1")
+            .unwrap()
+            .in_flight = true;
+        relay.attempt_crashed("Q1", None, "boom").await;
+        {
+            let st = relay.0.state.lock().unwrap();
+            let e = &st.msgs["Q1"];
+            assert!(!e.in_flight);
+            assert!(
+                e.due.is_some_and(|at| at > now_ms()),
+                "retried after the backoff"
+            );
+            for r in &e.rcpts {
+                assert_eq!(r.status, RcptStatus::Deferred);
+                assert_eq!(r.attempts, 1);
+                assert!(r.last_reply.as_deref().unwrap().starts_with("4.3.0"));
+            }
+        }
+        // And on disk, for a restart.
+        let m = relay.0.spool.load("Q1").unwrap();
+        assert!(
+            m.status
+                .iter()
+                .all(|s| s.as_ref().is_some_and(|s| s.status == RcptStatus::Deferred))
+        );
+    }
 }
