@@ -401,8 +401,8 @@ impl Config {
             path: path.to_path_buf(),
             message,
         })?;
-        // A relative data_dir is relative to where godwit runs, as in the quick start.
         config.normalize();
+        config.resolve_paths(path.parent().unwrap_or(Path::new(".")));
         config.validate()?;
         Ok(config)
     }
@@ -420,6 +420,38 @@ impl Config {
             .into_iter()
             .map(|(k, v)| (k.trim_end_matches('.').to_ascii_lowercase(), v))
             .collect();
+    }
+
+    /// Relative paths in the file are relative to the file's folder, as in
+    /// Postfix's main.cf, so `godwit queue list --config ../godwit.toml`
+    /// reads the same queue wherever it runs from.
+    pub fn resolve_paths(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                let rel = p.strip_prefix(".").unwrap_or(p).to_path_buf();
+                *p = base.join(rel);
+            }
+        };
+        fix(&mut self.data_dir);
+        for p in [&mut self.smtp.tls_cert, &mut self.smtp.tls_key] {
+            if let Some(p) = p.as_mut() {
+                fix(p);
+            }
+        }
+        if let Some(p) = self.events.postfix_log.as_mut() {
+            fix(p);
+        }
+        if let Some(sync) = self.sync.as_mut() {
+            fix(&mut sync.accounts);
+        }
+        if let Some(url) = &self.store.url
+            && let Some(rest) = url.strip_prefix("sqlite://")
+            && !rest.starts_with('/')
+            && !rest.starts_with(":memory:")
+        {
+            let rest = rest.strip_prefix("./").unwrap_or(rest);
+            self.store.url = Some(format!("sqlite://{}", base.join(rest).display()));
+        }
     }
 
     /// Whether `route` names a configured platform or a built-in route.
@@ -607,6 +639,7 @@ impl Config {
         if self.events.retention < Duration::from_secs(3600) {
             return Err(invalid("events.retention", "must be at least 1h"));
         }
+        check_log_level(&self.log.level).map_err(|m| invalid("log.level", m))?;
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return Err(invalid("log.format", "must be `text` or `json`"));
         }
@@ -660,6 +693,167 @@ impl Config {
             ),
         }
     }
+}
+
+/// `log.level`: a level, or comma-separated `target=level` directives as
+/// RUST_LOG takes them. A word that is neither would silently log nothing.
+pub fn check_log_level(spec: &str) -> Result<(), String> {
+    const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+    if spec.trim().is_empty() {
+        return Err("must be a level: trace, debug, info, warn, error or off".into());
+    }
+    for d in spec.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        let (target, level) = match d.rsplit_once('=') {
+            Some((t, l)) => (Some(t), l),
+            None => (None, d),
+        };
+        let target_ok = target.is_none_or(|t| {
+            !t.is_empty()
+                && t.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "_:-".contains(c))
+        });
+        let level_ok = LEVELS.contains(&level.to_ascii_lowercase().as_str());
+        // A bare word is a target to tracing ("godwit" = all levels for it);
+        // here it must be a level, the mistake being far likelier.
+        if !target_ok || !level_ok {
+            return Err(format!(
+                "`{d}` is not a level (trace, debug, info, warn, error, off) or TARGET=LEVEL"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Which keys changed between the running configuration and a reloaded one:
+/// (applied live, needs a restart). Keys are named as in the file.
+pub fn reload_plan(old: &Config, new: &Config) -> (Vec<String>, Vec<String>) {
+    let d = |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") != format!("{b:?}");
+    let mut live = Vec::new();
+    let mut restart = Vec::new();
+    let mut note = |changed: bool, key: &str, is_live: bool| {
+        if changed {
+            if is_live {
+                live.push(key.to_string())
+            } else {
+                restart.push(key.to_string())
+            }
+        }
+    };
+    let (o, n) = (&old.smtp, &new.smtp);
+    note(d(&old.hostname, &new.hostname), "hostname", false);
+    note(d(&old.data_dir, &new.data_dir), "data_dir", false);
+    note(d(&o.listen, &n.listen), "smtp.listen", false);
+    note(
+        d(&o.max_message_size, &n.max_message_size),
+        "smtp.max_message_size",
+        true,
+    );
+    note(
+        d(&o.max_data_memory, &n.max_data_memory),
+        "smtp.max_data_memory",
+        true,
+    );
+    note(
+        d(&o.max_recipients, &n.max_recipients),
+        "smtp.max_recipients",
+        true,
+    );
+    note(
+        d(&o.max_command_line, &n.max_command_line),
+        "smtp.max_command_line",
+        true,
+    );
+    note(
+        d(&o.command_timeout, &n.command_timeout),
+        "smtp.command_timeout",
+        true,
+    );
+    note(
+        d(&o.data_timeout, &n.data_timeout),
+        "smtp.data_timeout",
+        true,
+    );
+    note(
+        d(&o.max_connections, &n.max_connections),
+        "smtp.max_connections",
+        true,
+    );
+    note(
+        d(&o.max_connections_per_ip, &n.max_connections_per_ip),
+        "smtp.max_connections_per_ip",
+        true,
+    );
+    note(
+        d(&o.greeting_delay, &n.greeting_delay),
+        "smtp.greeting_delay",
+        true,
+    );
+    note(d(&o.max_errors, &n.max_errors), "smtp.max_errors", true);
+    note(
+        d(&o.bare_newline, &n.bare_newline),
+        "smtp.bare_newline",
+        true,
+    );
+    note(
+        d(&o.max_received_headers, &n.max_received_headers),
+        "smtp.max_received_headers",
+        true,
+    );
+    note(d(&o.tls_cert, &n.tls_cert), "smtp.tls_cert", true);
+    note(d(&o.tls_key, &n.tls_key), "smtp.tls_key", true);
+    note(d(&old.domains, &new.domains), "domains.accepted", true);
+    // The delivery engine takes platforms and queue settings when it starts.
+    for name in old.platforms.keys().chain(
+        new.platforms
+            .keys()
+            .filter(|k| !old.platforms.contains_key(*k)),
+    ) {
+        note(
+            d(&old.platforms.get(name), &new.platforms.get(name)),
+            &format!("platforms.{name}"),
+            false,
+        );
+    }
+    note(
+        d(&old.routing.default, &new.routing.default),
+        "routing.default",
+        true,
+    );
+    note(
+        d(&old.routing.domains, &new.routing.domains),
+        "routing.domains",
+        true,
+    );
+    note(d(&old.queue, &new.queue), "queue", false);
+    note(d(&old.store, &new.store), "store.url", false);
+    note(d(&old.log.level, &new.log.level), "log.level", true);
+    note(d(&old.log.format, &new.log.format), "log.format", false);
+    note(d(&old.admin, &new.admin), "admin", false);
+    note(d(&old.events, &new.events), "events", false);
+    let (od, nd) = (&old.directory, &new.directory);
+    note(
+        d(&od.unknown_recipient, &nd.unknown_recipient),
+        "directory.unknown_recipient",
+        true,
+    );
+    note(
+        d(&od.expansion_limit, &nd.expansion_limit),
+        "directory.expansion_limit",
+        true,
+    );
+    note(
+        d(&od.expand_groups, &nd.expand_groups),
+        "directory.expand_groups",
+        false,
+    );
+    // Read by the CLI commands, each time they run.
+    note(
+        d(&od.target_platform, &nd.target_platform),
+        "directory.target_platform",
+        true,
+    );
+    note(d(&old.sync, &new.sync), "sync", true);
+    (live, restart)
 }
 
 /// "host:port" with a numeric port; IPv6 literals as "[::1]:25".
@@ -845,6 +1039,62 @@ max_backoff = "1h"
         assert!(load(&GOOD.replace("\"127.0.0.1:2601\"", "\"10.0.0.9:2525\"")).is_ok());
         let wildcard = GOOD.replace("\"127.0.0.1:2525\"", "\"0.0.0.0:2525\"");
         assert!(load(&wildcard.replace("\"127.0.0.1:2601\"", "\"127.0.0.1:2525\"")).is_err());
+    }
+
+    #[test]
+    fn relative_paths_follow_the_file_not_the_working_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("godwit.toml");
+        let text = GOOD.replace("data_dir = \"/tmp/x\"", "data_dir = \"./data\"")
+            + "[events]\npostfix_log = \"logs/maillog\"\n";
+        std::fs::write(&path, text).unwrap();
+        let c = Config::load(&path).unwrap();
+        assert_eq!(c.data_dir, dir.path().join("data"));
+        assert_eq!(c.events.postfix_log, Some(dir.path().join("logs/maillog")));
+        assert!(
+            c.store_url()
+                .contains(&dir.path().join("data/state.db").display().to_string())
+        );
+        // Absolute paths stay.
+        assert_eq!(load(GOOD).unwrap().data_dir, PathBuf::from("/tmp/x"));
+    }
+
+    #[test]
+    fn log_levels() {
+        for ok in [
+            "info",
+            "WARN",
+            "godwit=debug,info",
+            "godwit_relay=trace",
+            "off",
+        ] {
+            assert!(check_log_level(ok).is_ok(), "{ok}");
+        }
+        for bad in ["loud", "", "godwit=loud", "=info", "in fo"] {
+            assert!(check_log_level(bad).is_err(), "{bad}");
+        }
+        let err = load(&format!("{GOOD}[log]\nlevel = \"loud\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("log.level") && err.contains("loud"), "{err}");
+    }
+
+    #[test]
+    fn reload_plan_names_live_and_restart_keys() {
+        let old = load(GOOD).unwrap();
+        let mut new = old.clone();
+        new.routing.default = "new".into();
+        new.log.level = "debug".into();
+        new.smtp.max_message_size = 20_000_000;
+        new.smtp.listen = vec!["127.0.0.1:2526".parse().unwrap()];
+        new.platforms.get_mut("old").unwrap().max_connections = 3;
+        let (live, restart) = reload_plan(&old, &new);
+        assert_eq!(
+            live,
+            ["smtp.max_message_size", "routing.default", "log.level"]
+        );
+        assert_eq!(restart, ["smtp.listen", "platforms.old"]);
+        assert_eq!(reload_plan(&old, &old), (vec![], vec![]));
     }
 
     #[test]

@@ -19,8 +19,29 @@ pub enum Event {
         recovered: usize,
         routing_version: i64,
     },
+    /// The gateway stopped: `reason` is the signal. `sessions_cut` counts
+    /// sessions still open when the drain's deadline passed.
     #[serde(rename = "gateway.stopped")]
-    GatewayStopped { reason: String },
+    GatewayStopped {
+        reason: String,
+        #[serde(default)]
+        sessions_cut: usize,
+    },
+    /// SIGTERM (or SIGINT): listeners closed, idle sessions answered 421,
+    /// sessions in DATA finishing; queued mail stays in the spool.
+    #[serde(rename = "gateway.draining")]
+    GatewayDraining { reason: String, sessions: usize },
+    /// SIGHUP: the configuration file was read again and applied. Keys in
+    /// `restart_needed` changed but take effect only after a restart.
+    #[serde(rename = "gateway.reloaded")]
+    GatewayReloaded {
+        config: String,
+        applied: Vec<String>,
+        restart_needed: Vec<String>,
+    },
+    /// SIGHUP with a file that does not load: nothing changed.
+    #[serde(rename = "gateway.reload_failed")]
+    GatewayReloadFailed { config: String, error: String },
     #[serde(rename = "connection.opened")]
     ConnectionOpened { session: u64, client_ip: String },
     #[serde(rename = "connection.refused")]
@@ -201,6 +222,9 @@ impl Event {
         match self {
             Event::GatewayStarted { .. } => "gateway.started",
             Event::GatewayStopped { .. } => "gateway.stopped",
+            Event::GatewayDraining { .. } => "gateway.draining",
+            Event::GatewayReloaded { .. } => "gateway.reloaded",
+            Event::GatewayReloadFailed { .. } => "gateway.reload_failed",
             Event::ConnectionOpened { .. } => "connection.opened",
             Event::ConnectionRefused { .. } => "connection.refused",
             Event::ConnectionClosed { .. } => "connection.closed",
@@ -243,6 +267,9 @@ pub struct EventLog {
     node: std::sync::Arc<str>,
     /// Other readers of the same stream (index, metrics, Postfix-style log).
     taps: std::sync::Arc<std::sync::Mutex<Vec<mpsc::UnboundedSender<std::sync::Arc<Record>>>>>,
+    /// `log.format = "json"`: events go to stderr as JSON objects in the
+    /// shape tracing's JSON lines have, not as a string inside `message`.
+    json: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 pub struct EventWriter {
@@ -260,6 +287,7 @@ impl EventLog {
                 tx,
                 node: node.into(),
                 taps: Default::default(),
+                json: Default::default(),
             },
             EventWriter {
                 rx,
@@ -275,7 +303,13 @@ impl EventLog {
             tx,
             node: node.into(),
             taps: Default::default(),
+            json: Default::default(),
         }
+    }
+
+    /// Writes events to stderr as JSON objects (`log.format = "json"`).
+    pub fn stderr_json(&self, on: bool) {
+        self.json.store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// A new reader of every event emitted from now on.
@@ -291,10 +325,14 @@ impl EventLog {
             node: self.node.to_string(),
             event,
         };
-        if tracing::enabled!(target: "godwit::event", tracing::Level::INFO)
-            && let Ok(line) = serde_json::to_string(&record.event)
-        {
-            tracing::info!(target: "godwit::event", "{line}");
+        if tracing::enabled!(target: "godwit::event", tracing::Level::INFO) {
+            if self.json.load(std::sync::atomic::Ordering::Relaxed) {
+                let line = stderr_json_line(&record);
+                // One write per line, so lines from other threads never interleave.
+                let _ = std::io::stderr().lock().write_all(line.as_bytes());
+            } else if let Ok(line) = serde_json::to_string(&record.event) {
+                tracing::info!(target: "godwit::event", "{line}");
+            }
         }
         {
             let taps = self.taps.lock().unwrap();
@@ -355,6 +393,23 @@ impl EventWriter {
     }
 }
 
+/// One stderr line for `record`, shaped as tracing-subscriber's JSON lines
+/// (`timestamp`, `level`, `target`, `fields`), with the event's own fields as
+/// an object in `fields`, so a log shipper parses it once.
+pub fn stderr_json_line(record: &Record) -> String {
+    let fields = serde_json::to_value(&record.event).unwrap_or_default();
+    let mut line = serde_json::json!({
+        "timestamp": record.ts,
+        "level": "INFO",
+        "target": "godwit::event",
+        "node": record.node,
+        "fields": fields,
+    })
+    .to_string();
+    line.push('\n');
+    line
+}
+
 /// Reads every record in `dir`, oldest file first. Lines that do not parse
 /// (a torn last line after a crash) are skipped.
 pub fn read_all(dir: &Path) -> std::io::Result<Vec<Record>> {
@@ -393,6 +448,25 @@ pub fn now_rfc3339() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_stderr_lines_carry_the_event_as_an_object() {
+        let r = Record {
+            ts: "2026-01-01T00:00:00.000Z".into(),
+            node: "n1".into(),
+            event: Event::GatewayReloadFailed {
+                config: "/etc/godwit.toml".into(),
+                error: "bad".into(),
+            },
+        };
+        let line = stderr_json_line(&r);
+        assert!(line.ends_with('\n'));
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["fields"]["event"], "gateway.reload_failed");
+        assert_eq!(v["fields"]["config"], "/etc/godwit.toml");
+        assert_eq!(v["level"], "INFO");
+        assert!(v["fields"].get("message").is_none());
+    }
 
     #[tokio::test]
     async fn records_round_trip_with_stable_names() {

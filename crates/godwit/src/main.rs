@@ -235,16 +235,31 @@ fn main() {
 async fn run(cli: Cli) -> Result<i32> {
     if let Command::Check(args) = &cli.command {
         // The configuration is optional here: `check dns example.com` needs none.
-        let explicit = std::env::args().any(|a| a == "--config" || a.starts_with("--config="));
-        let config = if explicit || cli.config.exists() {
+        let config = if config_given() || cli.config.exists() {
             Some(Config::load(&cli.config)?)
         } else {
             None
         };
         return godwit_check::run(config.as_ref(), args).await;
     }
-    let config = Config::load(&cli.config)
-        .with_context(|| "run with --config FILE (see examples/godwit.toml)")?;
+    let config = match Config::load(&cli.config) {
+        Ok(c) => c,
+        Err(e @ godwit_config::ConfigError::Read { .. }) if !config_given() => {
+            bail!("{e} (run with --config FILE; see examples/godwit.toml)")
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if let Some(what) = reads_data_dir(&cli.command, &config)
+        && !config.data_dir.is_dir()
+    {
+        // A read-only command must not create an empty data directory and
+        // then report an empty queue for a full one elsewhere.
+        bail!(
+            "data_dir {} does not exist, so there is no {what} to read; is {} the gateway's configuration? (relative paths are relative to its folder)",
+            config.data_dir.display(),
+            cli.config.display()
+        );
+    }
     if !matches!(
         cli.command,
         Command::Serve | Command::Sync(_) | Command::Verify(_)
@@ -259,7 +274,7 @@ async fn run(cli: Cli) -> Result<i32> {
             .init();
     }
     match cli.command {
-        Command::Serve => serve(config).await,
+        Command::Serve => serve(config, cli.config.clone()).await,
         Command::Route { command } => route(config, command).await,
         Command::Queue { command } => queue(config, command).await,
         Command::Check(_) => unreachable!("handled above"),
@@ -291,6 +306,41 @@ async fn run(cli: Cli) -> Result<i32> {
     }
 }
 
+/// Whether --config (or GODWIT_CONFIG) named the file, rather than the default.
+fn config_given() -> bool {
+    std::env::var_os("GODWIT_CONFIG").is_some()
+        || std::env::args().any(|a| a == "--config" || a.starts_with("--config="))
+}
+
+/// What a read-only command reads from `data_dir`, if it reads from it at
+/// all: those must find it there, never create it.
+fn reads_data_dir(command: &Command, config: &Config) -> Option<&'static str> {
+    let sqlite = config.store.url.as_deref().is_none_or(str::is_empty);
+    let state = sqlite.then_some("state store");
+    match command {
+        Command::Queue { command } => match command {
+            QueueCommand::List { .. } | QueueCommand::Show { .. } => Some("queue"),
+            QueueCommand::Destinations { .. } => state,
+            _ => None,
+        },
+        Command::Report { .. } => Some("queue"),
+        Command::Trace { .. } | Command::History { .. } => state,
+        Command::Route { command } => match command {
+            RouteCommand::Show { .. } | RouteCommand::Explain { .. } => state,
+            _ => None,
+        },
+        Command::Wave { command } => match command {
+            control::WaveCommand::Show { .. } | control::WaveCommand::List => state,
+            _ => None,
+        },
+        Command::Directory { command } => match command {
+            control::DirectoryCommand::List { .. } => state,
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
 /// Sync logs go through the progress bars' writer, so lines never tear them.
 fn init_sync_logging(config: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -301,21 +351,34 @@ fn init_sync_logging(config: &Config) {
         .init();
 }
 
-fn init_logging(config: &Config) {
+/// Changes the stderr log filter of a running gateway (`log.level` on SIGHUP).
+type LogLevel =
+    tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, tracing_subscriber::Registry>;
+
+fn init_logging(config: &Config, events_as_json: bool) -> LogLevel {
+    use std::io::IsTerminal;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if config.log.format == "json" {
-        builder.json().init();
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    // Colour codes only for a person at a terminal: journald, files and
+    // pipes get plain text.
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    let registry = tracing_subscriber::registry().with(filter);
+    if events_as_json {
+        registry.with(fmt.json()).init();
     } else {
-        builder.init();
+        registry.with(fmt).init();
     }
+    handle
 }
 
-async fn serve(config: Config) -> Result<i32> {
-    init_logging(&config);
+async fn serve(config: Config, config_path: PathBuf) -> Result<i32> {
+    let json_log = config.log.format == "json";
+    let log_level = init_logging(&config, json_log);
     let config = Arc::new(config);
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("data_dir {}", config.data_dir.display()))?;
@@ -323,7 +386,8 @@ async fn serve(config: Config) -> Result<i32> {
     let routes = SharedRoutes::new(godwit_route::load(&store, &config).await?);
     let spool = Arc::new(Spool::open(&config.spool_dir())?);
     let (events, writer) = EventLog::new(&config.events_dir(), &config.hostname)?;
-    tokio::spawn(writer.run());
+    events.stderr_json(json_log);
+    let writer = tokio::spawn(writer.run());
     let relay = godwit_relay::Relay::new(
         config.clone(),
         spool.clone(),
@@ -439,17 +503,83 @@ async fn serve(config: Config) -> Result<i32> {
         n_recovered
     );
 
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-    // Everything accepted is already on disk; nothing to flush but the event log.
-    events.emit(Event::GatewayStopped {
-        reason: "signal".into(),
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut current = config.clone();
+    let reason = loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break "SIGINT",
+            _ = term.recv() => break "SIGTERM",
+            _ = hup.recv() => {
+                match reload(&config_path, &current, &smtpd, &routes, &log_level) {
+                    Ok((next, applied, restart_needed)) => {
+                        for key in &restart_needed {
+                            tracing::warn!("reload: {key} changed; it takes effect after a restart");
+                        }
+                        events.emit(Event::GatewayReloaded {
+                            config: config_path.display().to_string(),
+                            applied,
+                            restart_needed,
+                        });
+                        relay.routes_changed();
+                        current = next;
+                    }
+                    Err(e) => {
+                        let error = format!("{e:#}");
+                        tracing::error!("reload of {} refused, the running configuration is kept: {error}", config_path.display());
+                        events.emit(Event::GatewayReloadFailed {
+                            config: config_path.display().to_string(),
+                            error,
+                        });
+                    }
+                }
+            }
+        }
+    };
+    // Everything accepted is already on disk: queued mail stays in the spool
+    // for the next start. Only sessions in DATA are worth waiting for.
+    events.emit(Event::GatewayDraining {
+        reason: reason.into(),
+        sessions: smtpd.sessions(),
     });
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let left = smtpd
+        .drain(config.smtp.data_timeout.min(Duration::from_secs(60)))
+        .await;
+    events.emit(Event::GatewayStopped {
+        reason: reason.into(),
+        sessions_cut: left,
+    });
+    // The event writer ends once every handle is gone; the tasks holding the
+    // others end with the runtime, so give it a moment to write the last lines.
+    drop(events);
+    let _ = tokio::time::timeout(Duration::from_millis(300), writer).await;
     Ok(0)
+}
+
+/// SIGHUP: read and validate the file again. A bad file changes nothing.
+/// Returns the new configuration, the keys applied live and the keys that
+/// need a restart.
+fn reload(
+    path: &std::path::Path,
+    current: &Arc<Config>,
+    smtpd: &smtpd::Smtpd,
+    routes: &SharedRoutes,
+    log_level: &LogLevel,
+) -> Result<(Arc<Config>, Vec<String>, Vec<String>)> {
+    let next = Config::load(path)?;
+    let level = tracing_subscriber::EnvFilter::try_new(&next.log.level)
+        .with_context(|| format!("log.level `{}`", next.log.level))?;
+    let (applied, restart_needed) = godwit_config::reload_plan(current, &next);
+    let next = Arc::new(next);
+    // The certificate is read before anything changes, so a missing file
+    // leaves the running configuration whole.
+    smtpd.reload(next.clone())?;
+    routes.reconfigure(&next);
+    if std::env::var_os("RUST_LOG").is_none() {
+        let _ = log_level.reload(level);
+    }
+    Ok((next, applied, restart_needed))
 }
 
 /// RFC 3339, or a duration ago ("2h", "0s" = now).

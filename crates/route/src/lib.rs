@@ -382,6 +382,18 @@ impl SharedRoutes {
         self.0.read().unwrap().snapshot()
     }
 
+    /// A reloaded configuration (SIGHUP): the global and per-domain defaults,
+    /// the unknown-recipient policy and the expansion limit. Entries from the
+    /// store stay as they are.
+    pub fn reconfigure(&self, config: &Config) {
+        let fresh = RoutingMap::new(config);
+        let mut map = self.0.write().unwrap();
+        map.default = fresh.default;
+        map.domains = fresh.domains;
+        map.unknown = fresh.unknown;
+        map.expansion_limit = fresh.expansion_limit;
+    }
+
     /// Applies a batch under one write lock: a 100,000-address wave is one
     /// batch and takes milliseconds, so lookups wait at most that long.
     pub fn apply(&self, changes: &[Change]) {

@@ -1,0 +1,147 @@
+//! Everyday operation against the real binary: SIGHUP reloads, SIGTERM
+//! drains, paths follow the configuration file.
+
+mod support;
+
+use std::time::Duration;
+use support::*;
+
+fn deliver(g: &Gateway, to: &str, id: &str) {
+    let mut c = g.client();
+    c.greet();
+    let r = c.mail("a@sender.test", &[to], &message(id, "hello"));
+    assert!(r.starts_with("250"), "{r}");
+    c.cmd("QUIT");
+}
+
+#[test]
+fn sighup_applies_a_valid_file_and_keeps_the_old_one_when_the_new_is_bad() {
+    let old = Sink::start(free_port(), &[]);
+    let new = Sink::start(free_port(), &[]);
+    let mut g = Gateway::start(old.port, new.port, "", "");
+    deliver(&g, "alice@example.com", "before@test");
+    wait_for("delivery to old", Duration::from_secs(10), || {
+        (old.count_containing("before@test") == 1).then_some(())
+    });
+
+    let good = std::fs::read_to_string(&g.config_path).unwrap();
+    let changed = good.replace("max_backoff = \"2s\"", "max_backoff = \"3s\"")
+        + "[routing]\ndefault = \"new\"\n[log]\nlevel = \"debug\"\n";
+    std::fs::write(&g.config_path, &changed).unwrap();
+    g.signal("HUP");
+    let ev = g.wait_event("gateway.reloaded", Duration::from_secs(10), |_| true);
+    let applied: Vec<_> = ev["applied"].as_array().unwrap().iter().collect();
+    assert!(applied.contains(&&"routing.default".into()), "{ev}");
+    assert!(applied.contains(&&"log.level".into()), "{ev}");
+    assert_eq!(ev["restart_needed"], serde_json::json!(["queue"]), "{ev}");
+    deliver(&g, "bob@example.com", "after@test");
+    wait_for(
+        "delivery to new after reload",
+        Duration::from_secs(10),
+        || (new.count_containing("after@test") == 1).then_some(()),
+    );
+    assert!(g.exited().is_none(), "SIGHUP must not stop the gateway");
+
+    // A bad file is refused as a whole; the running configuration stays.
+    std::fs::write(
+        &g.config_path,
+        changed.replace("default = \"new\"", "default = \"mars\""),
+    )
+    .unwrap();
+    g.signal("HUP");
+    let ev = g.wait_event("gateway.reload_failed", Duration::from_secs(10), |_| true);
+    assert!(
+        ev["error"].as_str().unwrap().contains("routing.default"),
+        "{ev}"
+    );
+    deliver(&g, "carol@example.com", "kept@test");
+    wait_for(
+        "delivery to new with the kept file",
+        Duration::from_secs(10),
+        || (new.count_containing("kept@test") == 1).then_some(()),
+    );
+    assert!(g.exited().is_none());
+    assert_eq!(old.count_containing("kept@test"), 0);
+}
+
+#[test]
+fn sigterm_finishes_data_closes_idle_sessions_and_keeps_the_queue() {
+    // Platforms nobody listens on: accepted mail stays queued.
+    let mut g = Gateway::start(free_port(), free_port(), "", "");
+    deliver(&g, "alice@example.com", "queued@test");
+
+    let mut in_data = g.client();
+    in_data.greet();
+    assert!(in_data.cmd("MAIL FROM:<a@sender.test>").starts_with("250"));
+    assert!(in_data.cmd("RCPT TO:<bob@example.com>").starts_with("250"));
+    assert!(in_data.cmd("DATA").starts_with("354"));
+    in_data.send(message("indata@test", "first half\r\n").as_bytes());
+    let mut idle = g.client();
+    idle.greet();
+
+    g.signal("TERM");
+    let ev = g.wait_event("gateway.draining", Duration::from_secs(10), |_| true);
+    assert_eq!(ev["reason"], "SIGTERM");
+    assert!(idle.reply().starts_with("421 4.3.2"), "idle session");
+    wait_for("the listener to close", Duration::from_secs(10), || {
+        std::net::TcpStream::connect(("127.0.0.1", g.port))
+            .is_err()
+            .then_some(())
+    });
+    // The message in DATA is finished and accepted, then the session closes.
+    in_data.send(b"second half\r\n.\r\n");
+    let r = in_data.reply();
+    assert!(r.starts_with("250"), "end of DATA while draining: {r}");
+    assert!(in_data.reply().starts_with("421"));
+    let status = wait_for("the gateway to exit", Duration::from_secs(20), || {
+        g.exited()
+    });
+    assert!(status.success(), "{status:?}");
+    let stopped = g.wait_event("gateway.stopped", Duration::from_secs(5), |_| true);
+    assert_eq!(stopped["reason"], "SIGTERM");
+    assert_eq!(stopped["sessions_cut"], 0);
+
+    let (ok, out) = g.cli(&["queue", "list"]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("queued@test") && out.contains("indata@test"),
+        "{out}"
+    );
+}
+
+#[test]
+fn relative_paths_follow_the_configuration_file_and_reads_never_create_data() {
+    let mut g = Gateway::start(free_port(), free_port(), "", "");
+    deliver(&g, "alice@example.com", "rel@test");
+    g.kill9();
+    let folder = g.config_path.parent().unwrap().to_path_buf();
+    let text = std::fs::read_to_string(&g.config_path).unwrap();
+    let abs = format!("data_dir = \"{}\"", g.data.display());
+    let relative = folder.join("relative.toml");
+    std::fs::write(&relative, text.replace(&abs, "data_dir = \"data\"")).unwrap();
+    let elsewhere = tempfile::tempdir().unwrap();
+    let run = |config: &std::path::Path| {
+        std::process::Command::new(godwit_bin())
+            .current_dir(elsewhere.path())
+            .args(["queue", "list", "--config"])
+            .arg(config)
+            .output()
+            .unwrap()
+    };
+    let out = run(&relative);
+    let text_out = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(text_out.contains("rel@test"), "{text_out}");
+
+    let missing = folder.join("missing.toml");
+    std::fs::write(&missing, text.replace(&abs, "data_dir = \"nodata\"")).unwrap();
+    let out = run(&missing);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("does not exist") && err.contains("nodata"),
+        "{err}"
+    );
+    assert!(!folder.join("nodata").exists());
+    assert!(!elsewhere.path().join("nodata").exists());
+}
