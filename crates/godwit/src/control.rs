@@ -126,6 +126,8 @@ pub enum WaveCommand {
         force: bool,
         #[arg(long)]
         actor: Option<String>,
+        #[command(flatten)]
+        wait: crate::fleet::Wait,
     },
     /// Route every member back to the platform that owned it, in one version.
     Rollback {
@@ -134,6 +136,8 @@ pub enum WaveCommand {
         dry_run: bool,
         #[arg(long)]
         actor: Option<String>,
+        #[command(flatten)]
+        wait: crate::fleet::Wait,
     },
 }
 
@@ -580,23 +584,31 @@ pub async fn wave(config: Config, command: WaveCommand) -> Result<i32> {
             dry_run,
             force,
             actor,
+            wait,
         } => {
             let who = crate::actor(actor);
             let cmd = format!("wave cutover {name}{}", if force { " --force" } else { "" });
             let o = control::wave_cutover(&ctx(&store, &config, &who, &cmd, dry_run), &name, force)
                 .await?;
             print_outcome(&o, "moved to the target platform");
+            if o.applied {
+                return wait.for_version(&store, o.version).await;
+            }
         }
         WaveCommand::Rollback {
             name,
             dry_run,
             actor,
+            wait,
         } => {
             let who = crate::actor(actor);
             let cmd = format!("wave rollback {name}");
             let o =
                 control::wave_rollback(&ctx(&store, &config, &who, &cmd, dry_run), &name).await?;
             print_outcome(&o, "moved back");
+            if o.applied {
+                return wait.for_version(&store, o.version).await;
+            }
         }
     }
     Ok(0)
@@ -762,10 +774,14 @@ pub async fn route_rollback(
     to: i64,
     dry_run: bool,
     actor: Option<String>,
+    wait: &crate::fleet::Wait,
 ) -> Result<i32> {
     let who = crate::actor(actor);
     let cmd = format!("route rollback --to {to}");
     let o = control::rollback_to(&ctx(store, config, &who, &cmd, dry_run), to).await?;
     print_outcome(&o, &format!("restored to their route at version {to}"));
+    if o.applied {
+        return wait.for_version(store, o.version).await;
+    }
     Ok(0)
 }

@@ -128,12 +128,16 @@ enum RouteCommand {
         /// Who made the change (default: the OS user).
         #[arg(long)]
         actor: Option<String>,
+        #[command(flatten)]
+        wait: fleet::Wait,
     },
     /// Remove ADDRESS's entry: it follows the domain or global default again.
     Unset {
         address: String,
         #[arg(long)]
         actor: Option<String>,
+        #[command(flatten)]
+        wait: fleet::Wait,
     },
     /// Where mail for ADDRESS goes now, and why.
     Show { address: String },
@@ -148,6 +152,8 @@ enum RouteCommand {
         dry_run: bool,
         #[arg(long)]
         actor: Option<String>,
+        #[command(flatten)]
+        wait: fleet::Wait,
     },
 }
 
@@ -455,17 +461,30 @@ async fn serve(config: Config, config_path: PathBuf) -> Result<i32> {
         let events = events.clone();
         let store = store.clone();
         tokio::spawn(godwit_route::watch(
-            store,
+            store.clone(),
             routes.clone(),
             Duration::from_millis(200),
             move |version, changes| {
-                events.emit(Event::RouteChanged {
-                    version,
-                    actor: String::new(),
-                    command: "reload".into(),
-                    changes,
-                });
                 relay.routes_changed();
+                // The version's own actor and command, from the store.
+                let (events, store) = (events.clone(), store.clone());
+                tokio::spawn(async move {
+                    let (actor, command) = godwit_store::sqlx::query_as::<_, (String, String)>(
+                        "SELECT actor, command FROM routing_versions WHERE version = $1",
+                    )
+                    .bind(version)
+                    .fetch_optional(&store.pool)
+                    .await
+                    .ok()
+                    .flatten()
+                    .unwrap_or_default();
+                    events.emit(Event::RouteChanged {
+                        version,
+                        actor,
+                        command,
+                        changes,
+                    });
+                });
             },
         ));
     }
@@ -719,6 +738,7 @@ async fn route(config: Config, command: RouteCommand) -> Result<i32> {
             address,
             platform,
             actor: who,
+            wait,
         } => {
             check_address(&config, &address)?;
             if platform == godwit_config::ROUTE_BOTH && config.platforms.len() < 2 {
@@ -756,10 +776,12 @@ async fn route(config: Config, command: RouteCommand) -> Result<i32> {
                     .unwrap_or_else(|| "(default)".into());
                 println!("{address}: {before} -> {platform} (version {v})");
             }
+            return wait.for_version(&store, v).await;
         }
         RouteCommand::Unset {
             address,
             actor: who,
+            wait,
         } => {
             let cmd = format!("route unset {address}");
             let (v, applied) = godwit_route::commit(
@@ -775,6 +797,7 @@ async fn route(config: Config, command: RouteCommand) -> Result<i32> {
             } else {
                 println!("{address}: entry removed (version {v}); it follows the default again");
             }
+            return wait.for_version(&store, v).await;
         }
         RouteCommand::Show { address } => {
             check_address(&config, &address)?;
@@ -791,8 +814,13 @@ async fn route(config: Config, command: RouteCommand) -> Result<i32> {
         RouteCommand::Explain { address } => {
             return control::route_explain(&config, &store, &address).await;
         }
-        RouteCommand::Rollback { to, dry_run, actor } => {
-            return control::route_rollback(&config, &store, to, dry_run, actor).await;
+        RouteCommand::Rollback {
+            to,
+            dry_run,
+            actor,
+            wait,
+        } => {
+            return control::route_rollback(&config, &store, to, dry_run, actor, &wait).await;
         }
     }
     Ok(0)

@@ -145,3 +145,65 @@ fn relative_paths_follow_the_configuration_file_and_reads_never_create_data() {
     assert!(!folder.join("nodata").exists());
     assert!(!elsewhere.path().join("nodata").exists());
 }
+
+#[test]
+fn route_set_returns_once_every_running_gateway_routes_the_new_way() {
+    let old = Sink::start(free_port(), &[]);
+    let new = Sink::start(free_port(), &[]);
+    let g = Gateway::start(old.port, new.port, "", "");
+    wait_for(
+        "the gateway's first heartbeat",
+        Duration::from_secs(10),
+        || g.cli(&["queue", "destinations"]).0.then_some(()),
+    );
+    // Pasted as one block: the next message must already go the new way.
+    let (ok, out) = g.cli(&[
+        "route",
+        "set",
+        "alice@example.com",
+        "new",
+        "--actor",
+        "lead",
+    ]);
+    assert!(ok, "{out}");
+    deliver(&g, "alice@example.com", "next@test");
+    wait_for("delivery to new", Duration::from_secs(10), || {
+        (new.count_containing("next@test") == 1).then_some(())
+    });
+    assert_eq!(old.count_containing("next@test"), 0);
+    // The gateway's route.changed names who changed it and how.
+    let ev = g.wait_event("route.changed", Duration::from_secs(5), |e| {
+        e["actor"] == "lead"
+    });
+    assert_eq!(ev["command"], "route set alice@example.com new", "{ev}");
+
+    // A live gateway that never applies it is named, and the exit is 1.
+    let db = g.data.join("state.db");
+    let far = (std::time::SystemTime::now() + Duration::from_secs(3600))
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis();
+    let ok = std::process::Command::new("sqlite3")
+        .arg(&db)
+        .arg(format!(
+            "INSERT INTO gateway_nodes (node, started_ms, seen_ms, queue_len, destinations, routing_version) VALUES ('stuck-gw', 0, {far}, 0, '{{}}', 0)"
+        ))
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    let (ok, out) = g.cli(&[
+        "route",
+        "set",
+        "bob@example.com",
+        "new",
+        "--wait-timeout",
+        "1s",
+    ]);
+    assert!(
+        !ok && out.contains("stuck-gw") && !out.contains("gw.test,"),
+        "{out}"
+    );
+    let (ok, out) = g.cli(&["route", "set", "carol@example.com", "new", "--no-wait"]);
+    assert!(ok, "{out}");
+}
