@@ -207,3 +207,29 @@ fn route_set_returns_once_every_running_gateway_routes_the_new_way() {
     let (ok, out) = g.cli(&["route", "set", "carol@example.com", "new", "--no-wait"]);
     assert!(ok, "{out}");
 }
+
+#[test]
+fn check_dns_with_a_silent_resolver_honours_the_timeout_and_claims_nothing() {
+    // A resolver that never answers: a UDP socket nobody reads.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let resolver = silent.local_addr().unwrap().to_string();
+    let start = std::time::Instant::now();
+    let out = std::process::Command::new(godwit_bin())
+        .args([
+            "check",
+            "dns",
+            "example.com",
+            "--resolver",
+            &resolver,
+            "--timeout",
+            "2s",
+        ])
+        .output()
+        .unwrap();
+    let took = start.elapsed();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(took < Duration::from_secs(6), "took {took:?}");
+    assert!(!text.contains("[OK]"), "{text}");
+    assert!(text.to_lowercase().contains("could not check"), "{text}");
+    assert_ne!(out.status.code(), Some(0), "{text}");
+}
