@@ -97,6 +97,16 @@ pub enum Event {
         stage: String,
         reply: String,
         detail: Option<String>,
+        /// The open transaction's sender, the refused recipient, and the
+        /// HELO name and protocol, as Postfix's reject lines carry them.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        mail_from: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        rcpt: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        helo: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        proto: Option<String>,
     },
     #[serde(rename = "queue.recovered")]
     QueueRecovered {
@@ -202,9 +212,14 @@ pub enum Event {
     #[serde(rename = "queue.command")]
     QueueCommand {
         op: String,
+        /// The selector's JSON; written into the log as an object.
+        #[serde(with = "json_object")]
         selector: String,
         actor: String,
         affected: usize,
+        /// Where it ran: the node's name, or "offline" (the spool changed
+        /// directly). Written as `executed_on`: the record has its own `node`.
+        #[serde(rename = "executed_on", alias = "node")]
         node: String,
     },
     #[serde(rename = "destination.state")]
@@ -214,6 +229,26 @@ pub enum Event {
         limit: usize,
         reason: String,
     },
+}
+
+/// A field that holds JSON text in Rust and is a JSON value in the log, so
+/// readers do not parse twice. Older lines with the text as a string read too.
+mod json_object {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(text: &str, s: S) -> Result<S::Ok, S::Error> {
+        match serde_json::from_str::<serde_json::Value>(text) {
+            Ok(v) => v.serialize(s),
+            Err(_) => s.serialize_str(text),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+        Ok(match serde_json::Value::deserialize(d)? {
+            serde_json::Value::String(s) => s,
+            v => v.to_string(),
+        })
+    }
 }
 
 impl Event {
@@ -448,6 +483,28 @@ pub fn now_rfc3339() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn queue_command_has_one_node_key_and_an_object_selector() {
+        let r = Record {
+            ts: "2026-01-01T00:00:00.000Z".into(),
+            node: "gw1".into(),
+            event: Event::QueueCommand {
+                op: "hold".into(),
+                selector: r#"{"platform":"new","all":false}"#.into(),
+                actor: "ops".into(),
+                affected: 2,
+                node: "gw1".into(),
+            },
+        };
+        let line = serde_json::to_string(&r).unwrap();
+        assert_eq!(line.matches("\"node\"").count(), 1, "{line}");
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["selector"]["platform"], "new");
+        assert_eq!(v["executed_on"], "gw1");
+        let back: Record = serde_json::from_str(&line).unwrap();
+        assert_eq!(back.event, r.event);
+    }
 
     #[test]
     fn json_stderr_lines_carry_the_event_as_an_object() {

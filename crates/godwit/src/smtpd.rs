@@ -366,6 +366,10 @@ impl Smtpd {
                         stage: "connect".into(),
                         reply: r.to_string(),
                         detail: Some("early talker".into()),
+                        mail_from: None,
+                        rcpt: None,
+                        helo: None,
+                        proto: None,
                     });
                     let mut stream = stream;
                     let _ = stream.write_all(&r.to_wire()).await;
@@ -447,12 +451,20 @@ impl Smtpd {
             while let Some(o) = session.next(&policy) {
                 match o {
                     Output::Reply(r) => out.extend_from_slice(&r.to_wire()),
-                    Output::Refused { stage, reply } => self.events.emit(Event::MessageRefused {
+                    Output::Refused {
+                        stage,
+                        reply,
+                        context,
+                    } => self.events.emit(Event::MessageRefused {
                         session: sid,
                         client_ip: session.client_ip.clone(),
                         stage: stage.into(),
                         reply: reply.to_string(),
                         detail: None,
+                        mail_from: context.mail_from,
+                        rcpt: context.rcpt,
+                        helo: context.helo,
+                        proto: context.proto.map(str::to_string),
                     }),
                     Output::Message { envelope, message } => {
                         let reply = self.accept(live, session, sid, envelope, message).await;
@@ -616,6 +628,10 @@ impl Smtpd {
                     stage: "data".into(),
                     reply: r.to_string(),
                     detail: Some(detail),
+                    mail_from: Some(envelope.mail_from.clone()),
+                    rcpt: None,
+                    helo: Some(envelope.helo.clone()),
+                    proto: Some(if envelope.esmtp { "ESMTP" } else { "SMTP" }.into()),
                 });
                 session.refused(r)
             }

@@ -244,6 +244,10 @@ fn postfix_style_log_is_read_by_pflogsumm() {
         )
         .starts_with("250")
     );
+    // A refused recipient: a NOQUEUE reject line.
+    assert!(c.cmd("MAIL FROM:<s@outside.test>").starts_with("250"));
+    assert!(c.cmd("RCPT TO:<x@elsewhere.test>").starts_with("554"));
+    c.cmd("RSET");
     wait_for("deliveries", T, || {
         (old.messages().len() == 7).then_some(())
     });
@@ -253,8 +257,26 @@ fn postfix_style_log_is_read_by_pflogsumm() {
             .filter(|t| t.contains("status=deferred"))
             .map(|_| ())
     });
+    // An operator hold and a removal of the deferred message.
+    let qid = wait_for("the deferred message's queue ID", T, || {
+        gw.events_named("delivery.deferred")
+            .first()
+            .and_then(|e| e["queue_id"].as_str().map(str::to_string))
+    });
+    assert!(gw.cli(&["queue", "hold", &qid]).0);
+    assert!(gw.cli(&["queue", "delete", &qid, "--yes"]).0);
+    wait_for("hold and removal logged", T, || {
+        std::fs::read_to_string(&log)
+            .ok()
+            .filter(|t| t.contains(": hold: ") && t.contains(&format!("{qid}: removed")))
+            .map(|_| ())
+    });
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(text.contains("status=sent (250"), "{text}");
+    assert!(
+        text.contains("from=<s@outside.test> to=<x@elsewhere.test> proto=ESMTP helo=<client.test>"),
+        "{text}"
+    );
     let out = std::process::Command::new("pflogsumm")
         .args(["--syslog-name=godwit", log.to_str().unwrap()])
         .output()
@@ -276,6 +298,34 @@ fn postfix_style_log_is_read_by_pflogsumm() {
     assert_eq!(total("received"), 8, "{summary}");
     assert_eq!(total("delivered"), 7, "{summary}");
     assert!(total("deferred") >= 1, "{summary}");
+    assert_eq!(total("held"), 1, "{summary}");
+    assert!(summary.contains("      1   rejected ("), "{summary}");
+    // The detail sections: a whole deferral reason (no cut-off parenthesis),
+    // the hold's reason, the reject's reason and recipient.
+    let section = |title: &str| -> String {
+        summary
+            .split(title)
+            .nth(1)
+            .unwrap_or_else(|| panic!("no `{title}` section:\n{summary}"))
+            .split("\n\n\n")
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    let deferrals = section("message deferral detail");
+    assert!(
+        deferrals.contains("Connection refused") && !deferrals.contains("(os error"),
+        "{deferrals}"
+    );
+    assert!(
+        section("message hold detail").contains("operator hold by"),
+        "{summary}"
+    );
+    let rejects = section("message reject detail");
+    assert!(
+        rejects.contains("Relay access denied (total: 1)") && rejects.contains("127.0.0.1"),
+        "{rejects}"
+    );
 }
 
 #[test]
