@@ -491,7 +491,7 @@ mod tests {
             node: "gw1".into(),
             event: Event::QueueCommand {
                 op: "hold".into(),
-                selector: r#"{"platform":"new","all":false}"#.into(),
+                selector: r#"{"all":false,"platform":"new"}"#.into(),
                 actor: "ops".into(),
                 affected: 2,
                 node: "gw1".into(),
