@@ -402,6 +402,7 @@ async fn serve(config: Config, config_path: PathBuf) -> Result<i32> {
     );
     // Readers of the event stream, attached before the first event.
     let metrics = Arc::new(godwit_evidence::metrics::Metrics::new());
+    metrics.describe(&config.platforms.keys().cloned().collect::<Vec<_>>());
     tokio::spawn(metrics.clone().run(events.tap()));
     tokio::spawn(godwit_evidence::index::run_indexer(
         store.clone(),
