@@ -211,7 +211,12 @@ struct Filter {
 
 #[derive(clap::Args, Clone)]
 struct Target {
-    /// A queue ID.
+    /// Queue IDs; `-` reads them from stdin, one per line or separated by
+    /// spaces (as `postsuper -d -`).
+    #[arg(value_name = "QUEUE_ID")]
+    queue_ids: Vec<String>,
+    /// The one queue ID an operation is sent with (filled per ID).
+    #[arg(skip)]
     queue_id: Option<String>,
     #[command(flatten)]
     filter: Filter,
@@ -901,6 +906,7 @@ async fn queue(config: Config, command: QueueCommand) -> Result<i32> {
     let now = godwit_spool::now_ms();
     match command {
         QueueCommand::List { json, filter } => {
+            check_filter(&config, &filter)?;
             let msgs = godwit_spool::list(&config.spool_dir());
             let mut shown = 0;
             for m in &msgs {
@@ -1067,17 +1073,19 @@ async fn queue(config: Config, command: QueueCommand) -> Result<i32> {
                 }
             }
         }
-        QueueCommand::Hold(t) => return queue_op(&config, godwit_relay::QueueOp::Hold, &t).await,
+        QueueCommand::Hold(t) => return queue_cmd(&config, godwit_relay::QueueOp::Hold, t).await,
         QueueCommand::Release(t) => {
-            return queue_op(&config, godwit_relay::QueueOp::Release, &t).await;
+            return queue_cmd(&config, godwit_relay::QueueOp::Release, t).await;
         }
-        QueueCommand::Flush(t) => return queue_op(&config, godwit_relay::QueueOp::Flush, &t).await,
+        QueueCommand::Flush(t) => {
+            return queue_cmd(&config, godwit_relay::QueueOp::Flush, t).await;
+        }
         QueueCommand::Requeue(t) => {
-            return queue_op(&config, godwit_relay::QueueOp::Requeue, &t).await;
+            return queue_cmd(&config, godwit_relay::QueueOp::Requeue, t).await;
         }
         QueueCommand::Delete { target, yes } => {
             // A bad selector is refused before anyone is asked to confirm.
-            selector(&target)?;
+            let target = resolve_target(&config, target)?;
             if !yes {
                 use std::io::{BufRead, IsTerminal, Write};
                 if !std::io::stdin().is_terminal() {
@@ -1094,10 +1102,159 @@ async fn queue(config: Config, command: QueueCommand) -> Result<i32> {
                     return Ok(1);
                 }
             }
-            return queue_op(&config, godwit_relay::QueueOp::Delete, &target).await;
+            return queue_targets(&config, godwit_relay::QueueOp::Delete, target).await;
         }
     }
     Ok(0)
+}
+
+/// The recipient states `--state` names, as `queue list` shows them.
+const STATES: [&str; 3] = ["pending", "deferred", "held"];
+
+/// Refuses a filter value that could never match, naming it: an empty
+/// answer to a typo reads as "the queue is empty".
+fn check_filter(config: &Config, f: &Filter) -> Result<()> {
+    if let Some(d) = &f.older_than {
+        godwit_config::parse_duration(d).map_err(|e| anyhow::anyhow!("--older-than: {e}"))?;
+    }
+    if let Some(st) = &f.state
+        && !STATES.iter().any(|s| s.eq_ignore_ascii_case(st))
+    {
+        bail!("--state `{st}`: choose one of {}", STATES.join(", "));
+    }
+    if let Some(p) = &f.platform
+        && !config.is_route_name(p)
+    {
+        let names: Vec<_> = config.platforms.keys().map(String::as_str).collect();
+        bail!(
+            "--platform `{p}` is not a configured platform (choose one of: {}, hold)",
+            names.join(", ")
+        );
+    }
+    if let Some(r) = &f.rcpt
+        && !r.contains('@')
+    {
+        bail!("--rcpt `{r}` is not an address (expected local@domain)");
+    }
+    Ok(())
+}
+
+/// Queue IDs from the arguments, `-` standing for those on stdin.
+fn queue_ids(args: &[String], stdin: impl std::io::Read) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    let mut stdin = Some(stdin);
+    for a in args {
+        if a == "-" {
+            let Some(mut input) = stdin.take() else {
+                bail!("`-` (queue IDs on stdin) may be given once");
+            };
+            let mut text = String::new();
+            input
+                .read_to_string(&mut text)
+                .context("reading queue IDs from stdin")?;
+            out.extend(text.split_whitespace().map(str::to_string));
+        } else {
+            out.push(a.clone());
+        }
+    }
+    for id in &out {
+        if id.is_empty() || !id.chars().all(|c| c.is_ascii_alphanumeric()) {
+            bail!("`{id}` is not a queue ID (letters and digits, as `queue list` shows)");
+        }
+    }
+    Ok(out)
+}
+
+/// Validates a target's filters and reads its IDs (stdin for `-`).
+fn resolve_target(config: &Config, mut t: Target) -> Result<Target> {
+    check_filter(config, &t.filter)?;
+    if t.filter.state.is_some() {
+        bail!(
+            "--state selects for `queue list` only; hold, release, flush, requeue and delete take IDs, --platform, --rcpt, --older-than or --all"
+        );
+    }
+    t.queue_ids = queue_ids(&t.queue_ids, std::io::stdin().lock())?;
+    if t.queue_ids.is_empty()
+        && !t.all
+        && t.filter.platform.is_none()
+        && t.filter.rcpt.is_none()
+        && t.filter.older_than.is_none()
+    {
+        bail!(
+            "name queue IDs (or `-` for IDs on stdin), a filter (--platform, --rcpt, --older-than) or --all"
+        );
+    }
+    Ok(t)
+}
+
+async fn queue_cmd(config: &Config, op: godwit_relay::QueueOp, t: Target) -> Result<i32> {
+    let t = resolve_target(config, t)?;
+    queue_targets(config, op, t).await
+}
+
+/// Runs `op` once per queue ID (or once for the filter). IDs not in the
+/// queue are named; the exit is 1 when nothing matched at all.
+async fn queue_targets(config: &Config, op: godwit_relay::QueueOp, t: Target) -> Result<i32> {
+    let name = serde_json::to_string(&op)?.trim_matches('"').to_string();
+    let msgs = godwit_spool::list(&config.spool_dir());
+    let live = |m: &godwit_spool::Spooled| {
+        m.status
+            .iter()
+            .any(|s| s.as_ref().is_none_or(|s| !s.status.is_final()))
+    };
+    if t.queue_ids.is_empty() {
+        if !t.all {
+            let store = Store::open(&config.store_url()).await?;
+            let routes = godwit_route::load(&store, config).await?;
+            let now = godwit_spool::now_ms();
+            let sel = selector(&t)?;
+            let any = msgs.iter().any(|m| {
+                m.header
+                    .envelope
+                    .rcpts
+                    .iter()
+                    .enumerate()
+                    .any(|(i, (addr, _))| {
+                        let s = &m.status[i];
+                        let route = s
+                            .as_ref()
+                            .and_then(|s| s.platform.clone())
+                            .unwrap_or_else(|| routes.decide(addr).route);
+                        s.as_ref().is_none_or(|s| !s.status.is_final())
+                            && sel.matches(&m.header, addr, &route, now)
+                    })
+            });
+            if !any {
+                println!("{name}: nothing in the queue matches");
+                return Ok(1);
+            }
+        } else if !msgs.iter().any(live) {
+            println!("{name}: the queue is empty");
+            return Ok(1);
+        }
+        return queue_op(config, op, &t).await;
+    }
+    let mut matched = 0;
+    for id in &t.queue_ids {
+        if !msgs
+            .iter()
+            .any(|m| m.header.queue_id.eq_ignore_ascii_case(id) && live(m))
+        {
+            eprintln!(
+                "godwit: {id}: no such message in the queue ({})",
+                config.spool_dir().display()
+            );
+            continue;
+        }
+        matched += 1;
+        let one = Target {
+            queue_ids: Vec::new(),
+            queue_id: Some(id.clone()),
+            ..t.clone()
+        };
+        queue_op(config, op.clone(), &one).await?;
+    }
+    Ok(if matched == 0 { 1 } else { 0 })
 }
 
 /// Sends a queue command to the running gateways, or applies it to the spool

@@ -233,3 +233,55 @@ fn check_dns_with_a_silent_resolver_honours_the_timeout_and_claims_nothing() {
     assert!(text.to_lowercase().contains("could not check"), "{text}");
     assert_ne!(out.status.code(), Some(0), "{text}");
 }
+
+#[test]
+fn queue_selectors_are_validated_and_take_several_ids_or_stdin() {
+    let g = Gateway::start(free_port(), free_port(), "", "");
+    let mut ids = Vec::new();
+    for i in 0..2 {
+        let mut c = g.client();
+        c.greet();
+        let r = c.mail(
+            "a@sender.test",
+            &["alice@example.com"],
+            &message(&format!("sel{i}@test"), "x"),
+        );
+        ids.push(r.rsplit(' ').next().unwrap().to_string());
+        c.cmd("QUIT");
+    }
+    for (args, bad) in [
+        (vec!["queue", "list", "--older-than", "2x"], "2x"),
+        (vec!["queue", "list", "--state", "bogus"], "bogus"),
+        (vec!["queue", "list", "--platform", "nosuch"], "nosuch"),
+        (vec!["queue", "hold", "NOSUCHID"], "NOSUCHID"),
+    ] {
+        let (ok, out) = g.cli(&args);
+        assert!(!ok && out.contains(bad), "{args:?}: {out}");
+    }
+    let (ok, out) = g.cli(&["queue", "delete", "--rcpt", "nobody@example.com", "--yes"]);
+    assert!(!ok && out.contains("nothing"), "{out}");
+
+    let (ok, out) = g.cli(&["queue", "hold", &ids[0], &ids[1]]);
+    assert!(ok && out.matches("1 affected").count() == 2, "{out}");
+    let (_, list) = g.cli(&["queue", "list", "--state", "held"]);
+    assert!(list.contains(&ids[0]) && list.contains(&ids[1]), "{list}");
+
+    // IDs on stdin, as `postsuper -H -`.
+    let mut child = std::process::Command::new(godwit_bin())
+        .args(["queue", "release", "-", "--config"])
+        .arg(&g.config_path)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    writeln!(child.stdin.take().unwrap(), "{}\n{}", ids[0], ids[1]).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.matches("1 affected").count() == 2,
+        "{text}"
+    );
+    let (_, list) = g.cli(&["queue", "list", "--state", "held"]);
+    assert!(!list.contains(&ids[0]), "{list}");
+}
