@@ -922,6 +922,29 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         .map_err(|e| format!("`{s}` is not a duration like \"30s\", \"5m\" or \"5d\": {e}"))
 }
 
+/// A duration as people write it in the file: "90d", "1h 30m", "4m 10s".
+/// At most two units, so a long wait stays readable.
+pub fn format_duration(d: Duration) -> String {
+    let mut secs = d.as_secs();
+    if secs == 0 {
+        return if d.is_zero() {
+            "0s".into()
+        } else {
+            format!("{}ms", d.as_millis())
+        };
+    }
+    let mut parts = Vec::new();
+    for (unit, n) in [("d", 86400), ("h", 3600), ("m", 60), ("s", 1)] {
+        if secs >= n && parts.len() < 2 {
+            parts.push(format!("{}{unit}", secs / n));
+            secs %= n;
+        } else if !parts.is_empty() {
+            break;
+        }
+    }
+    parts.join(" ")
+}
+
 pub fn parse_size(s: &str) -> Result<u64, String> {
     s.trim()
         .parse::<bytesize::ByteSize>()
@@ -1103,5 +1126,15 @@ max_backoff = "1h"
         assert_eq!(parse_size("1MiB").unwrap(), 1_048_576);
         assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
         assert!(parse_duration("soon").is_err());
+        for (secs, text) in [
+            (7_776_000, "90d"),
+            (5400, "1h 30m"),
+            (250, "4m 10s"),
+            (3601, "1h"),
+            (0, "0s"),
+            (45, "45s"),
+        ] {
+            assert_eq!(format_duration(Duration::from_secs(secs)), text);
+        }
     }
 }

@@ -167,8 +167,26 @@ enum QueueCommand {
         #[command(flatten)]
         filter: Filter,
     },
-    /// One message: envelope, headers, each recipient's state and last reply.
-    Show { queue_id: String },
+    /// One message: envelope, headers, each recipient's state, last reply
+    /// and next retry.
+    Show {
+        queue_id: String,
+        /// The same as one JSON object.
+        #[arg(long)]
+        json: bool,
+        /// Also print the whole message as queued (what `postcat -b` shows).
+        #[arg(long)]
+        body: bool,
+    },
+    /// Message age buckets by platform and recipient domain, like Postfix's
+    /// `qshape`: where the queue is growing, and since when.
+    Shape {
+        /// Rows by recipient domain (default) or by platform.
+        #[arg(long, default_value = "domain", value_parser = ["domain", "platform"])]
+        by: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Keep matching recipients queued, undelivered, until released.
     Hold(Target),
     /// Release held recipients (operator holds and route holds).
@@ -672,8 +690,8 @@ async fn trace(
         }
     } else if traces.is_empty() {
         println!(
-            "no message found (events are kept for {:?}; is the Message-ID right?)",
-            config.events.retention
+            "no message found (events are kept for {}; is the Message-ID right?)",
+            godwit_config::format_duration(config.events.retention)
         );
     } else {
         for (i, t) in traces.iter().enumerate() {
@@ -867,6 +885,35 @@ fn selector(t: &Target) -> Result<godwit_relay::Selector> {
     Ok(sel)
 }
 
+/// When a deferred recipient is tried next, as "in 4m 10s" (none when it
+/// is not waiting for a retry).
+fn next_retry(s: Option<&godwit_spool::StatusRecord>, now: i64) -> Option<String> {
+    let s = s?;
+    if s.status != RcptStatus::Deferred || s.next_ms <= 0 || s.next_ms == i64::MAX {
+        return None;
+    }
+    Some(if s.next_ms <= now {
+        "now".into()
+    } else {
+        format!(
+            "in {}",
+            godwit_config::format_duration(Duration::from_secs(((s.next_ms - now) / 1000) as u64))
+        )
+    })
+}
+
+/// The next retry as RFC 3339 UTC, for JSON.
+fn next_retry_time(s: Option<&godwit_spool::StatusRecord>) -> Option<String> {
+    let s = s?;
+    if s.status != RcptStatus::Deferred || s.next_ms <= 0 || s.next_ms == i64::MAX {
+        return None;
+    }
+    time::OffsetDateTime::from_unix_timestamp_nanos(s.next_ms as i128 * 1_000_000)
+        .ok()?
+        .format(&time::format_description::well_known::Rfc3339)
+        .ok()
+}
+
 fn state_of(s: &Option<godwit_spool::StatusRecord>) -> RcptStatus {
     s.as_ref().map_or(RcptStatus::Pending, |s| s.status)
 }
@@ -909,6 +956,7 @@ async fn queue(config: Config, command: QueueCommand) -> Result<i32> {
             check_filter(&config, &filter)?;
             let msgs = godwit_spool::list(&config.spool_dir());
             let mut shown = 0;
+            let mut total_bytes = 0u64;
             for m in &msgs {
                 let idx: Vec<usize> = (0..m.header.envelope.rcpts.len())
                     .filter(|&i| list_matches(&filter, m, i, now).unwrap_or(false))
@@ -931,6 +979,7 @@ async fn queue(config: Config, command: QueueCommand) -> Result<i32> {
                                 "delivered_to": s.as_ref().map(|s| s.delivered_to.clone()).unwrap_or_default(),
                                 "operator_hold": s.as_ref().is_some_and(|s| s.operator_hold),
                                 "reason": s.as_ref().and_then(|s| s.reply.clone()),
+                                "next_retry": next_retry_time(s.as_ref()),
                             })
                         })
                         .collect();
@@ -945,11 +994,20 @@ async fn queue(config: Config, command: QueueCommand) -> Result<i32> {
                     });
                     println!("{line}");
                 } else {
+                    if shown == 1 {
+                        println!(
+                            "{:<12}  {:>8}  {:>8}  -Sender/Message-ID/Recipient-",
+                            "-Queue ID-", "--Size--", "--Age--"
+                        );
+                    }
+                    total_bytes += m.body_len;
                     println!(
-                        "{}  {:>8}  {:>6}s  <{}>  {}",
+                        "{:<12}  {:>8}  {:>8}  <{}>  {}",
                         h.queue_id,
                         m.body_len,
-                        (now - h.arrival_ms) / 1000,
+                        godwit_config::format_duration(std::time::Duration::from_secs(
+                            ((now - h.arrival_ms) / 1000).max(0) as u64
+                        )),
                         h.envelope.mail_from,
                         h.message_id.as_deref().unwrap_or("-")
                     );
@@ -962,18 +1020,34 @@ async fn queue(config: Config, command: QueueCommand) -> Result<i32> {
                             ""
                         };
                         println!(
-                            "    {}  {:?}{hold}  {why}",
+                            "    {}  {:?}{hold}{}  {why}",
                             h.envelope.rcpts[i].0,
-                            state_of(s)
+                            state_of(s),
+                            next_retry(s.as_ref(), now)
+                                .map(|n| format!(", next retry {n}"))
+                                .unwrap_or_default()
                         );
                     }
                 }
             }
             if !json {
-                println!("-- {shown} message(s) in queue");
+                // Postfix's mailq total line, which scripts grep for.
+                if shown == 0 {
+                    println!("Mail queue is empty");
+                } else {
+                    println!(
+                        "-- {} Kbytes in {shown} Request{}.",
+                        total_bytes.div_ceil(1024),
+                        if shown == 1 { "" } else { "s" }
+                    );
+                }
             }
         }
-        QueueCommand::Show { queue_id } => {
+        QueueCommand::Show {
+            queue_id,
+            json,
+            body: with_body,
+        } => {
             let Some(m) = godwit_spool::list(&config.spool_dir())
                 .into_iter()
                 .find(|m| m.header.queue_id.eq_ignore_ascii_case(&queue_id))
@@ -982,12 +1056,59 @@ async fn queue(config: Config, command: QueueCommand) -> Result<i32> {
                     "no message {queue_id} in the queue (delivered messages leave it; see the events log)"
                 );
             };
+            let spool = Spool::open(&config.spool_dir())?;
+            let body = spool.read_body(&m)?;
+            let end = body
+                .windows(4)
+                .position(|w| w == b"\r\n\r\n")
+                .unwrap_or(body.len());
             let h = &m.header;
+            if json {
+                let rcpts: Vec<_> = h
+                    .envelope
+                    .rcpts
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (a, p))| {
+                        let s = m.status[i].as_ref();
+                        serde_json::json!({
+                            "address": a,
+                            "state": state_of(&m.status[i]),
+                            "attempts": s.map_or(0, |s| s.attempts),
+                            "platform": s.and_then(|s| s.platform.clone()),
+                            "delivered_to": s.map(|s| s.delivered_to.clone()).unwrap_or_default(),
+                            "operator_hold": s.is_some_and(|s| s.operator_hold),
+                            "last_reply": s.and_then(|s| s.reply.clone()),
+                            "next_retry": next_retry_time(s),
+                            "notify": p.notify,
+                        })
+                    })
+                    .collect();
+                let mut v = serde_json::json!({
+                    "queue_id": h.queue_id,
+                    "message_id": h.message_id,
+                    "arrival_time": h.arrival_ms / 1000,
+                    "client_ip": h.envelope.client_ip,
+                    "helo": h.envelope.helo,
+                    "tls": h.envelope.tls,
+                    "sender": h.envelope.mail_from,
+                    "message_size": m.body_len,
+                    "recipients": rcpts,
+                    "headers": String::from_utf8_lossy(&body[..end]),
+                });
+                if with_body {
+                    v["message"] = String::from_utf8_lossy(&body).into();
+                }
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(0);
+            }
             println!("queue id:    {}", h.queue_id);
             println!("message id:  {}", h.message_id.as_deref().unwrap_or("-"));
             println!(
-                "arrived:     {}s ago from {} (HELO {}{})",
-                (now - h.arrival_ms) / 1000,
+                "arrived:     {} ago from {} (HELO {}{})",
+                godwit_config::format_duration(std::time::Duration::from_secs(
+                    ((now - h.arrival_ms) / 1000).max(0) as u64
+                )),
                 h.envelope.client_ip,
                 h.envelope.helo,
                 if h.envelope.tls { ", TLS" } else { "" }
@@ -1015,14 +1136,47 @@ async fn queue(config: Config, command: QueueCommand) -> Result<i32> {
                 if let Some(r) = s.as_ref().and_then(|s| s.reply.clone()) {
                     println!("             last reply: {r}");
                 }
+                if let Some(n) = next_retry(s.as_ref(), now) {
+                    println!("             next retry: {n}");
+                }
             }
-            let spool = Spool::open(&config.spool_dir())?;
-            let body = spool.read_body(&m)?;
-            let end = body
-                .windows(4)
-                .position(|w| w == b"\r\n\r\n")
-                .unwrap_or(body.len());
-            println!("\n{}", String::from_utf8_lossy(&body[..end]));
+            if with_body {
+                println!("\n*** MESSAGE CONTENTS {} ***", h.queue_id);
+                print!("{}", String::from_utf8_lossy(&body).replace("\r\n", "\n"));
+                println!("*** END OF MESSAGE ***");
+            } else {
+                println!("\n{}", String::from_utf8_lossy(&body[..end]));
+            }
+        }
+        QueueCommand::Shape { by, json } => {
+            let msgs = godwit_spool::list(&config.spool_dir());
+            let store = Store::open(&config.store_url()).await?;
+            let routes = godwit_route::load(&store, &config).await?;
+            let mut rows = Vec::new();
+            for m in &msgs {
+                for (i, (addr, _)) in m.header.envelope.rcpts.iter().enumerate() {
+                    let s = &m.status[i];
+                    if s.as_ref().is_some_and(|s| s.status.is_final()) {
+                        continue;
+                    }
+                    let key = if by == "platform" {
+                        s.as_ref()
+                            .and_then(|s| s.platform.clone())
+                            .unwrap_or_else(|| routes.decide(addr).route)
+                    } else {
+                        addr.rsplit_once('@')
+                            .map_or(addr.as_str(), |(_, d)| d)
+                            .to_ascii_lowercase()
+                    };
+                    rows.push((key, ((now - m.header.arrival_ms) / 60_000).max(0) as u64));
+                }
+            }
+            let shape = godwit_evidence::report::qshape(&rows);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&shape)?);
+            } else {
+                print!("{}", godwit_evidence::report::render_qshape(&shape, &by));
+            }
         }
         QueueCommand::Destinations { json } => {
             let store = Store::open(&config.store_url()).await?;

@@ -285,3 +285,71 @@ fn queue_selectors_are_validated_and_take_several_ids_or_stdin() {
     let (_, list) = g.cli(&["queue", "list", "--state", "held"]);
     assert!(!list.contains(&ids[0]), "{list}");
 }
+
+#[test]
+fn queue_list_show_and_shape_answer_like_mailq_postcat_and_qshape() {
+    let g = Gateway::start(free_port(), free_port(), "", "");
+    let (ok, out) = g.cli(&["queue", "list"]);
+    assert!(ok && out.contains("Mail queue is empty"), "{out}");
+    let mut id = String::new();
+    for (i, to) in ["alice@example.com", "bob@example.org"].iter().enumerate() {
+        let mut c = g.client();
+        c.greet();
+        let r = c.mail(
+            "a@sender.test",
+            &[to],
+            &message(&format!("shape{i}@test"), "the body"),
+        );
+        id = r.rsplit(' ').next().unwrap().to_string();
+        c.cmd("QUIT");
+    }
+    wait_for("both deferred", Duration::from_secs(10), || {
+        (g.events_named("delivery.deferred").len() >= 2).then_some(())
+    });
+    let out = wait_for("next retry in the list", Duration::from_secs(10), || {
+        let (_, out) = g.cli(&["queue", "list"]);
+        out.contains("next retry in").then_some(out)
+    });
+    assert!(out.starts_with("-Queue ID-"), "{out}");
+    assert!(
+        out.trim_end().ends_with("-- 1 Kbytes in 2 Requests."),
+        "{out}"
+    );
+
+    let (ok, js) = g.cli(&["queue", "show", &id, "--json"]);
+    assert!(ok, "{js}");
+    let v: serde_json::Value = serde_json::from_str(&js).unwrap();
+    assert_eq!(v["queue_id"], id.as_str());
+    assert_eq!(v["recipients"][0]["address"], "bob@example.org");
+    assert!(
+        v["recipients"][0]["next_retry"]
+            .as_str()
+            .unwrap()
+            .ends_with('Z'),
+        "{v}"
+    );
+    assert!(v["recipients"][0]["last_reply"].is_string(), "{v}");
+    let (ok, out) = g.cli(&["queue", "show", &id, "--body"]);
+    assert!(
+        ok && out.contains("*** MESSAGE CONTENTS") && out.contains("the body"),
+        "{out}"
+    );
+    assert!(out.contains("next retry: "), "{out}");
+
+    let (ok, out) = g.cli(&["queue", "shape"]);
+    assert!(ok, "{out}");
+    let total = out
+        .lines()
+        .find(|l| l.trim_start().starts_with("TOTAL"))
+        .unwrap();
+    assert_eq!(total.split_whitespace().nth(1), Some("2"), "{out}");
+    assert!(
+        out.contains("example.org") && out.contains("1280+"),
+        "{out}"
+    );
+    let (ok, out) = g.cli(&["queue", "shape", "--by", "platform", "--json"]);
+    assert!(ok, "{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["rows"][1]["key"], "old", "{v}");
+    assert_eq!(v["rows"][1]["counts"][0], 2, "{v}");
+}
