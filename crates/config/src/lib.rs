@@ -8,7 +8,7 @@
 mod sync;
 pub use sync::*;
 
-use serde::{Deserialize, Deserializer};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -35,7 +35,7 @@ fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
 }
 
 /// The whole file. See `examples/godwit.toml` for a commented copy.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// Used in the banner, in Received headers and for loop detection.
@@ -83,7 +83,7 @@ fn default_hostname() -> String {
         .unwrap_or_else(|| "localhost".to_string())
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum BareNewline {
     /// Refuse the whole message (550 5.5.2), as Postfix 3.9 `smtpd_forbid_bare_newline = yes`.
@@ -93,32 +93,32 @@ pub enum BareNewline {
     Normalize,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SmtpConfig {
     pub listen: Vec<SocketAddr>,
-    #[serde(deserialize_with = "de_size")]
+    #[serde(deserialize_with = "de_size", serialize_with = "ser_size")]
     pub max_message_size: u64,
     /// Message content all sessions may hold in memory at once while they
     /// receive DATA. Past it, the DATA that would go over is read to its end
     /// and answered 452 4.3.1 (try again later), so a flood of large
     /// messages cannot exhaust memory. At least max_message_size.
-    #[serde(deserialize_with = "de_size")]
+    #[serde(deserialize_with = "de_size", serialize_with = "ser_size")]
     pub max_data_memory: u64,
     /// RFC 5321 4.5.3.1.8 requires at least 100; more than this gets 452 4.5.3.
     pub max_recipients: usize,
     /// RFC 5321 4.5.3.1.4 sets 512 octets; extensions (SIZE, DSN) legitimately
     /// lengthen MAIL and RCPT, so the default follows Postfix's 2048.
     pub max_command_line: usize,
-    #[serde(deserialize_with = "de_duration")]
+    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
     pub command_timeout: Duration,
-    #[serde(deserialize_with = "de_duration")]
+    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
     pub data_timeout: Duration,
     pub max_connections: usize,
     pub max_connections_per_ip: usize,
     /// Wait this long before the greeting; a client that talks first is an
     /// early talker and is refused (554 5.5.1). "0s" disables the wait.
-    #[serde(deserialize_with = "de_duration")]
+    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
     pub greeting_delay: Duration,
     /// Commands that fail in one session before it is closed (421 4.7.0).
     pub max_errors: usize,
@@ -151,14 +151,14 @@ impl Default for SmtpConfig {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DomainsConfig {
     /// Mail is accepted only for these domains (and never relayed elsewhere).
     pub accepted: Vec<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum TlsPolicy {
     /// Never STARTTLS.
@@ -170,7 +170,7 @@ pub enum TlsPolicy {
     Require,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PlatformConfig {
     /// "host:port" entries, tried in order.
@@ -190,15 +190,15 @@ pub struct PlatformConfig {
     pub breaker_failures: u32,
     /// How long the platform stays down before one probe delivery is tried;
     /// doubles on each failed probe, up to 16 times this.
-    #[serde(deserialize_with = "de_duration")]
+    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
     pub breaker_cooldown: Duration,
     /// Messages delivered over one connection before it is closed.
     pub max_messages_per_connection: usize,
-    #[serde(deserialize_with = "de_duration")]
+    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
     pub connect_timeout: Duration,
-    #[serde(deserialize_with = "de_duration")]
+    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
     pub command_timeout: Duration,
-    #[serde(deserialize_with = "de_duration")]
+    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
     pub data_timeout: Duration,
 }
 
@@ -225,7 +225,7 @@ impl Default for PlatformConfig {
 pub const ROUTE_HOLD: &str = "hold";
 pub const ROUTE_BOTH: &str = "both";
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RoutingConfig {
     /// Route for recipients of accepted domains that no entry names.
@@ -243,24 +243,28 @@ impl Default for RoutingConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct QueueConfig {
-    #[serde(deserialize_with = "de_duration")]
+    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
     pub max_lifetime: Duration,
-    #[serde(deserialize_with = "de_duration")]
+    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
     pub min_backoff: Duration,
-    #[serde(deserialize_with = "de_duration")]
+    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
     pub max_backoff: Duration,
     /// Turn every 5xx from a platform into a deferral (Postfix `soft_bounce`).
     /// On by default: during a cutover a delay is survivable and a bounce is not.
     pub soft_bounce: bool,
     /// How often the scheduler looks for due deliveries and routing changes.
-    #[serde(deserialize_with = "de_duration")]
+    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
     pub scan_interval: Duration,
     /// Send a delay warning (RFC 3464, action=delayed) once a recipient has
     /// waited this long; off when absent, as in Postfix.
-    #[serde(default, deserialize_with = "de_opt_duration")]
+    #[serde(
+        default,
+        deserialize_with = "de_opt_duration",
+        serialize_with = "ser_opt_duration"
+    )]
     pub delay_warning: Option<Duration>,
     /// The platform that carries DSNs to senders (it acts as the smarthost for
     /// mail leaving the organisation). Default: `routing.default` when it is a
@@ -282,14 +286,14 @@ impl Default for QueueConfig {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
     /// "sqlite://PATH" or "postgres://..."; empty means `data_dir/state.db`.
     pub url: Option<String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
     /// tracing filter for stderr, e.g. "info" or "godwit=debug".
@@ -309,7 +313,7 @@ impl Default for LogConfig {
 
 /// What happens to a recipient in an accepted domain that the imported
 /// directory does not know. Applies only once a directory has been imported.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum UnknownRecipient {
     /// Refuse at RCPT with 550 5.1.1, as Postfix's `relay_recipient_maps`.
@@ -321,7 +325,7 @@ pub enum UnknownRecipient {
     Hold,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DirectoryConfig {
     /// Policy for unknown recipients: "reject", "default" or "hold".
@@ -354,7 +358,7 @@ impl Default for DirectoryConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
     /// Metrics, dashboard and its API. Loopback unless a token is set.
@@ -372,11 +376,11 @@ impl Default for AdminConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EventsConfig {
     /// Events (the index and the JSON-lines files) older than this are pruned.
-    #[serde(deserialize_with = "de_duration")]
+    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
     pub retention: Duration,
     /// Also write Postfix-style log lines here (for pflogsumm and grep habits).
     pub postfix_log: Option<PathBuf>,
@@ -892,6 +896,106 @@ pub fn split_host_port(s: &str) -> Result<(String, u16), String> {
     Ok((host.to_string(), port))
 }
 
+pub fn ser_duration<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&format_duration(*d))
+}
+
+pub fn ser_opt_duration<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    match d {
+        Some(d) => ser_duration(d, s),
+        None => s.serialize_none(),
+    }
+}
+
+/// "50MB" when the size is a whole number of decimal units, else bytes.
+pub fn ser_size<S: Serializer>(n: &u64, s: S) -> Result<S::Ok, S::Error> {
+    for (unit, k) in [("GB", 1_000_000_000), ("MB", 1_000_000), ("KB", 1000)] {
+        if *n >= k && n % k == 0 {
+            return s.serialize_str(&format!("{}{unit}", n / k));
+        }
+    }
+    s.serialize_u64(*n)
+}
+
+pub fn ser_opt_size<S: Serializer>(n: &Option<u64>, s: S) -> Result<S::Ok, S::Error> {
+    match n {
+        Some(n) => ser_size(n, s),
+        None => s.serialize_none(),
+    }
+}
+
+/// The effective configuration as TOML, secrets masked (`postconf`, or
+/// `postconf -n` with `non_default`: only what differs from the defaults).
+/// `env:NAME` and `file:PATH` references are shown: they are not secrets.
+pub fn show(config: &Config, non_default: bool) -> Result<String, String> {
+    let mut v = toml::Value::try_from(config).map_err(|e| e.to_string())?;
+    mask(&mut v, "");
+    if non_default {
+        let mut d = toml::Value::try_from(Config::default()).map_err(|e| e.to_string())?;
+        mask(&mut d, "");
+        let platform =
+            toml::Value::try_from(PlatformConfig::default()).map_err(|e| e.to_string())?;
+        let sync = toml::Value::try_from(SyncConfig::default()).map_err(|e| e.to_string())?;
+        if let Some(t) = v.get("platforms").and_then(|p| p.as_table()) {
+            let defaults: toml::Table = t.keys().map(|k| (k.clone(), platform.clone())).collect();
+            d.as_table_mut()
+                .unwrap()
+                .insert("platforms".into(), defaults.into());
+        }
+        d.as_table_mut().unwrap().insert("sync".into(), sync);
+        v = diff(&v, &d).unwrap_or_else(|| toml::Table::new().into());
+    }
+    toml::to_string(&v).map_err(|e| e.to_string())
+}
+
+/// What of `v` differs from `default`; None when nothing does.
+fn diff(v: &toml::Value, default: &toml::Value) -> Option<toml::Value> {
+    match (v, default) {
+        (toml::Value::Table(t), toml::Value::Table(d)) => {
+            let out: toml::Table = t
+                .iter()
+                .filter_map(|(k, x)| match d.get(k) {
+                    Some(dx) => diff(x, dx).map(|x| (k.clone(), x)),
+                    None => Some((k.clone(), x.clone())),
+                })
+                .collect();
+            (!out.is_empty()).then(|| out.into())
+        }
+        _ if v == default => None,
+        _ => Some(v.clone()),
+    }
+}
+
+fn is_secret_key(key: &str) -> bool {
+    let k = key.to_ascii_lowercase();
+    k.contains("password") || k.contains("token") || k.contains("secret")
+}
+
+fn mask(v: &mut toml::Value, key: &str) {
+    match v {
+        toml::Value::Table(t) => {
+            for (k, x) in t.iter_mut() {
+                mask(x, k);
+            }
+        }
+        toml::Value::String(s) if is_secret_key(key) => {
+            if !s.is_empty() && !s.starts_with("env:") && !s.starts_with("file:") {
+                *s = "********".into();
+            }
+        }
+        // A password inside a URL: scheme://user:PASSWORD@host/...
+        toml::Value::String(s) if key == "url" => {
+            if let Some((scheme, rest)) = s.split_once("://")
+                && let Some((userinfo, host)) = rest.split_once('@')
+                && let Some((user, _)) = userinfo.split_once(':')
+            {
+                *s = format!("{scheme}://{user}:********@{host}");
+            }
+        }
+        _ => {}
+    }
+}
+
 pub fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let s = String::deserialize(d)?;
     parse_duration(&s).map_err(serde::de::Error::custom)
@@ -1080,6 +1184,33 @@ max_backoff = "1h"
         );
         // Absolute paths stay.
         assert_eq!(load(GOOD).unwrap().data_dir, PathBuf::from("/tmp/x"));
+    }
+
+    #[test]
+    fn show_masks_secrets_and_lists_what_differs() {
+        let text = format!(
+            "{GOOD}[admin]\nlisten = \"127.0.0.1:8025\"\ntoken = \"s3cret\"\n[store]\nurl = \"postgres://godwit:hunter2@db/godwit\"\n"
+        );
+        let c = load(&text).unwrap();
+        let all = show(&c, false).unwrap();
+        assert!(!all.contains("s3cret") && !all.contains("hunter2"), "{all}");
+        assert!(
+            all.contains("postgres://godwit:********@db/godwit"),
+            "{all}"
+        );
+        assert!(all.contains("max_lifetime = \"5d\""), "{all}");
+        assert!(all.contains("command_timeout = \"5m\""), "{all}");
+        // The output is a configuration godwit reads back.
+        assert!(Config::parse(&all).is_ok(), "{all}");
+        let n = show(&c, true).unwrap();
+        assert!(n.contains("max_message_size = \"10MB\""), "{n}");
+        assert!(n.contains("token = \"********\""), "{n}");
+        assert!(!n.contains("command_timeout"), "defaults listed: {n}");
+        assert!(
+            !n.contains("breaker_failures"),
+            "platform defaults listed: {n}"
+        );
+        assert!(n.contains("relay = [\"127.0.0.1:2601\"]"), "{n}");
     }
 
     #[test]

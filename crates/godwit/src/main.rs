@@ -109,6 +109,11 @@ enum Command {
         #[command(subcommand)]
         command: control::WaveCommand,
     },
+    /// The configuration as godwit reads it.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
     /// Every change to routes, states, waves and the directory, numbered.
     History {
         #[command(subcommand)]
@@ -116,6 +121,17 @@ enum Command {
         /// How many versions to list, newest first.
         #[arg(long, default_value_t = 50)]
         limit: i64,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// The effective configuration, every default filled in and relative
+    /// paths resolved, secrets masked (like `postconf`).
+    Show {
+        /// Only what differs from the defaults (like `postconf -n`).
+        #[arg(long)]
+        non_default: bool,
     },
 }
 
@@ -332,6 +348,15 @@ async fn run(cli: Cli) -> Result<i32> {
         Command::Directory { command } => control::directory(config, command).await,
         Command::Wave { command } => control::wave(config, command).await,
         Command::History { command, limit } => control::history(config, command, limit).await,
+        Command::Config {
+            command: ConfigCommand::Show { non_default },
+        } => {
+            print!(
+                "{}",
+                godwit_config::show(&config, non_default).map_err(|e| anyhow::anyhow!(e))?
+            );
+            Ok(0)
+        }
     }
 }
 

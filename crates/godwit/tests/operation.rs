@@ -353,3 +353,30 @@ fn queue_list_show_and_shape_answer_like_mailq_postcat_and_qshape() {
     assert_eq!(v["rows"][1]["key"], "old", "{v}");
     assert_eq!(v["rows"][1]["counts"][0], 2, "{v}");
 }
+
+#[test]
+fn config_show_prints_the_effective_configuration_with_secrets_masked() {
+    let mut g = Gateway::start(free_port(), free_port(), "", "");
+    g.kill9();
+    let cfg = std::fs::read_to_string(&g.config_path).unwrap();
+    std::fs::write(
+        &g.config_path,
+        cfg.replace("[admin]\n", "[admin]\ntoken = \"s3cret-token\"\n"),
+    )
+    .unwrap();
+    let (ok, out) = g.cli(&["config", "show", "--non-default"]);
+    assert!(ok, "{out}");
+    assert!(
+        !out.contains("s3cret-token") && out.contains("token = \"********\""),
+        "{out}"
+    );
+    assert!(
+        out.contains("hostname = \"gw.test\"") && !out.contains("max_recipients"),
+        "{out}"
+    );
+    let (ok, all) = g.cli(&["config", "show"]);
+    assert!(
+        ok && all.contains("max_recipients = 1000") && !all.contains("s3cret"),
+        "{all}"
+    );
+}
