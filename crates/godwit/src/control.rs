@@ -112,9 +112,15 @@ pub enum WaveCommand {
         /// List every member (default: the first 50).
         #[arg(long)]
         all: bool,
+        /// The wave and every member as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// All waves.
-    List,
+    List {
+        #[arg(long)]
+        json: bool,
+    },
     /// Route every member to the target platform, in one version.
     Cutover {
         name: String,
@@ -538,10 +544,28 @@ pub async fn wave(config: Config, command: WaveCommand) -> Result<i32> {
                 o.version
             );
         }
-        WaveCommand::Show { name, all } => {
+        WaveCommand::Show { name, all, json } => {
             let w = history::wave(&store, &name)
                 .await?
                 .with_context(|| format!("no wave `{name}` (godwit wave list)"))?;
+            if json {
+                let members: Vec<_> = w
+                    .members
+                    .iter()
+                    .map(|m| serde_json::json!({"address": m.address, "state": m.state, "route": m.route}))
+                    .collect();
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&serde_json::json!({
+                        "name": w.name,
+                        "status": w.status,
+                        "created_version": w.created_version,
+                        "version": w.version,
+                        "members": members,
+                    }))?
+                );
+                return Ok(0);
+            }
             println!(
                 "wave {}: {} ({} member(s); created at version {}, last changed at version {})",
                 w.name,
@@ -567,8 +591,16 @@ pub async fn wave(config: Config, command: WaveCommand) -> Result<i32> {
                 );
             }
         }
-        WaveCommand::List => {
+        WaveCommand::List { json } => {
             let waves = history::waves(&store).await?;
+            if json {
+                let v: Vec<_> = waves
+                    .iter()
+                    .map(|w| serde_json::json!({"name": w.name, "status": w.status, "members": w.count, "created_version": w.created_version, "version": w.version}))
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(0);
+            }
             if waves.is_empty() {
                 println!("no waves yet: godwit wave create NAME --members FILE|ADDR...");
             }
@@ -614,11 +646,32 @@ pub async fn wave(config: Config, command: WaveCommand) -> Result<i32> {
     Ok(0)
 }
 
-pub async fn history(config: Config, command: Option<HistoryCommand>, limit: i64) -> Result<i32> {
+fn version_json(v: &history::VersionInfo) -> serde_json::Value {
+    serde_json::json!({
+        "version": v.version,
+        "time": v.time(),
+        "actor": v.actor,
+        "command": v.command,
+        "route_changes": v.route_changes,
+        "control_changes": v.control_changes,
+    })
+}
+
+pub async fn history(
+    config: Config,
+    command: Option<HistoryCommand>,
+    limit: i64,
+    json: bool,
+) -> Result<i32> {
     let store = Store::open(&config.store_url()).await?;
     match command {
         None => {
             let vs = history::versions(&store, limit).await?;
+            if json {
+                let v: Vec<_> = vs.iter().map(version_json).collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(0);
+            }
             if vs.is_empty() {
                 println!("no versions yet");
             }
@@ -638,6 +691,21 @@ pub async fn history(config: Config, command: Option<HistoryCommand>, limit: i64
             let v = history::version(&store, version)
                 .await?
                 .with_context(|| format!("no version {version} (godwit history lists them)"))?;
+            if json {
+                let mut out = version_json(&v);
+                out["control"] = history::control_changes(&store, version)
+                    .await?
+                    .iter()
+                    .map(|c| serde_json::json!({"subject": c.subject, "item": c.item, "before": c.before, "after": c.after}))
+                    .collect();
+                out["routes"] = history::route_changes(&store, version, i64::MAX)
+                    .await?
+                    .iter()
+                    .map(|c| serde_json::json!({"address": c.address, "before": c.before, "after": c.after, "basis": c.basis.map(|b| b.to_string())}))
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&out)?);
+                return Ok(0);
+            }
             println!("version {}", v.version);
             println!("  time:    {}", v.time());
             println!("  actor:   {}", v.actor);
@@ -674,9 +742,41 @@ pub async fn history(config: Config, command: Option<HistoryCommand>, limit: i64
     Ok(0)
 }
 
-pub async fn route_explain(config: &Config, store: &Store, address: &str) -> Result<i32> {
+pub async fn route_explain(
+    config: &Config,
+    store: &Store,
+    address: &str,
+    json: bool,
+) -> Result<i32> {
     let e = history::explain(store, config, address).await?;
     let d = &e.decision;
+    if json {
+        let v = serde_json::json!({
+            "address": e.address,
+            "route": d.route,
+            "why": d.why.to_string(),
+            "routing_version": d.version,
+            "rejected_at_rcpt": e.rejected_at_rcpt,
+            "alias_of": e.alias_of,
+            "directory": e.object.as_ref().map(|(a, o)| serde_json::json!({
+                "address": a,
+                "kind": o.kind.to_string(),
+                "display_name": o.display_name,
+                "platform": o.platform,
+                "state": o.state.to_string(),
+            })),
+            "sync_ready": e.sync_ready,
+            "aliases": e.aliases,
+            "member_of": e.member_of,
+            "members": e.members,
+            "override": e.override_route.as_ref().map(|(r, v)| serde_json::json!({"route": r, "version": v})),
+            "waves": e.waves.iter().map(|(w, s)| serde_json::json!({"wave": w, "status": s})).collect::<Vec<_>>(),
+            "route_set_by": e.route_set_by.as_ref().map(version_json),
+            "state_set_by": e.state_set_by.as_ref().map(version_json),
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(0);
+    }
     if e.rejected_at_rcpt {
         println!(
             "{}: refused at RCPT (550 5.1.1): not in the directory and directory.unknown_recipient = \"reject\"",

@@ -121,6 +121,8 @@ enum Command {
         /// How many versions to list, newest first.
         #[arg(long, default_value_t = 50)]
         limit: i64,
+        #[arg(long, global = true)]
+        json: bool,
     },
 }
 
@@ -156,10 +158,18 @@ enum RouteCommand {
         wait: fleet::Wait,
     },
     /// Where mail for ADDRESS goes now, and why.
-    Show { address: String },
+    Show {
+        address: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Where mail for ADDRESS goes and everything that decides it: alias,
     /// group, state, override, wave, and the version that set it.
-    Explain { address: String },
+    Explain {
+        address: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Restore the routing as of version N, as a new version (undoable).
     Rollback {
         #[arg(long)]
@@ -347,7 +357,11 @@ async fn run(cli: Cli) -> Result<i32> {
         } => report(config, since, until, format, sample).await,
         Command::Directory { command } => control::directory(config, command).await,
         Command::Wave { command } => control::wave(config, command).await,
-        Command::History { command, limit } => control::history(config, command, limit).await,
+        Command::History {
+            command,
+            limit,
+            json,
+        } => control::history(config, command, limit, json).await,
         Command::Config {
             command: ConfigCommand::Show { non_default },
         } => {
@@ -384,7 +398,7 @@ fn reads_data_dir(command: &Command, config: &Config) -> Option<&'static str> {
             _ => None,
         },
         Command::Wave { command } => match command {
-            control::WaveCommand::Show { .. } | control::WaveCommand::List => state,
+            control::WaveCommand::Show { .. } | control::WaveCommand::List { .. } => state,
             _ => None,
         },
         Command::Directory { command } => match command {
@@ -741,10 +755,17 @@ async fn report(
     sample: usize,
 ) -> Result<i32> {
     let store = Store::open(&config.store_url()).await?;
-    let (since, until) = (
+    let (since_ms, until_ms) = (
         parse_when(&since, "--since")?,
         parse_when(&until, "--until")?,
     );
+    if since_ms >= until_ms {
+        // Durations count back from now: --since 1h --until 2h ends before it starts.
+        bail!(
+            "--since {since} is not before --until {until}: the window is empty (durations are ago, so --since takes the larger one)"
+        );
+    }
+    let (since, until) = (since_ms, until_ms);
     let r =
         godwit_evidence::report::build(&store, &config.spool_dir(), since, until, sample).await?;
     match format.as_str() {
@@ -848,10 +869,22 @@ async fn route(config: Config, command: RouteCommand) -> Result<i32> {
             }
             return wait.for_version(&store, v).await;
         }
-        RouteCommand::Show { address } => {
+        RouteCommand::Show { address, json } => {
             check_address(&config, &address)?;
             let map = godwit_route::load_one(&store, &config, &address).await?;
             let d = map.decide(&address);
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "address": godwit_route::normalize_address(&address),
+                        "route": d.route,
+                        "why": d.why.to_string(),
+                        "routing_version": d.version,
+                    })
+                );
+                return Ok(0);
+            }
             println!(
                 "{}: {} ({}; routing version {})",
                 godwit_route::normalize_address(&address),
@@ -860,8 +893,8 @@ async fn route(config: Config, command: RouteCommand) -> Result<i32> {
                 d.version
             );
         }
-        RouteCommand::Explain { address } => {
-            return control::route_explain(&config, &store, &address).await;
+        RouteCommand::Explain { address, json } => {
+            return control::route_explain(&config, &store, &address, json).await;
         }
         RouteCommand::Rollback {
             to,

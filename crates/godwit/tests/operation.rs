@@ -380,3 +380,35 @@ fn config_show_prints_the_effective_configuration_with_secrets_masked() {
         "{all}"
     );
 }
+
+#[test]
+fn json_on_route_history_and_wave_and_an_inverted_report_window_is_refused() {
+    let g = Gateway::start(free_port(), free_port(), "", "");
+    let (ok, out) = g.cli(&["route", "set", "alice@example.com", "new", "--no-wait"]);
+    assert!(ok, "{out}");
+    let js = |args: &[&str]| -> serde_json::Value {
+        let (ok, out) = g.cli(args);
+        assert!(ok, "{args:?}: {out}");
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: {e}: {out}"))
+    };
+    let v = js(&["route", "show", "alice@example.com", "--json"]);
+    assert_eq!(
+        (v["route"].as_str(), v["routing_version"].as_i64()),
+        (Some("new"), Some(1))
+    );
+    let v = js(&["route", "explain", "alice@example.com", "--json"]);
+    assert_eq!(v["override"]["route"], "new", "{v}");
+    assert_eq!(
+        v["route_set_by"]["command"],
+        "route set alice@example.com new"
+    );
+    let v = js(&["history", "--json"]);
+    assert_eq!(v[0]["version"], 1);
+    let v = js(&["history", "show", "1", "--json"]);
+    assert_eq!(v["routes"][0]["after"], "new", "{v}");
+    let v = js(&["wave", "list", "--json"]);
+    assert_eq!(v, serde_json::json!([]));
+
+    let (ok, out) = g.cli(&["report", "--since", "1h", "--until", "2h"]);
+    assert!(!ok && out.contains("not before"), "{out}");
+}
