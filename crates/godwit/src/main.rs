@@ -810,7 +810,7 @@ async fn route(config: Config, command: RouteCommand) -> Result<i32> {
             actor: who,
             wait,
         } => {
-            check_address(&config, &address)?;
+            let address = check_address(&config, &address)?;
             if platform == godwit_config::ROUTE_BOTH && config.platforms.len() < 2 {
                 bail!("route `both` needs at least two platforms in the configuration");
             }
@@ -853,6 +853,7 @@ async fn route(config: Config, command: RouteCommand) -> Result<i32> {
             actor: who,
             wait,
         } => {
+            let address = check_address(&config, &address)?;
             let cmd = format!("route unset {address}");
             let (v, applied) = godwit_route::commit(
                 &store,
@@ -870,7 +871,7 @@ async fn route(config: Config, command: RouteCommand) -> Result<i32> {
             return wait.for_version(&store, v).await;
         }
         RouteCommand::Show { address, json } => {
-            check_address(&config, &address)?;
+            let address = check_address(&config, &address)?;
             let map = godwit_route::load_one(&store, &config, &address).await?;
             let d = map.decide(&address);
             if json {
@@ -908,17 +909,17 @@ async fn route(config: Config, command: RouteCommand) -> Result<i32> {
     Ok(0)
 }
 
-fn check_address(config: &Config, address: &str) -> Result<()> {
-    let Some((local, domain)) = address.rsplit_once('@') else {
-        bail!("`{address}` is not an address (expected local@domain)");
-    };
-    if local.is_empty() || !config.is_accepted_domain(domain) {
+/// The address as the routing map keys it, if it is one (RFC 5321 4.1.2,
+/// 4.5.3.1) in an accepted domain.
+fn check_address(config: &Config, address: &str) -> Result<String> {
+    let a = godwit_route::Address::parse(address).map_err(|e| anyhow::anyhow!(e))?;
+    if !config.is_accepted_domain(&a.domain) {
         bail!(
             "`{address}` is not in an accepted domain ({})",
             config.domains.accepted.join(", ")
         );
     }
-    Ok(())
+    Ok(a.to_string())
 }
 
 fn selector(t: &Target) -> Result<godwit_relay::Selector> {

@@ -62,6 +62,10 @@ fn sighup_applies_a_valid_file_and_keeps_the_old_one_when_the_new_is_bad() {
     );
     assert!(g.exited().is_none());
     assert_eq!(old.count_containing("kept@test"), 0);
+    // stderr is a file here: the warnings are there, in plain text.
+    let log = std::fs::read_to_string(g.data.with_extension("log")).unwrap();
+    assert!(log.contains("queue changed"), "{log}");
+    assert!(!log.contains('\u{1b}'), "ANSI escapes in a log file:\n{log}");
 }
 
 #[test]
@@ -391,6 +395,14 @@ fn json_on_route_history_and_wave_and_an_inverted_report_window_is_refused() {
         assert!(ok, "{args:?}: {out}");
         serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: {e}: {out}"))
     };
+    // One address syntax for every command (RFC 5321 4.1.2, 4.5.3.1).
+    let (ok, out) = g.cli(&["route", "set", "alice@@example.com", "new"]);
+    assert!(!ok && out.contains("one @"), "{out}");
+    let long = format!("{}@example.com", "a".repeat(300));
+    let (ok, out) = g.cli(&["route", "set", &long, "new"]);
+    assert!(!ok && out.contains("64"), "{out}");
+    let v = js(&["route", "show", "<Alice@example.com>", "--json"]);
+    assert_eq!(v["address"], "alice@example.com");
     let v = js(&["route", "show", "alice@example.com", "--json"]);
     assert_eq!(
         (v["route"].as_str(), v["routing_version"].as_i64()),

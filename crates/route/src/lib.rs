@@ -4,6 +4,8 @@
 //! version and applies only the changes since its own, so a change reaches
 //! it within a second and a lookup on the delivery path is a hash lookup.
 
+mod address;
+pub use address::Address;
 pub mod control;
 pub mod directory;
 pub mod history;
