@@ -626,6 +626,10 @@ pub async fn wave(config: Config, command: WaveCommand) -> Result<i32> {
             if o.applied {
                 return wait.for_version(&store, o.version).await;
             }
+            // A dry run with members held back: the plan, and exit 1.
+            if o.control.iter().any(|c| c.item.starts_with("blocked ")) {
+                return Ok(1);
+            }
         }
         WaveCommand::Rollback {
             name,

@@ -65,7 +65,10 @@ fn sighup_applies_a_valid_file_and_keeps_the_old_one_when_the_new_is_bad() {
     // stderr is a file here: the warnings are there, in plain text.
     let log = std::fs::read_to_string(g.data.with_extension("log")).unwrap();
     assert!(log.contains("queue changed"), "{log}");
-    assert!(!log.contains('\u{1b}'), "ANSI escapes in a log file:\n{log}");
+    assert!(
+        !log.contains('\u{1b}'),
+        "ANSI escapes in a log file:\n{log}"
+    );
 }
 
 #[test]
@@ -423,4 +426,56 @@ fn json_on_route_history_and_wave_and_an_inverted_report_window_is_refused() {
 
     let (ok, out) = g.cli(&["report", "--since", "1h", "--until", "2h"]);
     assert!(!ok && out.contains("not before"), "{out}");
+}
+
+#[test]
+fn wave_cutover_dry_run_prints_the_plan_and_why_members_are_blocked() {
+    let g = Gateway::start(free_port(), free_port(), "", "");
+    let dir = g.config_path.with_file_name("directory.csv");
+    std::fs::write(
+        &dir,
+        "address,display_name,kind,aliases,members,platform\ndora@example.com,Dora,user,,,old\nerin@example.com,Erin,user,,,old\n",
+    )
+    .unwrap();
+    assert!(
+        g.cli(&["directory", "import", dir.to_str().unwrap(), "--apply"])
+            .0
+    );
+    assert!(
+        g.cli(&["directory", "state", "ready", "dora@example.com"])
+            .0
+    );
+    let (ok, out) = g.cli(&[
+        "wave",
+        "create",
+        "w1",
+        "--members",
+        "dora@example.com",
+        "erin@example.com",
+    ]);
+    assert!(ok, "{out}");
+    let out = std::process::Command::new(godwit_bin())
+        .args(["wave", "cutover", "w1", "--dry-run", "--config"])
+        .arg(&g.config_path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("dora@example.com: old -> new"), "{text}");
+    assert!(
+        text.contains("erin@example.com blocked: state pending"),
+        "{text}"
+    );
+    assert!(
+        text.contains("dry run: 1 address(es) would be moved"),
+        "{text}"
+    );
+    // Nothing changed.
+    let (_, show) = g.cli(&["route", "show", "dora@example.com"]);
+    assert!(show.contains(": old "), "{show}");
 }
