@@ -189,6 +189,27 @@ fn print_outcome(o: &Outcome, verb: &str) {
     if moved.len() > SHOW {
         println!("  ... and {} more", moved.len() - SHOW);
     }
+    if !o.applied {
+        // A dry run shows everything it would change, not only routes: the
+        // directory states, aliases, members and overrides too.
+        let others: Vec<_> = o
+            .control
+            .iter()
+            .filter(|c| c.subject != "note" && c.before != c.after)
+            .collect();
+        for c in others.iter().take(SHOW) {
+            println!(
+                "  {} {}: {} -> {}",
+                c.subject,
+                c.item,
+                c.before.as_deref().unwrap_or("(none)"),
+                c.after.as_deref().unwrap_or("(none)")
+            );
+        }
+        if others.len() > SHOW {
+            println!("  ... and {} more directory change(s)", others.len() - SHOW);
+        }
+    }
     for n in o.control.iter().filter(|c| c.subject == "note") {
         println!("  note: {}", n.after.as_deref().unwrap_or(""));
     }
@@ -727,6 +748,19 @@ pub async fn history(
             let routes = history::route_changes(&store, version, limit).await?;
             println!("  route changes: {}", v.route_changes);
             for c in &routes {
+                if c.before == c.after {
+                    // Same platform, another reason (e.g. an override now
+                    // pins what the default already did): no mail moves.
+                    println!(
+                        "    {}: {} (route unchanged{})",
+                        c.address,
+                        c.after.as_deref().unwrap_or("(default)"),
+                        c.basis
+                            .map(|b| format!("; now decided by {b}"))
+                            .unwrap_or_default()
+                    );
+                    continue;
+                }
                 println!(
                     "    {}: {} -> {}{}",
                     c.address,

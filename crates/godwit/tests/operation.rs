@@ -479,3 +479,27 @@ fn wave_cutover_dry_run_prints_the_plan_and_why_members_are_blocked() {
     let (_, show) = g.cli(&["route", "show", "dora@example.com"]);
     assert!(show.contains(": old "), "{show}");
 }
+
+#[test]
+fn route_rollback_dry_run_lists_the_directory_changes_it_would_undo() {
+    let g = Gateway::start(free_port(), free_port(), "", "");
+    let dir = g.config_path.with_file_name("directory.csv");
+    std::fs::write(
+        &dir,
+        "address,display_name,kind,aliases,members,platform\ndora@example.com,Dora,user,,,old\n",
+    )
+    .unwrap();
+    assert!(
+        g.cli(&["directory", "import", dir.to_str().unwrap(), "--apply"])
+            .0
+    );
+    let (ok, out) = g.cli(&["directory", "state", "ready", "dora@example.com"]);
+    assert!(ok, "{out}");
+    let (ok, out) = g.cli(&["route", "rollback", "--to", "1", "--dry-run"]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("state dora@example.com: ready -> pending"),
+        "{out}"
+    );
+    assert!(out.contains("dry run"), "{out}");
+}
