@@ -910,7 +910,7 @@ pub fn ser_opt_duration<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::
 /// "50MB" when the size is a whole number of decimal units, else bytes.
 pub fn ser_size<S: Serializer>(n: &u64, s: S) -> Result<S::Ok, S::Error> {
     for (unit, k) in [("GB", 1_000_000_000), ("MB", 1_000_000), ("KB", 1000)] {
-        if *n >= k && n % k == 0 {
+        if *n >= k && n.is_multiple_of(k) {
             return s.serialize_str(&format!("{}{unit}", n / k));
         }
     }
@@ -978,10 +978,13 @@ fn mask(v: &mut toml::Value, key: &str) {
                 mask(x, k);
             }
         }
-        toml::Value::String(s) if is_secret_key(key) => {
-            if !s.is_empty() && !s.starts_with("env:") && !s.starts_with("file:") {
-                *s = "********".into();
-            }
+        toml::Value::String(s)
+            if is_secret_key(key)
+                && !s.is_empty()
+                && !s.starts_with("env:")
+                && !s.starts_with("file:") =>
+        {
+            *s = "********".into();
         }
         // A password inside a URL: scheme://user:PASSWORD@host/...
         toml::Value::String(s) if key == "url" => {

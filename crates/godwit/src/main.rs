@@ -387,24 +387,23 @@ fn reads_data_dir(command: &Command, config: &Config) -> Option<&'static str> {
     let state = sqlite.then_some("state store");
     match command {
         Command::Queue { command } => match command {
-            QueueCommand::List { .. } | QueueCommand::Show { .. } => Some("queue"),
+            QueueCommand::List { .. } | QueueCommand::Show { .. } | QueueCommand::Shape { .. } => {
+                Some("queue")
+            }
             QueueCommand::Destinations { .. } => state,
             _ => None,
         },
         Command::Report { .. } => Some("queue"),
         Command::Trace { .. } | Command::History { .. } => state,
-        Command::Route { command } => match command {
-            RouteCommand::Show { .. } | RouteCommand::Explain { .. } => state,
-            _ => None,
-        },
-        Command::Wave { command } => match command {
-            control::WaveCommand::Show { .. } | control::WaveCommand::List { .. } => state,
-            _ => None,
-        },
-        Command::Directory { command } => match command {
-            control::DirectoryCommand::List { .. } => state,
-            _ => None,
-        },
+        Command::Route {
+            command: RouteCommand::Show { .. } | RouteCommand::Explain { .. },
+        } => state,
+        Command::Wave {
+            command: control::WaveCommand::Show { .. } | control::WaveCommand::List { .. },
+        } => state,
+        Command::Directory {
+            command: control::DirectoryCommand::List { .. },
+        } => state,
         _ => None,
     }
 }

@@ -1419,7 +1419,7 @@ pub async fn wave_cutover(ctx: &Ctx<'_>, name: &str, force: bool) -> Result<Outc
                         // A dry run shows the plan and why each member is held back.
                         blocked.push(cc(
                             "note",
-                            &format!("blocked {m}"),
+                            format!("blocked {m}"),
                             None,
                             Some(format!(
                                 "{m} blocked: state {}, sync not ready (mark it ready, wait for `godwit sync`, or --force)",
