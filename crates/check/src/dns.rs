@@ -491,6 +491,9 @@ pub struct DnsCheck {
     /// The HTTPS port of the MTA-STS policy host; 0 means 443 (RFC 8461 3.3).
     /// Only tests change it.
     pub mta_sts_port: u16,
+    /// The whole domain's checks end by then (`--timeout`); what was not
+    /// answered is "could not check", never OK.
+    pub timeout: Option<Duration>,
 }
 
 /// Runs every DNS check for one domain.
@@ -526,6 +529,28 @@ async fn dmarc_record(dns: &Dns, domain: &str) -> (String, Answer<Vec<String>>) 
 }
 
 pub async fn check_domain(domain: &str, opts: &DnsCheck) -> anyhow::Result<Vec<Finding>> {
+    let Some(limit) = opts.timeout else {
+        return check_domain_unbounded(domain, opts).await;
+    };
+    match tokio::time::timeout(limit, check_domain_unbounded(domain, opts)).await {
+        Ok(r) => r,
+        Err(_) => Ok(vec![Finding::new(
+            crate::finding::Contract::InboundDelivery,
+            "dns.timeout",
+            domain.trim_end_matches('.').to_ascii_lowercase(),
+            crate::finding::Severity::Warn,
+            format!(
+                "Could not check: the DNS checks did not finish within {} (--timeout), so \
+                 nothing about this domain's MX, SPF, DKIM, DMARC, MTA-STS or TLS-RPT records \
+                 is known.",
+                humantime::format_duration(limit)
+            ),
+            "Check that the resolver answers (--resolver IP), or raise --timeout.",
+        )]),
+    }
+}
+
+async fn check_domain_unbounded(domain: &str, opts: &DnsCheck) -> anyhow::Result<Vec<Finding>> {
     let domain = domain.trim_end_matches('.').to_ascii_lowercase();
     let resolvers = if opts.resolvers.is_empty() {
         vec![Dns::system()?]

@@ -19,9 +19,26 @@ fn prefixed<'a>(txt: &'a Answer<Vec<String>>, prefix: &str) -> Vec<&'a String> {
     }
 }
 
+/// A record that could not be queried is not known to be absent: never OK.
+fn could_not_check(check: &str, subject: String, e: &str) -> Vec<Finding> {
+    vec![Finding::new(
+        Contract::InboundDelivery,
+        check,
+        subject,
+        Severity::Warn,
+        format!(
+            "Could not check: the query failed ({e}), so whether a record is published is unknown."
+        ),
+        "Check the domain's name servers (or --resolver), then run the check again.",
+    )]
+}
+
 pub fn analyze_mta_sts(domain: &str, txt: &Answer<Vec<String>>) -> Vec<Finding> {
     let c = Contract::InboundDelivery;
     let subject = format!("_mta-sts.{domain}");
+    if let Answer::Error(e) = txt {
+        return could_not_check("mta-sts.record", subject, e);
+    }
     let records = prefixed(txt, "v=stsv1");
     let f = match records.as_slice() {
         [] => Finding::new(
@@ -210,6 +227,9 @@ pub fn analyze_sts_policy(
 pub fn analyze_tls_rpt(domain: &str, txt: &Answer<Vec<String>>) -> Vec<Finding> {
     let c = Contract::InboundDelivery;
     let subject = format!("_smtp._tls.{domain}");
+    if let Answer::Error(e) = txt {
+        return could_not_check("tls-rpt.record", subject, e);
+    }
     let records = prefixed(txt, "v=tlsrptv1");
     let f = match records.as_slice() {
         [] => Finding::new(
@@ -268,6 +288,18 @@ pub fn analyze_tls_rpt(domain: &str, txt: &Answer<Vec<String>>) -> Vec<Finding> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failed_query_is_never_ok() {
+        let failed: Answer<Vec<String>> = Answer::Error("timed out".into());
+        for f in analyze_mta_sts("example.com", &failed)
+            .into_iter()
+            .chain(analyze_tls_rpt("example.com", &failed))
+        {
+            assert_eq!(f.severity, Severity::Warn, "{f:?}");
+            assert!(f.meaning.starts_with("Could not check"), "{f:?}");
+        }
+    }
 
     fn txt(r: &[&str]) -> Answer<Vec<String>> {
         Answer::Found(r.iter().map(|s| s.to_string()).collect())

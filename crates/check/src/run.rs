@@ -18,6 +18,7 @@ fn dns_opts(args: &CheckArgs) -> DnsCheck {
         cutover_window: args.cutover_window,
         ca_files: args.ca_files.clone(),
         mta_sts_port: 0,
+        timeout: Some(args.timeout),
     }
 }
 

@@ -790,7 +790,7 @@ pub fn analyze(domain: &str, tree: &SpfNode, new_senders: &[NewSender]) -> Vec<F
                 sources.join("\n  ")
             )
         },
-        "Inventory what each source is (Task 3): a sender you change or forget breaks silently.",
+        "Inventory what each source is: a sender you change or forget breaks silently.",
     ));
     out.extend(new_sender_findings(domain, tree, new_senders));
     out

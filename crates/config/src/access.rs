@@ -19,13 +19,13 @@
 //! `imap = "imap://host:143"` (STARTTLS when offered) or `imaps://host:993`,
 //! `pop3 = "pop3://host:110"` or `pop3s://host:995`.
 
-use super::{ConfigError, de_duration, invalid};
-use serde::{Deserialize, Deserializer};
+use super::{ConfigError, de_duration, invalid, ser_duration};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AccessConfig {
     pub imap_listen: Vec<SocketAddr>,
@@ -50,13 +50,13 @@ pub struct AccessConfig {
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     /// Before a failed login is answered (Dovecot's auth_failure_delay).
-    #[serde(deserialize_with = "de_duration")]
+    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
     pub login_failure_delay: Duration,
     /// Failed logins from one IP, or for one address, within failure_window
     /// before further attempts are refused without asking a platform.
     pub max_failures_per_ip: u32,
     pub max_failures_per_user: u32,
-    #[serde(deserialize_with = "de_duration")]
+    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
     pub failure_window: Duration,
     pub max_connections: usize,
     pub max_connections_per_ip: usize,
@@ -64,10 +64,10 @@ pub struct AccessConfig {
     pub max_sessions_per_user: usize,
     /// Inactivity before login is closed. RFC 3501 5.4 and RFC 9051 5.4 want
     /// at least 30 minutes; after login the platform's own timer applies.
-    #[serde(deserialize_with = "de_duration")]
+    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
     pub idle_timeout: Duration,
     /// Connecting and logging in to a platform's server.
-    #[serde(deserialize_with = "de_duration")]
+    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
     pub backend_timeout: Duration,
 }
 
@@ -100,7 +100,7 @@ impl Default for AccessConfig {
 }
 
 /// How a client secures a connection, in autoconfig's words.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 pub enum SocketType {
     #[serde(rename = "STARTTLS")]
     Starttls,
@@ -156,6 +156,28 @@ impl MailUrl {
             .trim_end_matches(']')
             .to_string();
         Ok(MailUrl { scheme, host, port })
+    }
+}
+
+impl std::fmt::Display for MailUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let scheme = match self.scheme {
+            MailScheme::Imap => "imap",
+            MailScheme::Imaps => "imaps",
+            MailScheme::Pop3 => "pop3",
+            MailScheme::Pop3s => "pop3s",
+        };
+        if self.host.contains(':') {
+            write!(f, "{scheme}://[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{scheme}://{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl Serialize for MailUrl {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
     }
 }
 

@@ -10,7 +10,7 @@ mod sync;
 pub use access::*;
 pub use sync::*;
 
-use serde::{Deserialize, Deserializer};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -37,7 +37,7 @@ fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
 }
 
 /// The whole file. See `examples/godwit.toml` for a commented copy.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// Used in the banner, in Received headers and for loop detection.
@@ -88,7 +88,7 @@ fn default_hostname() -> String {
         .unwrap_or_else(|| "localhost".to_string())
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum BareNewline {
     /// Refuse the whole message (550 5.5.2), as Postfix 3.9 `smtpd_forbid_bare_newline = yes`.
@@ -98,32 +98,32 @@ pub enum BareNewline {
     Normalize,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SmtpConfig {
     pub listen: Vec<SocketAddr>,
-    #[serde(deserialize_with = "de_size")]
+    #[serde(deserialize_with = "de_size", serialize_with = "ser_size")]
     pub max_message_size: u64,
     /// Message content all sessions may hold in memory at once while they
     /// receive DATA. Past it, the DATA that would go over is read to its end
     /// and answered 452 4.3.1 (try again later), so a flood of large
     /// messages cannot exhaust memory. At least max_message_size.
-    #[serde(deserialize_with = "de_size")]
+    #[serde(deserialize_with = "de_size", serialize_with = "ser_size")]
     pub max_data_memory: u64,
     /// RFC 5321 4.5.3.1.8 requires at least 100; more than this gets 452 4.5.3.
     pub max_recipients: usize,
     /// RFC 5321 4.5.3.1.4 sets 512 octets; extensions (SIZE, DSN) legitimately
     /// lengthen MAIL and RCPT, so the default follows Postfix's 2048.
     pub max_command_line: usize,
-    #[serde(deserialize_with = "de_duration")]
+    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
     pub command_timeout: Duration,
-    #[serde(deserialize_with = "de_duration")]
+    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
     pub data_timeout: Duration,
     pub max_connections: usize,
     pub max_connections_per_ip: usize,
     /// Wait this long before the greeting; a client that talks first is an
     /// early talker and is refused (554 5.5.1). "0s" disables the wait.
-    #[serde(deserialize_with = "de_duration")]
+    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
     pub greeting_delay: Duration,
     /// Commands that fail in one session before it is closed (421 4.7.0).
     pub max_errors: usize,
@@ -156,14 +156,14 @@ impl Default for SmtpConfig {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DomainsConfig {
     /// Mail is accepted only for these domains (and never relayed elsewhere).
     pub accepted: Vec<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum TlsPolicy {
     /// Never STARTTLS.
@@ -182,7 +182,7 @@ pub enum TlsPolicy {
     Require,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PlatformConfig {
     /// "host:port" entries, tried in order.
@@ -206,15 +206,15 @@ pub struct PlatformConfig {
     pub breaker_failures: u32,
     /// How long the platform stays down before one probe delivery is tried;
     /// doubles on each failed probe, up to 16 times this.
-    #[serde(deserialize_with = "de_duration")]
+    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
     pub breaker_cooldown: Duration,
     /// Messages delivered over one connection before it is closed.
     pub max_messages_per_connection: usize,
-    #[serde(deserialize_with = "de_duration")]
+    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
     pub connect_timeout: Duration,
-    #[serde(deserialize_with = "de_duration")]
+    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
     pub command_timeout: Duration,
-    #[serde(deserialize_with = "de_duration")]
+    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
     pub data_timeout: Duration,
     /// Its IMAP server, for the access front: `imap://` (STARTTLS when
     /// offered) or `imaps://`.
@@ -249,7 +249,7 @@ impl Default for PlatformConfig {
 pub const ROUTE_HOLD: &str = "hold";
 pub const ROUTE_BOTH: &str = "both";
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RoutingConfig {
     /// Route for recipients of accepted domains that no entry names.
@@ -267,24 +267,28 @@ impl Default for RoutingConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct QueueConfig {
-    #[serde(deserialize_with = "de_duration")]
+    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
     pub max_lifetime: Duration,
-    #[serde(deserialize_with = "de_duration")]
+    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
     pub min_backoff: Duration,
-    #[serde(deserialize_with = "de_duration")]
+    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
     pub max_backoff: Duration,
     /// Turn every 5xx from a platform into a deferral (Postfix `soft_bounce`).
     /// On by default: during a cutover a delay is survivable and a bounce is not.
     pub soft_bounce: bool,
     /// How often the scheduler looks for due deliveries and routing changes.
-    #[serde(deserialize_with = "de_duration")]
+    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
     pub scan_interval: Duration,
     /// Send a delay warning (RFC 3464, action=delayed) once a recipient has
     /// waited this long; off when absent, as in Postfix.
-    #[serde(default, deserialize_with = "de_opt_duration")]
+    #[serde(
+        default,
+        deserialize_with = "de_opt_duration",
+        serialize_with = "ser_opt_duration"
+    )]
     pub delay_warning: Option<Duration>,
     /// The platform that carries DSNs to senders (it acts as the smarthost for
     /// mail leaving the organisation). Default: `routing.default` when it is a
@@ -311,14 +315,14 @@ impl Default for QueueConfig {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
     /// "sqlite://PATH" or "postgres://..."; empty means `data_dir/state.db`.
     pub url: Option<String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
     /// tracing filter for stderr, e.g. "info" or "godwit=debug".
@@ -338,7 +342,7 @@ impl Default for LogConfig {
 
 /// What happens to a recipient in an accepted domain that the imported
 /// directory does not know. Applies only once a directory has been imported.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum UnknownRecipient {
     /// Refuse at RCPT with 550 5.1.1, as Postfix's `relay_recipient_maps`.
@@ -350,7 +354,7 @@ pub enum UnknownRecipient {
     Hold,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DirectoryConfig {
     /// Policy for unknown recipients: "reject", "default" or "hold".
@@ -383,7 +387,7 @@ impl Default for DirectoryConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
     /// Metrics, dashboard and its API. Loopback unless a token is set.
@@ -401,11 +405,11 @@ impl Default for AdminConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EventsConfig {
     /// Events (the index and the JSON-lines files) older than this are pruned.
-    #[serde(deserialize_with = "de_duration")]
+    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
     pub retention: Duration,
     /// Also write Postfix-style log lines here (for pflogsumm and grep habits).
     pub postfix_log: Option<PathBuf>,
@@ -430,8 +434,8 @@ impl Config {
             path: path.to_path_buf(),
             message,
         })?;
-        // A relative data_dir is relative to where godwit runs, as in the quick start.
         config.normalize();
+        config.resolve_paths(path.parent().unwrap_or(Path::new(".")));
         config.validate()?;
         Ok(config)
     }
@@ -449,6 +453,38 @@ impl Config {
             .into_iter()
             .map(|(k, v)| (k.trim_end_matches('.').to_ascii_lowercase(), v))
             .collect();
+    }
+
+    /// Relative paths in the file are relative to the file's folder, as in
+    /// Postfix's main.cf, so `godwit queue list --config ../godwit.toml`
+    /// reads the same queue wherever it runs from.
+    pub fn resolve_paths(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                let rel = p.strip_prefix(".").unwrap_or(p).to_path_buf();
+                *p = base.join(rel);
+            }
+        };
+        fix(&mut self.data_dir);
+        for p in [&mut self.smtp.tls_cert, &mut self.smtp.tls_key] {
+            if let Some(p) = p.as_mut() {
+                fix(p);
+            }
+        }
+        if let Some(p) = self.events.postfix_log.as_mut() {
+            fix(p);
+        }
+        if let Some(sync) = self.sync.as_mut() {
+            fix(&mut sync.accounts);
+        }
+        if let Some(url) = &self.store.url
+            && let Some(rest) = url.strip_prefix("sqlite://")
+            && !rest.starts_with('/')
+            && !rest.starts_with(":memory:")
+        {
+            let rest = rest.strip_prefix("./").unwrap_or(rest);
+            self.store.url = Some(format!("sqlite://{}", base.join(rest).display()));
+        }
     }
 
     /// Whether `route` names a configured platform or a built-in route.
@@ -657,6 +693,7 @@ impl Config {
         if self.events.retention < Duration::from_secs(3600) {
             return Err(invalid("events.retention", "must be at least 1h"));
         }
+        check_log_level(&self.log.level).map_err(|m| invalid("log.level", m))?;
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return Err(invalid("log.format", "must be `text` or `json`"));
         }
@@ -726,6 +763,167 @@ impl Config {
     }
 }
 
+/// `log.level`: a level, or comma-separated `target=level` directives as
+/// RUST_LOG takes them. A word that is neither would silently log nothing.
+pub fn check_log_level(spec: &str) -> Result<(), String> {
+    const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+    if spec.trim().is_empty() {
+        return Err("must be a level: trace, debug, info, warn, error or off".into());
+    }
+    for d in spec.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        let (target, level) = match d.rsplit_once('=') {
+            Some((t, l)) => (Some(t), l),
+            None => (None, d),
+        };
+        let target_ok = target.is_none_or(|t| {
+            !t.is_empty()
+                && t.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "_:-".contains(c))
+        });
+        let level_ok = LEVELS.contains(&level.to_ascii_lowercase().as_str());
+        // A bare word is a target to tracing ("godwit" = all levels for it);
+        // here it must be a level, the mistake being far likelier.
+        if !target_ok || !level_ok {
+            return Err(format!(
+                "`{d}` is not a level (trace, debug, info, warn, error, off) or TARGET=LEVEL"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Which keys changed between the running configuration and a reloaded one:
+/// (applied live, needs a restart). Keys are named as in the file.
+pub fn reload_plan(old: &Config, new: &Config) -> (Vec<String>, Vec<String>) {
+    let d = |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") != format!("{b:?}");
+    let mut live = Vec::new();
+    let mut restart = Vec::new();
+    let mut note = |changed: bool, key: &str, is_live: bool| {
+        if changed {
+            if is_live {
+                live.push(key.to_string())
+            } else {
+                restart.push(key.to_string())
+            }
+        }
+    };
+    let (o, n) = (&old.smtp, &new.smtp);
+    note(d(&old.hostname, &new.hostname), "hostname", false);
+    note(d(&old.data_dir, &new.data_dir), "data_dir", false);
+    note(d(&o.listen, &n.listen), "smtp.listen", false);
+    note(
+        d(&o.max_message_size, &n.max_message_size),
+        "smtp.max_message_size",
+        true,
+    );
+    note(
+        d(&o.max_data_memory, &n.max_data_memory),
+        "smtp.max_data_memory",
+        true,
+    );
+    note(
+        d(&o.max_recipients, &n.max_recipients),
+        "smtp.max_recipients",
+        true,
+    );
+    note(
+        d(&o.max_command_line, &n.max_command_line),
+        "smtp.max_command_line",
+        true,
+    );
+    note(
+        d(&o.command_timeout, &n.command_timeout),
+        "smtp.command_timeout",
+        true,
+    );
+    note(
+        d(&o.data_timeout, &n.data_timeout),
+        "smtp.data_timeout",
+        true,
+    );
+    note(
+        d(&o.max_connections, &n.max_connections),
+        "smtp.max_connections",
+        true,
+    );
+    note(
+        d(&o.max_connections_per_ip, &n.max_connections_per_ip),
+        "smtp.max_connections_per_ip",
+        true,
+    );
+    note(
+        d(&o.greeting_delay, &n.greeting_delay),
+        "smtp.greeting_delay",
+        true,
+    );
+    note(d(&o.max_errors, &n.max_errors), "smtp.max_errors", true);
+    note(
+        d(&o.bare_newline, &n.bare_newline),
+        "smtp.bare_newline",
+        true,
+    );
+    note(
+        d(&o.max_received_headers, &n.max_received_headers),
+        "smtp.max_received_headers",
+        true,
+    );
+    note(d(&o.tls_cert, &n.tls_cert), "smtp.tls_cert", true);
+    note(d(&o.tls_key, &n.tls_key), "smtp.tls_key", true);
+    note(d(&old.domains, &new.domains), "domains.accepted", true);
+    // The delivery engine takes platforms and queue settings when it starts.
+    for name in old.platforms.keys().chain(
+        new.platforms
+            .keys()
+            .filter(|k| !old.platforms.contains_key(*k)),
+    ) {
+        note(
+            d(&old.platforms.get(name), &new.platforms.get(name)),
+            &format!("platforms.{name}"),
+            false,
+        );
+    }
+    note(
+        d(&old.routing.default, &new.routing.default),
+        "routing.default",
+        true,
+    );
+    note(
+        d(&old.routing.domains, &new.routing.domains),
+        "routing.domains",
+        true,
+    );
+    note(d(&old.queue, &new.queue), "queue", false);
+    note(d(&old.store, &new.store), "store.url", false);
+    note(d(&old.log.level, &new.log.level), "log.level", true);
+    note(d(&old.log.format, &new.log.format), "log.format", false);
+    note(d(&old.admin, &new.admin), "admin", false);
+    note(d(&old.events, &new.events), "events", false);
+    let (od, nd) = (&old.directory, &new.directory);
+    note(
+        d(&od.unknown_recipient, &nd.unknown_recipient),
+        "directory.unknown_recipient",
+        true,
+    );
+    note(
+        d(&od.expansion_limit, &nd.expansion_limit),
+        "directory.expansion_limit",
+        true,
+    );
+    note(
+        d(&od.expand_groups, &nd.expand_groups),
+        "directory.expand_groups",
+        false,
+    );
+    // Read by the CLI commands, each time they run.
+    note(
+        d(&od.target_platform, &nd.target_platform),
+        "directory.target_platform",
+        true,
+    );
+    note(d(&old.sync, &new.sync), "sync", true);
+    (live, restart)
+}
+
 /// "host:port" with a numeric port; IPv6 literals as "[::1]:25".
 impl Config {
     /// The smtp.listen address that `host:port` names, if it is this
@@ -762,6 +960,109 @@ pub fn split_host_port(s: &str) -> Result<(String, u16), String> {
     Ok((host.to_string(), port))
 }
 
+pub fn ser_duration<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&format_duration(*d))
+}
+
+pub fn ser_opt_duration<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    match d {
+        Some(d) => ser_duration(d, s),
+        None => s.serialize_none(),
+    }
+}
+
+/// "50MB" when the size is a whole number of decimal units, else bytes.
+pub fn ser_size<S: Serializer>(n: &u64, s: S) -> Result<S::Ok, S::Error> {
+    for (unit, k) in [("GB", 1_000_000_000), ("MB", 1_000_000), ("KB", 1000)] {
+        if *n >= k && n.is_multiple_of(k) {
+            return s.serialize_str(&format!("{}{unit}", n / k));
+        }
+    }
+    s.serialize_u64(*n)
+}
+
+pub fn ser_opt_size<S: Serializer>(n: &Option<u64>, s: S) -> Result<S::Ok, S::Error> {
+    match n {
+        Some(n) => ser_size(n, s),
+        None => s.serialize_none(),
+    }
+}
+
+/// The effective configuration as TOML, secrets masked (`postconf`, or
+/// `postconf -n` with `non_default`: only what differs from the defaults).
+/// `env:NAME` and `file:PATH` references are shown: they are not secrets.
+pub fn show(config: &Config, non_default: bool) -> Result<String, String> {
+    let mut v = toml::Value::try_from(config).map_err(|e| e.to_string())?;
+    mask(&mut v, "");
+    if non_default {
+        let mut d = toml::Value::try_from(Config::default()).map_err(|e| e.to_string())?;
+        mask(&mut d, "");
+        let platform =
+            toml::Value::try_from(PlatformConfig::default()).map_err(|e| e.to_string())?;
+        let sync = toml::Value::try_from(SyncConfig::default()).map_err(|e| e.to_string())?;
+        if let Some(t) = v.get("platforms").and_then(|p| p.as_table()) {
+            let defaults: toml::Table = t.keys().map(|k| (k.clone(), platform.clone())).collect();
+            d.as_table_mut()
+                .unwrap()
+                .insert("platforms".into(), defaults.into());
+        }
+        d.as_table_mut().unwrap().insert("sync".into(), sync);
+        v = diff(&v, &d).unwrap_or_else(|| toml::Table::new().into());
+    }
+    toml::to_string(&v).map_err(|e| e.to_string())
+}
+
+/// What of `v` differs from `default`; None when nothing does.
+fn diff(v: &toml::Value, default: &toml::Value) -> Option<toml::Value> {
+    match (v, default) {
+        (toml::Value::Table(t), toml::Value::Table(d)) => {
+            let out: toml::Table = t
+                .iter()
+                .filter_map(|(k, x)| match d.get(k) {
+                    Some(dx) => diff(x, dx).map(|x| (k.clone(), x)),
+                    None => Some((k.clone(), x.clone())),
+                })
+                .collect();
+            (!out.is_empty()).then(|| out.into())
+        }
+        _ if v == default => None,
+        _ => Some(v.clone()),
+    }
+}
+
+fn is_secret_key(key: &str) -> bool {
+    let k = key.to_ascii_lowercase();
+    k.contains("password") || k.contains("token") || k.contains("secret")
+}
+
+fn mask(v: &mut toml::Value, key: &str) {
+    match v {
+        toml::Value::Table(t) => {
+            for (k, x) in t.iter_mut() {
+                mask(x, k);
+            }
+        }
+        toml::Value::String(s)
+            if is_secret_key(key)
+                && !s.is_empty()
+                && !s.starts_with("env:")
+                && !s.starts_with("file:") =>
+        {
+            *s = "********".into();
+        }
+        // A password inside a URL: scheme://user:PASSWORD@host/...
+        toml::Value::String(s) if key == "url" => {
+            if let Some((scheme, rest)) = s.split_once("://")
+                && let Some((userinfo, host)) = rest.split_once('@')
+                && let Some((user, _)) = userinfo.split_once(':')
+            {
+                *s = format!("{scheme}://{user}:********@{host}");
+            }
+        }
+        _ => {}
+    }
+}
+
 pub fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let s = String::deserialize(d)?;
     parse_duration(&s).map_err(serde::de::Error::custom)
@@ -790,6 +1091,29 @@ pub fn de_size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s.trim())
         .map_err(|e| format!("`{s}` is not a duration like \"30s\", \"5m\" or \"5d\": {e}"))
+}
+
+/// A duration as people write it in the file: "90d", "1h 30m", "4m 10s".
+/// At most two units, so a long wait stays readable.
+pub fn format_duration(d: Duration) -> String {
+    let mut secs = d.as_secs();
+    if secs == 0 {
+        return if d.is_zero() {
+            "0s".into()
+        } else {
+            format!("{}ms", d.as_millis())
+        };
+    }
+    let mut parts = Vec::new();
+    for (unit, n) in [("d", 86400), ("h", 3600), ("m", 60), ("s", 1)] {
+        if secs >= n && parts.len() < 2 {
+            parts.push(format!("{}{unit}", secs / n));
+            secs %= n;
+        } else if !parts.is_empty() {
+            break;
+        }
+    }
+    parts.join(" ")
 }
 
 pub fn parse_size(s: &str) -> Result<u64, String> {
@@ -922,10 +1246,103 @@ max_backoff = "1h"
     }
 
     #[test]
+    fn relative_paths_follow_the_file_not_the_working_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("godwit.toml");
+        let text = GOOD.replace("data_dir = \"/tmp/x\"", "data_dir = \"./data\"")
+            + "[events]\npostfix_log = \"logs/maillog\"\n";
+        std::fs::write(&path, text).unwrap();
+        let c = Config::load(&path).unwrap();
+        assert_eq!(c.data_dir, dir.path().join("data"));
+        assert_eq!(c.events.postfix_log, Some(dir.path().join("logs/maillog")));
+        assert!(
+            c.store_url()
+                .contains(&dir.path().join("data/state.db").display().to_string())
+        );
+        // Absolute paths stay.
+        assert_eq!(load(GOOD).unwrap().data_dir, PathBuf::from("/tmp/x"));
+    }
+
+    #[test]
+    fn show_masks_secrets_and_lists_what_differs() {
+        let text = format!(
+            "{GOOD}[admin]\nlisten = \"127.0.0.1:8025\"\ntoken = \"s3cret\"\n[store]\nurl = \"postgres://godwit:hunter2@db/godwit\"\n"
+        );
+        let c = load(&text).unwrap();
+        let all = show(&c, false).unwrap();
+        assert!(!all.contains("s3cret") && !all.contains("hunter2"), "{all}");
+        assert!(
+            all.contains("postgres://godwit:********@db/godwit"),
+            "{all}"
+        );
+        assert!(all.contains("max_lifetime = \"5d\""), "{all}");
+        assert!(all.contains("command_timeout = \"5m\""), "{all}");
+        // The output is a configuration godwit reads back.
+        assert!(Config::parse(&all).is_ok(), "{all}");
+        let n = show(&c, true).unwrap();
+        assert!(n.contains("max_message_size = \"10MB\""), "{n}");
+        assert!(n.contains("token = \"********\""), "{n}");
+        assert!(!n.contains("command_timeout"), "defaults listed: {n}");
+        assert!(
+            !n.contains("breaker_failures"),
+            "platform defaults listed: {n}"
+        );
+        assert!(n.contains("relay = [\"127.0.0.1:2601\"]"), "{n}");
+    }
+
+    #[test]
+    fn log_levels() {
+        for ok in [
+            "info",
+            "WARN",
+            "godwit=debug,info",
+            "godwit_relay=trace",
+            "off",
+        ] {
+            assert!(check_log_level(ok).is_ok(), "{ok}");
+        }
+        for bad in ["loud", "", "godwit=loud", "=info", "in fo"] {
+            assert!(check_log_level(bad).is_err(), "{bad}");
+        }
+        let err = load(&format!("{GOOD}[log]\nlevel = \"loud\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("log.level") && err.contains("loud"), "{err}");
+    }
+
+    #[test]
+    fn reload_plan_names_live_and_restart_keys() {
+        let old = load(GOOD).unwrap();
+        let mut new = old.clone();
+        new.routing.default = "new".into();
+        new.log.level = "debug".into();
+        new.smtp.max_message_size = 20_000_000;
+        new.smtp.listen = vec!["127.0.0.1:2526".parse().unwrap()];
+        new.platforms.get_mut("old").unwrap().max_connections = 3;
+        let (live, restart) = reload_plan(&old, &new);
+        assert_eq!(
+            live,
+            ["smtp.max_message_size", "routing.default", "log.level"]
+        );
+        assert_eq!(restart, ["smtp.listen", "platforms.old"]);
+        assert_eq!(reload_plan(&old, &old), (vec![], vec![]));
+    }
+
+    #[test]
     fn sizes_and_durations() {
         assert_eq!(parse_size("50MB").unwrap(), 50_000_000);
         assert_eq!(parse_size("1MiB").unwrap(), 1_048_576);
         assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
         assert!(parse_duration("soon").is_err());
+        for (secs, text) in [
+            (7_776_000, "90d"),
+            (5400, "1h 30m"),
+            (250, "4m 10s"),
+            (3601, "1h"),
+            (0, "0s"),
+            (45, "45s"),
+        ] {
+            assert_eq!(format_duration(Duration::from_secs(secs)), text);
+        }
     }
 }

@@ -17,13 +17,13 @@
 //!
 //! Every password (in the CSV or here) may be a literal, `env:NAME` or `file:PATH`.
 
-use super::{ConfigError, de_duration, invalid};
-use serde::{Deserialize, Deserializer};
+use super::{ConfigError, de_duration, invalid, ser_duration};
+use serde::{Deserialize, Deserializer, Serialize};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SyncConfig {
     /// CSV: `address,source_user,source_password,target_user,target_password`.
@@ -31,7 +31,10 @@ pub struct SyncConfig {
     /// Connections to one server, in total across all accounts (protects the source).
     pub max_connections_per_server: usize,
     /// Bytes per second read from the source, per server; none means unlimited.
-    #[serde(deserialize_with = "de_opt_size")]
+    #[serde(
+        deserialize_with = "de_opt_size",
+        serialize_with = "super::ser_opt_size"
+    )]
     pub max_bytes_per_second: Option<u64>,
     /// Accounts synced at the same time.
     pub parallel_accounts: usize,
@@ -40,7 +43,7 @@ pub struct SyncConfig {
     pub parallel_folders: usize,
     /// Messages per UID FETCH batch.
     pub fetch_batch: usize,
-    #[serde(deserialize_with = "de_duration")]
+    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
     pub command_timeout: Duration,
     /// Reconnect attempts after a dropped connection before the account fails.
     pub max_reconnects: u32,
@@ -72,7 +75,7 @@ impl Default for SyncConfig {
     }
 }
 
-#[derive(Clone, Default, Deserialize)]
+#[derive(Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SyncServerConfig {
     /// `imaps://host:993` (implicit TLS) or `imap://host:143` (STARTTLS when offered).

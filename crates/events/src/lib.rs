@@ -19,8 +19,29 @@ pub enum Event {
         recovered: usize,
         routing_version: i64,
     },
+    /// The gateway stopped: `reason` is the signal. `sessions_cut` counts
+    /// sessions still open when the drain's deadline passed.
     #[serde(rename = "gateway.stopped")]
-    GatewayStopped { reason: String },
+    GatewayStopped {
+        reason: String,
+        #[serde(default)]
+        sessions_cut: usize,
+    },
+    /// SIGTERM (or SIGINT): listeners closed, idle sessions answered 421,
+    /// sessions in DATA finishing; queued mail stays in the spool.
+    #[serde(rename = "gateway.draining")]
+    GatewayDraining { reason: String, sessions: usize },
+    /// SIGHUP: the configuration file was read again and applied. Keys in
+    /// `restart_needed` changed but take effect only after a restart.
+    #[serde(rename = "gateway.reloaded")]
+    GatewayReloaded {
+        config: String,
+        applied: Vec<String>,
+        restart_needed: Vec<String>,
+    },
+    /// SIGHUP with a file that does not load: nothing changed.
+    #[serde(rename = "gateway.reload_failed")]
+    GatewayReloadFailed { config: String, error: String },
     #[serde(rename = "connection.opened")]
     ConnectionOpened { session: u64, client_ip: String },
     #[serde(rename = "connection.refused")]
@@ -76,6 +97,16 @@ pub enum Event {
         stage: String,
         reply: String,
         detail: Option<String>,
+        /// The open transaction's sender, the refused recipient, and the
+        /// HELO name and protocol, as Postfix's reject lines carry them.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        mail_from: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        rcpt: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        helo: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        proto: Option<String>,
     },
     #[serde(rename = "queue.recovered")]
     QueueRecovered {
@@ -184,9 +215,14 @@ pub enum Event {
     #[serde(rename = "queue.command")]
     QueueCommand {
         op: String,
+        /// The selector's JSON; written into the log as an object.
+        #[serde(with = "json_object")]
         selector: String,
         actor: String,
         affected: usize,
+        /// Where it ran: the node's name, or "offline" (the spool changed
+        /// directly). Written as `executed_on`: the record has its own `node`.
+        #[serde(rename = "executed_on", alias = "node")]
         node: String,
     },
     #[serde(rename = "destination.state")]
@@ -226,12 +262,35 @@ pub enum Event {
     },
 }
 
+/// A field that holds JSON text in Rust and is a JSON value in the log, so
+/// readers do not parse twice. Older lines with the text as a string read too.
+mod json_object {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(text: &str, s: S) -> Result<S::Ok, S::Error> {
+        match serde_json::from_str::<serde_json::Value>(text) {
+            Ok(v) => v.serialize(s),
+            Err(_) => s.serialize_str(text),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+        Ok(match serde_json::Value::deserialize(d)? {
+            serde_json::Value::String(s) => s,
+            v => v.to_string(),
+        })
+    }
+}
+
 impl Event {
     /// The stable name, as written in the `event` field.
     pub fn name(&self) -> &'static str {
         match self {
             Event::GatewayStarted { .. } => "gateway.started",
             Event::GatewayStopped { .. } => "gateway.stopped",
+            Event::GatewayDraining { .. } => "gateway.draining",
+            Event::GatewayReloaded { .. } => "gateway.reloaded",
+            Event::GatewayReloadFailed { .. } => "gateway.reload_failed",
             Event::ConnectionOpened { .. } => "connection.opened",
             Event::ConnectionRefused { .. } => "connection.refused",
             Event::ConnectionClosed { .. } => "connection.closed",
@@ -276,6 +335,9 @@ pub struct EventLog {
     node: std::sync::Arc<str>,
     /// Other readers of the same stream (index, metrics, Postfix-style log).
     taps: std::sync::Arc<std::sync::Mutex<Vec<mpsc::UnboundedSender<std::sync::Arc<Record>>>>>,
+    /// `log.format = "json"`: events go to stderr as JSON objects in the
+    /// shape tracing's JSON lines have, not as a string inside `message`.
+    json: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 pub struct EventWriter {
@@ -293,6 +355,7 @@ impl EventLog {
                 tx,
                 node: node.into(),
                 taps: Default::default(),
+                json: Default::default(),
             },
             EventWriter {
                 rx,
@@ -308,7 +371,13 @@ impl EventLog {
             tx,
             node: node.into(),
             taps: Default::default(),
+            json: Default::default(),
         }
+    }
+
+    /// Writes events to stderr as JSON objects (`log.format = "json"`).
+    pub fn stderr_json(&self, on: bool) {
+        self.json.store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// A new reader of every event emitted from now on.
@@ -324,10 +393,14 @@ impl EventLog {
             node: self.node.to_string(),
             event,
         };
-        if tracing::enabled!(target: "godwit::event", tracing::Level::INFO)
-            && let Ok(line) = serde_json::to_string(&record.event)
-        {
-            tracing::info!(target: "godwit::event", "{line}");
+        if tracing::enabled!(target: "godwit::event", tracing::Level::INFO) {
+            if self.json.load(std::sync::atomic::Ordering::Relaxed) {
+                let line = stderr_json_line(&record);
+                // One write per line, so lines from other threads never interleave.
+                let _ = std::io::stderr().lock().write_all(line.as_bytes());
+            } else if let Ok(line) = serde_json::to_string(&record.event) {
+                tracing::info!(target: "godwit::event", "{line}");
+            }
         }
         {
             let taps = self.taps.lock().unwrap();
@@ -388,6 +461,23 @@ impl EventWriter {
     }
 }
 
+/// One stderr line for `record`, shaped as tracing-subscriber's JSON lines
+/// (`timestamp`, `level`, `target`, `fields`), with the event's own fields as
+/// an object in `fields`, so a log shipper parses it once.
+pub fn stderr_json_line(record: &Record) -> String {
+    let fields = serde_json::to_value(&record.event).unwrap_or_default();
+    let mut line = serde_json::json!({
+        "timestamp": record.ts,
+        "level": "INFO",
+        "target": "godwit::event",
+        "node": record.node,
+        "fields": fields,
+    })
+    .to_string();
+    line.push('\n');
+    line
+}
+
 /// Reads every record in `dir`, oldest file first. Lines that do not parse
 /// (a torn last line after a crash) are skipped.
 pub fn read_all(dir: &Path) -> std::io::Result<Vec<Record>> {
@@ -426,6 +516,47 @@ pub fn now_rfc3339() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn queue_command_has_one_node_key_and_an_object_selector() {
+        let r = Record {
+            ts: "2026-01-01T00:00:00.000Z".into(),
+            node: "gw1".into(),
+            event: Event::QueueCommand {
+                op: "hold".into(),
+                selector: r#"{"all":false,"platform":"new"}"#.into(),
+                actor: "ops".into(),
+                affected: 2,
+                node: "gw1".into(),
+            },
+        };
+        let line = serde_json::to_string(&r).unwrap();
+        assert_eq!(line.matches("\"node\"").count(), 1, "{line}");
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["selector"]["platform"], "new");
+        assert_eq!(v["executed_on"], "gw1");
+        let back: Record = serde_json::from_str(&line).unwrap();
+        assert_eq!(back.event, r.event);
+    }
+
+    #[test]
+    fn json_stderr_lines_carry_the_event_as_an_object() {
+        let r = Record {
+            ts: "2026-01-01T00:00:00.000Z".into(),
+            node: "n1".into(),
+            event: Event::GatewayReloadFailed {
+                config: "/etc/godwit.toml".into(),
+                error: "bad".into(),
+            },
+        };
+        let line = stderr_json_line(&r);
+        assert!(line.ends_with('\n'));
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["fields"]["event"], "gateway.reload_failed");
+        assert_eq!(v["fields"]["config"], "/etc/godwit.toml");
+        assert_eq!(v["level"], "INFO");
+        assert!(v["fields"].get("message").is_none());
+    }
 
     #[tokio::test]
     async fn records_round_trip_with_stable_names() {

@@ -189,9 +189,24 @@ impl Admin {
         }
     }
 
+    /// A failed read is shown on the page and logged, never silently empty.
+    fn store_read<T: Default>(
+        &self,
+        what: &str,
+        errors: &mut Vec<String>,
+        r: anyhow::Result<T>,
+    ) -> T {
+        r.unwrap_or_else(|e| {
+            tracing::warn!("dashboard: {what}: {e:#}");
+            errors.push(format!("{what}: {e:#}"));
+            T::default()
+        })
+    }
+
     pub fn router(self) -> Router {
         Router::new()
             .route("/", get(dashboard))
+            .route("/api/series", get(series_api))
             .route("/metrics", get(metrics_text))
             .route("/api/summary", get(summary))
             .route("/api/trace", get(trace_api))
@@ -243,8 +258,58 @@ fn denied() -> Response {
         .into_response()
 }
 
+/// The page with uPlot (MIT, vendored under src/vendor) inlined: no CDN, no
+/// second request that would need the token again.
 async fn dashboard() -> Response {
-    Html(include_str!("dashboard.html")).into_response()
+    static PAGE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let page = PAGE.get_or_init(|| {
+        include_str!("dashboard.html").replace(
+            "<!-- uPlot -->",
+            &format!(
+                "<style>{}</style>\n<script>{}</script>",
+                include_str!("vendor/uPlot.min.css"),
+                include_str!("vendor/uPlot.iife.min.js")
+            ),
+        )
+    });
+    Html(page.as_str()).into_response()
+}
+
+async fn series_api(State(a): State<Admin>, Query(q): Query<HashMap<String, String>>) -> Response {
+    let range = q.get("range").map(String::as_str).unwrap_or("1h");
+    if crate::dashboard::range_ms(range).is_none() {
+        return (
+            StatusCode::BAD_REQUEST,
+            format!("range `{range}`: choose 15m, 1h, 24h or 7d\n"),
+        )
+            .into_response();
+    }
+    match crate::dashboard::series(&a.store, range, godwit_spool::now_ms()).await {
+        Ok(s) => Json(s).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")).into_response(),
+    }
+}
+
+/// What the trace box looks up, in order: `<...>` is a Message-ID, text
+/// without `@` a queue ID; `local@domain` may be either (Message-IDs look
+/// like addresses, RFC 5322 3.6.4), so the Message-ID is tried first, then
+/// the recipient over the event retention.
+pub fn trace_queries(key: &str) -> Vec<trace::Query> {
+    let key = key.trim();
+    let by_key = trace::Query {
+        key: Some(key.to_string()),
+        ..Default::default()
+    };
+    if key.starts_with('<') || !key.contains('@') {
+        return vec![by_key];
+    }
+    vec![
+        by_key,
+        trace::Query {
+            rcpt: Some(key.to_string()),
+            ..Default::default()
+        },
+    ]
 }
 
 async fn metrics_text(State(a): State<Admin>) -> Response {
@@ -277,23 +342,18 @@ async fn summary(State(a): State<Admin>) -> Response {
                 .collect::<Vec<_>>()
         })
         .unwrap_or_default();
-    // Wave progress: mailboxes per migration state, when a directory exists.
-    let waves = godwit_store::sqlx::query(
-        "SELECT state, COUNT(*) FROM mailboxes GROUP BY state ORDER BY state",
-    )
-    .fetch_all(&a.store.pool)
-    .await
-    .map(|rows| {
-        rows.into_iter()
-            .map(|r| {
-                (
-                    r.try_get::<String, _>(0).unwrap_or_default(),
-                    r.try_get::<i64, _>(1).unwrap_or(0),
-                )
-            })
-            .collect::<BTreeMap<_, _>>()
-    })
-    .unwrap_or_default();
+    let now = godwit_spool::now_ms();
+    let mut errors = Vec::new();
+    let (waves, mailboxes) = a.store_read(
+        "wave progress",
+        &mut errors,
+        crate::dashboard::waves(&a.store).await,
+    );
+    let sync = a.store_read(
+        "sync progress",
+        &mut errors,
+        crate::dashboard::sync_panel(&a.store, now).await,
+    );
     Json(serde_json::json!({
         "node": a.node,
         "now_ms": godwit_spool::now_ms(),
@@ -305,24 +365,23 @@ async fn summary(State(a): State<Admin>) -> Response {
         "samples": samples,
         "routing_changes": changes,
         "waves": waves,
+        "mailboxes": mailboxes,
+        "sync": sync,
+        "errors": errors,
     }))
     .into_response()
 }
 
 async fn trace_api(State(a): State<Admin>, Query(q): Query<HashMap<String, String>>) -> Response {
     let key = q.get("q").cloned().unwrap_or_default();
-    let query = if key.contains('@') && !key.contains('<') && !key.contains('.') {
-        trace::Query {
-            rcpt: Some(key),
-            ..Default::default()
+    let mut found = Ok(Vec::new());
+    for query in trace_queries(&key) {
+        found = trace::find(&a.store, &query).await;
+        if found.as_ref().is_ok_and(|t| !t.is_empty()) {
+            break;
         }
-    } else {
-        trace::Query {
-            key: Some(key),
-            ..Default::default()
-        }
-    };
-    match trace::find(&a.store, &query).await {
+    }
+    match found {
         Ok(traces) => {
             let text: String = traces
                 .iter()
@@ -339,5 +398,28 @@ async fn trace_api(State(a): State<Admin>, Query(q): Query<HashMap<String, Strin
 pub async fn serve(admin: Admin, listener: tokio::net::TcpListener) {
     if let Err(e) = axum::serve(listener, admin.router()).await {
         tracing::error!("admin listener: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trace_box_tries_the_message_id_then_the_recipient() {
+        let kinds = |k: &str| -> Vec<(bool, bool)> {
+            trace_queries(k)
+                .iter()
+                .map(|q| (q.key.is_some(), q.rcpt.is_some()))
+                .collect()
+        };
+        // A recipient with a dot in its domain is tried as a recipient too.
+        assert_eq!(kinds("alice@example.com"), [(true, false), (false, true)]);
+        assert_eq!(kinds("<abc.123@mx.example>"), [(true, false)]);
+        assert_eq!(kinds("7F3A2B1C"), [(true, false)]);
+        assert_eq!(
+            trace_queries(" bob@example.org ")[1].rcpt.as_deref(),
+            Some("bob@example.org")
+        );
     }
 }

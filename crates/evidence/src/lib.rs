@@ -7,6 +7,7 @@
 //! - `report`: volumes, codes, latency percentiles for a time window;
 //! - `maillog`: Postfix-style log lines for pflogsumm and grep habits.
 
+pub mod dashboard;
 pub mod http;
 pub mod index;
 pub mod maillog;

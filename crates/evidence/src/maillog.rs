@@ -29,6 +29,20 @@ fn dsn(reply: &str, default: &str) -> String {
     }
 }
 
+/// A reply as the text inside `status=... (TEXT)`: pflogsumm reads up to the
+/// first `)`, so inner parentheses become brackets, and Rust's
+/// " (os error N)" suffix, which says nothing an operator needs, goes.
+pub fn reason(reply: &str) -> String {
+    let mut t = reply.trim().to_string();
+    while let Some(i) = t.find(" (os error ") {
+        match t[i..].find(')') {
+            Some(j) => t.replace_range(i..i + j + 1, ""),
+            None => break,
+        }
+    }
+    t.replace('(', "[").replace(')', "]")
+}
+
 /// The lines for one event (none for most).
 pub fn lines(r: &Record, hostname: &str, pid: u32) -> Vec<String> {
     let head = |prog: &str| format!("{} {hostname} godwit/{prog}[{pid}]:", r.ts);
@@ -67,7 +81,8 @@ pub fn lines(r: &Record, hostname: &str, pid: u32) -> Vec<String> {
             head("smtp"),
             relay(host),
             *delay_ms as f64 / 1000.0,
-            dsn(reply, "2.0.0")
+            dsn(reply, "2.0.0"),
+            reply = reason(reply)
         )],
         Event::Deferred {
             queue_id,
@@ -79,7 +94,8 @@ pub fn lines(r: &Record, hostname: &str, pid: u32) -> Vec<String> {
             "{} {queue_id}: to=<{rcpt}>, relay={}, delay=0, delays=0/0/0/0, dsn={}, status=deferred ({reply})",
             head("smtp"),
             host.as_deref().map_or("none".into(), relay),
-            dsn(reply, "4.0.0")
+            dsn(reply, "4.0.0"),
+            reply = reason(reply)
         )],
         Event::Failed {
             queue_id,
@@ -89,19 +105,61 @@ pub fn lines(r: &Record, hostname: &str, pid: u32) -> Vec<String> {
         } => vec![format!(
             "{} {queue_id}: to=<{rcpt}>, relay=none, delay=0, delays=0/0/0/0, dsn={}, status=bounced ({reply})",
             head("smtp"),
-            dsn(reply, "5.0.0")
+            dsn(reply, "5.0.0"),
+            reply = reason(reply)
         )],
         Event::MessageRefused {
             client_ip,
             stage,
             reply,
+            mail_from,
+            rcpt,
+            helo,
+            proto,
             ..
-        } if *stage == "rcpt" || *stage == "data" => {
-            vec![format!(
-                "{} NOQUEUE: reject: {} from unknown[{client_ip}]: {reply}; proto=ESMTP",
+        } if *stage == "rcpt" || *stage == "data" || *stage == "mail" => {
+            // As Postfix's smtpd writes it, which pflogsumm's reject detail reads.
+            let mut line = format!(
+                "{} NOQUEUE: reject: {} from unknown[{client_ip}]: {reply};",
                 head("smtpd"),
                 stage.to_uppercase()
-            )]
+            );
+            if let Some(f) = mail_from {
+                line.push_str(&format!(" from=<{f}>"));
+            }
+            if let Some(t) = rcpt {
+                line.push_str(&format!(" to=<{t}>"));
+            }
+            line.push_str(&format!(" proto={}", proto.as_deref().unwrap_or("ESMTP")));
+            if let Some(h) = helo {
+                line.push_str(&format!(" helo=<{h}>"));
+            }
+            vec![line]
+        }
+        // Postfix logs a hold from cleanup (`hold: header ...`); that is the
+        // line pflogsumm counts as held and lists in its hold detail.
+        Event::Held {
+            queue_id,
+            rcpt,
+            why,
+            ..
+        } => vec![format!(
+            "{} {queue_id}: hold: END-OF-MESSAGE {}; to=<{rcpt}>",
+            head("cleanup"),
+            reason(why)
+        )],
+        Event::Released {
+            queue_id,
+            rcpt,
+            actor,
+            ..
+        } => vec![format!(
+            "{} {queue_id}: released from hold: to=<{rcpt}> by {actor}",
+            head("postsuper")
+        )],
+        // postsuper -d writes `QUEUEID: removed`.
+        Event::QueueDeleted { queue_id, .. } => {
+            vec![format!("{} {queue_id}: removed", head("postsuper"))]
         }
         _ => Vec::new(),
     }
@@ -131,5 +189,53 @@ pub async fn run(path: PathBuf, hostname: String, mut rx: UnboundedReceiver<Arc<
             }
         }
         let _ = w.flush();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reasons_have_no_parentheses_pflogsumm_would_cut_at() {
+        for (reply, want) in [
+            (
+                "451 4.4.1 connect to 127.0.0.1:2602: Connection refused (os error 111)",
+                "451 4.4.1 connect to 127.0.0.1:2602: Connection refused",
+            ),
+            (
+                "450 4.7.1 try later (greylisted)",
+                "450 4.7.1 try later [greylisted]",
+            ),
+            ("250 2.0.0 Ok: queued as ABC", "250 2.0.0 Ok: queued as ABC"),
+        ] {
+            assert_eq!(reason(reply), want);
+        }
+    }
+
+    #[test]
+    fn reject_lines_carry_from_to_proto_and_helo() {
+        let r = Record {
+            ts: "2026-01-01T00:00:00.000Z".into(),
+            node: "n".into(),
+            event: Event::MessageRefused {
+                session: 1,
+                client_ip: "192.0.2.1".into(),
+                stage: "rcpt".into(),
+                reply: "554 5.7.1 <x@elsewhere.test>: Relay access denied".into(),
+                detail: None,
+                mail_from: Some("s@outside.test".into()),
+                rcpt: Some("x@elsewhere.test".into()),
+                helo: Some("client.test".into()),
+                proto: Some("ESMTP".into()),
+            },
+        };
+        let l = &lines(&r, "gw", 7)[0];
+        assert!(
+            l.ends_with(
+                "NOQUEUE: reject: RCPT from unknown[192.0.2.1]: 554 5.7.1 <x@elsewhere.test>: Relay access denied; from=<s@outside.test> to=<x@elsewhere.test> proto=ESMTP helo=<client.test>"
+            ),
+            "{l}"
+        );
     }
 }

@@ -101,6 +101,67 @@ impl Metrics {
         }
     }
 
+    /// `# HELP` for every metric, and the counters of known label sets at 0,
+    /// so `rate()` works from the first scrape rather than after the first
+    /// event of each kind.
+    pub fn describe(&self, platforms: &[String]) {
+        use metrics::{describe_counter, describe_gauge, describe_histogram};
+        self.with(|| {
+            for (name, help) in [
+                ("godwit_connections_total", "SMTP connections opened."),
+                ("godwit_connections_refused_total", "SMTP connections refused before the greeting, by reason."),
+                ("godwit_messages_accepted_total", "Messages accepted (made durable, answered 250)."),
+                ("godwit_messages_accepted_bytes_total", "Bytes of accepted messages."),
+                ("godwit_messages_refused_total", "Commands or messages refused, by stage and reply code."),
+                ("godwit_deliveries_total", "Delivery outcomes per recipient, by platform, outcome, reply class and code."),
+                ("godwit_dsn_total", "Delivery status notifications queued, by action."),
+            ] {
+                describe_counter!(name, help);
+            }
+            describe_histogram!(
+                "godwit_delivery_latency_seconds",
+                metrics::Unit::Seconds,
+                "Accept-to-delivered time per recipient, by platform."
+            );
+            for (name, help) in [
+                ("godwit_queue_messages", "Messages in the queue."),
+                ("godwit_queue_recipients", "Undelivered recipients, by platform and state."),
+                ("godwit_queue_oldest_message_age_seconds", "Age of the oldest queued message."),
+                ("godwit_destination_concurrency_limit", "The adaptive concurrency limit per platform."),
+                ("godwit_destination_in_flight", "Deliveries in progress per platform."),
+                ("godwit_destination_circuit_open", "1 while the platform's circuit breaker is open."),
+                ("godwit_destination_relay_hosts_down", "Relay hosts passed over after connection failures."),
+                ("godwit_routing_version", "The routing version this gateway applies."),
+                ("godwit_sync_account_status", "1 for the account's current sync status."),
+                ("godwit_sync_account_verified_timestamp_seconds", "When the account last verified clean."),
+                ("godwit_sync_account_messages_copied", "Messages copied for the account."),
+                ("godwit_sync_account_messages_source", "Messages in the account's source folders."),
+            ] {
+                describe_gauge!(name, help);
+            }
+            metrics::counter!("godwit_connections_total").absolute(0);
+            metrics::counter!("godwit_messages_accepted_total").absolute(0);
+            metrics::counter!("godwit_messages_accepted_bytes_total").absolute(0);
+            for reason in ["max_connections", "max_connections_per_ip"] {
+                metrics::counter!("godwit_connections_refused_total", "reason" => reason).absolute(0);
+            }
+            for action in ["failed", "delayed"] {
+                metrics::counter!("godwit_dsn_total", "action" => action).absolute(0);
+            }
+            // The generic code of each outcome (RFC 3463 X.0.0), as the
+            // Postfix-style log uses when a reply has none.
+            for p in platforms {
+                for (outcome, class, code) in [
+                    ("delivered", "2xx", "2.0.0"),
+                    ("deferred", "4xx", "4.0.0"),
+                    ("failed", "5xx", "5.0.0"),
+                ] {
+                    metrics::counter!("godwit_deliveries_total", "platform" => p.clone(), "outcome" => outcome, "class" => class, "code" => code).absolute(0);
+                }
+            }
+        });
+    }
+
     pub fn with<T>(&self, f: impl FnOnce() -> T) -> T {
         metrics::with_local_recorder(&*self.recorder, f)
     }
@@ -183,6 +244,22 @@ mod tests {
             (pct(&v, 0.5), pct(&v, 0.95), pct(&v, 0.99)),
             (50.0, 95.0, 99.0)
         );
+    }
+
+    #[test]
+    fn help_lines_and_zeroed_counters_before_any_event() {
+        let m = Metrics::new();
+        m.describe(&["old".into(), "new".into()]);
+        let text = m.handle.render();
+        for line in [
+            "# HELP godwit_messages_accepted_total Messages accepted",
+            "# HELP godwit_deliveries_total ",
+            "godwit_messages_accepted_total 0",
+            "godwit_deliveries_total{platform=\"new\",outcome=\"deferred\",class=\"4xx\",code=\"4.0.0\"} 0",
+            "godwit_deliveries_total{platform=\"old\",outcome=\"delivered\",class=\"2xx\",code=\"2.0.0\"} 0",
+        ] {
+            assert!(text.contains(line), "no `{line}` in\n{text}");
+        }
     }
 
     #[test]

@@ -270,3 +270,110 @@ pub fn csv(r: &Report) -> String {
     }
     s
 }
+
+/// Postfix qshape's age buckets, in minutes: a row counts recipients
+/// younger than each bound (the last column: older than 1280 minutes).
+pub const QSHAPE_BUCKETS: [u64; 9] = [5, 10, 20, 40, 80, 160, 320, 640, 1280];
+
+#[derive(Debug, Clone, serde::Serialize, PartialEq)]
+pub struct QShapeRow {
+    pub key: String,
+    pub total: u64,
+    /// One count per bucket of `QSHAPE_BUCKETS`, then the older ones.
+    pub counts: Vec<u64>,
+}
+
+#[derive(Debug, Clone, serde::Serialize, PartialEq)]
+pub struct QShape {
+    /// Column headings, minutes: "5", "10", ... "1280", "1280+".
+    pub buckets: Vec<String>,
+    /// TOTAL first, then rows by their total, largest first.
+    pub rows: Vec<QShapeRow>,
+}
+
+/// (key, age in minutes) per queued recipient -> the qshape table.
+pub fn qshape(recipients: &[(String, u64)]) -> QShape {
+    let n = QSHAPE_BUCKETS.len() + 1;
+    let col = |age: u64| {
+        QSHAPE_BUCKETS
+            .iter()
+            .position(|b| age < *b)
+            .unwrap_or(QSHAPE_BUCKETS.len())
+    };
+    let mut by: std::collections::BTreeMap<&str, Vec<u64>> = Default::default();
+    let mut total = vec![0u64; n];
+    for (key, age) in recipients {
+        let c = col(*age);
+        by.entry(key).or_insert_with(|| vec![0; n])[c] += 1;
+        total[c] += 1;
+    }
+    let mut rows: Vec<QShapeRow> = by
+        .into_iter()
+        .map(|(k, counts)| QShapeRow {
+            key: k.to_string(),
+            total: counts.iter().sum(),
+            counts,
+        })
+        .collect();
+    rows.sort_by(|a, b| b.total.cmp(&a.total).then(a.key.cmp(&b.key)));
+    rows.insert(
+        0,
+        QShapeRow {
+            key: "TOTAL".into(),
+            total: total.iter().sum(),
+            counts: total,
+        },
+    );
+    let mut buckets: Vec<String> = QSHAPE_BUCKETS.iter().map(u64::to_string).collect();
+    buckets.push("1280+".into());
+    QShape { buckets, rows }
+}
+
+pub fn render_qshape(q: &QShape, by: &str) -> String {
+    let w = q
+        .rows
+        .iter()
+        .map(|r| r.key.len())
+        .max()
+        .unwrap_or(5)
+        .max(by.len());
+    let mut out = format!("{by:>w$} {:>6}", "T");
+    for b in &q.buckets {
+        out.push_str(&format!(" {b:>6}"));
+    }
+    out.push_str("   (minutes)\n");
+    for r in &q.rows {
+        out.push_str(&format!("{:>w$} {:>6}", r.key, r.total));
+        for c in &r.counts {
+            out.push_str(&format!(" {c:>6}"));
+        }
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod qshape_tests {
+    use super::*;
+
+    #[test]
+    fn ages_fall_in_qshape_buckets() {
+        let rows: Vec<(String, u64)> = [
+            ("example.com", 0),
+            ("example.com", 4),
+            ("example.com", 5),
+            ("example.org", 2000),
+        ]
+        .iter()
+        .map(|(k, a)| (k.to_string(), *a))
+        .collect();
+        let q = qshape(&rows);
+        assert_eq!(q.rows[0].key, "TOTAL");
+        assert_eq!(q.rows[0].total, 4);
+        assert_eq!(q.rows[1].key, "example.com");
+        assert_eq!(q.rows[1].counts[..2], [2, 1]);
+        assert_eq!(*q.rows[2].counts.last().unwrap(), 1);
+        let text = render_qshape(&q, "domain");
+        assert!(text.lines().next().unwrap().contains("1280+"), "{text}");
+    }
+}

@@ -112,9 +112,15 @@ pub enum WaveCommand {
         /// List every member (default: the first 50).
         #[arg(long)]
         all: bool,
+        /// The wave and every member as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// All waves.
-    List,
+    List {
+        #[arg(long)]
+        json: bool,
+    },
     /// Route every member to the target platform, in one version.
     Cutover {
         name: String,
@@ -126,6 +132,8 @@ pub enum WaveCommand {
         force: bool,
         #[arg(long)]
         actor: Option<String>,
+        #[command(flatten)]
+        wait: crate::fleet::Wait,
     },
     /// Route every member back to the platform that owned it, in one version.
     Rollback {
@@ -134,6 +142,8 @@ pub enum WaveCommand {
         dry_run: bool,
         #[arg(long)]
         actor: Option<String>,
+        #[command(flatten)]
+        wait: crate::fleet::Wait,
     },
 }
 
@@ -178,6 +188,27 @@ fn print_outcome(o: &Outcome, verb: &str) {
     }
     if moved.len() > SHOW {
         println!("  ... and {} more", moved.len() - SHOW);
+    }
+    if !o.applied {
+        // A dry run shows everything it would change, not only routes: the
+        // directory states, aliases, members and overrides too.
+        let others: Vec<_> = o
+            .control
+            .iter()
+            .filter(|c| c.subject != "note" && c.before != c.after)
+            .collect();
+        for c in others.iter().take(SHOW) {
+            println!(
+                "  {} {}: {} -> {}",
+                c.subject,
+                c.item,
+                c.before.as_deref().unwrap_or("(none)"),
+                c.after.as_deref().unwrap_or("(none)")
+            );
+        }
+        if others.len() > SHOW {
+            println!("  ... and {} more directory change(s)", others.len() - SHOW);
+        }
     }
     for n in o.control.iter().filter(|c| c.subject == "note") {
         println!("  note: {}", n.after.as_deref().unwrap_or(""));
@@ -534,10 +565,28 @@ pub async fn wave(config: Config, command: WaveCommand) -> Result<i32> {
                 o.version
             );
         }
-        WaveCommand::Show { name, all } => {
+        WaveCommand::Show { name, all, json } => {
             let w = history::wave(&store, &name)
                 .await?
                 .with_context(|| format!("no wave `{name}` (godwit wave list)"))?;
+            if json {
+                let members: Vec<_> = w
+                    .members
+                    .iter()
+                    .map(|m| serde_json::json!({"address": m.address, "state": m.state, "route": m.route}))
+                    .collect();
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&serde_json::json!({
+                        "name": w.name,
+                        "status": w.status,
+                        "created_version": w.created_version,
+                        "version": w.version,
+                        "members": members,
+                    }))?
+                );
+                return Ok(0);
+            }
             println!(
                 "wave {}: {} ({} member(s); created at version {}, last changed at version {})",
                 w.name,
@@ -563,8 +612,16 @@ pub async fn wave(config: Config, command: WaveCommand) -> Result<i32> {
                 );
             }
         }
-        WaveCommand::List => {
+        WaveCommand::List { json } => {
             let waves = history::waves(&store).await?;
+            if json {
+                let v: Vec<_> = waves
+                    .iter()
+                    .map(|w| serde_json::json!({"name": w.name, "status": w.status, "members": w.count, "created_version": w.created_version, "version": w.version}))
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(0);
+            }
             if waves.is_empty() {
                 println!("no waves yet: godwit wave create NAME --members FILE|ADDR...");
             }
@@ -580,33 +637,66 @@ pub async fn wave(config: Config, command: WaveCommand) -> Result<i32> {
             dry_run,
             force,
             actor,
+            wait,
         } => {
             let who = crate::actor(actor);
             let cmd = format!("wave cutover {name}{}", if force { " --force" } else { "" });
             let o = control::wave_cutover(&ctx(&store, &config, &who, &cmd, dry_run), &name, force)
                 .await?;
             print_outcome(&o, "moved to the target platform");
+            if o.applied {
+                return wait.for_version(&store, o.version).await;
+            }
+            // A dry run with members held back: the plan, and exit 1.
+            if o.control.iter().any(|c| c.item.starts_with("blocked ")) {
+                return Ok(1);
+            }
         }
         WaveCommand::Rollback {
             name,
             dry_run,
             actor,
+            wait,
         } => {
             let who = crate::actor(actor);
             let cmd = format!("wave rollback {name}");
             let o =
                 control::wave_rollback(&ctx(&store, &config, &who, &cmd, dry_run), &name).await?;
             print_outcome(&o, "moved back");
+            if o.applied {
+                return wait.for_version(&store, o.version).await;
+            }
         }
     }
     Ok(0)
 }
 
-pub async fn history(config: Config, command: Option<HistoryCommand>, limit: i64) -> Result<i32> {
+fn version_json(v: &history::VersionInfo) -> serde_json::Value {
+    serde_json::json!({
+        "version": v.version,
+        "time": v.time(),
+        "actor": v.actor,
+        "command": v.command,
+        "route_changes": v.route_changes,
+        "control_changes": v.control_changes,
+    })
+}
+
+pub async fn history(
+    config: Config,
+    command: Option<HistoryCommand>,
+    limit: i64,
+    json: bool,
+) -> Result<i32> {
     let store = Store::open(&config.store_url()).await?;
     match command {
         None => {
             let vs = history::versions(&store, limit).await?;
+            if json {
+                let v: Vec<_> = vs.iter().map(version_json).collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(0);
+            }
             if vs.is_empty() {
                 println!("no versions yet");
             }
@@ -626,6 +716,21 @@ pub async fn history(config: Config, command: Option<HistoryCommand>, limit: i64
             let v = history::version(&store, version)
                 .await?
                 .with_context(|| format!("no version {version} (godwit history lists them)"))?;
+            if json {
+                let mut out = version_json(&v);
+                out["control"] = history::control_changes(&store, version)
+                    .await?
+                    .iter()
+                    .map(|c| serde_json::json!({"subject": c.subject, "item": c.item, "before": c.before, "after": c.after}))
+                    .collect();
+                out["routes"] = history::route_changes(&store, version, i64::MAX)
+                    .await?
+                    .iter()
+                    .map(|c| serde_json::json!({"address": c.address, "before": c.before, "after": c.after, "basis": c.basis.map(|b| b.to_string())}))
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&out)?);
+                return Ok(0);
+            }
             println!("version {}", v.version);
             println!("  time:    {}", v.time());
             println!("  actor:   {}", v.actor);
@@ -643,6 +748,19 @@ pub async fn history(config: Config, command: Option<HistoryCommand>, limit: i64
             let routes = history::route_changes(&store, version, limit).await?;
             println!("  route changes: {}", v.route_changes);
             for c in &routes {
+                if c.before == c.after {
+                    // Same platform, another reason (e.g. an override now
+                    // pins what the default already did): no mail moves.
+                    println!(
+                        "    {}: {} (route unchanged{})",
+                        c.address,
+                        c.after.as_deref().unwrap_or("(default)"),
+                        c.basis
+                            .map(|b| format!("; now decided by {b}"))
+                            .unwrap_or_default()
+                    );
+                    continue;
+                }
                 println!(
                     "    {}: {} -> {}{}",
                     c.address,
@@ -662,9 +780,41 @@ pub async fn history(config: Config, command: Option<HistoryCommand>, limit: i64
     Ok(0)
 }
 
-pub async fn route_explain(config: &Config, store: &Store, address: &str) -> Result<i32> {
+pub async fn route_explain(
+    config: &Config,
+    store: &Store,
+    address: &str,
+    json: bool,
+) -> Result<i32> {
     let e = history::explain(store, config, address).await?;
     let d = &e.decision;
+    if json {
+        let v = serde_json::json!({
+            "address": e.address,
+            "route": d.route,
+            "why": d.why.to_string(),
+            "routing_version": d.version,
+            "rejected_at_rcpt": e.rejected_at_rcpt,
+            "alias_of": e.alias_of,
+            "directory": e.object.as_ref().map(|(a, o)| serde_json::json!({
+                "address": a,
+                "kind": o.kind.to_string(),
+                "display_name": o.display_name,
+                "platform": o.platform,
+                "state": o.state.to_string(),
+            })),
+            "sync_ready": e.sync_ready,
+            "aliases": e.aliases,
+            "member_of": e.member_of,
+            "members": e.members,
+            "override": e.override_route.as_ref().map(|(r, v)| serde_json::json!({"route": r, "version": v})),
+            "waves": e.waves.iter().map(|(w, s)| serde_json::json!({"wave": w, "status": s})).collect::<Vec<_>>(),
+            "route_set_by": e.route_set_by.as_ref().map(version_json),
+            "state_set_by": e.state_set_by.as_ref().map(version_json),
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(0);
+    }
     if e.rejected_at_rcpt {
         println!(
             "{}: refused at RCPT (550 5.1.1): not in the directory and directory.unknown_recipient = \"reject\"",
@@ -762,10 +912,14 @@ pub async fn route_rollback(
     to: i64,
     dry_run: bool,
     actor: Option<String>,
+    wait: &crate::fleet::Wait,
 ) -> Result<i32> {
     let who = crate::actor(actor);
     let cmd = format!("route rollback --to {to}");
     let o = control::rollback_to(&ctx(store, config, &who, &cmd, dry_run), to).await?;
     print_outcome(&o, &format!("restored to their route at version {to}"));
+    if o.applied {
+        return wait.for_version(store, o.version).await;
+    }
     Ok(0)
 }

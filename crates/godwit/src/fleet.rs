@@ -23,10 +23,14 @@ pub async fn heartbeat_and_commands(store: Store, relay: Relay, events: EventLog
             .flatten()
             .unwrap_or(0);
     let mut last_beat = 0;
+    let mut reported_version = -1;
     loop {
         tokio::time::sleep(Duration::from_millis(200)).await;
-        if now_ms() - last_beat >= 1000 {
+        let version = relay.routes().version();
+        // A new routing version is reported at once: `route set` waits for it.
+        if now_ms() - last_beat >= 1000 || version != reported_version {
             last_beat = now_ms();
+            reported_version = version;
             let dests = serde_json::to_string(&relay.destinations()).unwrap_or_default();
             let n = node.clone();
             let len = relay.len() as i64;
@@ -36,13 +40,14 @@ pub async fn heartbeat_and_commands(store: Store, relay: Relay, events: EventLog
                     Box::pin(async move {
                         godwit_store::sqlx::query("DELETE FROM gateway_nodes WHERE node = $1").bind(&n).execute(&mut *tx).await?;
                         godwit_store::sqlx::query(
-                            "INSERT INTO gateway_nodes (node, started_ms, seen_ms, queue_len, destinations) VALUES ($1, $2, $3, $4, $5)",
+                            "INSERT INTO gateway_nodes (node, started_ms, seen_ms, queue_len, destinations, routing_version) VALUES ($1, $2, $3, $4, $5, $6)",
                         )
                         .bind(&n)
                         .bind(started)
                         .bind(now_ms())
                         .bind(len)
                         .bind(&dests)
+                        .bind(version)
                         .execute(&mut *tx)
                         .await?;
                         Ok(())
@@ -105,10 +110,12 @@ pub struct LiveNode {
     pub seen_ms: i64,
     pub queue_len: i64,
     pub destinations: serde_json::Value,
+    /// The routing version this gateway routes by.
+    pub routing_version: i64,
 }
 
 pub async fn live_nodes(store: &Store) -> Result<Vec<LiveNode>> {
-    let rows = godwit_store::sqlx::query("SELECT node, seen_ms, queue_len, destinations FROM gateway_nodes WHERE seen_ms > $1 ORDER BY node")
+    let rows = godwit_store::sqlx::query("SELECT node, seen_ms, queue_len, destinations, routing_version FROM gateway_nodes WHERE seen_ms > $1 ORDER BY node")
         .bind(now_ms() - LIVE_MS)
         .fetch_all(&store.pool)
         .await?;
@@ -120,8 +127,71 @@ pub async fn live_nodes(store: &Store) -> Result<Vec<LiveNode>> {
             queue_len: r.try_get(2).unwrap_or(0),
             destinations: serde_json::from_str(&r.try_get::<String, _>(3).unwrap_or_default())
                 .unwrap_or_default(),
+            routing_version: r.try_get(4).unwrap_or(0),
         })
         .collect())
+}
+
+/// Waits until every gateway live now reports routing `version` or later.
+/// Returns the gateways that had not when `timeout` passed (empty: all did).
+/// A gateway that stops meanwhile is not waited for: it routes by the store
+/// when it starts again.
+pub async fn wait_applied(store: &Store, version: i64, timeout: Duration) -> Result<Vec<String>> {
+    let deadline = now_ms() + timeout.as_millis() as i64;
+    let waiting: Vec<String> = live_nodes(store)
+        .await?
+        .into_iter()
+        .map(|n| n.node)
+        .collect();
+    loop {
+        let nodes = live_nodes(store).await?;
+        let behind: Vec<String> = waiting
+            .iter()
+            .filter(|w| {
+                nodes
+                    .iter()
+                    .any(|n| &n.node == *w && n.routing_version < version)
+            })
+            .cloned()
+            .collect();
+        if behind.is_empty() || now_ms() > deadline {
+            return Ok(behind);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// How the commands that change routing wait for the running gateways.
+#[derive(clap::Args, Clone, Debug)]
+pub struct Wait {
+    /// Return at once, without waiting for running gateways to apply it.
+    #[arg(long)]
+    pub no_wait: bool,
+    /// How long to wait for every running gateway to apply the change.
+    #[arg(long, default_value = "10s", value_name = "DURATION")]
+    pub wait_timeout: String,
+}
+
+impl Wait {
+    /// After a version was committed: waits (unless --no-wait) and says
+    /// which gateways did not apply it in time. Returns the exit code.
+    pub async fn for_version(&self, store: &Store, version: i64) -> Result<i32> {
+        if self.no_wait {
+            return Ok(0);
+        }
+        let timeout = godwit_config::parse_duration(&self.wait_timeout)
+            .map_err(|e| anyhow::anyhow!("--wait-timeout: {e}"))?;
+        let behind = wait_applied(store, version, timeout).await?;
+        if behind.is_empty() {
+            return Ok(0);
+        }
+        eprintln!(
+            "not yet applied after {}: {} (still routing by an older version; check that they reach the state store)",
+            self.wait_timeout,
+            behind.join(", ")
+        );
+        Ok(1)
+    }
 }
 
 /// Sends a command to every live gateway (but `except`, a node known to be

@@ -109,6 +109,11 @@ enum Command {
         #[command(subcommand)]
         command: control::WaveCommand,
     },
+    /// The configuration as godwit reads it.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
     /// Every change to routes, states, waves and the directory, numbered.
     History {
         #[command(subcommand)]
@@ -116,6 +121,19 @@ enum Command {
         /// How many versions to list, newest first.
         #[arg(long, default_value_t = 50)]
         limit: i64,
+        #[arg(long, global = true)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// The effective configuration, every default filled in and relative
+    /// paths resolved, secrets masked (like `postconf`).
+    Show {
+        /// Only what differs from the defaults (like `postconf -n`).
+        #[arg(long)]
+        non_default: bool,
     },
 }
 
@@ -128,18 +146,30 @@ enum RouteCommand {
         /// Who made the change (default: the OS user).
         #[arg(long)]
         actor: Option<String>,
+        #[command(flatten)]
+        wait: fleet::Wait,
     },
     /// Remove ADDRESS's entry: it follows the domain or global default again.
     Unset {
         address: String,
         #[arg(long)]
         actor: Option<String>,
+        #[command(flatten)]
+        wait: fleet::Wait,
     },
     /// Where mail for ADDRESS goes now, and why.
-    Show { address: String },
+    Show {
+        address: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Where mail for ADDRESS goes and everything that decides it: alias,
     /// group, state, override, wave, and the version that set it.
-    Explain { address: String },
+    Explain {
+        address: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Restore the routing as of version N, as a new version (undoable).
     Rollback {
         #[arg(long)]
@@ -148,6 +178,8 @@ enum RouteCommand {
         dry_run: bool,
         #[arg(long)]
         actor: Option<String>,
+        #[command(flatten)]
+        wait: fleet::Wait,
     },
 }
 
@@ -161,8 +193,26 @@ enum QueueCommand {
         #[command(flatten)]
         filter: Filter,
     },
-    /// One message: envelope, headers, each recipient's state and last reply.
-    Show { queue_id: String },
+    /// One message: envelope, headers, each recipient's state, last reply
+    /// and next retry.
+    Show {
+        queue_id: String,
+        /// The same as one JSON object.
+        #[arg(long)]
+        json: bool,
+        /// Also print the whole message as queued (what `postcat -b` shows).
+        #[arg(long)]
+        body: bool,
+    },
+    /// Message age buckets by platform and recipient domain, like Postfix's
+    /// `qshape`: where the queue is growing, and since when.
+    Shape {
+        /// Rows by recipient domain (default) or by platform.
+        #[arg(long, default_value = "domain", value_parser = ["domain", "platform"])]
+        by: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Keep matching recipients queued, undelivered, until released.
     Hold(Target),
     /// Release held recipients (operator holds and route holds).
@@ -205,7 +255,12 @@ struct Filter {
 
 #[derive(clap::Args, Clone)]
 struct Target {
-    /// A queue ID.
+    /// Queue IDs; `-` reads them from stdin, one per line or separated by
+    /// spaces (as `postsuper -d -`).
+    #[arg(value_name = "QUEUE_ID")]
+    queue_ids: Vec<String>,
+    /// The one queue ID an operation is sent with (filled per ID).
+    #[arg(skip)]
     queue_id: Option<String>,
     #[command(flatten)]
     filter: Filter,
@@ -251,16 +306,31 @@ async fn run(cli: Cli) -> Result<i32> {
     }
     if let Command::Check(args) = &cli.command {
         // The configuration is optional here: `check dns example.com` needs none.
-        let explicit = std::env::args().any(|a| a == "--config" || a.starts_with("--config="));
-        let config = if explicit || cli.config.exists() {
+        let config = if config_given() || cli.config.exists() {
             Some(Config::load(&cli.config)?)
         } else {
             None
         };
         return godwit_check::run(config.as_ref(), args).await;
     }
-    let config = Config::load(&cli.config)
-        .with_context(|| "run with --config FILE (see examples/godwit.toml)")?;
+    let config = match Config::load(&cli.config) {
+        Ok(c) => c,
+        Err(e @ godwit_config::ConfigError::Read { .. }) if !config_given() => {
+            bail!("{e} (run with --config FILE; see examples/godwit.toml)")
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if let Some(what) = reads_data_dir(&cli.command, &config)
+        && !config.data_dir.is_dir()
+    {
+        // A read-only command must not create an empty data directory and
+        // then report an empty queue for a full one elsewhere.
+        bail!(
+            "data_dir {} does not exist, so there is no {what} to read; is {} the gateway's configuration? (relative paths are relative to its folder)",
+            config.data_dir.display(),
+            cli.config.display()
+        );
+    }
     if !matches!(
         cli.command,
         Command::Serve | Command::Sync(_) | Command::Verify(_)
@@ -275,7 +345,7 @@ async fn run(cli: Cli) -> Result<i32> {
             .init();
     }
     match cli.command {
-        Command::Serve => serve(config).await,
+        Command::Serve => serve(config, cli.config.clone()).await,
         Command::Route { command } => route(config, command).await,
         Command::Queue { command } => queue(config, command).await,
         Command::Check(_) => unreachable!("handled above"),
@@ -303,7 +373,54 @@ async fn run(cli: Cli) -> Result<i32> {
         } => report(config, since, until, format, sample).await,
         Command::Directory { command } => control::directory(config, command).await,
         Command::Wave { command } => control::wave(config, command).await,
-        Command::History { command, limit } => control::history(config, command, limit).await,
+        Command::History {
+            command,
+            limit,
+            json,
+        } => control::history(config, command, limit, json).await,
+        Command::Config {
+            command: ConfigCommand::Show { non_default },
+        } => {
+            print!(
+                "{}",
+                godwit_config::show(&config, non_default).map_err(|e| anyhow::anyhow!(e))?
+            );
+            Ok(0)
+        }
+    }
+}
+
+/// Whether --config (or GODWIT_CONFIG) named the file, rather than the default.
+fn config_given() -> bool {
+    std::env::var_os("GODWIT_CONFIG").is_some()
+        || std::env::args().any(|a| a == "--config" || a.starts_with("--config="))
+}
+
+/// What a read-only command reads from `data_dir`, if it reads from it at
+/// all: those must find it there, never create it.
+fn reads_data_dir(command: &Command, config: &Config) -> Option<&'static str> {
+    let sqlite = config.store.url.as_deref().is_none_or(str::is_empty);
+    let state = sqlite.then_some("state store");
+    match command {
+        Command::Queue { command } => match command {
+            QueueCommand::List { .. } | QueueCommand::Show { .. } | QueueCommand::Shape { .. } => {
+                Some("queue")
+            }
+            QueueCommand::Destinations { .. } => state,
+            _ => None,
+        },
+        Command::Report { .. } => Some("queue"),
+        Command::Trace { .. } | Command::History { .. } => state,
+        Command::Route {
+            command: RouteCommand::Show { .. } | RouteCommand::Explain { .. },
+        } => state,
+        Command::Wave {
+            command: control::WaveCommand::Show { .. } | control::WaveCommand::List { .. },
+        } => state,
+        Command::Directory {
+            command: control::DirectoryCommand::List { .. },
+        } => state,
+        _ => None,
     }
 }
 
@@ -317,21 +434,34 @@ fn init_sync_logging(config: &Config) {
         .init();
 }
 
-fn init_logging(config: &Config) {
+/// Changes the stderr log filter of a running gateway (`log.level` on SIGHUP).
+type LogLevel =
+    tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, tracing_subscriber::Registry>;
+
+fn init_logging(config: &Config, events_as_json: bool) -> LogLevel {
+    use std::io::IsTerminal;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if config.log.format == "json" {
-        builder.json().init();
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    // Colour codes only for a person at a terminal: journald, files and
+    // pipes get plain text.
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    let registry = tracing_subscriber::registry().with(filter);
+    if events_as_json {
+        registry.with(fmt.json()).init();
     } else {
-        builder.init();
+        registry.with(fmt).init();
     }
+    handle
 }
 
-async fn serve(config: Config) -> Result<i32> {
-    init_logging(&config);
+async fn serve(config: Config, config_path: PathBuf) -> Result<i32> {
+    let json_log = config.log.format == "json";
+    let log_level = init_logging(&config, json_log);
     let config = Arc::new(config);
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("data_dir {}", config.data_dir.display()))?;
@@ -339,7 +469,8 @@ async fn serve(config: Config) -> Result<i32> {
     let routes = SharedRoutes::new(godwit_route::load(&store, &config).await?);
     let spool = Arc::new(Spool::open(&config.spool_dir())?);
     let (events, writer) = EventLog::new(&config.events_dir(), &config.hostname)?;
-    tokio::spawn(writer.run());
+    events.stderr_json(json_log);
+    let writer = tokio::spawn(writer.run());
     let relay = godwit_relay::Relay::new(
         config.clone(),
         spool.clone(),
@@ -348,6 +479,7 @@ async fn serve(config: Config) -> Result<i32> {
     );
     // Readers of the event stream, attached before the first event.
     let metrics = Arc::new(godwit_evidence::metrics::Metrics::new());
+    metrics.describe(&config.platforms.keys().cloned().collect::<Vec<_>>());
     tokio::spawn(metrics.clone().run(events.tap()));
     tokio::spawn(godwit_evidence::index::run_indexer(
         store.clone(),
@@ -415,20 +547,33 @@ async fn serve(config: Config) -> Result<i32> {
         let events = events.clone();
         let store = store.clone();
         tokio::spawn(godwit_route::watch(
-            store,
+            store.clone(),
             routes.clone(),
             Duration::from_millis(200),
             move |version, changes| {
-                events.emit(Event::RouteChanged {
-                    version,
-                    actor: String::new(),
-                    command: "reload".into(),
-                    changes,
-                });
                 relay.routes_changed();
                 if let Some(a) = &access {
                     a.routes_changed();
                 }
+                // The version's own actor and command, from the store.
+                let (events, store) = (events.clone(), store.clone());
+                tokio::spawn(async move {
+                    let (actor, command) = godwit_store::sqlx::query_as::<_, (String, String)>(
+                        "SELECT actor, command FROM routing_versions WHERE version = $1",
+                    )
+                    .bind(version)
+                    .fetch_optional(&store.pool)
+                    .await
+                    .ok()
+                    .flatten()
+                    .unwrap_or_default();
+                    events.emit(Event::RouteChanged {
+                        version,
+                        actor,
+                        command,
+                        changes,
+                    });
+                });
             },
         ));
     }
@@ -466,16 +611,57 @@ async fn serve(config: Config) -> Result<i32> {
         n_recovered
     );
 
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-    // Everything accepted is already on disk; nothing to flush but the event log.
-    events.emit(Event::GatewayStopped {
-        reason: "signal".into(),
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut current = config.clone();
+    let reason = loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break "SIGINT",
+            _ = term.recv() => break "SIGTERM",
+            _ = hup.recv() => {
+                match reload(&config_path, &current, &smtpd, &routes, &log_level) {
+                    Ok((next, applied, restart_needed)) => {
+                        for key in &restart_needed {
+                            tracing::warn!("reload: {key} changed; it takes effect after a restart");
+                        }
+                        events.emit(Event::GatewayReloaded {
+                            config: config_path.display().to_string(),
+                            applied,
+                            restart_needed,
+                        });
+                        relay.routes_changed();
+                        current = next;
+                    }
+                    Err(e) => {
+                        let error = format!("{e:#}");
+                        tracing::error!("reload of {} refused, the running configuration is kept: {error}", config_path.display());
+                        events.emit(Event::GatewayReloadFailed {
+                            config: config_path.display().to_string(),
+                            error,
+                        });
+                    }
+                }
+            }
+        }
+    };
+    // Everything accepted is already on disk: queued mail stays in the spool
+    // for the next start. Only sessions in DATA are worth waiting for.
+    events.emit(Event::GatewayDraining {
+        reason: reason.into(),
+        sessions: smtpd.sessions(),
     });
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let left = smtpd
+        .drain(config.smtp.data_timeout.min(Duration::from_secs(60)))
+        .await;
+    events.emit(Event::GatewayStopped {
+        reason: reason.into(),
+        sessions_cut: left,
+    });
+    // The event writer ends once every handle is gone; the tasks holding the
+    // others end with the runtime, so give it a moment to write the last lines.
+    drop(events);
+    let _ = tokio::time::timeout(Duration::from_millis(300), writer).await;
     Ok(0)
 }
 
@@ -513,6 +699,31 @@ async fn check_access(config: Config, address: &str, password: Option<String>) -
     let (text, ok) = godwit_access::check::run(&config, &store, address, creds).await?;
     print!("{text}");
     Ok(if ok { 0 } else { 2 })
+}
+
+/// SIGHUP: read and validate the file again. A bad file changes nothing.
+/// Returns the new configuration, the keys applied live and the keys that
+/// need a restart.
+fn reload(
+    path: &std::path::Path,
+    current: &Arc<Config>,
+    smtpd: &smtpd::Smtpd,
+    routes: &SharedRoutes,
+    log_level: &LogLevel,
+) -> Result<(Arc<Config>, Vec<String>, Vec<String>)> {
+    let next = Config::load(path)?;
+    let level = tracing_subscriber::EnvFilter::try_new(&next.log.level)
+        .with_context(|| format!("log.level `{}`", next.log.level))?;
+    let (applied, restart_needed) = godwit_config::reload_plan(current, &next);
+    let next = Arc::new(next);
+    // The certificate is read before anything changes, so a missing file
+    // leaves the running configuration whole.
+    smtpd.reload(next.clone())?;
+    routes.reconfigure(&next);
+    if std::env::var_os("RUST_LOG").is_none() {
+        let _ = log_level.reload(level);
+    }
+    Ok((next, applied, restart_needed))
 }
 
 /// RFC 3339, or a duration ago ("2h", "0s" = now).
@@ -580,8 +791,8 @@ async fn trace(
         }
     } else if traces.is_empty() {
         println!(
-            "no message found (events are kept for {:?}; is the Message-ID right?)",
-            config.events.retention
+            "no message found (events are kept for {}; is the Message-ID right?)",
+            godwit_config::format_duration(config.events.retention)
         );
     } else {
         for (i, t) in traces.iter().enumerate() {
@@ -606,10 +817,17 @@ async fn report(
     sample: usize,
 ) -> Result<i32> {
     let store = Store::open(&config.store_url()).await?;
-    let (since, until) = (
+    let (since_ms, until_ms) = (
         parse_when(&since, "--since")?,
         parse_when(&until, "--until")?,
     );
+    if since_ms >= until_ms {
+        // Durations count back from now: --since 1h --until 2h ends before it starts.
+        bail!(
+            "--since {since} is not before --until {until}: the window is empty (durations are ago, so --since takes the larger one)"
+        );
+    }
+    let (since, until) = (since_ms, until_ms);
     let r =
         godwit_evidence::report::build(&store, &config.spool_dir(), since, until, sample).await?;
     match format.as_str() {
@@ -652,8 +870,9 @@ async fn route(config: Config, command: RouteCommand) -> Result<i32> {
             address,
             platform,
             actor: who,
+            wait,
         } => {
-            check_address(&config, &address)?;
+            let address = check_address(&config, &address)?;
             if platform == godwit_config::ROUTE_BOTH && config.platforms.len() < 2 {
                 bail!("route `both` needs at least two platforms in the configuration");
             }
@@ -689,11 +908,14 @@ async fn route(config: Config, command: RouteCommand) -> Result<i32> {
                     .unwrap_or_else(|| "(default)".into());
                 println!("{address}: {before} -> {platform} (version {v})");
             }
+            return wait.for_version(&store, v).await;
         }
         RouteCommand::Unset {
             address,
             actor: who,
+            wait,
         } => {
+            let address = check_address(&config, &address)?;
             let cmd = format!("route unset {address}");
             let (v, applied) = godwit_route::commit(
                 &store,
@@ -708,11 +930,24 @@ async fn route(config: Config, command: RouteCommand) -> Result<i32> {
             } else {
                 println!("{address}: entry removed (version {v}); it follows the default again");
             }
+            return wait.for_version(&store, v).await;
         }
-        RouteCommand::Show { address } => {
-            check_address(&config, &address)?;
+        RouteCommand::Show { address, json } => {
+            let address = check_address(&config, &address)?;
             let map = godwit_route::load_one(&store, &config, &address).await?;
             let d = map.decide(&address);
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "address": godwit_route::normalize_address(&address),
+                        "route": d.route,
+                        "why": d.why.to_string(),
+                        "routing_version": d.version,
+                    })
+                );
+                return Ok(0);
+            }
             println!(
                 "{}: {} ({}; routing version {})",
                 godwit_route::normalize_address(&address),
@@ -721,27 +956,32 @@ async fn route(config: Config, command: RouteCommand) -> Result<i32> {
                 d.version
             );
         }
-        RouteCommand::Explain { address } => {
-            return control::route_explain(&config, &store, &address).await;
+        RouteCommand::Explain { address, json } => {
+            return control::route_explain(&config, &store, &address, json).await;
         }
-        RouteCommand::Rollback { to, dry_run, actor } => {
-            return control::route_rollback(&config, &store, to, dry_run, actor).await;
+        RouteCommand::Rollback {
+            to,
+            dry_run,
+            actor,
+            wait,
+        } => {
+            return control::route_rollback(&config, &store, to, dry_run, actor, &wait).await;
         }
     }
     Ok(0)
 }
 
-fn check_address(config: &Config, address: &str) -> Result<()> {
-    let Some((local, domain)) = address.rsplit_once('@') else {
-        bail!("`{address}` is not an address (expected local@domain)");
-    };
-    if local.is_empty() || !config.is_accepted_domain(domain) {
+/// The address as the routing map keys it, if it is one (RFC 5321 4.1.2,
+/// 4.5.3.1) in an accepted domain.
+fn check_address(config: &Config, address: &str) -> Result<String> {
+    let a = godwit_route::Address::parse(address).map_err(|e| anyhow::anyhow!(e))?;
+    if !config.is_accepted_domain(&a.domain) {
         bail!(
             "`{address}` is not in an accepted domain ({})",
             config.domains.accepted.join(", ")
         );
     }
-    Ok(())
+    Ok(a.to_string())
 }
 
 fn selector(t: &Target) -> Result<godwit_relay::Selector> {
@@ -764,6 +1004,35 @@ fn selector(t: &Target) -> Result<godwit_relay::Selector> {
         bail!("name a queue ID, a filter (--platform, --rcpt, --older-than) or --all");
     }
     Ok(sel)
+}
+
+/// When a deferred recipient is tried next, as "in 4m 10s" (none when it
+/// is not waiting for a retry).
+fn next_retry(s: Option<&godwit_spool::StatusRecord>, now: i64) -> Option<String> {
+    let s = s?;
+    if s.status != RcptStatus::Deferred || s.next_ms <= 0 || s.next_ms == i64::MAX {
+        return None;
+    }
+    Some(if s.next_ms <= now {
+        "now".into()
+    } else {
+        format!(
+            "in {}",
+            godwit_config::format_duration(Duration::from_secs(((s.next_ms - now) / 1000) as u64))
+        )
+    })
+}
+
+/// The next retry as RFC 3339 UTC, for JSON.
+fn next_retry_time(s: Option<&godwit_spool::StatusRecord>) -> Option<String> {
+    let s = s?;
+    if s.status != RcptStatus::Deferred || s.next_ms <= 0 || s.next_ms == i64::MAX {
+        return None;
+    }
+    time::OffsetDateTime::from_unix_timestamp_nanos(s.next_ms as i128 * 1_000_000)
+        .ok()?
+        .format(&time::format_description::well_known::Rfc3339)
+        .ok()
 }
 
 fn state_of(s: &Option<godwit_spool::StatusRecord>) -> RcptStatus {
@@ -805,8 +1074,10 @@ async fn queue(config: Config, command: QueueCommand) -> Result<i32> {
     let now = godwit_spool::now_ms();
     match command {
         QueueCommand::List { json, filter } => {
+            check_filter(&config, &filter)?;
             let msgs = godwit_spool::list(&config.spool_dir());
             let mut shown = 0;
+            let mut total_bytes = 0u64;
             for m in &msgs {
                 let idx: Vec<usize> = (0..m.header.envelope.rcpts.len())
                     .filter(|&i| list_matches(&filter, m, i, now).unwrap_or(false))
@@ -829,6 +1100,7 @@ async fn queue(config: Config, command: QueueCommand) -> Result<i32> {
                                 "delivered_to": s.as_ref().map(|s| s.delivered_to.clone()).unwrap_or_default(),
                                 "operator_hold": s.as_ref().is_some_and(|s| s.operator_hold),
                                 "reason": s.as_ref().and_then(|s| s.reply.clone()),
+                                "next_retry": next_retry_time(s.as_ref()),
                             })
                         })
                         .collect();
@@ -843,11 +1115,20 @@ async fn queue(config: Config, command: QueueCommand) -> Result<i32> {
                     });
                     println!("{line}");
                 } else {
+                    if shown == 1 {
+                        println!(
+                            "{:<12}  {:>8}  {:>8}  -Sender/Message-ID/Recipient-",
+                            "-Queue ID-", "--Size--", "--Age--"
+                        );
+                    }
+                    total_bytes += m.body_len;
                     println!(
-                        "{}  {:>8}  {:>6}s  <{}>  {}",
+                        "{:<12}  {:>8}  {:>8}  <{}>  {}",
                         h.queue_id,
                         m.body_len,
-                        (now - h.arrival_ms) / 1000,
+                        godwit_config::format_duration(std::time::Duration::from_secs(
+                            ((now - h.arrival_ms) / 1000).max(0) as u64
+                        )),
                         h.envelope.mail_from,
                         h.message_id.as_deref().unwrap_or("-")
                     );
@@ -860,18 +1141,34 @@ async fn queue(config: Config, command: QueueCommand) -> Result<i32> {
                             ""
                         };
                         println!(
-                            "    {}  {:?}{hold}  {why}",
+                            "    {}  {:?}{hold}{}  {why}",
                             h.envelope.rcpts[i].0,
-                            state_of(s)
+                            state_of(s),
+                            next_retry(s.as_ref(), now)
+                                .map(|n| format!(", next retry {n}"))
+                                .unwrap_or_default()
                         );
                     }
                 }
             }
             if !json {
-                println!("-- {shown} message(s) in queue");
+                // Postfix's mailq total line, which scripts grep for.
+                if shown == 0 {
+                    println!("Mail queue is empty");
+                } else {
+                    println!(
+                        "-- {} Kbytes in {shown} Request{}.",
+                        total_bytes.div_ceil(1024),
+                        if shown == 1 { "" } else { "s" }
+                    );
+                }
             }
         }
-        QueueCommand::Show { queue_id } => {
+        QueueCommand::Show {
+            queue_id,
+            json,
+            body: with_body,
+        } => {
             let Some(m) = godwit_spool::list(&config.spool_dir())
                 .into_iter()
                 .find(|m| m.header.queue_id.eq_ignore_ascii_case(&queue_id))
@@ -880,12 +1177,59 @@ async fn queue(config: Config, command: QueueCommand) -> Result<i32> {
                     "no message {queue_id} in the queue (delivered messages leave it; see the events log)"
                 );
             };
+            // Read-only: the gateway may be writing beside us.
+            let body = godwit_spool::read_body_at(&config.spool_dir(), &m)?;
+            let end = body
+                .windows(4)
+                .position(|w| w == b"\r\n\r\n")
+                .unwrap_or(body.len());
             let h = &m.header;
+            if json {
+                let rcpts: Vec<_> = h
+                    .envelope
+                    .rcpts
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (a, p))| {
+                        let s = m.status[i].as_ref();
+                        serde_json::json!({
+                            "address": a,
+                            "state": state_of(&m.status[i]),
+                            "attempts": s.map_or(0, |s| s.attempts),
+                            "platform": s.and_then(|s| s.platform.clone()),
+                            "delivered_to": s.map(|s| s.delivered_to.clone()).unwrap_or_default(),
+                            "operator_hold": s.is_some_and(|s| s.operator_hold),
+                            "last_reply": s.and_then(|s| s.reply.clone()),
+                            "next_retry": next_retry_time(s),
+                            "notify": p.notify,
+                        })
+                    })
+                    .collect();
+                let mut v = serde_json::json!({
+                    "queue_id": h.queue_id,
+                    "message_id": h.message_id,
+                    "arrival_time": h.arrival_ms / 1000,
+                    "client_ip": h.envelope.client_ip,
+                    "helo": h.envelope.helo,
+                    "tls": h.envelope.tls,
+                    "sender": h.envelope.mail_from,
+                    "message_size": m.body_len,
+                    "recipients": rcpts,
+                    "headers": String::from_utf8_lossy(&body[..end]),
+                });
+                if with_body {
+                    v["message"] = String::from_utf8_lossy(&body).into();
+                }
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(0);
+            }
             println!("queue id:    {}", h.queue_id);
             println!("message id:  {}", h.message_id.as_deref().unwrap_or("-"));
             println!(
-                "arrived:     {}s ago from {} (HELO {}{})",
-                (now - h.arrival_ms) / 1000,
+                "arrived:     {} ago from {} (HELO {}{})",
+                godwit_config::format_duration(std::time::Duration::from_secs(
+                    ((now - h.arrival_ms) / 1000).max(0) as u64
+                )),
                 h.envelope.client_ip,
                 h.envelope.helo,
                 if h.envelope.tls { ", TLS" } else { "" }
@@ -913,14 +1257,47 @@ async fn queue(config: Config, command: QueueCommand) -> Result<i32> {
                 if let Some(r) = s.as_ref().and_then(|s| s.reply.clone()) {
                     println!("             last reply: {r}");
                 }
+                if let Some(n) = next_retry(s.as_ref(), now) {
+                    println!("             next retry: {n}");
+                }
             }
-            // Read-only: the gateway may be writing beside us.
-            let body = godwit_spool::read_body_at(&config.spool_dir(), &m)?;
-            let end = body
-                .windows(4)
-                .position(|w| w == b"\r\n\r\n")
-                .unwrap_or(body.len());
-            println!("\n{}", String::from_utf8_lossy(&body[..end]));
+            if with_body {
+                println!("\n*** MESSAGE CONTENTS {} ***", h.queue_id);
+                print!("{}", String::from_utf8_lossy(&body).replace("\r\n", "\n"));
+                println!("*** END OF MESSAGE ***");
+            } else {
+                println!("\n{}", String::from_utf8_lossy(&body[..end]));
+            }
+        }
+        QueueCommand::Shape { by, json } => {
+            let msgs = godwit_spool::list(&config.spool_dir());
+            let store = Store::open(&config.store_url()).await?;
+            let routes = godwit_route::load(&store, &config).await?;
+            let mut rows = Vec::new();
+            for m in &msgs {
+                for (i, (addr, _)) in m.header.envelope.rcpts.iter().enumerate() {
+                    let s = &m.status[i];
+                    if s.as_ref().is_some_and(|s| s.status.is_final()) {
+                        continue;
+                    }
+                    let key = if by == "platform" {
+                        s.as_ref()
+                            .and_then(|s| s.platform.clone())
+                            .unwrap_or_else(|| routes.decide(addr).route)
+                    } else {
+                        addr.rsplit_once('@')
+                            .map_or(addr.as_str(), |(_, d)| d)
+                            .to_ascii_lowercase()
+                    };
+                    rows.push((key, ((now - m.header.arrival_ms) / 60_000).max(0) as u64));
+                }
+            }
+            let shape = godwit_evidence::report::qshape(&rows);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&shape)?);
+            } else {
+                print!("{}", godwit_evidence::report::render_qshape(&shape, &by));
+            }
         }
         QueueCommand::Destinations { json } => {
             let store = Store::open(&config.store_url()).await?;
@@ -971,17 +1348,19 @@ async fn queue(config: Config, command: QueueCommand) -> Result<i32> {
                 }
             }
         }
-        QueueCommand::Hold(t) => return queue_op(&config, godwit_relay::QueueOp::Hold, &t).await,
+        QueueCommand::Hold(t) => return queue_cmd(&config, godwit_relay::QueueOp::Hold, t).await,
         QueueCommand::Release(t) => {
-            return queue_op(&config, godwit_relay::QueueOp::Release, &t).await;
+            return queue_cmd(&config, godwit_relay::QueueOp::Release, t).await;
         }
-        QueueCommand::Flush(t) => return queue_op(&config, godwit_relay::QueueOp::Flush, &t).await,
+        QueueCommand::Flush(t) => {
+            return queue_cmd(&config, godwit_relay::QueueOp::Flush, t).await;
+        }
         QueueCommand::Requeue(t) => {
-            return queue_op(&config, godwit_relay::QueueOp::Requeue, &t).await;
+            return queue_cmd(&config, godwit_relay::QueueOp::Requeue, t).await;
         }
         QueueCommand::Delete { target, yes } => {
             // A bad selector is refused before anyone is asked to confirm.
-            selector(&target)?;
+            let target = resolve_target(&config, target)?;
             if !yes {
                 use std::io::{BufRead, IsTerminal, Write};
                 if !std::io::stdin().is_terminal() {
@@ -998,10 +1377,159 @@ async fn queue(config: Config, command: QueueCommand) -> Result<i32> {
                     return Ok(1);
                 }
             }
-            return queue_op(&config, godwit_relay::QueueOp::Delete, &target).await;
+            return queue_targets(&config, godwit_relay::QueueOp::Delete, target).await;
         }
     }
     Ok(0)
+}
+
+/// The recipient states `--state` names, as `queue list` shows them.
+const STATES: [&str; 3] = ["pending", "deferred", "held"];
+
+/// Refuses a filter value that could never match, naming it: an empty
+/// answer to a typo reads as "the queue is empty".
+fn check_filter(config: &Config, f: &Filter) -> Result<()> {
+    if let Some(d) = &f.older_than {
+        godwit_config::parse_duration(d).map_err(|e| anyhow::anyhow!("--older-than: {e}"))?;
+    }
+    if let Some(st) = &f.state
+        && !STATES.iter().any(|s| s.eq_ignore_ascii_case(st))
+    {
+        bail!("--state `{st}`: choose one of {}", STATES.join(", "));
+    }
+    if let Some(p) = &f.platform
+        && !config.is_route_name(p)
+    {
+        let names: Vec<_> = config.platforms.keys().map(String::as_str).collect();
+        bail!(
+            "--platform `{p}` is not a configured platform (choose one of: {}, hold)",
+            names.join(", ")
+        );
+    }
+    if let Some(r) = &f.rcpt
+        && !r.contains('@')
+    {
+        bail!("--rcpt `{r}` is not an address (expected local@domain)");
+    }
+    Ok(())
+}
+
+/// Queue IDs from the arguments, `-` standing for those on stdin.
+fn queue_ids(args: &[String], stdin: impl std::io::Read) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    let mut stdin = Some(stdin);
+    for a in args {
+        if a == "-" {
+            let Some(mut input) = stdin.take() else {
+                bail!("`-` (queue IDs on stdin) may be given once");
+            };
+            let mut text = String::new();
+            input
+                .read_to_string(&mut text)
+                .context("reading queue IDs from stdin")?;
+            out.extend(text.split_whitespace().map(str::to_string));
+        } else {
+            out.push(a.clone());
+        }
+    }
+    for id in &out {
+        if id.is_empty() || !id.chars().all(|c| c.is_ascii_alphanumeric()) {
+            bail!("`{id}` is not a queue ID (letters and digits, as `queue list` shows)");
+        }
+    }
+    Ok(out)
+}
+
+/// Validates a target's filters and reads its IDs (stdin for `-`).
+fn resolve_target(config: &Config, mut t: Target) -> Result<Target> {
+    check_filter(config, &t.filter)?;
+    if t.filter.state.is_some() {
+        bail!(
+            "--state selects for `queue list` only; hold, release, flush, requeue and delete take IDs, --platform, --rcpt, --older-than or --all"
+        );
+    }
+    t.queue_ids = queue_ids(&t.queue_ids, std::io::stdin().lock())?;
+    if t.queue_ids.is_empty()
+        && !t.all
+        && t.filter.platform.is_none()
+        && t.filter.rcpt.is_none()
+        && t.filter.older_than.is_none()
+    {
+        bail!(
+            "name queue IDs (or `-` for IDs on stdin), a filter (--platform, --rcpt, --older-than) or --all"
+        );
+    }
+    Ok(t)
+}
+
+async fn queue_cmd(config: &Config, op: godwit_relay::QueueOp, t: Target) -> Result<i32> {
+    let t = resolve_target(config, t)?;
+    queue_targets(config, op, t).await
+}
+
+/// Runs `op` once per queue ID (or once for the filter). IDs not in the
+/// queue are named; the exit is 1 when nothing matched at all.
+async fn queue_targets(config: &Config, op: godwit_relay::QueueOp, t: Target) -> Result<i32> {
+    let name = serde_json::to_string(&op)?.trim_matches('"').to_string();
+    let msgs = godwit_spool::list(&config.spool_dir());
+    let live = |m: &godwit_spool::Spooled| {
+        m.status
+            .iter()
+            .any(|s| s.as_ref().is_none_or(|s| !s.status.is_final()))
+    };
+    if t.queue_ids.is_empty() {
+        if !t.all {
+            let store = Store::open(&config.store_url()).await?;
+            let routes = godwit_route::load(&store, config).await?;
+            let now = godwit_spool::now_ms();
+            let sel = selector(&t)?;
+            let any = msgs.iter().any(|m| {
+                m.header
+                    .envelope
+                    .rcpts
+                    .iter()
+                    .enumerate()
+                    .any(|(i, (addr, _))| {
+                        let s = &m.status[i];
+                        let route = s
+                            .as_ref()
+                            .and_then(|s| s.platform.clone())
+                            .unwrap_or_else(|| routes.decide(addr).route);
+                        s.as_ref().is_none_or(|s| !s.status.is_final())
+                            && sel.matches(&m.header, addr, &route, now)
+                    })
+            });
+            if !any {
+                println!("{name}: nothing in the queue matches");
+                return Ok(1);
+            }
+        } else if !msgs.iter().any(live) {
+            println!("{name}: the queue is empty");
+            return Ok(1);
+        }
+        return queue_op(config, op, &t).await;
+    }
+    let mut matched = 0;
+    for id in &t.queue_ids {
+        if !msgs
+            .iter()
+            .any(|m| m.header.queue_id.eq_ignore_ascii_case(id) && live(m))
+        {
+            eprintln!(
+                "godwit: {id}: no such message in the queue ({})",
+                config.spool_dir().display()
+            );
+            continue;
+        }
+        matched += 1;
+        let one = Target {
+            queue_ids: Vec::new(),
+            queue_id: Some(id.clone()),
+            ..t.clone()
+        };
+        queue_op(config, op.clone(), &one).await?;
+    }
+    Ok(if matched == 0 { 1 } else { 0 })
 }
 
 /// Sends a queue command to the running gateways, or applies it to the spool

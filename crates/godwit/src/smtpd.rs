@@ -10,37 +10,52 @@ use godwit_smtp_proto::{Envelope, Limits, NewlinePolicy, Output, RcptPolicy, Rep
 use godwit_spool::{Header, Spool, now_ms};
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
 pub struct Smtpd {
-    pub config: Arc<Config>,
+    /// What a reload (SIGHUP) may replace; each session takes a snapshot
+    /// when it starts, so a reload never changes a session midway.
+    live: RwLock<Live>,
     pub spool: Arc<Spool>,
     pub relay: Relay,
     pub events: EventLog,
-    pub tls: Option<TlsAcceptor>,
     connections: Arc<Semaphore>,
+    /// The permits `connections` was created or last resized with.
+    connection_limit: Mutex<usize>,
     per_ip: Mutex<HashMap<IpAddr, usize>>,
     session_ids: AtomicU64,
     data_memory: DataMemory,
+    /// Set once on SIGTERM: listeners stop accepting, idle sessions are closed
+    /// with 421, and a session in DATA finishes its message first.
+    draining: tokio::sync::watch::Sender<bool>,
+    /// Sessions running now, and a wake-up for whoever waits for none.
+    active: AtomicUsize,
+    idle: tokio::sync::Notify,
+}
+
+#[derive(Clone)]
+struct Live {
+    config: Arc<Config>,
+    tls: Option<TlsAcceptor>,
 }
 
 /// DATA content held in memory by all sessions (`smtp.max_data_memory`):
 /// each session charges what its message buffer holds as it grows.
 struct DataMemory {
     used: AtomicU64,
-    max: u64,
+    max: AtomicU64,
 }
 
 impl DataMemory {
     fn try_charge(&self, bytes: u64) -> bool {
         self.used
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
-                (u + bytes <= self.max).then_some(u + bytes)
+                (u + bytes <= self.max.load(Ordering::Relaxed)).then_some(u + bytes)
             })
             .is_ok()
     }
@@ -136,25 +151,76 @@ impl Smtpd {
         };
         let data_memory = DataMemory {
             used: AtomicU64::new(0),
-            max: config.smtp.max_data_memory,
+            max: AtomicU64::new(config.smtp.max_data_memory),
         };
         Ok(Arc::new(Smtpd {
             connections: Arc::new(Semaphore::new(config.smtp.max_connections)),
-            config,
+            connection_limit: Mutex::new(config.smtp.max_connections),
+            live: RwLock::new(Live { config, tls }),
             spool,
             relay,
             events,
-            tls,
             per_ip: Mutex::new(HashMap::new()),
             session_ids: AtomicU64::new(1),
             data_memory,
+            draining: tokio::sync::watch::channel(false).0,
+            active: AtomicUsize::new(0),
+            idle: tokio::sync::Notify::new(),
         }))
     }
 
-    fn limits(&self) -> Limits {
-        let s = &self.config.smtp;
+    /// Applies a reloaded configuration to new sessions: limits, timeouts,
+    /// accepted domains and the TLS certificate (read again from its files).
+    /// An unreadable certificate fails the whole reload, and nothing changes.
+    pub fn reload(&self, config: Arc<Config>) -> anyhow::Result<()> {
+        let tls = match (&config.smtp.tls_cert, &config.smtp.tls_key) {
+            (Some(cert), Some(key)) => Some(crate::tls::acceptor(cert, key)?),
+            _ => None,
+        };
+        self.data_memory
+            .max
+            .store(config.smtp.max_data_memory, Ordering::Relaxed);
+        {
+            let mut limit = self.connection_limit.lock().unwrap();
+            let want = config.smtp.max_connections;
+            if want > *limit {
+                self.connections.add_permits(want - *limit);
+            } else if want < *limit {
+                // Permits held by running sessions are forgotten as they come
+                // back; until then the old limit still counts them.
+                self.connections.forget_permits(*limit - want);
+            }
+            *limit = want;
+        }
+        *self.live.write().unwrap() = Live { config, tls };
+        Ok(())
+    }
+
+    /// SIGTERM: stop accepting and close idle sessions; resolves when every
+    /// session has ended or `deadline` passed. Returns the sessions left.
+    pub async fn drain(&self, deadline: std::time::Duration) -> usize {
+        self.draining.send_replace(true);
+        let wait = async {
+            loop {
+                let notified = self.idle.notified();
+                if self.active.load(Ordering::Acquire) == 0 {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        let _ = tokio::time::timeout(deadline, wait).await;
+        self.active.load(Ordering::Acquire)
+    }
+
+    pub fn sessions(&self) -> usize {
+        self.active.load(Ordering::Acquire)
+    }
+
+    fn limits(&self, live: &Live) -> Limits {
+        let s = &live.config.smtp;
         Limits {
-            hostname: self.config.hostname.clone(),
+            hostname: live.config.hostname.clone(),
             max_message_size: s.max_message_size,
             max_recipients: s.max_recipients,
             max_command_line: s.max_command_line,
@@ -164,13 +230,20 @@ impl Smtpd {
                 BareNewline::Normalize => NewlinePolicy::Normalize,
             },
             max_received_headers: s.max_received_headers,
-            tls_available: self.tls.is_some(),
+            tls_available: live.tls.is_some(),
         }
     }
 
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        let mut draining = self.draining.subscribe();
         loop {
-            let (stream, peer) = match listener.accept().await {
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                // Dropping the listener closes the socket: new clients get a
+                // connection refused and try another MX (RFC 5321 5.1).
+                _ = draining.wait_for(|d| *d) => return,
+            };
+            let (stream, peer) = match accepted {
                 Ok(x) => x,
                 Err(e) => {
                     tracing::warn!("accept failed: {e}");
@@ -179,7 +252,13 @@ impl Smtpd {
                 }
             };
             let me = self.clone();
-            tokio::spawn(async move { me.connection(stream, peer).await });
+            me.active.fetch_add(1, Ordering::AcqRel);
+            tokio::spawn(async move {
+                me.clone().connection(stream, peer).await;
+                if me.active.fetch_sub(1, Ordering::AcqRel) == 1 {
+                    me.idle.notify_waiters();
+                }
+            });
         }
     }
 
@@ -195,6 +274,7 @@ impl Smtpd {
 
     async fn connection(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) {
         let ip = peer.ip();
+        let live = self.live.read().unwrap().clone();
         let Ok(_permit) = self.connections.clone().try_acquire_owned() else {
             return self
                 .refuse(
@@ -203,7 +283,7 @@ impl Smtpd {
                     Reply::new(
                         421,
                         (4, 7, 0),
-                        format!("{} Error: too many connections", self.config.hostname),
+                        format!("{} Error: too many connections", live.config.hostname),
                     ),
                     "max_connections",
                 )
@@ -212,7 +292,7 @@ impl Smtpd {
         let over = {
             let mut per_ip = self.per_ip.lock().unwrap();
             let n = per_ip.entry(ip).or_insert(0);
-            if *n >= self.config.smtp.max_connections_per_ip {
+            if *n >= live.config.smtp.max_connections_per_ip {
                 true
             } else {
                 *n += 1;
@@ -225,7 +305,7 @@ impl Smtpd {
                 (4, 7, 0),
                 format!(
                     "{} Error: too many connections from {ip}",
-                    self.config.hostname
+                    live.config.hostname
                 ),
             );
             return self.refuse(stream, ip, r, "max_connections_per_ip").await;
@@ -235,7 +315,7 @@ impl Smtpd {
             session: session_id,
             client_ip: ip.to_string(),
         });
-        let (messages, reason) = self.run_session(stream, ip, session_id).await;
+        let (messages, reason) = self.run_session(&live, stream, ip, session_id).await;
         self.events.emit(Event::ConnectionClosed {
             session: session_id,
             client_ip: ip.to_string(),
@@ -251,9 +331,15 @@ impl Smtpd {
         }
     }
 
-    async fn run_session(&self, stream: TcpStream, ip: IpAddr, sid: u64) -> (u32, String) {
+    async fn run_session(
+        &self,
+        live: &Live,
+        stream: TcpStream,
+        ip: IpAddr,
+        sid: u64,
+    ) -> (u32, String) {
         let _ = stream.set_nodelay(true);
-        let delay = self.config.smtp.greeting_delay;
+        let delay = live.config.smtp.greeting_delay;
         if !delay.is_zero() {
             // Postscreen-style pregreet test: a client that talks before the
             // greeting is not speaking SMTP (RFC 5321 4.3.1), usually a bot.
@@ -280,6 +366,10 @@ impl Smtpd {
                         stage: "connect".into(),
                         reply: r.to_string(),
                         detail: Some("early talker".into()),
+                        mail_from: None,
+                        rcpt: None,
+                        helo: None,
+                        proto: None,
                     });
                     let mut stream = stream;
                     let _ = stream.write_all(&r.to_wire()).await;
@@ -287,7 +377,7 @@ impl Smtpd {
                 }
             }
         }
-        let mut session = Session::new(self.limits(), ip.to_string());
+        let mut session = Session::new(self.limits(live), ip.to_string());
         let mut messages = 0u32;
         let mut stream = stream;
         let greeting = session.greeting().to_wire();
@@ -295,15 +385,15 @@ impl Smtpd {
             return (0, "write failed".into());
         }
         match self
-            .drive(&mut stream, &mut session, sid, &mut messages)
+            .drive(live, &mut stream, &mut session, sid, &mut messages)
             .await
         {
             End::StartTls => {
-                let Some(acceptor) = self.tls.clone() else {
+                let Some(acceptor) = live.tls.clone() else {
                     return (messages, "tls unavailable".into());
                 };
                 match tokio::time::timeout(
-                    self.config.smtp.command_timeout,
+                    live.config.smtp.command_timeout,
                     acceptor.accept(stream),
                 )
                 .await
@@ -325,7 +415,10 @@ impl Smtpd {
                             cipher,
                         });
                         session.tls_started();
-                        match self.drive(&mut tls, &mut session, sid, &mut messages).await {
+                        match self
+                            .drive(live, &mut tls, &mut session, sid, &mut messages)
+                            .await
+                        {
                             End::Closed(reason) => (messages, reason),
                             End::StartTls => (messages, "second STARTTLS".into()),
                         }
@@ -340,12 +433,14 @@ impl Smtpd {
 
     async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
         &self,
+        live: &Live,
         stream: &mut S,
         session: &mut Session,
         sid: u64,
         messages: &mut u32,
     ) -> End {
-        let policy = Domains(&self.config, self.relay.routes());
+        let policy = Domains(&live.config, self.relay.routes());
+        let mut draining = self.draining.subscribe();
         let mut buf = vec![0u8; 64 * 1024];
         let mut out: Vec<u8> = Vec::with_capacity(1024);
         let mut charged = Charged {
@@ -353,20 +448,28 @@ impl Smtpd {
             bytes: 0,
         };
         let mut was_data = false;
-        let mut deadline = tokio::time::Instant::now() + self.config.smtp.command_timeout;
+        let mut deadline = tokio::time::Instant::now() + live.config.smtp.command_timeout;
         loop {
             while let Some(o) = session.next(&policy) {
                 match o {
                     Output::Reply(r) => out.extend_from_slice(&r.to_wire()),
-                    Output::Refused { stage, reply } => self.events.emit(Event::MessageRefused {
+                    Output::Refused {
+                        stage,
+                        reply,
+                        context,
+                    } => self.events.emit(Event::MessageRefused {
                         session: sid,
                         client_ip: session.client_ip.clone(),
                         stage: stage.into(),
                         reply: reply.to_string(),
                         detail: None,
+                        mail_from: context.mail_from,
+                        rcpt: context.rcpt,
+                        helo: context.helo,
+                        proto: context.proto.map(str::to_string),
                     }),
                     Output::Message { envelope, message } => {
-                        let reply = self.accept(session, sid, envelope, message).await;
+                        let reply = self.accept(live, session, sid, envelope, message).await;
                         if reply.code == 250 {
                             *messages += 1;
                         }
@@ -395,24 +498,47 @@ impl Smtpd {
                 tracing::warn!(
                     session = sid,
                     "smtp.max_data_memory ({} bytes) reached: this DATA is discarded and will be answered 452 4.3.1",
-                    self.config.smtp.max_data_memory
+                    live.config.smtp.max_data_memory
                 );
+            }
+            let in_data = session.in_data();
+            if !in_data && *draining.borrow() {
+                // RFC 5321 3.8: a server shutting down answers 421 and closes;
+                // the client keeps its mail and tries again.
+                let r = Reply::new(
+                    421,
+                    (4, 3, 2),
+                    format!("{} Service shutting down", live.config.hostname),
+                );
+                let _ = stream.write_all(&r.to_wire()).await;
+                let _ = stream.shutdown().await;
+                return End::Closed("gateway shutting down".into());
             }
             // RFC 5321 4.5.3.2: the timeouts bound a whole command line, and
             // the whole DATA phase, not each read: a client sending a byte
             // every few seconds must not hold a session for ever. A new
             // command's clock starts once the previous one is consumed.
-            let in_data = session.in_data();
             if in_data != was_data || (!in_data && session.buffered() == 0) {
                 deadline = tokio::time::Instant::now()
                     + if in_data {
-                        self.config.smtp.data_timeout
+                        live.config.smtp.data_timeout
                     } else {
-                        self.config.smtp.command_timeout
+                        live.config.smtp.command_timeout
                     };
                 was_data = in_data;
             }
-            match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            let read = async {
+                if in_data {
+                    // A message in DATA is finished before the session closes.
+                    return Some(tokio::time::timeout_at(deadline, stream.read(&mut buf)).await);
+                }
+                tokio::select! {
+                    r = tokio::time::timeout_at(deadline, stream.read(&mut buf)) => Some(r),
+                    _ = draining.wait_for(|d| *d) => None,
+                }
+            };
+            let Some(read) = read.await else { continue };
+            match read {
                 Ok(Ok(0)) => {
                     return End::Closed(if session.in_data() {
                         "lost connection in DATA".into()
@@ -427,7 +553,7 @@ impl Smtpd {
                     let r = Reply::new(
                         421,
                         (4, 4, 2),
-                        format!("{} Error: timeout exceeded", self.config.hostname),
+                        format!("{} Error: timeout exceeded", live.config.hostname),
                     );
                     let _ = stream.write_all(&r.to_wire()).await;
                     return End::Closed("timeout".into());
@@ -440,6 +566,7 @@ impl Smtpd {
     /// only after the spool file and its directory are fsynced.
     async fn accept(
         &self,
+        live: &Live,
         session: &mut Session,
         sid: u64,
         envelope: godwit_smtp_proto::Envelope,
@@ -447,7 +574,7 @@ impl Smtpd {
     ) -> Reply {
         let queue_id = self.spool.new_queue_id();
         let message_id = message_id_of(&message);
-        let received = received_header(&self.config.hostname, &envelope, &queue_id);
+        let received = received_header(&live.config.hostname, &envelope, &queue_id);
         let (envelope, expansions) = expand_groups(self.relay.routes(), envelope);
         let header = Header {
             queue_id: queue_id.clone(),
@@ -511,6 +638,10 @@ impl Smtpd {
                     stage: "data".into(),
                     reply: r.to_string(),
                     detail: Some(detail),
+                    mail_from: Some(envelope.mail_from.clone()),
+                    rcpt: None,
+                    helo: Some(envelope.helo.clone()),
+                    proto: Some(if envelope.esmtp { "ESMTP" } else { "SMTP" }.into()),
                 });
                 session.refused(r)
             }

@@ -244,6 +244,10 @@ fn postfix_style_log_is_read_by_pflogsumm() {
         )
         .starts_with("250")
     );
+    // A refused recipient: a NOQUEUE reject line.
+    assert!(c.cmd("MAIL FROM:<s@outside.test>").starts_with("250"));
+    assert!(c.cmd("RCPT TO:<x@elsewhere.test>").starts_with("554"));
+    c.cmd("RSET");
     wait_for("deliveries", T, || {
         (old.messages().len() == 7).then_some(())
     });
@@ -253,8 +257,26 @@ fn postfix_style_log_is_read_by_pflogsumm() {
             .filter(|t| t.contains("status=deferred"))
             .map(|_| ())
     });
+    // An operator hold and a removal of the deferred message.
+    let qid = wait_for("the deferred message's queue ID", T, || {
+        gw.events_named("delivery.deferred")
+            .first()
+            .and_then(|e| e["queue_id"].as_str().map(str::to_string))
+    });
+    assert!(gw.cli(&["queue", "hold", &qid]).0);
+    assert!(gw.cli(&["queue", "delete", &qid, "--yes"]).0);
+    wait_for("hold and removal logged", T, || {
+        std::fs::read_to_string(&log)
+            .ok()
+            .filter(|t| t.contains(": hold: ") && t.contains(&format!("{qid}: removed")))
+            .map(|_| ())
+    });
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(text.contains("status=sent (250"), "{text}");
+    assert!(
+        text.contains("from=<s@outside.test> to=<x@elsewhere.test> proto=ESMTP helo=<client.test>"),
+        "{text}"
+    );
     let out = std::process::Command::new("pflogsumm")
         .args(["--syslog-name=godwit", log.to_str().unwrap()])
         .output()
@@ -276,6 +298,34 @@ fn postfix_style_log_is_read_by_pflogsumm() {
     assert_eq!(total("received"), 8, "{summary}");
     assert_eq!(total("delivered"), 7, "{summary}");
     assert!(total("deferred") >= 1, "{summary}");
+    assert_eq!(total("held"), 1, "{summary}");
+    assert!(summary.contains("      1   rejected ("), "{summary}");
+    // The detail sections: a whole deferral reason (no cut-off parenthesis),
+    // the hold's reason, the reject's reason and recipient.
+    let section = |title: &str| -> String {
+        summary
+            .split(title)
+            .nth(1)
+            .unwrap_or_else(|| panic!("no `{title}` section:\n{summary}"))
+            .split("\n\n\n")
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    let deferrals = section("message deferral detail");
+    assert!(
+        deferrals.contains("Connection refused") && !deferrals.contains("(os error"),
+        "{deferrals}"
+    );
+    assert!(
+        section("message hold detail").contains("operator hold by"),
+        "{summary}"
+    );
+    let rejects = section("message reject detail");
+    assert!(
+        rejects.contains("Relay access denied (total: 1)") && rejects.contains("127.0.0.1"),
+        "{rejects}"
+    );
 }
 
 #[test]
@@ -318,9 +368,29 @@ fn dashboard_in_headless_chromium_matches_the_metrics() {
             && metric(&r.1, "godwit_messages_accepted_total") == Some(15.0);
         settled.then_some(r)
     });
+    // A wave, for the wave table.
+    let dir = gw.config_path.with_file_name("directory.csv");
+    std::fs::write(
+        &dir,
+        "address,display_name,kind,aliases,members,platform\ndora@example.com,Dora,user,,,old\nerin@example.com,Erin,user,,,old\n",
+    )
+    .unwrap();
+    let (ok, out) = gw.cli(&["directory", "import", dir.to_str().unwrap(), "--apply"]);
+    assert!(ok, "{out}");
+    let (ok, out) = gw.cli(&["directory", "state", "ready", "dora@example.com"]);
+    assert!(ok, "{out}");
+    let (ok, out) = gw.cli(&[
+        "wave",
+        "create",
+        "pilot",
+        "--members",
+        "dora@example.com",
+        "erin@example.com",
+    ]);
+    assert!(ok, "{out}");
     let profile = tempfile::tempdir().unwrap();
-    let url = format!("http://127.0.0.1:{}/", gw.admin_port);
-    let chromium = |extra: &[&str]| {
+    let mut url = format!("http://127.0.0.1:{}/", gw.admin_port);
+    let chromium = |url: &str, extra: &[&str]| {
         let mut cmd = std::process::Command::new("chromium");
         cmd.args([
             "--headless",
@@ -335,11 +405,12 @@ fn dashboard_in_headless_chromium_matches_the_metrics() {
         .arg(format!("--user-data-dir={}", profile.path().display()))
         .args(["--virtual-time-budget=4000", "--window-size=1400,1200"])
         .args(extra)
-        .arg(&url);
+        .env("TZ", "UTC")
+        .arg(url);
         cmd.output()
             .expect("chromium (scripts/install-peers installs it)")
     };
-    let dom = String::from_utf8_lossy(&chromium(&["--dump-dom"]).stdout).to_string();
+    let dom = String::from_utf8_lossy(&chromium(&url, &["--dump-dom"]).stdout).to_string();
     assert!(
         dom.contains("data-loaded=\"1\""),
         "the page did not load its data:\n{dom}"
@@ -362,15 +433,84 @@ fn dashboard_in_headless_chromium_matches_the_metrics() {
     assert_eq!(value("delivered-old"), "12");
     assert_eq!(value("delivered-total"), "12");
     assert_eq!(value("queue-depth"), "3");
-    assert_eq!(value("routing-version"), "1");
+    // route set, directory import, directory state, wave create.
+    assert_eq!(value("routing-version"), "4");
     assert_eq!(value("circuit-old"), "closed");
     assert!(
         dom.contains("route set carol@example.com new"),
         "recent routing changes missing"
     );
+    // The wave table: one row per wave, its members' states and sync.
+    let row = dom
+        .split("<tr class=\"wave-row\">")
+        .nth(1)
+        .expect("a wave row")
+        .split("</tr>")
+        .next()
+        .unwrap();
+    assert!(
+        row.contains(">pilot<")
+            && row.contains(">2<")
+            && row.contains("ready: 1")
+            && row.contains("0 / 2"),
+        "{row}"
+    );
+    // Charts with their axes' units and the time zone.
+    for label in [
+        "time (UTC)",
+        "messages per 1 min",
+        "defer rate (%)",
+        "latency (s)",
+        "queued messages",
+        "old p95",
+    ] {
+        assert!(dom.contains(label), "no `{label}` on the page");
+    }
+    assert!(
+        dom.contains("data-series=\"1h\""),
+        "the 1 h range was not drawn"
+    );
+    // The x axis was drawn with clock times (HH:MM), the y axis with numbers.
+    let ticks = dom
+        .split("id=\"chart-volume\"")
+        .nth(1)
+        .and_then(|r| r.split("data-x-ticks=\"").nth(1))
+        .and_then(|r| r.split('"').next())
+        .expect("x tick labels on the volume chart");
+    assert!(
+        ticks.split('|').count() >= 2
+            && ticks
+                .split('|')
+                .all(|t| t.len() >= 5 && t.as_bytes()[2] == b':'),
+        "{ticks}"
+    );
+    // Another range, chosen in the address.
+    url.push_str("?range=15m");
+    let dom = String::from_utf8_lossy(&chromium(&url, &["--dump-dom"]).stdout).to_string();
+    assert!(
+        dom.contains("data-series=\"15m\"") && dom.contains("messages per 15 s"),
+        "15m range"
+    );
+    // The routing change is a marker on the charts.
+    let (_, series) = gw.admin_get("/api/series?range=15m");
+    let series: serde_json::Value = serde_json::from_str(&series).unwrap();
+    assert_eq!(
+        series["routing_changes"][0]["command"],
+        "route set carol@example.com new"
+    );
+    assert_eq!(
+        series["delivered"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap())
+            .sum::<u64>(),
+        12
+    );
     // Keep a screenshot with the test's output.
+    url.truncate(url.len() - "?range=15m".len());
     let shot = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard.png");
-    let out = chromium(&[&format!("--screenshot={}", shot.display())]);
+    let out = chromium(&url, &[&format!("--screenshot={}", shot.display())]);
     assert!(
         shot.exists() && std::fs::metadata(&shot).unwrap().len() > 10_000,
         "no screenshot: {}",

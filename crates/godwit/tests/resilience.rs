@@ -94,7 +94,7 @@ fn throttled_platform_backs_off_while_the_other_flows_and_nothing_bounces() {
         );
     }
     let (_, q) = gw.cli(&["queue", "list"]);
-    assert!(q.contains("-- 0 message"), "{q}");
+    assert!(q.contains("Mail queue is empty"), "{q}");
 }
 
 #[test]
@@ -266,8 +266,11 @@ fn queue_commands_against_a_running_gateway() {
     gw.route("r@example.com", "new");
     // The route change alone may already have moved it (a change makes
     // queued mail due at once); then requeue matches nothing and says so.
-    let (ok, out) = gw.cli(&["queue", "requeue", &rq]);
-    assert!(ok || out.contains("0 affected"), "{out}");
+    let (requeued, out) = gw.cli(&["queue", "requeue", &rq]);
+    assert!(
+        requeued || out.contains("0 affected") || out.contains("no such message"),
+        "{out}"
+    );
     wait_for("requeued to new", Duration::from_secs(5), || {
         (sink_new.count_containing("requeued@test") == 1).then_some(())
     });
@@ -278,6 +281,9 @@ fn queue_commands_against_a_running_gateway() {
         .map(|e| e["op"].as_str().unwrap().to_string())
         .collect();
     for op in ["hold", "delete", "flush", "release", "requeue"] {
+        if op == "requeue" && !requeued {
+            continue; // the route change had already delivered it
+        }
         assert!(ops.contains(&op.to_string()), "{op} not recorded: {ops:?}");
     }
     assert!(
@@ -512,7 +518,7 @@ fn a_failed_dsn_never_causes_a_dsn() {
     );
     assert!(old.messages().is_empty());
     let (_, q) = gw.cli(&["queue", "list"]);
-    assert!(q.contains("-- 0 message"), "{q}");
+    assert!(q.contains("Mail queue is empty"), "{q}");
 }
 
 /// A message whose attempt has begun but waits for a connection slot is

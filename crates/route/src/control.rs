@@ -1392,6 +1392,7 @@ pub async fn wave_cutover(ctx: &Ctx<'_>, name: &str, force: bool) -> Result<Outc
     let be = ctx.store.backend;
     let sync = sync_ready_accounts(ctx.store).await;
     let name = name.to_string();
+    let dry_run = ctx.dry_run;
     ctx.run_tx(
         Scope::Wave(name.clone()),
         false,
@@ -1401,6 +1402,7 @@ pub async fn wave_cutover(ctx: &Ctx<'_>, name: &str, force: bool) -> Result<Outc
             let sync = sync.clone();
             Box::pin(async move {
                 let mut control = vec![set_wave_status(tx, &name, "cutover", version).await?];
+                let mut blocked = Vec::new();
                 let members = wave_members(tx, be, &name).await?;
                 let mut not_ready = Vec::new();
                 let mut missing = Vec::new();
@@ -1414,11 +1416,25 @@ pub async fn wave_cutover(ctx: &Ctx<'_>, name: &str, force: bool) -> Result<Outc
                     }
                     if !ready_for_cutover(o.kind, o.state, sync.contains(m)) {
                         not_ready.push(m.clone());
+                        // A dry run shows the plan and why each member is held back.
+                        blocked.push(cc(
+                            "note",
+                            format!("blocked {m}"),
+                            None,
+                            Some(format!(
+                                "{m} blocked: state {}, sync not ready (mark it ready, wait for `godwit sync`, or --force)",
+                                o.state
+                            )),
+                        ));
                         if !force {
                             continue;
                         }
                     }
                     o.state = MigrationState::Cutover;
+                }
+                if dry_run && !force {
+                    control.extend(blocked);
+                    return Ok(control);
                 }
                 if !not_ready.is_empty() && !force {
                     return Err(ControlError::NotReady {

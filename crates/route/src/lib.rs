@@ -4,6 +4,8 @@
 //! version and applies only the changes since its own, so a change reaches
 //! it within a second and a lookup on the delivery path is a hash lookup.
 
+mod address;
+pub use address::Address;
 pub mod control;
 pub mod directory;
 pub mod history;
@@ -405,6 +407,18 @@ impl SharedRoutes {
 
     pub fn snapshot(&self) -> Vec<(String, String)> {
         self.0.read().unwrap().snapshot()
+    }
+
+    /// A reloaded configuration (SIGHUP): the global and per-domain defaults,
+    /// the unknown-recipient policy and the expansion limit. Entries from the
+    /// store stay as they are.
+    pub fn reconfigure(&self, config: &Config) {
+        let fresh = RoutingMap::new(config);
+        let mut map = self.0.write().unwrap();
+        map.default = fresh.default;
+        map.domains = fresh.domains;
+        map.unknown = fresh.unknown;
+        map.expansion_limit = fresh.expansion_limit;
     }
 
     /// Applies a batch under one write lock: a 100,000-address wave is one

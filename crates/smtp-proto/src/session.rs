@@ -49,7 +49,22 @@ pub enum Output {
     Refused {
         stage: &'static str,
         reply: Reply,
+        /// What the client had said, for the log line Postfix writes
+        /// (`NOQUEUE: reject: RCPT from ...; from=<> to=<> proto= helo=<>`).
+        context: Refusal,
     },
+}
+
+/// The session's state when a command was refused.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Refusal {
+    /// MAIL FROM of the open transaction, if any.
+    pub mail_from: Option<String>,
+    /// The recipient a refused RCPT named.
+    pub rcpt: Option<String>,
+    pub helo: Option<String>,
+    /// "ESMTP" after EHLO, "SMTP" after HELO.
+    pub proto: Option<&'static str>,
 }
 
 #[derive(Debug)]
@@ -74,6 +89,8 @@ pub struct Session {
     rcpts: Vec<(String, RcptParams)>,
     message: Vec<u8>,
     errors: usize,
+    /// The address of the RCPT being decided, for a refusal's context.
+    attempted_rcpt: Option<String>,
     pub client_ip: String,
     pub tls: bool,
     pending: std::collections::VecDeque<Output>,
@@ -91,6 +108,7 @@ impl Session {
             rcpts: Vec::new(),
             message: Vec::new(),
             errors: 0,
+            attempted_rcpt: None,
             client_ip: client_ip.into(),
             tls: false,
             pending: Default::default(),
@@ -171,7 +189,20 @@ impl Session {
     fn error(&mut self, stage: &'static str, r: Reply) {
         self.errors += 1;
         self.pending.push_back(Output::Reply(r.clone()));
-        self.pending.push_back(Output::Refused { stage, reply: r });
+        let context = Refusal {
+            mail_from: self.mail.as_ref().map(|(a, _)| a.clone()),
+            rcpt: self.attempted_rcpt.take().filter(|_| stage == "rcpt"),
+            helo: self.helo.clone(),
+            proto: self
+                .helo
+                .is_some()
+                .then_some(if self.esmtp { "ESMTP" } else { "SMTP" }),
+        };
+        self.pending.push_back(Output::Refused {
+            stage,
+            reply: r,
+            context,
+        });
         if self.errors >= self.limits.max_errors {
             self.emit(Reply::new(
                 421,
@@ -505,6 +536,7 @@ impl Session {
     }
 
     fn rcpt_to(&mut self, to: smtp_proto::RcptTo<Cow<'_, str>>, policy: &dyn RcptPolicy) {
+        self.attempted_rcpt = Some(to.address.to_string());
         if self.mail.is_none() {
             return self.error(
                 "rcpt",

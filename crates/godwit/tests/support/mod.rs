@@ -294,6 +294,34 @@ max_backoff = "2s"
         self.child.as_ref().expect("gateway running").id()
     }
 
+    /// Sends a signal by name ("HUP", "TERM") to the running gateway.
+    pub fn signal(&self, name: &str) {
+        let pid = self.child.as_ref().expect("gateway running").id();
+        let ok = Command::new("kill")
+            .args([format!("-{name}"), pid.to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{name} {pid}");
+    }
+
+    /// The exit status, once the gateway has exited.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.as_mut()?.try_wait().unwrap()
+    }
+
+    /// Waits for the first event named `name` that `f` accepts.
+    pub fn wait_event(
+        &self,
+        name: &str,
+        timeout: Duration,
+        f: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        wait_for(&format!("event {name}"), timeout, || {
+            self.events_named(name).into_iter().find(|e| f(e))
+        })
+    }
+
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill(); // SIGKILL
