@@ -111,6 +111,12 @@ impl SyncConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         for (key, server) in [("sync.source", &self.source), ("sync.target", &self.target)] {
             let url = server.url.as_str();
+            if url.is_empty() {
+                return Err(super::missing(
+                    key,
+                    format!("[sync] needs [{key}] with url = \"imaps://host:993\""),
+                ));
+            }
             let Some(rest) = url
                 .strip_prefix("imaps://")
                 .or_else(|| url.strip_prefix("imap://"))

@@ -333,12 +333,12 @@ pub async fn directory(config: Config, command: DirectoryCommand) -> Result<i32>
                 kind,
                 wave,
             };
-            let rows = history::directory(&store, &filter).await?;
+            let rows = history::directory(&store, &filter, config.directory.max_verify_age).await?;
             match format.as_str() {
                 "json" => println!("{}", serde_json::to_string_pretty(&rows)?),
                 "csv" => {
                     println!(
-                        "address,display_name,kind,platform,state,route,override,waves,aliases"
+                        "address,display_name,kind,platform,state,route,override,waves,aliases,sync"
                     );
                     for r in &rows {
                         let f = [
@@ -351,6 +351,7 @@ pub async fn directory(config: Config, command: DirectoryCommand) -> Result<i32>
                             r.override_route.as_deref().unwrap_or(""),
                             &r.waves,
                             &r.aliases.to_string(),
+                            r.sync.as_deref().unwrap_or(""),
                         ];
                         let f: Vec<String> = f.iter().map(|v| csv_field(v)).collect();
                         println!("{}", f.join(","));
@@ -382,7 +383,7 @@ pub async fn directory(config: Config, command: DirectoryCommand) -> Result<i32>
                     let limit = if all { usize::MAX } else { SHOW };
                     for r in rows.iter().take(limit) {
                         println!(
-                            "  {}  {}  {}  owned by {}  -> {}{}{}",
+                            "  {}  {}  {}  owned by {}  -> {}{}{}{}",
                             r.address,
                             r.kind,
                             r.state,
@@ -396,7 +397,11 @@ pub async fn directory(config: Config, command: DirectoryCommand) -> Result<i32>
                                 String::new()
                             } else {
                                 format!("  waves: {}", r.waves)
-                            }
+                            },
+                            r.sync
+                                .as_deref()
+                                .map(|s| format!("  sync: {s}"))
+                                .unwrap_or_default()
                         );
                     }
                     if rows.len() > limit {
@@ -535,7 +540,7 @@ pub async fn wave(config: Config, command: WaveCommand) -> Result<i32> {
             );
         }
         WaveCommand::Show { name, all } => {
-            let w = history::wave(&store, &name)
+            let w = history::wave(&store, &name, config.directory.max_verify_age)
                 .await?
                 .with_context(|| format!("no wave `{name}` (godwit wave list)"))?;
             println!(
@@ -554,7 +559,16 @@ pub async fn wave(config: Config, command: WaveCommand) -> Result<i32> {
             println!("  states: {}", counts.join(", "));
             let limit = if all { usize::MAX } else { SHOW };
             for m in w.members.iter().take(limit) {
-                println!("  {}  {}  -> {}", m.address, m.state, m.route);
+                println!(
+                    "  {}  {}  -> {}{}",
+                    m.address,
+                    m.state,
+                    m.route,
+                    m.sync
+                        .as_deref()
+                        .map(|s| format!("  sync: {s}"))
+                        .unwrap_or_default()
+                );
             }
             if w.members.len() > limit {
                 println!(
@@ -694,11 +708,14 @@ pub async fn route_explain(config: &Config, store: &Store, address: &str) -> Res
                     format!(" (routes to its owner {})", o.platform)
                 },
                 if e.sync_ready {
-                    "; sync reports it ready"
+                    "; its sync is proven (cutover admits it)"
                 } else {
                     ""
                 }
             );
+            if let Some(sync) = &e.sync {
+                println!("  sync:      {sync}");
+            }
             if let Some(v) = &e.state_set_by {
                 println!(
                     "             set at version {} by {} at {}: {}",

@@ -91,9 +91,7 @@ fn select(sync: &SyncConfig, wanted: &[String]) -> anyhow::Result<Vec<Account>> 
 }
 
 fn sync_section(config: &Config) -> anyhow::Result<&SyncConfig> {
-    config.sync.as_ref().context(
-        "the configuration has no [sync] section: add [sync], [sync.source] and [sync.target]",
-    )
+    Ok(config.require_sync()?)
 }
 
 #[derive(serde::Serialize)]

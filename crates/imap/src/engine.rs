@@ -317,7 +317,7 @@ pub async fn sync_account(
         address: address.to_string(),
         ..Default::default()
     };
-    let _ = state::set_account_status(store, address, state::Status::Seeding, None).await;
+    let _ = state::sync_run_started(store, address).await;
     let mut attempt = 0;
     // Work done by interrupted attempts, added into the final report.
     let mut carried: Vec<FolderReport> = Vec::new();

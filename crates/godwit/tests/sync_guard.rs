@@ -1,0 +1,256 @@
+//! The cutover guard trusts only proof (issue 13): against two real Dovecot
+//! instances, a wave cuts over only the members whose last verify was clean,
+//! came after their last sync run and is at most `directory.max_verify_age`
+//! old. `--force` still passes, and is recorded in the history.
+
+#[path = "../../imap/tests/common/mod.rs"]
+mod imap_common;
+mod support;
+
+use imap_common::{Dovecot, Flavor};
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+use support::*;
+
+const USERS: [&str; 3] = ["alice@example.com", "bob@example.com", "carol@example.com"];
+
+fn run(config: &Path, args: &[&str]) -> (bool, String) {
+    let out = Command::new(godwit_bin())
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+struct Setup {
+    src: Dovecot,
+    dst: Dovecot,
+    dir: tempfile::TempDir,
+}
+
+impl Setup {
+    /// Two Dovecots with three mailboxes of three messages each, a directory
+    /// of the three on `old`, and a wave `w` holding them.
+    fn new() -> Setup {
+        let src = Dovecot::start(Flavor::Source, &USERS);
+        let dst = Dovecot::start(Flavor::Exchange, &USERS);
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            for u in USERS {
+                let mut s = imap_common::login(src.port, u).await;
+                for i in 0..3 {
+                    let body = imap_common::message(
+                        Some(&format!("<{i}.{u}>")),
+                        &format!("message {i}"),
+                        "body",
+                    );
+                    imap_common::append(
+                        &mut s,
+                        "INBOX",
+                        "(\\Seen)",
+                        "28-Nov-2026 10:00:00 +0000",
+                        &body,
+                    )
+                    .await;
+                }
+                s.logout().await.unwrap();
+            }
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let mut csv =
+            String::from("address,source_user,source_password,target_user,target_password\n");
+        let mut directory = String::from("address,display_name,kind,aliases,members,platform\n");
+        for u in USERS {
+            csv.push_str(&format!("{u},{u},{0},{u},{0}\n", imap_common::PASSWORD));
+            directory.push_str(&format!("{u},{u},user,,,old\n"));
+        }
+        std::fs::write(dir.path().join("accounts.csv"), csv).unwrap();
+        std::fs::write(dir.path().join("directory.csv"), directory).unwrap();
+        let s = Setup { src, dst, dir };
+        s.write_config("guard.toml", "24h");
+        let cfg = s.config("guard.toml");
+        let d = s.dir.path().join("directory.csv");
+        let (ok, out) = run(
+            &cfg,
+            &["directory", "import", d.to_str().unwrap(), "--apply"],
+        );
+        assert!(ok, "{out}");
+        let mut args = vec!["wave", "create", "w", "--members"];
+        args.extend(USERS);
+        let (ok, out) = run(&cfg, &args);
+        assert!(ok, "{out}");
+        s
+    }
+
+    fn config(&self, name: &str) -> std::path::PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// A file with the gateway's and the sync's sections (one store).
+    fn write_config(&self, name: &str, max_verify_age: &str) {
+        let d = self.dir.path();
+        let text = format!(
+            r#"hostname = "gw.test"
+data_dir = "{data}"
+[domains]
+accepted = ["example.com"]
+[platforms.old]
+relay = ["127.0.0.1:1"]
+[platforms.new]
+relay = ["127.0.0.1:2"]
+[directory]
+max_verify_age = "{max_verify_age}"
+[sync]
+accounts = "{accounts}"
+command_timeout = "20s"
+[sync.source]
+url = "{src}"
+[sync.target]
+url = "{dst}"
+"#,
+            data = d.join("data").display(),
+            accounts = d.join("accounts.csv").display(),
+            src = self.src.url(),
+            dst = self.dst.url(),
+        );
+        std::fs::write(d.join(name), text).unwrap();
+    }
+}
+
+#[test]
+fn cutover_refuses_a_member_whose_verify_found_a_difference_and_force_passes() {
+    let s = Setup::new();
+    let cfg = s.config("guard.toml");
+
+    // Copied but not verified: `ready` is not enough.
+    let (_, out) = run(&cfg, &["sync", "--no-progress", "--no-verify"]);
+    assert!(out.contains("alice@example.com: 3 copied"), "{out}");
+    let (ok, out) = run(&cfg, &["wave", "cutover", "w", "--dry-run"]);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("3 of 3 mailbox(es) are not ready")
+            && out.contains("bob@example.com: copied but not verified"),
+        "{out}"
+    );
+
+    let (ok, out) = run(&cfg, &["verify"]);
+    assert!(ok, "{out}");
+    let (ok, out) = run(&cfg, &["wave", "cutover", "w", "--dry-run"]);
+    assert!(ok, "all three verified clean: {out}");
+
+    // One message disappears from bob's target; verify finds it and demotes him.
+    s.dst.doveadm(&[
+        "expunge",
+        "-u",
+        "bob@example.com",
+        "mailbox",
+        "INBOX",
+        "uid",
+        "2",
+    ]);
+    let (ok, out) = run(&cfg, &["verify"]);
+    assert!(!ok, "{out}");
+    let (ok, out) = run(&cfg, &["wave", "cutover", "w"]);
+    assert!(!ok, "{out}");
+    assert!(out.contains("1 of 3 mailbox(es) are not ready"), "{out}");
+    assert!(
+        out.contains("bob@example.com: the last verify found differences")
+            && out.contains("1 missing on target"),
+        "{out}"
+    );
+    assert!(!out.contains("alice@example.com:"), "{out}");
+
+    // The reason is shown where operators look.
+    let (_, out) = run(&cfg, &["wave", "show", "w"]);
+    let bob = out.lines().find(|l| l.contains("bob@example.com")).unwrap();
+    assert!(
+        bob.contains("sync: differs: the last verify found differences"),
+        "{out}"
+    );
+    let alice = out
+        .lines()
+        .find(|l| l.contains("alice@example.com"))
+        .unwrap();
+    assert!(alice.contains("sync: verified clean"), "{out}");
+    let (_, out) = run(&cfg, &["directory", "list"]);
+    assert!(
+        out.lines()
+            .any(|l| l.contains("bob@example.com") && l.contains("sync: differs")),
+        "{out}"
+    );
+    let (_, out) = run(&cfg, &["route", "explain", "bob@example.com"]);
+    assert!(
+        out.contains("sync:      differs: the last verify found differences (verify: 1 folder pair(s) differ (INBOX: 1 missing on target))"),
+        "{out}"
+    );
+
+    // --force passes and is recorded.
+    let (ok, out) = run(&cfg, &["wave", "cutover", "w", "--force"]);
+    assert!(ok, "{out}");
+    assert!(out.contains("3 address(es) moved"), "{out}");
+    let (_, out) = run(&cfg, &["history"]);
+    let version = out
+        .lines()
+        .find(|l| l.contains("wave cutover w --force"))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no forced cutover in the history: {out}"))
+        .to_string();
+    let (_, out) = run(&cfg, &["history", "show", &version]);
+    assert!(
+        out.contains("--force: 1 mailbox(es) cut over without a proven sync: bob@example.com (the last verify found differences"),
+        "{out}"
+    );
+}
+
+#[test]
+fn a_verify_older_than_max_verify_age_or_before_the_last_sync_is_refused() {
+    let s = Setup::new();
+    let cfg = s.config("guard.toml");
+    let (ok, out) = run(&cfg, &["sync", "--no-progress"]);
+    assert!(ok, "{out}");
+    let (ok, out) = run(&cfg, &["wave", "cutover", "w", "--dry-run"]);
+    assert!(ok, "{out}");
+
+    // The same store, with a short max_verify_age: the verify ages out.
+    s.write_config("short.toml", "2s");
+    let short = s.config("short.toml");
+    let out = wait_for("the verify to age out", Duration::from_secs(20), || {
+        let (ok, out) = run(&short, &["wave", "cutover", "w", "--dry-run"]);
+        (!ok).then_some(out)
+    });
+    assert!(
+        out.contains("3 of 3 mailbox(es) are not ready")
+            && out.contains("more than directory.max_verify_age (2s)"),
+        "{out}"
+    );
+
+    // A sync run after the verify: the verify no longer proves the copy.
+    let (_, out) = run(
+        &cfg,
+        &[
+            "sync",
+            "--no-progress",
+            "--no-verify",
+            "--mailbox",
+            "carol@example.com",
+        ],
+    );
+    assert!(out.contains("carol@example.com:"), "{out}");
+    let (ok, out) = run(&cfg, &["wave", "cutover", "w", "--dry-run"]);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("1 of 3 mailbox(es) are not ready")
+            && out.contains("carol@example.com: copied but not verified"),
+        "{out}"
+    );
+}
