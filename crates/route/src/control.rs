@@ -1371,7 +1371,8 @@ pub fn sync_proof(rec: &SyncRecord, now_ms: i64, max_verify_age: Duration) -> Re
 fn human(d: Duration) -> String {
     let s = d.as_secs();
     match s {
-        0..60 => format!("{s}s"),
+        0..60 if d.subsec_millis() == 0 => format!("{s}s"),
+        0..60 => format!("{:.1}s", d.as_secs_f64()),
         60..3600 => format!("{}m{}s", s / 60, s % 60),
         3600..86400 => format!("{}h{}m", s / 3600, (s % 3600) / 60),
         _ => format!("{}d{}h", s / 86400, (s % 86400) / 3600),
