@@ -40,8 +40,15 @@ pub struct SyncConfig {
     pub parallel_folders: usize,
     /// Messages per UID FETCH batch.
     pub fetch_batch: usize,
+    /// Every command's answer, and every read of it: a server silent this
+    /// long fails the connection (and the account, after max_reconnects).
     #[serde(deserialize_with = "de_duration")]
     pub command_timeout: Duration,
+    /// The largest message expected; one server response may hold this plus
+    /// a margin, and a larger one (a hostile or broken server announcing a
+    /// 2 GB literal) fails the connection before it is buffered.
+    #[serde(deserialize_with = "super::de_size")]
+    pub max_message_size: u64,
     /// Reconnect attempts after a dropped connection before the account fails.
     pub max_reconnects: u32,
     pub source: SyncServerConfig,
@@ -63,6 +70,8 @@ impl Default for SyncConfig {
             parallel_folders: 4,
             fetch_batch: 200,
             command_timeout: Duration::from_secs(300),
+            // Exchange Online's largest message.
+            max_message_size: 150_000_000,
             max_reconnects: 5,
             source: SyncServerConfig::default(),
             target: SyncServerConfig::default(),
@@ -154,6 +163,9 @@ impl SyncConfig {
         }
         if self.parallel_folders == 0 {
             return Err(invalid("sync.parallel_folders", "must be at least 1"));
+        }
+        if self.max_message_size < 1_000_000 {
+            return Err(invalid("sync.max_message_size", "must be at least 1MB"));
         }
         if self.fetch_batch == 0 {
             return Err(invalid("sync.fetch_batch", "must be at least 1"));

@@ -226,7 +226,8 @@ fn a_verify_older_than_max_verify_age_or_before_the_last_sync_is_refused() {
     let short = s.config("short.toml");
     let out = wait_for("the verify to age out", Duration::from_secs(20), || {
         let (_, out) = run(&short, &["wave", "cutover", "w", "--dry-run"]);
-        out.contains("3 of 3 mailbox(es) are not ready").then_some(out)
+        out.contains("3 of 3 mailbox(es) are not ready")
+            .then_some(out)
     });
     assert!(
         out.contains("3 of 3 mailbox(es) are not ready")

@@ -52,6 +52,7 @@ fn server(
     s.tls_insecure = cfg.tls_insecure;
     s.namespace_prefix = cfg.namespace_prefix.clone();
     s.command_timeout = sync.command_timeout;
+    s.max_response = sync.max_message_size + crate::conn::RESPONSE_MARGIN;
     s.limits = Arc::new(ServerLimits::new(
         sync.max_connections_per_server,
         bandwidth,

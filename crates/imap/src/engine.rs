@@ -861,6 +861,7 @@ async fn sync_folder(
         let mut batch: Vec<Fetch> = Vec::new();
         let mut batch_bytes = 0usize;
         let mut first = true;
+        let mut received = 0usize;
         loop {
             // A server that stops answering mid-FETCH is a dropped connection.
             let next = tokio::time::timeout(timeout, stream.try_next())
@@ -877,6 +878,7 @@ async fn sync_folder(
             }
             let done = next.is_none();
             if let Some(f) = next {
+                received += usize::from(f.uid.is_some_and(|u| chunk.binary_search(&u).is_ok()));
                 let len = f.body().map(<[u8]>::len).unwrap_or(0);
                 if let Some(bw) = &src.bandwidth {
                     bw.consume(len as u64).await;
@@ -922,6 +924,16 @@ async fn sync_folder(
             }
         }
         drop(stream);
+        if received < chunk.len() {
+            // Fewer answers than UIDs asked: expunged meanwhile (RFC 3501
+            // 6.4.8 lets a server omit them), or the stream ended because the
+            // server said BYE and closed, which async-imap reports as the end
+            // of the FETCH. A NOOP tells which.
+            src.session
+                .noop()
+                .await
+                .map_err(|_| ImapError::ConnectionLost)?;
+        }
         src.drain_unsolicited();
     }
     if let Some(last) = in_flight.take() {

@@ -65,13 +65,15 @@ impl ImapError {
 impl From<async_imap::error::Error> for ImapError {
     fn from(e: async_imap::error::Error) -> Self {
         use async_imap::error::Error as E;
+        // Every text here may come from the server: keep it short and printable.
+        let short = |t: &str| conn::excerpt(t, 300);
         match e {
-            E::Io(e) => ImapError::Io(e.to_string()),
+            E::Io(e) => conn::io_error(e),
             E::ConnectionLost => ImapError::ConnectionLost,
-            E::No(t) | E::Bad(t) if conn::is_throttling(&t) => ImapError::Throttled(t),
+            E::No(t) | E::Bad(t) if conn::is_throttling(&t) => ImapError::Throttled(short(&t)),
             other => ImapError::Command {
                 command: "IMAP".into(),
-                message: other.to_string(),
+                message: short(&other.to_string()),
             },
         }
     }
