@@ -49,6 +49,9 @@ pub struct SyncConfig {
     /// 2 GB literal) fails the connection before it is buffered.
     #[serde(deserialize_with = "super::de_size")]
     pub max_message_size: u64,
+    /// `godwit sync --watch`: a delta again this long after the last one ended.
+    #[serde(deserialize_with = "de_duration")]
+    pub watch_interval: Duration,
     /// Reconnect attempts after a dropped connection before the account fails.
     pub max_reconnects: u32,
     pub source: SyncServerConfig,
@@ -72,6 +75,7 @@ impl Default for SyncConfig {
             command_timeout: Duration::from_secs(300),
             // Exchange Online's largest message.
             max_message_size: 150_000_000,
+            watch_interval: Duration::from_secs(600),
             max_reconnects: 5,
             source: SyncServerConfig::default(),
             target: SyncServerConfig::default(),
@@ -166,6 +170,9 @@ impl SyncConfig {
         }
         if self.max_message_size < 1_000_000 {
             return Err(invalid("sync.max_message_size", "must be at least 1MB"));
+        }
+        if self.watch_interval.is_zero() {
+            return Err(invalid("sync.watch_interval", "must be above zero"));
         }
         if self.fetch_batch == 0 {
             return Err(invalid("sync.fetch_batch", "must be at least 1"));

@@ -124,6 +124,11 @@ pub enum WaveCommand {
         /// Cut over members whose sync is not ready (recorded in the history).
         #[arg(long)]
         force: bool,
+        /// First a delta and a verify for every member in the sync's
+        /// accounts file; then cut over only those that verified clean,
+        /// naming the others and why.
+        #[arg(long)]
+        final_sync: bool,
         #[arg(long)]
         actor: Option<String>,
     },
@@ -593,12 +598,27 @@ pub async fn wave(config: Config, command: WaveCommand) -> Result<i32> {
             name,
             dry_run,
             force,
+            final_sync,
             actor,
         } => {
             let who = crate::actor(actor);
-            let cmd = format!("wave cutover {name}{}", if force { " --force" } else { "" });
-            let o = control::wave_cutover(&ctx(&store, &config, &who, &cmd, dry_run), &name, force)
-                .await?;
+            let cmd = format!(
+                "wave cutover {name}{}{}",
+                if force { " --force" } else { "" },
+                if final_sync { " --final-sync" } else { "" }
+            );
+            let only = if final_sync {
+                Some(final_sync_members(&config, &store, &name).await?)
+            } else {
+                None
+            };
+            let o = control::wave_cutover_only(
+                &ctx(&store, &config, &who, &cmd, dry_run),
+                &name,
+                force,
+                only,
+            )
+            .await?;
             print_outcome(&o, "moved to the target platform");
         }
         WaveCommand::Rollback {
@@ -614,6 +634,44 @@ pub async fn wave(config: Config, command: WaveCommand) -> Result<i32> {
         }
     }
     Ok(0)
+}
+
+/// `wave cutover --final-sync`: syncs and verifies the wave's members that
+/// the accounts file lists, prints those that did not verify clean, and
+/// returns the members to cut over (the clean ones, and those godwit does not
+/// sync, which the guard judges as usual).
+async fn final_sync_members(
+    config: &Config,
+    store: &Store,
+    name: &str,
+) -> Result<std::collections::BTreeSet<String>> {
+    config
+        .require_sync()
+        .context("--final-sync runs the sync: add the [sync] sections")?;
+    let w = history::wave(store, name, config.directory.max_verify_age)
+        .await?
+        .with_context(|| format!("no wave `{name}` (godwit wave list)"))?;
+    let members: Vec<String> = w.members.iter().map(|m| m.address.clone()).collect();
+    let verdicts = godwit_imap::cli::final_sync(config, &members).await?;
+    let mut only = std::collections::BTreeSet::new();
+    let mut left = 0;
+    for m in members {
+        match verdicts.get(&m) {
+            Some(Err(why)) => {
+                left += 1;
+                println!("  not cut over: {m}: {why}");
+            }
+            _ => {
+                only.insert(m);
+            }
+        }
+    }
+    println!(
+        "final sync: {} member(s) synced, {} verified clean, {left} stay where they are",
+        verdicts.len(),
+        verdicts.len() - left
+    );
+    Ok(only)
 }
 
 pub async fn history(config: Config, command: Option<HistoryCommand>, limit: i64) -> Result<i32> {

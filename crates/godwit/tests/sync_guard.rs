@@ -113,6 +113,7 @@ max_verify_age = "{max_verify_age}"
 [sync]
 accounts = "{accounts}"
 command_timeout = "20s"
+watch_interval = "1s"
 [sync.source]
 url = "{src}"
 [sync.target]
@@ -254,4 +255,102 @@ fn a_verify_older_than_max_verify_age_or_before_the_last_sync_is_refused() {
             && out.contains("carol@example.com: copied but not verified"),
         "{out}"
     );
+}
+
+/// `--final-sync` on a wave of three, one of which differs: a delta and a
+/// verify for each, then two move and the third is named with its reason.
+#[test]
+fn final_sync_cuts_over_only_the_members_that_verify_clean() {
+    let s = Setup::new();
+    let cfg = s.config("guard.toml");
+    let (ok, out) = run(&cfg, &["sync", "--no-progress"]);
+    assert!(ok, "{out}");
+    // A second copy of one of bob's messages on the target: a duplicate the
+    // delta does not remove, so bob's verify stays unclean.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut t = imap_common::login(s.dst.port, "bob@example.com").await;
+        let body = imap_common::message(Some("<1.bob@example.com>"), "message 1", "body");
+        imap_common::append(
+            &mut t,
+            "INBOX",
+            "(\\Seen)",
+            "28-Nov-2026 10:00:00 +0000",
+            &body,
+        )
+        .await;
+        t.logout().await.unwrap();
+    });
+    let (ok, out) = run(&cfg, &["wave", "cutover", "w", "--final-sync"]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains(
+            "not cut over: bob@example.com: verify: 1 folder pair(s) differ (INBOX: 1 duplicated)"
+        ),
+        "{out}"
+    );
+    assert!(
+        out.contains("final sync: 3 member(s) synced, 2 verified clean, 1 stay where they are"),
+        "{out}"
+    );
+    assert!(out.contains("2 address(es) moved"), "{out}");
+    let (_, out) = run(&cfg, &["wave", "show", "w"]);
+    for (who, state) in [
+        ("alice@example.com", "cutover"),
+        ("bob@example.com", "pending"),
+        ("carol@example.com", "cutover"),
+    ] {
+        let line = out.lines().find(|l| l.contains(who)).unwrap();
+        assert!(line.contains(&format!("{who}  {state}")), "{out}");
+    }
+}
+
+/// `godwit sync --watch` keeps running deltas: mail that reaches the source
+/// after it started is on the target within a few intervals; SIGTERM ends it.
+#[test]
+fn sync_watch_repeats_deltas_until_stopped() {
+    let s = Setup::new();
+    let cfg = s.config("guard.toml");
+    let mut child = Command::new(godwit_bin())
+        .args([
+            "sync",
+            "--watch",
+            "--no-progress",
+            "--mailbox",
+            "alice@example.com",
+            "--config",
+        ])
+        .arg(&cfg)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let on_target = |n: u32| {
+        rt.block_on(async {
+            let mut t = imap_common::login(s.dst.port, "alice@example.com").await;
+            let c = imap_common::count(&mut t, "INBOX").await;
+            t.logout().await.unwrap();
+            c >= n
+        })
+    };
+    wait_for("the first round", Duration::from_secs(30), || {
+        on_target(3).then_some(())
+    });
+    rt.block_on(async {
+        let mut src = imap_common::login(s.src.port, "alice@example.com").await;
+        let body = imap_common::message(Some("<late@example.com>"), "late", "body");
+        imap_common::append(&mut src, "INBOX", "()", "29-Nov-2026 10:00:00 +0000", &body).await;
+        src.logout().await.unwrap();
+    });
+    wait_for(
+        "a later round to copy the new message",
+        Duration::from_secs(30),
+        || on_target(4).then_some(()),
+    );
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = wait_for("sync --watch to stop", Duration::from_secs(30), || {
+        child.try_wait().unwrap()
+    });
+    assert_eq!(status.code(), Some(0), "{status:?}");
 }

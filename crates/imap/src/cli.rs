@@ -31,6 +31,9 @@ pub struct SyncArgs {
     /// No progress bars (they are off anyway when stderr is not a terminal).
     #[arg(long)]
     pub no_progress: bool,
+    /// Run the delta again every `sync.watch_interval` until stopped.
+    #[arg(long)]
+    pub watch: bool,
 }
 
 #[derive(clap::Args, Debug, Clone, Default)]
@@ -101,22 +104,111 @@ struct SyncOutput<'a> {
     verify: &'a [AccountCheck],
 }
 
-/// `godwit sync`: copy (or delta), then verify each account.
+/// `godwit sync`: copy (or delta), then verify each account. With
+/// `--watch`, again every `sync.watch_interval` until stopped (SIGINT or
+/// SIGTERM), so the mailboxes stay minutes behind the source.
 pub async fn run_sync(config: &Config, args: &SyncArgs) -> anyhow::Result<i32> {
     let sync = sync_section(config)?;
-    let ep = Arc::new(endpoints(sync)?);
+    if !args.watch {
+        return run_sync_once(config, args).await;
+    }
+    let interval = sync.watch_interval;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    let mut round = 0u64;
+    loop {
+        round += 1;
+        let code = run_sync_once(config, args).await?;
+        tracing::info!(round, code, next_in = ?interval, "sync --watch: round done");
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = tokio::signal::ctrl_c() => return Ok(code),
+            _ = term.recv() => return Ok(code),
+        }
+    }
+}
+
+async fn run_sync_once(config: &Config, args: &SyncArgs) -> anyhow::Result<i32> {
+    let sync = sync_section(config)?;
     let selected = select(sync, &args.mailboxes)?;
+    let show_progress = !args.no_progress && !args.json && std::io::stderr().is_terminal();
+    let (reports, checks) = sync_accounts(
+        config,
+        selected,
+        args.propagate_deletes,
+        !args.no_verify,
+        show_progress,
+    )
+    .await?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&SyncOutput {
+                sync: &reports,
+                verify: &checks
+            })?
+        );
+    } else {
+        for r in &reports {
+            println!("{}", render_sync(r));
+        }
+        print!("{}", render(&checks));
+    }
+    Ok(if checks.iter().all(|c| c.clean) { 0 } else { 1 })
+}
+
+/// `wave cutover --final-sync`: a delta and a verify for each address that
+/// the accounts file lists. Returns, per address synced, whether it verified
+/// clean (or why not); addresses the file does not list are not in the map.
+pub async fn final_sync(
+    config: &Config,
+    addresses: &[String],
+) -> anyhow::Result<std::collections::BTreeMap<String, Result<(), String>>> {
+    let sync = sync_section(config)?;
+    let all = accounts::load(&sync.accounts).context("sync.accounts")?;
+    let wanted: std::collections::BTreeSet<String> =
+        addresses.iter().map(|a| a.to_ascii_lowercase()).collect();
+    let selected: Vec<Account> = all
+        .into_iter()
+        .filter(|a| wanted.contains(&a.address))
+        .collect();
+    let (_, checks) = sync_accounts(config, selected, false, true, false).await?;
+    Ok(checks
+        .into_iter()
+        .map(|c| {
+            let verdict = if c.clean {
+                Ok(())
+            } else if let Some(e) = &c.error {
+                Err(e.clone())
+            } else {
+                Err(crate::verify::differences(&c))
+            };
+            (c.address, verdict)
+        })
+        .collect())
+}
+
+/// Syncs (and, with `verify`, verifies) the accounts, `parallel_accounts` at
+/// a time; reports and checks in the accounts' order.
+async fn sync_accounts(
+    config: &Config,
+    selected: Vec<Account>,
+    propagate_deletes: bool,
+    verify: bool,
+    show_progress: bool,
+) -> anyhow::Result<(Vec<AccountReport>, Vec<AccountCheck>)> {
+    let sync = sync_section(config)?;
+    let ep = Arc::new(endpoints(sync)?);
     let store = Store::open(&config.store_url())
         .await
         .context("opening the state store")?;
     let opts = SyncOptions {
-        propagate_deletes: args.propagate_deletes,
+        propagate_deletes,
         fetch_batch: sync.fetch_batch,
         max_reconnects: sync.max_reconnects,
         parallel_folders: sync.parallel_folders,
         ..Default::default()
     };
-    let show_progress = !args.no_progress && !args.json && std::io::stderr().is_terminal();
     let bars = progress_bars();
     bars.set_draw_target(if show_progress {
         indicatif::ProgressDrawTarget::stderr()
@@ -127,7 +219,6 @@ pub async fn run_sync(config: &Config, args: &SyncArgs) -> anyhow::Result<i32> {
     let mut tasks = tokio::task::JoinSet::new();
     for (i, account) in selected.into_iter().enumerate() {
         let (store, ep, opts, gate) = (store.clone(), ep.clone(), opts.clone(), gate.clone());
-        let verify = !args.no_verify;
         let bar = bars.add(indicatif::ProgressBar::new(0));
         bar.set_style(
             indicatif::ProgressStyle::with_template(
@@ -200,21 +291,7 @@ pub async fn run_sync(config: &Config, args: &SyncArgs) -> anyhow::Result<i32> {
             })
         })
         .collect();
-    if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&SyncOutput {
-                sync: &reports,
-                verify: &checks
-            })?
-        );
-    } else {
-        for r in &reports {
-            println!("{}", render_sync(r));
-        }
-        print!("{}", render(&checks));
-    }
-    Ok(if checks.iter().all(|c| c.clean) { 0 } else { 1 })
+    Ok((reports, checks))
 }
 
 /// `godwit verify`: compare without copying.
