@@ -354,3 +354,45 @@ fn sync_watch_repeats_deltas_until_stopped() {
     });
     assert_eq!(status.code(), Some(0), "{status:?}");
 }
+
+/// Teams run the pre-seed long before the gateway: a file with only the
+/// sync's sections runs `godwit sync`, one with only the gateway's keys runs
+/// the gateway's commands, and each names the section the other command needs.
+#[test]
+fn a_sync_only_file_and_a_gateway_only_file_each_work_for_their_commands() {
+    let s = Setup::new();
+    let d = s.dir.path();
+    let sync_only = d.join("sync-only.toml");
+    std::fs::write(
+        &sync_only,
+        format!(
+            "data_dir = \"{}\"\n[sync]\naccounts = \"{}\"\n[sync.source]\nurl = \"{}\"\n[sync.target]\nurl = \"{}\"\n",
+            d.join("pre-seed").display(),
+            d.join("accounts.csv").display(),
+            s.src.url(),
+            s.dst.url()
+        ),
+    )
+    .unwrap();
+    let (ok, out) = run(&sync_only, &["sync", "--no-progress"]);
+    assert!(ok, "{out}");
+    assert!(out.contains("alice@example.com: verified clean"), "{out}");
+    let (ok, out) = run(&sync_only, &["wave", "list"]);
+    assert!(
+        !ok && out.contains("configuration section [domains] is missing"),
+        "{out}"
+    );
+
+    let gateway_only = d.join("gateway-only.toml");
+    let text = std::fs::read_to_string(s.config("guard.toml")).unwrap();
+    let gateway = &text[..text.find("[sync]").unwrap()];
+    std::fs::write(&gateway_only, gateway).unwrap();
+    let (ok, out) = run(&gateway_only, &["directory", "list"]);
+    assert!(ok, "{out}");
+    assert!(out.contains("3 object(s)"), "{out}");
+    let (ok, out) = run(&gateway_only, &["sync", "--no-progress"]);
+    assert!(
+        !ok && out.contains("configuration section [sync] is missing"),
+        "{out}"
+    );
+}
