@@ -98,7 +98,22 @@ pub struct SyncServerConfig {
     pub tls_insecure: bool,
     /// Personal namespace prefix such as `INBOX.`; detected when absent.
     pub namespace_prefix: Option<String>,
+    /// "login" (default), "plain" (SASL PLAIN, RFC 4616), "xoauth2" or
+    /// "oauthbearer" (RFC 7628): the last two with an OAuth 2.0 access token
+    /// from `token_url` or `token_command`.
+    pub auth: String,
+    /// Client-credentials grant (RFC 6749 4.4) endpoint.
+    pub token_url: Option<String>,
+    pub client_id: Option<String>,
+    /// Literal, `env:NAME` or `file:PATH`.
+    pub client_secret: Option<String>,
+    pub scope: Option<String>,
+    /// A command printing an access token on stdout; `{address}` in any
+    /// argument is replaced by the account's address.
+    pub token_command: Option<Vec<String>>,
 }
+
+pub const SYNC_AUTH: [&str; 4] = ["login", "plain", "xoauth2", "oauthbearer"];
 
 /// Debug without the master password (a literal one would otherwise be printed).
 impl std::fmt::Debug for SyncServerConfig {
@@ -112,6 +127,15 @@ impl std::fmt::Debug for SyncServerConfig {
             )
             .field("tls_insecure", &self.tls_insecure)
             .field("namespace_prefix", &self.namespace_prefix)
+            .field("auth", &self.auth)
+            .field("token_url", &self.token_url)
+            .field("client_id", &self.client_id)
+            .field(
+                "client_secret",
+                &self.client_secret.as_ref().map(|_| "(hidden)"),
+            )
+            .field("scope", &self.scope)
+            .field("token_command", &self.token_command)
             .finish()
     }
 }
@@ -144,6 +168,53 @@ impl SyncConfig {
                 return Err(invalid(
                     format!("{key}.url"),
                     format!("`{url}` has no valid host"),
+                ));
+            }
+            let auth = if server.auth.is_empty() {
+                "login"
+            } else {
+                server.auth.as_str()
+            };
+            if !SYNC_AUTH.contains(&auth) {
+                return Err(invalid(
+                    format!("{key}.auth"),
+                    format!("`{auth}`: expected one of {}", SYNC_AUTH.join(", ")),
+                ));
+            }
+            let oauth = matches!(auth, "xoauth2" | "oauthbearer");
+            let grant = server.token_url.is_some();
+            if oauth && grant == server.token_command.is_some() {
+                return Err(invalid(
+                    format!("{key}.token_url"),
+                    format!(
+                        "auth = \"{auth}\" needs exactly one of token_url (with client_id and client_secret) or token_command"
+                    ),
+                ));
+            }
+            if !oauth && (grant || server.token_command.is_some()) {
+                return Err(invalid(
+                    format!("{key}.auth"),
+                    "token_url and token_command need auth = \"xoauth2\" or \"oauthbearer\"",
+                ));
+            }
+            if grant && (server.client_id.is_none() || server.client_secret.is_none()) {
+                return Err(invalid(
+                    format!("{key}.client_id"),
+                    "token_url needs client_id and client_secret (RFC 6749 2.3.1)",
+                ));
+            }
+            if let Some(u) = &server.token_url
+                && !(u.starts_with("https://") || u.starts_with("http://"))
+            {
+                return Err(invalid(
+                    format!("{key}.token_url"),
+                    format!("`{u}` is not an http(s):// URL"),
+                ));
+            }
+            if server.token_command.as_ref().is_some_and(Vec::is_empty) {
+                return Err(invalid(
+                    format!("{key}.token_command"),
+                    "must name a program, e.g. [\"/usr/local/bin/token-for\", \"{address}\"]",
                 ));
             }
             if server.master_user.is_some() != server.master_password.is_some() {
@@ -220,6 +291,17 @@ mod tests {
             Config::parse(&text.replace("env:X", "hunter2")).unwrap()
         );
         assert!(!shown.contains("hunter2"), "master password printed");
+        let oauth = text.replace(
+            "master_user=\"admin\"\nmaster_password=\"env:X\"\n",
+            "auth=\"xoauth2\"\ntoken_url=\"https://login.example/t/token\"\nclient_id=\"app\"\n\
+             client_secret=\"hunter2\"\nscope=\"https://outlook.office365.com/.default\"\n",
+        );
+        let c = Config::parse(&oauth).unwrap();
+        c.validate().unwrap();
+        assert!(
+            !format!("{c:?}").contains("hunter2"),
+            "client secret printed"
+        );
     }
 
     #[test]
@@ -236,6 +318,26 @@ mod tests {
             (
                 "[sync.source]\nurl=\"imap://x\"\nmaster_user=\"a\"\n[sync.target]\nurl=\"imap://y\"\n",
                 "sync.source.master_password",
+            ),
+            (
+                "[sync.source]\nurl=\"imap://x\"\nauth=\"kerberos\"\n[sync.target]\nurl=\"imap://y\"\n",
+                "sync.source.auth",
+            ),
+            (
+                "[sync.source]\nurl=\"imap://x\"\nauth=\"xoauth2\"\n[sync.target]\nurl=\"imap://y\"\n",
+                "sync.source.token_url",
+            ),
+            (
+                "[sync.source]\nurl=\"imap://x\"\nauth=\"xoauth2\"\ntoken_url=\"https://t/token\"\n[sync.target]\nurl=\"imap://y\"\n",
+                "sync.source.client_id",
+            ),
+            (
+                "[sync.source]\nurl=\"imap://x\"\ntoken_command=[\"t\"]\n[sync.target]\nurl=\"imap://y\"\n",
+                "sync.source.auth",
+            ),
+            (
+                "[sync]\nwatch_interval=\"0s\"\n[sync.source]\nurl=\"imap://x\"\n[sync.target]\nurl=\"imap://y\"\n",
+                "sync.watch_interval",
             ),
         ];
         for (text, key) in cases {

@@ -60,10 +60,40 @@ fn server(
         sync.max_connections_per_server,
         bandwidth,
     ));
+    s.auth = match cfg.auth.as_str() {
+        "plain" => crate::conn::Auth::Plain,
+        "xoauth2" => crate::conn::Auth::XOAuth2(Arc::new(token_source(cfg, key)?)),
+        "oauthbearer" => crate::conn::Auth::OAuthBearer(Arc::new(token_source(cfg, key)?)),
+        _ => crate::conn::Auth::Login,
+    };
     if let (Some(user), Some(pw)) = (&cfg.master_user, &cfg.master_password) {
         s.master = Some((user.clone(), secret(pw, &format!("{key}.master_password"))?));
     }
     Ok(s)
+}
+
+fn token_source(
+    cfg: &godwit_config::SyncServerConfig,
+    key: &str,
+) -> anyhow::Result<crate::oauth::TokenSource> {
+    Ok(match (&cfg.token_url, &cfg.token_command) {
+        (Some(url), _) => crate::oauth::TokenSource::ClientCredentials {
+            url: url.clone(),
+            client_id: cfg.client_id.clone().unwrap_or_default(),
+            client_secret: secret(
+                cfg.client_secret.as_deref().unwrap_or_default(),
+                &format!("{key}.client_secret"),
+            )?,
+            scope: cfg.scope.clone(),
+            tls_insecure: cfg.tls_insecure,
+            cache: Default::default(),
+        },
+        (None, Some(argv)) => crate::oauth::TokenSource::Command { argv: argv.clone() },
+        (None, None) => anyhow::bail!(
+            "{key}.auth = \"{}\" needs token_url or token_command",
+            cfg.auth
+        ),
+    })
 }
 
 /// Builds the shared endpoints (one connection cap per server, for all accounts).

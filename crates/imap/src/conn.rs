@@ -257,6 +257,21 @@ pub struct Server {
     pub command_timeout: Duration,
     /// Bytes one response may hold: the largest message plus a margin.
     pub max_response: u64,
+    pub auth: Auth,
+}
+
+/// How to authenticate (sync.source.auth / sync.target.auth).
+#[derive(Clone, Debug, Default)]
+pub enum Auth {
+    /// LOGIN (RFC 3501 6.2.3).
+    #[default]
+    Login,
+    /// AUTHENTICATE PLAIN (RFC 4616); with a master user, as its authcid.
+    Plain,
+    /// AUTHENTICATE XOAUTH2 with an OAuth 2.0 access token.
+    XOAuth2(Arc<crate::oauth::TokenSource>),
+    /// AUTHENTICATE OAUTHBEARER (RFC 7628).
+    OAuthBearer(Arc<crate::oauth::TokenSource>),
 }
 
 /// Room for a FETCH response's other items around the largest message.
@@ -298,6 +313,7 @@ impl Server {
             limits: Arc::new(ServerLimits::new(8, None)),
             command_timeout: Duration::from_secs(300),
             max_response: 150_000_000 + RESPONSE_MARGIN,
+            auth: Auth::Login,
         })
     }
 }
@@ -457,16 +473,8 @@ impl Conn {
             };
             client = async_imap::Client::new(tls(server, tcp).await?);
         }
-        // Dovecot-style master login: "user*master" with the master's password.
-        let (user, password) = match &server.master {
-            Some((master, master_password)) => (
-                format!("{}*{}", login.user, master),
-                master_password.as_str(),
-            ),
-            None => (login.user.clone(), login.password.as_str()),
-        };
-        let mut session = client.login(&user, password).await.map_err(|(e, _)| {
-            let text = excerpt(&e.to_string(), 300);
+        let refused = |text: String| {
+            let text = excerpt(&text, 300);
             if is_throttling(&text) {
                 ImapError::Throttled(text)
             } else {
@@ -476,7 +484,64 @@ impl Conn {
                     message: text,
                 }
             }
-        })?;
+        };
+        let mut session = match &server.auth {
+            Auth::Login => {
+                // Dovecot-style master login: "user*master" with the master's password.
+                let (user, password) = match &server.master {
+                    Some((master, master_password)) => (
+                        format!("{}*{}", login.user, master),
+                        master_password.as_str(),
+                    ),
+                    None => (login.user.clone(), login.password.as_str()),
+                };
+                client
+                    .login(&user, password)
+                    .await
+                    .map_err(|(e, _)| refused(e.to_string()))?
+            }
+            Auth::Plain => {
+                // RFC 4616 2: authzid NUL authcid NUL passwd; a master user
+                // authenticates as itself and acts as the mailbox's user.
+                let msg = match &server.master {
+                    Some((master, pw)) => format!("{}\0{master}\0{pw}", login.user),
+                    None => format!("\0{}\0{}", login.user, login.password),
+                };
+                client
+                    .authenticate("PLAIN", crate::oauth::Plain(Some(msg.into_bytes())))
+                    .await
+                    .map_err(|(e, _)| refused(e.to_string()))?
+            }
+            Auth::XOAuth2(source) | Auth::OAuthBearer(source) => {
+                let token = source.token(&login.user).await?;
+                let (mech, bearer) = match &server.auth {
+                    Auth::XOAuth2(_) => (
+                        "XOAUTH2",
+                        crate::oauth::Bearer::xoauth2(&login.user, &token),
+                    ),
+                    _ => (
+                        "OAUTHBEARER",
+                        crate::oauth::Bearer::oauthbearer(
+                            &login.user,
+                            &token,
+                            &server.host,
+                            server.port,
+                        ),
+                    ),
+                };
+                let challenge = bearer.challenge.clone();
+                client.authenticate(mech, bearer).await.map_err(|(e, _)| {
+                    // The server's own words: its NO text, and the JSON
+                    // status it sent (RFC 7628 3.2.2), for consent and
+                    // scope problems.
+                    let mut text = e.to_string();
+                    if let Some(c) = challenge.lock().unwrap().take() {
+                        text.push_str(&format!(" ({mech} status: {c})"));
+                    }
+                    refused(text)
+                })?
+            }
+        };
         let mut caps = HashSet::new();
         let c = session
             .capabilities()

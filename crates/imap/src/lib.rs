@@ -15,6 +15,7 @@ pub mod conn;
 pub mod engine;
 pub mod limits;
 pub mod mapping;
+pub mod oauth;
 pub mod state;
 pub mod utf7;
 pub mod verify;
@@ -45,6 +46,9 @@ pub enum ImapError {
     Utf7(#[from] utf7::Utf7Error),
     #[error(transparent)]
     Store(#[from] godwit_store::StoreError),
+    /// No OAuth 2.0 access token (token_url or token_command failed).
+    #[error("access token: {0}")]
+    Token(String),
     #[error("accounts file {path}: {message}")]
     Accounts { path: String, message: String },
 }
