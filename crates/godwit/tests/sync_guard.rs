@@ -396,3 +396,42 @@ fn a_sync_only_file_and_a_gateway_only_file_each_work_for_their_commands() {
         "{out}"
     );
 }
+
+/// The accounts file's source_url column: one account comes from another old
+/// server, in the same run as the others.
+#[test]
+fn per_account_source_url_syncs_that_row_from_its_own_server() {
+    let s = Setup::new();
+    let other = Dovecot::start(Flavor::Source, &["carol@example.com"]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut o = imap_common::login(other.port, "carol@example.com").await;
+        let body = imap_common::message(Some("<elsewhere@example.com>"), "elsewhere", "body");
+        imap_common::append(&mut o, "INBOX", "()", "29-Nov-2026 10:00:00 +0000", &body).await;
+        o.logout().await.unwrap();
+    });
+    let pw = imap_common::PASSWORD;
+    let mut csv = String::from(
+        "address,source_user,source_password,target_user,target_password,source_url,target_url\n",
+    );
+    for u in USERS {
+        let url = if u.starts_with("carol") {
+            other.url()
+        } else {
+            String::new()
+        };
+        csv.push_str(&format!("{u},{u},{pw},{u},{pw},{url},\n"));
+    }
+    std::fs::write(s.dir.path().join("accounts.csv"), csv).unwrap();
+    let (ok, out) = run(&s.config("guard.toml"), &["sync", "--no-progress"]);
+    assert!(ok, "{out}");
+    assert!(out.contains("carol@example.com: 1 copied"), "{out}");
+    assert!(out.contains("alice@example.com: 3 copied"), "{out}");
+    let n = rt.block_on(async {
+        let mut t = imap_common::login(s.dst.port, "carol@example.com").await;
+        let held = imap_common::dump(&mut t).await;
+        t.logout().await.unwrap();
+        held["INBOX"].len()
+    });
+    assert_eq!(n, 1);
+}

@@ -107,6 +107,54 @@ pub fn endpoints(sync: &SyncConfig) -> anyhow::Result<Endpoints> {
     })
 }
 
+/// The endpoints of one account: the shared ones, or with its own servers
+/// from the accounts file's source_url/target_url columns. One `Server` per
+/// URL, so the connection cap of a server holds across its accounts.
+fn endpoints_for(
+    shared: &Arc<Endpoints>,
+    sync: &SyncConfig,
+    account: &Account,
+    servers: &mut std::collections::HashMap<(bool, String), Server>,
+) -> anyhow::Result<Arc<Endpoints>> {
+    if account.source_url.is_none() && account.target_url.is_none() {
+        return Ok(shared.clone());
+    }
+    let mut ep = (**shared).clone();
+    for (is_source, url) in [(true, &account.source_url), (false, &account.target_url)] {
+        let Some(url) = url else { continue };
+        let key = (is_source, url.clone());
+        if !servers.contains_key(&key) {
+            let (base, name, bw) = if is_source {
+                (&sync.source, "source_url", sync.max_bytes_per_second)
+            } else {
+                (&sync.target, "target_url", None)
+            };
+            let cfg = godwit_config::SyncServerConfig {
+                url: url.clone(),
+                ..base.clone()
+            };
+            let s = server(
+                &cfg,
+                &format!(
+                    "{} ({name} of {})",
+                    sync.accounts.display(),
+                    account.address
+                ),
+                sync,
+                bw,
+            )?;
+            servers.insert(key.clone(), s);
+        }
+        let s = servers[&key].clone();
+        if is_source {
+            ep.source = s;
+        } else {
+            ep.target = s;
+        }
+    }
+    Ok(Arc::new(ep))
+}
+
 fn select(sync: &SyncConfig, wanted: &[String]) -> anyhow::Result<Vec<Account>> {
     let all = accounts::load(&sync.accounts).context("sync.accounts")?;
     if wanted.is_empty() {
@@ -247,8 +295,10 @@ async fn sync_accounts(
     });
     let gate = Arc::new(tokio::sync::Semaphore::new(sync.parallel_accounts));
     let mut tasks = tokio::task::JoinSet::new();
+    let mut servers = std::collections::HashMap::new();
     for (i, account) in selected.into_iter().enumerate() {
-        let (store, ep, opts, gate) = (store.clone(), ep.clone(), opts.clone(), gate.clone());
+        let ep = endpoints_for(&ep, sync, &account, &mut servers)?;
+        let (store, opts, gate) = (store.clone(), opts.clone(), gate.clone());
         let bar = bars.add(indicatif::ProgressBar::new(0));
         bar.set_style(
             indicatif::ProgressStyle::with_template(
@@ -334,8 +384,10 @@ pub async fn run_verify(config: &Config, args: &VerifyArgs) -> anyhow::Result<i3
         .context("opening the state store")?;
     let mut tasks = tokio::task::JoinSet::new();
     let gate = Arc::new(tokio::sync::Semaphore::new(sync.parallel_accounts));
+    let mut servers = std::collections::HashMap::new();
     for (i, a) in selected.into_iter().enumerate() {
-        let (store, ep, gate) = (store.clone(), ep.clone(), gate.clone());
+        let ep = endpoints_for(&ep, sync, &a, &mut servers)?;
+        let (store, gate) = (store.clone(), gate.clone());
         tasks.spawn(async move {
             let _slot = gate.acquire_owned().await.expect("never closed");
             (
