@@ -61,6 +61,9 @@ pub struct SyncConfig {
     pub folders: BTreeMap<String, String>,
     /// Source folders (Unicode) not synced, with their children.
     pub exclude: Vec<String>,
+    /// Copy folder ACLs where both servers advertise ACL (RFC 4314), with
+    /// delegates mapped to their target users; verify then compares them.
+    pub acls: bool,
 }
 
 impl Default for SyncConfig {
@@ -81,6 +84,7 @@ impl Default for SyncConfig {
             target: SyncServerConfig::default(),
             folders: BTreeMap::new(),
             exclude: Vec::new(),
+            acls: false,
         }
     }
 }

@@ -96,6 +96,17 @@ fn token_source(
     })
 }
 
+/// Who is who on both sides, for ACL entries: each account's source login
+/// and address name its target login.
+fn acl_users(all: &[Account]) -> std::collections::BTreeMap<String, String> {
+    let mut m = std::collections::BTreeMap::new();
+    for a in all {
+        m.insert(a.address.to_ascii_lowercase(), a.target.user.clone());
+        m.insert(a.source.user.to_ascii_lowercase(), a.target.user.clone());
+    }
+    m
+}
+
 /// Builds the shared endpoints (one connection cap per server, for all accounts).
 pub fn endpoints(sync: &SyncConfig) -> anyhow::Result<Endpoints> {
     Ok(Endpoints {
@@ -104,6 +115,12 @@ pub fn endpoints(sync: &SyncConfig) -> anyhow::Result<Endpoints> {
         target: server(&sync.target, "sync.target", sync, None)?,
         overrides: sync.folders.clone(),
         exclude: sync.exclude.clone(),
+        acls: sync.acls,
+        acl_users: Arc::new(if sync.acls {
+            acl_users(&accounts::load(&sync.accounts).context("sync.accounts")?)
+        } else {
+            Default::default()
+        }),
     })
 }
 

@@ -822,6 +822,78 @@ impl Conn {
         Ok(out)
     }
 
+    /// `RIGHTS=` from the capabilities (RFC 4314 2.1).
+    pub fn rights_capability(&self) -> Option<String> {
+        self.caps
+            .iter()
+            .find_map(|c| c.strip_prefix("RIGHTS=").map(|r| r.to_ascii_lowercase()))
+    }
+
+    /// GETACL (RFC 4314 3.3): the folder's entries, identifier → rights.
+    pub async fn get_acl(&mut self, mailbox_wire: &str) -> Result<crate::acl::Acl, ImapError> {
+        let tag = self
+            .session
+            .run_command(format!("GETACL {}", quote(mailbox_wire)))
+            .await?;
+        let mut out = crate::acl::Acl::new();
+        loop {
+            let r = self
+                .session
+                .read_response()
+                .await
+                .map_err(io_error)?
+                .ok_or(ImapError::ConnectionLost)?;
+            match r.parsed() {
+                Response::Acl(acl) => {
+                    for e in &acl.acls {
+                        let rights: String = e.rights.iter().map(|r| char::from(*r)).collect();
+                        out.insert(e.identifier.to_string(), rights);
+                    }
+                }
+                Response::Done {
+                    tag: t,
+                    status,
+                    outcome,
+                } if *t == tag => {
+                    let text = outcome.information.as_deref().unwrap_or("");
+                    return match status {
+                        Status::Ok => Ok(out),
+                        _ => Err(ImapError::Command {
+                            command: format!("GETACL {mailbox_wire}"),
+                            message: excerpt(text, 200),
+                        }),
+                    };
+                }
+                Response::Data {
+                    status: Status::Bye,
+                    ..
+                } => return Err(ImapError::ConnectionLost),
+                _ => {}
+            }
+        }
+    }
+
+    /// SETACL (RFC 4314 3.1), replacing the identifier's rights.
+    pub async fn set_acl(
+        &mut self,
+        mailbox_wire: &str,
+        identifier: &str,
+        rights: &str,
+    ) -> Result<(), ImapError> {
+        self.session
+            .run_command_and_check_ok(&format!(
+                "SETACL {} {} {}",
+                quote(mailbox_wire),
+                quote(identifier),
+                quote(rights)
+            ))
+            .await
+            .map_err(|e| ImapError::Command {
+                command: format!("SETACL {mailbox_wire} {identifier}"),
+                message: excerpt(&e.to_string(), 200),
+            })
+    }
+
     pub async fn logout(mut self) {
         let _ = tokio::time::timeout(Duration::from_secs(5), self.session.logout()).await;
     }

@@ -10,6 +10,7 @@
 //! - [`cli`]: `SyncArgs`, `VerifyArgs`, `run_sync`, `run_verify`.
 
 pub mod accounts;
+pub mod acl;
 pub mod cli;
 pub mod conn;
 pub mod engine;

@@ -36,11 +36,15 @@ pub struct FolderCheck {
     pub skipped: Vec<Skipped>,
     pub notes: Vec<String>,
     pub error: Option<String>,
+    /// ACL entries (mapped to target users) that the target lacks or holds
+    /// with other rights, with sync.acls.
+    pub acl_differences: Vec<String>,
 }
 
 impl FolderCheck {
     pub fn is_clean(&self) -> bool {
-        self.error.is_none()
+        self.acl_differences.is_empty()
+            && self.error.is_none()
             && self.missing_on_target.is_empty()
             && self.duplicates_on_target.is_empty()
             && self.flag_differences.is_empty()
@@ -183,6 +187,7 @@ pub fn differences(check: &AccountCheck) -> String {
             (f.flag_differences.len(), "flag differences"),
             (f.date_differences.len(), "date differences"),
             (f.skipped.len(), "not copied"),
+            (f.acl_differences.len(), "ACL differences"),
         ] {
             if n > 0 {
                 what.push(format!("{n} {label}"));
@@ -250,6 +255,19 @@ async fn verify_inner(
             compare(&mut check, &s, &t);
         }
         check.skipped = state::skipped(store, address, &pair.source).await?;
+        if ep.acls && src.has("ACL") && tgt.has("ACL") && !pair.create {
+            let new_rights = crate::acl::has_rfc4314_rights(tgt.rights_capability().as_deref());
+            let from = src.get_acl(&src_list.wire_name(&pair.source)).await?;
+            let have = tgt.get_acl(&tgt_list.wire_name(&pair.target)).await?;
+            let (want, unmapped) = crate::acl::wanted(&from, &ep.acl_users, new_rights);
+            check.acl_differences = crate::acl::differences(&want, &have, new_rights);
+            for id in unmapped {
+                check.notes.push(format!(
+                    "ACL: `{id}` ({}) is not a user in the accounts file, so not on the target",
+                    from[&id]
+                ));
+            }
+        }
         out.folders.push(check);
     }
     src.logout().await;
@@ -310,6 +328,7 @@ pub fn render(checks: &[AccountCheck]) -> String {
             };
             show(&mut s, "missing on target", &f.missing_on_target);
             show(&mut s, "duplicate on target", &f.duplicates_on_target);
+            show(&mut s, "ACL differs", &f.acl_differences);
             for d in f.flag_differences.iter().take(10) {
                 let _ = writeln!(
                     s,

@@ -68,6 +68,8 @@ fn endpoints(source_port: u16, target: &Dovecot, max_message_size: u64) -> Endpo
         target: tgt,
         overrides: Default::default(),
         exclude: vec![],
+        acls: false,
+        acl_users: Default::default(),
     }
 }
 

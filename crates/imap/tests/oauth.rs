@@ -107,6 +107,8 @@ fn endpoints(source: &Dovecot, target: &Dovecot, auth: Auth) -> Endpoints {
         target: Server::from_url(&target.url()).unwrap(),
         overrides: Default::default(),
         exclude: vec![],
+        acls: false,
+        acl_users: Default::default(),
     }
 }
 
