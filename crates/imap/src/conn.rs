@@ -670,7 +670,7 @@ impl Conn {
                     .session
                     .read_response()
                     .await
-                    .map_err(|e| io_error(e))?
+                    .map_err(io_error)?
                     .ok_or(ImapError::ConnectionLost)?;
                 match r.parsed() {
                     Response::Continue { .. } => break,
@@ -697,7 +697,7 @@ impl Conn {
             .get_mut()
             .write_all(data)
             .await
-            .map_err(|e| io_error(e))
+            .map_err(io_error)
     }
 
     pub async fn append_end(
@@ -705,8 +705,8 @@ impl Conn {
         tag: &async_imap::imap_proto::RequestId,
     ) -> Result<Result<Option<(u32, u32)>, String>, ImapError> {
         let stream = self.session.get_mut();
-        stream.write_all(b"\r\n").await.map_err(|e| io_error(e))?;
-        stream.flush().await.map_err(|e| io_error(e))?;
+        stream.write_all(b"\r\n").await.map_err(io_error)?;
+        stream.flush().await.map_err(io_error)?;
         let r = self.read_done(tag).await;
         self.drain_unsolicited();
         r
@@ -720,7 +720,7 @@ impl Conn {
             let r = tokio::time::timeout(self.server.command_timeout, self.session.read_response())
                 .await
                 .map_err(|_| ImapError::Io("timed out waiting for the server".into()))?
-                .map_err(|e| io_error(e))?
+                .map_err(io_error)?
                 .ok_or(ImapError::ConnectionLost)?;
             match r.parsed() {
                 Response::Done {
@@ -784,7 +784,7 @@ impl Conn {
             let r = tokio::time::timeout(self.server.command_timeout, self.session.read_response())
                 .await
                 .map_err(|_| ImapError::Io("timed out waiting for STATUS".into()))?
-                .map_err(|e| io_error(e))?
+                .map_err(io_error)?
                 .ok_or(ImapError::ConnectionLost)?;
             match r.parsed() {
                 Response::MailboxData(MailboxDatum::Status { status, .. }) => {
