@@ -15,6 +15,29 @@
 //! "Old Stuff" = "Archive/Old Stuff"
 //! ```
 //!
+//! OAuth 2.0 (Microsoft 365, Google Workspace), per-account servers, ACLs and
+//! the watch loop:
+//!
+//! ```toml
+//! [sync]
+//! accounts = "accounts.csv"   # optional extra columns: source_url,target_url
+//! acls = true                 # copy folder ACLs where both servers offer ACL (RFC 4314)
+//! watch_interval = "10m"      # godwit sync --watch
+//! command_timeout = "60s"     # every command and every read of its answer
+//! max_message_size = "150MB"  # one response holds at most this plus 1 MiB
+//! [sync.target]
+//! url = "imaps://outlook.office365.com:993"
+//! auth = "xoauth2"            # "login" (default) | "plain" | "xoauth2" | "oauthbearer"
+//! token_url = "https://login.example/tenant/oauth2/v2.0/token"
+//! client_id = "..."
+//! client_secret = "env:GODWIT_TARGET_CLIENT_SECRET"
+//! scope = "https://outlook.office365.com/.default"
+//! # or: token_command = ["/usr/local/bin/token-for", "{address}"]
+//! ```
+//!
+//! A file with only these sections loads: `godwit sync` and `verify` need
+//! nothing of the gateway's (`Config::require_sync`).
+//!
 //! Every password (in the CSV or here) may be a literal, `env:NAME` or `file:PATH`.
 
 use super::{ConfigError, de_duration, invalid};
