@@ -343,7 +343,7 @@ pub async fn directory(config: Config, command: DirectoryCommand) -> Result<i32>
                 "json" => println!("{}", serde_json::to_string_pretty(&rows)?),
                 "csv" => {
                     println!(
-                        "address,display_name,kind,platform,state,route,override,waves,aliases,sync"
+                        "address,display_name,kind,platform,state,route,override,waves,aliases"
                     );
                     for r in &rows {
                         let f = [
@@ -356,7 +356,6 @@ pub async fn directory(config: Config, command: DirectoryCommand) -> Result<i32>
                             r.override_route.as_deref().unwrap_or(""),
                             &r.waves,
                             &r.aliases.to_string(),
-                            r.sync.as_deref().unwrap_or(""),
                         ];
                         let f: Vec<String> = f.iter().map(|v| csv_field(v)).collect();
                         println!("{}", f.join(","));
