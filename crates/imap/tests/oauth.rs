@@ -77,9 +77,11 @@ impl Drop for TokenServer {
     }
 }
 
-/// A Dovecot that takes XOAUTH2 and OAUTHBEARER, checked by `tokens`.
-fn oauth_dovecot(tokens: &TokenServer) -> Dovecot {
-    let dir = tempfile::tempdir().unwrap().keep();
+/// A Dovecot that takes XOAUTH2 and OAUTHBEARER, checked by `tokens` (and
+/// the folder holding its oauth2 passdb settings).
+fn oauth_dovecot(tokens: &TokenServer) -> (Dovecot, tempfile::TempDir) {
+    let keep = tempfile::tempdir().unwrap();
+    let dir = keep.path().to_path_buf();
     let conf = dir.join("oauth2.conf");
     std::fs::write(
         &conf,
@@ -96,7 +98,7 @@ fn oauth_dovecot(tokens: &TokenServer) -> Dovecot {
          passdb {{\n  driver = oauth2\n  mechanisms = xoauth2 oauthbearer\n  args = {}\n}}\n",
         conf.display()
     );
-    Dovecot::start_with(Flavor::Exchange, &USERS, &extra)
+    (Dovecot::start_with(Flavor::Exchange, &USERS, &extra), keep)
 }
 
 fn endpoints(source: &Dovecot, target: &Dovecot, auth: Auth) -> Endpoints {
@@ -135,7 +137,7 @@ fn no_password(user: &str) -> godwit_imap::conn::Login {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_credentials_grant_syncs_and_a_lapsed_token_is_replaced() {
     let tokens = TokenServer::start(2);
-    let source = oauth_dovecot(&tokens);
+    let (source, _conf) = oauth_dovecot(&tokens);
     let target = Dovecot::start(Flavor::Source, &USERS);
     seed(source.port, APP_USER).await;
     let grant = Arc::new(TokenSource::ClientCredentials {
@@ -186,7 +188,7 @@ async fn client_credentials_grant_syncs_and_a_lapsed_token_is_replaced() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_command_per_address_and_refusals_end_only_their_account() {
     let tokens = TokenServer::start(3600);
-    let source = oauth_dovecot(&tokens);
+    let (source, _conf) = oauth_dovecot(&tokens);
     let target = Dovecot::start(Flavor::Source, &USERS);
     for u in [
         "alice@example.com",
