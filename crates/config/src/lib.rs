@@ -27,6 +27,17 @@ pub enum ConfigError {
     Parse { path: PathBuf, message: String },
     #[error("configuration key `{key}`: {message}")]
     Invalid { key: String, message: String },
+    /// A section the command needs is absent (a sync-only file for the
+    /// gateway, a gateway-only file for `godwit sync`).
+    #[error("configuration section [{section}] is missing: {message}")]
+    Missing { section: String, message: String },
+}
+
+fn missing(section: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Missing {
+        section: section.into(),
+        message: message.into(),
+    }
 }
 
 fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
@@ -374,6 +385,10 @@ pub struct DirectoryConfig {
     /// as Postfix's virtual_alias_expansion_limit. A larger group is not
     /// expanded: it goes to its own route, whose platform expands it.
     pub expansion_limit: usize,
+    /// `wave cutover` admits a synced mailbox only if its last clean verify
+    /// is at most this old (and came after its last sync run).
+    #[serde(deserialize_with = "de_duration")]
+    pub max_verify_age: Duration,
 }
 
 impl Default for DirectoryConfig {
@@ -383,6 +398,7 @@ impl Default for DirectoryConfig {
             target_platform: None,
             expand_groups: false,
             expansion_limit: 1000,
+            max_verify_age: Duration::from_secs(86400),
         }
     }
 }
@@ -536,9 +552,6 @@ impl Config {
                 "tls_cert and tls_key must be set together",
             ));
         }
-        if self.domains.accepted.is_empty() {
-            return Err(invalid("domains.accepted", "must list at least one domain"));
-        }
         for d in &self.domains.accepted {
             let name = d.strip_prefix('.').unwrap_or(d);
             if name.is_empty() || name.starts_with('.') || d.contains(['@', ' ', '/']) {
@@ -547,12 +560,6 @@ impl Config {
                     format!("`{d}` is not a domain name"),
                 ));
             }
-        }
-        if self.platforms.is_empty() {
-            return Err(invalid(
-                "platforms",
-                "define at least one platform, e.g. [platforms.old]",
-            ));
         }
         for (name, p) in &self.platforms {
             let key = format!("platforms.{name}.relay");
@@ -629,29 +636,6 @@ impl Config {
                 ));
             }
         }
-        if !self.is_route_name(&self.routing.default) {
-            return Err(invalid(
-                "routing.default",
-                format!(
-                    "`{}` is neither a configured platform nor `hold`/`both`",
-                    self.routing.default
-                ),
-            ));
-        }
-        if self.routing.default == ROUTE_BOTH && self.platforms.len() != 2 {
-            return Err(invalid(
-                "routing.default",
-                "`both` needs exactly two platforms",
-            ));
-        }
-        for (domain, route) in &self.routing.domains {
-            if !self.is_route_name(route) {
-                return Err(invalid(
-                    format!("routing.domains.{domain}"),
-                    format!("`{route}` is not a platform"),
-                ));
-            }
-        }
         if self.queue.min_backoff.is_zero() || self.queue.min_backoff > self.queue.max_backoff {
             return Err(invalid(
                 "queue.min_backoff",
@@ -704,6 +688,68 @@ impl Config {
             access.validate(self)?;
         }
         Ok(())
+    }
+
+    /// What the gateway commands (`serve`, `route`, `directory`, `wave`)
+    /// need: accepted domains, platforms and a routing default that names
+    /// one. A sync-only file loads, and fails here naming the section.
+    pub fn require_gateway(&self) -> Result<(), ConfigError> {
+        if self.domains.accepted.is_empty() {
+            return Err(missing(
+                "domains",
+                "the gateway needs `domains.accepted` with at least one domain",
+            ));
+        }
+        if self.platforms.is_empty() {
+            return Err(missing(
+                "platforms",
+                "the gateway needs at least one platform, e.g. [platforms.old] with relay = [\"host:25\"]",
+            ));
+        }
+        if !self.is_route_name(&self.routing.default) {
+            return Err(invalid(
+                "routing.default",
+                format!(
+                    "`{}` is neither a configured platform nor `hold`/`both`",
+                    self.routing.default
+                ),
+            ));
+        }
+        if self.routing.default == ROUTE_BOTH && self.platforms.len() != 2 {
+            return Err(invalid(
+                "routing.default",
+                "`both` needs exactly two platforms",
+            ));
+        }
+        for (domain, route) in &self.routing.domains {
+            if !self.is_route_name(route) {
+                return Err(invalid(
+                    format!("routing.domains.{domain}"),
+                    format!("`{route}` is not a platform"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// What `godwit sync` and `godwit verify` need: [sync] with [sync.source]
+    /// and [sync.target]. A gateway-only file loads, and fails here.
+    pub fn require_sync(&self) -> Result<&SyncConfig, ConfigError> {
+        let sync = self.sync.as_ref().ok_or_else(|| {
+            missing(
+                "sync",
+                "godwit sync and verify need [sync], [sync.source] and [sync.target]",
+            )
+        })?;
+        for (section, server) in [("sync.source", &sync.source), ("sync.target", &sync.target)] {
+            if server.url.is_empty() {
+                return Err(missing(
+                    section,
+                    format!("set {section}.url = \"imaps://host:993\""),
+                ));
+            }
+        }
+        Ok(sync)
     }
 
     /// The platform DSNs go through.
@@ -1147,10 +1193,51 @@ min_backoff = "1s"
 max_backoff = "1h"
 "#;
 
+    /// Loads as `godwit serve` does: the file, then the gateway's sections.
     fn load(text: &str) -> Result<Config, ConfigError> {
+        let c = load_file(text)?;
+        c.require_gateway()?;
+        Ok(c)
+    }
+
+    fn load_file(text: &str) -> Result<Config, ConfigError> {
         let f = tempfile::NamedTempFile::new().unwrap();
         std::fs::write(f.path(), text).unwrap();
         Config::load(f.path())
+    }
+
+    const SYNC_ONLY: &str = "[sync]\naccounts = \"a.csv\"\n[sync.source]\nurl = \"imap://old:143\"\n\
+                             [sync.target]\nurl = \"imaps://new:993\"\n";
+
+    /// Teams run the pre-seed long before the gateway: each kind of file
+    /// loads, and the command that needs the other kind names what is missing.
+    #[test]
+    fn sync_only_and_gateway_only_files_both_load() {
+        let c = load_file(SYNC_ONLY).unwrap();
+        assert_eq!(c.require_sync().unwrap().source.url, "imap://old:143");
+        let err = c.require_gateway().unwrap_err().to_string();
+        assert!(err.contains("[domains] is missing"), "{err}");
+        let only_domains = format!("[domains]\naccepted = [\"example.com\"]\n{SYNC_ONLY}");
+        let err = load_file(&only_domains)
+            .unwrap()
+            .require_gateway()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("[platforms] is missing"), "{err}");
+
+        let c = load_file(GOOD).unwrap();
+        c.require_gateway().unwrap();
+        let err = c.require_sync().unwrap_err().to_string();
+        assert!(err.contains("[sync] is missing"), "{err}");
+
+        let no_target = "[sync]\n[sync.source]\nurl = \"imap://old:143\"\n";
+        let err = load_file(no_target).unwrap_err().to_string();
+        assert!(err.contains("[sync.target] is missing"), "{err}");
+        // Keys present are still checked, whatever the command.
+        let err = load_file(&SYNC_ONLY.replace("imap://old:143", "http://old"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("sync.source.url"), "{err}");
     }
 
     #[test]
@@ -1195,7 +1282,11 @@ max_backoff = "1h"
             ),
             (
                 GOOD.replace("accepted = [\"Example.COM.\"]", "accepted = []"),
-                "domains.accepted",
+                "[domains]",
+            ),
+            (
+                format!("{GOOD}[directory]\nmax_verify_age = \"soon\"\n"),
+                "max_verify_age",
             ),
             (
                 GOOD.replace("[smtp]", "[smtp]\nlisten_typo = 1"),

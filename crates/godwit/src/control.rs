@@ -130,6 +130,11 @@ pub enum WaveCommand {
         /// Cut over members whose sync is not ready (recorded in the history).
         #[arg(long)]
         force: bool,
+        /// First a delta and a verify for every member in the sync's
+        /// accounts file; then cut over only those that verified clean,
+        /// naming the others and why.
+        #[arg(long)]
+        final_sync: bool,
         #[arg(long)]
         actor: Option<String>,
         #[command(flatten)]
@@ -364,7 +369,7 @@ pub async fn directory(config: Config, command: DirectoryCommand) -> Result<i32>
                 kind,
                 wave,
             };
-            let rows = history::directory(&store, &filter).await?;
+            let rows = history::directory(&store, &filter, config.directory.max_verify_age).await?;
             match format.as_str() {
                 "json" => println!("{}", serde_json::to_string_pretty(&rows)?),
                 "csv" => {
@@ -413,7 +418,7 @@ pub async fn directory(config: Config, command: DirectoryCommand) -> Result<i32>
                     let limit = if all { usize::MAX } else { SHOW };
                     for r in rows.iter().take(limit) {
                         println!(
-                            "  {}  {}  {}  owned by {}  -> {}{}{}",
+                            "  {}  {}  {}  owned by {}  -> {}{}{}{}",
                             r.address,
                             r.kind,
                             r.state,
@@ -427,7 +432,11 @@ pub async fn directory(config: Config, command: DirectoryCommand) -> Result<i32>
                                 String::new()
                             } else {
                                 format!("  waves: {}", r.waves)
-                            }
+                            },
+                            r.sync
+                                .as_deref()
+                                .map(|s| format!("  sync: {s}"))
+                                .unwrap_or_default()
                         );
                     }
                     if rows.len() > limit {
@@ -566,7 +575,7 @@ pub async fn wave(config: Config, command: WaveCommand) -> Result<i32> {
             );
         }
         WaveCommand::Show { name, all, json } => {
-            let w = history::wave(&store, &name)
+            let w = history::wave(&store, &name, config.directory.max_verify_age)
                 .await?
                 .with_context(|| format!("no wave `{name}` (godwit wave list)"))?;
             if json {
@@ -603,7 +612,16 @@ pub async fn wave(config: Config, command: WaveCommand) -> Result<i32> {
             println!("  states: {}", counts.join(", "));
             let limit = if all { usize::MAX } else { SHOW };
             for m in w.members.iter().take(limit) {
-                println!("  {}  {}  -> {}", m.address, m.state, m.route);
+                println!(
+                    "  {}  {}  -> {}{}",
+                    m.address,
+                    m.state,
+                    m.route,
+                    m.sync
+                        .as_deref()
+                        .map(|s| format!("  sync: {s}"))
+                        .unwrap_or_default()
+                );
             }
             if w.members.len() > limit {
                 println!(
@@ -636,13 +654,28 @@ pub async fn wave(config: Config, command: WaveCommand) -> Result<i32> {
             name,
             dry_run,
             force,
+            final_sync,
             actor,
             wait,
         } => {
             let who = crate::actor(actor);
-            let cmd = format!("wave cutover {name}{}", if force { " --force" } else { "" });
-            let o = control::wave_cutover(&ctx(&store, &config, &who, &cmd, dry_run), &name, force)
-                .await?;
+            let cmd = format!(
+                "wave cutover {name}{}{}",
+                if force { " --force" } else { "" },
+                if final_sync { " --final-sync" } else { "" }
+            );
+            let only = if final_sync {
+                Some(final_sync_members(&config, &store, &name).await?)
+            } else {
+                None
+            };
+            let o = control::wave_cutover_only(
+                &ctx(&store, &config, &who, &cmd, dry_run),
+                &name,
+                force,
+                only,
+            )
+            .await?;
             print_outcome(&o, "moved to the target platform");
             if o.applied {
                 return wait.for_version(&store, o.version).await;
@@ -680,6 +713,44 @@ fn version_json(v: &history::VersionInfo) -> serde_json::Value {
         "route_changes": v.route_changes,
         "control_changes": v.control_changes,
     })
+}
+
+/// `wave cutover --final-sync`: syncs and verifies the wave's members that
+/// the accounts file lists, prints those that did not verify clean, and
+/// returns the members to cut over (the clean ones, and those godwit does not
+/// sync, which the guard judges as usual).
+async fn final_sync_members(
+    config: &Config,
+    store: &Store,
+    name: &str,
+) -> Result<std::collections::BTreeSet<String>> {
+    config
+        .require_sync()
+        .context("--final-sync runs the sync: add the [sync] sections")?;
+    let w = history::wave(store, name, config.directory.max_verify_age)
+        .await?
+        .with_context(|| format!("no wave `{name}` (godwit wave list)"))?;
+    let members: Vec<String> = w.members.iter().map(|m| m.address.clone()).collect();
+    let verdicts = godwit_imap::cli::final_sync(config, &members).await?;
+    let mut only = std::collections::BTreeSet::new();
+    let mut left = 0;
+    for m in members {
+        match verdicts.get(&m) {
+            Some(Err(why)) => {
+                left += 1;
+                println!("  not cut over: {m}: {why}");
+            }
+            _ => {
+                only.insert(m);
+            }
+        }
+    }
+    println!(
+        "final sync: {} member(s) synced, {} verified clean, {left} stay where they are",
+        verdicts.len(),
+        verdicts.len() - left
+    );
+    Ok(only)
 }
 
 pub async fn history(
@@ -844,11 +915,14 @@ pub async fn route_explain(
                     format!(" (routes to its owner {})", o.platform)
                 },
                 if e.sync_ready {
-                    "; sync reports it ready"
+                    "; its sync is proven (cutover admits it)"
                 } else {
                     ""
                 }
             );
+            if let Some(sync) = &e.sync {
+                println!("  sync:      {sync}");
+            }
             if let Some(v) = &e.state_set_by {
                 println!(
                     "             set at version {} by {} at {}: {}",

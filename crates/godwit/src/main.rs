@@ -331,6 +331,22 @@ async fn run(cli: Cli) -> Result<i32> {
             cli.config.display()
         );
     }
+    // Each command checks the sections it needs: a sync-only file runs
+    // `godwit sync`, a gateway-only file runs the gateway.
+    match &cli.command {
+        Command::Sync(_) | Command::Verify(_) => {
+            config
+                .require_sync()
+                .with_context(|| format!("{}: add the [sync] sections", cli.config.display()))?;
+        }
+        Command::Serve
+        | Command::Route { .. }
+        | Command::Directory { .. }
+        | Command::Wave { .. } => config
+            .require_gateway()
+            .with_context(|| format!("{}: add the gateway's sections", cli.config.display()))?,
+        _ => {}
+    }
     if !matches!(
         cli.command,
         Command::Serve | Command::Sync(_) | Command::Verify(_)

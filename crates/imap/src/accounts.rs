@@ -12,6 +12,11 @@ pub struct Account {
     pub address: String,
     pub source: Login,
     pub target: Login,
+    /// The optional `source_url` column: this account's source server, in
+    /// place of `[sync.source] url` (a migration from several old servers).
+    pub source_url: Option<String>,
+    /// The optional `target_url` column.
+    pub target_url: Option<String>,
 }
 
 /// Resolves a password reference. The error names the variable or file, never the value.
@@ -51,23 +56,72 @@ fn split_csv(line: &str) -> Vec<String> {
     fields
 }
 
+const COLUMNS: [&str; 5] = [
+    "address",
+    "source_user",
+    "source_password",
+    "target_user",
+    "target_password",
+];
+
 pub fn parse(text: &str, path: &str) -> Result<Vec<Account>, ImapError> {
     let mut out = Vec::new();
+    // Where source_url and target_url are, when the header names them.
+    let mut url_cols: (Option<usize>, Option<usize>) = (None, None);
+    let mut width = 5;
     for (n, line) in text.lines().enumerate() {
         let line = line.trim();
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        let f = split_csv(line);
+        let mut f = split_csv(line);
         if n == 0 && f[0].trim().eq_ignore_ascii_case("address") {
+            let names: Vec<String> = f.iter().map(|c| c.trim().to_ascii_lowercase()).collect();
+            if names.len() < 5 || names[..5] != COLUMNS {
+                return Err(ImapError::Accounts {
+                    path: path.into(),
+                    message: format!(
+                        "line 1: the header must start with {}, then optionally source_url,target_url",
+                        COLUMNS.join(",")
+                    ),
+                });
+            }
+            for (i, name) in names.iter().enumerate().skip(5) {
+                match name.as_str() {
+                    "source_url" => url_cols.0 = Some(i),
+                    "target_url" => url_cols.1 = Some(i),
+                    other => {
+                        return Err(ImapError::Accounts {
+                            path: path.into(),
+                            message: format!(
+                                "line 1: unknown column `{other}` (known: {},source_url,target_url)",
+                                COLUMNS.join(",")
+                            ),
+                        });
+                    }
+                }
+            }
+            width = names.len();
             continue;
+        }
+        let url = |i: Option<usize>, f: &[String]| {
+            i.and_then(|i| f.get(i))
+                .map(|u| u.trim().to_string())
+                .filter(|u| !u.is_empty())
+        };
+        let urls = (url(url_cols.0, &f), url(url_cols.1, &f));
+        // Trailing empty URL columns may be left out.
+        if f.len() > 5 && f.len() <= width {
+            f.truncate(5);
         }
         if f.len() != 5 {
             return Err(ImapError::Accounts {
                 path: path.into(),
                 message: format!(
-                    "line {}: expected 5 fields (address,source_user,source_password,target_user,target_password), found {}",
+                    "line {}: expected {width} fields ({}{}), found {}",
                     n + 1,
+                    COLUMNS.join(","),
+                    if width > 5 { ",..." } else { "" },
                     f.len()
                 ),
             });
@@ -90,6 +144,8 @@ pub fn parse(text: &str, path: &str) -> Result<Vec<Account>, ImapError> {
                 password: secret(&f[4], &ctx("target"))?,
             },
             address,
+            source_url: urls.0,
+            target_url: urls.1,
         });
     }
     Ok(out)
@@ -106,6 +162,30 @@ pub fn load(path: &Path) -> Result<Vec<Account>, ImapError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn per_account_servers() {
+        let text = "address,source_user,source_password,target_user,target_password,source_url,target_url\n\
+                    a@x,a,p,a,p,imap://old-1:143,\n\
+                    b@x,b,p,b,p,,imaps://new-2:993\n\
+                    c@x,c,p,c,p\n";
+        let a = parse(text, "a.csv").unwrap();
+        assert_eq!(a[0].source_url.as_deref(), Some("imap://old-1:143"));
+        assert_eq!(a[0].target_url, None);
+        assert_eq!(a[1].source_url, None);
+        assert_eq!(a[1].target_url.as_deref(), Some("imaps://new-2:993"));
+        assert_eq!(
+            (a[2].source_url.clone(), a[2].target_url.clone()),
+            (None, None)
+        );
+        let e = parse(
+            "address,source_user,source_password,target_user,target_password,server\n",
+            "a.csv",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("unknown column `server`"), "{e}");
+    }
 
     #[test]
     fn parses_quotes_env_and_files() {

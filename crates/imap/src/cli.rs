@@ -31,6 +31,9 @@ pub struct SyncArgs {
     /// No progress bars (they are off anyway when stderr is not a terminal).
     #[arg(long)]
     pub no_progress: bool,
+    /// Run the delta again every `sync.watch_interval` until stopped.
+    #[arg(long)]
+    pub watch: bool,
 }
 
 #[derive(clap::Args, Debug, Clone, Default)]
@@ -52,14 +55,56 @@ fn server(
     s.tls_insecure = cfg.tls_insecure;
     s.namespace_prefix = cfg.namespace_prefix.clone();
     s.command_timeout = sync.command_timeout;
+    s.max_response = sync.max_message_size + crate::conn::RESPONSE_MARGIN;
     s.limits = Arc::new(ServerLimits::new(
         sync.max_connections_per_server,
         bandwidth,
     ));
+    s.auth = match cfg.auth.as_str() {
+        "plain" => crate::conn::Auth::Plain,
+        "xoauth2" => crate::conn::Auth::XOAuth2(Arc::new(token_source(cfg, key)?)),
+        "oauthbearer" => crate::conn::Auth::OAuthBearer(Arc::new(token_source(cfg, key)?)),
+        _ => crate::conn::Auth::Login,
+    };
     if let (Some(user), Some(pw)) = (&cfg.master_user, &cfg.master_password) {
         s.master = Some((user.clone(), secret(pw, &format!("{key}.master_password"))?));
     }
     Ok(s)
+}
+
+fn token_source(
+    cfg: &godwit_config::SyncServerConfig,
+    key: &str,
+) -> anyhow::Result<crate::oauth::TokenSource> {
+    Ok(match (&cfg.token_url, &cfg.token_command) {
+        (Some(url), _) => crate::oauth::TokenSource::ClientCredentials {
+            url: url.clone(),
+            client_id: cfg.client_id.clone().unwrap_or_default(),
+            client_secret: secret(
+                cfg.client_secret.as_deref().unwrap_or_default(),
+                &format!("{key}.client_secret"),
+            )?,
+            scope: cfg.scope.clone(),
+            tls_insecure: cfg.tls_insecure,
+            cache: Default::default(),
+        },
+        (None, Some(argv)) => crate::oauth::TokenSource::Command { argv: argv.clone() },
+        (None, None) => anyhow::bail!(
+            "{key}.auth = \"{}\" needs token_url or token_command",
+            cfg.auth
+        ),
+    })
+}
+
+/// Who is who on both sides, for ACL entries: each account's source login
+/// and address name its target login.
+fn acl_users(all: &[Account]) -> std::collections::BTreeMap<String, String> {
+    let mut m = std::collections::BTreeMap::new();
+    for a in all {
+        m.insert(a.address.to_ascii_lowercase(), a.target.user.clone());
+        m.insert(a.source.user.to_ascii_lowercase(), a.target.user.clone());
+    }
+    m
 }
 
 /// Builds the shared endpoints (one connection cap per server, for all accounts).
@@ -70,7 +115,61 @@ pub fn endpoints(sync: &SyncConfig) -> anyhow::Result<Endpoints> {
         target: server(&sync.target, "sync.target", sync, None)?,
         overrides: sync.folders.clone(),
         exclude: sync.exclude.clone(),
+        acls: sync.acls,
+        acl_users: Arc::new(if sync.acls {
+            acl_users(&accounts::load(&sync.accounts).context("sync.accounts")?)
+        } else {
+            Default::default()
+        }),
     })
+}
+
+/// The endpoints of one account: the shared ones, or with its own servers
+/// from the accounts file's source_url/target_url columns. One `Server` per
+/// URL, so the connection cap of a server holds across its accounts.
+fn endpoints_for(
+    shared: &Arc<Endpoints>,
+    sync: &SyncConfig,
+    account: &Account,
+    servers: &mut std::collections::HashMap<(bool, String), Server>,
+) -> anyhow::Result<Arc<Endpoints>> {
+    if account.source_url.is_none() && account.target_url.is_none() {
+        return Ok(shared.clone());
+    }
+    let mut ep = (**shared).clone();
+    for (is_source, url) in [(true, &account.source_url), (false, &account.target_url)] {
+        let Some(url) = url else { continue };
+        let key = (is_source, url.clone());
+        if !servers.contains_key(&key) {
+            let (base, name, bw) = if is_source {
+                (&sync.source, "source_url", sync.max_bytes_per_second)
+            } else {
+                (&sync.target, "target_url", None)
+            };
+            let cfg = godwit_config::SyncServerConfig {
+                url: url.clone(),
+                ..base.clone()
+            };
+            let s = server(
+                &cfg,
+                &format!(
+                    "{} ({name} of {})",
+                    sync.accounts.display(),
+                    account.address
+                ),
+                sync,
+                bw,
+            )?;
+            servers.insert(key.clone(), s);
+        }
+        let s = servers[&key].clone();
+        if is_source {
+            ep.source = s;
+        } else {
+            ep.target = s;
+        }
+    }
+    Ok(Arc::new(ep))
 }
 
 fn select(sync: &SyncConfig, wanted: &[String]) -> anyhow::Result<Vec<Account>> {
@@ -91,9 +190,7 @@ fn select(sync: &SyncConfig, wanted: &[String]) -> anyhow::Result<Vec<Account>> 
 }
 
 fn sync_section(config: &Config) -> anyhow::Result<&SyncConfig> {
-    config.sync.as_ref().context(
-        "the configuration has no [sync] section: add [sync], [sync.source] and [sync.target]",
-    )
+    Ok(config.require_sync()?)
 }
 
 #[derive(serde::Serialize)]
@@ -102,22 +199,111 @@ struct SyncOutput<'a> {
     verify: &'a [AccountCheck],
 }
 
-/// `godwit sync`: copy (or delta), then verify each account.
+/// `godwit sync`: copy (or delta), then verify each account. With
+/// `--watch`, again every `sync.watch_interval` until stopped (SIGINT or
+/// SIGTERM), so the mailboxes stay minutes behind the source.
 pub async fn run_sync(config: &Config, args: &SyncArgs) -> anyhow::Result<i32> {
     let sync = sync_section(config)?;
-    let ep = Arc::new(endpoints(sync)?);
+    if !args.watch {
+        return run_sync_once(config, args).await;
+    }
+    let interval = sync.watch_interval;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    let mut round = 0u64;
+    loop {
+        round += 1;
+        let code = run_sync_once(config, args).await?;
+        tracing::info!(round, code, next_in = ?interval, "sync --watch: round done");
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = tokio::signal::ctrl_c() => return Ok(code),
+            _ = term.recv() => return Ok(code),
+        }
+    }
+}
+
+async fn run_sync_once(config: &Config, args: &SyncArgs) -> anyhow::Result<i32> {
+    let sync = sync_section(config)?;
     let selected = select(sync, &args.mailboxes)?;
+    let show_progress = !args.no_progress && !args.json && std::io::stderr().is_terminal();
+    let (reports, checks) = sync_accounts(
+        config,
+        selected,
+        args.propagate_deletes,
+        !args.no_verify,
+        show_progress,
+    )
+    .await?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&SyncOutput {
+                sync: &reports,
+                verify: &checks
+            })?
+        );
+    } else {
+        for r in &reports {
+            println!("{}", render_sync(r));
+        }
+        print!("{}", render(&checks));
+    }
+    Ok(if checks.iter().all(|c| c.clean) { 0 } else { 1 })
+}
+
+/// `wave cutover --final-sync`: a delta and a verify for each address that
+/// the accounts file lists. Returns, per address synced, whether it verified
+/// clean (or why not); addresses the file does not list are not in the map.
+pub async fn final_sync(
+    config: &Config,
+    addresses: &[String],
+) -> anyhow::Result<std::collections::BTreeMap<String, Result<(), String>>> {
+    let sync = sync_section(config)?;
+    let all = accounts::load(&sync.accounts).context("sync.accounts")?;
+    let wanted: std::collections::BTreeSet<String> =
+        addresses.iter().map(|a| a.to_ascii_lowercase()).collect();
+    let selected: Vec<Account> = all
+        .into_iter()
+        .filter(|a| wanted.contains(&a.address))
+        .collect();
+    let (_, checks) = sync_accounts(config, selected, false, true, false).await?;
+    Ok(checks
+        .into_iter()
+        .map(|c| {
+            let verdict = if c.clean {
+                Ok(())
+            } else if let Some(e) = &c.error {
+                Err(e.clone())
+            } else {
+                Err(crate::verify::differences(&c))
+            };
+            (c.address, verdict)
+        })
+        .collect())
+}
+
+/// Syncs (and, with `verify`, verifies) the accounts, `parallel_accounts` at
+/// a time; reports and checks in the accounts' order.
+async fn sync_accounts(
+    config: &Config,
+    selected: Vec<Account>,
+    propagate_deletes: bool,
+    verify: bool,
+    show_progress: bool,
+) -> anyhow::Result<(Vec<AccountReport>, Vec<AccountCheck>)> {
+    let sync = sync_section(config)?;
+    let ep = Arc::new(endpoints(sync)?);
     let store = Store::open(&config.store_url())
         .await
         .context("opening the state store")?;
     let opts = SyncOptions {
-        propagate_deletes: args.propagate_deletes,
+        propagate_deletes,
         fetch_batch: sync.fetch_batch,
         max_reconnects: sync.max_reconnects,
         parallel_folders: sync.parallel_folders,
         ..Default::default()
     };
-    let show_progress = !args.no_progress && !args.json && std::io::stderr().is_terminal();
     let bars = progress_bars();
     bars.set_draw_target(if show_progress {
         indicatif::ProgressDrawTarget::stderr()
@@ -126,9 +312,10 @@ pub async fn run_sync(config: &Config, args: &SyncArgs) -> anyhow::Result<i32> {
     });
     let gate = Arc::new(tokio::sync::Semaphore::new(sync.parallel_accounts));
     let mut tasks = tokio::task::JoinSet::new();
+    let mut servers = std::collections::HashMap::new();
     for (i, account) in selected.into_iter().enumerate() {
-        let (store, ep, opts, gate) = (store.clone(), ep.clone(), opts.clone(), gate.clone());
-        let verify = !args.no_verify;
+        let ep = endpoints_for(&ep, sync, &account, &mut servers)?;
+        let (store, opts, gate) = (store.clone(), opts.clone(), gate.clone());
         let bar = bars.add(indicatif::ProgressBar::new(0));
         bar.set_style(
             indicatif::ProgressStyle::with_template(
@@ -201,21 +388,7 @@ pub async fn run_sync(config: &Config, args: &SyncArgs) -> anyhow::Result<i32> {
             })
         })
         .collect();
-    if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&SyncOutput {
-                sync: &reports,
-                verify: &checks
-            })?
-        );
-    } else {
-        for r in &reports {
-            println!("{}", render_sync(r));
-        }
-        print!("{}", render(&checks));
-    }
-    Ok(if checks.iter().all(|c| c.clean) { 0 } else { 1 })
+    Ok((reports, checks))
 }
 
 /// `godwit verify`: compare without copying.
@@ -228,8 +401,10 @@ pub async fn run_verify(config: &Config, args: &VerifyArgs) -> anyhow::Result<i3
         .context("opening the state store")?;
     let mut tasks = tokio::task::JoinSet::new();
     let gate = Arc::new(tokio::sync::Semaphore::new(sync.parallel_accounts));
+    let mut servers = std::collections::HashMap::new();
     for (i, a) in selected.into_iter().enumerate() {
-        let (store, ep, gate) = (store.clone(), ep.clone(), gate.clone());
+        let ep = endpoints_for(&ep, sync, &a, &mut servers)?;
+        let (store, gate) = (store.clone(), gate.clone());
         tasks.spawn(async move {
             let _slot = gate.acquire_owned().await.expect("never closed");
             (

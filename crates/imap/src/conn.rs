@@ -8,6 +8,7 @@ use async_imap::Session;
 use async_imap::imap_proto::rfc4315::UidSetMember;
 use async_imap::imap_proto::{Response, ResponseCode, Status};
 use std::collections::HashSet;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -15,10 +16,39 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
+/// The connection under the IMAP session. Every read is bounded twice
+/// against a hostile or silent server:
+/// - in time: a read that gets no byte for `idle` (sync.command_timeout)
+///   fails, so no command and no response can hang forever;
+/// - in size: the `Framer` follows the response syntax (lines and literals,
+///   RFC 3501 4.3 and 7.5) and fails a response that announces, or grows to,
+///   more than `max_response` bytes before async-imap buffers it.
 #[derive(Debug)]
-pub enum MailStream {
+pub struct MailStream {
+    io: Io,
+    idle: Duration,
+    silence: Option<Pin<Box<tokio::time::Sleep>>>,
+    framer: Framer,
+}
+
+#[derive(Debug)]
+enum Io {
     Plain(TcpStream),
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl MailStream {
+    fn plain(tcp: TcpStream, server: &Server) -> MailStream {
+        Self::new(Io::Plain(tcp), server)
+    }
+    fn new(io: Io, server: &Server) -> MailStream {
+        MailStream {
+            io,
+            idle: server.command_timeout,
+            silence: None,
+            framer: Framer::new(server.max_response),
+        }
+    }
 }
 
 impl AsyncRead for MailStream {
@@ -27,9 +57,35 @@ impl AsyncRead for MailStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            MailStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            MailStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let r = match &mut this.io {
+            Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        };
+        match r {
+            Poll::Ready(Ok(())) => {
+                this.silence = None;
+                this.framer
+                    .feed(&buf.filled()[before..])
+                    .map_err(|m| std::io::Error::new(std::io::ErrorKind::InvalidData, m))?;
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => {
+                let idle = this.idle;
+                let silence = this
+                    .silence
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
+                if silence.as_mut().poll(cx).is_ready() {
+                    this.silence = None;
+                    return Poll::Ready(Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("the server sent nothing for {idle:?} (sync.command_timeout)"),
+                    )));
+                }
+                Poll::Pending
+            }
         }
     }
 }
@@ -40,23 +96,144 @@ impl AsyncWrite for MailStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            MailStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            MailStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        let this = self.get_mut();
+        // A command goes out: the wait for its answer starts now, not at a
+        // read that an earlier, cancelled wait left behind.
+        this.silence = None;
+        match &mut this.io {
+            Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            MailStream::Plain(s) => Pin::new(s).poll_flush(cx),
-            MailStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        match &mut self.get_mut().io {
+            Io::Plain(s) => Pin::new(s).poll_flush(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            MailStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            MailStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        match &mut self.get_mut().io {
+            Io::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
+}
+
+/// Follows the server's byte stream just enough to know how large the
+/// response being received is: a response is lines, each of which may end in
+/// a literal announcement `{N}` (RFC 3501 4.3; `{N+}` too, RFC 7888) whose N
+/// octets follow the CRLF. A response ends at a CRLF that announces nothing.
+/// Literal bytes are skipped in bulk, so the copy path pays for the protocol
+/// lines only.
+#[derive(Debug, Clone)]
+pub struct Framer {
+    cap: u64,
+    /// Bytes of the response under way.
+    size: u64,
+    /// Literal bytes still to come.
+    literal: u64,
+    scan: Announce,
+}
+
+/// Where the end of the current line is in `{digits[+]}CRLF`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Announce {
+    No,
+    Open,
+    Digits(u64),
+    Plus(u64),
+    Close(u64),
+    Cr(u64),
+}
+
+impl Framer {
+    pub fn new(cap: u64) -> Framer {
+        Framer {
+            cap,
+            size: 0,
+            literal: 0,
+            scan: Announce::No,
+        }
+    }
+
+    pub fn feed(&mut self, mut data: &[u8]) -> Result<(), String> {
+        use Announce::*;
+        while !data.is_empty() {
+            if self.literal > 0 {
+                let n = (self.literal).min(data.len() as u64);
+                self.literal -= n;
+                self.size += n;
+                data = &data[n as usize..];
+                continue;
+            }
+            let b = data[0];
+            data = &data[1..];
+            self.size += 1;
+            self.scan = match (self.scan, b) {
+                (_, b'{') => Open,
+                (Open, d @ b'0'..=b'9') => Digits(u64::from(d - b'0')),
+                // Saturating: a thousand digits still reads as "too large".
+                (Digits(n), d @ b'0'..=b'9') => {
+                    Digits(n.saturating_mul(10).saturating_add(u64::from(d - b'0')))
+                }
+                (Digits(n), b'+') => Plus(n),
+                (Digits(n) | Plus(n), b'}') => Close(n),
+                (Close(n), b'\r') => Cr(n),
+                (Cr(n), b'\n') => {
+                    if n > self.cap.saturating_sub(self.size) {
+                        return Err(format!(
+                            "the server announced a literal of {n} bytes; at most {} bytes are accepted per response (sync.max_message_size)",
+                            self.cap
+                        ));
+                    }
+                    self.literal = n;
+                    No
+                }
+                (_, b'\n') => {
+                    self.size = 0;
+                    No
+                }
+                _ => No,
+            };
+            if self.size > self.cap {
+                return Err(format!(
+                    "a response grew past {} bytes (sync.max_message_size)",
+                    self.cap
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// At most `max` printable characters of a server's text, for errors that
+/// end up on the terminal and in the store: a hostile server must not be able
+/// to fill either with its response (async-imap puts the whole unparsed
+/// buffer into its parse errors).
+pub fn excerpt(text: &str, max: usize) -> String {
+    let text = match text.split_once(" during parsing of ") {
+        Some((_, input)) => {
+            return format!(
+                "cannot parse the server's response: {}",
+                excerpt(input, max)
+            );
+        }
+        None => text,
+    };
+    let mut out = String::new();
+    for (n, c) in text.chars().enumerate() {
+        if n == max {
+            out.push_str(&format!("... ({} bytes in all)", text.len()));
+            break;
+        }
+        out.push(if c.is_control() { '.' } else { c });
+    }
+    out
+}
+
+/// An I/O error as the sync reports it: short and printable.
+pub fn io_error(e: impl std::fmt::Display) -> ImapError {
+    ImapError::Io(excerpt(&e.to_string(), 200))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,7 +255,27 @@ pub struct Server {
     pub namespace_prefix: Option<String>,
     pub limits: Arc<ServerLimits>,
     pub command_timeout: Duration,
+    /// Bytes one response may hold: the largest message plus a margin.
+    pub max_response: u64,
+    pub auth: Auth,
 }
+
+/// How to authenticate (sync.source.auth / sync.target.auth).
+#[derive(Clone, Debug, Default)]
+pub enum Auth {
+    /// LOGIN (RFC 3501 6.2.3).
+    #[default]
+    Login,
+    /// AUTHENTICATE PLAIN (RFC 4616); with a master user, as its authcid.
+    Plain,
+    /// AUTHENTICATE XOAUTH2 with an OAuth 2.0 access token.
+    XOAuth2(Arc<crate::oauth::TokenSource>),
+    /// AUTHENTICATE OAUTHBEARER (RFC 7628).
+    OAuthBearer(Arc<crate::oauth::TokenSource>),
+}
+
+/// Room for a FETCH response's other items around the largest message.
+pub const RESPONSE_MARGIN: u64 = 1 << 20;
 
 impl std::fmt::Debug for Server {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -115,6 +312,8 @@ impl Server {
             namespace_prefix: None,
             limits: Arc::new(ServerLimits::new(8, None)),
             command_timeout: Duration::from_secs(300),
+            max_response: 150_000_000 + RESPONSE_MARGIN,
+            auth: Auth::Login,
         })
     }
 }
@@ -151,7 +350,7 @@ async fn tls(server: &Server, tcp: TcpStream) -> Result<MailStream, ImapError> {
             server: format!("{server:?}"),
             message: format!("TLS: {e}"),
         })?;
-    Ok(MailStream::Tls(Box::new(stream)))
+    Ok(MailStream::new(Io::Tls(Box::new(stream)), server))
 }
 
 /// Throttling answers seen from Exchange Online, Gmail, Dovecot and Courier.
@@ -200,17 +399,17 @@ impl Conn {
         )
         .await
         .map_err(|_| err("connect timed out".into()))?
-        .map_err(|e| err(e.to_string()))?;
+        .map_err(|e| err(excerpt(&e.to_string(), 200)))?;
         let _ = tcp.set_nodelay(true);
         let stream = match server.security {
             Security::Implicit => tls(server, tcp).await?,
-            Security::StartTls => MailStream::Plain(tcp),
+            Security::StartTls => MailStream::plain(tcp, server),
         };
         let mut client = async_imap::Client::new(stream);
         let greeting = client
             .read_response()
             .await
-            .map_err(|e| err(e.to_string()))?;
+            .map_err(|e| err(excerpt(&e.to_string(), 200)))?;
         // RFC 3501 7.1: the greeting may carry the capabilities; most servers send them.
         let mut starttls = false;
         let mut greeting_caps = false;
@@ -240,7 +439,7 @@ impl Conn {
             // Ask (RFC 3501 6.1.1), so that a password never goes out in clear
             // text to a server that offers STARTTLS without announcing it. A
             // private tag: async-imap's own counter never produces it.
-            let io = |e: std::io::Error| err(e.to_string());
+            let io = |e: std::io::Error| err(excerpt(&e.to_string(), 200));
             client
                 .get_mut()
                 .write_all(b"gw0 CAPABILITY\r\n")
@@ -269,21 +468,13 @@ impl Conn {
                 .run_command_and_check_ok("STARTTLS", None)
                 .await
                 .map_err(|e| err(format!("STARTTLS: {e}")))?;
-            let MailStream::Plain(tcp) = client.into_inner() else {
+            let Io::Plain(tcp) = client.into_inner().io else {
                 unreachable!("plain before STARTTLS")
             };
             client = async_imap::Client::new(tls(server, tcp).await?);
         }
-        // Dovecot-style master login: "user*master" with the master's password.
-        let (user, password) = match &server.master {
-            Some((master, master_password)) => (
-                format!("{}*{}", login.user, master),
-                master_password.as_str(),
-            ),
-            None => (login.user.clone(), login.password.as_str()),
-        };
-        let mut session = client.login(&user, password).await.map_err(|(e, _)| {
-            let text = e.to_string();
+        let refused = |text: String| {
+            let text = excerpt(&text, 300);
             if is_throttling(&text) {
                 ImapError::Throttled(text)
             } else {
@@ -293,12 +484,69 @@ impl Conn {
                     message: text,
                 }
             }
-        })?;
+        };
+        let mut session = match &server.auth {
+            Auth::Login => {
+                // Dovecot-style master login: "user*master" with the master's password.
+                let (user, password) = match &server.master {
+                    Some((master, master_password)) => (
+                        format!("{}*{}", login.user, master),
+                        master_password.as_str(),
+                    ),
+                    None => (login.user.clone(), login.password.as_str()),
+                };
+                client
+                    .login(&user, password)
+                    .await
+                    .map_err(|(e, _)| refused(e.to_string()))?
+            }
+            Auth::Plain => {
+                // RFC 4616 2: authzid NUL authcid NUL passwd; a master user
+                // authenticates as itself and acts as the mailbox's user.
+                let msg = match &server.master {
+                    Some((master, pw)) => format!("{}\0{master}\0{pw}", login.user),
+                    None => format!("\0{}\0{}", login.user, login.password),
+                };
+                client
+                    .authenticate("PLAIN", crate::oauth::Plain(Some(msg.into_bytes())))
+                    .await
+                    .map_err(|(e, _)| refused(e.to_string()))?
+            }
+            Auth::XOAuth2(source) | Auth::OAuthBearer(source) => {
+                let token = source.token(&login.user).await?;
+                let (mech, bearer) = match &server.auth {
+                    Auth::XOAuth2(_) => (
+                        "XOAUTH2",
+                        crate::oauth::Bearer::xoauth2(&login.user, &token),
+                    ),
+                    _ => (
+                        "OAUTHBEARER",
+                        crate::oauth::Bearer::oauthbearer(
+                            &login.user,
+                            &token,
+                            &server.host,
+                            server.port,
+                        ),
+                    ),
+                };
+                let challenge = bearer.challenge.clone();
+                client.authenticate(mech, bearer).await.map_err(|(e, _)| {
+                    // The server's own words: its NO text, and the JSON
+                    // status it sent (RFC 7628 3.2.2), for consent and
+                    // scope problems.
+                    let mut text = e.to_string();
+                    if let Some(c) = challenge.lock().unwrap().take() {
+                        text.push_str(&format!(" ({mech} status: {c})"));
+                    }
+                    refused(text)
+                })?
+            }
+        };
         let mut caps = HashSet::new();
         let c = session
             .capabilities()
             .await
-            .map_err(|e| err(e.to_string()))?;
+            .map_err(|e| err(excerpt(&e.to_string(), 200)))?;
         for cap in c.iter() {
             if let async_imap::types::Capability::Atom(a) = cap {
                 caps.insert(a.to_ascii_uppercase());
@@ -356,7 +604,7 @@ impl Conn {
     ) -> Result<Vec<Sent>, ImapError> {
         let literal_plus = self.has("LITERAL+");
         let mut out = Vec::with_capacity(messages.len());
-        let io = |e: std::io::Error| ImapError::Io(e.to_string());
+        let io = |e: std::io::Error| io_error(e);
         for m in messages {
             let tag = self
                 .append_begin(
@@ -422,7 +670,7 @@ impl Conn {
                     .session
                     .read_response()
                     .await
-                    .map_err(|e| ImapError::Io(e.to_string()))?
+                    .map_err(io_error)?
                     .ok_or(ImapError::ConnectionLost)?;
                 match r.parsed() {
                     Response::Continue { .. } => break,
@@ -449,7 +697,7 @@ impl Conn {
             .get_mut()
             .write_all(data)
             .await
-            .map_err(|e| ImapError::Io(e.to_string()))
+            .map_err(io_error)
     }
 
     pub async fn append_end(
@@ -457,14 +705,8 @@ impl Conn {
         tag: &async_imap::imap_proto::RequestId,
     ) -> Result<Result<Option<(u32, u32)>, String>, ImapError> {
         let stream = self.session.get_mut();
-        stream
-            .write_all(b"\r\n")
-            .await
-            .map_err(|e| ImapError::Io(e.to_string()))?;
-        stream
-            .flush()
-            .await
-            .map_err(|e| ImapError::Io(e.to_string()))?;
+        stream.write_all(b"\r\n").await.map_err(io_error)?;
+        stream.flush().await.map_err(io_error)?;
         let r = self.read_done(tag).await;
         self.drain_unsolicited();
         r
@@ -478,7 +720,7 @@ impl Conn {
             let r = tokio::time::timeout(self.server.command_timeout, self.session.read_response())
                 .await
                 .map_err(|_| ImapError::Io("timed out waiting for the server".into()))?
-                .map_err(|e| ImapError::Io(e.to_string()))?
+                .map_err(io_error)?
                 .ok_or(ImapError::ConnectionLost)?;
             match r.parsed() {
                 Response::Done {
@@ -542,7 +784,7 @@ impl Conn {
             let r = tokio::time::timeout(self.server.command_timeout, self.session.read_response())
                 .await
                 .map_err(|_| ImapError::Io("timed out waiting for STATUS".into()))?
-                .map_err(|e| ImapError::Io(e.to_string()))?
+                .map_err(io_error)?
                 .ok_or(ImapError::ConnectionLost)?;
             match r.parsed() {
                 Response::MailboxData(MailboxDatum::Status { status, .. }) => {
@@ -578,6 +820,78 @@ impl Conn {
         }
         self.drain_unsolicited();
         Ok(out)
+    }
+
+    /// `RIGHTS=` from the capabilities (RFC 4314 2.1).
+    pub fn rights_capability(&self) -> Option<String> {
+        self.caps
+            .iter()
+            .find_map(|c| c.strip_prefix("RIGHTS=").map(|r| r.to_ascii_lowercase()))
+    }
+
+    /// GETACL (RFC 4314 3.3): the folder's entries, identifier → rights.
+    pub async fn get_acl(&mut self, mailbox_wire: &str) -> Result<crate::acl::Acl, ImapError> {
+        let tag = self
+            .session
+            .run_command(format!("GETACL {}", quote(mailbox_wire)))
+            .await?;
+        let mut out = crate::acl::Acl::new();
+        loop {
+            let r = self
+                .session
+                .read_response()
+                .await
+                .map_err(io_error)?
+                .ok_or(ImapError::ConnectionLost)?;
+            match r.parsed() {
+                Response::Acl(acl) => {
+                    for e in &acl.acls {
+                        let rights: String = e.rights.iter().map(|r| char::from(*r)).collect();
+                        out.insert(e.identifier.to_string(), rights);
+                    }
+                }
+                Response::Done {
+                    tag: t,
+                    status,
+                    outcome,
+                } if *t == tag => {
+                    let text = outcome.information.as_deref().unwrap_or("");
+                    return match status {
+                        Status::Ok => Ok(out),
+                        _ => Err(ImapError::Command {
+                            command: format!("GETACL {mailbox_wire}"),
+                            message: excerpt(text, 200),
+                        }),
+                    };
+                }
+                Response::Data {
+                    status: Status::Bye,
+                    ..
+                } => return Err(ImapError::ConnectionLost),
+                _ => {}
+            }
+        }
+    }
+
+    /// SETACL (RFC 4314 3.1), replacing the identifier's rights.
+    pub async fn set_acl(
+        &mut self,
+        mailbox_wire: &str,
+        identifier: &str,
+        rights: &str,
+    ) -> Result<(), ImapError> {
+        self.session
+            .run_command_and_check_ok(&format!(
+                "SETACL {} {} {}",
+                quote(mailbox_wire),
+                quote(identifier),
+                quote(rights)
+            ))
+            .await
+            .map_err(|e| ImapError::Command {
+                command: format!("SETACL {mailbox_wire} {identifier}"),
+                message: excerpt(&e.to_string(), 200),
+            })
     }
 
     pub async fn logout(mut self) {
@@ -672,5 +986,56 @@ mod tests {
         };
         assert!(!format!("{s:?}{l:?}").contains("hunter2"));
         assert_eq!(quote(r#"Tom &- "Jerry" \ x"#), r#""Tom &- \"Jerry\" \\ x""#);
+    }
+
+    /// The framer follows lines and literals and refuses a response over its
+    /// cap: announced (before a byte of it is read) or grown.
+    #[test]
+    fn framer_caps_each_response() {
+        let ok: [&[u8]; 4] = [
+            b"* 1 FETCH (UID 1 BODY[] {5}\r\nhello)\r\n",
+            b"* 1 FETCH (UID 1 BODY[] {5+}\r\nhello)\r\n* 2 FETCH (UID 2 BODY[] {60}\r\n",
+            b"* OK {not a literal}\r\n",
+            b"a1 OK done\r\n",
+        ];
+        for bytes in ok {
+            let mut f = Framer::new(100);
+            f.feed(bytes).unwrap();
+        }
+        // Byte by byte, the same as in one piece.
+        let mut f = Framer::new(100);
+        for b in b"* 1 FETCH (BODY[] {5}\r\nhel" {
+            f.feed(&[*b]).unwrap();
+        }
+        f.feed(b"lo)\r\n* 2 FETCH (BODY[] {60}\r\n").unwrap();
+        let mut f = Framer::new(100);
+        let e = f.feed(b"* 1 FETCH (BODY[] {2147483648}\r\n").unwrap_err();
+        assert!(e.contains("literal of 2147483648 bytes"), "{e}");
+        let mut f = Framer::new(100);
+        let e = f
+            .feed(b"* 1 FETCH (BODY[] {99999999999999999999999}\r\n")
+            .unwrap_err();
+        assert!(e.contains("literal of"), "{e}");
+        // Two literals in one response add up.
+        let mut f = Framer::new(100);
+        f.feed(b"* 1 FETCH (A {60}\r\n").unwrap();
+        f.feed(&[b'x'; 60]).unwrap();
+        assert!(f.feed(b" B {60}\r\n").is_err());
+        // A line without end grows past the cap.
+        let mut f = Framer::new(100);
+        assert!(f.feed(&[b'*'; 101]).is_err());
+    }
+
+    #[test]
+    fn excerpts_are_short_and_printable() {
+        let buf = format!("* 1 FETCH {}\u{1}\u{2}", "*".repeat(10_000));
+        let nom = format!("Error {{ input: [42, 32], code: Tag }} during parsing of {buf:?}");
+        let e = excerpt(&nom, 80);
+        assert!(
+            e.starts_with("cannot parse the server's response: \"* 1 FETCH"),
+            "{e}"
+        );
+        assert!(e.len() < 200 && e.ends_with("bytes in all)"), "{e}");
+        assert_eq!(excerpt("a\r\nb", 80), "a..b");
     }
 }

@@ -38,6 +38,11 @@ pub struct Endpoints {
     pub target: Server,
     pub overrides: BTreeMap<String, String>,
     pub exclude: Vec<String>,
+    /// Copy folder ACLs (RFC 4314) where both servers advertise ACL.
+    pub acls: bool,
+    /// Source identifier (login user or address, lowercase) → target user,
+    /// from the accounts file: how ACL entries naming delegates map.
+    pub acl_users: Arc<BTreeMap<String, String>>,
 }
 
 #[derive(Debug, Clone)]
@@ -317,7 +322,7 @@ pub async fn sync_account(
         address: address.to_string(),
         ..Default::default()
     };
-    let _ = state::set_account_status(store, address, state::Status::Seeding, None).await;
+    let _ = state::sync_run_started(store, address).await;
     let mut attempt = 0;
     // Work done by interrupted attempts, added into the final report.
     let mut carried: Vec<FolderReport> = Vec::new();
@@ -607,12 +612,70 @@ async fn sync_once(
         return Err(e);
     }
     report.folders.sort_by(|a, b| a.target.cmp(&b.target));
+    if ep.acls {
+        copy_acls(ep, source, target, &pairs, src_list, tgt_list, report).await?;
+    }
     for n in src_list.notes.iter().cloned() {
         report.folders.push(FolderReport {
             notes: vec![n],
             ..Default::default()
         });
     }
+    Ok(())
+}
+
+/// Copies each folder's ACL entries (GETACL, then SETACL for each entry the
+/// target lacks or holds with other rights; RFC 4314 3.1, 3.3), mapping
+/// delegates to their target users. Identifiers with no target user are
+/// reported on the folder, never dropped silently.
+async fn copy_acls(
+    ep: &Endpoints,
+    source: &Login,
+    target: &Login,
+    pairs: &[FolderPair],
+    src_list: &Listing,
+    tgt_list: &Listing,
+    report: &mut AccountReport,
+) -> Result<(), ImapError> {
+    let mut src = Conn::open(&ep.source, source).await?;
+    let mut tgt = Conn::open(&ep.target, target).await?;
+    if !(src.has("ACL") && tgt.has("ACL")) {
+        let side = if src.has("ACL") { "target" } else { "source" };
+        report.folders.push(FolderReport {
+            notes: vec![format!(
+                "ACL: the {side} does not advertise ACL (RFC 4314); folder ACLs were not copied"
+            )],
+            ..Default::default()
+        });
+        src.logout().await;
+        tgt.logout().await;
+        return Ok(());
+    }
+    let new_rights = crate::acl::has_rfc4314_rights(tgt.rights_capability().as_deref());
+    for pair in pairs.iter().filter(|p| p.selectable) {
+        let from = src.get_acl(&src_list.wire_name(&pair.source)).await?;
+        let tgt_wire = tgt_list.wire_name(&pair.target);
+        let have = tgt.get_acl(&tgt_wire).await?;
+        let (want, unmapped) = crate::acl::wanted(&from, &ep.acl_users, new_rights);
+        let mut notes = Vec::new();
+        for (id, rights) in crate::acl::changes(&want, &have, new_rights) {
+            match tgt.set_acl(&tgt_wire, &id, &rights).await {
+                Ok(()) => notes.push(format!("ACL: {id} set to {rights}")),
+                Err(e) => notes.push(format!("ACL: {id} {rights} refused by the target: {e}")),
+            }
+        }
+        for id in unmapped {
+            notes.push(format!(
+                "ACL: `{id}` ({}) is not a user in the accounts file; not copied",
+                from[&id]
+            ));
+        }
+        if let Some(fr) = report.folders.iter_mut().find(|f| f.source == pair.source) {
+            fr.notes.extend(notes);
+        }
+    }
+    src.logout().await;
+    tgt.logout().await;
     Ok(())
 }
 
@@ -861,6 +924,7 @@ async fn sync_folder(
         let mut batch: Vec<Fetch> = Vec::new();
         let mut batch_bytes = 0usize;
         let mut first = true;
+        let mut received = 0usize;
         loop {
             // A server that stops answering mid-FETCH is a dropped connection.
             let next = tokio::time::timeout(timeout, stream.try_next())
@@ -877,6 +941,7 @@ async fn sync_folder(
             }
             let done = next.is_none();
             if let Some(f) = next {
+                received += usize::from(f.uid.is_some_and(|u| chunk.binary_search(&u).is_ok()));
                 let len = f.body().map(<[u8]>::len).unwrap_or(0);
                 if let Some(bw) = &src.bandwidth {
                     bw.consume(len as u64).await;
@@ -922,6 +987,16 @@ async fn sync_folder(
             }
         }
         drop(stream);
+        if received < chunk.len() {
+            // Fewer answers than UIDs asked: expunged meanwhile (RFC 3501
+            // 6.4.8 lets a server omit them), or the stream ended because the
+            // server said BYE and closed, which async-imap reports as the end
+            // of the FETCH. A NOOP tells which.
+            src.session
+                .noop()
+                .await
+                .map_err(|_| ImapError::ConnectionLost)?;
+        }
         src.drain_unsolicited();
     }
     if let Some(last) = in_flight.take() {

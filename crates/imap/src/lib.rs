@@ -10,11 +10,13 @@
 //! - [`cli`]: `SyncArgs`, `VerifyArgs`, `run_sync`, `run_verify`.
 
 pub mod accounts;
+pub mod acl;
 pub mod cli;
 pub mod conn;
 pub mod engine;
 pub mod limits;
 pub mod mapping;
+pub mod oauth;
 pub mod state;
 pub mod utf7;
 pub mod verify;
@@ -45,6 +47,9 @@ pub enum ImapError {
     Utf7(#[from] utf7::Utf7Error),
     #[error(transparent)]
     Store(#[from] godwit_store::StoreError),
+    /// No OAuth 2.0 access token (token_url or token_command failed).
+    #[error("access token: {0}")]
+    Token(String),
     #[error("accounts file {path}: {message}")]
     Accounts { path: String, message: String },
 }
@@ -65,13 +70,15 @@ impl ImapError {
 impl From<async_imap::error::Error> for ImapError {
     fn from(e: async_imap::error::Error) -> Self {
         use async_imap::error::Error as E;
+        // Every text here may come from the server: keep it short and printable.
+        let short = |t: &str| conn::excerpt(t, 300);
         match e {
-            E::Io(e) => ImapError::Io(e.to_string()),
+            E::Io(e) => conn::io_error(e),
             E::ConnectionLost => ImapError::ConnectionLost,
-            E::No(t) | E::Bad(t) if conn::is_throttling(&t) => ImapError::Throttled(t),
+            E::No(t) | E::Bad(t) if conn::is_throttling(&t) => ImapError::Throttled(short(&t)),
             other => ImapError::Command {
                 command: "IMAP".into(),
-                message: other.to_string(),
+                message: short(&other.to_string()),
             },
         }
     }

@@ -11,8 +11,11 @@ pub enum Status {
     Seeding,
     /// Every folder was copied; verify has not yet passed.
     Ready,
-    /// Verify found both sides equal at `status_at_ms`.
+    /// Verify found both sides equal; `verified_at_ms` is when it started.
     Verified,
+    /// Verify found a difference (`last_error` says which): the cutover guard
+    /// refuses the account until a later verify is clean.
+    Differs,
 }
 
 impl Status {
@@ -21,12 +24,14 @@ impl Status {
             Status::Seeding => "seeding",
             Status::Ready => "ready",
             Status::Verified => "verified",
+            Status::Differs => "differs",
         }
     }
     fn parse(s: &str) -> Status {
         match s {
             "verified" => Status::Verified,
             "ready" => Status::Ready,
+            "differs" => Status::Differs,
             _ => Status::Seeding,
         }
     }
@@ -39,6 +44,8 @@ pub struct AccountStatus {
     pub status_at_ms: i64,
     /// When verify last passed, even if a later sync moved the status back.
     pub verified_at_ms: Option<i64>,
+    /// When the last sync run started.
+    pub synced_at_ms: Option<i64>,
     pub last_error: Option<String>,
 }
 
@@ -49,7 +56,7 @@ pub async fn account_status(
     address: &str,
 ) -> Result<Option<AccountStatus>, sqlx::Error> {
     let row = sqlx::query(
-        "SELECT address, status, status_at_ms, verified_at_ms, last_error FROM sync_accounts WHERE address = $1",
+        "SELECT address, status, status_at_ms, verified_at_ms, last_error, synced_at_ms FROM sync_accounts WHERE address = $1",
     )
     .bind(address.to_ascii_lowercase())
     .fetch_optional(&store.pool)
@@ -60,7 +67,43 @@ pub async fn account_status(
         status_at_ms: r.get(2),
         verified_at_ms: r.get(3),
         last_error: r.get(4),
+        synced_at_ms: r.get(5),
     }))
+}
+
+/// A sync run starts: the account is `seeding`, and no verify before this
+/// instant proves anything about it any more.
+pub async fn sync_run_started(store: &Store, address: &str) -> Result<(), sqlx::Error> {
+    let now = now_ms();
+    sqlx::query(
+        "INSERT INTO sync_accounts (address, status, status_at_ms, synced_at_ms) VALUES ($1, 'seeding', $2, $2) \
+         ON CONFLICT (address) DO UPDATE SET status = 'seeding', status_at_ms = excluded.status_at_ms, \
+         synced_at_ms = excluded.synced_at_ms, last_error = NULL",
+    )
+    .bind(address.to_ascii_lowercase())
+    .bind(now)
+    .execute(&store.pool)
+    .await?;
+    Ok(())
+}
+
+/// A verify that started at `started_ms` found both sides equal.
+pub async fn set_verified(
+    store: &Store,
+    address: &str,
+    started_ms: i64,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO sync_accounts (address, status, status_at_ms, verified_at_ms) VALUES ($1, 'verified', $2, $3) \
+         ON CONFLICT (address) DO UPDATE SET status = 'verified', status_at_ms = excluded.status_at_ms, \
+         verified_at_ms = excluded.verified_at_ms, last_error = NULL",
+    )
+    .bind(address.to_ascii_lowercase())
+    .bind(now_ms())
+    .bind(started_ms)
+    .execute(&store.pool)
+    .await?;
+    Ok(())
 }
 
 pub async fn set_account_status(

@@ -36,11 +36,15 @@ pub struct FolderCheck {
     pub skipped: Vec<Skipped>,
     pub notes: Vec<String>,
     pub error: Option<String>,
+    /// ACL entries (mapped to target users) that the target lacks or holds
+    /// with other rights, with sync.acls.
+    pub acl_differences: Vec<String>,
 }
 
 impl FolderCheck {
     pub fn is_clean(&self) -> bool {
-        self.error.is_none()
+        self.acl_differences.is_empty()
+            && self.error.is_none()
             && self.missing_on_target.is_empty()
             && self.duplicates_on_target.is_empty()
             && self.flag_differences.is_empty()
@@ -143,20 +147,20 @@ pub async fn verify_account(
         address: address.to_string(),
         ..Default::default()
     };
+    let started = godwit_store::now_ms();
     match verify_inner(store, ep, address, source, target, &mut out).await {
         Ok(()) => {
             out.clean = out.folders.iter().all(FolderCheck::is_clean);
             if out.clean {
-                let _ =
-                    state::set_account_status(store, address, state::Status::Verified, None).await;
+                let _ = state::set_verified(store, address, started).await;
             } else {
-                // A mailbox that verified earlier and differs now must not stay
-                // "verified" for the cutover guard.
-                let unclean = out.folders.iter().filter(|f| !f.is_clean()).count();
-                let _ = demote(
+                // The cutover guard refuses `differs` (seed Task 12: "if
+                // destination counts are wildly lower, do not cut over").
+                let _ = state::set_account_status(
                     store,
                     address,
-                    &format!("verify: {unclean} folder pairs differ"),
+                    state::Status::Differs,
+                    Some(&differences(&out)),
                 )
                 .await;
             }
@@ -169,6 +173,45 @@ pub async fn verify_account(
     out
 }
 
+/// The differences of an unclean check in one short line, for the guard's
+/// refusal and `wave show`.
+pub fn differences(check: &AccountCheck) -> String {
+    let unclean: Vec<&FolderCheck> = check.folders.iter().filter(|f| !f.is_clean()).collect();
+    let mut parts = Vec::new();
+    for f in unclean.iter().take(5) {
+        let mut what = Vec::new();
+        for (n, label) in [
+            (f.missing_on_target.len(), "missing on target"),
+            (f.missing_on_source.len(), "extra on target"),
+            (f.duplicates_on_target.len(), "duplicated"),
+            (f.flag_differences.len(), "flag differences"),
+            (f.date_differences.len(), "date differences"),
+            (f.skipped.len(), "not copied"),
+            (f.acl_differences.len(), "ACL differences"),
+        ] {
+            if n > 0 {
+                what.push(format!("{n} {label}"));
+            }
+        }
+        if let Some(e) = &f.error {
+            what.push(e.clone());
+        }
+        parts.push(format!("{}: {}", f.source, what.join(", ")));
+    }
+    let more = if unclean.len() > 5 {
+        format!("; and {} more folder(s)", unclean.len() - 5)
+    } else {
+        String::new()
+    };
+    format!(
+        "verify: {} folder pair(s) differ ({}{more})",
+        unclean.len(),
+        parts.join("; ")
+    )
+}
+
+/// A verify that could not finish proves nothing: a `verified` account goes
+/// back to `ready` (a `differs` stays as it is).
 async fn demote(store: &Store, address: &str, why: &str) -> Result<(), godwit_store::sqlx::Error> {
     if let Some(s) = state::account_status(store, address).await?
         && s.status == state::Status::Verified
@@ -212,6 +255,19 @@ async fn verify_inner(
             compare(&mut check, &s, &t);
         }
         check.skipped = state::skipped(store, address, &pair.source).await?;
+        if ep.acls && src.has("ACL") && tgt.has("ACL") && !pair.create {
+            let new_rights = crate::acl::has_rfc4314_rights(tgt.rights_capability().as_deref());
+            let from = src.get_acl(&src_list.wire_name(&pair.source)).await?;
+            let have = tgt.get_acl(&tgt_list.wire_name(&pair.target)).await?;
+            let (want, unmapped) = crate::acl::wanted(&from, &ep.acl_users, new_rights);
+            check.acl_differences = crate::acl::differences(&want, &have, new_rights);
+            for id in unmapped {
+                check.notes.push(format!(
+                    "ACL: `{id}` ({}) is not a user in the accounts file, so not on the target",
+                    from[&id]
+                ));
+            }
+        }
         out.folders.push(check);
     }
     src.logout().await;
@@ -272,6 +328,7 @@ pub fn render(checks: &[AccountCheck]) -> String {
             };
             show(&mut s, "missing on target", &f.missing_on_target);
             show(&mut s, "duplicate on target", &f.duplicates_on_target);
+            show(&mut s, "ACL differs", &f.acl_differences);
             for d in f.flag_differences.iter().take(10) {
                 let _ = writeln!(
                     s,

@@ -85,7 +85,7 @@ async fn oversized_message_is_reported_not_dropped() {
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(st.status, godwit_imap::state::Status::Ready, "{st:?}");
+    assert_eq!(st.status, godwit_imap::state::Status::Differs, "{st:?}");
     assert!(
         st.last_error
             .as_deref()

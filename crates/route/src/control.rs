@@ -31,20 +31,38 @@ pub enum ControlError {
     #[error("{0}")]
     Refused(String),
     #[error(
-        "wave `{wave}`: {} of {total} mailbox(es) are not ready for cutover (their sync is not `ready`): {}{}\n  \
-         wait for the sync, mark them with `godwit directory state ready ADDRESS...`, remove them from the wave, or run again with --force (recorded in the history)",
-        addresses.len(), list_some(addresses), more(addresses)
+        "wave `{wave}`: {} of {total} mailbox(es) are not ready for cutover (no proven sync):\n{}{}\n  \
+         run godwit sync and godwit verify (or `godwit wave cutover {wave} --final-sync`), remove them from the wave, \
+         or run again with --force (recorded in the history)",
+        refused.len(), list_refused(refused), more_refused(refused)
     )]
     NotReady {
         wave: String,
         total: usize,
-        addresses: Vec<String>,
+        /// (address, why), in address order.
+        refused: Vec<(String, String)>,
     },
 }
 
 impl From<sqlx::Error> for ControlError {
     fn from(e: sqlx::Error) -> Self {
         ControlError::Store(StoreError::Sql(e))
+    }
+}
+
+fn list_refused(v: &[(String, String)]) -> String {
+    v.iter()
+        .take(10)
+        .map(|(a, why)| format!("  {a}: {why}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn more_refused(v: &[(String, String)]) -> String {
+    if v.len() > 10 {
+        format!("\n  ... and {} more", v.len() - 10)
+    } else {
+        String::new()
     }
 }
 
@@ -1299,38 +1317,159 @@ pub async fn wave_delete(ctx: &Ctx<'_>, name: &str) -> Result<Outcome, ControlEr
     .await
 }
 
-/// The sync's verdict per account, from the sync engine's `sync_accounts`
-/// table (status `seeding`, `ready` or `verified`). The table belongs to the
-/// mailbox sync; until it exists (or if its shape differs), every account
-/// counts as not synced and only the directory state (`ready`, set by
-/// `godwit directory state ready`) admits a mailbox to cutover.
-pub async fn sync_ready_accounts(store: &Store) -> BTreeSet<String> {
-    let rows: Result<Vec<(String, String)>, _> =
-        sqlx::query_as("SELECT address, status FROM sync_accounts")
-            .fetch_all(&store.pool)
-            .await;
+/// One account's row in the sync engine's `sync_accounts` table (migrations
+/// 0100 and 0101; the table belongs to crates/imap).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SyncRecord {
+    /// `seeding`, `ready` (copied, not proven), `verified` or `differs`.
+    pub status: String,
+    pub status_at_ms: i64,
+    /// When the last clean verify started (what it proves is the state then).
+    pub verified_at_ms: Option<i64>,
+    /// When the last sync run started.
+    pub synced_at_ms: Option<i64>,
+    pub last_error: Option<String>,
+}
+
+/// Whether a mailbox's copy is proven complete: its last verify was clean,
+/// came after its last sync run, and is at most `max_verify_age` old. The
+/// error is the reason, for the operator (the seed's Task 12: "if destination
+/// counts are wildly lower, do not cut over that user").
+pub fn sync_proof(rec: &SyncRecord, now_ms: i64, max_verify_age: Duration) -> Result<(), String> {
+    let why = |s: &str| match rec.last_error.as_deref() {
+        Some(e) if !e.is_empty() => format!("{s}: {e}"),
+        _ => s.to_string(),
+    };
+    match rec.status.as_str() {
+        "verified" => {
+            let Some(v) = rec.verified_at_ms else {
+                return Err("verified without a time: run godwit verify".into());
+            };
+            if rec.synced_at_ms.is_some_and(|s| v < s) {
+                return Err(
+                    "the last verify came before the last sync run: run godwit verify".into(),
+                );
+            }
+            let age = Duration::from_millis(now_ms.saturating_sub(v).max(0) as u64);
+            if age > max_verify_age {
+                return Err(format!(
+                    "the last clean verify is {} old, more than directory.max_verify_age ({}): run godwit verify",
+                    human(age),
+                    human(max_verify_age)
+                ));
+            }
+            Ok(())
+        }
+        "differs" => Err(why("the last verify found differences")),
+        "ready" => Err(why("copied but not verified (run godwit verify)")),
+        "seeding" => Err(why("the sync has not finished")),
+        other => Err(format!("unknown sync status `{other}`")),
+    }
+}
+
+/// A duration as people read it, to the second.
+fn human(d: Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        0..60 if d.subsec_millis() == 0 => format!("{s}s"),
+        0..60 => format!("{:.1}s", d.as_secs_f64()),
+        60..3600 => format!("{}m{}s", s / 60, s % 60),
+        3600..86400 => format!("{}h{}m", s / 3600, (s % 3600) / 60),
+        _ => format!("{}d{}h", s / 86400, (s % 86400) / 3600),
+    }
+}
+
+/// One line on a mailbox's sync for `wave show`, `directory list` and
+/// `route explain`: proven, or why not.
+pub fn sync_summary(rec: &SyncRecord, now_ms: i64, max_verify_age: Duration) -> String {
+    match sync_proof(rec, now_ms, max_verify_age) {
+        Ok(()) => format!(
+            "verified clean {} ago",
+            human(Duration::from_millis(
+                now_ms
+                    .saturating_sub(rec.verified_at_ms.unwrap_or(now_ms))
+                    .max(0) as u64
+            ))
+        ),
+        Err(why) => format!("{}: {why}", rec.status),
+    }
+}
+
+/// Every account's sync record, keyed by normalized address. Until the sync
+/// engine's table exists (or if its shape differs), no account has one.
+pub async fn sync_records(store: &Store) -> BTreeMap<String, SyncRecord> {
+    type R = (
+        String,
+        String,
+        i64,
+        Option<i64>,
+        Option<i64>,
+        Option<String>,
+    );
+    let rows: Result<Vec<R>, _> = sqlx::query_as(
+        "SELECT address, status, status_at_ms, verified_at_ms, synced_at_ms, last_error FROM sync_accounts",
+    )
+    .fetch_all(&store.pool)
+    .await;
     match rows {
         Ok(rows) => rows
             .into_iter()
-            .filter(|(_, s)| matches!(s.as_str(), "ready" | "verified"))
-            .map(|(a, _)| normalize_address(&a))
+            .map(
+                |(a, status, status_at_ms, verified_at_ms, synced_at_ms, last_error)| {
+                    (
+                        normalize_address(&a),
+                        SyncRecord {
+                            status,
+                            status_at_ms,
+                            verified_at_ms,
+                            synced_at_ms,
+                            last_error,
+                        },
+                    )
+                },
+            )
             .collect(),
         Err(e) => {
             tracing::debug!(
                 "no sync status available ({e}); the directory state decides readiness"
             );
-            BTreeSet::new()
+            BTreeMap::new()
         }
     }
 }
 
-/// Whether a wave member may be cut over without `--force`. Groups have no
-/// mailbox to sync. A rolled-back mailbox was ready when it first moved, and
-/// the sync keeps running after a rollback.
-pub fn ready_for_cutover(kind: Kind, state: MigrationState, sync_ready: bool) -> bool {
-    kind == Kind::Group
-        || sync_ready
-        || matches!(state, MigrationState::Ready | MigrationState::RolledBack)
+/// The accounts whose copy is proven (see `sync_proof`).
+pub async fn sync_ready_accounts(store: &Store, max_verify_age: Duration) -> BTreeSet<String> {
+    let now = now_ms();
+    sync_records(store)
+        .await
+        .into_iter()
+        .filter(|(_, r)| sync_proof(r, now, max_verify_age).is_ok())
+        .map(|(a, _)| a)
+        .collect()
+}
+
+/// Whether a wave member may be cut over without `--force`, or why not.
+/// Groups have no mailbox to sync. When godwit syncs the mailbox (it has a
+/// sync record), only the sync's proof counts: a directory state set by hand
+/// cannot outvote a verify that found a difference. A mailbox godwit does not
+/// sync (moved by another tool) is admitted by its directory state `ready`,
+/// or `rolled-back` (it was ready when it first moved).
+pub fn ready_for_cutover(
+    kind: Kind,
+    state: MigrationState,
+    sync: Option<Result<(), String>>,
+) -> Result<(), String> {
+    if kind == Kind::Group {
+        return Ok(());
+    }
+    match sync {
+        Some(proof) => proof,
+        None if matches!(state, MigrationState::Ready | MigrationState::RolledBack) => Ok(()),
+        None => Err(format!(
+            "no sync has run for it and its directory state is {state}"
+        )),
+    }
 }
 
 /// A wave's status, or `None` if there is no such wave.
@@ -1386,11 +1525,32 @@ async fn wave_members(
 }
 
 /// Moves every member of a wave to the target platform (state `cutover`),
-/// in one version. Refuses members that are not ready unless `force`, which
-/// is recorded in the history as a `note`.
+/// in one version. Refuses members that are not ready (`ready_for_cutover`)
+/// unless `force`, which is recorded in the history as a `note`.
 pub async fn wave_cutover(ctx: &Ctx<'_>, name: &str, force: bool) -> Result<Outcome, ControlError> {
+    wave_cutover_only(ctx, name, force, None).await
+}
+
+/// `wave_cutover`, restricted to `only` when given: `wave cutover --final-sync`
+/// moves only the members that verified clean just now and leaves the others
+/// (named by the caller) where they are.
+pub async fn wave_cutover_only(
+    ctx: &Ctx<'_>,
+    name: &str,
+    force: bool,
+    only: Option<BTreeSet<String>>,
+) -> Result<Outcome, ControlError> {
     let be = ctx.store.backend;
-    let sync = sync_ready_accounts(ctx.store).await;
+    let now = now_ms();
+    let max_age = ctx.config.directory.max_verify_age;
+    let sync: BTreeMap<String, Result<(), String>> = sync_records(ctx.store)
+        .await
+        .into_iter()
+        .map(|(a, r)| {
+            let proof = sync_proof(&r, now, max_age);
+            (a, proof)
+        })
+        .collect();
     let name = name.to_string();
     let dry_run = ctx.dry_run;
     ctx.run_tx(
@@ -1400,13 +1560,17 @@ pub async fn wave_cutover(ctx: &Ctx<'_>, name: &str, force: bool) -> Result<Outc
         move |tx, src, version| {
             let name = name.clone();
             let sync = sync.clone();
+            let only = only.clone();
             Box::pin(async move {
                 let mut control = vec![set_wave_status(tx, &name, "cutover", version).await?];
                 let mut blocked = Vec::new();
                 let members = wave_members(tx, be, &name).await?;
-                let mut not_ready = Vec::new();
+                let mut not_ready: Vec<(String, String)> = Vec::new();
                 let mut missing = Vec::new();
                 for m in &members {
+                    if only.as_ref().is_some_and(|o| !o.contains(m)) {
+                        continue;
+                    }
                     let Some(o) = src.objects.get_mut(m) else {
                         missing.push(m.clone());
                         continue;
@@ -1414,18 +1578,15 @@ pub async fn wave_cutover(ctx: &Ctx<'_>, name: &str, force: bool) -> Result<Outc
                     if o.state.routes_to_target() {
                         continue;
                     }
-                    if !ready_for_cutover(o.kind, o.state, sync.contains(m)) {
-                        not_ready.push(m.clone());
+                    if let Err(why) = ready_for_cutover(o.kind, o.state, sync.get(m).cloned()) {
                         // A dry run shows the plan and why each member is held back.
                         blocked.push(cc(
                             "note",
                             format!("blocked {m}"),
                             None,
-                            Some(format!(
-                                "{m} blocked: state {}, sync not ready (mark it ready, wait for `godwit sync`, or --force)",
-                                o.state
-                            )),
+                            Some(format!("{m} blocked: {why} (or --force)")),
                         ));
+                        not_ready.push((m.clone(), why));
                         if !force {
                             continue;
                         }
@@ -1440,19 +1601,23 @@ pub async fn wave_cutover(ctx: &Ctx<'_>, name: &str, force: bool) -> Result<Outc
                     return Err(ControlError::NotReady {
                         wave: name.clone(),
                         total: members.len(),
-                        addresses: not_ready,
+                        refused: not_ready,
                     });
                 }
                 if !not_ready.is_empty() {
+                    let named: Vec<String> = not_ready
+                        .iter()
+                        .map(|(a, why)| format!("{a} ({why})"))
+                        .collect();
                     control.push(cc(
                         "note",
                         "forced",
                         None,
                         Some(format!(
-                            "--force: {} mailbox(es) cut over without a ready sync: {}{}",
+                            "--force: {} mailbox(es) cut over without a proven sync: {}{}",
                             not_ready.len(),
-                            list_some(&not_ready),
-                            more(&not_ready)
+                            list_some(&named),
+                            more(&named)
                         )),
                     ));
                 }
@@ -1648,6 +1813,94 @@ mod tests {
     use super::*;
     use crate::directory::{Rules, parse};
     use crate::{load, map_at};
+
+    /// The guard's decision, row by row: only a clean verify after the last
+    /// sync run, within max_verify_age, is proof.
+    #[test]
+    fn only_a_fresh_clean_verify_after_the_last_sync_is_proof() {
+        const H: i64 = 3_600_000;
+        let now = 100 * H;
+        let max = Duration::from_secs(3600);
+        let rec = |status: &str, verified: Option<i64>, synced: Option<i64>, err: Option<&str>| {
+            SyncRecord {
+                status: status.into(),
+                status_at_ms: now,
+                verified_at_ms: verified,
+                synced_at_ms: synced,
+                last_error: err.map(str::to_string),
+            }
+        };
+        let cases: [(SyncRecord, Result<(), &str>); 8] = [
+            (
+                rec("verified", Some(now - H / 2), Some(now - H), None),
+                Ok(()),
+            ),
+            (rec("verified", Some(now - H), Some(now - H), None), Ok(())),
+            (
+                rec("verified", Some(now - 2 * H), Some(now - 3 * H), None),
+                Err("2h0m old, more than directory.max_verify_age (1h0m)"),
+            ),
+            (
+                rec("verified", Some(now - H / 2), Some(now - H / 4), None),
+                Err("came before the last sync run"),
+            ),
+            (rec("verified", None, None, None), Err("without a time")),
+            (
+                rec(
+                    "differs",
+                    Some(now - H / 2),
+                    None,
+                    Some("verify: 1 folder pair(s) differ"),
+                ),
+                Err("the last verify found differences: verify: 1 folder pair(s) differ"),
+            ),
+            (
+                rec("ready", Some(now - H / 2), None, None),
+                Err("copied but not verified"),
+            ),
+            (
+                rec("seeding", None, Some(now), Some("connection lost")),
+                Err("the sync has not finished: connection lost"),
+            ),
+        ];
+        for (r, want) in cases {
+            let got = sync_proof(&r, now, max);
+            match (want, &got) {
+                (Ok(()), Ok(())) => {}
+                (Err(w), Err(g)) => assert!(g.contains(w), "{r:?}: `{g}` should contain `{w}`"),
+                _ => panic!("{r:?}: got {got:?}, want {want:?}"),
+            }
+        }
+        let clean = rec("verified", Some(now - 90_000), Some(now - H), None);
+        assert_eq!(sync_summary(&clean, now, max), "verified clean 1m30s ago");
+        assert!(
+            sync_summary(&rec("ready", None, None, None), now, max).starts_with("ready: copied")
+        );
+    }
+
+    #[test]
+    fn groups_need_no_sync_and_a_sync_record_outvotes_the_directory_state() {
+        use MigrationState::*;
+        let no = || Some(Err("the last verify found differences".to_string()));
+        let cases = [
+            (Kind::Group, Pending, None, true),
+            (Kind::Group, Pending, no(), true),
+            (Kind::User, Pending, Some(Ok(())), true),
+            (Kind::Shared, Seeding, Some(Ok(())), true),
+            (Kind::User, Ready, None, true),
+            (Kind::User, RolledBack, None, true),
+            (Kind::User, Pending, None, false),
+            // An operator's `ready` cannot outvote a verify that found a difference.
+            (Kind::User, Ready, no(), false),
+            (Kind::User, RolledBack, no(), false),
+        ];
+        for (kind, state, sync, admitted) in cases {
+            let got = ready_for_cutover(kind, state, sync.clone());
+            assert_eq!(got.is_ok(), admitted, "{kind} {state} {sync:?}: {got:?}");
+        }
+        let why = ready_for_cutover(Kind::User, Pending, None).unwrap_err();
+        assert!(why.contains("no sync has run"), "{why}");
+    }
 
     fn config() -> Config {
         let mut c = Config::parse(

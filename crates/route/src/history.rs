@@ -1,7 +1,7 @@
 //! Reading the control plane: the numbered versions with their before/after,
 //! and `explain` ("where does mail for this address go right now, and why").
 
-use crate::control::{ControlChange, sync_ready_accounts};
+use crate::control::{ControlChange, sync_proof, sync_records, sync_summary};
 use crate::model::{Kind, MigrationState, Object};
 use crate::{Basis, Change, Decision, load_one, normalize_address};
 use godwit_config::Config;
@@ -128,8 +128,11 @@ pub struct Explanation {
     pub mailbox_override: Option<(String, i64)>,
     /// Waves holding the object: (name, status).
     pub waves: Vec<(String, String)>,
-    /// The sync reports the mailbox `ready` or `verified`.
+    /// The sync's proof admits the mailbox to cutover.
     pub sync_ready: bool,
+    /// The sync's state in one line (proven, or why not); `None` when no
+    /// sync ran for it.
+    pub sync: Option<String>,
     pub target: Option<String>,
     /// What a gateway decides now.
     pub decision: Decision,
@@ -258,7 +261,13 @@ pub async fn explain(
         Some(v) => version(store, v).await?,
         None => None,
     };
-    let sync_ready = sync_ready_accounts(store).await.contains(&subject);
+    let now = godwit_store::now_ms();
+    let max_age = config.directory.max_verify_age;
+    let record = sync_records(store).await.remove(&subject);
+    let sync_ready = record
+        .as_ref()
+        .is_some_and(|r| sync_proof(r, now, max_age).is_ok());
+    let sync = record.map(|r| sync_summary(&r, now, max_age));
     Ok(Explanation {
         address,
         alias_of,
@@ -270,6 +279,7 @@ pub async fn explain(
         mailbox_override,
         waves,
         sync_ready,
+        sync,
         target: config.target_platform().map(str::to_string),
         decision,
         route_set_by,
@@ -285,6 +295,8 @@ pub struct WaveMember {
     pub state: String,
     /// The effective route now, or "(default)".
     pub route: String,
+    /// The sync's state (proven, or why not); `None` when no sync ran for it.
+    pub sync: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -305,7 +317,11 @@ pub struct WaveSummary {
     pub version: i64,
 }
 
-pub async fn wave(store: &Store, name: &str) -> Result<Option<Wave>, StoreError> {
+pub async fn wave(
+    store: &Store,
+    name: &str,
+    max_verify_age: std::time::Duration,
+) -> Result<Option<Wave>, StoreError> {
     let Some(r) =
         sqlx::query("SELECT name, status, created_version, version FROM waves WHERE name = $1")
             .bind(name.to_string())
@@ -323,11 +339,17 @@ pub async fn wave(store: &Store, name: &str) -> Result<Option<Wave>, StoreError>
     .bind(name.to_string())
     .fetch_all(&store.pool)
     .await?;
+    let now = godwit_store::now_ms();
+    let records = sync_records(store).await;
     let members = rows
         .iter()
         .map(|m| {
+            let address: String = m.try_get(0)?;
             Ok(WaveMember {
-                address: m.try_get(0)?,
+                sync: records
+                    .get(&address)
+                    .map(|r| sync_summary(r, now, max_verify_age)),
+                address,
                 state: m
                     .try_get::<Option<String>, _>(1)?
                     .unwrap_or_else(|| "(not in the directory)".into()),
@@ -383,6 +405,8 @@ pub struct DirectoryEntry {
     /// The waves holding it, `;`-separated.
     pub waves: String,
     pub aliases: usize,
+    /// The sync's state (proven, or why not); `None` when no sync ran for it.
+    pub sync: Option<String>,
 }
 
 /// What `directory list` selects; `None` is any.
@@ -399,7 +423,10 @@ pub struct DirectoryFilter {
 pub async fn directory(
     store: &Store,
     f: &DirectoryFilter,
+    max_verify_age: std::time::Duration,
 ) -> Result<Vec<DirectoryEntry>, StoreError> {
+    let now = godwit_store::now_ms();
+    let records = sync_records(store).await;
     let mut conds = Vec::new();
     let mut args = Vec::new();
     let mut bind = |cond: &str, v: &Option<String>, args: &mut Vec<String>| {
@@ -488,6 +515,9 @@ pub async fn directory(
                 let mut w = wave_of.remove(&address).unwrap_or_default();
                 w.sort();
                 DirectoryEntry {
+                    sync: records
+                        .get(&address)
+                        .map(|r| sync_summary(r, now, max_verify_age)),
                     aliases: alias_count.get(&address).copied().unwrap_or(0),
                     waves: w.join(";"),
                     address,

@@ -437,6 +437,8 @@ pub fn endpoints(
         target: mk(target),
         overrides: Default::default(),
         exclude: vec![],
+        acls: false,
+        acl_users: Default::default(),
     }
 }
 
