@@ -387,7 +387,7 @@ pub struct DirectoryConfig {
     pub expansion_limit: usize,
     /// `wave cutover` admits a synced mailbox only if its last clean verify
     /// is at most this old (and came after its last sync run).
-    #[serde(deserialize_with = "de_duration")]
+    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
     pub max_verify_age: Duration,
 }
 

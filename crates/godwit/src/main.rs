@@ -728,6 +728,8 @@ fn reload(
     log_level: &LogLevel,
 ) -> Result<(Arc<Config>, Vec<String>, Vec<String>)> {
     let next = Config::load(path)?;
+    // The gateway's own sections are checked as at start.
+    next.require_gateway()?;
     let level = tracing_subscriber::EnvFilter::try_new(&next.log.level)
         .with_context(|| format!("log.level `{}`", next.log.level))?;
     let (applied, restart_needed) = godwit_config::reload_plan(current, &next);
