@@ -657,7 +657,7 @@ fn tls_front_refuses_clear_text_and_autoconfig_names_it() {
 
 #[test]
 fn idle_through_the_front_wakes_on_mail_delivered_through_the_gateway() {
-    let s = setup("allow_plaintext_login = true");
+    let s = setup("allow_plaintext_login = true\nmax_failures_per_user = 2");
     let mut idle = Raw::login(s.imap, "alice@example.com");
     let sel = idle.cmd("s", "SELECT INBOX");
     assert!(sel.contains("* 1 EXISTS"), "{sel}");
@@ -700,4 +700,25 @@ fn idle_through_the_front_wakes_on_mail_delivered_through_the_gateway() {
     assert!(l.starts_with("i OK"), "{l}");
     let out = idle.cmd("f", "FETCH 2 (BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)])");
     assert!(out.contains("<idle-wake@test>"), "{out}");
+
+    // Failed logins are limited per user: after two wrong passwords even the
+    // right one is refused, without asking the platform.
+    for pw in ["wrong1", "wrong2", PASSWORD] {
+        let out = imap(s.imap, "bob@example.com", pw);
+        assert!(out.contains("[AUTHENTICATIONFAILED]"), "{out}");
+    }
+    let bob = wait_for("bob's three login events", T, || {
+        let v: Vec<_> =
+            s.gw.events_named("access.login")
+                .into_iter()
+                .filter(|e| e["address"] == "bob@example.com")
+                .collect();
+        (v.len() == 3).then_some(v)
+    });
+    let reasons: Vec<_> = bob
+        .iter()
+        .map(|e| e["reason"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(reasons, ["auth", "auth", "rate_limited"], "{bob:?}");
+    assert!(bob[2]["platform"].is_null(), "{bob:?}");
 }
