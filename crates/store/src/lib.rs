@@ -164,6 +164,23 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// For tests that run the store's SQL on PostgreSQL: the URL in `var`, or
+/// `None` outside CI, where the test says so and passes. Under CI
+/// (`CI=true`), where `scripts/test` always provides the URL, a missing one
+/// fails the test instead of letting it pass without testing.
+pub fn test_postgres_url(var: &str) -> Option<String> {
+    match std::env::var(var) {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") => {
+            panic!("{var} is not set under CI: scripts/test starts PostgreSQL and sets it")
+        }
+        _ => {
+            eprintln!("{var} not set: the PostgreSQL scenarios are skipped (run ./scripts/test)");
+            None
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -190,22 +207,5 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(n, 1);
-    }
-}
-
-/// For tests that run the store's SQL on PostgreSQL: the URL in `var`, or
-/// `None` outside CI, where the test says so and passes. Under CI
-/// (`CI=true`), where `scripts/test` always provides the URL, a missing one
-/// fails the test instead of letting it pass without testing.
-pub fn test_postgres_url(var: &str) -> Option<String> {
-    match std::env::var(var) {
-        Ok(url) if !url.is_empty() => Some(url),
-        _ if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") => {
-            panic!("{var} is not set under CI: scripts/test starts PostgreSQL and sets it")
-        }
-        _ => {
-            eprintln!("{var} not set: the PostgreSQL scenarios are skipped (run ./scripts/test)");
-            None
-        }
     }
 }
