@@ -210,6 +210,36 @@ impl Framer {
 /// end up on the terminal and in the store: a hostile server must not be able
 /// to fill either with its response (async-imap puts the whole unparsed
 /// buffer into its parse errors).
+/// The server's own words in an async-imap error: its NO/BAD carries
+/// `code: ..., info: Some("[AUTHENTICATIONFAILED] Authentication failed.")`
+/// (Debug text); an operator wants "NO [AUTHENTICATIONFAILED] Authentication
+/// failed." (RFC 5530 response codes included).
+pub fn server_text(e: &async_imap::error::Error) -> String {
+    use async_imap::error::Error as E;
+    let (kind, t) = match e {
+        E::No(t) => ("NO", t),
+        E::Bad(t) => ("BAD", t),
+        other => return other.to_string(),
+    };
+    let Some(start) = t.find("info: Some(\"") else {
+        return format!("{kind} {t}");
+    };
+    let quoted = &t[start + "info: Some(\"".len()..];
+    let quoted = quoted.strip_suffix("\")").unwrap_or(quoted);
+    let mut text = String::with_capacity(quoted.len());
+    let mut chars = quoted.chars();
+    while let Some(c) = chars.next() {
+        if c == '\\' {
+            if let Some(n) = chars.next() {
+                text.push(n);
+            }
+        } else {
+            text.push(c);
+        }
+    }
+    format!("{kind} {text}")
+}
+
 pub fn excerpt(text: &str, max: usize) -> String {
     let text = match text.split_once(" during parsing of ") {
         Some((_, input)) => {
@@ -498,7 +528,7 @@ impl Conn {
                 client
                     .login(&user, password)
                     .await
-                    .map_err(|(e, _)| refused(e.to_string()))?
+                    .map_err(|(e, _)| refused(server_text(&e)))?
             }
             Auth::Plain => {
                 // RFC 4616 2: authzid NUL authcid NUL passwd; a master user
@@ -510,7 +540,7 @@ impl Conn {
                 client
                     .authenticate("PLAIN", crate::oauth::Plain(Some(msg.into_bytes())))
                     .await
-                    .map_err(|(e, _)| refused(e.to_string()))?
+                    .map_err(|(e, _)| refused(server_text(&e)))?
             }
             Auth::XOAuth2(source) | Auth::OAuthBearer(source) => {
                 let token = source.token(&login.user).await?;
@@ -1024,6 +1054,24 @@ mod tests {
         // A line without end grows past the cap.
         let mut f = Framer::new(100);
         assert!(f.feed(&[b'*'; 101]).is_err());
+    }
+
+    #[test]
+    fn server_text_is_the_servers_own_words() {
+        let e = async_imap::error::Error::No(
+            "code: None, info: Some(\"[AUTHENTICATIONFAILED] Authentication \\\"failed\\\".\")"
+                .into(),
+        );
+        assert_eq!(
+            server_text(&e),
+            "NO [AUTHENTICATIONFAILED] Authentication \"failed\"."
+        );
+        let e = async_imap::error::Error::Bad("outcome: Bad".into());
+        assert_eq!(server_text(&e), "BAD outcome: Bad");
+        assert_eq!(
+            server_text(&async_imap::error::Error::ConnectionLost),
+            "connection lost"
+        );
     }
 
     #[test]

@@ -78,7 +78,7 @@ impl From<async_imap::error::Error> for ImapError {
             E::No(t) | E::Bad(t) if conn::is_throttling(&t) => ImapError::Throttled(short(&t)),
             other => ImapError::Command {
                 command: "IMAP".into(),
-                message: short(&other.to_string()),
+                message: short(&conn::server_text(&other)),
             },
         }
     }

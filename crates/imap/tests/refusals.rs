@@ -112,3 +112,34 @@ async fn oversized_message_is_reported_not_dropped() {
         "<huge@x>"
     );
 }
+
+/// A refused login names the server's own words (its RFC 5530 code and
+/// text), not the IMAP library's Debug rendering of the response.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_login_reports_the_servers_text() {
+    let source = Dovecot::start(Flavor::Source, &[USER]);
+    let target = Dovecot::start(Flavor::Exchange, &[USER]);
+    let tmp = tempfile::tempdir().unwrap();
+    let store = store(tmp.path()).await;
+    let ep = endpoints(&source, &target, 4);
+    let wrong = godwit_imap::conn::Login {
+        user: USER.into(),
+        password: "not-the-password".into(),
+    };
+    let r = sync_account(
+        &store,
+        &ep,
+        USER,
+        &wrong,
+        &login_of(USER),
+        &SyncOptions::default(),
+        Arc::new(Default::default()),
+    )
+    .await;
+    let err = r.error.expect("the login is refused");
+    assert!(err.contains("NO [AUTHENTICATIONFAILED]"), "{err}");
+    assert!(
+        !err.contains("code: None") && !err.contains("info: Some"),
+        "{err}"
+    );
+}
