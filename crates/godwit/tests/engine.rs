@@ -378,9 +378,11 @@ fn a_trickled_command_times_out_as_a_whole() {
 fn queue_list_into_a_closed_pipe_does_not_panic() {
     let (po, pn) = (free_port(), free_port());
     let gw = Gateway::start(po, pn, "", "");
-    send_n(&gw, &["bob@example.com"], "pipe", 30, "x");
-    wait_for("30 queued", T, || {
-        (gw.events_named("message.accepted").len() >= 30).then_some(())
+    // More output than a pipe holds (64 KiB), so godwit is still writing
+    // when the reader goes away.
+    send_n(&gw, &["bob@example.com"], "pipe", 700, "x");
+    wait_for("700 queued", T, || {
+        (gw.events_named("message.accepted").len() >= 700).then_some(())
     });
     let mut child = Command::new(godwit_bin())
         .args([

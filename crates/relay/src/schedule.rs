@@ -566,7 +566,7 @@ impl RelayHandle {
             a = rx => a.unwrap_or(Admission::Down(Duration::from_secs(1))),
             _ = reroute.cancelled() => {
                 // The route changed while waiting: plan again at once.
-                self.group_done(id, None, true);
+                self.group_done(id, true);
                 return (GroupEnd::Done, Vec::new());
             }
         };
@@ -576,7 +576,7 @@ impl RelayHandle {
                 let reply = format!("4.4.1 platform {platform} is marked down (circuit open)");
                 let recs = self.defer_all(id, platform, planned, &reply, Some(wait));
                 self.write_records(id, recs).await;
-                self.group_done(id, None, false);
+                self.group_done(id, false);
                 return (GroupEnd::Done, Vec::new());
             }
         };
@@ -618,7 +618,7 @@ impl RelayHandle {
         };
         let Some((sp, go)) = bound.filter(|(_, go)| !go.is_empty()) else {
             drop(permit);
-            self.group_done(id, None, false);
+            self.group_done(id, false);
             return (GroupEnd::Done, Vec::new());
         };
         let spool = inner.spool.clone();
@@ -627,12 +627,12 @@ impl RelayHandle {
             Ok(Ok(file)) => Body::new(file, sp.body_offset, sp.body_len),
             Ok(Err(e)) => {
                 drop(permit);
-                self.group_done(id, None, false);
+                self.group_done(id, false);
                 return (GroupEnd::Unreadable(e), Vec::new());
             }
             Err(e) => {
                 drop(permit);
-                self.group_done(id, None, false);
+                self.group_done(id, false);
                 return (
                     GroupEnd::Unreadable(SpoolError::Corrupt {
                         path: inner.spool.queue_dir().join(id),
@@ -654,7 +654,7 @@ impl RelayHandle {
             .await;
         if let Some(reason) = body.error() {
             drop(permit);
-            self.group_done(id, None, false);
+            self.group_done(id, false);
             let path = inner.spool.queue_dir().join(id);
             return (
                 GroupEnd::Unreadable(SpoolError::Corrupt { path, reason }),
@@ -752,7 +752,8 @@ impl RelayHandle {
         recs
     }
 
-    fn group_done(&self, id: &str, _platform: Option<&str>, recheck: bool) {
+    /// One platform group of an attempt ended (`recheck`: plan again at once).
+    fn group_done(&self, id: &str, recheck: bool) {
         let mut st = self.0.state.lock().unwrap();
         if let Some(e) = st.msgs.get_mut(id) {
             e.groups_left = e.groups_left.saturating_sub(1);
@@ -832,7 +833,7 @@ impl RelayHandle {
         };
         self.write_records(id, recs).await;
         if group.is_some() {
-            self.group_done(id, None, false);
+            self.group_done(id, false);
         } else {
             self.finish(id).await;
         }
