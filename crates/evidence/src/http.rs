@@ -26,7 +26,13 @@ pub struct Admin {
     pub node: String,
     pub token: Option<String>,
     samples: Arc<Mutex<VecDeque<Sample>>>,
+    /// The access front's live sessions, (platform, protocol) -> count;
+    /// None when `[access]` is not configured.
+    client_sessions: Option<ClientSessions>,
 }
+
+/// Reads the access front's sessions at the moment of the request.
+pub type ClientSessions = Arc<dyn Fn() -> BTreeMap<(String, String), usize> + Send + Sync>;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Sample {
@@ -63,7 +69,14 @@ impl Admin {
             node,
             token,
             samples: Default::default(),
+            client_sessions: None,
         }
+    }
+
+    /// The dashboard shows client sessions per platform next to mail flow.
+    pub fn with_client_sessions(mut self, f: ClientSessions) -> Admin {
+        self.client_sessions = Some(f);
+        self
     }
 
     pub fn queue_gauges(&self) -> QueueGauges {
@@ -354,8 +367,17 @@ async fn summary(State(a): State<Admin>) -> Response {
         &mut errors,
         crate::dashboard::sync_panel(&a.store, now).await,
     );
+    // platform -> protocol -> sessions; null without an access front.
+    let client_sessions = a.client_sessions.as_ref().map(|f| {
+        let mut by: BTreeMap<String, BTreeMap<String, usize>> = BTreeMap::new();
+        for ((platform, protocol), n) in f() {
+            by.entry(platform).or_default().insert(protocol, n);
+        }
+        by
+    });
     Json(serde_json::json!({
         "node": a.node,
+        "client_sessions": client_sessions,
         "now_ms": godwit_spool::now_ms(),
         "routing_version": a.routes.version(),
         "stats": stats,
