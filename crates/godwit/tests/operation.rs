@@ -417,8 +417,20 @@ fn json_on_route_history_and_wave_and_an_inverted_report_window_is_refused() {
         v["route_set_by"]["command"],
         "route set alice@example.com new"
     );
+    // No-op changes record nothing: the history never shows `new -> new`.
+    let (ok, out) = g.cli(&["route", "set", "alice@example.com", "new", "--no-wait"]);
+    assert!(
+        ok && out.contains("nothing changed, no version recorded"),
+        "{out}"
+    );
+    let (ok, out) = g.cli(&["route", "unset", "bob@example.com", "--no-wait"]);
+    assert!(
+        ok && out.contains("nothing changed, no version recorded"),
+        "{out}"
+    );
     let v = js(&["history", "--json"]);
     assert_eq!(v[0]["version"], 1);
+    assert_eq!(v.as_array().map(|a| a.len()), Some(1), "{v}");
     let v = js(&["history", "show", "1", "--json"]);
     assert_eq!(v["routes"][0]["after"], "new", "{v}");
     let v = js(&["wave", "list", "--json"]);
