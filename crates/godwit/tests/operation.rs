@@ -435,6 +435,39 @@ fn json_on_route_history_and_wave_and_an_inverted_report_window_is_refused() {
     assert_eq!(v["routes"][0]["after"], "new", "{v}");
     let v = js(&["wave", "list", "--json"]);
     assert_eq!(v, serde_json::json!([]));
+    // `directory import --json`: the whole difference, then the outcome.
+    let dir = g.config_path.with_file_name("directory.csv");
+    std::fs::write(
+        &dir,
+        "address,display_name,kind,aliases,members,platform\ndora@example.com,Dora,user,d@example.com,,old\nerin@example.com,Erin,user,,,old\n",
+    )
+    .unwrap();
+    let path = dir.to_str().unwrap();
+    let v = js(&["directory", "import", path, "--json"]);
+    assert_eq!(
+        (
+            v["objects"].as_u64(),
+            v["applied"].as_bool(),
+            v["dry_run"].as_bool()
+        ),
+        (Some(2), Some(false), Some(true)),
+        "{v}"
+    );
+    assert_eq!(
+        v["added"],
+        serde_json::json!(["dora@example.com", "erin@example.com"])
+    );
+    let v = js(&["directory", "import", path, "--apply", "--json"]);
+    assert_eq!(v["applied"], true, "{v}");
+    assert_eq!(v["version"], 2, "{v}");
+    std::fs::write(
+        &dir,
+        "address,display_name,kind,aliases,members,platform\ndora@example.com,Dora D,user,d@example.com,,old\n",
+    )
+    .unwrap();
+    let v = js(&["directory", "import", path, "--json"]);
+    assert_eq!(v["removed"], serde_json::json!(["erin@example.com"]), "{v}");
+    assert_eq!(v["changed"][0]["address"], "dora@example.com", "{v}");
 
     let (ok, out) = g.cli(&["report", "--since", "1h", "--until", "2h"]);
     assert!(!ok && out.contains("not before"), "{out}");
