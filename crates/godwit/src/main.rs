@@ -478,6 +478,13 @@ fn init_logging(config: &Config, events_as_json: bool) -> LogLevel {
 async fn serve(config: Config, config_path: PathBuf) -> Result<i32> {
     let json_log = config.log.format == "json";
     let log_level = init_logging(&config, json_log);
+    // A DKIM key that does not load stops the start: mail must never leave
+    // unsigned because a key file went bad.
+    let dkim = godwit_outbound::DkimKeys::load(&config.dkim)?;
+    for k in dkim.keys() {
+        tracing::info!(domain = %k.domain, selector = %k.selector, algorithm = k.algorithm.tag(), "DKIM key loaded");
+    }
+    drop(dkim);
     let config = Arc::new(config);
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("data_dir {}", config.data_dir.display()))?;
@@ -548,6 +555,13 @@ async fn serve(config: Config, config_path: PathBuf) -> Result<i32> {
             .with_context(|| format!("smtp.listen: cannot listen on {addr}"))?;
         listen.push(l.local_addr()?.to_string());
         tokio::spawn(smtpd.clone().serve(l));
+    }
+    for addr in config.outbound.iter().flat_map(|o| o.listen.iter()) {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("outbound.listen: cannot listen on {addr}"))?;
+        listen.push(l.local_addr()?.to_string());
+        tokio::spawn(smtpd.clone().serve_as(l, smtpd::Listener::Relay));
     }
     tokio::spawn(relay.clone().run());
     let access = godwit_access::Access::start(
