@@ -7,6 +7,7 @@
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod control;
+mod dkim_cli;
 mod fleet;
 mod mailboxes;
 mod smtpd;
@@ -113,6 +114,11 @@ enum Command {
     Config {
         #[command(subcommand)]
         command: ConfigCommand,
+    },
+    /// DKIM keys: make one, or show the TXT records to publish.
+    Dkim {
+        #[command(subcommand)]
+        command: dkim_cli::DkimCommand,
     },
     /// Every change to routes, states, waves and the directory, numbered.
     History {
@@ -296,6 +302,19 @@ fn main() {
 }
 
 async fn run(cli: Cli) -> Result<i32> {
+    if let Command::Dkim {
+        command:
+            dkim_cli::DkimCommand::Keygen {
+                domain,
+                selector,
+                algorithm,
+                out,
+            },
+    } = &cli.command
+    {
+        // Needs no configuration: keys are made before they are configured.
+        return dkim_cli::keygen(domain, selector, algorithm, out);
+    }
     if let Command::Check(godwit_check::cli::CheckArgs {
         target: Some(godwit_check::cli::CheckTarget::Access { address, password }),
         ..
@@ -394,6 +413,10 @@ async fn run(cli: Cli) -> Result<i32> {
             limit,
             json,
         } => control::history(config, command, limit, json).await,
+        Command::Dkim { command } => match command {
+            dkim_cli::DkimCommand::Show => dkim_cli::show(&config),
+            dkim_cli::DkimCommand::Keygen { .. } => unreachable!("handled above"),
+        },
         Command::Config {
             command: ConfigCommand::Show { non_default },
         } => {
