@@ -6,7 +6,7 @@ use anyhow::{Context, Result, bail};
 use clap::Subcommand;
 use godwit_outbound::KeyAlgorithm;
 use godwit_outbound::dkim::{DkimKeys, generate, write_private_key};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[derive(Subcommand)]
 pub enum DkimCommand {
@@ -38,7 +38,7 @@ fn zone_line(name: &str, txt: &str) -> String {
     format!("{name}. IN TXT ( {} )", parts.join(" "))
 }
 
-pub fn keygen(domain: &str, selector: &str, algorithm: &str, out: &PathBuf) -> Result<i32> {
+pub fn keygen(domain: &str, selector: &str, algorithm: &str, out: &Path) -> Result<i32> {
     let alg = match algorithm.to_ascii_lowercase().as_str() {
         "rsa" => KeyAlgorithm::Rsa,
         "ed25519" => KeyAlgorithm::Ed25519,
