@@ -96,7 +96,13 @@ pub fn client_for(
     let p = config.platforms.get(name)?;
     let settings = smarthost_settings(p);
     let password = match (&p.outbound_password, &p.outbound_password_file) {
-        (Some(pw), _) => Some(pw.clone()),
+        (Some(pw), _) => match pw.resolve(&format!("platforms.{name}.outbound_password")) {
+            Ok(pw) => Some(pw),
+            Err(e) => {
+                tracing::error!(platform = name, "{e}");
+                None
+            }
+        },
         (None, Some(f)) => match std::fs::read_to_string(f) {
             Ok(s) => Some(s.trim_end_matches(['\r', '\n']).to_string()),
             Err(e) => {
