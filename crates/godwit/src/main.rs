@@ -177,6 +177,17 @@ enum RouteCommand {
         json: bool,
     },
     /// Restore the routing as of version N, as a new version (undoable).
+    /// Where a sender's (or a sender domain's) outbound mail goes: `mx`, a
+    /// platform name (its outbound_relay smarthost), or `default` to follow
+    /// outbound.route again. Versioned, in the history, rolled back like
+    /// every routing change.
+    SetOutbound {
+        /// alice@example.com, or a domain (example.com) for all its senders.
+        sender: String,
+        route: String,
+        #[arg(long)]
+        actor: Option<String>,
+    },
     Rollback {
         #[arg(long)]
         to: i64,
@@ -1014,6 +1025,19 @@ async fn route(config: Config, command: RouteCommand) -> Result<i32> {
         RouteCommand::Explain { address, json } => {
             return control::route_explain(&config, &store, &address, json).await;
         }
+        RouteCommand::SetOutbound {
+            sender,
+            route,
+            actor: who,
+        } => {
+            let key = check_outbound(&config, &sender, &route)?;
+            let after = (route != "default").then(|| route.clone());
+            let cmd = format!("route set-outbound {sender} {route}");
+            let (v, _) =
+                godwit_route::commit(&store, &config, &actor(who), &cmd, vec![(key, after)])
+                    .await?;
+            println!("{sender}: outbound mail goes via {route} (version {v})");
+        }
         RouteCommand::Rollback {
             to,
             dry_run,
@@ -1024,6 +1048,50 @@ async fn route(config: Config, command: RouteCommand) -> Result<i32> {
         }
     }
     Ok(0)
+}
+
+/// The routing-map key for `route set-outbound SENDER|DOMAIN ROUTE`, once
+/// the sender is ours and the route is `mx`, `default` or a platform with
+/// an outbound_relay.
+fn check_outbound(config: &Config, sender: &str, route: &str) -> Result<String> {
+    if config.outbound.is_none() {
+        bail!("route set-outbound needs an [outbound] section in the configuration");
+    }
+    let domain = match sender.rsplit_once('@') {
+        Some(_) => check_address(config, sender)?
+            .rsplit_once('@')
+            .unwrap()
+            .1
+            .to_string(),
+        None => sender
+            .trim_start_matches('@')
+            .trim_end_matches('.')
+            .to_ascii_lowercase(),
+    };
+    if !config.is_accepted_domain(&domain) {
+        bail!(
+            "`{sender}` is not in an accepted domain ({})",
+            config.domains.accepted.join(", ")
+        );
+    }
+    if route != godwit_config::ROUTE_MX && route != "default" {
+        match config.platforms.get(route) {
+            None => bail!(
+                "`{route}` is neither `mx`, `default` nor a platform ({})",
+                config
+                    .platforms
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            Some(p) if p.outbound_relay.is_empty() => bail!(
+                "platform `{route}` has no outbound_relay: set platforms.{route}.outbound_relay first"
+            ),
+            _ => {}
+        }
+    }
+    Ok(godwit_route::outbound_key(sender))
 }
 
 /// The address as the routing map keys it, if it is one (RFC 5321 4.1.2,

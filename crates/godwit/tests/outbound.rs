@@ -571,3 +571,103 @@ fn sigkill_under_outbound_load_loses_nothing_acknowledged() {
         },
     );
 }
+
+fn version_of(out: &str) -> i64 {
+    out.rsplit("version ")
+        .next()
+        .unwrap()
+        .trim_end_matches(|c: char| !c.is_ascii_digit())
+        .parse()
+        .unwrap_or_else(|_| panic!("no version in: {out}"))
+}
+
+fn wait_applied(gw: &Gateway, version: i64) {
+    gw.wait_event("route.changed", Duration::from_secs(5), |e| {
+        e["version"].as_i64() >= Some(version)
+    });
+}
+
+#[test]
+fn set_outbound_sends_a_sender_via_the_platform_smarthost_and_rolls_back() {
+    let mut w = world("", "");
+    let smarthost = Sink::start(free_port(), &[]);
+    let sp = smarthost.port;
+    w.gw.reconfigure(|c| {
+        c.replacen(
+            "[platforms.new]\n",
+            &format!(
+                "[platforms.new]\noutbound_relay = [\"127.0.0.1:{sp}\"]\noutbound_tls = \"none\"\n"
+            ),
+            1,
+        )
+    });
+    let (ok, out) =
+        w.gw.cli(&["route", "set-outbound", "nobody@foreign.test", "new"]);
+    assert!(!ok && out.contains("not in an accepted domain"), "{out}");
+    let (ok, out) =
+        w.gw.cli(&["route", "set-outbound", "alice@example.com", "old"]);
+    assert!(!ok && out.contains("no outbound_relay"), "{out}");
+    let (ok, out) =
+        w.gw.cli(&["route", "set-outbound", "alice@example.com", "new"]);
+    assert!(ok, "{out}");
+    let v = version_of(&out);
+    wait_applied(&w.gw, v);
+    let mut c = relay_client(&w);
+    let r = c.mail(
+        "alice@example.com",
+        &["bob@foreign.test"],
+        &out_message("via1@example.com", "bob@foreign.test"),
+    );
+    assert!(r.starts_with("250"), "{r}");
+    let d =
+        w.gw.wait_event("delivery.delivered", Duration::from_secs(20), |e| {
+            e["rcpt"] == "bob@foreign.test"
+        });
+    assert_eq!(d["platform"], "smarthost:new");
+    wait_for(
+        "the message at the smarthost",
+        Duration::from_secs(5),
+        || {
+            smarthost
+                .messages()
+                .into_iter()
+                .find(|m| m.contains("via1@example.com"))
+        },
+    );
+    let (_, history) = w.gw.cli(&["history"]);
+    assert!(
+        history.contains("route set-outbound alice@example.com new"),
+        "{history}"
+    );
+    // Roll back to before the change: alice's mail goes to the MX again.
+    let (ok, out) =
+        w.gw.cli(&["route", "rollback", "--to", &(v - 1).to_string()]);
+    assert!(ok, "{out}");
+    wait_for("the rollback to apply", Duration::from_secs(5), || {
+        w.gw.events_named("route.changed")
+            .iter()
+            .any(|e| e["version"].as_i64() > Some(v))
+            .then_some(())
+    });
+    let mut c = relay_client(&w);
+    let r = c.mail(
+        "alice@example.com",
+        &["bob@foreign.test"],
+        &out_message("via2@example.com", "bob@foreign.test"),
+    );
+    assert!(r.starts_with("250"), "{r}");
+    let d =
+        w.gw.wait_event("delivery.delivered", Duration::from_secs(20), |e| {
+            e["rcpt"] == "bob@foreign.test" && e["platform"] != "smarthost:new"
+        });
+    assert_eq!(d["platform"], "mx:foreign.test");
+    wait_for(
+        "the second message at the MX",
+        Duration::from_secs(5),
+        || {
+            w.mx.messages()
+                .into_iter()
+                .find(|m| m.contains("via2@example.com"))
+        },
+    );
+}

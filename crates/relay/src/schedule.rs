@@ -308,9 +308,13 @@ impl RelayHandle {
             && let Some(o) = &inner.config.outbound
             && crate::outbound::is_foreign(&inner.config, addr)
         {
+            let (route, why) = inner
+                .routes
+                .outbound_route(&h.envelope.mail_from)
+                .unwrap_or_else(|| (o.route.clone(), format!("outbound.route = \"{}\"", o.route)));
             return Routed {
-                route: crate::outbound::destination(&o.route, addr),
-                why: format!("outbound.route = \"{}\"", o.route),
+                route: crate::outbound::destination(&route, addr),
+                why,
                 version: inner.routes.version(),
             };
         }
