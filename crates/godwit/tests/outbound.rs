@@ -40,6 +40,7 @@ fn dnsmasq(port: u16, records: &[String]) -> Proc {
             "--local-ttl=1",
             "--local=/test/",
             "--local=/example.com/",
+            "--local=/example.org/",
         ])
         .args(records)
         .stdout(Stdio::null())
@@ -170,13 +171,13 @@ fn world(queue_extra: &str, outbound_extra: &str) -> World {
         "dkim keygen: {printed}{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // The plain line: `gw2026._domainkey.example.com TXT "v=DKIM1; k=rsa; p=..."`.
     let record = printed
         .lines()
-        .find_map(|l| {
-            l.find("v=DKIM1")
-                .map(|i| l[i..].trim_end_matches('"').to_string())
-        })
+        .find_map(|l| l.strip_prefix(&format!("{SELECTOR}._domainkey.example.com TXT \"")))
+        .map(|r| r.trim_end_matches('"').to_string())
         .unwrap_or_else(|| panic!("keygen printed no TXT record: {printed}"));
+    assert!(record.starts_with("v=DKIM1; k=rsa; p=MII"), "{record}");
     let dns_port = free_port();
     let dns = dnsmasq(
         dns_port,
@@ -190,6 +191,12 @@ fn world(queue_extra: &str, outbound_extra: &str) -> World {
             // RFC 7505 null MX: preference 0, exchange "." (RDATA 00 00 00).
             "--dns-rr=nullmx.test,15,000000".into(),
             txt(&format!("{SELECTOR}._domainkey.example.com"), &record),
+            // What `godwit check outbound` reads: SPF for the egress IP,
+            // HELO with forward-confirmed reverse DNS, DMARC.
+            txt("example.com", "v=spf1 ip4:203.0.113.55 -all"),
+            txt("example.org", "v=spf1 ip4:203.0.113.55 -all"),
+            txt("_dmarc.example.com", "v=DMARC1; p=reject"),
+            "--host-record=mx-gw.example.com,203.0.113.55".into(),
         ],
     );
     let relay_port = free_port();
@@ -670,4 +677,45 @@ fn set_outbound_sends_a_sender_via_the_platform_smarthost_and_rolls_back() {
                 .find(|m| m.contains("via2@example.com"))
         },
     );
+}
+
+#[test]
+fn check_outbound_gives_a_verdict_and_fails_on_an_unauthorized_egress_ip() {
+    let mut w = world("", "egress_ips = [\"203.0.113.55\"]");
+    let (ok, out) = w.gw.cli(&["check", "outbound"]);
+    // example.com: SPF passes, the DKIM record matches, HELO resolves and its
+    // PTR (dnsmasq's --host-record) names it, DMARC aligns.
+    for line in [
+        "example.com from 203.0.113.55",
+        "gw2026._domainkey.example.com",
+        "mx-gw.example.com",
+        "From: *@example.com",
+    ] {
+        let l = out
+            .lines()
+            .find(|l| l.contains(line))
+            .unwrap_or_else(|| panic!("no finding for {line}:\n{out}"));
+        assert!(l.contains("OK"), "{l}\n{out}");
+    }
+    // example.org has no key: godwit cannot sign for it, so the verdict fails.
+    assert!(!ok, "{out}");
+    assert!(out.contains("example.org"), "{out}");
+    // An egress IP SPF does not authorize is a failure, named.
+    w.gw.reconfigure(|c| {
+        c.replace(
+            "egress_ips = [\"203.0.113.55\"]",
+            "egress_ips = [\"203.0.113.55\", \"198.51.100.7\"]",
+        )
+    });
+    let (ok, out) = w.gw.cli(&["check", "outbound", "--json"]);
+    assert!(!ok);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    let spf_bad = v["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["check"] == "outbound.spf" && f["subject"] == "example.com from 198.51.100.7")
+        .unwrap_or_else(|| panic!("{out}"))
+        .clone();
+    assert_eq!(spf_bad["severity"], "BLOCK");
 }
