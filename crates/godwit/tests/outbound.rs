@@ -208,6 +208,7 @@ fn world(queue_extra: &str, outbound_extra: &str) -> World {
         key.display()
     );
     let gw = Gateway::start(po, pn, "max_connections_per_ip = 100", &extra);
+    wait_relay_port(relay_port);
     World {
         gw,
         relay_port,
@@ -218,6 +219,13 @@ fn world(queue_extra: &str, outbound_extra: &str) -> World {
         _dns: dns,
         _keys: keys,
     }
+}
+
+/// The relay port binds just after the inbound one that `Gateway` waits for.
+fn wait_relay_port(port: u16) {
+    wait_for("the relay port to listen", Duration::from_secs(10), || {
+        TcpStream::connect(("127.0.0.1", port)).ok()
+    });
 }
 
 fn out_message(id: &str, to: &str) -> String {
@@ -608,6 +616,7 @@ fn set_outbound_sends_a_sender_via_the_platform_smarthost_and_rolls_back() {
             1,
         )
     });
+    wait_relay_port(w.relay_port);
     let (ok, out) =
         w.gw.cli(&["route", "set-outbound", "nobody@foreign.test", "new"]);
     assert!(!ok && out.contains("not in an accepted domain"), "{out}");
@@ -718,4 +727,63 @@ fn check_outbound_gives_a_verdict_and_fails_on_an_unauthorized_egress_ip() {
         .unwrap_or_else(|| panic!("{out}"))
         .clone();
     assert_eq!(spf_bad["severity"], "BLOCK");
+}
+
+#[test]
+fn tls_require_defers_rather_than_send_in_clear_text() {
+    // smtp-sink offers no STARTTLS: mail for a tls_require domain waits.
+    let w = world("", "tls_require = [\"foreign.test\"]");
+    let mut c = relay_client(&w);
+    let r = c.mail(
+        "alice@example.com",
+        &["bob@foreign.test", "carol@implicit.test"],
+        &out_message("tls1@example.com", "bob@foreign.test"),
+    );
+    assert!(r.starts_with("250"), "{r}");
+    let d =
+        w.gw.wait_event("delivery.deferred", Duration::from_secs(20), |e| {
+            e["rcpt"] == "bob@foreign.test"
+        });
+    let reply = d["reply"].as_str().unwrap();
+    assert!(
+        reply.contains("4.7.10") && reply.contains("STARTTLS"),
+        "{reply}"
+    );
+    // Opportunistic elsewhere: the same sink takes the other recipient in clear text.
+    w.gw.wait_event("delivery.delivered", Duration::from_secs(20), |e| {
+        e["rcpt"] == "carol@implicit.test"
+    });
+}
+
+#[test]
+fn a_platforms_own_signature_is_kept_and_ours_added() {
+    let w = world("", "");
+    let mut c = relay_client(&w);
+    let theirs =
+        "DKIM-Signature: v=1; a=rsa-sha256; d=platform.example; s=p1; h=from; bh=AAAA; b=BBBB\r\n";
+    let r = c.mail(
+        "alice@example.com",
+        &["bob@foreign.test"],
+        &format!(
+            "{theirs}{}",
+            out_message("kept1@example.com", "bob@foreign.test")
+        ),
+    );
+    assert!(r.starts_with("250"), "{r}");
+    // The sink has written the whole file once it answered the 250.
+    w.gw.wait_event("delivery.delivered", Duration::from_secs(20), |e| {
+        e["rcpt"] == "bob@foreign.test"
+    });
+    let text = wait_for("the message at the MX sink", Duration::from_secs(5), || {
+        w.mx.messages()
+            .into_iter()
+            .find(|m| m.contains("kept1@example.com"))
+    });
+    assert!(text.contains("d=platform.example; s=p1"), "{text}");
+    assert_eq!(text.matches("DKIM-Signature:").count(), 2, "{text}");
+    let ours = text.find("d=example.com").unwrap();
+    assert!(
+        ours < text.find("d=platform.example").unwrap(),
+        "ours goes on top"
+    );
 }
