@@ -231,6 +231,7 @@ impl Smtpd {
             },
             max_received_headers: s.max_received_headers,
             tls_available: live.tls.is_some(),
+            auth: None,
         }
     }
 
