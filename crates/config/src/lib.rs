@@ -6,8 +6,10 @@
 //! sizes are "50MB" (decimal: 1 MB = 1,000,000 bytes) or "50MiB" (binary).
 
 mod access;
+mod submission;
 mod sync;
 pub use access::*;
+pub use submission::*;
 pub use sync::*;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -68,6 +70,8 @@ pub struct Config {
     pub directory: DirectoryConfig,
     /// The IMAP/POP3 front and autoconfig; off when absent.
     pub access: Option<AccessConfig>,
+    /// The SMTP submission listener with AUTH; off when absent.
+    pub submission: Option<SubmissionConfig>,
 }
 
 impl Default for Config {
@@ -87,6 +91,7 @@ impl Default for Config {
             sync: None,
             directory: DirectoryConfig::default(),
             access: None,
+            submission: None,
         }
     }
 }
@@ -490,6 +495,13 @@ impl Config {
         if let Some(p) = self.events.postfix_log.as_mut() {
             fix(p);
         }
+        if let Some(s) = self.submission.as_mut() {
+            for p in [&mut s.users_file, &mut s.tls_cert, &mut s.tls_key] {
+                if let Some(p) = p.as_mut() {
+                    fix(p);
+                }
+            }
+        }
         if let Some(sync) = self.sync.as_mut() {
             fix(&mut sync.accounts);
         }
@@ -686,6 +698,9 @@ impl Config {
         }
         if let Some(access) = &self.access {
             access.validate(self)?;
+        }
+        if let Some(submission) = &self.submission {
+            submission.validate(self)?;
         }
         Ok(())
     }
@@ -967,6 +982,7 @@ pub fn reload_plan(old: &Config, new: &Config) -> (Vec<String>, Vec<String>) {
         true,
     );
     note(d(&old.sync, &new.sync), "sync", true);
+    note(d(&old.submission, &new.submission), "submission", false);
     (live, restart)
 }
 
