@@ -225,16 +225,3 @@ pub async fn pop3_login(
     }
     Ok((c, format!("{r}\r\n").into_bytes()))
 }
-
-/// Whether `user`/`password` log in at the platform's IMAP server, then
-/// LOGOUT (RFC 3501 6.1.3). The same login path the front uses, so SMTP
-/// submission checks a password exactly as a mailbox login would.
-pub async fn imap_password_ok(
-    t: &Target<'_>,
-    user: &str,
-    password: &str,
-) -> Result<(), BackendError> {
-    let (mut c, _) = imap_login(t, user, password, "G3").await?;
-    let _ = send(&mut c, t.url, "G4 LOGOUT\r\n").await;
-    Ok(())
-}

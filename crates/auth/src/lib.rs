@@ -195,7 +195,7 @@ impl Authenticator {
             client_tls: self.client_tls[pc.tls_insecure as usize].clone(),
             timeout: self.sc.backend_timeout,
         };
-        match godwit_access::backend::imap_password_ok(&target, user, password).await {
+        match godwit_access::backend::imap_verify(&target, user, password).await {
             Ok(()) => Verdict::Ok {
                 platform: Some(platform),
             },
