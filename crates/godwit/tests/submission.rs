@@ -567,3 +567,85 @@ fn platform_auth_follows_the_users_route() {
     assert!(!logs.contains(new_pw) && !logs.contains(&format!("\"{PASSWORD}\"")));
     drop(sinks);
 }
+
+#[test]
+fn directory_aliases_may_be_sent_as_and_sender_restriction_none_lifts_the_rule() {
+    let mut s = file_setup("auth_failure_delay = \"100ms\"\n");
+    let csv = s.gw.data.parent().unwrap().join("directory.csv");
+    std::fs::write(
+        &csv,
+        "address,display_name,kind,aliases,members,platform\nargon@example.com,Argon,user,a.rgon@example.org;sales-desk@example.com,,old\nbob@example.com,Bob,user,,,old\n",
+    )
+    .unwrap();
+    let (ok, out) =
+        s.gw.cli(&["directory", "import", csv.to_str().unwrap(), "--apply"]);
+    assert!(ok, "{out}");
+    let send = |port: u16, from: &str, header_from: &str, subject: &str| {
+        submit(
+            port,
+            "--tls",
+            "PLAIN",
+            "argon@example.com",
+            ARGON_PW,
+            &[
+                "--from",
+                from,
+                "--to",
+                "bob@example.com",
+                "--h-From",
+                header_from,
+                "--header",
+                &format!("Subject: {subject}"),
+            ],
+        )
+        .0
+    };
+    // An alias the directory gives the user's mailbox, in either case.
+    let out = send(
+        s.sub,
+        "a.rgon@example.org",
+        "Argon <Sales-Desk@Example.com>",
+        "alias-ok",
+    );
+    assert!(out.contains("<~  250 2.0.0 Ok: queued as"), "{out}");
+    let out = send(s.sub, "bob@example.com", "bob@example.com", "not-yours");
+    assert!(
+        out.contains("<~* 553 5.7.1 <bob@example.com>: Sender address rejected"),
+        "{out}"
+    );
+    // Every address of a header From list must be the user's.
+    let out = send(
+        s.sub,
+        "argon@example.com",
+        "argon@example.com, bob@example.com",
+        "one-of-two",
+    );
+    assert!(
+        out.contains("<~* 553 5.7.1 Header From <bob@example.com>"),
+        "{out}"
+    );
+    wait_for("the alias message at the platform", T, || {
+        (s.sinks.0.count_containing("Subject: alias-ok") == 1).then_some(())
+    });
+
+    // sender_restriction = "none": an authenticated user may send as anyone.
+    s.gw.reconfigure(|c| {
+        c.replacen(
+            "auth = \"file\"\n",
+            "auth = \"file\"\nsender_restriction = \"none\"\n",
+            1,
+        )
+    });
+    wait_port(s.sub);
+    let out = send(
+        s.sub,
+        "bob@example.com",
+        "bob@example.com",
+        "restriction-none",
+    );
+    assert!(out.contains("<~  250 2.0.0 Ok: queued as"), "{out}");
+    wait_for("the unrestricted message at the platform", T, || {
+        (s.sinks.0.count_containing("Subject: restriction-none") == 1).then_some(())
+    });
+    assert_eq!(s.sinks.0.count_containing("Subject: not-yours"), 0);
+}
