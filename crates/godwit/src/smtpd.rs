@@ -46,6 +46,8 @@ pub struct Smtpd {
 pub struct Submission {
     pub auth: godwit_auth::Authenticator,
     pub tls: TlsAcceptor,
+    /// As read at start: `[submission]` changes need a restart (reload says so).
+    pub config: godwit_config::SubmissionConfig,
 }
 
 /// Which listener a session came in on.
@@ -330,10 +332,10 @@ impl Smtpd {
 
     fn limits(&self, live: &Live, listener: Listener) -> Limits {
         let s = &live.config.smtp;
-        let auth = match (listener, &live.config.submission) {
+        let auth = match (listener, self.submission.get()) {
             (Listener::Mx, _) | (_, None) => None,
-            (_, Some(sc)) => Some(AuthRules {
-                allow_plaintext: sc.allow_plaintext_auth,
+            (_, Some(sub)) => Some(AuthRules {
+                allow_plaintext: sub.config.allow_plaintext_auth,
                 required: true,
             }),
         };
@@ -618,14 +620,13 @@ impl Smtpd {
     /// `auth_failure_delay`, so guessing is slow (as Dovecot and Postfix do).
     async fn authenticate(
         &self,
-        live: &Live,
         session: &mut Session,
         sid: u64,
         kind: Listener,
         creds: godwit_smtp_proto::Credentials,
         policy: &mut Domains<'_>,
     ) -> Option<(String, String)> {
-        let (Some(sub), Some(sc)) = (self.submission.get(), live.config.submission.as_ref()) else {
+        let Some(sub) = self.submission.get() else {
             session.auth_failed(Some(Reply::new(
                 454,
                 (4, 7, 0),
@@ -633,6 +634,7 @@ impl Smtpd {
             )));
             return None;
         };
+        let sc = &sub.config;
         let ip: IpAddr = session
             .client_ip
             .parse()
@@ -726,7 +728,7 @@ impl Smtpd {
                     Output::Reply(r) => out.extend_from_slice(&r.to_wire()),
                     Output::Authenticate(creds) => {
                         if let Some(s) = self
-                            .authenticate(live, session, sid, kind, creds, &mut policy)
+                            .authenticate(session, sid, kind, creds, &mut policy)
                             .await
                         {
                             sasl = Some(s);
@@ -998,7 +1000,11 @@ pub async fn start_submission(
     let auth =
         godwit_auth::Authenticator::new(config.clone(), sc.clone(), routes.clone(), store.clone())
             .map_err(anyhow::Error::msg)?;
-    smtpd.enable_submission(Submission { auth, tls });
+    smtpd.enable_submission(Submission {
+        auth,
+        tls,
+        config: sc.clone(),
+    });
     let mut bound = Vec::new();
     for (key, addrs, kind) in [
         ("submission.listen", &sc.listen, Listener::Submission),

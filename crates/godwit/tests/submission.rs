@@ -558,6 +558,16 @@ fn platform_auth_follows_the_users_route() {
     wait_for("the two submitted messages", T, || {
         (sinks.0.count_containing("Subject: platform-auth") == 2).then_some(())
     });
+    // The platform's IMAP server is down: 454 4.7.0 (RFC 4954 6), try later;
+    // not counted as a wrong password.
+    drop(new);
+    wait_for("the new Dovecot to stop", T, || {
+        TcpStream::connect(("127.0.0.1", n)).is_err().then_some(())
+    });
+    let out = login(new_pw);
+    assert!(out.contains("<~* 454 4.7.0"), "{out}");
+    let ev = gw.events_named("submission.auth");
+    assert_eq!(ev.last().unwrap()["reason"], "unavailable", "{ev:?}");
     let logs = std::fs::read_to_string(gw.data.with_extension("log")).unwrap_or_default()
         + &gw
             .events()
