@@ -7,9 +7,11 @@
 
 mod access;
 mod outbound;
+mod submission;
 mod sync;
 pub use access::*;
 pub use outbound::*;
+pub use submission::*;
 pub use sync::*;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -74,6 +76,8 @@ pub struct Config {
     pub outbound: Option<OutboundConfig>,
     /// DKIM keys, one per signing domain.
     pub dkim: Vec<DkimConfig>,
+    /// The SMTP submission listener with AUTH; off when absent.
+    pub submission: Option<SubmissionConfig>,
 }
 
 impl Default for Config {
@@ -95,6 +99,7 @@ impl Default for Config {
             access: None,
             outbound: None,
             dkim: Vec::new(),
+            submission: None,
         }
     }
 }
@@ -555,6 +560,13 @@ impl Config {
                 fix(f);
             }
         }
+        if let Some(s) = self.submission.as_mut() {
+            for p in [&mut s.users_file, &mut s.tls_cert, &mut s.tls_key] {
+                if let Some(p) = p.as_mut() {
+                    fix(p);
+                }
+            }
+        }
         if let Some(sync) = self.sync.as_mut() {
             fix(&mut sync.accounts);
         }
@@ -806,6 +818,9 @@ impl Config {
             outbound.validate(self)?;
         }
         validate_dkim(&self.dkim)?;
+        if let Some(submission) = &self.submission {
+            submission.validate(self)?;
+        }
         Ok(())
     }
 
@@ -1088,6 +1103,7 @@ pub fn reload_plan(old: &Config, new: &Config) -> (Vec<String>, Vec<String>) {
     note(d(&old.sync, &new.sync), "sync", true);
     note(d(&old.outbound, &new.outbound), "outbound", false);
     note(d(&old.dkim, &new.dkim), "dkim", false);
+    note(d(&old.submission, &new.submission), "submission", false);
     (live, restart)
 }
 

@@ -42,6 +42,8 @@ async fn main() -> anyhow::Result<()> {
             rcpts: vec![rcpt.clone()],
             size: 4096,
             direction: None,
+            sasl_method: None,
+            sasl_username: None,
         }))?;
         tx.send(rec(Event::Routed {
             queue_id: q.clone(),

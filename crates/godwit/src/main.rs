@@ -597,6 +597,9 @@ async fn serve(config: Config, config_path: PathBuf) -> Result<i32> {
         listen.push(l.local_addr()?.to_string());
         tokio::spawn(smtpd.clone().serve_as(l, smtpd::Listener::Relay));
     }
+    if let Some(sc) = &config.submission {
+        listen.extend(smtpd::start_submission(&smtpd, &config, sc, &routes, &store).await?);
+    }
     tokio::spawn(relay.clone().run());
     let access = godwit_access::Access::start(
         config.clone(),

@@ -430,7 +430,14 @@ fn per_account_source_url_syncs_that_row_from_its_own_server() {
     // imapsync-style totals end the run, summed over every account.
     let copied: u64 = out
         .lines()
-        .filter_map(|l| l.split_once(": ")?.1.split_once(" copied")?.0.parse::<u64>().ok())
+        .filter_map(|l| {
+            l.split_once(": ")?
+                .1
+                .split_once(" copied")?
+                .0
+                .parse::<u64>()
+                .ok()
+        })
         .sum();
     assert!(out.contains("++++ Statistics"), "{out}");
     assert!(
@@ -438,7 +445,10 @@ fn per_account_source_url_syncs_that_row_from_its_own_server() {
         "{out}"
     );
     assert!(
-        out.contains(&format!("Accounts synced             : {} (0 failed", USERS.len())),
+        out.contains(&format!(
+            "Accounts synced             : {} (0 failed",
+            USERS.len()
+        )),
         "{out}"
     );
     assert!(out.contains("Errors                      : 0"), "{out}");
