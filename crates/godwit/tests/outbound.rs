@@ -691,6 +691,15 @@ fn set_outbound_sends_a_sender_via_the_platform_smarthost_and_rolls_back() {
 #[test]
 fn check_outbound_gives_a_verdict_and_fails_on_an_unauthorized_egress_ip() {
     let mut w = world("", "egress_ips = [\"203.0.113.55\"]");
+    // `dkim show` prints the record for the configured key: the one keygen printed.
+    let (ok, shown) = w.gw.cli(&["dkim", "show"]);
+    assert!(ok, "{shown}");
+    assert!(
+        shown.contains(&format!(
+            "{SELECTOR}._domainkey.example.com TXT \"v=DKIM1; k=rsa; p=MII"
+        )),
+        "{shown}"
+    );
     let (ok, out) = w.gw.cli(&["check", "outbound"]);
     // example.com: SPF passes, the DKIM record matches, HELO resolves and its
     // PTR (dnsmasq's --host-record) names it, DMARC aligns.
