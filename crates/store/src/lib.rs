@@ -28,6 +28,34 @@ pub enum Backend {
     Postgres,
 }
 
+/// The engine-specific SQL, in one place (DEPENDENCIES.md: keep SKIP LOCKED
+/// and LISTEN/NOTIFY behind a small trait). SQLite serializes writers with
+/// its database lock, so its versions are empty.
+pub trait Dialect {
+    /// Appended to a `SELECT` that claims rows: other claimers skip rows a
+    /// transaction holds instead of waiting for it.
+    fn skip_locked(&self) -> &'static str;
+    /// A statement that serializes the transactions that run it (a campaign
+    /// opening its accounts), or `None` where every writer is serialized anyway.
+    fn serialize_writers(&self) -> Option<&'static str>;
+}
+
+impl Dialect for Backend {
+    fn skip_locked(&self) -> &'static str {
+        match self {
+            Backend::Postgres => " FOR UPDATE SKIP LOCKED",
+            Backend::Sqlite => "",
+        }
+    }
+    fn serialize_writers(&self) -> Option<&'static str> {
+        match self {
+            // Transaction-scoped: released at commit or rollback.
+            Backend::Postgres => Some("SELECT 1 FROM (SELECT pg_advisory_xact_lock(1717)) AS l"),
+            Backend::Sqlite => None,
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct Store {
     pub pool: AnyPool,
