@@ -91,6 +91,8 @@ pub struct Fleet {
     pub lease: Duration,
     held: Arc<Mutex<HashMap<String, CancellationToken>>>,
     started_ms: i64,
+    /// Counts the clones: the heartbeat stops when it holds the last one.
+    alive: Arc<()>,
 }
 
 impl std::fmt::Debug for Fleet {
@@ -121,10 +123,11 @@ impl Fleet {
             lease,
             held: Default::default(),
             started_ms,
+            alive: Arc::new(()),
         };
         let f = fleet.clone();
         tokio::spawn(async move {
-            loop {
+            while Arc::strong_count(&f.alive) > 1 {
                 if let Err(e) = f.beat().await {
                     tracing::warn!("sync heartbeat to the state store: {e}");
                 }
@@ -683,6 +686,7 @@ mod tests {
                 lease: Duration::from_secs(2),
                 held: Default::default(),
                 started_ms: 0,
+                alive: Arc::new(()),
             };
             dead.join_or_open(&sel).await.unwrap();
             // (Wait only while another test's claimer holds a row lock.)

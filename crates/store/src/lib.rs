@@ -112,7 +112,21 @@ impl Store {
             });
         let pool = options.connect(url).await.map_err(open)?;
         let store = Store { pool, backend };
-        MIGRATOR.run(&store.pool).await?;
+        // Two processes opening a new SQLite file at once (two `godwit sync`
+        // runs) race through the migrations: sqlx locks them on PostgreSQL
+        // only. The loser's migration fails (a column added twice) and rolls
+        // back; run again, it finds the winner's work recorded.
+        let mut attempt = 0;
+        loop {
+            match MIGRATOR.run(&store.pool).await {
+                Ok(()) => break,
+                Err(_) if backend == Backend::Sqlite && attempt < 5 => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(100 * attempt)).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
         Ok(store)
     }
 
