@@ -301,6 +301,9 @@ pub async fn final_sync(
         .collect())
 }
 
+/// A worker's accounts by address: (order in the file, account, endpoints).
+type Claimable = std::collections::HashMap<String, (usize, Account, Arc<Endpoints>)>;
+
 /// How a run shares its accounts with the other sync processes.
 #[derive(Debug, Clone, Copy)]
 enum Mode {
@@ -400,13 +403,12 @@ async fn sync_accounts(
                 if opened { "opened" } else { "joined" },
                 selection.len()
             );
-            let work: Arc<std::collections::HashMap<String, (usize, Account, Arc<Endpoints>)>> =
-                Arc::new(
-                    work.into_iter()
-                        .enumerate()
-                        .map(|(i, (a, ep))| (a.address.clone(), (i, a, ep)))
-                        .collect(),
-                );
+            let work: Arc<Claimable> = Arc::new(
+                work.into_iter()
+                    .enumerate()
+                    .map(|(i, (a, ep))| (a.address.clone(), (i, a, ep)))
+                    .collect(),
+            );
             let selection = Arc::new(selection);
             for _ in 0..max_accounts {
                 let (job, work, selection) = (job.clone(), work.clone(), selection.clone());
