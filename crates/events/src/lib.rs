@@ -186,6 +186,10 @@ pub enum Event {
         actor: String,
         command: String,
         changes: usize,
+        /// How this gateway heard of it: "listen" (PostgreSQL NOTIFY) or
+        /// "poll" (the version check; SQLite, or the listener was down).
+        #[serde(default)]
+        via: String,
     },
     #[serde(rename = "delivery.released")]
     Released {

@@ -562,11 +562,11 @@ async fn serve(config: Config, config_path: PathBuf) -> Result<i32> {
         let access = access.clone();
         let events = events.clone();
         let store = store.clone();
-        tokio::spawn(godwit_route::watch(
+        tokio::spawn(godwit_route::watch_pushed(
             store.clone(),
             routes.clone(),
             Duration::from_millis(200),
-            move |version, changes| {
+            move |version, changes, via| {
                 relay.routes_changed();
                 if let Some(a) = &access {
                     a.routes_changed();
@@ -588,6 +588,7 @@ async fn serve(config: Config, config_path: PathBuf) -> Result<i32> {
                         actor,
                         command,
                         changes,
+                        via: via.as_str().to_string(),
                     });
                 });
             },

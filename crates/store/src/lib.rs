@@ -38,7 +38,14 @@ pub trait Dialect {
     /// A statement that serializes the transactions that run it (a campaign
     /// opening its accounts), or `None` where every writer is serialized anyway.
     fn serialize_writers(&self) -> Option<&'static str>;
+    /// Run in the transaction that writes a routing version, with the version
+    /// as `$1` (text): gateways LISTENing on [`ROUTING_CHANNEL`] hear of it
+    /// when it commits (PostgreSQL NOTIFY is transactional). `None`: gateways poll.
+    fn notify_routing(&self) -> Option<&'static str>;
 }
+
+/// The PostgreSQL channel a routing change is announced on.
+pub const ROUTING_CHANNEL: &str = "godwit_routing";
 
 impl Dialect for Backend {
     fn skip_locked(&self) -> &'static str {
@@ -54,12 +61,37 @@ impl Dialect for Backend {
             Backend::Sqlite => None,
         }
     }
+    fn notify_routing(&self) -> Option<&'static str> {
+        match self {
+            Backend::Postgres => {
+                Some("SELECT 1 FROM (SELECT pg_notify('godwit_routing', $1)) AS n")
+            }
+            Backend::Sqlite => None,
+        }
+    }
+}
+
+impl Backend {
+    /// The engine behind a connection of the `Any` pool.
+    pub fn of(conn: &sqlx::AnyConnection) -> Backend {
+        if conn
+            .backend_name()
+            .to_ascii_lowercase()
+            .contains("postgres")
+        {
+            Backend::Postgres
+        } else {
+            Backend::Sqlite
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
 pub struct Store {
     pub pool: AnyPool,
     pub backend: Backend,
+    /// What it was opened with (a PostgreSQL listener connects to it too).
+    pub url: String,
 }
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -111,7 +143,11 @@ impl Store {
                 })
             });
         let pool = options.connect(url).await.map_err(open)?;
-        let store = Store { pool, backend };
+        let store = Store {
+            pool,
+            backend,
+            url: url.to_string(),
+        };
         // Two processes opening a new SQLite file at once (two `godwit sync`
         // runs) race through the migrations: sqlx locks them on PostgreSQL
         // only. The loser's migration fails (a column added twice) and rolls

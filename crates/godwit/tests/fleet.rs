@@ -5,7 +5,8 @@
 //! message by message), and the source never sees more connections than
 //! `max_connections_per_server` summed over the fleet (sampled with
 //! `doveadm who`). On SQLite, two plain `godwit sync` runs over the same
-//! accounts take the account lock: one waits while the other copies.
+//! accounts take the account lock: one waits while the other copies. Three
+//! gateways on one PostgreSQL apply a routing change pushed by NOTIFY.
 
 #[path = "../../imap/tests/common/mod.rs"]
 mod imap_common;
@@ -284,4 +285,72 @@ fn two_plain_syncs_on_sqlite_take_the_account_lock() {
         "{out_a}\n{out_b}"
     );
     assert_same(&src, &dst, &users);
+}
+
+/// Three gateways on one PostgreSQL: a `route set` reaches all three within
+/// a second through LISTEN/NOTIFY (their `route.changed` event says
+/// `via: listen`), and mail through each node goes where the route says.
+#[test]
+fn three_gateways_apply_a_route_change_by_listen() {
+    let Some(db) = scratch_database() else { return };
+    let (old_port, new_port) = (free_port(), free_port());
+    let old = Sink::start(old_port, &[]);
+    let new = Sink::start(new_port, &[]);
+    let store = format!("[store]\nurl = \"{db}\"\n");
+    let nodes: Vec<Gateway> = (1..=3)
+        .map(|i| {
+            let mut g = Gateway::start(old_port, new_port, "", &store);
+            // One node name each: the heartbeat rows are per node.
+            g.reconfigure(|c| {
+                c.replace(
+                    "hostname = \"gw.test\"",
+                    &format!("hostname = \"gw{i}.test\""),
+                )
+            });
+            g
+        })
+        .collect();
+    wait_for("three live gateways", Duration::from_secs(10), || {
+        let n = try_psql(&db, "SELECT COUNT(DISTINCT node) FROM gateway_nodes").ok()?;
+        (n == "3").then_some(())
+    });
+
+    let (ok, out) = nodes[0].cli(&["route", "set", "alice@example.com", "new", "--no-wait"]);
+    assert!(ok, "{out}");
+    let version: i64 = out
+        .rsplit("version ")
+        .next()
+        .unwrap()
+        .trim_end_matches(|c: char| !c.is_ascii_digit())
+        .parse()
+        .unwrap();
+    let start = std::time::Instant::now();
+    for g in &nodes {
+        let e = g.wait_event("route.changed", Duration::from_secs(1), |e| {
+            e["version"].as_i64() >= Some(version)
+        });
+        assert_eq!(e["via"], "listen", "{e}");
+    }
+    assert!(
+        start.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        start.elapsed()
+    );
+
+    for (i, g) in nodes.iter().enumerate() {
+        let mut c = g.client();
+        c.greet();
+        c.cmd("EHLO client.test");
+        let id = format!("via-node-{i}@test");
+        let r = c.mail(
+            "a@sender.test",
+            &["alice@example.com"],
+            &message(&id, "hello"),
+        );
+        assert!(r.starts_with("250"), "{r}");
+        wait_for("delivery to new", Duration::from_secs(20), || {
+            (new.count_containing(&id) == 1).then_some(())
+        });
+        assert_eq!(old.count_containing(&id), 0);
+    }
 }
