@@ -722,3 +722,154 @@ fn idle_through_the_front_wakes_on_mail_delivered_through_the_gateway() {
     assert_eq!(reasons, ["auth", "auth", "rate_limited"], "{bob:?}");
     assert!(bob[2]["platform"].is_null(), "{bob:?}");
 }
+
+/// `imap_master_user`: the front checks the client's password at the
+/// platform, then opens the session as `user*admin` (Dovecot's master
+/// passdb). Real Dovecot proves each step: a wrong user password is refused
+/// by the check; a wrong master password makes the platform refuse the
+/// master login, which the client sees as UNAVAILABLE (our configuration's
+/// fault, not a failed login), so the session really is a master login.
+#[test]
+fn master_user_sessions_after_the_clients_password_is_checked() {
+    let mut s = setup("allow_plaintext_login = true");
+    let secret = s.gw.data.parent().unwrap().join("master.secret");
+    std::fs::write(&secret, format!("{PASSWORD}\n")).unwrap();
+    let master = format!(
+        "imap_master_user = \"admin\"\nimap_master_password = \"file:{}\"\n[platforms.new]\n",
+        secret.display()
+    );
+    s.gw.reconfigure(|c| c.replacen("[platforms.new]\n", &master, 1));
+    let out = imap(s.imap, "alice@example.com", PASSWORD);
+    assert!(out.contains("LOGIN OK"), "{out}");
+    assert!(out.contains("SUBJECT Subject: from-old"), "{out}");
+    let ok = s.gw.wait_event("access.login", T, |e| e["result"] == "ok");
+    assert_eq!(ok["platform"], "old", "{ok}");
+    // Dovecot saw two logins for the one client login: the password check
+    // and the session.
+    let dlog = s.old.dir.path().join("dovecot.log");
+    wait_for("both logins in Dovecot's log", T, || {
+        let log = std::fs::read_to_string(&dlog).ok()?;
+        (log.matches("Login: user=<alice@example.com>").count() == 2).then_some(())
+    });
+
+    let out = imap(s.imap, "alice@example.com", "wrong");
+    assert!(out.contains("AUTHENTICATIONFAILED"), "{out}");
+
+    // The master's password no longer matches: the user's own password still
+    // passes the check, but the platform refuses the master.
+    std::fs::write(&secret, "not-the-master-password\n").unwrap();
+    let out = imap(s.imap, "alice@example.com", PASSWORD);
+    assert!(out.contains("UNAVAILABLE"), "{out}");
+    let e = s.gw.wait_event("access.login", T, |e| {
+        e["reason"] == "unavailable"
+            && e["backend_reply"]
+                .as_str()
+                .is_some_and(|r| r.contains("master user admin was refused"))
+    });
+    assert_eq!(e["platform"], "old", "{e}");
+    let log = std::fs::read_to_string(s.gw.data.with_extension("log")).unwrap_or_default();
+    assert!(
+        !log.contains("not-the-master-password"),
+        "a secret was logged"
+    );
+}
+
+/// What headless Chromium shows of the dashboard after its data loaded.
+fn dashboard_dom(gw: &Gateway) -> String {
+    let profile = tempfile::tempdir().unwrap();
+    let out = Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .args(["--virtual-time-budget=4000", "--dump-dom"])
+        .arg(format!("http://127.0.0.1:{}/", gw.admin_port))
+        .output()
+        .expect("chromium (scripts/install-peers installs it)");
+    let dom = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        dom.contains("data-loaded=\"1\""),
+        "the page did not load:\n{dom}"
+    );
+    dom
+}
+
+fn cell(dom: &str, id: &str) -> Option<String> {
+    let start = dom.find(&format!("id=\"{id}\">"))? + id.len() + 6;
+    Some(dom[start..start + dom[start..].find('<')?].to_string())
+}
+
+/// The dashboard shows client sessions per platform next to mail flow, so a
+/// wave's client move can be watched: the session on old, the cutover
+/// closing it, the reconnect landing on new, and the logins chart's data.
+#[test]
+fn dashboard_shows_client_sessions_follow_a_wave() {
+    let s = setup("allow_plaintext_login = true");
+    let gw = &s.gw;
+    let dir = gw.data.parent().unwrap().join("directory.csv");
+    std::fs::write(
+        &dir,
+        "address,display_name,kind,aliases,members,platform\nalice@example.com,Alice,user,,,old\n",
+    )
+    .unwrap();
+    control(
+        gw,
+        &["directory", "import", dir.to_str().unwrap(), "--apply"],
+    );
+    control(gw, &["directory", "state", "ready", "alice@example.com"]);
+    let (ok, out) = gw.cli(&["wave", "create", "pilot", "--members", "alice@example.com"]);
+    assert!(ok, "{out}");
+
+    let mut held = Raw::login(s.imap, "alice@example.com");
+    let dom = dashboard_dom(gw);
+    assert_eq!(
+        cell(&dom, "sessions-old-imap").as_deref(),
+        Some("1"),
+        "{dom}"
+    );
+    assert_eq!(
+        cell(&dom, "sessions-new-imap").as_deref(),
+        Some("0"),
+        "{dom}"
+    );
+
+    control(gw, &["wave", "cutover", "pilot"]);
+    let (bye, _) = until_closed(&mut held);
+    assert!(bye.contains("* BYE [UNAVAILABLE]"), "{bye}");
+    let _again = Raw::login(s.imap, "alice@example.com");
+    let dom = dashboard_dom(gw);
+    assert_eq!(
+        cell(&dom, "sessions-old-imap").as_deref(),
+        Some("0"),
+        "{dom}"
+    );
+    assert_eq!(
+        cell(&dom, "sessions-new-imap").as_deref(),
+        Some("1"),
+        "{dom}"
+    );
+
+    // The chart's series, from the event index (fleet-wide).
+    let series = wait_for("logins in the series", T, || {
+        let (_, body) = gw.admin_get("/api/series?range=15m");
+        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+        let sum = |x: &serde_json::Value| -> u64 {
+            x.as_array()
+                .map(|a| a.iter().filter_map(|n| n.as_u64()).sum())
+                .unwrap_or(0)
+        };
+        (sum(&v["logins"]["old"]) >= 1 && sum(&v["logins"]["new"]) >= 1 && sum(&v["moved"]) >= 1)
+            .then_some(v)
+    });
+    assert!(
+        series["routing_changes"]
+            .as_array()
+            .is_some_and(|m| !m.is_empty())
+    );
+}
