@@ -248,3 +248,162 @@ pub async fn send(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// One member of the fleet as `godwit fleet status` shows it.
+#[derive(serde::Serialize, Debug)]
+pub struct Member {
+    /// "gateway" or "sync-worker".
+    pub role: &'static str,
+    pub node: String,
+    /// A sync worker's process identity (`node:pid:start`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub worker: Option<String>,
+    pub last_heartbeat_ms: i64,
+    /// Whether it heartbeat recently enough to count as running.
+    pub live: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub routing_version: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub spool_depth: Option<i64>,
+    pub accounts: Vec<String>,
+    /// Destinations whose circuit is not closed, with its state.
+    pub open_circuits: Vec<String>,
+}
+
+/// Whether a member seen at `seen_ms` counts as running at `now`: within
+/// `window` of its last heartbeat.
+pub fn is_live(seen_ms: i64, now: i64, window: Duration) -> bool {
+    now - seen_ms <= window.as_millis() as i64
+}
+
+/// Circuits not closed, from a gateway's `destinations` heartbeat.
+pub fn open_circuits(destinations: &serde_json::Value) -> Vec<String> {
+    destinations
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .filter_map(|(name, d)| {
+                    let c = d.get("circuit")?.as_str()?;
+                    (c != "closed").then(|| format!("{name} ({c})"))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Every gateway and sync worker that ever announced itself in this store.
+pub async fn members(store: &Store, worker_window: Duration) -> Result<Vec<Member>> {
+    let now = now_ms();
+    let mut out = Vec::new();
+    let rows = godwit_store::sqlx::query(
+        "SELECT node, seen_ms, queue_len, destinations, routing_version FROM gateway_nodes ORDER BY node",
+    )
+    .fetch_all(&store.pool)
+    .await
+    .context("reading gateway_nodes from the state store")?;
+    for r in rows {
+        let seen: i64 = r.try_get(1).unwrap_or(0);
+        let dests: serde_json::Value =
+            serde_json::from_str(&r.try_get::<String, _>(3).unwrap_or_default())
+                .unwrap_or_default();
+        out.push(Member {
+            role: "gateway",
+            node: r.try_get(0).unwrap_or_default(),
+            worker: None,
+            last_heartbeat_ms: seen,
+            live: is_live(seen, now, Duration::from_millis(LIVE_MS as u64)),
+            routing_version: Some(r.try_get(4).unwrap_or(0)),
+            spool_depth: Some(r.try_get(2).unwrap_or(0)),
+            accounts: Vec::new(),
+            open_circuits: open_circuits(&dests),
+        });
+    }
+    let rows = godwit_store::sqlx::query(
+        "SELECT worker, node, seen_ms, accounts FROM sync_workers ORDER BY node, worker",
+    )
+    .fetch_all(&store.pool)
+    .await
+    .context("reading sync_workers from the state store")?;
+    for r in rows {
+        let seen: i64 = r.try_get(2).unwrap_or(0);
+        let live = is_live(seen, now, worker_window);
+        out.push(Member {
+            role: "sync-worker",
+            node: r.try_get(1).unwrap_or_default(),
+            worker: Some(r.try_get(0).unwrap_or_default()),
+            last_heartbeat_ms: seen,
+            live,
+            routing_version: None,
+            spool_depth: None,
+            accounts: serde_json::from_str(&r.try_get::<String, _>(3).unwrap_or_default())
+                .unwrap_or_default(),
+            open_circuits: Vec::new(),
+        });
+    }
+    Ok(out)
+}
+
+/// `godwit fleet status [--json]`. Stopped sync workers are left out of
+/// the table after an hour (their rows stay for the record).
+pub async fn status(store: &Store, worker_window: Duration, json: bool) -> Result<i32> {
+    let members = members(store, worker_window).await?;
+    let now = now_ms();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&members)?);
+        return Ok(0);
+    }
+    println!(
+        "{:<12} {:<24} {:<8} {:>10} {:>8} {:>6}  {:<24} OPEN CIRCUITS",
+        "ROLE", "NODE", "STATE", "HEARTBEAT", "ROUTING", "SPOOL", "ACCOUNTS"
+    );
+    for m in members
+        .iter()
+        .filter(|m| m.live || m.role == "gateway" || now - m.last_heartbeat_ms < 3_600_000)
+    {
+        let opt = |v: Option<i64>| v.map(|v| v.to_string()).unwrap_or_else(|| "-".into());
+        println!(
+            "{:<12} {:<24} {:<8} {:>9}s {:>8} {:>6}  {:<24} {}",
+            m.role,
+            m.node,
+            if m.live { "live" } else { "stopped" },
+            (now - m.last_heartbeat_ms) / 1000,
+            opt(m.routing_version),
+            opt(m.spool_depth),
+            if m.accounts.is_empty() {
+                "-".to_string()
+            } else {
+                m.accounts.join(",")
+            },
+            if m.open_circuits.is_empty() {
+                "-".to_string()
+            } else {
+                m.open_circuits.join(", ")
+            },
+        );
+    }
+    Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn liveness_table() {
+        let w = Duration::from_secs(3);
+        for (seen, now, want) in [(1000, 1000, true), (1000, 4000, true), (1000, 4001, false)] {
+            assert_eq!(is_live(seen, now, w), want, "{seen} {now}");
+        }
+    }
+
+    #[test]
+    fn open_circuits_are_those_not_closed() {
+        let d = serde_json::json!({
+            "old": {"circuit": "closed"},
+            "new": {"circuit": "open"},
+            "hold": {"circuit": "half-open"},
+        });
+        assert_eq!(open_circuits(&d), vec!["hold (half-open)", "new (open)"]);
+        assert!(open_circuits(&serde_json::json!(null)).is_empty());
+    }
+}

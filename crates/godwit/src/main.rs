@@ -56,6 +56,11 @@ enum Command {
         #[command(subcommand)]
         command: QueueCommand,
     },
+    /// The gateways and sync workers sharing this state store.
+    Fleet {
+        #[command(subcommand)]
+        command: FleetCommand,
+    },
     /// Preflight: DNS, SPF/DKIM/DMARC, TLS, SMTP and IMAP checks with a
     /// verdict. Exit 0: nothing blocks; 1: warnings only; 2: something blocks.
     Check(godwit_check::cli::CheckArgs),
@@ -180,6 +185,16 @@ enum RouteCommand {
         actor: Option<String>,
         #[command(flatten)]
         wait: fleet::Wait,
+    },
+}
+
+#[derive(Subcommand)]
+enum FleetCommand {
+    /// Per gateway and sync worker: role, last heartbeat, routing version
+    /// applied, spool depth, accounts being synced, open circuits.
+    Status {
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -364,6 +379,18 @@ async fn run(cli: Cli) -> Result<i32> {
         Command::Serve => serve(config, cli.config.clone()).await,
         Command::Route { command } => route(config, command).await,
         Command::Queue { command } => queue(config, command).await,
+        Command::Fleet {
+            command: FleetCommand::Status { json },
+        } => {
+            let store = godwit_store::Store::open(&config.store_url())
+                .await
+                .context("opening the state store")?;
+            let window = config
+                .sync
+                .as_ref()
+                .map_or(Duration::from_secs(30), |s| s.lease);
+            fleet::status(&store, window, json).await
+        }
         Command::Check(_) => unreachable!("handled above"),
         Command::Sync(args) => {
             init_sync_logging(&config);

@@ -353,4 +353,22 @@ fn three_gateways_apply_a_route_change_by_listen() {
         });
         assert_eq!(old.count_containing(&id), 0);
     }
+
+    // `fleet status` lists the three, each at the new routing version.
+    let (ok, out) = nodes[2].cli(&["fleet", "status", "--json"]);
+    assert!(ok, "{out}");
+    let members: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    let mut gateways: Vec<String> = members
+        .iter()
+        .filter(|m| m["role"] == "gateway" && m["live"] == true)
+        .inspect(|m| assert!(m["routing_version"].as_i64() >= Some(version), "{m}"))
+        .map(|m| m["node"].as_str().unwrap().to_string())
+        .collect();
+    gateways.sort();
+    assert_eq!(gateways, ["gw1.test", "gw2.test", "gw3.test"], "{out}");
+    let (ok, table) = nodes[0].cli(&["fleet", "status"]);
+    assert!(
+        ok && table.contains("gw2.test") && table.contains("gateway"),
+        "{table}"
+    );
 }

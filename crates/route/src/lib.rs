@@ -668,11 +668,9 @@ async fn listen(
                     tracing::warn!("routing: LISTEN connection to the state store is back");
                 }
                 said = false;
-                loop {
-                    match l.try_recv().await {
-                        Ok(Some(_)) => wake.notify_one(),
-                        Ok(None) | Err(_) => break,
-                    }
+                // `None` or an error: the connection dropped.
+                while let Ok(Some(_)) = l.try_recv().await {
+                    wake.notify_one();
                 }
                 listening.store(false, SeqCst);
                 tracing::warn!(
