@@ -236,6 +236,11 @@ pub enum Event {
         limit: usize,
         reason: String,
     },
+    /// The state store (PostgreSQL for a fleet) became unreachable (`up`
+    /// false, with the error) or reachable again. While it is down the
+    /// gateway accepts and delivers with the routing it last applied.
+    #[serde(rename = "store.state")]
+    StoreState { up: bool, error: String },
     /// A mailbox login at the access front (IMAP or POP3). `result` is `ok`
     /// or `failed`; `reason` says why a login failed (`auth`, `unknown`,
     /// `foreign_domain`, `rate_limited`, `unavailable`, ...) and
@@ -316,6 +321,7 @@ impl Event {
             Event::QueueDeleted { .. } => "queue.deleted",
             Event::QueueCommand { .. } => "queue.command",
             Event::DestinationState { .. } => "destination.state",
+            Event::StoreState { .. } => "store.state",
             Event::AccessLogin { .. } => "access.login",
             Event::AccessMoved { .. } => "access.moved",
         }

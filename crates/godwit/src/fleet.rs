@@ -24,6 +24,8 @@ pub async fn heartbeat_and_commands(store: Store, relay: Relay, events: EventLog
             .unwrap_or(0);
     let mut last_beat = 0;
     let mut reported_version = -1;
+    // Whether the store answered the last heartbeat (None: not yet known).
+    let mut store_up: Option<bool> = None;
     loop {
         tokio::time::sleep(Duration::from_millis(200)).await;
         let version = relay.routes().version();
@@ -34,8 +36,9 @@ pub async fn heartbeat_and_commands(store: Store, relay: Relay, events: EventLog
             let dests = serde_json::to_string(&relay.destinations()).unwrap_or_default();
             let n = node.clone();
             let len = relay.len() as i64;
-            let r = store
-                .write_tx(move |tx| {
+            // Bounded: the pool waits 30 s for a connection, and the store
+            // being down must show within seconds (godwit_store_up).
+            let beat = store.write_tx(move |tx| {
                     let (n, dests) = (n.clone(), dests.clone());
                     Box::pin(async move {
                         godwit_store::sqlx::query("DELETE FROM gateway_nodes WHERE node = $1").bind(&n).execute(&mut *tx).await?;
@@ -52,22 +55,49 @@ pub async fn heartbeat_and_commands(store: Store, relay: Relay, events: EventLog
                         .await?;
                         Ok(())
                     })
-                })
-                .await;
-            if let Err(e) = r {
+                });
+            let r = match tokio::time::timeout(Duration::from_secs(5), beat).await {
+                Ok(r) => r.map_err(|e| e.to_string()),
+                Err(_) => Err("no answer within 5s".to_string()),
+            };
+            let up = r.is_ok();
+            if store_up != Some(up) {
+                let error = r.as_ref().err().cloned().unwrap_or_default();
+                if up {
+                    tracing::warn!(
+                        "state store reachable again: routing changes and queue commands resume"
+                    );
+                } else {
+                    // Loud: the control plane is down. Mail still flows by the
+                    // routing last applied; nothing is refused for this.
+                    tracing::error!(
+                        "state store unreachable ({error}): accepting and delivering with routing version {version}; routing changes and queue commands wait until it is back"
+                    );
+                }
+                store_up = Some(up);
+                events.emit(Event::StoreState { up, error });
+            } else if let Err(e) = r {
                 tracing::warn!("heartbeat: {e}");
             }
         }
-        let rows = match godwit_store::sqlx::query(
-            "SELECT id, actor, op, selector FROM queue_commands WHERE id > $1 ORDER BY id",
+        // Bounded like the heartbeat, so that a store outage shows at once.
+        let rows = match tokio::time::timeout(
+            Duration::from_secs(5),
+            godwit_store::sqlx::query(
+                "SELECT id, actor, op, selector FROM queue_commands WHERE id > $1 ORDER BY id",
+            )
+            .bind(seen)
+            .fetch_all(&store.pool),
         )
-        .bind(seen)
-        .fetch_all(&store.pool)
         .await
         {
-            Ok(r) => r,
-            Err(e) => {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
                 tracing::warn!("queue commands: {e}");
+                continue;
+            }
+            Err(_) => {
+                tracing::warn!("queue commands: the state store did not answer within 5s");
                 continue;
             }
         };

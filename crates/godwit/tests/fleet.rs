@@ -372,3 +372,171 @@ fn three_gateways_apply_a_route_change_by_listen() {
         "{table}"
     );
 }
+
+/// A private PostgreSQL cluster this test may stop and start (the shared one
+/// serves the other tests).
+struct PrivatePostgres {
+    dir: tempfile::TempDir,
+    port: u16,
+}
+
+impl PrivatePostgres {
+    const BIN: &'static str = "/usr/lib/postgresql/15/bin";
+
+    fn as_postgres(cmd: &str) {
+        let out = Command::new("su")
+            .args(["postgres", "-c", cmd])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{cmd}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn start() -> PrivatePostgres {
+        let dir = tempfile::Builder::new()
+            .prefix("godwit-pg-")
+            .tempdir()
+            .unwrap();
+        Command::new("chown")
+            .args(["postgres", dir.path().to_str().unwrap()])
+            .status()
+            .unwrap();
+        Self::as_postgres(&format!(
+            "{}/initdb -D {}/data -A trust -U godwit >/dev/null",
+            Self::BIN,
+            dir.path().display()
+        ));
+        let pg = PrivatePostgres {
+            dir,
+            port: free_port(),
+        };
+        pg.up();
+        pg
+    }
+
+    fn url(&self) -> String {
+        format!("postgres://godwit@127.0.0.1:{}/postgres", self.port)
+    }
+
+    fn up(&self) {
+        Self::as_postgres(&format!(
+            "{bin}/pg_ctl -D {d}/data -l {d}/log -w -o '-p {p} -k {d} -c listen_addresses=127.0.0.1' start >/dev/null",
+            bin = Self::BIN,
+            d = self.dir.path().display(),
+            p = self.port
+        ));
+    }
+
+    fn down(&self) {
+        Self::as_postgres(&format!(
+            "{}/pg_ctl -D {}/data -m fast -w stop >/dev/null",
+            Self::BIN,
+            self.dir.path().display()
+        ));
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        let _ = Command::new("su")
+            .args([
+                "postgres",
+                "-c",
+                &format!(
+                    "{}/pg_ctl -D {}/data -m immediate stop",
+                    Self::BIN,
+                    self.dir.path().display()
+                ),
+            ])
+            .output();
+    }
+}
+
+/// PostgreSQL stopped under load: the gateway keeps accepting and delivering
+/// by the routing it last applied, says so (`store.state`, `godwit_store_up
+/// 0`), control commands fail with a clear error, and it catches up when the
+/// store is back.
+#[test]
+fn store_down_mail_flows_by_the_last_routing_and_catches_up() {
+    if godwit_store::test_postgres_url("GODWIT_TEST_POSTGRES_URL").is_none() {
+        return;
+    }
+    let pg = PrivatePostgres::start();
+    let (old_port, new_port) = (free_port(), free_port());
+    let old = Sink::start(old_port, &[]);
+    let new = Sink::start(new_port, &[]);
+    let g = Gateway::start(
+        old_port,
+        new_port,
+        "",
+        &format!("[store]\nurl = \"{}\"\n", pg.url()),
+    );
+    g.route("alice@example.com", "new");
+    g.wait_event("store.state", Duration::from_secs(10), |e| e["up"] == true);
+
+    pg.down();
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        let mut c = g.client();
+        c.greet();
+        c.cmd("EHLO client.test");
+        let id = format!("store-down-{i}@test");
+        let r = c.mail("a@sender.test", &["alice@example.com"], &message(&id, "x"));
+        assert!(r.starts_with("250"), "refused while the store is down: {r}");
+        ids.push(id);
+    }
+    // Within seconds: the heartbeat does not wait out the pool's timeout.
+    let e = g.wait_event("store.state", Duration::from_secs(15), |e| e["up"] == false);
+    assert!(!e["error"].as_str().unwrap_or_default().is_empty(), "{e}");
+    let (_, metrics) = g.admin_get("/metrics");
+    assert!(metrics.contains("godwit_store_up 0"), "{metrics}");
+    let (ok, out) = g.cli(&["route", "set", "bob@example.com", "new"]);
+    assert!(
+        !ok && out.contains("state store"),
+        "a control command without the store: {out}"
+    );
+    for id in &ids {
+        wait_for(
+            "delivery by the last routing",
+            Duration::from_secs(30),
+            || (new.count_containing(id) == 1).then_some(()),
+        );
+        assert_eq!(old.count_containing(id), 0);
+    }
+
+    pg.up();
+    g.wait_event("store.state", Duration::from_secs(60), |e| e["up"] == true);
+    let (_, metrics) = g.admin_get("/metrics");
+    assert!(metrics.contains("godwit_store_up 1"), "{metrics}");
+    // Caught up: a change made now reaches the gateway (by LISTEN once its
+    // listener has reconnected, by polling before).
+    let (ok, out) = g.cli(&["route", "set", "alice@example.com", "old"]);
+    assert!(ok, "{out}");
+    let t0 = std::time::Instant::now();
+    let e = g.wait_event("route.changed", Duration::from_secs(15), |e| {
+        e["command"].as_str().is_some_and(|c| c.contains("old")) || e["version"].as_i64() >= Some(2)
+    });
+    eprintln!(
+        "after the store came back: applied in {:?} via {}",
+        t0.elapsed(),
+        e["via"]
+    );
+    let mut c = g.client();
+    c.greet();
+    c.cmd("EHLO client.test");
+    let r = c.mail(
+        "a@sender.test",
+        &["alice@example.com"],
+        &message("after@test", "x"),
+    );
+    assert!(r.starts_with("250"), "{r}");
+    wait_for(
+        "delivery by the new routing",
+        Duration::from_secs(30),
+        || (old.count_containing("after@test") == 1).then_some(()),
+    );
+}
