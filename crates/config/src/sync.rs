@@ -23,6 +23,7 @@
 //! accounts = "accounts.csv"   # optional extra columns: source_url,target_url
 //! acls = true                 # copy folder ACLs where both servers offer ACL (RFC 4314)
 //! watch_interval = "10m"      # godwit sync --watch
+//! lease = "30s"               # a dead worker's accounts go to another after this
 //! command_timeout = "60s"     # every command and every read of its answer
 //! max_message_size = "150MB"  # one response holds at most this plus 1 MiB
 //! [sync.target]
@@ -83,6 +84,11 @@ pub struct SyncConfig {
     pub watch_interval: Duration,
     /// Reconnect attempts after a dropped connection before the account fails.
     pub max_reconnects: u32,
+    /// How long an account lease (and a fleet connection slot) outlives its
+    /// worker's last heartbeat: a worker that dies loses its accounts after
+    /// this, and another resumes them (issue 17).
+    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
+    pub lease: Duration,
     pub source: SyncServerConfig,
     pub target: SyncServerConfig,
     /// Source folder name (Unicode, source separator) → target folder name
@@ -109,6 +115,7 @@ impl Default for SyncConfig {
             max_message_size: 150_000_000,
             watch_interval: Duration::from_secs(600),
             max_reconnects: 5,
+            lease: Duration::from_secs(30),
             source: SyncServerConfig::default(),
             target: SyncServerConfig::default(),
             folders: BTreeMap::new(),
@@ -277,6 +284,9 @@ impl SyncConfig {
         }
         if self.watch_interval.is_zero() {
             return Err(invalid("sync.watch_interval", "must be above zero"));
+        }
+        if self.lease < Duration::from_secs(1) {
+            return Err(invalid("sync.lease", "must be at least 1s"));
         }
         if self.fetch_batch == 0 {
             return Err(invalid("sync.fetch_batch", "must be at least 1"));

@@ -226,6 +226,10 @@ pub enum Event {
         actor: String,
         command: String,
         changes: usize,
+        /// How this gateway heard of it: "listen" (PostgreSQL NOTIFY) or
+        /// "poll" (the version check; SQLite, or the listener was down).
+        #[serde(default)]
+        via: String,
     },
     #[serde(rename = "delivery.released")]
     Released {
@@ -272,6 +276,11 @@ pub enum Event {
         limit: usize,
         reason: String,
     },
+    /// The state store (PostgreSQL for a fleet) became unreachable (`up`
+    /// false, with the error) or reachable again. While it is down the
+    /// gateway accepts and delivers with the routing it last applied.
+    #[serde(rename = "store.state")]
+    StoreState { up: bool, error: String },
     /// A mailbox login at the access front (IMAP or POP3). `result` is `ok`
     /// or `failed`; `reason` says why a login failed (`auth`, `unknown`,
     /// `foreign_domain`, `rate_limited`, `unavailable`, ...) and
@@ -354,6 +363,7 @@ impl Event {
             Event::QueueDeleted { .. } => "queue.deleted",
             Event::QueueCommand { .. } => "queue.command",
             Event::DestinationState { .. } => "destination.state",
+            Event::StoreState { .. } => "store.state",
             Event::AccessLogin { .. } => "access.login",
             Event::AccessMoved { .. } => "access.moved",
         }

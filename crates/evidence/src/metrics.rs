@@ -132,6 +132,7 @@ impl Metrics {
                 ("godwit_destination_circuit_open", "1 while the platform's circuit breaker is open."),
                 ("godwit_destination_relay_hosts_down", "Relay hosts passed over after connection failures."),
                 ("godwit_routing_version", "The routing version this gateway applies."),
+                ("godwit_store_up", "1 while the state store answers this gateway's heartbeat, 0 while it does not."),
                 ("godwit_sync_account_status", "1 for the account's current sync status."),
                 ("godwit_sync_account_verified_timestamp_seconds", "When the account last verified clean."),
                 ("godwit_sync_account_messages_copied", "Messages copied for the account."),
@@ -216,6 +217,9 @@ impl Metrics {
             Event::RouteChanged { version, .. } => {
                 st.routing_version = *version;
                 metrics::gauge!("godwit_routing_version").set(*version as f64);
+            }
+            Event::StoreState { up, .. } => {
+                metrics::gauge!("godwit_store_up").set(if *up { 1.0 } else { 0.0 });
             }
             Event::GatewayStarted { routing_version, .. } => {
                 st.routing_version = *routing_version;

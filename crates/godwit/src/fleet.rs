@@ -24,6 +24,8 @@ pub async fn heartbeat_and_commands(store: Store, relay: Relay, events: EventLog
             .unwrap_or(0);
     let mut last_beat = 0;
     let mut reported_version = -1;
+    // Whether the store answered the last heartbeat (None: not yet known).
+    let mut store_up: Option<bool> = None;
     loop {
         tokio::time::sleep(Duration::from_millis(200)).await;
         let version = relay.routes().version();
@@ -34,8 +36,9 @@ pub async fn heartbeat_and_commands(store: Store, relay: Relay, events: EventLog
             let dests = serde_json::to_string(&relay.destinations()).unwrap_or_default();
             let n = node.clone();
             let len = relay.len() as i64;
-            let r = store
-                .write_tx(move |tx| {
+            // Bounded: the pool waits 30 s for a connection, and the store
+            // being down must show within seconds (godwit_store_up).
+            let beat = store.write_tx(move |tx| {
                     let (n, dests) = (n.clone(), dests.clone());
                     Box::pin(async move {
                         godwit_store::sqlx::query("DELETE FROM gateway_nodes WHERE node = $1").bind(&n).execute(&mut *tx).await?;
@@ -52,22 +55,49 @@ pub async fn heartbeat_and_commands(store: Store, relay: Relay, events: EventLog
                         .await?;
                         Ok(())
                     })
-                })
-                .await;
-            if let Err(e) = r {
+                });
+            let r = match tokio::time::timeout(Duration::from_secs(5), beat).await {
+                Ok(r) => r.map_err(|e| e.to_string()),
+                Err(_) => Err("no answer within 5s".to_string()),
+            };
+            let up = r.is_ok();
+            if store_up != Some(up) {
+                let error = r.as_ref().err().cloned().unwrap_or_default();
+                if up {
+                    tracing::warn!(
+                        "state store reachable again: routing changes and queue commands resume"
+                    );
+                } else {
+                    // Loud: the control plane is down. Mail still flows by the
+                    // routing last applied; nothing is refused for this.
+                    tracing::error!(
+                        "state store unreachable ({error}): accepting and delivering with routing version {version}; routing changes and queue commands wait until it is back"
+                    );
+                }
+                store_up = Some(up);
+                events.emit(Event::StoreState { up, error });
+            } else if let Err(e) = r {
                 tracing::warn!("heartbeat: {e}");
             }
         }
-        let rows = match godwit_store::sqlx::query(
-            "SELECT id, actor, op, selector FROM queue_commands WHERE id > $1 ORDER BY id",
+        // Bounded like the heartbeat, so that a store outage shows at once.
+        let rows = match tokio::time::timeout(
+            Duration::from_secs(5),
+            godwit_store::sqlx::query(
+                "SELECT id, actor, op, selector FROM queue_commands WHERE id > $1 ORDER BY id",
+            )
+            .bind(seen)
+            .fetch_all(&store.pool),
         )
-        .bind(seen)
-        .fetch_all(&store.pool)
         .await
         {
-            Ok(r) => r,
-            Err(e) => {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
                 tracing::warn!("queue commands: {e}");
+                continue;
+            }
+            Err(_) => {
+                tracing::warn!("queue commands: the state store did not answer within 5s");
                 continue;
             }
         };
@@ -246,5 +276,164 @@ pub async fn send(
                 .context("reading command results");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// One member of the fleet as `godwit fleet status` shows it.
+#[derive(serde::Serialize, Debug)]
+pub struct Member {
+    /// "gateway" or "sync-worker".
+    pub role: &'static str,
+    pub node: String,
+    /// A sync worker's process identity (`node:pid:start`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub worker: Option<String>,
+    pub last_heartbeat_ms: i64,
+    /// Whether it heartbeat recently enough to count as running.
+    pub live: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub routing_version: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub spool_depth: Option<i64>,
+    pub accounts: Vec<String>,
+    /// Destinations whose circuit is not closed, with its state.
+    pub open_circuits: Vec<String>,
+}
+
+/// Whether a member seen at `seen_ms` counts as running at `now`: within
+/// `window` of its last heartbeat.
+pub fn is_live(seen_ms: i64, now: i64, window: Duration) -> bool {
+    now - seen_ms <= window.as_millis() as i64
+}
+
+/// Circuits not closed, from a gateway's `destinations` heartbeat.
+pub fn open_circuits(destinations: &serde_json::Value) -> Vec<String> {
+    destinations
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .filter_map(|(name, d)| {
+                    let c = d.get("circuit")?.as_str()?;
+                    (c != "closed").then(|| format!("{name} ({c})"))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Every gateway and sync worker that ever announced itself in this store.
+pub async fn members(store: &Store, worker_window: Duration) -> Result<Vec<Member>> {
+    let now = now_ms();
+    let mut out = Vec::new();
+    let rows = godwit_store::sqlx::query(
+        "SELECT node, seen_ms, queue_len, destinations, routing_version FROM gateway_nodes ORDER BY node",
+    )
+    .fetch_all(&store.pool)
+    .await
+    .context("reading gateway_nodes from the state store")?;
+    for r in rows {
+        let seen: i64 = r.try_get(1).unwrap_or(0);
+        let dests: serde_json::Value =
+            serde_json::from_str(&r.try_get::<String, _>(3).unwrap_or_default())
+                .unwrap_or_default();
+        out.push(Member {
+            role: "gateway",
+            node: r.try_get(0).unwrap_or_default(),
+            worker: None,
+            last_heartbeat_ms: seen,
+            live: is_live(seen, now, Duration::from_millis(LIVE_MS as u64)),
+            routing_version: Some(r.try_get(4).unwrap_or(0)),
+            spool_depth: Some(r.try_get(2).unwrap_or(0)),
+            accounts: Vec::new(),
+            open_circuits: open_circuits(&dests),
+        });
+    }
+    let rows = godwit_store::sqlx::query(
+        "SELECT worker, node, seen_ms, accounts FROM sync_workers ORDER BY node, worker",
+    )
+    .fetch_all(&store.pool)
+    .await
+    .context("reading sync_workers from the state store")?;
+    for r in rows {
+        let seen: i64 = r.try_get(2).unwrap_or(0);
+        let live = is_live(seen, now, worker_window);
+        out.push(Member {
+            role: "sync-worker",
+            node: r.try_get(1).unwrap_or_default(),
+            worker: Some(r.try_get(0).unwrap_or_default()),
+            last_heartbeat_ms: seen,
+            live,
+            routing_version: None,
+            spool_depth: None,
+            accounts: serde_json::from_str(&r.try_get::<String, _>(3).unwrap_or_default())
+                .unwrap_or_default(),
+            open_circuits: Vec::new(),
+        });
+    }
+    Ok(out)
+}
+
+/// `godwit fleet status [--json]`. Stopped sync workers are left out of
+/// the table after an hour (their rows stay for the record).
+pub async fn status(store: &Store, worker_window: Duration, json: bool) -> Result<i32> {
+    let members = members(store, worker_window).await?;
+    let now = now_ms();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&members)?);
+        return Ok(0);
+    }
+    println!(
+        "{:<12} {:<24} {:<8} {:>10} {:>8} {:>6}  {:<24} OPEN CIRCUITS",
+        "ROLE", "NODE", "STATE", "HEARTBEAT", "ROUTING", "SPOOL", "ACCOUNTS"
+    );
+    for m in members
+        .iter()
+        .filter(|m| m.live || m.role == "gateway" || now - m.last_heartbeat_ms < 3_600_000)
+    {
+        let opt = |v: Option<i64>| v.map(|v| v.to_string()).unwrap_or_else(|| "-".into());
+        println!(
+            "{:<12} {:<24} {:<8} {:>9}s {:>8} {:>6}  {:<24} {}",
+            m.role,
+            m.node,
+            if m.live { "live" } else { "stopped" },
+            (now - m.last_heartbeat_ms) / 1000,
+            opt(m.routing_version),
+            opt(m.spool_depth),
+            if m.accounts.is_empty() {
+                "-".to_string()
+            } else {
+                m.accounts.join(",")
+            },
+            if m.open_circuits.is_empty() {
+                "-".to_string()
+            } else {
+                m.open_circuits.join(", ")
+            },
+        );
+    }
+    Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn liveness_table() {
+        let w = Duration::from_secs(3);
+        for (seen, now, want) in [(1000, 1000, true), (1000, 4000, true), (1000, 4001, false)] {
+            assert_eq!(is_live(seen, now, w), want, "{seen} {now}");
+        }
+    }
+
+    #[test]
+    fn open_circuits_are_those_not_closed() {
+        let d = serde_json::json!({
+            "old": {"circuit": "closed"},
+            "new": {"circuit": "open"},
+            "hold": {"circuit": "half-open"},
+        });
+        assert_eq!(open_circuits(&d), vec!["hold (half-open)", "new (open)"]);
+        assert!(open_circuits(&serde_json::json!(null)).is_empty());
     }
 }

@@ -57,6 +57,11 @@ enum Command {
         #[command(subcommand)]
         command: QueueCommand,
     },
+    /// The gateways and sync workers sharing this state store.
+    Fleet {
+        #[command(subcommand)]
+        command: FleetCommand,
+    },
     /// Preflight: DNS, SPF/DKIM/DMARC, TLS, SMTP and IMAP checks with a
     /// verdict. Exit 0: nothing blocks; 1: warnings only; 2: something blocks.
     Check(godwit_check::cli::CheckArgs),
@@ -197,6 +202,16 @@ enum RouteCommand {
         actor: Option<String>,
         #[command(flatten)]
         wait: fleet::Wait,
+    },
+}
+
+#[derive(Subcommand)]
+enum FleetCommand {
+    /// Per gateway and sync worker: role, last heartbeat, routing version
+    /// applied, spool depth, accounts being synced, open circuits.
+    Status {
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -394,6 +409,18 @@ async fn run(cli: Cli) -> Result<i32> {
         Command::Serve => serve(config, cli.config.clone()).await,
         Command::Route { command } => route(config, command).await,
         Command::Queue { command } => queue(config, command).await,
+        Command::Fleet {
+            command: FleetCommand::Status { json },
+        } => {
+            let store = godwit_store::Store::open(&config.store_url())
+                .await
+                .context("opening the state store")?;
+            let window = config
+                .sync
+                .as_ref()
+                .map_or(Duration::from_secs(30), |s| s.lease);
+            fleet::status(&store, window, json).await
+        }
         Command::Check(_) => unreachable!("handled above"),
         Command::Sync(args) => {
             init_sync_logging(&config);
@@ -613,11 +640,11 @@ async fn serve(config: Config, config_path: PathBuf) -> Result<i32> {
         let access = access.clone();
         let events = events.clone();
         let store = store.clone();
-        tokio::spawn(godwit_route::watch(
+        tokio::spawn(godwit_route::watch_pushed(
             store.clone(),
             routes.clone(),
             Duration::from_millis(200),
-            move |version, changes| {
+            move |version, changes, via| {
                 relay.routes_changed();
                 if let Some(a) = &access {
                     a.routes_changed();
@@ -639,6 +666,7 @@ async fn serve(config: Config, config_path: PathBuf) -> Result<i32> {
                         actor,
                         command,
                         changes,
+                        via: via.as_str().to_string(),
                     });
                 });
             },

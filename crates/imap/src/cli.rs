@@ -5,6 +5,7 @@
 use crate::accounts::{self, Account, secret};
 use crate::conn::Server;
 use crate::engine::{AccountReport, Endpoints, Progress, SyncOptions, sync_account};
+use crate::lease::{Fleet, Step};
 use crate::limits::ServerLimits;
 use crate::verify::{AccountCheck, render, verify_account};
 use anyhow::Context;
@@ -34,6 +35,15 @@ pub struct SyncArgs {
     /// Run the delta again every `sync.watch_interval` until stopped.
     #[arg(long)]
     pub watch: bool,
+    /// Fleet mode: claim the selected accounts from the state store one at a
+    /// time with the other workers (each account synced by one of them),
+    /// until none is left; with --watch, forever.
+    #[arg(long)]
+    pub worker: bool,
+    /// With --worker: accounts this worker syncs at once (default:
+    /// sync.parallel_accounts).
+    #[arg(long, value_name = "N", requires = "worker")]
+    pub max_accounts: Option<usize>,
 }
 
 #[derive(clap::Args, Debug, Clone, Default)]
@@ -229,12 +239,20 @@ async fn run_sync_once(config: &Config, args: &SyncArgs) -> anyhow::Result<i32> 
     let selected = select(sync, &args.mailboxes)?;
     let started = std::time::Instant::now();
     let show_progress = !args.no_progress && !args.json && std::io::stderr().is_terminal();
+    let mode = if args.worker {
+        Mode::Worker {
+            max_accounts: args.max_accounts.unwrap_or(sync.parallel_accounts).max(1),
+        }
+    } else {
+        Mode::Plain
+    };
     let (reports, checks) = sync_accounts(
         config,
         selected,
         args.propagate_deletes,
         !args.no_verify,
         show_progress,
+        mode,
     )
     .await?;
     let totals = Totals::of(&reports, &checks, started.elapsed());
@@ -272,7 +290,7 @@ pub async fn final_sync(
         .into_iter()
         .filter(|a| wanted.contains(&a.address))
         .collect();
-    let (_, checks) = sync_accounts(config, selected, false, true, false).await?;
+    let (_, checks) = sync_accounts(config, selected, false, true, false, Mode::Plain).await?;
     Ok(checks
         .into_iter()
         .map(|c| {
@@ -288,20 +306,45 @@ pub async fn final_sync(
         .collect())
 }
 
-/// Syncs (and, with `verify`, verifies) the accounts, `parallel_accounts` at
-/// a time; reports and checks in the accounts' order.
+/// A worker's accounts by address: (order in the file, account, endpoints).
+type Claimable = std::collections::HashMap<String, (usize, Account, Arc<Endpoints>)>;
+
+/// How a run shares its accounts with the other sync processes.
+#[derive(Debug, Clone, Copy)]
+enum Mode {
+    /// Every selected account, each under its lease (waiting while another
+    /// process holds it), `parallel_accounts` at a time.
+    Plain,
+    /// Accounts claimed from the campaign in the store, `max_accounts` at a time.
+    Worker { max_accounts: usize },
+}
+
+/// The fleet-wide slots for a server's connection cap, keyed by host:port.
+fn attach(fleet: &Fleet, server: &Server, cap: usize) {
+    server
+        .limits
+        .set_fleet(fleet.slots(&format!("{}:{}", server.host, server.port), cap));
+}
+
+/// Syncs (and, with `verify`, verifies) the accounts; reports and checks in
+/// the accounts' order (in worker mode, only those this worker synced).
 async fn sync_accounts(
     config: &Config,
     selected: Vec<Account>,
     propagate_deletes: bool,
     verify: bool,
     show_progress: bool,
+    mode: Mode,
 ) -> anyhow::Result<(Vec<AccountReport>, Vec<AccountCheck>)> {
     let sync = sync_section(config)?;
     let ep = Arc::new(endpoints(sync)?);
     let store = Store::open(&config.store_url())
         .await
         .context("opening the state store")?;
+    let fleet = Fleet::start(store.clone(), &config.hostname, sync.lease);
+    let cap = sync.max_connections_per_server;
+    attach(&fleet, &ep.source, cap);
+    attach(&fleet, &ep.target, cap);
     let opts = SyncOptions {
         propagate_deletes,
         fetch_batch: sync.fetch_batch,
@@ -315,66 +358,106 @@ async fn sync_accounts(
     } else {
         indicatif::ProgressDrawTarget::hidden()
     });
-    let gate = Arc::new(tokio::sync::Semaphore::new(sync.parallel_accounts));
-    let mut tasks = tokio::task::JoinSet::new();
     let mut servers = std::collections::HashMap::new();
-    for (i, account) in selected.into_iter().enumerate() {
+    let mut work = Vec::new();
+    for account in selected {
         let ep = endpoints_for(&ep, sync, &account, &mut servers)?;
-        let (store, opts, gate) = (store.clone(), opts.clone(), gate.clone());
-        let bar = bars.add(indicatif::ProgressBar::new(0));
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{prefix:30} [{bar:30}] {pos}/{len} msgs {msg} {per_sec} eta {eta}",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-        bar.set_prefix(account.address.clone());
-        tasks.spawn(async move {
-            let _slot = gate.acquire_owned().await.expect("never closed");
-            let progress = Arc::new(Progress::default());
-            let ticker = {
-                let (progress, bar) = (progress.clone(), bar.clone());
-                tokio::spawn(async move {
+        work.push((account, ep));
+    }
+    for s in servers.values() {
+        attach(&fleet, s, cap);
+    }
+    let job = Job {
+        store,
+        fleet: fleet.clone(),
+        opts,
+        verify,
+    };
+    let mut tasks = tokio::task::JoinSet::new();
+    match mode {
+        Mode::Plain => {
+            let gate = Arc::new(tokio::sync::Semaphore::new(sync.parallel_accounts));
+            for (i, (account, ep)) in work.into_iter().enumerate() {
+                let (job, gate) = (job.clone(), gate.clone());
+                tasks.spawn(async move {
+                    let _slot = gate.acquire_owned().await.expect("never closed");
+                    // Two runs over one account never copy it at once (issue 17).
+                    let lost = match job.fleet.lock(&account.address).await {
+                        Ok(t) => t,
+                        Err(e) => {
+                            return vec![(i, failed(&account.address, &e.to_string()), None)];
+                        }
+                    };
+                    let (report, check) = job.run(&account, &ep, lost).await;
+                    job.fleet.release(&account.address, None).await;
+                    vec![(i, report, check)]
+                });
+            }
+        }
+        Mode::Worker { max_accounts } => {
+            let selection: std::collections::BTreeSet<String> =
+                work.iter().map(|(a, _)| a.address.clone()).collect();
+            let opened = fleet
+                .join_or_open(&selection)
+                .await
+                .context("opening the sync campaign in the state store")?;
+            tracing::info!(
+                worker = %fleet.me,
+                accounts = selection.len(),
+                "sync worker: {} the campaign over {} accounts",
+                if opened { "opened" } else { "joined" },
+                selection.len()
+            );
+            let work: Arc<Claimable> = Arc::new(
+                work.into_iter()
+                    .enumerate()
+                    .map(|(i, (a, ep))| (a.address.clone(), (i, a, ep)))
+                    .collect(),
+            );
+            let selection = Arc::new(selection);
+            for _ in 0..max_accounts {
+                let (job, work, selection) = (job.clone(), work.clone(), selection.clone());
+                tasks.spawn(async move {
+                    let mut out = Vec::new();
                     loop {
-                        bar.set_length(progress.messages_total.load(Ordering::Relaxed));
-                        bar.set_position(progress.messages_done.load(Ordering::Relaxed));
-                        bar.set_message(bytesize(progress.bytes_done.load(Ordering::Relaxed)));
-                        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                        let (step, lost) = match job.fleet.claim(&selection).await {
+                            Ok(s) => s,
+                            Err(e) => {
+                                // The store is the coordinator: without it nothing
+                                // can be claimed safely. Retry, loudly.
+                                tracing::error!("claiming an account from the state store: {e}");
+                                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                                continue;
+                            }
+                        };
+                        match step {
+                            Step::Claim(address) => {
+                                let Some((i, account, ep)) = work.get(&address) else {
+                                    continue;
+                                };
+                                let lost = lost.unwrap_or_default();
+                                let (report, check) = job.run(account, ep, lost.clone()).await;
+                                if !lost.is_cancelled() {
+                                    let state = if report.error.is_none() {
+                                        "done"
+                                    } else {
+                                        "failed"
+                                    };
+                                    job.fleet.release(&address, Some(state)).await;
+                                }
+                                out.push((*i, report, check));
+                            }
+                            Step::Wait(d) => tokio::time::sleep(d).await,
+                            Step::Done => return out,
+                        }
                     }
-                })
-            };
-            let report = sync_account(
-                &store,
-                &ep,
-                &account.address,
-                &account.source,
-                &account.target,
-                &opts,
-                progress,
-            )
-            .await;
-            ticker.abort();
-            bar.finish();
-            let check = if verify && report.error.is_none() {
-                Some(
-                    verify_account(
-                        &store,
-                        &ep,
-                        &account.address,
-                        &account.source,
-                        &account.target,
-                    )
-                    .await,
-                )
-            } else {
-                None
-            };
-            (i, report, check)
-        });
+                });
+            }
+        }
     }
     let mut results = Vec::new();
     while let Some(r) = tasks.join_next().await {
-        results.push(r.context("a sync task panicked")?);
+        results.extend(r.context("a sync task panicked")?);
     }
     results.sort_by_key(|r| r.0);
     let reports: Vec<AccountReport> = results.iter().map(|r| r.1.clone()).collect();
@@ -394,6 +477,95 @@ async fn sync_accounts(
         })
         .collect();
     Ok((reports, checks))
+}
+
+fn failed(address: &str, error: &str) -> AccountReport {
+    AccountReport {
+        address: address.to_string(),
+        error: Some(error.to_string()),
+        ..Default::default()
+    }
+}
+
+/// What every account's copy shares.
+#[derive(Clone)]
+struct Job {
+    store: Store,
+    fleet: Fleet,
+    opts: SyncOptions,
+    verify: bool,
+}
+
+impl Job {
+    /// Copies (and verifies) one account whose lease this process holds;
+    /// stops when `lost` says another worker took the lease over.
+    async fn run(
+        &self,
+        account: &Account,
+        ep: &Arc<Endpoints>,
+        lost: tokio_util::sync::CancellationToken,
+    ) -> (AccountReport, Option<AccountCheck>) {
+        let bar = progress_bars().add(indicatif::ProgressBar::new(0));
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{prefix:30} [{bar:30}] {pos}/{len} msgs {msg} {per_sec} eta {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar.set_prefix(account.address.clone());
+        let progress = Arc::new(Progress::default());
+        let ticker = {
+            let (progress, bar) = (progress.clone(), bar.clone());
+            tokio::spawn(async move {
+                loop {
+                    bar.set_length(progress.messages_total.load(Ordering::Relaxed));
+                    bar.set_position(progress.messages_done.load(Ordering::Relaxed));
+                    bar.set_message(bytesize(progress.bytes_done.load(Ordering::Relaxed)));
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                }
+            })
+        };
+        let work = async {
+            let report = sync_account(
+                &self.store,
+                ep,
+                &account.address,
+                &account.source,
+                &account.target,
+                &self.opts,
+                progress,
+            )
+            .await;
+            let check = if self.verify && report.error.is_none() {
+                Some(
+                    verify_account(
+                        &self.store,
+                        ep,
+                        &account.address,
+                        &account.source,
+                        &account.target,
+                    )
+                    .await,
+                )
+            } else {
+                None
+            };
+            (report, check)
+        };
+        let out = tokio::select! {
+            out = work => out,
+            _ = lost.cancelled() => (
+                failed(
+                    &account.address,
+                    "stopped: another worker took over this account's lease (this one stalled past sync.lease)",
+                ),
+                None,
+            ),
+        };
+        ticker.abort();
+        bar.finish();
+        out
+    }
 }
 
 /// `godwit verify`: compare without copying.

@@ -410,7 +410,7 @@ impl Conn {
 
     /// Like `open`, but only when the server's cap has a free slot right now.
     pub async fn try_open(server: &Server, login: &Login) -> Option<Result<Conn, ImapError>> {
-        let slot = server.limits.try_connection_slot()?;
+        let slot = server.limits.try_connection_slot().await?;
         Some(Self::open_in(server, login, slot).await)
     }
 

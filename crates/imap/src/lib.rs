@@ -4,6 +4,7 @@
 //! - [`mapping`]: which target folder each source folder goes to (pure).
 //! - [`conn`]: one IMAP connection (TLS, master login, LITERAL+ APPEND).
 //! - [`limits`]: connection cap, byte rate and backoff per server.
+//! - [`lease`]: account leases and fleet-wide connection slots in the store (issue 17).
 //! - [`state`]: the sync state in the store, and the account status the cutover guard reads.
 //! - [`engine`]: copy and delta per account.
 //! - [`verify`]: the proof, per folder pair.
@@ -14,6 +15,7 @@ pub mod acl;
 pub mod cli;
 pub mod conn;
 pub mod engine;
+pub mod lease;
 pub mod limits;
 pub mod mapping;
 pub mod oauth;

@@ -17,6 +17,9 @@ pub struct ServerLimits {
     peak: std::sync::atomic::AtomicUsize,
     /// (fastest answer seen, moving average) of command latency.
     latency: Mutex<Option<(Duration, Duration)>>,
+    /// With a fleet, the cap is also a set of slots leased in the store, so
+    /// it holds summed over every sync process (issue 17).
+    fleet: std::sync::OnceLock<Arc<crate::lease::FleetSlots>>,
 }
 
 /// Held by an open connection; gives its slot back when dropped.
@@ -24,10 +27,17 @@ pub struct ServerLimits {
 pub struct ConnectionSlot {
     limits: Arc<ServerLimits>,
     _permit: tokio::sync::OwnedSemaphorePermit,
+    fleet_slot: Option<(Arc<crate::lease::FleetSlots>, i64)>,
 }
 
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
+        if let Some((slots, slot)) = self.fleet_slot.take()
+            && let Ok(rt) = tokio::runtime::Handle::try_current()
+        {
+            // Outside a runtime (process exit) the slot expires by itself.
+            rt.spawn(async move { slots.give_back(slot).await });
+        }
         self.limits
             .in_use
             .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
@@ -43,7 +53,13 @@ impl ServerLimits {
             in_use: Default::default(),
             peak: Default::default(),
             latency: Mutex::new(None),
+            fleet: Default::default(),
         }
+    }
+
+    /// Holds the cap fleet-wide from now on, through `slots`.
+    pub fn set_fleet(&self, slots: Arc<crate::lease::FleetSlots>) {
+        let _ = self.fleet.set(slots);
     }
 
     /// Waits for a free connection slot under the cap.
@@ -55,25 +71,35 @@ impl ServerLimits {
             .acquire_owned()
             .await
             .expect("semaphore never closed");
+        let fleet_slot = match self.fleet.get() {
+            Some(slots) => Some((slots.clone(), slots.take().await)),
+            None => None,
+        };
         let now = self.in_use.fetch_add(1, SeqCst) + 1;
         self.peak.fetch_max(now, SeqCst);
         ConnectionSlot {
             limits: self.clone(),
             _permit: permit,
+            fleet_slot,
         }
     }
 
     /// A slot only if one is free now: extra connections for parallel folders
     /// must never wait, or accounts holding their first connections could
     /// wait on each other forever.
-    pub fn try_connection_slot(self: &Arc<Self>) -> Option<ConnectionSlot> {
+    pub async fn try_connection_slot(self: &Arc<Self>) -> Option<ConnectionSlot> {
         use std::sync::atomic::Ordering::SeqCst;
         let permit = self.connections.clone().try_acquire_owned().ok()?;
+        let fleet_slot = match self.fleet.get() {
+            Some(slots) => Some((slots.clone(), slots.try_take().await?)),
+            None => None,
+        };
         let now = self.in_use.fetch_add(1, SeqCst) + 1;
         self.peak.fetch_max(now, SeqCst);
         Some(ConnectionSlot {
             limits: self.clone(),
             _permit: permit,
+            fleet_slot,
         })
     }
 

@@ -938,6 +938,13 @@ async fn claim_version(
     .bind(command)
     .execute(&mut *tx)
     .await?;
+    // Pushed to the gateways at commit, in this same transaction (issue 17).
+    if let Some(sql) = godwit_store::Dialect::notify_routing(&godwit_store::Backend::of(tx)) {
+        sqlx::query(sql)
+            .bind(version.to_string())
+            .execute(&mut *tx)
+            .await?;
+    }
     Ok(version)
 }
 

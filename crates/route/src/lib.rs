@@ -657,6 +657,35 @@ async fn changes_where(
     Ok(changes)
 }
 
+/// Which path brought a routing change to this gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    /// A PostgreSQL NOTIFY, sent in the transaction that wrote the version.
+    Listen,
+    /// The periodic version check (SQLite, or while the listener is down).
+    Poll,
+}
+
+impl Via {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Via::Listen => "listen",
+            Via::Poll => "poll",
+        }
+    }
+}
+
+/// How long the watcher sleeps between version checks: `interval` while it
+/// has no listener (SQLite, or the LISTEN connection dropped), a slow safety
+/// net while the listener pushes every change.
+pub fn poll_interval(listening: bool, interval: Duration) -> Duration {
+    if listening {
+        interval.max(Duration::from_secs(5))
+    } else {
+        interval
+    }
+}
+
 /// Keeps `shared` current: polls the store's version every `interval` and
 /// applies only the changes since. Runs until the task is dropped.
 pub async fn watch(
@@ -665,8 +694,80 @@ pub async fn watch(
     interval: Duration,
     on_change: impl Fn(i64, usize) + Send,
 ) {
+    watch_pushed(store, shared, interval, move |v, n, _| on_change(v, n)).await
+}
+
+/// Keeps the LISTEN connection on PostgreSQL: wakes `wake` on every routing
+/// NOTIFY, and says in `listening` whether it is connected (the watcher polls
+/// quickly while it is not). Reconnects after a drop, once a second.
+async fn listen(
+    url: String,
+    wake: std::sync::Arc<tokio::sync::Notify>,
+    listening: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
+    use std::sync::atomic::Ordering::SeqCst;
+    let mut said = false;
     loop {
-        tokio::time::sleep(interval).await;
+        let connected = async {
+            let mut l = godwit_store::sqlx::postgres::PgListener::connect(&url).await?;
+            l.listen(godwit_store::ROUTING_CHANNEL).await?;
+            Ok::<_, godwit_store::sqlx::Error>(l)
+        }
+        .await;
+        match connected {
+            Ok(mut l) => {
+                listening.store(true, SeqCst);
+                // A change committed while we were not listening is found by
+                // the check this wake-up triggers.
+                wake.notify_one();
+                if said {
+                    tracing::warn!("routing: LISTEN connection to the state store is back");
+                }
+                said = false;
+                // `None` or an error: the connection dropped.
+                while let Ok(Some(_)) = l.try_recv().await {
+                    wake.notify_one();
+                }
+                listening.store(false, SeqCst);
+                tracing::warn!(
+                    "routing: LISTEN connection to the state store dropped; polling until it is back"
+                );
+            }
+            Err(e) => {
+                listening.store(false, SeqCst);
+                if !said {
+                    said = true;
+                    tracing::warn!("routing: cannot LISTEN on the state store ({e}); polling");
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// [`watch`], with changes pushed by PostgreSQL NOTIFY where the store is
+/// PostgreSQL, and `on_change` told which path brought each change.
+pub async fn watch_pushed(
+    store: Store,
+    shared: SharedRoutes,
+    interval: Duration,
+    on_change: impl Fn(i64, usize, Via) + Send,
+) {
+    use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+    let wake = std::sync::Arc::new(tokio::sync::Notify::new());
+    let listening = std::sync::Arc::new(AtomicBool::new(false));
+    let _listener = (store.backend == godwit_store::Backend::Postgres).then(|| {
+        AbortOnDrop(tokio::spawn(listen(
+            store.url.clone(),
+            wake.clone(),
+            listening.clone(),
+        )))
+    });
+    loop {
+        let via = tokio::select! {
+            _ = tokio::time::sleep(poll_interval(listening.load(SeqCst), interval)) => Via::Poll,
+            _ = wake.notified() => Via::Listen,
+        };
         let have = shared.version();
         match current_version(&store).await {
             Ok(v) if v > have => match changes_since(&store, have).await {
@@ -689,7 +790,7 @@ pub async fn watch(
                     shared.apply(&changes);
                     // Versions whose changes were all no-ops still count as seen.
                     shared.0.write().unwrap().version = v;
-                    on_change(v, changes.len());
+                    on_change(v, changes.len(), via);
                 }
                 Err(e) => tracing::warn!("routing reload failed: {e}"),
             },
@@ -699,9 +800,34 @@ pub async fn watch(
     }
 }
 
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn polls_fast_only_without_a_listener() {
+        let ms = Duration::from_millis;
+        for (listening, interval, want) in [
+            (false, ms(200), ms(200)),
+            (true, ms(200), ms(5000)),
+            (true, ms(10_000), ms(10_000)),
+            (false, ms(10_000), ms(10_000)),
+        ] {
+            assert_eq!(
+                poll_interval(listening, interval),
+                want,
+                "{listening} {interval:?}"
+            );
+        }
+    }
 
     fn config() -> Config {
         let mut c = Config::parse("[domains]\naccepted=[\"example.com\"]\n[platforms.old]\nrelay=[\"127.0.0.1:1\"]\n[platforms.new]\nrelay=[\"127.0.0.1:2\"]\n[routing.domains]\n\"example.org\" = \"new\"").unwrap();

@@ -28,10 +28,70 @@ pub enum Backend {
     Postgres,
 }
 
+/// The engine-specific SQL, in one place (DEPENDENCIES.md: keep SKIP LOCKED
+/// and LISTEN/NOTIFY behind a small trait). SQLite serializes writers with
+/// its database lock, so its versions are empty.
+pub trait Dialect {
+    /// Appended to a `SELECT` that claims rows: other claimers skip rows a
+    /// transaction holds instead of waiting for it.
+    fn skip_locked(&self) -> &'static str;
+    /// A statement that serializes the transactions that run it (a campaign
+    /// opening its accounts), or `None` where every writer is serialized anyway.
+    fn serialize_writers(&self) -> Option<&'static str>;
+    /// Run in the transaction that writes a routing version, with the version
+    /// as `$1` (text): gateways LISTENing on [`ROUTING_CHANNEL`] hear of it
+    /// when it commits (PostgreSQL NOTIFY is transactional). `None`: gateways poll.
+    fn notify_routing(&self) -> Option<&'static str>;
+}
+
+/// The PostgreSQL channel a routing change is announced on.
+pub const ROUTING_CHANNEL: &str = "godwit_routing";
+
+impl Dialect for Backend {
+    fn skip_locked(&self) -> &'static str {
+        match self {
+            Backend::Postgres => " FOR UPDATE SKIP LOCKED",
+            Backend::Sqlite => "",
+        }
+    }
+    fn serialize_writers(&self) -> Option<&'static str> {
+        match self {
+            // Transaction-scoped: released at commit or rollback.
+            Backend::Postgres => Some("SELECT 1 FROM (SELECT pg_advisory_xact_lock(1717)) AS l"),
+            Backend::Sqlite => None,
+        }
+    }
+    fn notify_routing(&self) -> Option<&'static str> {
+        match self {
+            Backend::Postgres => {
+                Some("SELECT 1 FROM (SELECT pg_notify('godwit_routing', $1)) AS n")
+            }
+            Backend::Sqlite => None,
+        }
+    }
+}
+
+impl Backend {
+    /// The engine behind a connection of the `Any` pool.
+    pub fn of(conn: &sqlx::AnyConnection) -> Backend {
+        if conn
+            .backend_name()
+            .to_ascii_lowercase()
+            .contains("postgres")
+        {
+            Backend::Postgres
+        } else {
+            Backend::Sqlite
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct Store {
     pub pool: AnyPool,
     pub backend: Backend,
+    /// What it was opened with (a PostgreSQL listener connects to it too).
+    pub url: String,
 }
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -83,8 +143,26 @@ impl Store {
                 })
             });
         let pool = options.connect(url).await.map_err(open)?;
-        let store = Store { pool, backend };
-        MIGRATOR.run(&store.pool).await?;
+        let store = Store {
+            pool,
+            backend,
+            url: url.to_string(),
+        };
+        // Two processes opening a new SQLite file at once (two `godwit sync`
+        // runs) race through the migrations: sqlx locks them on PostgreSQL
+        // only. The loser's migration fails (a column added twice) and rolls
+        // back; run again, it finds the winner's work recorded.
+        let mut attempt = 0;
+        loop {
+            match MIGRATOR.run(&store.pool).await {
+                Ok(()) => break,
+                Err(_) if backend == Backend::Sqlite && attempt < 5 => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(100 * attempt)).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
         Ok(store)
     }
 
