@@ -9,6 +9,27 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use tokio::sync::mpsc;
 
+/// Where a recipient's time went, as Postfix's `delays=a/b/c/d`: `accept`
+/// from the client's MAIL FROM to the end of its DATA, `queue` from then
+/// (the spool's fsync and our 250 included) to the start of this attempt (earlier
+/// attempts and backoff included), `connect` the connection setup (TCP,
+/// greeting, EHLO, STARTTLS and the TLS handshake; near 0 on a reused
+/// connection), `transmit` from MAIL FROM to the final reply.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Delays {
+    pub accept_ms: u64,
+    pub queue_ms: u64,
+    pub connect_ms: u64,
+    pub transmit_ms: u64,
+}
+
+impl Delays {
+    /// The whole delay, arrival at our edge to this attempt's end: Postfix's `delay=`.
+    pub fn total_ms(&self) -> u64 {
+        self.accept_ms + self.queue_ms + self.connect_ms + self.transmit_ms
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "event")]
 pub enum Event {
@@ -152,6 +173,8 @@ pub enum Event {
         remote_queue_id: Option<String>,
         /// Accept-to-delivered, for latency percentiles.
         delay_ms: u64,
+        #[serde(default)]
+        delays: Delays,
     },
     #[serde(rename = "delivery.deferred")]
     Deferred {
@@ -163,6 +186,8 @@ pub enum Event {
         reply: String,
         attempts: u32,
         next_attempt_in_s: u64,
+        #[serde(default)]
+        delays: Delays,
     },
     #[serde(rename = "delivery.failed")]
     Failed {
@@ -172,6 +197,8 @@ pub enum Event {
         platform: String,
         reply: String,
         reason: String,
+        #[serde(default)]
+        delays: Delays,
     },
     #[serde(rename = "delivery.held")]
     Held {

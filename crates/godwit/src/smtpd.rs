@@ -448,6 +448,9 @@ impl Smtpd {
             bytes: 0,
         };
         let mut was_data = false;
+        // When the bytes carrying this transaction's MAIL FROM arrived: the
+        // start of the `accept` delay (Postfix's `a` of delays=a/b/c/d).
+        let mut tx_started = std::time::Instant::now();
         let mut deadline = tokio::time::Instant::now() + live.config.smtp.command_timeout;
         loop {
             while let Some(o) = session.next(&policy) {
@@ -469,7 +472,9 @@ impl Smtpd {
                         proto: context.proto.map(str::to_string),
                     }),
                     Output::Message { envelope, message } => {
-                        let reply = self.accept(live, session, sid, envelope, message).await;
+                        let reply = self
+                            .accept(live, session, sid, envelope, message, tx_started)
+                            .await;
                         if reply.code == 250 {
                             *messages += 1;
                         }
@@ -546,7 +551,12 @@ impl Smtpd {
                         "client disconnected".into()
                     });
                 }
-                Ok(Ok(n)) => session.push(&buf[..n]),
+                Ok(Ok(n)) => {
+                    if !session.in_transaction() {
+                        tx_started = std::time::Instant::now();
+                    }
+                    session.push(&buf[..n])
+                }
                 Ok(Err(e)) => return End::Closed(format!("read error: {e}")),
                 Err(_) => {
                     // RFC 5321 4.5.3.2: the server may close after its timeout.
@@ -571,6 +581,7 @@ impl Smtpd {
         sid: u64,
         envelope: godwit_smtp_proto::Envelope,
         message: Vec<u8>,
+        tx_started: std::time::Instant,
     ) -> Reply {
         let queue_id = self.spool.new_queue_id();
         let message_id = message_id_of(&message);
@@ -582,6 +593,7 @@ impl Smtpd {
             message_id: message_id.clone(),
             envelope: envelope.clone(),
             kind: None,
+            accept_ms: tx_started.elapsed().as_millis() as u64,
         };
         let spool = self.spool.clone();
         let size = (received.len() + message.len()) as u64;

@@ -94,6 +94,9 @@ pub struct AttemptOutcome {
     /// the failure that stopped it).
     pub summary: Reply,
     pub duration: Duration,
+    /// Of `duration`, the part spent getting a connection ready (TCP,
+    /// greeting, EHLO, STARTTLS, TLS; failovers included): Postfix's `c`.
+    pub connect: Duration,
 }
 
 struct Pooled {
@@ -493,11 +496,13 @@ impl Platform {
                             rcpts: all(&reply, permanent),
                             summary: reply,
                             duration: started.elapsed(),
+                            connect: started.elapsed(),
                         };
                     }
                 },
             };
             use_pool = false;
+            let connect = started.elapsed();
             if !tried.contains(&conn.host_idx) {
                 tried.push(conn.host_idx);
             }
@@ -517,6 +522,7 @@ impl Platform {
                             rcpts: outcomes,
                             summary,
                             duration: started.elapsed(),
+                            connect,
                         }
                     }
                     // A pooled connection the peer closed while idle: nothing was
@@ -533,6 +539,7 @@ impl Platform {
                         rcpts: all(&r, false),
                         summary: r,
                         duration: started.elapsed(),
+                        connect,
                     },
                     // The message may have been received: never resend elsewhere now.
                     Err(TxError::AfterData(r)) => {
@@ -543,6 +550,7 @@ impl Platform {
                             rcpts: all(&r, false),
                             summary: r,
                             duration: started.elapsed(),
+                            connect,
                         };
                     }
                 };
