@@ -706,9 +706,27 @@ impl Access {
             client_tls: self.client_tls[pc.tls_insecure as usize].clone(),
             timeout: self.ac.backend_timeout,
         };
-        let r = match protocol {
-            Protocol::Imap => backend::imap_login(&target, user, password, tag).await,
-            Protocol::Pop3 => backend::pop3_login(&target, user, password).await,
+        let master = match (&pc.imap_master_user, &pc.imap_master_password) {
+            (Some(m), Some(mp)) if protocol == Protocol::Imap => {
+                match mp.resolve(&format!("platforms.{platform}.imap_master_password")) {
+                    Ok(pw) => Some((m.as_str(), pc.imap_master_separator.as_str(), pw)),
+                    Err(reason) => {
+                        self.unavailable(protocol, session, ip, &address, &platform, reason);
+                        return Login::Unavailable;
+                    }
+                }
+            }
+            _ => None,
+        };
+        let r = match (protocol, master) {
+            (Protocol::Imap, Some((m, sep, mpw))) => {
+                match backend::imap_verify(&target, user, password).await {
+                    Ok(()) => backend::imap_master_login(&target, user, (m, sep, &mpw), tag).await,
+                    Err(e) => Err(e),
+                }
+            }
+            (Protocol::Imap, None) => backend::imap_login(&target, user, password, tag).await,
+            (Protocol::Pop3, _) => backend::pop3_login(&target, user, password).await,
         };
         match r {
             Ok((backend, reply)) => {

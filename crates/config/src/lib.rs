@@ -232,6 +232,38 @@ pub struct PlatformConfig {
     pub imap: Option<MailUrl>,
     /// Its POP3 server: `pop3://` (STLS when offered) or `pop3s://`.
     pub pop3: Option<MailUrl>,
+    /// The access front opens IMAP sessions here as this master user
+    /// (Dovecot's `user*master`, `auth_master_user_separator`), after it has
+    /// checked the client's own password with a LOGIN at this platform. The
+    /// platform's logs then show the front's sessions as master logins.
+    pub imap_master_user: Option<String>,
+    /// Literal, `env:NAME` or `file:PATH`; required with imap_master_user.
+    pub imap_master_password: Option<SecretRef>,
+    /// Between the user and the master user's name.
+    pub imap_master_separator: String,
+}
+
+/// A password reference in the configuration: a literal, `env:NAME` or
+/// `file:PATH`, resolved by [`secret`] when used. Debug never prints a literal.
+#[derive(Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(transparent)]
+pub struct SecretRef(pub String);
+
+impl std::fmt::Debug for SecretRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.0.starts_with("env:") || self.0.starts_with("file:") {
+            write!(f, "{:?}", self.0)
+        } else {
+            f.write_str("\"(hidden)\"")
+        }
+    }
+}
+
+impl SecretRef {
+    /// The secret's value; `context` (the key) names it in the error.
+    pub fn resolve(&self, context: &str) -> Result<String, String> {
+        secret(&self.0, context)
+    }
 }
 
 impl Default for PlatformConfig {
@@ -252,6 +284,9 @@ impl Default for PlatformConfig {
             data_timeout: Duration::from_secs(600),
             imap: None,
             pop3: None,
+            imap_master_user: None,
+            imap_master_password: None,
+            imap_master_separator: "*".into(),
         }
     }
 }
@@ -635,6 +670,24 @@ impl Config {
                     "must be at least 1",
                 ));
             }
+            if p.imap_master_user.is_some() != p.imap_master_password.is_some() {
+                return Err(invalid(
+                    format!("platforms.{name}.imap_master_password"),
+                    "imap_master_user and imap_master_password must be set together",
+                ));
+            }
+            if p.imap_master_user.is_some() && p.imap.is_none() {
+                return Err(invalid(
+                    format!("platforms.{name}.imap_master_user"),
+                    format!("needs platforms.{name}.imap, the server the master user logs in to"),
+                ));
+            }
+            if p.imap_master_separator.is_empty() {
+                return Err(invalid(
+                    format!("platforms.{name}.imap_master_separator"),
+                    "must not be empty (Dovecot's default is \"*\")",
+                ));
+            }
         }
         if self.queue.min_backoff.is_zero() || self.queue.min_backoff > self.queue.max_backoff {
             return Err(invalid(
@@ -989,6 +1042,22 @@ impl Config {
                         ip == l.ip() || (l.ip().is_unspecified() && ip.is_loopback())
                     }))
         })
+    }
+}
+
+/// Resolves a password reference: a literal, `env:NAME` or `file:PATH` (the
+/// file's content without its trailing newline). The one resolver for every
+/// secret in the configuration and the accounts file; the error names the
+/// variable or file (and `context`, the key), never the value.
+pub fn secret(value: &str, context: &str) -> Result<String, String> {
+    if let Some(var) = value.strip_prefix("env:") {
+        std::env::var(var).map_err(|_| format!("{context}: environment variable {var} is not set"))
+    } else if let Some(path) = value.strip_prefix("file:") {
+        std::fs::read_to_string(path)
+            .map(|s| s.trim_end_matches(['\r', '\n']).to_string())
+            .map_err(|e| format!("{context}: cannot read password file {path}: {e}"))
+    } else {
+        Ok(value.to_string())
     }
 }
 

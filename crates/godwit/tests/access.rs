@@ -722,3 +722,54 @@ fn idle_through_the_front_wakes_on_mail_delivered_through_the_gateway() {
     assert_eq!(reasons, ["auth", "auth", "rate_limited"], "{bob:?}");
     assert!(bob[2]["platform"].is_null(), "{bob:?}");
 }
+
+/// `imap_master_user`: the front checks the client's password at the
+/// platform, then opens the session as `user*admin` (Dovecot's master
+/// passdb). Real Dovecot proves each step: a wrong user password is refused
+/// by the check; a wrong master password makes the platform refuse the
+/// master login, which the client sees as UNAVAILABLE (our configuration's
+/// fault, not a failed login), so the session really is a master login.
+#[test]
+fn master_user_sessions_after_the_clients_password_is_checked() {
+    let mut s = setup("allow_plaintext_login = true");
+    let secret = s.gw.data.parent().unwrap().join("master.secret");
+    std::fs::write(&secret, format!("{PASSWORD}\n")).unwrap();
+    let master = format!(
+        "imap_master_user = \"admin\"\nimap_master_password = \"file:{}\"\n[platforms.new]\n",
+        secret.display()
+    );
+    s.gw.reconfigure(|c| c.replacen("[platforms.new]\n", &master, 1));
+    let out = imap(s.imap, "alice@example.com", PASSWORD);
+    assert!(out.contains("LOGIN OK"), "{out}");
+    assert!(out.contains("SUBJECT Subject: from-old"), "{out}");
+    let ok = s.gw.wait_event("access.login", T, |e| e["result"] == "ok");
+    assert_eq!(ok["platform"], "old", "{ok}");
+    // Dovecot saw two logins for the one client login: the password check
+    // and the session.
+    let dlog = s.old.dir.path().join("dovecot.log");
+    wait_for("both logins in Dovecot's log", T, || {
+        let log = std::fs::read_to_string(&dlog).ok()?;
+        (log.matches("Login: user=<alice@example.com>").count() == 2).then_some(())
+    });
+
+    let out = imap(s.imap, "alice@example.com", "wrong");
+    assert!(out.contains("AUTHENTICATIONFAILED"), "{out}");
+
+    // The master's password no longer matches: the user's own password still
+    // passes the check, but the platform refuses the master.
+    std::fs::write(&secret, "not-the-master-password\n").unwrap();
+    let out = imap(s.imap, "alice@example.com", PASSWORD);
+    assert!(out.contains("UNAVAILABLE"), "{out}");
+    let e = s.gw.wait_event("access.login", T, |e| {
+        e["reason"] == "unavailable"
+            && e["backend_reply"]
+                .as_str()
+                .is_some_and(|r| r.contains("master user admin was refused"))
+    });
+    assert_eq!(e["platform"], "old", "{e}");
+    let log = std::fs::read_to_string(s.gw.data.with_extension("log")).unwrap_or_default();
+    assert!(
+        !log.contains("not-the-master-password"),
+        "a secret was logged"
+    );
+}
