@@ -110,6 +110,20 @@ pub enum Event {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         over_limit: Option<usize>,
     },
+    /// A message came back carrying more `X-Godwit-Trace` headers than
+    /// `smtp.max_trace_hops`: a routing loop. It is held (every recipient,
+    /// an operator hold), never bounced and never relayed again. `trace_hops`
+    /// are the queue IDs of those headers, newest first; `path` the Received
+    /// hops as "HOST QUEUEID", oldest first.
+    #[serde(rename = "message.loop")]
+    MessageLoop {
+        queue_id: String,
+        message_id: Option<String>,
+        rcpts: Vec<String>,
+        trace_hops: Vec<String>,
+        path: Vec<String>,
+        max_trace_hops: usize,
+    },
     /// A command or message refused: `stage` is command, mail, rcpt or data.
     #[serde(rename = "message.refused")]
     MessageRefused {
@@ -314,6 +328,7 @@ impl Event {
     pub fn name(&self) -> &'static str {
         match self {
             Event::GatewayStarted { .. } => "gateway.started",
+            Event::MessageLoop { .. } => "message.loop",
             Event::GatewayStopped { .. } => "gateway.stopped",
             Event::GatewayDraining { .. } => "gateway.draining",
             Event::GatewayReloaded { .. } => "gateway.reloaded",

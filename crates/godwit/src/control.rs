@@ -882,6 +882,7 @@ pub async fn route_explain(
             "waves": e.waves.iter().map(|(w, s)| serde_json::json!({"wave": w, "status": s})).collect::<Vec<_>>(),
             "route_set_by": e.route_set_by.as_ref().map(version_json),
             "state_set_by": e.state_set_by.as_ref().map(version_json),
+            "loops": loops_for(store, &e.address).await,
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(0);
@@ -977,7 +978,53 @@ pub async fn route_explain(
         None => println!("  route: no version has named this address; the defaults decide"),
     }
     println!("  routing version now: {}", d.version);
+    for l in loops_for(store, &e.address).await {
+        println!("  LOOP:      {l}");
+    }
     Ok(0)
+}
+
+/// The `message.loop` events (last 7 days) for `address`, as one line each:
+/// the held queue ID and the path it went round.
+pub async fn loops_for(store: &Store, address: &str) -> Vec<String> {
+    let since = godwit_store::now_ms() - 7 * 86_400_000;
+    let rows = godwit_store::sqlx::query(
+        "SELECT body FROM events WHERE name = 'message.loop' AND ts_ms >= $1 ORDER BY ts_ms",
+    )
+    .bind(since)
+    .fetch_all(&store.pool)
+    .await
+    .unwrap_or_default();
+    rows.into_iter()
+        .filter_map(|r| godwit_store::Row::try_get::<String, _>(&r, 0).ok())
+        .filter_map(|b| serde_json::from_str::<godwit_events::Record>(&b).ok())
+        .filter_map(|r| loop_line(&r.event, Some(address)))
+        .collect()
+}
+
+/// One `message.loop` event as a line, if it concerns `address` (or any).
+pub fn loop_line(ev: &godwit_events::Event, address: Option<&str>) -> Option<String> {
+    let godwit_events::Event::MessageLoop {
+        queue_id,
+        rcpts,
+        trace_hops,
+        path,
+        max_trace_hops,
+        ..
+    } = ev
+    else {
+        return None;
+    };
+    if let Some(a) = address
+        && !rcpts.iter().any(|r| r.eq_ignore_ascii_case(a))
+    {
+        return None;
+    }
+    Some(format!(
+        "{queue_id} held ({} X-Godwit-Trace headers > smtp.max_trace_hops {max_trace_hops}): {}",
+        trace_hops.len(),
+        path.join(" -> ")
+    ))
 }
 
 pub async fn route_rollback(

@@ -117,6 +117,11 @@ pub async fn run(config: Config, args: DoctorArgs) -> Result<i32> {
             } => {
                 sums.entry(platform.clone()).or_default().add(delays);
             }
+            ev @ Event::MessageLoop { .. } => {
+                facts
+                    .loops
+                    .extend(crate::control::loop_line(ev, args.address.as_deref()));
+            }
             Event::AccessLogin {
                 platform, reason, ..
             } => match reason {

@@ -172,3 +172,73 @@ fn doctor_healthy_run_traces_its_test_message_end_to_end() {
         (sink.count_containing("godwit doctor --send-test") == 1).then_some(())
     });
 }
+
+#[test]
+fn two_gateways_routing_to_each_other_hold_the_loop_without_a_dsn() {
+    // a's `old` is b, and b's `old` is a: alice goes round.
+    let hops = "max_trace_hops = 2";
+    let placeholder = free_port();
+    let mut a = Gateway::start(placeholder, free_port(), hops, "");
+    let mut b = Gateway::start(a.port, free_port(), hops, "");
+    b.reconfigure(|c| c.replace("hostname = \"gw.test\"", "hostname = \"gw2.test\""));
+    let b_port = b.port;
+    a.reconfigure(|c| {
+        c.replace(
+            &format!("relay = [\"127.0.0.1:{placeholder}\"]"),
+            &format!("relay = [\"127.0.0.1:{b_port}\"]"),
+        )
+    });
+    let mut c = a.client();
+    c.greet();
+    let r = c.mail(
+        "s@outside.test",
+        &["alice@example.com"],
+        &message("loop@test", "x"),
+    );
+    assert!(r.starts_with("250"), "{r}");
+    // a (0 trace headers) -> b (1) -> a (2) -> b (3 > 2): held at b.
+    let ev = b.wait_event("message.loop", T, |_| true);
+    let held = ev["queue_id"].as_str().unwrap().to_string();
+    assert_eq!(ev["trace_hops"].as_array().unwrap().len(), 3, "{ev}");
+    assert_eq!(ev["max_trace_hops"], 2);
+    let path: Vec<&str> = ev["path"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap())
+        .collect();
+    // The cycle: both gateways, twice each, with every queue ID seen.
+    assert_eq!(path.len(), 4, "{ev}");
+    assert!(path[0].starts_with("gw.test ") && path[1].starts_with("gw2.test "));
+    assert!(path[2].starts_with("gw.test ") && path[3] == format!("gw2.test {held}"));
+    b.wait_held(&held, T);
+    // Held is a final state for this test: nothing leaves b, no DSN anywhere.
+    let (ok, shown) = b.cli(&["queue", "show", &held]);
+    assert!(ok && shown.contains("mail loop"), "{shown}");
+    for g in [&a, &b] {
+        assert!(g.events_named("dsn.queued").is_empty());
+        assert!(g.events_named("delivery.failed").is_empty());
+    }
+    assert!(
+        b.events_named("delivery.attempt")
+            .iter()
+            .all(|e| e["queue_id"] != held.as_str())
+    );
+    // route explain and doctor show it.
+    let (_, explain) = wait_for("the loop indexed", T, || {
+        let (ok, out) = b.cli(&["route", "explain", "alice@example.com"]);
+        out.contains("LOOP:").then_some((ok, out))
+    });
+    assert!(
+        explain.contains(&format!(
+            "{held} held (3 X-Godwit-Trace headers > smtp.max_trace_hops 2)"
+        )),
+        "{explain}"
+    );
+    let (code, out) = doctor(&b, &["alice@example.com"]);
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains("loop: ") && out.contains("never bounced"),
+        "{out}"
+    );
+}
