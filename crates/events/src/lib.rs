@@ -124,6 +124,23 @@ pub enum Event {
         path: Vec<String>,
         max_trace_hops: usize,
     },
+    /// A soaking wave crossed a `--rollback-if` threshold and godwit rolled
+    /// it back by itself (routing version `version`), with the measurements
+    /// of mail to its members since the cutover.
+    #[serde(rename = "wave.rolled_back")]
+    WaveRolledBack {
+        wave: String,
+        version: i64,
+        breaches: Vec<String>,
+        measurements: serde_json::Value,
+        node: String,
+    },
+    /// A wave's soak ended without a breach.
+    #[serde(rename = "wave.soak_passed")]
+    WaveSoakPassed {
+        wave: String,
+        measurements: serde_json::Value,
+    },
     /// A command or message refused: `stage` is command, mail, rcpt or data.
     #[serde(rename = "message.refused")]
     MessageRefused {
@@ -329,6 +346,8 @@ impl Event {
         match self {
             Event::GatewayStarted { .. } => "gateway.started",
             Event::MessageLoop { .. } => "message.loop",
+            Event::WaveRolledBack { .. } => "wave.rolled_back",
+            Event::WaveSoakPassed { .. } => "wave.soak_passed",
             Event::GatewayStopped { .. } => "gateway.stopped",
             Event::GatewayDraining { .. } => "gateway.draining",
             Event::GatewayReloaded { .. } => "gateway.reloaded",

@@ -135,10 +135,26 @@ pub enum WaveCommand {
         /// naming the others and why.
         #[arg(long)]
         final_sync: bool,
+        /// After the cutover, watch mail to the members this long ("2h")
+        /// and roll the wave back by itself on a --rollback-if breach.
+        #[arg(long)]
+        soak: Option<String>,
+        /// Thresholds over mail to the members since the cutover, e.g.
+        /// "defer_rate>5%,queue_age>15m,bounces>0" (the default with --soak);
+        /// also deferrals>N and latency_p95>DURATION.
+        #[arg(long, requires = "soak")]
+        rollback_if: Option<String>,
         #[arg(long)]
         actor: Option<String>,
         #[command(flatten)]
         wait: crate::fleet::Wait,
+    },
+    /// A soaking wave's live status: time left, thresholds, the latest
+    /// measurements, and the breach and rollback if one happened.
+    Watch {
+        name: String,
+        #[arg(long)]
+        json: bool,
     },
     /// Route every member back to the platform that owned it, in one version.
     Rollback {
@@ -655,14 +671,34 @@ pub async fn wave(config: Config, command: WaveCommand) -> Result<i32> {
             dry_run,
             force,
             final_sync,
+            soak,
+            rollback_if,
             actor,
             wait,
         } => {
+            // Thresholds first: a typo is an error before anything moves.
+            let soak = soak
+                .map(|s| {
+                    let d = godwit_config::parse_duration(&s)
+                        .map_err(|e| anyhow::anyhow!("--soak: {e}"))?;
+                    let r = rollback_if
+                        .clone()
+                        .unwrap_or_else(|| godwit_route::soak::DEFAULT_ROLLBACK_IF.into());
+                    godwit_route::soak::parse_rollback_if(&r).map_err(anyhow::Error::msg)?;
+                    anyhow::Ok((d, r))
+                })
+                .transpose()?;
             let who = crate::actor(actor);
             let cmd = format!(
-                "wave cutover {name}{}{}",
+                "wave cutover {name}{}{}{}",
                 if force { " --force" } else { "" },
-                if final_sync { " --final-sync" } else { "" }
+                if final_sync { " --final-sync" } else { "" },
+                soak.as_ref()
+                    .map(|(d, r)| format!(
+                        " --soak {} --rollback-if {r}",
+                        humantime::format_duration(*d)
+                    ))
+                    .unwrap_or_default()
             );
             let only = if final_sync {
                 Some(final_sync_members(&config, &store, &name).await?)
@@ -678,11 +714,62 @@ pub async fn wave(config: Config, command: WaveCommand) -> Result<i32> {
             .await?;
             print_outcome(&o, "moved to the target platform");
             if o.applied {
+                if let Some((d, r)) = &soak {
+                    crate::soak::start(&store, &name, *d, r).await?;
+                    println!(
+                        "soaking for {}: the gateway rolls wave {name} back by itself if {r} (godwit wave watch {name})",
+                        humantime::format_duration(*d)
+                    );
+                }
                 return wait.for_version(&store, o.version).await;
             }
             // A dry run with members held back: the plan, and exit 1.
             if o.control.iter().any(|c| c.item.starts_with("blocked ")) {
                 return Ok(1);
+            }
+        }
+        WaveCommand::Watch { name, json } => {
+            let Some(r) = crate::soak::rows(&store, Some(&name)).await?.pop() else {
+                bail!("wave `{name}` has no soak (godwit wave cutover {name} --soak 2h)");
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+                return Ok(0);
+            }
+            let now = godwit_store::now_ms();
+            println!("wave {name}: {}", r.status);
+            println!(
+                "  soak:      until {} ({} left), rollback if {}",
+                time::OffsetDateTime::from_unix_timestamp(r.until_ms / 1000)
+                    .ok()
+                    .and_then(|t| t
+                        .format(&time::format_description::well_known::Rfc3339)
+                        .ok())
+                    .unwrap_or_default(),
+                humantime::format_duration(std::time::Duration::from_secs(
+                    ((r.until_ms - now).max(0) / 1000) as u64
+                )),
+                r.rollback_if
+            );
+            if let Some(o) = &r.owner {
+                println!("  watched by {o}");
+            }
+            if let Some(m) = &r.measurements {
+                println!(
+                    "  measured {}s ago: {} delivered, {} deferred, {} bounced, oldest queued {}s, p95 latency {:.1}s",
+                    (now - r.measured_ms).max(0) / 1000,
+                    m["delivered"],
+                    m["deferred"],
+                    m["bounced"],
+                    m["queue_age_s"],
+                    m["latency_p95_s"].as_f64().unwrap_or(0.0)
+                );
+            }
+            if let Some(b) = &r.breach {
+                println!(
+                    "  BREACH:    {b}; rolled back automatically at version {}",
+                    r.rollback_version.unwrap_or(0)
+                );
             }
         }
         WaveCommand::Rollback {

@@ -11,6 +11,7 @@ mod doctor;
 mod fleet;
 mod mailboxes;
 mod smtpd;
+mod soak;
 mod tls;
 
 use anyhow::{Context, Result, bail};
@@ -437,7 +438,10 @@ fn reads_data_dir(command: &Command, config: &Config) -> Option<&'static str> {
             command: RouteCommand::Show { .. } | RouteCommand::Explain { .. },
         } => state,
         Command::Wave {
-            command: control::WaveCommand::Show { .. } | control::WaveCommand::List { .. },
+            command:
+                control::WaveCommand::Show { .. }
+                | control::WaveCommand::List { .. }
+                | control::WaveCommand::Watch { .. },
         } => state,
         Command::Directory {
             command: control::DirectoryCommand::List { .. },
@@ -620,6 +624,12 @@ async fn serve(config: Config, config_path: PathBuf) -> Result<i32> {
         relay.clone(),
         events.clone(),
         config.hostname.clone(),
+    ));
+    tokio::spawn(soak::watch(
+        config.clone(),
+        store.clone(),
+        relay.clone(),
+        events.clone(),
     ));
     events.emit(Event::GatewayStarted {
         hostname: config.hostname.clone(),

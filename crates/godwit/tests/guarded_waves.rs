@@ -1,0 +1,111 @@
+//! Guarded waves against real peers: a soak that rolls a wave back by
+//! itself when its platform starts failing.
+
+mod support;
+
+use std::time::Duration;
+use support::*;
+
+const T: Duration = Duration::from_secs(30);
+
+fn setup_wave(gw: &Gateway) {
+    let dir = gw.data.parent().unwrap().join("directory.csv");
+    std::fs::write(
+        &dir,
+        "address,display_name,kind,aliases,members,platform\nalice@example.com,Alice,user,al@example.org,,old\nbob@example.com,Bob,user,,,old\n",
+    )
+    .unwrap();
+    for args in [
+        vec!["directory", "import", dir.to_str().unwrap(), "--apply"],
+        vec!["directory", "state", "ready", "alice@example.com"],
+        vec!["wave", "create", "pilot", "--members", "alice@example.com"],
+    ] {
+        let (ok, out) = gw.cli(&args);
+        assert!(ok, "{args:?}: {out}");
+    }
+}
+
+fn send(gw: &Gateway, to: &str, id: &str) {
+    let mut c = gw.client();
+    c.greet();
+    let r = c.mail("s@outside.test", &[to], &message(id, "x"));
+    assert!(r.starts_with("250"), "{r}");
+}
+
+#[test]
+fn soak_rolls_the_wave_back_by_itself_when_new_starts_failing() {
+    let (po, pn) = (free_port(), free_port());
+    let old = Sink::start(po, &[]);
+    let mut new = Sink::start(pn, &[]);
+    let mut gw = Gateway::start(po, pn, "", "");
+    setup_wave(&gw);
+    // A typo in the thresholds is an error before anything moves.
+    let (ok, out) = gw.cli(&[
+        "wave",
+        "cutover",
+        "pilot",
+        "--soak",
+        "1h",
+        "--rollback-if",
+        "defer_rat>5%",
+    ]);
+    assert!(!ok && out.contains("unknown metric `defer_rat`"), "{out}");
+    let (_, shown) = gw.cli(&["route", "show", "alice@example.com"]);
+    assert!(shown.contains(": old ("), "{shown}");
+
+    let (ok, out) = gw.cli(&[
+        "wave",
+        "cutover",
+        "pilot",
+        "--soak",
+        "1h",
+        "--rollback-if",
+        "defer_rate>20%,bounces>0",
+    ]);
+    assert!(ok && out.contains("soaking for 1h"), "{out}");
+    // The soak is in the store: it survives a restart of the gateway.
+    gw.kill9();
+    gw.restart();
+    let (_, shown) = wait_for("the cutover applied", T, || {
+        let (ok, out) = gw.cli(&["route", "show", "alice@example.com"]);
+        out.contains(": new (").then_some((ok, out))
+    });
+    assert!(shown.contains("new"));
+    // N = 2 messages get through; then new answers 4xx at RCPT.
+    for i in 0..2 {
+        send(&gw, "alice@example.com", &format!("soak-ok{i}@test"));
+    }
+    wait_for("two at new", T, || {
+        (new.count_containing("soak-ok").eq(&2)).then_some(())
+    });
+    let (ok, watch) = gw.cli(&["wave", "watch", "pilot"]);
+    assert!(ok && watch.contains("wave pilot: soaking"), "{watch}");
+    new.stop();
+    let _failing = Sink::start(pn, &["-r", "rcpt"]);
+    for i in 0..3 {
+        send(&gw, "al@example.org", &format!("soak-late{i}@test"));
+    }
+    let ev = gw.wait_event("wave.rolled_back", T, |e| e["wave"] == "pilot");
+    let breaches = ev["breaches"].to_string();
+    assert!(breaches.contains("defer_rate="), "{ev}");
+    assert!(ev["measurements"]["delivered"].as_u64() >= Some(2), "{ev}");
+    assert!(ev["measurements"]["deferred"].as_u64() >= Some(1), "{ev}");
+    // Mail queued for the member goes to old; nothing bounced.
+    wait_for("the deferred mail at old", T, || {
+        (old.count_containing("soak-late") == 3).then_some(())
+    });
+    gw.wait_queue_empty(T);
+    assert!(gw.events_named("delivery.failed").is_empty());
+    assert!(gw.events_named("dsn.queued").is_empty());
+    // The history shows the automatic rollback with its evidence.
+    let (ok, hist) = gw.cli(&["history"]);
+    assert!(
+        ok && hist.contains("wave rollback pilot (automatic: soak breach defer_rate="),
+        "{hist}"
+    );
+    let (ok, watch) = gw.cli(&["wave", "watch", "pilot"]);
+    assert!(
+        ok && watch.contains("rolled-back") && watch.contains("BREACH:"),
+        "{watch}"
+    );
+}
