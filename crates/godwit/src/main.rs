@@ -615,6 +615,23 @@ async fn serve(config: Config, config_path: PathBuf) -> Result<i32> {
             config.hostname.clone(),
             config.admin.token.clone(),
         );
+        let admin = match &access {
+            Some(a) => {
+                let a = a.clone();
+                let platforms: Vec<String> = config.platforms.keys().cloned().collect();
+                admin.with_client_sessions(Arc::new(move || {
+                    // Every platform is listed, with 0 where nobody is logged in.
+                    let mut m = a.sessions();
+                    for p in &platforms {
+                        for proto in ["imap", "pop3"] {
+                            m.entry((p.clone(), proto.to_string())).or_insert(0);
+                        }
+                    }
+                    m
+                }))
+            }
+            None => admin,
+        };
         tokio::spawn(admin.clone().run_sampler());
         tokio::spawn(godwit_evidence::http::serve(admin, l));
         tracing::info!("admin listener (metrics, dashboard) on http://{addr}/");

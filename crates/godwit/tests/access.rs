@@ -773,3 +773,103 @@ fn master_user_sessions_after_the_clients_password_is_checked() {
         "a secret was logged"
     );
 }
+
+/// What headless Chromium shows of the dashboard after its data loaded.
+fn dashboard_dom(gw: &Gateway) -> String {
+    let profile = tempfile::tempdir().unwrap();
+    let out = Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .args(["--virtual-time-budget=4000", "--dump-dom"])
+        .arg(format!("http://127.0.0.1:{}/", gw.admin_port))
+        .output()
+        .expect("chromium (scripts/install-peers installs it)");
+    let dom = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        dom.contains("data-loaded=\"1\""),
+        "the page did not load:\n{dom}"
+    );
+    dom
+}
+
+fn cell(dom: &str, id: &str) -> Option<String> {
+    let start = dom.find(&format!("id=\"{id}\">"))? + id.len() + 6;
+    Some(dom[start..start + dom[start..].find('<')?].to_string())
+}
+
+/// The dashboard shows client sessions per platform next to mail flow, so a
+/// wave's client move can be watched: the session on old, the cutover
+/// closing it, the reconnect landing on new, and the logins chart's data.
+#[test]
+fn dashboard_shows_client_sessions_follow_a_wave() {
+    let s = setup("allow_plaintext_login = true");
+    let gw = &s.gw;
+    let dir = gw.data.parent().unwrap().join("directory.csv");
+    std::fs::write(
+        &dir,
+        "address,display_name,kind,aliases,members,platform\nalice@example.com,Alice,user,,,old\n",
+    )
+    .unwrap();
+    control(
+        gw,
+        &["directory", "import", dir.to_str().unwrap(), "--apply"],
+    );
+    control(gw, &["directory", "state", "ready", "alice@example.com"]);
+    let (ok, out) = gw.cli(&["wave", "create", "pilot", "--members", "alice@example.com"]);
+    assert!(ok, "{out}");
+
+    let mut held = Raw::login(s.imap, "alice@example.com");
+    let dom = dashboard_dom(gw);
+    assert_eq!(
+        cell(&dom, "sessions-old-imap").as_deref(),
+        Some("1"),
+        "{dom}"
+    );
+    assert_eq!(
+        cell(&dom, "sessions-new-imap").as_deref(),
+        Some("0"),
+        "{dom}"
+    );
+
+    control(gw, &["wave", "cutover", "pilot"]);
+    let (bye, _) = until_closed(&mut held);
+    assert!(bye.contains("* BYE [UNAVAILABLE]"), "{bye}");
+    let _again = Raw::login(s.imap, "alice@example.com");
+    let dom = dashboard_dom(gw);
+    assert_eq!(
+        cell(&dom, "sessions-old-imap").as_deref(),
+        Some("0"),
+        "{dom}"
+    );
+    assert_eq!(
+        cell(&dom, "sessions-new-imap").as_deref(),
+        Some("1"),
+        "{dom}"
+    );
+
+    // The chart's series, from the event index (fleet-wide).
+    let series = wait_for("logins in the series", T, || {
+        let (_, body) = gw.admin_get("/api/series?range=15m");
+        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+        let sum = |x: &serde_json::Value| -> u64 {
+            x.as_array()
+                .map(|a| a.iter().filter_map(|n| n.as_u64()).sum())
+                .unwrap_or(0)
+        };
+        (sum(&v["logins"]["old"]) >= 1 && sum(&v["logins"]["new"]) >= 1 && sum(&v["moved"]) >= 1)
+            .then_some(v)
+    });
+    assert!(
+        series["routing_changes"]
+            .as_array()
+            .is_some_and(|m| !m.is_empty())
+    );
+}
