@@ -349,6 +349,11 @@ pub struct QueueConfig {
     /// `max_ready`). Past it, a due message stays parked in the scheduled
     /// queue and costs no task and no memory for its body until a slot frees.
     pub max_ready: usize,
+    /// `wave cutover` refuses while the oldest queued message is older than
+    /// this (or a platform's circuit is open): "if queue growth correlates
+    /// with a wave cutover, pause migrations". `--force` overrides.
+    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
+    pub wave_pause_age: Duration,
 }
 
 impl Default for QueueConfig {
@@ -362,6 +367,7 @@ impl Default for QueueConfig {
             delay_warning: None,
             dsn_platform: None,
             max_ready: 1000,
+            wave_pause_age: Duration::from_secs(30 * 60),
         }
     }
 }

@@ -688,10 +688,25 @@ pub async fn wave(config: Config, command: WaveCommand) -> Result<i32> {
                     anyhow::Ok((d, r))
                 })
                 .transpose()?;
+            // Pause: no cutover into an open circuit or a queue that is
+            // already growing old, unless forced (and then the history says
+            // what was overridden).
+            let paused = pause_reasons(&config, &store).await?;
+            if !paused.is_empty() && !force && !dry_run {
+                bail!(
+                    "wave {name} not cut over: {}; wait for the queue to drain, or --force (recorded in the history)",
+                    paused.join("; ")
+                );
+            }
             let who = crate::actor(actor);
             let cmd = format!(
-                "wave cutover {name}{}{}{}",
+                "wave cutover {name}{}{}{}{}",
                 if force { " --force" } else { "" },
+                if force && !paused.is_empty() {
+                    format!(" (overriding the pause: {})", paused.join("; "))
+                } else {
+                    String::new()
+                },
                 if final_sync { " --final-sync" } else { "" },
                 soak.as_ref()
                     .map(|(d, r)| format!(
@@ -789,6 +804,30 @@ pub async fn wave(config: Config, command: WaveCommand) -> Result<i32> {
         }
     }
     Ok(0)
+}
+
+/// The running gateways' circuits and this host's oldest queued message,
+/// judged by `godwit_route::soak::pause_reasons`.
+async fn pause_reasons(config: &Config, store: &Store) -> Result<Vec<String>> {
+    let mut circuits = Vec::new();
+    for n in crate::fleet::live_nodes(store).await? {
+        if let Some(map) = n.destinations.as_object() {
+            for (p, d) in map {
+                circuits.push((p.clone(), d["circuit"].as_str().unwrap_or("").to_string()));
+            }
+        }
+    }
+    let now = godwit_store::now_ms();
+    let oldest = godwit_spool::list(&config.spool_dir())
+        .iter()
+        .map(|m| (now - m.header.arrival_ms).max(0))
+        .max()
+        .unwrap_or(0);
+    Ok(godwit_route::soak::pause_reasons(
+        &circuits,
+        std::time::Duration::from_millis(oldest as u64),
+        config.queue.wave_pause_age,
+    ))
 }
 
 fn version_json(v: &history::VersionInfo) -> serde_json::Value {

@@ -109,3 +109,39 @@ fn soak_rolls_the_wave_back_by_itself_when_new_starts_failing() {
         "{watch}"
     );
 }
+
+#[test]
+fn cutover_pauses_while_the_queue_is_old_unless_forced() {
+    let (po, pn) = (free_port(), free_port());
+    let _old = Sink::start(po, &[]);
+    // new is down: mail for bob waits in the queue.
+    let gw = Gateway::start(po, pn, "", "wave_pause_age = \"1s\"");
+    setup_wave(&gw);
+    gw.route("bob@example.com", "new");
+    send(&gw, "bob@example.com", "stuck@test");
+    // Its second deferral comes after a backoff of at least 1 s: by then
+    // the queue is older than wave_pause_age.
+    gw.wait_event("delivery.deferred", T, |e| {
+        e["attempts"].as_u64() >= Some(2)
+    });
+    let (ok, out) = gw.cli(&["wave", "cutover", "pilot"]);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("wave pilot not cut over") && out.contains("queue.wave_pause_age = 1s"),
+        "{out}"
+    );
+    let (_, shown) = gw.cli(&["route", "show", "alice@example.com"]);
+    assert!(
+        shown.contains(": old ("),
+        "paused means nothing moved: {shown}"
+    );
+    let (ok, out) = gw.cli(&["wave", "cutover", "pilot", "--force"]);
+    assert!(ok, "{out}");
+    let (_, hist) = gw.cli(&["history"]);
+    assert!(
+        hist.contains(
+            "wave cutover pilot --force (overriding the pause: the oldest queued message is"
+        ),
+        "{hist}"
+    );
+}

@@ -188,9 +188,57 @@ pub fn breaches(ts: &[Threshold], m: &Measurements) -> Vec<String> {
         .collect()
 }
 
+/// Why a wave cutover should wait ("if queue growth correlates with a wave
+/// cutover, pause migrations"): platforms whose circuit is open, and a queue
+/// older than `limit`. Empty: go.
+pub fn pause_reasons(
+    circuits: &[(String, String)],
+    oldest_queued: Duration,
+    limit: Duration,
+) -> Vec<String> {
+    let mut out: Vec<String> = circuits
+        .iter()
+        .filter(|(_, c)| c == "open")
+        .map(|(p, _)| format!("platform {p}'s circuit is open"))
+        .collect();
+    if oldest_queued > limit {
+        out.push(format!(
+            "the oldest queued message is {} old (queue.wave_pause_age = {})",
+            humantime::format_duration(Duration::from_secs(oldest_queued.as_secs())),
+            humantime::format_duration(limit)
+        ));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pause_table() {
+        let c = |p: &str, s: &str| (p.to_string(), s.to_string());
+        let limit = Duration::from_secs(1800);
+        for (name, circuits, age, want) in [
+            ("calm", vec![c("old", "closed"), c("new", "closed")], 60, 0),
+            (
+                "half-open is trying again",
+                vec![c("new", "half-open")],
+                60,
+                0,
+            ),
+            ("open circuit", vec![c("new", "open")], 60, 1),
+            ("old queue", vec![c("new", "closed")], 1801, 1),
+            ("both", vec![c("new", "open")], 3600, 2),
+        ] {
+            let got = pause_reasons(&circuits, Duration::from_secs(age), limit);
+            assert_eq!(got.len(), want, "{name}: {got:?}");
+        }
+        assert_eq!(
+            pause_reasons(&[c("new", "open")], Duration::ZERO, limit),
+            ["platform new's circuit is open"]
+        );
+    }
 
     #[test]
     fn parses_the_issue_example_and_refuses_typos() {
