@@ -62,6 +62,19 @@ pub enum DirectoryCommand {
         #[arg(long)]
         all: bool,
     },
+    /// Ask a platform over SMTP about every address and alias of each
+    /// mailbox (RCPT TO, then RSET; never DATA) and report those it refuses.
+    /// Exit 1 when any is refused.
+    Probe {
+        /// The platform to ask (default: the target platform).
+        #[arg(long)]
+        platform: Option<String>,
+        /// Only this wave's members.
+        #[arg(long)]
+        wave: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Set the migration state of mailboxes (pending, seeding, ready,
     /// cutover, migrated, rolled-back).
     State {
@@ -349,6 +362,23 @@ pub async fn directory(config: Config, command: DirectoryCommand) -> Result<i32>
                 }
                 None => println!("{summary}; nothing applied: run again with --apply"),
             }
+        }
+        DirectoryCommand::Probe {
+            platform,
+            wave,
+            json,
+        } => {
+            let platform = platform
+                .or_else(|| config.target_platform().map(str::to_string))
+                .context("--platform: no target platform is configured")?;
+            let addrs = crate::probe::addresses(&config, &store, wave.as_deref()).await?;
+            let r = crate::probe::probe(&config, &platform, addrs).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                crate::probe::print(&r);
+            }
+            return Ok(if r.refused.is_empty() { 0 } else { 1 });
         }
         DirectoryCommand::List {
             state,
@@ -698,9 +728,64 @@ pub async fn wave(config: Config, command: WaveCommand) -> Result<i32> {
                     paused.join("; ")
                 );
             }
+            let mut only = if final_sync {
+                Some(final_sync_members(&config, &store, &name).await?)
+            } else {
+                None
+            };
+            // Identity proof: members with an address the target refuses
+            // stay behind, each address named (--force moves them anyway).
+            let mut probe_note = String::new();
+            if let Some(target) = config.target_platform() {
+                let addrs = crate::probe::addresses(&config, &store, Some(&name)).await?;
+                let members: std::collections::BTreeSet<String> = addrs.keys().cloned().collect();
+                match crate::probe::probe(&config, target, addrs).await {
+                    Ok(r) if !r.refused.is_empty() => {
+                        crate::probe::print(&r);
+                        let refused: std::collections::BTreeSet<&String> =
+                            r.refused.iter().map(|x| &x.mailbox).collect();
+                        let list: Vec<String> = r
+                            .refused
+                            .iter()
+                            .map(|x| format!("{} ({})", x.address, x.reply))
+                            .collect();
+                        if force {
+                            probe_note = format!(" (probe refused: {})", list.join("; "));
+                        } else {
+                            println!(
+                                "held back (an address refused by {target}; --force moves them): {}",
+                                refused
+                                    .iter()
+                                    .map(|s| s.as_str())
+                                    .collect::<Vec<_>>()
+                                    .join(", ")
+                            );
+                            let keep: std::collections::BTreeSet<String> = members
+                                .iter()
+                                .filter(|m| !refused.contains(m))
+                                .cloned()
+                                .collect();
+                            only = Some(match only {
+                                Some(o) => o.intersection(&keep).cloned().collect(),
+                                None => keep,
+                            });
+                            probe_note = format!(" (probe held back: {})", list.join("; "));
+                        }
+                    }
+                    Ok(_) => {}
+                    // A target that cannot be asked proves nothing either
+                    // way: the sync guard and the pause still decide, and
+                    // the history says the probe did not run.
+                    Err(e) => {
+                        eprintln!("warning: identity probe of {target} not run: {e:#}");
+                        probe_note = format!(" (identity probe not run: {e:#})");
+                    }
+                }
+            }
+            let held_back = probe_note.starts_with(" (probe held back");
             let who = crate::actor(actor);
             let cmd = format!(
-                "wave cutover {name}{}{}{}{}",
+                "wave cutover {name}{}{}{probe_note}{}{}",
                 if force { " --force" } else { "" },
                 if force && !paused.is_empty() {
                     format!(" (overriding the pause: {})", paused.join("; "))
@@ -715,11 +800,6 @@ pub async fn wave(config: Config, command: WaveCommand) -> Result<i32> {
                     ))
                     .unwrap_or_default()
             );
-            let only = if final_sync {
-                Some(final_sync_members(&config, &store, &name).await?)
-            } else {
-                None
-            };
             let o = control::wave_cutover_only(
                 &ctx(&store, &config, &who, &cmd, dry_run),
                 &name,
@@ -736,7 +816,8 @@ pub async fn wave(config: Config, command: WaveCommand) -> Result<i32> {
                         humantime::format_duration(*d)
                     );
                 }
-                return wait.for_version(&store, o.version).await;
+                let waited = wait.for_version(&store, o.version).await?;
+                return Ok(if held_back { waited.max(1) } else { waited });
             }
             // A dry run with members held back: the plan, and exit 1.
             if o.control.iter().any(|c| c.item.starts_with("blocked ")) {

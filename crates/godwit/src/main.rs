@@ -10,6 +10,7 @@ mod control;
 mod doctor;
 mod fleet;
 mod mailboxes;
+mod probe;
 mod smtpd;
 mod soak;
 mod tls;

@@ -145,3 +145,83 @@ fn cutover_pauses_while_the_queue_is_old_unless_forced() {
         "{hist}"
     );
 }
+
+#[test]
+fn probe_names_the_alias_the_target_lacks_and_cutover_holds_its_member_back() {
+    // new is a godwit whose directory lacks alice's alias al@example.org
+    // and refuses unknown recipients at RCPT (550 5.1.1).
+    let sink_port = free_port();
+    let _sink = Sink::start(sink_port, &[]);
+    let new = Gateway::start(
+        sink_port,
+        sink_port,
+        "",
+        "[directory]\nunknown_recipient = \"reject\"\n",
+    );
+    let target_dir = new.data.parent().unwrap().join("directory.csv");
+    std::fs::write(
+        &target_dir,
+        "address,display_name,kind,aliases,members,platform\nalice@example.com,Alice,user,,,old\nbob@example.com,Bob,user,,,old\n",
+    )
+    .unwrap();
+    let (ok, out) = new.cli(&[
+        "directory",
+        "import",
+        target_dir.to_str().unwrap(),
+        "--apply",
+    ]);
+    assert!(ok, "{out}");
+    let old_port = free_port();
+    let _old = Sink::start(old_port, &[]);
+    let gw = Gateway::start(old_port, new.port, "", "");
+    setup_wave(&gw);
+    for args in [
+        vec!["directory", "state", "ready", "bob@example.com"],
+        vec!["wave", "add", "pilot", "--members", "bob@example.com"],
+    ] {
+        let (ok, out) = gw.cli(&args);
+        assert!(ok, "{args:?}: {out}");
+    }
+    let (ok, out) = gw.cli(&["directory", "probe", "--platform", "new", "--wave", "pilot"]);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("probed 3 address(es) at new")
+            && out.contains("REFUSED al@example.org (mailbox alice@example.com): 550"),
+        "{out}"
+    );
+    assert!(
+        !out.contains("REFUSED alice@") && !out.contains("REFUSED bob@"),
+        "{out}"
+    );
+    let (_, js) = gw.cli(&["directory", "probe", "--wave", "pilot", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&js).unwrap();
+    assert_eq!(v["refused"][0]["address"], "al@example.org", "{v}");
+
+    // The cutover moves bob and holds alice back, naming the address.
+    let (ok, out) = gw.cli(&["wave", "cutover", "pilot"]);
+    assert!(!ok, "exit 1 when a member is held back: {out}");
+    assert!(
+        out.contains("held back")
+            && out.contains("alice@example.com")
+            && out.contains("al@example.org"),
+        "{out}"
+    );
+    let (_, a) = gw.cli(&["route", "show", "alice@example.com"]);
+    let (_, b) = gw.cli(&["route", "show", "bob@example.com"]);
+    assert!(a.contains(": old (") && b.contains(": new ("), "{a}\n{b}");
+    let (_, hist) = gw.cli(&["history"]);
+    assert!(
+        hist.contains("probe held back: al@example.org (550"),
+        "{hist}"
+    );
+    // --force moves alice anyway, and the history says what it overrode.
+    let (ok, out) = gw.cli(&["wave", "cutover", "pilot", "--force"]);
+    assert!(ok, "{out}");
+    let (_, a) = gw.cli(&["route", "show", "alice@example.com"]);
+    assert!(a.contains(": new ("), "{a}");
+    let (_, hist) = gw.cli(&["history"]);
+    assert!(
+        hist.contains("--force (probe refused: al@example.org"),
+        "{hist}"
+    );
+}
