@@ -108,6 +108,19 @@ fn soak_rolls_the_wave_back_by_itself_when_new_starts_failing() {
         ok && watch.contains("rolled-back") && watch.contains("BREACH:"),
         "{watch}"
     );
+    // The same for the dashboard and scripts.
+    let (status, body) = gw.admin_get("/api/soaks");
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["soaks"][0]["wave"], "pilot", "{v}");
+    assert_eq!(v["soaks"][0]["status"], "rolled-back", "{v}");
+    assert!(
+        v["soaks"][0]["breach"]
+            .as_str()
+            .unwrap()
+            .contains("defer_rate="),
+        "{v}"
+    );
 }
 
 #[test]
