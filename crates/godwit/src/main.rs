@@ -941,7 +941,7 @@ async fn route(config: Config, command: RouteCommand) -> Result<i32> {
                 );
             }
             let cmd = format!("route set {address} {platform}");
-            let (v, applied) = godwit_route::commit(
+            let o = godwit_route::commit_outcome(
                 &store,
                 &config,
                 &actor(who),
@@ -949,9 +949,15 @@ async fn route(config: Config, command: RouteCommand) -> Result<i32> {
                 vec![(address.clone(), Some(platform.clone()))],
             )
             .await?;
-            if applied.is_empty() {
+            let v = o.version;
+            let applied: Vec<_> = o.moved().cloned().collect();
+            if !o.applied {
                 println!(
-                    "{address} already routes to {platform} (version {v} recorded, nothing changed)"
+                    "{address} already routes to {platform}: nothing changed, no version recorded (routing version {v})"
+                );
+            } else if applied.is_empty() {
+                println!(
+                    "{address}: {platform} is now an explicit entry; mail already went there (version {v})"
                 );
             } else {
                 let before = applied[0]
@@ -969,7 +975,7 @@ async fn route(config: Config, command: RouteCommand) -> Result<i32> {
         } => {
             let address = check_address(&config, &address)?;
             let cmd = format!("route unset {address}");
-            let (v, applied) = godwit_route::commit(
+            let o = godwit_route::commit_outcome(
                 &store,
                 &config,
                 &actor(who),
@@ -977,8 +983,13 @@ async fn route(config: Config, command: RouteCommand) -> Result<i32> {
                 vec![(address.clone(), None)],
             )
             .await?;
-            if applied.is_empty() {
-                println!("{address} had no entry (version {v})");
+            let v = o.version;
+            if !o.applied {
+                println!(
+                    "{address} had no entry: nothing changed, no version recorded (routing version {v})"
+                );
+            } else if o.moved().next().is_none() {
+                println!("{address}: entry removed (version {v}); its route stays the same");
             } else {
                 println!("{address}: entry removed (version {v}); it follows the default again");
             }

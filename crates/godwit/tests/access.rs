@@ -181,32 +181,31 @@ struct Setup {
     pop3: u16,
     http: u16,
     sinks: (Sink, Sink),
+    /// The platforms' POP3 ports (IMAP: `old.port`, `new.port`).
+    pop3_ports: (u16, u16),
 }
 
 fn setup(access_extra: &str) -> Setup {
+    setup_on(access_extra, "")
+}
+
+/// A gateway with an access front in front of the two Dovecots; `tail` is
+/// appended to its configuration (e.g. a shared `[store]`).
+fn setup_on(access_extra: &str, tail: &str) -> Setup {
     let (old, old_pop3) = dovecot(Flavor::Source, &["alice@example.com", "bob@example.com"]);
     let (new, new_pop3) = dovecot(Flavor::Exchange, &["alice@example.com", "bob@example.com"]);
     save(&old, "alice@example.com", &msg("from-old"));
     save(&new, "alice@example.com", &msg("from-new"));
     let (po, pn) = (free_port(), free_port());
     let sinks = (Sink::start(po, &[]), Sink::start(pn, &[]));
-    let (imap, pop3, http) = (free_port(), free_port(), free_port());
-    let access = format!(
-        "[access]\nimap_listen = [\"127.0.0.1:{imap}\"]\npop3_listen = [\"127.0.0.1:{pop3}\"]\nhttp_listen = [\"127.0.0.1:{http}\"]\nlogin_failure_delay = \"50ms\"\npublic_hostname = \"mail.example.com\"\nsubmission_port = 587\n{access_extra}\n"
+    let (gw, imap, pop3, http) = front(
+        po,
+        pn,
+        (old.port, old_pop3),
+        (new.port, new_pop3),
+        access_extra,
+        tail,
     );
-    let mut gw = Gateway::start(po, pn, "", &access);
-    // The platforms' mailbox servers, beside their relays.
-    let (o, n) = (old.port, new.port);
-    gw.reconfigure(|c| {
-        c.replacen(
-            "[platforms.new]\n",
-            &format!("imap = \"imap://127.0.0.1:{o}\"\npop3 = \"pop3://127.0.0.1:{old_pop3}\"\n[platforms.new]\nimap = \"imap://127.0.0.1:{n}\"\npop3 = \"pop3://127.0.0.1:{new_pop3}\"\n"),
-            1,
-        )
-    });
-    wait_for("the access front", T, || {
-        TcpStream::connect(("127.0.0.1", imap)).ok()
-    });
     Setup {
         old,
         new,
@@ -215,7 +214,37 @@ fn setup(access_extra: &str) -> Setup {
         pop3,
         http,
         sinks,
+        pop3_ports: (old_pop3, new_pop3),
     }
+}
+
+/// One gateway node with an access front: returns it and its IMAP, POP3
+/// and HTTP ports. `old`/`new` are the platforms' (IMAP, POP3) ports.
+fn front(
+    po: u16,
+    pn: u16,
+    old: (u16, u16),
+    new: (u16, u16),
+    access_extra: &str,
+    tail: &str,
+) -> (Gateway, u16, u16, u16) {
+    let (imap, pop3, http) = (free_port(), free_port(), free_port());
+    let access = format!(
+        "[access]\nimap_listen = [\"127.0.0.1:{imap}\"]\npop3_listen = [\"127.0.0.1:{pop3}\"]\nhttp_listen = [\"127.0.0.1:{http}\"]\nlogin_failure_delay = \"50ms\"\npublic_hostname = \"mail.example.com\"\nsubmission_port = 587\n{access_extra}\n{tail}\n"
+    );
+    let mut gw = Gateway::start(po, pn, "", &access);
+    // The platforms' mailbox servers, beside their relays.
+    gw.reconfigure(|c| {
+        c.replacen(
+            "[platforms.new]\n",
+            &format!("imap = \"imap://127.0.0.1:{}\"\npop3 = \"pop3://127.0.0.1:{}\"\n[platforms.new]\nimap = \"imap://127.0.0.1:{}\"\npop3 = \"pop3://127.0.0.1:{}\"\n", old.0, old.1, new.0, new.1),
+            1,
+        )
+    });
+    wait_for("the access front", T, || {
+        TcpStream::connect(("127.0.0.1", imap)).ok()
+    });
+    (gw, imap, pop3, http)
 }
 
 fn control(gw: &Gateway, args: &[&str]) -> i64 {
@@ -872,4 +901,101 @@ fn dashboard_shows_client_sessions_follow_a_wave() {
             .as_array()
             .is_some_and(|m| !m.is_empty())
     );
+}
+
+/// Two gateway nodes on one PostgreSQL store: a wave cutover made through
+/// one node closes the moved user's sessions on both within 2 s, and the
+/// reconnect lands on the new platform through either node.
+#[test]
+fn a_move_closes_sessions_on_every_node_of_a_fleet() {
+    let Some(admin) = godwit_store::test_postgres_url("GODWIT_TEST_POSTGRES") else {
+        return;
+    };
+    let db = format!(
+        "godwit_access_{}_{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos()
+    );
+    let psql = |sql: &str| {
+        let out = Command::new("psql")
+            .args([admin.as_str(), "-qAtc", sql])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{sql}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    psql(&format!("CREATE DATABASE {db}"));
+    let (base, _) = admin.rsplit_once('/').unwrap();
+    let store = format!("[store]\nurl = \"{base}/{db}\"\n");
+    let s = setup_on("allow_plaintext_login = true", &store);
+    let (b, b_imap, _, _) = front(
+        s.sinks.0.port,
+        s.sinks.1.port,
+        (s.old.port, s.pop3_ports.0),
+        (s.new.port, s.pop3_ports.1),
+        "allow_plaintext_login = true",
+        &store,
+    );
+    let a = &s.gw;
+    let dir = a.data.parent().unwrap().join("directory.csv");
+    std::fs::write(
+        &dir,
+        "address,display_name,kind,aliases,members,platform\nalice@example.com,Alice,user,,,old\n",
+    )
+    .unwrap();
+    control(
+        a,
+        &["directory", "import", dir.to_str().unwrap(), "--apply"],
+    );
+    control(a, &["directory", "state", "ready", "alice@example.com"]);
+    let (ok, out) = a.cli(&["wave", "create", "pilot", "--members", "alice@example.com"]);
+    assert!(ok, "{out}");
+    // Node B applied the directory too (it routes logins by the same map).
+    let v = control(a, &["route", "set", "bob@example.com", "old"]);
+    wait_for("node B to apply the directory", T, || {
+        b.events_named("route.changed")
+            .iter()
+            .any(|e| e["version"].as_i64() >= Some(v))
+            .then_some(())
+    });
+
+    let on_a = Raw::login(s.imap, "alice@example.com");
+    let on_b = Raw::login(b_imap, "alice@example.com");
+    let readers: Vec<_> = [on_a, on_b]
+        .into_iter()
+        .map(|mut r| {
+            std::thread::spawn(move || {
+                let (bye, _) = until_closed(&mut r);
+                (bye, Instant::now())
+            })
+        })
+        .collect();
+    let cut = Instant::now();
+    let (ok, out) = a.cli(&["wave", "cutover", "pilot"]);
+    assert!(ok, "{out}");
+    for (node, h) in ["A", "B"].iter().zip(readers) {
+        let (bye, at) = h.join().unwrap();
+        let took = at - cut;
+        assert!(bye.contains("* BYE [UNAVAILABLE]"), "node {node}: {bye}");
+        // From the start of the command, so the commit is inside the window.
+        assert!(
+            took < Duration::from_secs(2),
+            "node {node} closed after {took:?}"
+        );
+    }
+    for node in [&s.gw, &b] {
+        node.wait_event("access.moved", T, |e| e["to_platform"] == "new");
+    }
+    // Reconnecting through B lands on new.
+    let out = imap(b_imap, "alice@example.com", PASSWORD);
+    assert!(out.contains("SUBJECT Subject: from-new"), "{out}");
+    drop(b);
+    drop(s);
+    psql(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"));
 }

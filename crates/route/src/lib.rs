@@ -19,7 +19,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-pub use control::commit;
+pub use control::{commit, commit_outcome};
 pub use model::{Basis, Kind, MigrationState};
 
 /// Why a recipient got its route.
@@ -771,7 +771,7 @@ mod tests {
             ("new", Why::Entry { version: 1 })
         );
 
-        // A no-op change records a version but no change rows.
+        // A no-op change records no version: the history shows no `new -> new`.
         let (v2, applied) = commit(
             &store,
             &cfg,
@@ -781,7 +781,7 @@ mod tests {
         )
         .await
         .unwrap();
-        assert_eq!((v2, applied.len()), (2, 0));
+        assert_eq!((v2, applied.len()), (1, 0));
         let (_, applied) = commit(
             &store,
             &cfg,
@@ -794,7 +794,18 @@ mod tests {
         assert_eq!(applied[0].before.as_deref(), Some("new"));
         let reloaded = load(&store, &cfg).await.unwrap();
         assert_eq!(reloaded.decide("alice@example.com").route, "old");
-        assert_eq!(reloaded.version(), 3);
+        assert_eq!(reloaded.version(), 2);
+        // Unsetting what is not set is a no-op too.
+        let (v3, applied) = commit(
+            &store,
+            &cfg,
+            "t",
+            "route unset",
+            vec![("alice@example.com".into(), None)],
+        )
+        .await
+        .unwrap();
+        assert_eq!((v3, applied.len()), (2, 0));
     }
 
     #[test]
