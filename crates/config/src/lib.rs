@@ -154,6 +154,10 @@ pub struct SmtpConfig {
     pub bare_newline: BareNewline,
     /// More Received headers than this is a mail loop (RFC 5321 6.3): 554 5.4.6.
     pub max_received_headers: usize,
+    /// A message arriving with more `X-Godwit-Trace` headers than this (it
+    /// has passed through godwit that often) is a routing loop: held, never
+    /// bounced or relayed again, with a `message.loop` event.
+    pub max_trace_hops: usize,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
 }
@@ -174,6 +178,7 @@ impl Default for SmtpConfig {
             max_errors: 20,
             bare_newline: BareNewline::Reject,
             max_received_headers: 50,
+            max_trace_hops: 3,
             tls_cert: None,
             tls_key: None,
         }
@@ -371,6 +376,11 @@ pub struct QueueConfig {
     /// `max_ready`). Past it, a due message stays parked in the scheduled
     /// queue and costs no task and no memory for its body until a slot frees.
     pub max_ready: usize,
+    /// `wave cutover` refuses while the oldest queued message is older than
+    /// this (or a platform's circuit is open): "if queue growth correlates
+    /// with a wave cutover, pause migrations". `--force` overrides.
+    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
+    pub wave_pause_age: Duration,
 }
 
 impl Default for QueueConfig {
@@ -384,6 +394,7 @@ impl Default for QueueConfig {
             delay_warning: None,
             dsn_platform: None,
             max_ready: 1000,
+            wave_pause_age: Duration::from_secs(30 * 60),
         }
     }
 }
@@ -594,6 +605,16 @@ impl Config {
         }
         if self.smtp.max_message_size < 1024 {
             return Err(invalid("smtp.max_message_size", "must be at least 1KB"));
+        }
+        // 0 would hold every message that ever passed through godwit once
+        // (gateway -> new platform -> gateway is ordinary coexistence).
+        if self.smtp.max_trace_hops == 0
+            || self.smtp.max_trace_hops > self.smtp.max_received_headers
+        {
+            return Err(invalid(
+                "smtp.max_trace_hops",
+                "must be at least 1 and at most smtp.max_received_headers",
+            ));
         }
         if self.smtp.max_recipients < 100 {
             // RFC 5321 4.5.3.1.8: a server must accept at least 100 recipients.
@@ -1045,6 +1066,11 @@ pub fn reload_plan(old: &Config, new: &Config) -> (Vec<String>, Vec<String>) {
     note(
         d(&o.max_received_headers, &n.max_received_headers),
         "smtp.max_received_headers",
+        true,
+    );
+    note(
+        d(&o.max_trace_hops, &n.max_trace_hops),
+        "smtp.max_trace_hops",
         true,
     );
     note(d(&o.tls_cert, &n.tls_cert), "smtp.tls_cert", true);
@@ -1551,6 +1577,14 @@ max_backoff = "1h"
                     "max_message_size = \"10MB\"\nmax_data_memory = \"5MB\"",
                 ),
                 "smtp.max_data_memory",
+            ),
+            (
+                GOOD.replace("[smtp]", "[smtp]\nmax_trace_hops = 0"),
+                "smtp.max_trace_hops",
+            ),
+            (
+                GOOD.replace("[smtp]", "[smtp]\nmax_trace_hops = 60"),
+                "smtp.max_trace_hops",
             ),
             (
                 format!("{GOOD}[directory]\nexpansion_limit = 0\n"),

@@ -9,6 +9,27 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use tokio::sync::mpsc;
 
+/// Where a recipient's time went, as Postfix's `delays=a/b/c/d`: `accept`
+/// from the client's MAIL FROM to the end of its DATA, `queue` from then
+/// (the spool's fsync and our 250 included) to the start of this attempt (earlier
+/// attempts and backoff included), `connect` the connection setup (TCP,
+/// greeting, EHLO, STARTTLS and the TLS handshake; near 0 on a reused
+/// connection), `transmit` from MAIL FROM to the final reply.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Delays {
+    pub accept_ms: u64,
+    pub queue_ms: u64,
+    pub connect_ms: u64,
+    pub transmit_ms: u64,
+}
+
+impl Delays {
+    /// The whole delay, arrival at our edge to this attempt's end: Postfix's `delay=`.
+    pub fn total_ms(&self) -> u64 {
+        self.accept_ms + self.queue_ms + self.connect_ms + self.transmit_ms
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "event")]
 pub enum Event {
@@ -129,6 +150,37 @@ pub enum Event {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         over_limit: Option<usize>,
     },
+    /// A message came back carrying more `X-Godwit-Trace` headers than
+    /// `smtp.max_trace_hops`: a routing loop. It is held (every recipient,
+    /// an operator hold), never bounced and never relayed again. `trace_hops`
+    /// are the queue IDs of those headers, newest first; `path` the Received
+    /// hops as "HOST QUEUEID", oldest first.
+    #[serde(rename = "message.loop")]
+    MessageLoop {
+        queue_id: String,
+        message_id: Option<String>,
+        rcpts: Vec<String>,
+        trace_hops: Vec<String>,
+        path: Vec<String>,
+        max_trace_hops: usize,
+    },
+    /// A soaking wave crossed a `--rollback-if` threshold and godwit rolled
+    /// it back by itself (routing version `version`), with the measurements
+    /// of mail to its members since the cutover.
+    #[serde(rename = "wave.rolled_back")]
+    WaveRolledBack {
+        wave: String,
+        version: i64,
+        breaches: Vec<String>,
+        measurements: serde_json::Value,
+        node: String,
+    },
+    /// A wave's soak ended without a breach.
+    #[serde(rename = "wave.soak_passed")]
+    WaveSoakPassed {
+        wave: String,
+        measurements: serde_json::Value,
+    },
     /// A command or message refused: `stage` is command, mail, rcpt or data.
     #[serde(rename = "message.refused")]
     MessageRefused {
@@ -192,6 +244,8 @@ pub enum Event {
         remote_queue_id: Option<String>,
         /// Accept-to-delivered, for latency percentiles.
         delay_ms: u64,
+        #[serde(default)]
+        delays: Delays,
     },
     #[serde(rename = "delivery.deferred")]
     Deferred {
@@ -203,6 +257,8 @@ pub enum Event {
         reply: String,
         attempts: u32,
         next_attempt_in_s: u64,
+        #[serde(default)]
+        delays: Delays,
     },
     #[serde(rename = "delivery.failed")]
     Failed {
@@ -212,6 +268,8 @@ pub enum Event {
         platform: String,
         reply: String,
         reason: String,
+        #[serde(default)]
+        delays: Delays,
     },
     #[serde(rename = "delivery.held")]
     Held {
@@ -336,6 +394,9 @@ impl Event {
     pub fn name(&self) -> &'static str {
         match self {
             Event::GatewayStarted { .. } => "gateway.started",
+            Event::MessageLoop { .. } => "message.loop",
+            Event::WaveRolledBack { .. } => "wave.rolled_back",
+            Event::WaveSoakPassed { .. } => "wave.soak_passed",
             Event::GatewayStopped { .. } => "gateway.stopped",
             Event::GatewayDraining { .. } => "gateway.draining",
             Event::GatewayReloaded { .. } => "gateway.reloaded",

@@ -75,6 +75,7 @@ async fn main() -> anyhow::Result<()> {
             reply: "250 2.0.0 Ok: queued as X".into(),
             remote_queue_id: Some("X".into()),
             delay_ms: 12,
+            delays: Default::default(),
         }))?;
     }
     drop(tx);

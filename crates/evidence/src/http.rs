@@ -233,6 +233,7 @@ impl Admin {
             .route("/metrics", get(metrics_text))
             .route("/api/summary", get(summary))
             .route("/api/trace", get(trace_api))
+            .route("/api/soaks", get(soaks_api))
             .layer(axum::middleware::from_fn_with_state(
                 self.clone(),
                 require_token,
@@ -421,6 +422,41 @@ async fn trace_api(State(a): State<Admin>, Query(q): Query<HashMap<String, Strin
                 .collect::<Vec<_>>()
                 .join("\n");
             Json(serde_json::json!({ "traces": traces, "text": text })).into_response()
+        }
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+/// The waves' soaks as `godwit wave watch` shows them (the `wave_soaks`
+/// rows), for the dashboard and scripts.
+async fn soaks_api(State(a): State<Admin>) -> Response {
+    let rows = godwit_store::sqlx::query(
+        "SELECT wave, started_ms, until_ms, rollback_if, status, owner, measured_ms, measurements, breach, rollback_version FROM wave_soaks ORDER BY wave",
+    )
+    .fetch_all(&a.store.pool)
+    .await;
+    match rows {
+        Ok(rows) => {
+            let soaks: Vec<serde_json::Value> = rows
+                .iter()
+                .map(|r| {
+                    let s = |i: usize| r.try_get::<Option<String>, _>(i).ok().flatten();
+                    let n = |i: usize| r.try_get::<Option<i64>, _>(i).ok().flatten();
+                    serde_json::json!({
+                        "wave": s(0),
+                        "started_ms": n(1),
+                        "until_ms": n(2),
+                        "rollback_if": s(3),
+                        "status": s(4),
+                        "owner": s(5),
+                        "measured_ms": n(6),
+                        "measurements": s(7).and_then(|m| serde_json::from_str::<serde_json::Value>(&m).ok()),
+                        "breach": s(8),
+                        "rollback_version": n(9),
+                    })
+                })
+                .collect();
+            Json(serde_json::json!({ "soaks": soaks })).into_response()
         }
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
     }

@@ -5,9 +5,11 @@
 //!   sampled from the queue at scrape time;
 //! - `http`: the loopback admin listener (/metrics, the dashboard, its API);
 //! - `report`: volumes, codes, latency percentiles for a time window;
-//! - `maillog`: Postfix-style log lines for pflogsumm and grep habits.
+//! - `maillog`: Postfix-style log lines for pflogsumm and grep habits;
+//! - `doctor`: the five-question diagnosis as a pure decision over facts.
 
 pub mod dashboard;
+pub mod doctor;
 pub mod http;
 pub mod index;
 pub mod maillog;

@@ -3,7 +3,7 @@
 //! that an operator's grep habits and pflogsumm (`--syslog-name=godwit`) work.
 
 use crate::metrics::code_of;
-use godwit_events::{Event, Record};
+use godwit_events::{Delays, Event, Record};
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -31,6 +31,34 @@ fn dsn(reply: &str, default: &str) -> String {
     } else {
         default.to_string()
     }
+}
+
+/// Seconds as Postfix's log_adhoc writes them: two significant digits or so,
+/// "0" below 10 ms (delay=0.37, delays=0.08/0.01/0.15/0.13, delay=327).
+pub fn secs(ms: u64) -> String {
+    let t = ms as f64 / 1000.0;
+    let s = if ms < 10 {
+        return "0".into();
+    } else if t < 10.0 {
+        format!("{t:.2}")
+    } else if t < 100.0 {
+        format!("{t:.1}")
+    } else {
+        return format!("{t:.0}");
+    };
+    s.trim_end_matches('0').trim_end_matches('.').to_string()
+}
+
+/// `delay=T, delays=a/b/c/d` (T is the sum: arrival at our edge to now).
+fn delay_fields(d: &Delays, at_least_ms: u64) -> String {
+    format!(
+        "delay={}, delays={}/{}/{}/{}",
+        secs(d.total_ms().max(at_least_ms)),
+        secs(d.accept_ms),
+        secs(d.queue_ms),
+        secs(d.connect_ms),
+        secs(d.transmit_ms)
+    )
 }
 
 /// A reply as the text inside `status=... (TEXT)`: pflogsumm reads up to the
@@ -109,12 +137,13 @@ pub fn lines(r: &Record, hostname: &str, pid: u32) -> Vec<String> {
             host,
             reply,
             delay_ms,
+            delays,
             ..
         } => vec![format!(
-            "{} {queue_id}: to=<{rcpt}>, relay={}, delay={:.2}, delays=0/0/0/0, dsn={}, status=sent ({reply})",
+            "{} {queue_id}: to=<{rcpt}>, relay={}, {}, dsn={}, status=sent ({reply})",
             head("smtp"),
             relay(host),
-            *delay_ms as f64 / 1000.0,
+            delay_fields(delays, *delay_ms),
             dsn(reply, "2.0.0"),
             reply = reason(reply)
         )],
@@ -123,11 +152,13 @@ pub fn lines(r: &Record, hostname: &str, pid: u32) -> Vec<String> {
             rcpt,
             host,
             reply,
+            delays,
             ..
         } => vec![format!(
-            "{} {queue_id}: to=<{rcpt}>, relay={}, delay=0, delays=0/0/0/0, dsn={}, status=deferred ({reply})",
+            "{} {queue_id}: to=<{rcpt}>, relay={}, {}, dsn={}, status=deferred ({reply})",
             head("smtp"),
             host.as_deref().map_or("none".into(), relay),
+            delay_fields(delays, 0),
             dsn(reply, "4.0.0"),
             reply = reason(reply)
         )],
@@ -135,10 +166,12 @@ pub fn lines(r: &Record, hostname: &str, pid: u32) -> Vec<String> {
             queue_id,
             rcpt,
             reply,
+            delays,
             ..
         } => vec![format!(
-            "{} {queue_id}: to=<{rcpt}>, relay=none, delay=0, delays=0/0/0/0, dsn={}, status=bounced ({reply})",
+            "{} {queue_id}: to=<{rcpt}>, relay=none, {}, dsn={}, status=bounced ({reply})",
             head("smtp"),
+            delay_fields(delays, 0),
             dsn(reply, "5.0.0"),
             reply = reason(reply)
         )],
@@ -245,6 +278,82 @@ mod tests {
         ] {
             assert_eq!(reason(reply), want);
         }
+    }
+
+    #[test]
+    fn seconds_as_postfix_writes_them() {
+        for (ms, want) in [
+            (0, "0"),
+            (9, "0"),
+            (10, "0.01"),
+            (80, "0.08"),
+            (370, "0.37"),
+            (1000, "1"),
+            (4200, "4.2"),
+            (12_340, "12.3"),
+            (327_400, "327"),
+        ] {
+            assert_eq!(secs(ms), want, "{ms} ms");
+        }
+    }
+
+    #[test]
+    fn deferrals_and_bounces_carry_their_delays() {
+        let d = Delays {
+            accept_ms: 80,
+            queue_ms: 10,
+            connect_ms: 150,
+            transmit_ms: 130,
+        };
+        let rec = |event| Record {
+            ts: "2026-01-01T00:00:00.000Z".into(),
+            node: "n".into(),
+            event,
+        };
+        let deferred = rec(Event::Deferred {
+            queue_id: "Q1".into(),
+            message_id: None,
+            rcpt: "a@example.com".into(),
+            platform: "new".into(),
+            host: Some("127.0.0.1:2525".into()),
+            reply: "451 4.3.0 try later".into(),
+            attempts: 1,
+            next_attempt_in_s: 60,
+            delays: d,
+        });
+        let l = &lines(&deferred, "gw", 7)[0];
+        assert!(
+            l.contains("relay=127.0.0.1[127.0.0.1]:2525, delay=0.37, delays=0.08/0.01/0.15/0.13, dsn=4.3.0, status=deferred (451 4.3.0 try later)"),
+            "{l}"
+        );
+        let bounced = rec(Event::Failed {
+            queue_id: "Q1".into(),
+            message_id: None,
+            rcpt: "a@example.com".into(),
+            platform: "new".into(),
+            reply: "550 5.1.1 no such user".into(),
+            reason: "rejected by platform".into(),
+            delays: d,
+        });
+        let l = &lines(&bounced, "gw", 7)[0];
+        assert!(
+            l.contains("delay=0.37, delays=0.08/0.01/0.15/0.13, dsn=5.1.1, status=bounced"),
+            "{l}"
+        );
+        // A delivery logged before the breakdown existed keeps its delay.
+        let delivered = rec(Event::Delivered {
+            queue_id: "Q1".into(),
+            message_id: None,
+            rcpt: "a@example.com".into(),
+            platform: "new".into(),
+            host: "127.0.0.1:2525".into(),
+            reply: "250 2.0.0 Ok".into(),
+            remote_queue_id: None,
+            delay_ms: 2500,
+            delays: Delays::default(),
+        });
+        let l = &lines(&delivered, "gw", 7)[0];
+        assert!(l.contains("delay=2.5, delays=0/0/0/0,"), "{l}");
     }
 
     #[test]

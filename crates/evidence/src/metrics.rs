@@ -2,7 +2,7 @@
 //! sampled from the queue and the destinations at scrape time. Names follow
 //! Prometheus conventions (`_total`, `_seconds`, base units).
 
-use godwit_events::{Event, Record};
+use godwit_events::{Delays, Event, Record};
 use metrics_exporter_prometheus::{
     Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
 };
@@ -27,6 +27,9 @@ pub struct Stats {
     pub failed: BTreeMap<String, u64>,
     pub dsn: u64,
     pub routing_version: i64,
+    /// Per platform, the delay breakdown summed over every delivered,
+    /// deferred and bounced recipient (Postfix's delays=a/b/c/d).
+    pub delays: BTreeMap<String, DelaySums>,
     #[serde(skip)]
     pub latencies: BTreeMap<String, VecDeque<f64>>,
 }
@@ -42,6 +45,51 @@ impl Stats {
                 (p.clone(), [pct(&s, 0.50), pct(&s, 0.95), pct(&s, 0.99)])
             })
             .collect()
+    }
+}
+
+/// Sums of [`Delays`] over `n` recipient outcomes.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Serialize)]
+pub struct DelaySums {
+    pub n: u64,
+    pub accept_ms: u64,
+    pub queue_ms: u64,
+    pub connect_ms: u64,
+    pub transmit_ms: u64,
+}
+
+impl DelaySums {
+    pub fn add(&mut self, d: &Delays) {
+        self.n += 1;
+        self.accept_ms += d.accept_ms;
+        self.queue_ms += d.queue_ms;
+        self.connect_ms += d.connect_ms;
+        self.transmit_ms += d.transmit_ms;
+    }
+
+    /// Mean seconds per stage: accept, queue, connect, transmit.
+    pub fn means(&self) -> [f64; 4] {
+        let n = self.n.max(1) as f64 * 1000.0;
+        [
+            self.accept_ms as f64 / n,
+            self.queue_ms as f64 / n,
+            self.connect_ms as f64 / n,
+            self.transmit_ms as f64 / n,
+        ]
+    }
+}
+
+/// The stage names of the delay breakdown, in Postfix's a/b/c/d order.
+pub const DELAY_STAGES: [&str; 4] = ["accept", "queue", "connect", "transmit"];
+
+fn record_delays(st: &mut Stats, platform: &str, outcome: &'static str, d: &Delays) {
+    st.delays.entry(platform.to_string()).or_default().add(d);
+    for (stage, ms) in
+        DELAY_STAGES
+            .iter()
+            .zip([d.accept_ms, d.queue_ms, d.connect_ms, d.transmit_ms])
+    {
+        metrics::histogram!("godwit_delivery_delay_seconds", "platform" => platform.to_string(), "stage" => *stage, "outcome" => outcome).record(ms as f64 / 1000.0);
     }
 }
 
@@ -123,6 +171,11 @@ impl Metrics {
                 metrics::Unit::Seconds,
                 "Accept-to-delivered time per recipient, by platform."
             );
+            describe_histogram!(
+                "godwit_delivery_delay_seconds",
+                metrics::Unit::Seconds,
+                "Where each delivered, deferred or bounced recipient's time went, by platform, stage (accept, queue, connect, transmit: Postfix's delays=a/b/c/d) and outcome."
+            );
             for (name, help) in [
                 ("godwit_queue_messages", "Messages in the queue."),
                 ("godwit_queue_recipients", "Undelivered recipients, by platform and state."),
@@ -189,8 +242,9 @@ impl Metrics {
                 st.refused += 1;
                 metrics::counter!("godwit_messages_refused_total", "stage" => stage.clone(), "code" => code_of(reply)).increment(1);
             }
-            Event::Delivered { platform, delay_ms, .. } => {
+            Event::Delivered { platform, delay_ms, delays, .. } => {
                 *st.delivered.entry(platform.clone()).or_default() += 1;
+                record_delays(&mut st, platform, "delivered", delays);
                 let secs = *delay_ms as f64 / 1000.0;
                 let lat = st.latencies.entry(platform.clone()).or_default();
                 lat.push_back(secs);
@@ -200,13 +254,15 @@ impl Metrics {
                 metrics::counter!("godwit_deliveries_total", "platform" => platform.clone(), "outcome" => "delivered", "class" => "2xx", "code" => "2.0.0").increment(1);
                 metrics::histogram!("godwit_delivery_latency_seconds", "platform" => platform.clone()).record(secs);
             }
-            Event::Deferred { platform, reply, .. } => {
+            Event::Deferred { platform, reply, delays, .. } => {
                 *st.deferred.entry(platform.clone()).or_default() += 1;
+                record_delays(&mut st, platform, "deferred", delays);
                 let code = code_of(reply);
                 metrics::counter!("godwit_deliveries_total", "platform" => platform.clone(), "outcome" => "deferred", "class" => class(&code), "code" => code).increment(1);
             }
-            Event::Failed { platform, reply, .. } => {
+            Event::Failed { platform, reply, delays, .. } => {
                 *st.failed.entry(platform.clone()).or_default() += 1;
+                record_delays(&mut st, platform, "failed", delays);
                 let code = code_of(reply);
                 metrics::counter!("godwit_deliveries_total", "platform" => platform.clone(), "outcome" => "failed", "class" => class(&code), "code" => code).increment(1);
             }
@@ -292,6 +348,12 @@ mod tests {
                 reply: "250 ok".into(),
                 remote_queue_id: None,
                 delay_ms: 100 * (i + 1),
+                delays: Delays {
+                    accept_ms: 10,
+                    queue_ms: 20,
+                    connect_ms: 30,
+                    transmit_ms: 40 + 100 * i,
+                },
             }));
         }
         m.observe(&rec(Event::Deferred {
@@ -303,8 +365,23 @@ mod tests {
             reply: "451 4.7.1 throttled".into(),
             attempts: 1,
             next_attempt_in_s: 1,
+            delays: Delays {
+                queue_ms: 2000,
+                ..Default::default()
+            },
         }));
         let text = m.handle.render();
+        // The breakdown per platform, stage and outcome.
+        assert!(
+            text.contains("godwit_delivery_delay_seconds_count{platform=\"new\",stage=\"transmit\",outcome=\"delivered\"} 3"),
+            "{text}"
+        );
+        assert!(
+            text.contains("godwit_delivery_delay_seconds_sum{platform=\"new\",stage=\"queue\",outcome=\"deferred\"} 2"),
+            "{text}"
+        );
+        let sums = m.stats.lock().unwrap().delays["new"];
+        assert_eq!((sums.n, sums.transmit_ms, sums.queue_ms), (4, 420, 2060));
         assert!(text.contains("godwit_deliveries_total{platform=\"new\",outcome=\"delivered\",class=\"2xx\",code=\"2.0.0\"} 3"), "{text}");
         assert!(text.contains("code=\"4.7.1\"} 1"), "{text}");
         assert!(

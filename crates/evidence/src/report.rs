@@ -18,6 +18,9 @@ pub struct Report {
     pub bounced_by_code: BTreeMap<String, u64>,
     /// platform -> [p50, p95, p99] seconds, accept to delivered.
     pub latency_seconds: BTreeMap<String, [f64; 3]>,
+    /// platform -> mean seconds in accept, queue, connect, transmit over its
+    /// delivered, deferred and bounced recipients (Postfix's delays=a/b/c/d).
+    pub delays_by_platform: BTreeMap<String, [f64; 4]>,
     pub still_queued: usize,
     pub held: usize,
     pub dsns: u64,
@@ -65,6 +68,7 @@ pub async fn build(
         deferred_by_code: BTreeMap::new(),
         bounced_by_code: BTreeMap::new(),
         latency_seconds: BTreeMap::new(),
+        delays_by_platform: BTreeMap::new(),
         still_queued: 0,
         held: 0,
         dsns: 0,
@@ -74,6 +78,7 @@ pub async fn build(
         sessions_moved: 0,
     };
     let mut lat: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    let mut delay_sums: BTreeMap<String, crate::metrics::DelaySums> = BTreeMap::new();
     let mut accepted_ids = Vec::new();
     for rec in &records {
         match &rec.event {
@@ -83,17 +88,33 @@ pub async fn build(
             }
             Event::MessageRefused { .. } => r.refused += 1,
             Event::Delivered {
-                platform, delay_ms, ..
+                platform,
+                delay_ms,
+                delays,
+                ..
             } => {
+                delay_sums.entry(platform.clone()).or_default().add(delays);
                 *r.delivered_by_platform.entry(platform.clone()).or_default() += 1;
                 lat.entry(platform.clone())
                     .or_default()
                     .push(*delay_ms as f64 / 1000.0);
             }
-            Event::Deferred { reply, .. } => {
+            Event::Deferred {
+                reply,
+                platform,
+                delays,
+                ..
+            } => {
+                delay_sums.entry(platform.clone()).or_default().add(delays);
                 *r.deferred_by_code.entry(code_of(reply)).or_default() += 1
             }
-            Event::Failed { reply, .. } => {
+            Event::Failed {
+                reply,
+                platform,
+                delays,
+                ..
+            } => {
+                delay_sums.entry(platform.clone()).or_default().add(delays);
                 *r.bounced_by_code.entry(code_of(reply)).or_default() += 1
             }
             Event::DsnQueued { .. } => r.dsns += 1,
@@ -110,6 +131,10 @@ pub async fn build(
             _ => {}
         }
     }
+    r.delays_by_platform = delay_sums
+        .into_iter()
+        .map(|(p, d)| (p, d.means()))
+        .collect();
     for (p, mut v) in lat {
         v.sort_by(|a, b| a.partial_cmp(b).unwrap());
         r.latency_seconds
@@ -220,6 +245,15 @@ pub fn markdown(r: &Report) -> String {
             r.sessions_moved
         ));
     }
+    if !r.delays_by_platform.is_empty() {
+        s.push_str("\n## Delay breakdown (mean seconds, Postfix's delays=a/b/c/d)\n\n| platform | accept | queue | connect | transmit |\n|---|---|---|---|---|\n");
+        for (p, d) in &r.delays_by_platform {
+            s.push_str(&format!(
+                "| {p} | {:.3} | {:.3} | {:.3} | {:.3} |\n",
+                d[0], d[1], d[2], d[3]
+            ));
+        }
+    }
     s.push_str("\n## Sample traced end to end\n\n| Message-ID | queue ID | verdict | platforms | their queue IDs |\n|---|---|---|---|---|\n");
     for t in &r.samples {
         s.push_str(&format!(
@@ -251,6 +285,11 @@ pub fn csv(r: &Report) -> String {
             "latency_p50,{p},{}\nlatency_p95,{p},{}\nlatency_p99,{p},{}\n",
             l[0], l[1], l[2]
         ));
+    }
+    for (p, d) in &r.delays_by_platform {
+        for (stage, v) in crate::metrics::DELAY_STAGES.iter().zip(d) {
+            s.push_str(&format!("delay_{stage},{p},{v}\n"));
+        }
     }
     for (p, n) in &r.logins_by_platform {
         s.push_str(&format!("access_login,{p},{n}\n"));

@@ -250,11 +250,13 @@ pub fn render(t: &Trace) -> String {
                 reply,
                 remote_queue_id,
                 delay_ms,
+                delays,
                 ..
             } => format!(
-                "delivered {rcpt} to {platform} ({host}); their queue ID {}; {reply}; {:.1}s after accept",
+                "delivered {rcpt} to {platform} ({host}); their queue ID {}; {reply}; {:.1}s after accept; {}",
                 remote_queue_id.as_deref().unwrap_or("(not given)"),
-                *delay_ms as f64 / 1000.0
+                *delay_ms as f64 / 1000.0,
+                breakdown(delays)
             ),
             Event::Deferred {
                 rcpt,
@@ -262,10 +264,12 @@ pub fn render(t: &Trace) -> String {
                 reply,
                 attempts,
                 next_attempt_in_s,
+                delays,
                 ..
             } => {
                 format!(
-                    "deferred {rcpt} for {platform} (attempt {attempts}): {reply}; next attempt in {next_attempt_in_s}s"
+                    "deferred {rcpt} for {platform} (attempt {attempts}): {reply}; next attempt in {next_attempt_in_s}s; {}",
+                    breakdown(delays)
                 )
             }
             Event::Failed {
@@ -273,8 +277,12 @@ pub fn render(t: &Trace) -> String {
                 platform,
                 reply,
                 reason,
+                delays,
                 ..
-            } => format!("FAILED {rcpt} at {platform} ({reason}): {reply}"),
+            } => format!(
+                "FAILED {rcpt} at {platform} ({reason}): {reply}; {}",
+                breakdown(delays)
+            ),
             Event::Held { rcpt, why, .. } => format!("held {rcpt}: {why}"),
             Event::Released { rcpt, actor, .. } => format!("released {rcpt} by {actor}"),
             Event::DsnQueued {
@@ -296,4 +304,17 @@ pub fn render(t: &Trace) -> String {
         s.push_str(&format!("  {ts}  {line}\n"));
     }
     s
+}
+
+/// `delays accept/queue/connect/transmit = 0.08/0.01/0.15/0.13 s`, as
+/// Postfix's delays=a/b/c/d.
+pub fn breakdown(d: &godwit_events::Delays) -> String {
+    use crate::maillog::secs;
+    format!(
+        "delays accept/queue/connect/transmit = {}/{}/{}/{} s",
+        secs(d.accept_ms),
+        secs(d.queue_ms),
+        secs(d.connect_ms),
+        secs(d.transmit_ms)
+    )
 }

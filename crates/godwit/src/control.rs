@@ -66,6 +66,19 @@ pub enum DirectoryCommand {
         #[arg(long)]
         all: bool,
     },
+    /// Ask a platform over SMTP about every address and alias of each
+    /// mailbox (RCPT TO, then RSET; never DATA) and report those it refuses.
+    /// Exit 1 when any is refused.
+    Probe {
+        /// The platform to ask (default: the target platform).
+        #[arg(long)]
+        platform: Option<String>,
+        /// Only this wave's members.
+        #[arg(long)]
+        wave: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Set the migration state of mailboxes (pending, seeding, ready,
     /// cutover, migrated, rolled-back).
     State {
@@ -139,10 +152,26 @@ pub enum WaveCommand {
         /// naming the others and why.
         #[arg(long)]
         final_sync: bool,
+        /// After the cutover, watch mail to the members this long ("2h")
+        /// and roll the wave back by itself on a --rollback-if breach.
+        #[arg(long)]
+        soak: Option<String>,
+        /// Thresholds over mail to the members since the cutover, e.g.
+        /// "defer_rate>5%,queue_age>15m,bounces>0" (the default with --soak);
+        /// also deferrals>N and latency_p95>DURATION.
+        #[arg(long, requires = "soak")]
+        rollback_if: Option<String>,
         #[arg(long)]
         actor: Option<String>,
         #[command(flatten)]
         wait: crate::fleet::Wait,
+    },
+    /// A soaking wave's live status: time left, thresholds, the latest
+    /// measurements, and the breach and rollback if one happened.
+    Watch {
+        name: String,
+        #[arg(long)]
+        json: bool,
     },
     /// Route every member back to the platform that owned it, in one version.
     Rollback {
@@ -355,6 +384,23 @@ pub async fn directory(config: Config, command: DirectoryCommand) -> Result<i32>
                 }
                 None => println!("{summary}; nothing applied: run again with --apply"),
             }
+        }
+        DirectoryCommand::Probe {
+            platform,
+            wave,
+            json,
+        } => {
+            let platform = platform
+                .or_else(|| config.target_platform().map(str::to_string))
+                .context("--platform: no target platform is configured")?;
+            let addrs = crate::probe::addresses(&config, &store, wave.as_deref()).await?;
+            let r = crate::probe::probe(&config, &platform, addrs).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                crate::probe::print(&r);
+            }
+            return Ok(if r.refused.is_empty() { 0 } else { 1 });
         }
         DirectoryCommand::List {
             state,
@@ -677,20 +723,105 @@ pub async fn wave(config: Config, command: WaveCommand) -> Result<i32> {
             dry_run,
             force,
             final_sync,
+            soak,
+            rollback_if,
             actor,
             wait,
         } => {
-            let who = crate::actor(actor);
-            let cmd = format!(
-                "wave cutover {name}{}{}",
-                if force { " --force" } else { "" },
-                if final_sync { " --final-sync" } else { "" }
-            );
-            let only = if final_sync {
+            // Thresholds first: a typo is an error before anything moves.
+            let soak = soak
+                .map(|s| {
+                    let d = godwit_config::parse_duration(&s)
+                        .map_err(|e| anyhow::anyhow!("--soak: {e}"))?;
+                    let r = rollback_if
+                        .clone()
+                        .unwrap_or_else(|| godwit_route::soak::DEFAULT_ROLLBACK_IF.into());
+                    godwit_route::soak::parse_rollback_if(&r).map_err(anyhow::Error::msg)?;
+                    anyhow::Ok((d, r))
+                })
+                .transpose()?;
+            // Pause: no cutover into an open circuit or a queue that is
+            // already growing old, unless forced (and then the history says
+            // what was overridden).
+            let paused = pause_reasons(&config, &store).await?;
+            if !paused.is_empty() && !force && !dry_run {
+                bail!(
+                    "wave {name} not cut over: {}; wait for the queue to drain, or --force (recorded in the history)",
+                    paused.join("; ")
+                );
+            }
+            let mut only = if final_sync {
                 Some(final_sync_members(&config, &store, &name).await?)
             } else {
                 None
             };
+            // Identity proof: members with an address the target refuses
+            // stay behind, each address named (--force moves them anyway).
+            let mut probe_note = String::new();
+            if let Some(target) = config.target_platform() {
+                let addrs = crate::probe::addresses(&config, &store, Some(&name)).await?;
+                let members: std::collections::BTreeSet<String> = addrs.keys().cloned().collect();
+                match crate::probe::probe(&config, target, addrs).await {
+                    Ok(r) if !r.refused.is_empty() => {
+                        crate::probe::print(&r);
+                        let refused: std::collections::BTreeSet<&String> =
+                            r.refused.iter().map(|x| &x.mailbox).collect();
+                        let list: Vec<String> = r
+                            .refused
+                            .iter()
+                            .map(|x| format!("{} ({})", x.address, x.reply))
+                            .collect();
+                        if force {
+                            probe_note = format!(" (probe refused: {})", list.join("; "));
+                        } else {
+                            println!(
+                                "held back (an address refused by {target}; --force moves them): {}",
+                                refused
+                                    .iter()
+                                    .map(|s| s.as_str())
+                                    .collect::<Vec<_>>()
+                                    .join(", ")
+                            );
+                            let keep: std::collections::BTreeSet<String> = members
+                                .iter()
+                                .filter(|m| !refused.contains(m))
+                                .cloned()
+                                .collect();
+                            only = Some(match only {
+                                Some(o) => o.intersection(&keep).cloned().collect(),
+                                None => keep,
+                            });
+                            probe_note = format!(" (probe held back: {})", list.join("; "));
+                        }
+                    }
+                    Ok(_) => {}
+                    // A target that cannot be asked proves nothing either
+                    // way: the sync guard and the pause still decide, and
+                    // the history says the probe did not run.
+                    Err(e) => {
+                        eprintln!("warning: identity probe of {target} not run: {e:#}");
+                        probe_note = format!(" (identity probe not run: {e:#})");
+                    }
+                }
+            }
+            let held_back = probe_note.starts_with(" (probe held back");
+            let who = crate::actor(actor);
+            let cmd = format!(
+                "wave cutover {name}{}{}{probe_note}{}{}",
+                if force { " --force" } else { "" },
+                if force && !paused.is_empty() {
+                    format!(" (overriding the pause: {})", paused.join("; "))
+                } else {
+                    String::new()
+                },
+                if final_sync { " --final-sync" } else { "" },
+                soak.as_ref()
+                    .map(|(d, r)| format!(
+                        " --soak {} --rollback-if {r}",
+                        humantime::format_duration(*d)
+                    ))
+                    .unwrap_or_default()
+            );
             let o = control::wave_cutover_only(
                 &ctx(&store, &config, &who, &cmd, dry_run),
                 &name,
@@ -700,11 +831,63 @@ pub async fn wave(config: Config, command: WaveCommand) -> Result<i32> {
             .await?;
             print_outcome(&o, "moved to the target platform");
             if o.applied {
-                return wait.for_version(&store, o.version).await;
+                if let Some((d, r)) = &soak {
+                    crate::soak::start(&store, &name, *d, r).await?;
+                    println!(
+                        "soaking for {}: the gateway rolls wave {name} back by itself if {r} (godwit wave watch {name})",
+                        humantime::format_duration(*d)
+                    );
+                }
+                let waited = wait.for_version(&store, o.version).await?;
+                return Ok(if held_back { waited.max(1) } else { waited });
             }
             // A dry run with members held back: the plan, and exit 1.
             if o.control.iter().any(|c| c.item.starts_with("blocked ")) {
                 return Ok(1);
+            }
+        }
+        WaveCommand::Watch { name, json } => {
+            let Some(r) = crate::soak::rows(&store, Some(&name)).await?.pop() else {
+                bail!("wave `{name}` has no soak (godwit wave cutover {name} --soak 2h)");
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+                return Ok(0);
+            }
+            let now = godwit_store::now_ms();
+            println!("wave {name}: {}", r.status);
+            println!(
+                "  soak:      until {} ({} left), rollback if {}",
+                time::OffsetDateTime::from_unix_timestamp(r.until_ms / 1000)
+                    .ok()
+                    .and_then(|t| t
+                        .format(&time::format_description::well_known::Rfc3339)
+                        .ok())
+                    .unwrap_or_default(),
+                humantime::format_duration(std::time::Duration::from_secs(
+                    ((r.until_ms - now).max(0) / 1000) as u64
+                )),
+                r.rollback_if
+            );
+            if let Some(o) = &r.owner {
+                println!("  watched by {o}");
+            }
+            if let Some(m) = &r.measurements {
+                println!(
+                    "  measured {}s ago: {} delivered, {} deferred, {} bounced, oldest queued {}s, p95 latency {:.1}s",
+                    (now - r.measured_ms).max(0) / 1000,
+                    m["delivered"],
+                    m["deferred"],
+                    m["bounced"],
+                    m["queue_age_s"],
+                    m["latency_p95_s"].as_f64().unwrap_or(0.0)
+                );
+            }
+            if let Some(b) = &r.breach {
+                println!(
+                    "  BREACH:    {b}; rolled back automatically at version {}",
+                    r.rollback_version.unwrap_or(0)
+                );
             }
         }
         WaveCommand::Rollback {
@@ -724,6 +907,30 @@ pub async fn wave(config: Config, command: WaveCommand) -> Result<i32> {
         }
     }
     Ok(0)
+}
+
+/// The running gateways' circuits and this host's oldest queued message,
+/// judged by `godwit_route::soak::pause_reasons`.
+async fn pause_reasons(config: &Config, store: &Store) -> Result<Vec<String>> {
+    let mut circuits = Vec::new();
+    for n in crate::fleet::live_nodes(store).await? {
+        if let Some(map) = n.destinations.as_object() {
+            for (p, d) in map {
+                circuits.push((p.clone(), d["circuit"].as_str().unwrap_or("").to_string()));
+            }
+        }
+    }
+    let now = godwit_store::now_ms();
+    let oldest = godwit_spool::list(&config.spool_dir())
+        .iter()
+        .map(|m| (now - m.header.arrival_ms).max(0))
+        .max()
+        .unwrap_or(0);
+    Ok(godwit_route::soak::pause_reasons(
+        &circuits,
+        std::time::Duration::from_millis(oldest as u64),
+        config.queue.wave_pause_age,
+    ))
 }
 
 fn version_json(v: &history::VersionInfo) -> serde_json::Value {
@@ -904,6 +1111,7 @@ pub async fn route_explain(
             "waves": e.waves.iter().map(|(w, s)| serde_json::json!({"wave": w, "status": s})).collect::<Vec<_>>(),
             "route_set_by": e.route_set_by.as_ref().map(version_json),
             "state_set_by": e.state_set_by.as_ref().map(version_json),
+            "loops": loops_for(store, &e.address).await,
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(0);
@@ -999,7 +1207,53 @@ pub async fn route_explain(
         None => println!("  route: no version has named this address; the defaults decide"),
     }
     println!("  routing version now: {}", d.version);
+    for l in loops_for(store, &e.address).await {
+        println!("  LOOP:      {l}");
+    }
     Ok(0)
+}
+
+/// The `message.loop` events (last 7 days) for `address`, as one line each:
+/// the held queue ID and the path it went round.
+pub async fn loops_for(store: &Store, address: &str) -> Vec<String> {
+    let since = godwit_store::now_ms() - 7 * 86_400_000;
+    let rows = godwit_store::sqlx::query(
+        "SELECT body FROM events WHERE name = 'message.loop' AND ts_ms >= $1 ORDER BY ts_ms",
+    )
+    .bind(since)
+    .fetch_all(&store.pool)
+    .await
+    .unwrap_or_default();
+    rows.into_iter()
+        .filter_map(|r| godwit_store::Row::try_get::<String, _>(&r, 0).ok())
+        .filter_map(|b| serde_json::from_str::<godwit_events::Record>(&b).ok())
+        .filter_map(|r| loop_line(&r.event, Some(address)))
+        .collect()
+}
+
+/// One `message.loop` event as a line, if it concerns `address` (or any).
+pub fn loop_line(ev: &godwit_events::Event, address: Option<&str>) -> Option<String> {
+    let godwit_events::Event::MessageLoop {
+        queue_id,
+        rcpts,
+        trace_hops,
+        path,
+        max_trace_hops,
+        ..
+    } = ev
+    else {
+        return None;
+    };
+    if let Some(a) = address
+        && !rcpts.iter().any(|r| r.eq_ignore_ascii_case(a))
+    {
+        return None;
+    }
+    Some(format!(
+        "{queue_id} held ({} X-Godwit-Trace headers > smtp.max_trace_hops {max_trace_hops}): {}",
+        trace_hops.len(),
+        path.join(" -> ")
+    ))
 }
 
 pub async fn route_rollback(

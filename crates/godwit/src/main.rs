@@ -8,9 +8,12 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod control;
 mod dkim_cli;
+mod doctor;
 mod fleet;
 mod mailboxes;
+mod probe;
 mod smtpd;
+mod soak;
 mod tls;
 
 use anyhow::{Context, Result, bail};
@@ -105,6 +108,10 @@ enum Command {
         #[arg(long, default_value_t = 10)]
         sample: usize,
     },
+    /// The fast-diagnosis playbook: inbound, routing for ADDRESS,
+    /// destination, outbound, clients, in that order. Exit code: the number
+    /// of the first broken question, or 0.
+    Doctor(doctor::DoctorArgs),
     /// The directory: mailboxes, aliases, groups and their migration state.
     Directory {
         #[command(subcommand)]
@@ -444,6 +451,7 @@ async fn run(cli: Cli) -> Result<i32> {
             format,
             sample,
         } => report(config, since, until, format, sample).await,
+        Command::Doctor(args) => doctor::run(config, args).await,
         Command::Directory { command } => control::directory(config, command).await,
         Command::Wave { command } => control::wave(config, command).await,
         Command::History {
@@ -486,13 +494,16 @@ fn reads_data_dir(command: &Command, config: &Config) -> Option<&'static str> {
             QueueCommand::Destinations { .. } => state,
             _ => None,
         },
-        Command::Report { .. } => Some("queue"),
+        Command::Report { .. } | Command::Doctor(_) => Some("queue"),
         Command::Trace { .. } | Command::History { .. } => state,
         Command::Route {
             command: RouteCommand::Show { .. } | RouteCommand::Explain { .. },
         } => state,
         Command::Wave {
-            command: control::WaveCommand::Show { .. } | control::WaveCommand::List { .. },
+            command:
+                control::WaveCommand::Show { .. }
+                | control::WaveCommand::List { .. }
+                | control::WaveCommand::Watch { .. },
         } => state,
         Command::Directory {
             command: control::DirectoryCommand::List { .. },
@@ -711,6 +722,12 @@ async fn serve(config: Config, config_path: PathBuf) -> Result<i32> {
         events.clone(),
         config.hostname.clone(),
     ));
+    tokio::spawn(soak::watch(
+        config.clone(),
+        store.clone(),
+        relay.clone(),
+        events.clone(),
+    ));
     events.emit(Event::GatewayStarted {
         hostname: config.hostname.clone(),
         listen: listen.clone(),
@@ -841,7 +858,7 @@ fn reload(
 }
 
 /// RFC 3339, or a duration ago ("2h", "0s" = now).
-fn parse_when(s: &str, flag: &str) -> Result<i64> {
+pub(crate) fn parse_when(s: &str, flag: &str) -> Result<i64> {
     if let Ok(t) = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339) {
         return Ok((t.unix_timestamp_nanos() / 1_000_000) as i64);
     }

@@ -746,6 +746,9 @@ impl Smtpd {
             bytes: 0,
         };
         let mut was_data = false;
+        // When the bytes carrying this transaction's MAIL FROM arrived: the
+        // start of the `accept` delay (Postfix's `a` of delays=a/b/c/d).
+        let mut tx_started = std::time::Instant::now();
         let mut deadline = tokio::time::Instant::now() + live.config.smtp.command_timeout;
         loop {
             while let Some(o) = session.next(&policy) {
@@ -782,7 +785,15 @@ impl Smtpd {
                     }),
                     Output::Message { envelope, message } => {
                         let reply = self
-                            .accept(live, session, sid, envelope, message, sasl.as_ref())
+                            .accept(
+                                live,
+                                session,
+                                sid,
+                                envelope,
+                                message,
+                                sasl.as_ref(),
+                                tx_started,
+                            )
                             .await;
                         if reply.code == 250 {
                             *messages += 1;
@@ -860,7 +871,12 @@ impl Smtpd {
                         "client disconnected".into()
                     });
                 }
-                Ok(Ok(n)) => session.push(&buf[..n]),
+                Ok(Ok(n)) => {
+                    if !session.in_transaction() {
+                        tx_started = std::time::Instant::now();
+                    }
+                    session.push(&buf[..n])
+                }
                 Ok(Err(e)) => return End::Closed(format!("read error: {e}")),
                 Err(_) => {
                     // RFC 5321 4.5.3.2: the server may close after its timeout.
@@ -876,6 +892,68 @@ impl Smtpd {
         }
     }
 
+    /// A looping message: every recipient gets an operator hold, recorded in
+    /// the spool before the relay sees it, so it is never relayed again and
+    /// never bounced (a bounce would loop too); `queue release` frees it once
+    /// the route is fixed. A crash between the two writes relays it once
+    /// more, and the next arrival is held again.
+    async fn hold_loop(
+        &self,
+        mut spooled: godwit_spool::Spooled,
+        trace_hops: Vec<String>,
+        path: Vec<String>,
+        max_trace_hops: usize,
+    ) -> godwit_spool::Spooled {
+        let h = &spooled.header;
+        let why = format!(
+            "mail loop: {} X-Godwit-Trace headers (smtp.max_trace_hops = {max_trace_hops}); path {}",
+            trace_hops.len(),
+            path.join(" -> ")
+        );
+        let now = now_ms();
+        let recs: Vec<godwit_spool::StatusRecord> = (0..h.envelope.rcpts.len())
+            .map(|i| godwit_spool::StatusRecord {
+                rcpt: i,
+                status: godwit_spool::RcptStatus::Held,
+                at_ms: now,
+                attempts: 0,
+                next_ms: 0,
+                platform: None,
+                reply: Some(why.clone()),
+                delivered_to: Vec::new(),
+                operator_hold: true,
+                warned: false,
+            })
+            .collect();
+        let spool = self.spool.clone();
+        let (qid, to_write) = (h.queue_id.clone(), recs.clone());
+        match tokio::task::spawn_blocking(move || spool.record_many(&qid, &to_write)).await {
+            Ok(Ok(())) => {}
+            other => tracing::error!(
+                queue_id = %h.queue_id,
+                "recording the loop hold failed ({other:?}); the hold applies until a restart"
+            ),
+        }
+        self.events.emit(Event::MessageLoop {
+            queue_id: h.queue_id.clone(),
+            message_id: h.message_id.clone(),
+            rcpts: h.envelope.rcpts.iter().map(|(a, _)| a.clone()).collect(),
+            trace_hops,
+            path,
+            max_trace_hops,
+        });
+        for (a, _) in &h.envelope.rcpts {
+            self.events.emit(Event::Held {
+                queue_id: h.queue_id.clone(),
+                message_id: h.message_id.clone(),
+                rcpt: a.clone(),
+                why: why.clone(),
+            });
+        }
+        spooled.status = recs.into_iter().map(Some).collect();
+        spooled
+    }
+
     /// Makes the message durable, then hands it to the relay. The reply is 250
     /// only after the spool file and its directory are fsynced.
     async fn accept(
@@ -886,17 +964,29 @@ impl Smtpd {
         envelope: godwit_smtp_proto::Envelope,
         message: Vec<u8>,
         sasl: Option<&(String, String)>,
+        tx_started: std::time::Instant,
     ) -> Reply {
         let queue_id = self.spool.new_queue_id();
         let message_id = message_id_of(&message);
         let received = received_header(&live.config.hostname, &envelope, &queue_id, sasl.is_some());
         let (envelope, expansions) = expand_groups(self.relay.routes(), envelope);
+        // Our own trace header back more than max_trace_hops times: a loop.
+        let trace_hops = godwit_relay::loops::trace_hops(&message);
+        let looped =
+            godwit_relay::loops::is_loop(trace_hops.len(), live.config.smtp.max_trace_hops).then(
+                || {
+                    let mut path = godwit_relay::loops::received_path(&message);
+                    path.push(format!("{} {queue_id}", live.config.hostname));
+                    (trace_hops, path)
+                },
+            );
         let header = Header {
             queue_id: queue_id.clone(),
             arrival_ms: now_ms(),
             message_id: message_id.clone(),
             envelope: envelope.clone(),
             kind: None,
+            accept_ms: tx_started.elapsed().as_millis() as u64,
         };
         let spool = self.spool.clone();
         let size = (received.len() + message.len()) as u64;
@@ -938,6 +1028,13 @@ impl Smtpd {
                         over_limit,
                     });
                 }
+                let spooled = match looped {
+                    Some((hops, path)) => {
+                        self.hold_loop(spooled, hops, path, live.config.smtp.max_trace_hops)
+                            .await
+                    }
+                    None => spooled,
+                };
                 self.relay.enqueue(spooled);
                 session.queued(&queue_id)
             }

@@ -214,7 +214,9 @@ fn admin_token_is_required_when_set() {
 #[test]
 fn postfix_style_log_is_read_by_pflogsumm() {
     let (po, pn) = (free_port(), free_port());
-    let old = Sink::start(po, &[]);
+    // old waits 1 s before answering DATA: a transmission delay that
+    // delays=a/b/c/d must show in its `d`.
+    let old = Sink::start(po, &["-w", "1"]);
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("maillog");
     let gw = Gateway::start(
@@ -257,22 +259,51 @@ fn postfix_style_log_is_read_by_pflogsumm() {
             .filter(|t| t.contains("status=deferred"))
             .map(|_| ())
     });
-    // An operator hold and a removal of the deferred message.
-    let qid = wait_for("the deferred message's queue ID", T, || {
+    // An operator hold and a removal of the deferred message, once it has
+    // waited a backoff (>= 1 s) in the queue: its second deferral's delay.
+    let qid = wait_for("the second deferral", T, || {
         gw.events_named("delivery.deferred")
-            .first()
+            .iter()
+            .find(|e| e["attempts"].as_u64() >= Some(2))
             .and_then(|e| e["queue_id"].as_str().map(str::to_string))
     });
     assert!(gw.cli(&["queue", "hold", &qid]).0);
     assert!(gw.cli(&["queue", "delete", &qid, "--yes"]).0);
-    wait_for("hold and removal logged", T, || {
+    wait_for("hold, removal and deliveries logged", T, || {
         std::fs::read_to_string(&log)
             .ok()
-            .filter(|t| t.contains(": hold: ") && t.contains(&format!("{qid}: removed")))
+            .filter(|t| {
+                t.contains(": hold: ")
+                    && t.contains(&format!("{qid}: removed"))
+                    && t.matches("status=sent").count() == 7
+            })
             .map(|_| ())
     });
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(text.contains("status=sent (250"), "{text}");
+    // The breakdown is real: every delivery spent >= 1 s transmitting (d),
+    // the second deferral >= 1 s queued (b), and delay= is their sum.
+    let fields = |l: &str| -> (f64, [f64; 4]) {
+        let v = |k: &str| l.split(k).nth(1).unwrap().split(',').next().unwrap();
+        let d: Vec<f64> = v(" delays=")
+            .split('/')
+            .map(|x| x.parse().unwrap())
+            .collect();
+        (v(" delay=").parse().unwrap(), [d[0], d[1], d[2], d[3]])
+    };
+    let sent: Vec<_> = text.lines().filter(|l| l.contains("status=sent")).collect();
+    assert_eq!(sent.len(), 7, "{text}");
+    for l in &sent {
+        let (delay, d) = fields(l);
+        assert!(d[3] >= 1.0, "transmission under 1 s: {l}");
+        assert!((delay - d.iter().sum::<f64>()).abs() < 0.05, "{l}");
+    }
+    let deferred_later = text
+        .lines()
+        .filter(|l| l.contains("status=deferred"))
+        .map(fields)
+        .any(|(delay, d)| d[1] >= 1.0 && delay >= 1.0);
+    assert!(deferred_later, "no deferral with its queue time:\n{text}");
     assert!(
         text.contains("from=<s@outside.test> to=<x@elsewhere.test> proto=ESMTP helo=<client.test>"),
         "{text}"
@@ -326,6 +357,18 @@ fn postfix_style_log_is_read_by_pflogsumm() {
         rejects.contains("Relay access denied (total: 1)") && rejects.contains("127.0.0.1"),
         "{rejects}"
     );
+    // pflogsumm read the delays unchanged: example.com's average and maximum
+    // delay are the 1 s+ the log says, not 0.
+    let domain = section("Host/Domain Summary: Message Delivery");
+    let row = domain
+        .lines()
+        .find(|l| l.trim_end().ends_with(" example.com"))
+        .unwrap_or_else(|| panic!("no example.com row:\n{domain}"));
+    let cols: Vec<&str> = row.split_whitespace().collect();
+    // sent cnt, bytes, defers, avg dly, max dly, domain ("1.0 s" each).
+    let avg: f64 = cols[3].parse().unwrap();
+    let max: f64 = cols[5].parse().unwrap();
+    assert!(avg >= 1.0 && max >= 1.0 && cols[4] == "s", "{row}");
 }
 
 #[test]

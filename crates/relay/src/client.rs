@@ -104,6 +104,9 @@ pub struct AttemptOutcome {
     /// the failure that stopped it).
     pub summary: Reply,
     pub duration: Duration,
+    /// Of `duration`, the part spent getting a connection ready (TCP,
+    /// greeting, EHLO, STARTTLS, TLS; failovers included): Postfix's `c`.
+    pub connect: Duration,
 }
 
 struct Pooled {
@@ -639,6 +642,8 @@ impl Platform {
                 rcpts: all(&reply, permanent),
                 summary: reply,
                 duration: started.elapsed(),
+                // The MX lookup is connection setup: Postfix counts DNS in `c`.
+                connect: started.elapsed(),
             };
         }
         // Hosts this attempt has used, so a failover never returns to one.
@@ -663,11 +668,13 @@ impl Platform {
                             rcpts: all(&reply, permanent),
                             summary: reply,
                             duration: started.elapsed(),
+                            connect: started.elapsed(),
                         };
                     }
                 },
             };
             use_pool = false;
+            let connect = started.elapsed();
             if !tried.contains(&conn.host_idx) {
                 tried.push(conn.host_idx);
             }
@@ -687,6 +694,7 @@ impl Platform {
                             rcpts: outcomes,
                             summary,
                             duration: started.elapsed(),
+                            connect,
                         }
                     }
                     // A pooled connection the peer closed while idle: nothing was
@@ -703,6 +711,7 @@ impl Platform {
                         rcpts: all(&r, false),
                         summary: r,
                         duration: started.elapsed(),
+                        connect,
                     },
                     // The message may have been received: never resend elsewhere now.
                     Err(TxError::AfterData(r)) => {
@@ -713,6 +722,7 @@ impl Platform {
                             rcpts: all(&r, false),
                             summary: r,
                             duration: started.elapsed(),
+                            connect,
                         };
                     }
                 };

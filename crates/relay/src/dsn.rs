@@ -177,6 +177,7 @@ mod tests {
                 tls: false,
             },
             kind: None,
+            accept_ms: 0,
         }
     }
 

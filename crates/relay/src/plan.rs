@@ -10,7 +10,7 @@ use crate::client::{AttemptOutcome, RcptOutcome};
 use crate::dsn::{self, DsnRcpt};
 use godwit_config::ROUTE_BOTH;
 use godwit_config::ROUTE_HOLD;
-use godwit_events::Event;
+use godwit_events::{Delays, Event};
 use godwit_smtp_proto::RcptParams;
 use godwit_spool::{Header, RcptStatus, StatusRecord};
 use std::collections::{BTreeMap, BTreeSet};
@@ -226,6 +226,7 @@ pub fn plan_attempt(h: &Header, rcpts: &mut [RcptState], w: &World) -> Plan {
                 platform: route.clone(),
                 reply: reply.clone(),
                 reason: "expired".into(),
+                delays: delays(h, w.now, None),
             });
             plan.failed
                 .push(dsn_rcpt(addr, params, "failed", "4.4.7", &reply, None));
@@ -363,6 +364,22 @@ pub fn defer(
         reply: reply.to_string(),
         attempts: r.attempts,
         next_attempt_in_s: ((r.next_ms - now) / 1000).max(0) as u64,
+        delays: delays(h, now, None),
+    }
+}
+
+/// The delay breakdown of recipient time in message `h` at `now`, the end
+/// of attempt `out` (None: decided without an attempt, all of it queue time).
+pub fn delays(h: &Header, now: i64, out: Option<&AttemptOutcome>) -> Delays {
+    let (connect, total) = out.map_or((0, 0), |o| {
+        (o.connect.as_millis() as u64, o.duration.as_millis() as u64)
+    });
+    let started = now - total as i64;
+    Delays {
+        accept_ms: h.accept_ms,
+        queue_ms: (started - h.arrival_ms).max(0) as u64,
+        connect_ms: connect.min(total),
+        transmit_ms: total.saturating_sub(connect),
     }
 }
 
@@ -432,6 +449,7 @@ pub fn settle(
                     reply: reply.to_string(),
                     remote_queue_id: remote_queue_id.clone(),
                     delay_ms: (now - h.arrival_ms).max(0) as u64,
+                    delays: delays(h, now, Some(out)),
                 });
             }
             RcptOutcome::Permanent(reply) if !soft_bounce => {
@@ -445,6 +463,7 @@ pub fn settle(
                     platform: platform.to_string(),
                     reply: reply.to_string(),
                     reason: "rejected by platform".into(),
+                    delays: delays(h, now, Some(out)),
                 });
                 let status = reply.enhanced_string().unwrap_or_else(|| "5.0.0".into());
                 s.failed.push(dsn_rcpt(
@@ -457,7 +476,7 @@ pub fn settle(
                 ));
             }
             RcptOutcome::Permanent(reply) | RcptOutcome::Transient(reply) => {
-                s.events.push(defer(
+                let mut ev = defer(
                     h,
                     i,
                     r,
@@ -467,7 +486,11 @@ pub fn settle(
                     None,
                     now,
                     backoff,
-                ));
+                );
+                if let Event::Deferred { delays: d, .. } = &mut ev {
+                    *d = delays(h, now, Some(out));
+                }
+                s.events.push(ev);
             }
         }
     }
@@ -515,6 +538,7 @@ pub(crate) mod tests {
                 tls: false,
             },
             kind: None,
+            accept_ms: 0,
         }
     }
 
@@ -795,6 +819,7 @@ pub(crate) mod tests {
             ],
             summary: ok,
             duration: Duration::from_millis(5),
+            connect: Duration::from_millis(2),
         };
         for soft_bounce in [false, true] {
             let mut rcpts = fresh(3);
@@ -823,6 +848,25 @@ pub(crate) mod tests {
             };
             assert_eq!(rcpts[2].status, want, "soft_bounce={soft_bounce}");
             assert_eq!(s.failed.len(), dsns);
+            // Every outcome carries the attempt's breakdown: 5 s since the
+            // arrival, of which the last 5 ms were the attempt (2 ms setup).
+            let want = Delays {
+                accept_ms: 0,
+                queue_ms: 4995,
+                connect_ms: 2,
+                transmit_ms: 3,
+            };
+            let got: Vec<Delays> = s
+                .events
+                .iter()
+                .filter_map(|e| match e {
+                    Event::Delivered { delays, .. }
+                    | Event::Deferred { delays, .. }
+                    | Event::Failed { delays, .. } => Some(*delays),
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(got, [want; 3], "soft_bounce={soft_bounce}");
         }
     }
 

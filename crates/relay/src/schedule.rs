@@ -1042,6 +1042,7 @@ impl RelayHandle {
                 tls: false,
             },
             kind: Some("dsn".into()),
+            accept_ms: 0,
         };
         let spool = inner.spool.clone();
         let hdr = header.clone();

@@ -11,6 +11,7 @@ pub mod directory;
 pub mod history;
 pub mod ldif;
 pub mod model;
+pub mod soak;
 
 use godwit_config::{Config, UnknownRecipient};
 use godwit_store::{Row, Store, StoreError, bulk};

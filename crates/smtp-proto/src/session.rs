@@ -201,6 +201,11 @@ impl Session {
         matches!(self.state, State::Data(_))
     }
 
+    /// A MAIL FROM was accepted and its transaction is still open.
+    pub fn in_transaction(&self) -> bool {
+        self.mail.is_some()
+    }
+
     pub fn is_closed(&self) -> bool {
         matches!(self.state, State::Closed)
     }

@@ -61,6 +61,15 @@ pub struct Header {
     /// the DSN platform, whatever the routing map says, and never get a DSN.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kind: Option<String>,
+    /// How long the client's transaction took, MAIL FROM to the end of DATA
+    /// (the `a` of Postfix's `delays=a/b/c/d`; the spool's fsync that follows
+    /// counts from `arrival_ms`); 0 for mail godwit made itself.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub accept_ms: u64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -646,6 +655,7 @@ mod tests {
                 tls: false,
             },
             kind: None,
+            accept_ms: 0,
         }
     }
 
