@@ -11,8 +11,10 @@
 //! then zero or more status records: u32 len | JSON | u32 crc32(JSON)
 //! ```
 //!
-//! `store` writes to `tmp/`, fsyncs the file, renames it into `queue/` and
-//! fsyncs the directory; only then may the SMTP reply be 250. Per-recipient
+//! `store` writes to `tmp/`, fdatasyncs the file, renames it into `queue/`
+//! and fsyncs the directory; only then may the SMTP reply be 250. Concurrent
+//! stores are group-committed (see `commit`): one directory fsync, and one
+//! journal commit, cover a whole batch of sessions. Per-recipient
 //! outcomes are appended as status records (fdatasync'ed for final outcomes),
 //! so a restart never re-sends to a recipient already delivered. When every
 //! recipient is final, the file is removed.
@@ -24,6 +26,8 @@ use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
+
+mod commit;
 
 const MAGIC: &[u8] = b"GODWITQ1\n";
 const END: &[u8] = b"END!";
@@ -167,6 +171,7 @@ pub struct Spool {
     /// and never write.
     _lock: File,
     dirsync: DirSync,
+    group: commit::GroupCommit,
     queue: PathBuf,
     tmp: PathBuf,
     corrupt: PathBuf,
@@ -235,13 +240,14 @@ impl Spool {
         };
         let shadow = std::env::var_os("GODWIT_POWERLOSS_SHADOW").map(PathBuf::from);
         if let Some(dir) = &shadow {
-            for d in ["queue", "corrupt"] {
+            for d in ["queue", "corrupt", "tmp"] {
                 std::fs::create_dir_all(dir.join(d)).map_err(io(dir))?;
             }
         }
         Ok(Spool {
             _lock: lock,
             dirsync,
+            group: Default::default(),
             queue,
             tmp,
             corrupt,
@@ -260,6 +266,56 @@ impl Spool {
                 let _ = std::fs::rename(&part, &to);
             }
         }
+    }
+
+    /// See `shadow`: a new file's data is durable, but not yet its name in
+    /// `queue/` (a power cut now leaves it unlinked, as in `tmp/`).
+    fn shadow_data_synced(&self, tmp: &Path, queue_id: &str) {
+        if let Some(dir) = &self.shadow {
+            let _ = std::fs::copy(tmp, dir.join("tmp").join(queue_id));
+        }
+    }
+
+    /// See `shadow`: the directory sync after a new file's rename: its name
+    /// in `queue/` is durable. Only now may the copy appear there.
+    fn shadow_linked(&self, queue_id: &str) {
+        if let Some(dir) = &self.shadow {
+            let _ = std::fs::rename(
+                dir.join("tmp").join(queue_id),
+                dir.join("queue").join(queue_id),
+            );
+        }
+    }
+
+    /// One group-commit batch: each file fdatasync'ed then renamed into
+    /// `queue/`, then one directory fsync for all of them.
+    fn commit_batch(&self, jobs: Vec<commit::Job>) -> Vec<Result<(), SpoolError>> {
+        let mut res: Vec<Result<(), SpoolError>> = jobs
+            .iter()
+            .map(|j| {
+                j.file.sync_data().map_err(io(&j.tmp))?;
+                self.shadow_data_synced(&j.tmp, &j.queue_id);
+                std::fs::rename(&j.tmp, &j.dst).map_err(io(&j.dst))
+            })
+            .collect();
+        if res.iter().any(|r| r.is_ok()) {
+            // The renames are durable only once the directory is synced.
+            match self.dirsync.sync() {
+                Ok(()) => {
+                    for (j, r) in jobs.iter().zip(&res) {
+                        if r.is_ok() {
+                            self.shadow_linked(&j.queue_id);
+                        }
+                    }
+                }
+                Err(e) => {
+                    for r in res.iter_mut().filter(|r| r.is_ok()) {
+                        *r = Err(commit::copy_err(&e, &self.queue));
+                    }
+                }
+            }
+        }
+        res
     }
 
     /// See `shadow`: the removal of a file has just been made durable.
@@ -333,20 +389,20 @@ impl Spool {
                 f.write_all(p).map_err(io(&tmp))?;
             }
             f.write_all(&trailer).map_err(io(&tmp))?;
-            f.sync_all().map_err(io(&tmp))?;
-            drop(f);
-            std::fs::rename(&tmp, &dst).map_err(io(&dst))?;
-            // The rename is durable only once the directory is synced.
-            File::open(&self.queue)
-                .and_then(|d| d.sync_all())
-                .map_err(io(&self.queue))
+            commit::start_writeback(&f);
+            let job = commit::Job {
+                file: f,
+                tmp: tmp.clone(),
+                dst: dst.clone(),
+                queue_id: header.queue_id.clone(),
+            };
+            self.group.commit(job, |jobs| self.commit_batch(jobs))
         })();
         if result.is_err() {
             let _ = std::fs::remove_file(&tmp);
             let _ = std::fs::remove_file(&dst);
         }
         result?;
-        self.shadow_synced(&header.queue_id);
         Ok(Spooled {
             header: header.clone(),
             body_offset,
