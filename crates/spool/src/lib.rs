@@ -12,9 +12,9 @@
 //! ```
 //!
 //! `store` writes to `tmp/`, fdatasyncs the file, renames it into `queue/`
-//! and fsyncs the directory; only then may the SMTP reply be 250. Concurrent
-//! stores are group-committed (see `commit`): one directory fsync, and one
-//! journal commit, cover a whole batch of sessions. Per-recipient
+//! and fsyncs the directory; only then may the SMTP reply be 250. Directory
+//! syncs are group-committed (`DirSync`): one fsync covers every rename and
+//! unlink of the sessions and deliveries waiting meanwhile. Per-recipient
 //! outcomes are appended as status records (fdatasync'ed for final outcomes),
 //! so a restart never re-sends to a recipient already delivered. When every
 //! recipient is final, the file is removed.
@@ -26,8 +26,6 @@ use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
-
-mod commit;
 
 const MAGIC: &[u8] = b"GODWITQ1\n";
 const END: &[u8] = b"END!";
@@ -171,7 +169,6 @@ pub struct Spool {
     /// and never write.
     _lock: File,
     dirsync: DirSync,
-    group: commit::GroupCommit,
     queue: PathBuf,
     tmp: PathBuf,
     corrupt: PathBuf,
@@ -247,7 +244,6 @@ impl Spool {
         Ok(Spool {
             _lock: lock,
             dirsync,
-            group: Default::default(),
             queue,
             tmp,
             corrupt,
@@ -285,37 +281,6 @@ impl Spool {
                 dir.join("queue").join(queue_id),
             );
         }
-    }
-
-    /// One group-commit batch: each file fdatasync'ed then renamed into
-    /// `queue/`, then one directory fsync for all of them.
-    fn commit_batch(&self, jobs: Vec<commit::Job>) -> Vec<Result<(), SpoolError>> {
-        let mut res: Vec<Result<(), SpoolError>> = jobs
-            .iter()
-            .map(|j| {
-                j.file.sync_data().map_err(io(&j.tmp))?;
-                self.shadow_data_synced(&j.tmp, &j.queue_id);
-                std::fs::rename(&j.tmp, &j.dst).map_err(io(&j.dst))
-            })
-            .collect();
-        if res.iter().any(|r| r.is_ok()) {
-            // The renames are durable only once the directory is synced.
-            match self.dirsync.sync() {
-                Ok(()) => {
-                    for (j, r) in jobs.iter().zip(&res) {
-                        if r.is_ok() {
-                            self.shadow_linked(&j.queue_id);
-                        }
-                    }
-                }
-                Err(e) => {
-                    for r in res.iter_mut().filter(|r| r.is_ok()) {
-                        *r = Err(commit::copy_err(&e, &self.queue));
-                    }
-                }
-            }
-        }
-        res
     }
 
     /// See `shadow`: the removal of a file has just been made durable.
@@ -389,14 +354,21 @@ impl Spool {
                 f.write_all(p).map_err(io(&tmp))?;
             }
             f.write_all(&trailer).map_err(io(&tmp))?;
-            commit::start_writeback(&f);
-            let job = commit::Job {
-                file: f,
-                tmp: tmp.clone(),
-                dst: dst.clone(),
-                queue_id: header.queue_id.clone(),
-            };
-            self.group.commit(job, |jobs| self.commit_batch(jobs))
+            // Each session syncs its own file's data in its own thread: on
+            // this ext4 (no journal) a data sync cannot be shared, but the
+            // syncs of concurrent sessions reach the disk together.
+            f.sync_data().map_err(io(&tmp))?;
+            drop(f);
+            self.shadow_data_synced(&tmp, &header.queue_id);
+            // Renamed only once its data is durable, so a crash never leaves
+            // a torn file under a queue name.
+            std::fs::rename(&tmp, &dst).map_err(io(&dst))?;
+            // The rename is durable only once the directory is synced: one
+            // group-committed fsync for every session renaming meanwhile
+            // (and every removal), so N sessions cost far fewer than N.
+            self.dirsync.sync().map_err(io(&self.queue))?;
+            self.shadow_linked(&header.queue_id);
+            Ok(())
         })();
         if result.is_err() {
             let _ = std::fs::remove_file(&tmp);
