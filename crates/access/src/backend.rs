@@ -136,6 +136,37 @@ pub async fn imap_login(
     }
 }
 
+/// Checks a user's password with a LOGIN at the platform, then LOGOUT: the
+/// check before a master-user session (Dovecot's `user*master` logs in
+/// without the user's password, so the front must verify it first).
+pub async fn imap_verify(t: &Target<'_>, user: &str, password: &str) -> Result<(), BackendError> {
+    let (mut c, _) = imap_login(t, user, password, "V0").await?;
+    // RFC 3501 6.1.3; the reply does not matter, the check is done.
+    let _ = send(&mut c, t.url, "V1 LOGOUT\r\n").await;
+    Ok(())
+}
+
+/// A session as `user{separator}{master}` with the master's password, once
+/// [`imap_verify`] has passed. The platform refusing the master is our
+/// configuration's fault, not the user's: it is reported as unavailable.
+pub async fn imap_master_login(
+    t: &Target<'_>,
+    user: &str,
+    master: (&str, &str, &str),
+    client_tag: &str,
+) -> Result<(Conn, Vec<u8>), BackendError> {
+    let (name, separator, password) = master;
+    imap_login(t, &format!("{user}{separator}{name}"), password, client_tag)
+        .await
+        .map_err(|e| match e {
+            BackendError::Auth(reply) => unavailable(
+                t.url,
+                format!("the master user {name} was refused: {reply}"),
+            ),
+            e => e,
+        })
+}
+
 /// POP3: greeting, STLS when CAPA offers it (pop3://, RFC 2595 4), USER and
 /// PASS (RFC 1939 7). Returns the connection and the platform's +OK line.
 pub async fn pop3_login(

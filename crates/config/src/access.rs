@@ -17,7 +17,10 @@
 //!
 //! Each platform names its mailbox servers beside its relay:
 //! `imap = "imap://host:143"` (STARTTLS when offered) or `imaps://host:993`,
-//! `pop3 = "pop3://host:110"` or `pop3s://host:995`.
+//! `pop3 = "pop3://host:110"` or `pop3s://host:995`. With
+//! `imap_master_user = "admin"` and `imap_master_password = "file:..."` the
+//! front checks the client's password with a LOGIN there, then opens the
+//! session as `user*admin` (`imap_master_separator`, Dovecot's default `*`).
 
 use super::{ConfigError, de_duration, invalid, ser_duration};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};

@@ -75,6 +75,10 @@ pub enum Event {
         mail_from: String,
         rcpts: Vec<String>,
         size: u64,
+        /// `outbound` for mail accepted on the relay port (or after AUTH)
+        /// with a recipient outside our domains; absent for inbound mail.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        direction: Option<String>,
     },
     /// A recipient that is a group, expanded before the message was queued
     /// (`directory.expand_groups`). With `over_limit` it was not expanded

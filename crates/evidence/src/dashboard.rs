@@ -38,6 +38,12 @@ pub struct Series {
     pub latency: BTreeMap<String, [Vec<Option<f64>>; 3]>,
     /// Routing versions committed in the range: the charts' markers.
     pub routing_changes: Vec<Marker>,
+    /// platform -> successful client logins (IMAP and POP3) per bucket: a
+    /// wave's client move shows as logins leaving one platform for another.
+    pub logins: BTreeMap<String, Vec<u64>>,
+    /// Failed client logins per bucket, and sessions closed by a move.
+    pub login_failures: Vec<u64>,
+    pub moved: Vec<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -47,7 +53,8 @@ pub struct Marker {
     pub command: String,
 }
 
-/// An indexed event: time, name, and for deliveries (platform, delay).
+/// An indexed event: time, name, and for deliveries (platform, delay); for
+/// successful client logins (platform, 0).
 pub type Point = (i64, String, Option<(String, u64)>);
 
 /// Cuts `events` into buckets of `bucket_ms` from `from_ms` to `to_ms`.
@@ -63,6 +70,8 @@ pub fn bucket(events: &[Point], from_ms: i64, to_ms: i64, bucket_ms: i64) -> Ser
         delivered: vec![0; n],
         deferred: vec![0; n],
         failed: vec![0; n],
+        login_failures: vec![0; n],
+        moved: vec![0; n],
         ..Default::default()
     };
     let mut delays: BTreeMap<String, Vec<Vec<f64>>> = BTreeMap::new();
@@ -84,6 +93,15 @@ pub fn bucket(events: &[Point], from_ms: i64, to_ms: i64, bucket_ms: i64) -> Ser
             }
             "delivery.deferred" => s.deferred[i] += 1,
             "delivery.failed" => s.failed[i] += 1,
+            "access.login" => match delivery {
+                Some((platform, _)) => {
+                    s.logins
+                        .entry(platform.clone())
+                        .or_insert_with(|| vec![0; n])[i] += 1
+                }
+                None => s.login_failures[i] += 1,
+            },
+            "access.moved" => s.moved[i] += 1,
             _ => {}
         }
     }
@@ -112,7 +130,7 @@ pub async fn series(store: &Store, range: &str, now_ms: i64) -> anyhow::Result<S
         .ok_or_else(|| anyhow::anyhow!("range `{range}`: choose 15m, 1h, 24h or 7d"))?;
     let from = now_ms - span;
     let rows = godwit_store::sqlx::query(
-        "SELECT ts_ms, name, body FROM events WHERE ts_ms >= $1 AND name IN ('message.accepted', 'delivery.delivered', 'delivery.deferred', 'delivery.failed')",
+        "SELECT ts_ms, name, body FROM events WHERE ts_ms >= $1 AND name IN ('message.accepted', 'delivery.delivered', 'delivery.deferred', 'delivery.failed', 'access.login', 'access.moved')",
     )
     .bind(from)
     .fetch_all(&store.pool)
@@ -122,13 +140,20 @@ pub async fn series(store: &Store, range: &str, now_ms: i64) -> anyhow::Result<S
         .map(|r| {
             let ts: i64 = r.try_get(0).unwrap_or(0);
             let name: String = r.try_get(1).unwrap_or_default();
-            let delivery = (name == "delivery.delivered")
-                .then(|| {
-                    let body: String = r.try_get(2).ok()?;
-                    let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+            let body = || -> Option<serde_json::Value> {
+                serde_json::from_str(&r.try_get::<String, _>(2).ok()?).ok()
+            };
+            let delivery = match name.as_str() {
+                "delivery.delivered" => body().and_then(|v| {
                     Some((v["platform"].as_str()?.to_string(), v["delay_ms"].as_u64()?))
-                })
-                .flatten();
+                }),
+                // A login that failed carries no platform here: it is counted
+                // as a failure, not as a session on the platform.
+                "access.login" => body()
+                    .filter(|v| v["result"] == "ok")
+                    .and_then(|v| Some((v["platform"].as_str()?.to_string(), 0))),
+                _ => None,
+            };
             (ts, name, delivery)
         })
         .collect();
@@ -294,6 +319,27 @@ mod tests {
         let new = &s.latency["new"];
         assert_eq!(new[0], vec![Some(0.1), None, None]);
         assert_eq!(new[2], vec![Some(0.3), None, None]);
+    }
+
+    #[test]
+    fn client_logins_per_platform_failures_and_moves() {
+        let login = |t: i64, p: Option<&str>| {
+            (t, "access.login".to_string(), p.map(|p| (p.to_string(), 0)))
+        };
+        let events = vec![
+            login(1_000, Some("old")),
+            login(2_000, Some("old")),
+            login(3_000, None),
+            (6_000, "access.moved".to_string(), None),
+            login(7_000, Some("new")),
+        ];
+        let s = bucket(&events, 0, 10_000, 5_000);
+        assert_eq!(s.logins["old"], vec![2, 0, 0]);
+        assert_eq!(s.logins["new"], vec![0, 1, 0]);
+        assert_eq!(s.login_failures, vec![1, 0, 0]);
+        assert_eq!(s.moved, vec![0, 1, 0]);
+        // Logins are not mail: the delivery series stay empty.
+        assert_eq!(s.delivered, vec![0, 0, 0]);
     }
 
     #[test]

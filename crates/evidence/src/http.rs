@@ -17,6 +17,16 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+/// Every status sync gives an account (godwit_imap::Status): each account
+/// has one gauge per status, 1 for the one it is in, so an alert on
+/// `status="differs"` (verify found a difference; the cutover guard refuses
+/// the account) works before any account has differed.
+pub const SYNC_STATUSES: [&str; 4] = ["seeding", "ready", "verified", "differs"];
+
+pub fn sync_status_gauges(status: &str) -> [(&'static str, f64); 4] {
+    SYNC_STATUSES.map(|s| (s, if s == status { 1.0 } else { 0.0 }))
+}
+
 #[derive(Clone)]
 pub struct Admin {
     pub metrics: Arc<Metrics>,
@@ -26,7 +36,13 @@ pub struct Admin {
     pub node: String,
     pub token: Option<String>,
     samples: Arc<Mutex<VecDeque<Sample>>>,
+    /// The access front's live sessions, (platform, protocol) -> count;
+    /// None when `[access]` is not configured.
+    client_sessions: Option<ClientSessions>,
 }
+
+/// Reads the access front's sessions at the moment of the request.
+pub type ClientSessions = Arc<dyn Fn() -> BTreeMap<(String, String), usize> + Send + Sync>;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Sample {
@@ -63,7 +79,14 @@ impl Admin {
             node,
             token,
             samples: Default::default(),
+            client_sessions: None,
         }
+    }
+
+    /// The dashboard shows client sessions per platform next to mail flow.
+    pub fn with_client_sessions(mut self, f: ClientSessions) -> Admin {
+        self.client_sessions = Some(f);
+        self
     }
 
     pub fn queue_gauges(&self) -> QueueGauges {
@@ -150,8 +173,8 @@ impl Admin {
         self.metrics.with(|| {
             for r in status {
                 let (a, st, v): (String, String, i64) = (r.try_get(0).unwrap_or_default(), r.try_get(1).unwrap_or_default(), r.try_get(2).unwrap_or(0));
-                for s in ["seeding", "ready", "verified"] {
-                    metrics::gauge!("godwit_sync_account_status", "account" => a.clone(), "status" => s).set(if st == s { 1.0 } else { 0.0 });
+                for (s, v) in sync_status_gauges(&st) {
+                    metrics::gauge!("godwit_sync_account_status", "account" => a.clone(), "status" => s).set(v);
                 }
                 metrics::gauge!("godwit_sync_account_verified_timestamp_seconds", "account" => a).set(v as f64 / 1000.0);
             }
@@ -354,8 +377,17 @@ async fn summary(State(a): State<Admin>) -> Response {
         &mut errors,
         crate::dashboard::sync_panel(&a.store, now).await,
     );
+    // platform -> protocol -> sessions; null without an access front.
+    let client_sessions = a.client_sessions.as_ref().map(|f| {
+        let mut by: BTreeMap<String, BTreeMap<String, usize>> = BTreeMap::new();
+        for ((platform, protocol), n) in f() {
+            by.entry(platform).or_default().insert(protocol, n);
+        }
+        by
+    });
     Json(serde_json::json!({
         "node": a.node,
+        "client_sessions": client_sessions,
         "now_ms": godwit_spool::now_ms(),
         "routing_version": a.routes.version(),
         "stats": stats,
@@ -421,5 +453,27 @@ mod tests {
             trace_queries(" bob@example.org ")[1].rcpt.as_deref(),
             Some("bob@example.org")
         );
+    }
+}
+
+#[cfg(test)]
+mod sync_status_tests {
+    use super::*;
+
+    #[test]
+    fn one_gauge_per_status_and_differs_is_one_of_them() {
+        for (status, hot) in [
+            ("seeding", 0),
+            ("ready", 1),
+            ("verified", 2),
+            ("differs", 3),
+            ("unknown", 9),
+        ] {
+            let g = sync_status_gauges(status);
+            for (i, (_, v)) in g.iter().enumerate() {
+                assert_eq!(*v, if i == hot { 1.0 } else { 0.0 }, "{status}: {g:?}");
+            }
+        }
+        assert_eq!(sync_status_gauges("differs")[3], ("differs", 1.0));
     }
 }

@@ -11,6 +11,10 @@ use tokio::sync::mpsc::UnboundedReceiver;
 
 /// "127.0.0.1:2601" -> "127.0.0.1[127.0.0.1]:2601", as Postfix writes relays.
 fn relay(host: &str) -> String {
+    // An MX delivery's host is already `name[ip]:port`.
+    if host.contains('[') && !host.starts_with('[') {
+        return host.to_string();
+    }
     match host.rsplit_once(':') {
         Some((h, p)) if !h.is_empty() => {
             let h = h.trim_start_matches('[').trim_end_matches(']');

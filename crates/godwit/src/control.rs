@@ -37,6 +37,10 @@ pub enum DirectoryCommand {
         apply: bool,
         #[arg(long)]
         actor: Option<String>,
+        /// The whole difference (every address, not the first few) and the
+        /// outcome as one JSON object.
+        #[arg(long)]
+        json: bool,
     },
     /// Who is where: every directory object with its kind, owning platform,
     /// migration state, current route, override and waves, with a summary.
@@ -243,6 +247,7 @@ pub async fn directory(config: Config, command: DirectoryCommand) -> Result<i32>
             platform,
             apply,
             actor,
+            json,
         } => {
             let text = std::fs::read_to_string(&file)
                 .with_context(|| format!("cannot read {}", file.display()))?;
@@ -298,6 +303,23 @@ pub async fn directory(config: Config, command: DirectoryCommand) -> Result<i32>
             );
             let (diff, outcome) =
                 control::import(&ctx(&store, &config, &who, &cmd, !apply), rows).await?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "file": file.display().to_string(),
+                        "objects": n,
+                        "added": diff.added,
+                        "changed": diff.changed.iter().map(|(a, what)| serde_json::json!({"address": a, "changes": what})).collect::<Vec<_>>(),
+                        "removed": diff.removed,
+                        "applied": outcome.is_some(),
+                        "version": outcome.as_ref().map(|o| o.version),
+                        "routes_changed": outcome.as_ref().map(|o| o.moved().count()).unwrap_or(0),
+                        "dry_run": !apply,
+                    })
+                );
+                return Ok(0);
+            }
             for a in diff.added.iter().take(SHOW) {
                 println!("+ {a}");
             }

@@ -101,8 +101,26 @@ impl Drop for Charged<'_> {
 
 /// Only our domains are accepted: godwit is never an open relay. Once a
 /// directory is imported, `directory.unknown_recipient = "reject"` also
-/// refuses addresses it does not know.
-struct Domains<'a>(&'a Config, &'a godwit_route::SharedRoutes);
+/// refuses addresses it does not know. A recipient outside our domains is
+/// accepted only when `relay_permitted`: on the relay port (`outbound.listen`)
+/// from a client inside `outbound.relay_networks`, or after a successful
+/// AUTH on the submission port.
+struct Domains<'a> {
+    config: &'a Config,
+    routes: &'a godwit_route::SharedRoutes,
+    /// Set per connection: this client may send to foreign recipients.
+    relay_permitted: bool,
+}
+
+/// Which listener a connection came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listener {
+    /// `smtp.listen`: mail for our domains only, as always.
+    Inbound,
+    /// `outbound.listen`: the relay port for platforms' outbound connectors
+    /// and apps; relaying for clients in `relay_networks`.
+    Relay,
+}
 
 impl RcptPolicy for Domains<'_> {
     fn check_rcpt(&self, address: &str) -> Result<(), Reply> {
@@ -111,11 +129,13 @@ impl RcptPolicy for Domains<'_> {
             return Ok(());
         }
         match address.rsplit_once('@') {
-            Some((local, domain)) if !local.is_empty() && self.0.is_accepted_domain(domain) => {
+            Some((local, domain))
+                if !local.is_empty() && self.config.is_accepted_domain(domain) =>
+            {
                 // As Postfix's relay_recipient_maps: refuse at RCPT rather than
                 // accept and bounce later (RFC 5321 4.2.2: 550 for a mailbox
                 // that does not exist; RFC 3463 5.1.1 bad destination mailbox).
-                if self.1.rejects_unknown(address) {
+                if self.routes.rejects_unknown(address) {
                     return Err(Reply::new(
                         550,
                         (5, 1, 1),
@@ -124,6 +144,10 @@ impl RcptPolicy for Domains<'_> {
                 }
                 Ok(())
             }
+            // A foreign recipient from a client allowed to relay: it leaves
+            // by the outbound route.
+            Some((local, _)) if !local.is_empty() && self.relay_permitted => Ok(()),
+            // RFC 5321 3.6.2 / 7.1: never an open relay; RFC 3463 5.7.1.
             Some(_) => Err(Reply::new(
                 554,
                 (5, 7, 1),
@@ -235,6 +259,11 @@ impl Smtpd {
     }
 
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        self.serve_as(listener, Listener::Inbound).await
+    }
+
+    /// Accepts connections on `listener`, whose sessions follow `kind`'s rules.
+    pub async fn serve_as(self: Arc<Self>, listener: TcpListener, kind: Listener) {
         let mut draining = self.draining.subscribe();
         loop {
             let accepted = tokio::select! {
@@ -254,7 +283,7 @@ impl Smtpd {
             let me = self.clone();
             me.active.fetch_add(1, Ordering::AcqRel);
             tokio::spawn(async move {
-                me.clone().connection(stream, peer).await;
+                me.clone().connection(stream, peer, kind).await;
                 if me.active.fetch_sub(1, Ordering::AcqRel) == 1 {
                     me.idle.notify_waiters();
                 }
@@ -272,7 +301,7 @@ impl Smtpd {
         });
     }
 
-    async fn connection(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) {
+    async fn connection(self: Arc<Self>, stream: TcpStream, peer: SocketAddr, kind: Listener) {
         let ip = peer.ip();
         let live = self.live.read().unwrap().clone();
         let Ok(_permit) = self.connections.clone().try_acquire_owned() else {
@@ -315,7 +344,15 @@ impl Smtpd {
             session: session_id,
             client_ip: ip.to_string(),
         });
-        let (messages, reason) = self.run_session(&live, stream, ip, session_id).await;
+        let relay_permitted = kind == Listener::Relay
+            && live
+                .config
+                .outbound
+                .as_ref()
+                .is_some_and(|o| godwit_outbound::relay_permitted(ip, &o.relay_networks));
+        let (messages, reason) = self
+            .run_session(&live, stream, ip, session_id, relay_permitted)
+            .await;
         self.events.emit(Event::ConnectionClosed {
             session: session_id,
             client_ip: ip.to_string(),
@@ -337,6 +374,7 @@ impl Smtpd {
         stream: TcpStream,
         ip: IpAddr,
         sid: u64,
+        relay_permitted: bool,
     ) -> (u32, String) {
         let _ = stream.set_nodelay(true);
         let delay = live.config.smtp.greeting_delay;
@@ -385,7 +423,14 @@ impl Smtpd {
             return (0, "write failed".into());
         }
         match self
-            .drive(live, &mut stream, &mut session, sid, &mut messages)
+            .drive(
+                live,
+                &mut stream,
+                &mut session,
+                sid,
+                &mut messages,
+                relay_permitted,
+            )
             .await
         {
             End::StartTls => {
@@ -416,7 +461,14 @@ impl Smtpd {
                         });
                         session.tls_started();
                         match self
-                            .drive(live, &mut tls, &mut session, sid, &mut messages)
+                            .drive(
+                                live,
+                                &mut tls,
+                                &mut session,
+                                sid,
+                                &mut messages,
+                                relay_permitted,
+                            )
                             .await
                         {
                             End::Closed(reason) => (messages, reason),
@@ -438,8 +490,13 @@ impl Smtpd {
         session: &mut Session,
         sid: u64,
         messages: &mut u32,
+        relay_permitted: bool,
     ) -> End {
-        let policy = Domains(&live.config, self.relay.routes());
+        let policy = Domains {
+            config: &live.config,
+            routes: self.relay.routes(),
+            relay_permitted,
+        };
         let mut draining = self.draining.subscribe();
         let mut buf = vec![0u8; 64 * 1024];
         let mut out: Vec<u8> = Vec::with_capacity(1024);
@@ -601,6 +658,11 @@ impl Smtpd {
                     mail_from: envelope.mail_from.clone(),
                     rcpts: envelope.rcpts.iter().map(|(a, _)| a.clone()).collect(),
                     size,
+                    direction: envelope
+                        .rcpts
+                        .iter()
+                        .any(|(a, _)| godwit_relay::outbound::is_foreign(&live.config, a))
+                        .then(|| "outbound".to_string()),
                 });
                 for (rcpt, e) in expansions {
                     let (members, groups, over_limit) = match e {

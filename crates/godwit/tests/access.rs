@@ -181,32 +181,31 @@ struct Setup {
     pop3: u16,
     http: u16,
     sinks: (Sink, Sink),
+    /// The platforms' POP3 ports (IMAP: `old.port`, `new.port`).
+    pop3_ports: (u16, u16),
 }
 
 fn setup(access_extra: &str) -> Setup {
+    setup_on(access_extra, "")
+}
+
+/// A gateway with an access front in front of the two Dovecots; `tail` is
+/// appended to its configuration (e.g. a shared `[store]`).
+fn setup_on(access_extra: &str, tail: &str) -> Setup {
     let (old, old_pop3) = dovecot(Flavor::Source, &["alice@example.com", "bob@example.com"]);
     let (new, new_pop3) = dovecot(Flavor::Exchange, &["alice@example.com", "bob@example.com"]);
     save(&old, "alice@example.com", &msg("from-old"));
     save(&new, "alice@example.com", &msg("from-new"));
     let (po, pn) = (free_port(), free_port());
     let sinks = (Sink::start(po, &[]), Sink::start(pn, &[]));
-    let (imap, pop3, http) = (free_port(), free_port(), free_port());
-    let access = format!(
-        "[access]\nimap_listen = [\"127.0.0.1:{imap}\"]\npop3_listen = [\"127.0.0.1:{pop3}\"]\nhttp_listen = [\"127.0.0.1:{http}\"]\nlogin_failure_delay = \"50ms\"\npublic_hostname = \"mail.example.com\"\nsubmission_port = 587\n{access_extra}\n"
+    let (gw, imap, pop3, http) = front(
+        po,
+        pn,
+        (old.port, old_pop3),
+        (new.port, new_pop3),
+        access_extra,
+        tail,
     );
-    let mut gw = Gateway::start(po, pn, "", &access);
-    // The platforms' mailbox servers, beside their relays.
-    let (o, n) = (old.port, new.port);
-    gw.reconfigure(|c| {
-        c.replacen(
-            "[platforms.new]\n",
-            &format!("imap = \"imap://127.0.0.1:{o}\"\npop3 = \"pop3://127.0.0.1:{old_pop3}\"\n[platforms.new]\nimap = \"imap://127.0.0.1:{n}\"\npop3 = \"pop3://127.0.0.1:{new_pop3}\"\n"),
-            1,
-        )
-    });
-    wait_for("the access front", T, || {
-        TcpStream::connect(("127.0.0.1", imap)).ok()
-    });
     Setup {
         old,
         new,
@@ -215,7 +214,37 @@ fn setup(access_extra: &str) -> Setup {
         pop3,
         http,
         sinks,
+        pop3_ports: (old_pop3, new_pop3),
     }
+}
+
+/// One gateway node with an access front: returns it and its IMAP, POP3
+/// and HTTP ports. `old`/`new` are the platforms' (IMAP, POP3) ports.
+fn front(
+    po: u16,
+    pn: u16,
+    old: (u16, u16),
+    new: (u16, u16),
+    access_extra: &str,
+    tail: &str,
+) -> (Gateway, u16, u16, u16) {
+    let (imap, pop3, http) = (free_port(), free_port(), free_port());
+    let access = format!(
+        "[access]\nimap_listen = [\"127.0.0.1:{imap}\"]\npop3_listen = [\"127.0.0.1:{pop3}\"]\nhttp_listen = [\"127.0.0.1:{http}\"]\nlogin_failure_delay = \"50ms\"\npublic_hostname = \"mail.example.com\"\nsubmission_port = 587\n{access_extra}\n{tail}\n"
+    );
+    let mut gw = Gateway::start(po, pn, "", &access);
+    // The platforms' mailbox servers, beside their relays.
+    gw.reconfigure(|c| {
+        c.replacen(
+            "[platforms.new]\n",
+            &format!("imap = \"imap://127.0.0.1:{}\"\npop3 = \"pop3://127.0.0.1:{}\"\n[platforms.new]\nimap = \"imap://127.0.0.1:{}\"\npop3 = \"pop3://127.0.0.1:{}\"\n", old.0, old.1, new.0, new.1),
+            1,
+        )
+    });
+    wait_for("the access front", T, || {
+        TcpStream::connect(("127.0.0.1", imap)).ok()
+    });
+    (gw, imap, pop3, http)
 }
 
 fn control(gw: &Gateway, args: &[&str]) -> i64 {
@@ -721,4 +750,252 @@ fn idle_through_the_front_wakes_on_mail_delivered_through_the_gateway() {
         .collect();
     assert_eq!(reasons, ["auth", "auth", "rate_limited"], "{bob:?}");
     assert!(bob[2]["platform"].is_null(), "{bob:?}");
+}
+
+/// `imap_master_user`: the front checks the client's password at the
+/// platform, then opens the session as `user*admin` (Dovecot's master
+/// passdb). Real Dovecot proves each step: a wrong user password is refused
+/// by the check; a wrong master password makes the platform refuse the
+/// master login, which the client sees as UNAVAILABLE (our configuration's
+/// fault, not a failed login), so the session really is a master login.
+#[test]
+fn master_user_sessions_after_the_clients_password_is_checked() {
+    let mut s = setup("allow_plaintext_login = true");
+    let secret = s.gw.data.parent().unwrap().join("master.secret");
+    std::fs::write(&secret, format!("{PASSWORD}\n")).unwrap();
+    let master = format!(
+        "imap_master_user = \"admin\"\nimap_master_password = \"file:{}\"\n[platforms.new]\n",
+        secret.display()
+    );
+    s.gw.reconfigure(|c| c.replacen("[platforms.new]\n", &master, 1));
+    let out = imap(s.imap, "alice@example.com", PASSWORD);
+    assert!(out.contains("LOGIN OK"), "{out}");
+    assert!(out.contains("SUBJECT Subject: from-old"), "{out}");
+    let ok = s.gw.wait_event("access.login", T, |e| e["result"] == "ok");
+    assert_eq!(ok["platform"], "old", "{ok}");
+    // Dovecot saw two logins for the one client login: the password check
+    // and the session.
+    let dlog = s.old.dir.path().join("dovecot.log");
+    wait_for("both logins in Dovecot's log", T, || {
+        let log = std::fs::read_to_string(&dlog).ok()?;
+        (log.matches("Login: user=<alice@example.com>").count() == 2).then_some(())
+    });
+
+    let out = imap(s.imap, "alice@example.com", "wrong");
+    assert!(out.contains("AUTHENTICATIONFAILED"), "{out}");
+
+    // The master's password no longer matches: the user's own password still
+    // passes the check, but the platform refuses the master.
+    std::fs::write(&secret, "not-the-master-password\n").unwrap();
+    let out = imap(s.imap, "alice@example.com", PASSWORD);
+    assert!(out.contains("UNAVAILABLE"), "{out}");
+    let e = s.gw.wait_event("access.login", T, |e| {
+        e["reason"] == "unavailable"
+            && e["backend_reply"]
+                .as_str()
+                .is_some_and(|r| r.contains("master user admin was refused"))
+    });
+    assert_eq!(e["platform"], "old", "{e}");
+    let log = std::fs::read_to_string(s.gw.data.with_extension("log")).unwrap_or_default();
+    assert!(
+        !log.contains("not-the-master-password"),
+        "a secret was logged"
+    );
+}
+
+/// What headless Chromium shows of the dashboard after its data loaded.
+fn dashboard_dom(gw: &Gateway) -> String {
+    let profile = tempfile::tempdir().unwrap();
+    let out = Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .args(["--virtual-time-budget=4000", "--dump-dom"])
+        .arg(format!("http://127.0.0.1:{}/", gw.admin_port))
+        .output()
+        .expect("chromium (scripts/install-peers installs it)");
+    let dom = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        dom.contains("data-loaded=\"1\""),
+        "the page did not load:\n{dom}"
+    );
+    dom
+}
+
+fn cell(dom: &str, id: &str) -> Option<String> {
+    let start = dom.find(&format!("id=\"{id}\">"))? + id.len() + 6;
+    Some(dom[start..start + dom[start..].find('<')?].to_string())
+}
+
+/// The dashboard shows client sessions per platform next to mail flow, so a
+/// wave's client move can be watched: the session on old, the cutover
+/// closing it, the reconnect landing on new, and the logins chart's data.
+#[test]
+fn dashboard_shows_client_sessions_follow_a_wave() {
+    let s = setup("allow_plaintext_login = true");
+    let gw = &s.gw;
+    let dir = gw.data.parent().unwrap().join("directory.csv");
+    std::fs::write(
+        &dir,
+        "address,display_name,kind,aliases,members,platform\nalice@example.com,Alice,user,,,old\n",
+    )
+    .unwrap();
+    control(
+        gw,
+        &["directory", "import", dir.to_str().unwrap(), "--apply"],
+    );
+    control(gw, &["directory", "state", "ready", "alice@example.com"]);
+    let (ok, out) = gw.cli(&["wave", "create", "pilot", "--members", "alice@example.com"]);
+    assert!(ok, "{out}");
+
+    let mut held = Raw::login(s.imap, "alice@example.com");
+    let dom = dashboard_dom(gw);
+    assert_eq!(
+        cell(&dom, "sessions-old-imap").as_deref(),
+        Some("1"),
+        "{dom}"
+    );
+    assert_eq!(
+        cell(&dom, "sessions-new-imap").as_deref(),
+        Some("0"),
+        "{dom}"
+    );
+
+    control(gw, &["wave", "cutover", "pilot"]);
+    let (bye, _) = until_closed(&mut held);
+    assert!(bye.contains("* BYE [UNAVAILABLE]"), "{bye}");
+    let _again = Raw::login(s.imap, "alice@example.com");
+    let dom = dashboard_dom(gw);
+    assert_eq!(
+        cell(&dom, "sessions-old-imap").as_deref(),
+        Some("0"),
+        "{dom}"
+    );
+    assert_eq!(
+        cell(&dom, "sessions-new-imap").as_deref(),
+        Some("1"),
+        "{dom}"
+    );
+
+    // The chart's series, from the event index (fleet-wide).
+    let series = wait_for("logins in the series", T, || {
+        let (_, body) = gw.admin_get("/api/series?range=15m");
+        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+        let sum = |x: &serde_json::Value| -> u64 {
+            x.as_array()
+                .map(|a| a.iter().filter_map(|n| n.as_u64()).sum())
+                .unwrap_or(0)
+        };
+        (sum(&v["logins"]["old"]) >= 1 && sum(&v["logins"]["new"]) >= 1 && sum(&v["moved"]) >= 1)
+            .then_some(v)
+    });
+    assert!(
+        series["routing_changes"]
+            .as_array()
+            .is_some_and(|m| !m.is_empty())
+    );
+}
+
+/// Two gateway nodes on one PostgreSQL store: a wave cutover made through
+/// one node closes the moved user's sessions on both within 2 s, and the
+/// reconnect lands on the new platform through either node.
+#[test]
+fn a_move_closes_sessions_on_every_node_of_a_fleet() {
+    let Some(admin) = godwit_store::test_postgres_url("GODWIT_TEST_POSTGRES") else {
+        return;
+    };
+    let db = format!(
+        "godwit_access_{}_{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos()
+    );
+    let psql = |sql: &str| {
+        let out = Command::new("psql")
+            .args([admin.as_str(), "-qAtc", sql])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{sql}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    psql(&format!("CREATE DATABASE {db}"));
+    let (base, _) = admin.rsplit_once('/').unwrap();
+    let store = format!("[store]\nurl = \"{base}/{db}\"\n");
+    let s = setup_on("allow_plaintext_login = true", &store);
+    let (b, b_imap, _, _) = front(
+        s.sinks.0.port,
+        s.sinks.1.port,
+        (s.old.port, s.pop3_ports.0),
+        (s.new.port, s.pop3_ports.1),
+        "allow_plaintext_login = true",
+        &store,
+    );
+    let a = &s.gw;
+    let dir = a.data.parent().unwrap().join("directory.csv");
+    std::fs::write(
+        &dir,
+        "address,display_name,kind,aliases,members,platform\nalice@example.com,Alice,user,,,old\n",
+    )
+    .unwrap();
+    control(
+        a,
+        &["directory", "import", dir.to_str().unwrap(), "--apply"],
+    );
+    control(a, &["directory", "state", "ready", "alice@example.com"]);
+    let (ok, out) = a.cli(&["wave", "create", "pilot", "--members", "alice@example.com"]);
+    assert!(ok, "{out}");
+    // Node B applied the directory too (it routes logins by the same map).
+    let v = control(a, &["route", "set", "bob@example.com", "old"]);
+    wait_for("node B to apply the directory", T, || {
+        b.events_named("route.changed")
+            .iter()
+            .any(|e| e["version"].as_i64() >= Some(v))
+            .then_some(())
+    });
+
+    let on_a = Raw::login(s.imap, "alice@example.com");
+    let on_b = Raw::login(b_imap, "alice@example.com");
+    let readers: Vec<_> = [on_a, on_b]
+        .into_iter()
+        .map(|mut r| {
+            std::thread::spawn(move || {
+                let (bye, _) = until_closed(&mut r);
+                (bye, Instant::now())
+            })
+        })
+        .collect();
+    let cut = Instant::now();
+    let (ok, out) = a.cli(&["wave", "cutover", "pilot"]);
+    assert!(ok, "{out}");
+    for (node, h) in ["A", "B"].iter().zip(readers) {
+        let (bye, at) = h.join().unwrap();
+        let took = at - cut;
+        assert!(bye.contains("* BYE [UNAVAILABLE]"), "node {node}: {bye}");
+        // From the start of the command, so the commit is inside the window.
+        assert!(
+            took < Duration::from_secs(2),
+            "node {node} closed after {took:?}"
+        );
+    }
+    for node in [&s.gw, &b] {
+        node.wait_event("access.moved", T, |e| e["to_platform"] == "new");
+    }
+    // Reconnecting through B lands on new.
+    let out = imap(b_imap, "alice@example.com", PASSWORD);
+    assert!(out.contains("SUBJECT Subject: from-new"), "{out}");
+    drop(b);
+    drop(s);
+    psql(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"));
 }

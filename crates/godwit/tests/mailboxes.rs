@@ -97,6 +97,14 @@ fn trace_finds_the_message_in_both_platforms_mailboxes() {
         ),
         "{text}"
     );
+    // The guard's refusing status has its gauge from the start (0 here), so
+    // an alert on it needs no first occurrence.
+    assert!(
+        text.contains(
+            "godwit_sync_account_status{account=\"alice@example.com\",status=\"differs\"} 0"
+        ),
+        "{text}"
+    );
     let (_, js) = gw.cli(&["trace", "<forensic@test>", "--mailboxes", "--json"]);
     let v: serde_json::Value = serde_json::from_str(&js).unwrap();
     assert_eq!(

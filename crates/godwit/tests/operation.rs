@@ -417,12 +417,57 @@ fn json_on_route_history_and_wave_and_an_inverted_report_window_is_refused() {
         v["route_set_by"]["command"],
         "route set alice@example.com new"
     );
+    // No-op changes record nothing: the history never shows `new -> new`.
+    let (ok, out) = g.cli(&["route", "set", "alice@example.com", "new", "--no-wait"]);
+    assert!(
+        ok && out.contains("nothing changed, no version recorded"),
+        "{out}"
+    );
+    let (ok, out) = g.cli(&["route", "unset", "bob@example.com", "--no-wait"]);
+    assert!(
+        ok && out.contains("nothing changed, no version recorded"),
+        "{out}"
+    );
     let v = js(&["history", "--json"]);
     assert_eq!(v[0]["version"], 1);
+    assert_eq!(v.as_array().map(|a| a.len()), Some(1), "{v}");
     let v = js(&["history", "show", "1", "--json"]);
     assert_eq!(v["routes"][0]["after"], "new", "{v}");
     let v = js(&["wave", "list", "--json"]);
     assert_eq!(v, serde_json::json!([]));
+    // `directory import --json`: the whole difference, then the outcome.
+    let dir = g.config_path.with_file_name("directory.csv");
+    std::fs::write(
+        &dir,
+        "address,display_name,kind,aliases,members,platform\ndora@example.com,Dora,user,d@example.com,,old\nerin@example.com,Erin,user,,,old\n",
+    )
+    .unwrap();
+    let path = dir.to_str().unwrap();
+    let v = js(&["directory", "import", path, "--json"]);
+    assert_eq!(
+        (
+            v["objects"].as_u64(),
+            v["applied"].as_bool(),
+            v["dry_run"].as_bool()
+        ),
+        (Some(2), Some(false), Some(true)),
+        "{v}"
+    );
+    assert_eq!(
+        v["added"],
+        serde_json::json!(["dora@example.com", "erin@example.com"])
+    );
+    let v = js(&["directory", "import", path, "--apply", "--json"]);
+    assert_eq!(v["applied"], true, "{v}");
+    assert_eq!(v["version"], 2, "{v}");
+    std::fs::write(
+        &dir,
+        "address,display_name,kind,aliases,members,platform\ndora@example.com,Dora D,user,d@example.com,,old\n",
+    )
+    .unwrap();
+    let v = js(&["directory", "import", path, "--json"]);
+    assert_eq!(v["removed"], serde_json::json!(["erin@example.com"]), "{v}");
+    assert_eq!(v["changed"][0]["address"], "dora@example.com", "{v}");
 
     let (ok, out) = g.cli(&["report", "--since", "1h", "--until", "2h"]);
     assert!(!ok && out.contains("not before"), "{out}");

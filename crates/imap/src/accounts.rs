@@ -19,21 +19,10 @@ pub struct Account {
     pub target_url: Option<String>,
 }
 
-/// Resolves a password reference. The error names the variable or file, never the value.
+/// Resolves a password reference (`godwit_config::secret`). The error names
+/// the variable or file, never the value.
 pub fn secret(value: &str, context: &str) -> Result<String, ImapError> {
-    if let Some(var) = value.strip_prefix("env:") {
-        std::env::var(var).map_err(|_| {
-            ImapError::Config(format!("{context}: environment variable {var} is not set"))
-        })
-    } else if let Some(path) = value.strip_prefix("file:") {
-        std::fs::read_to_string(path)
-            .map(|s| s.trim_end_matches(['\r', '\n']).to_string())
-            .map_err(|e| {
-                ImapError::Config(format!("{context}: cannot read password file {path}: {e}"))
-            })
-    } else {
-        Ok(value.to_string())
-    }
+    godwit_config::secret(value, context).map_err(ImapError::Config)
 }
 
 fn split_csv(line: &str) -> Vec<String> {

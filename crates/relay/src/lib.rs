@@ -7,6 +7,7 @@
 mod client;
 mod dsn;
 mod flow;
+pub mod outbound;
 pub mod plan;
 pub mod queue_op;
 mod schedule;

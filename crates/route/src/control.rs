@@ -946,7 +946,10 @@ async fn claim_version(
 /// Sets (`Some`) or removes (`None`) per-address overrides (`route set` /
 /// `route unset`) as one version. An override beats the directory; removing
 /// it lets the directory (or the defaults) decide again. Returns the version
-/// and the route changes that moved mail.
+/// and the route changes that moved mail. A command that changes nothing
+/// (the same override already there, or none to remove) records no version,
+/// so the history never shows `old -> old`: the version returned is then the
+/// one already in force.
 pub async fn commit(
     store: &Store,
     config: &Config,
@@ -954,6 +957,20 @@ pub async fn commit(
     command: &str,
     changes: Vec<(String, Option<String>)>,
 ) -> Result<(i64, Vec<Change>), ControlError> {
+    let o = commit_outcome(store, config, actor, command, changes).await?;
+    let moved = o.moved().cloned().collect();
+    Ok((o.version, moved))
+}
+
+/// [`commit`], with the whole outcome: `applied` is false when nothing
+/// changed and no version was written (`version` is then the current one).
+pub async fn commit_outcome(
+    store: &Store,
+    config: &Config,
+    actor: &str,
+    command: &str,
+    changes: Vec<(String, Option<String>)>,
+) -> Result<Outcome, ControlError> {
     let ctx = Ctx {
         store,
         config,
@@ -962,8 +979,8 @@ pub async fn commit(
         dry_run: false,
     };
     let addrs: Vec<String> = changes.iter().map(|(a, _)| normalize_address(a)).collect();
-    let o = ctx
-        .run(Scope::Addresses(addrs), false, false, |src, _| {
+    let mut o = ctx
+        .run(Scope::Addresses(addrs), false, true, |src, _| {
             for (a, r) in &changes {
                 let a = normalize_address(a);
                 match r {
@@ -974,8 +991,11 @@ pub async fn commit(
             Ok(Vec::new())
         })
         .await?;
-    let moved = o.moved().cloned().collect();
-    Ok((o.version, moved))
+    if !o.applied {
+        // The claimed number was rolled back with the transaction.
+        o.version -= 1;
+    }
+    Ok(o)
 }
 
 /// A directory import's difference, object by object.

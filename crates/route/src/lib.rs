@@ -18,7 +18,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-pub use control::commit;
+pub use control::{commit, commit_outcome};
 pub use model::{Basis, Kind, MigrationState};
 
 /// Why a recipient got its route.
@@ -119,7 +119,58 @@ pub fn normalize_address(a: &str) -> String {
         .to_lowercase()
 }
 
+/// Outbound routes (`route set-outbound`) live in the same versioned map as
+/// recipient routes, under keys no recipient address can take
+/// (`outbound:alice@example.com`, `outbound:@example.com`): so they are in
+/// the history and roll back like every other routing change.
+pub const OUTBOUND_KEY_PREFIX: &str = "outbound:";
+
+/// The map key of sender `sender` (an address) or of a sender domain
+/// (`example.com` or `@example.com`).
+pub fn outbound_key(sender_or_domain: &str) -> String {
+    let s = normalize_address(sender_or_domain);
+    if s.contains('@') {
+        format!("{OUTBOUND_KEY_PREFIX}{s}")
+    } else {
+        format!("{OUTBOUND_KEY_PREFIX}@{}", s.trim_end_matches('.'))
+    }
+}
+
 impl RoutingMap {
+    /// The outbound route set for envelope sender `sender`: its own entry,
+    /// else its domain's, else the nearest parent domain's. None: the
+    /// configured `outbound.route` applies. Returns (route, why).
+    pub fn outbound_route(&self, sender: &str) -> Option<(String, String)> {
+        let addr = normalize_address(sender);
+        let hit = |key: String| {
+            self.entries.get(key.as_str()).map(|e| {
+                (
+                    self.routes[e.route as usize].clone(),
+                    format!(
+                        "outbound route for {} (version {})",
+                        &key[OUTBOUND_KEY_PREFIX.len()..],
+                        e.version
+                    ),
+                )
+            })
+        };
+        if addr.contains('@')
+            && let Some(r) = hit(outbound_key(&addr))
+        {
+            return Some(r);
+        }
+        let mut domain = addr.rsplit_once('@').map(|(_, d)| d).unwrap_or(&addr);
+        loop {
+            if domain.is_empty() {
+                return None;
+            }
+            if let Some(r) = hit(outbound_key(domain)) {
+                return Some(r);
+            }
+            domain = domain.split_once('.')?.1;
+        }
+    }
+
     pub fn new(config: &Config) -> RoutingMap {
         RoutingMap {
             entries: HashMap::new(),
@@ -384,6 +435,11 @@ impl SharedRoutes {
 
     pub fn version(&self) -> i64 {
         self.0.read().unwrap().version
+    }
+
+    /// See `RoutingMap::outbound_route`.
+    pub fn outbound_route(&self, sender: &str) -> Option<(String, String)> {
+        self.0.read().unwrap().outbound_route(sender)
     }
 
     /// See `RoutingMap::expand`.
@@ -680,6 +736,38 @@ mod tests {
     }
 
     #[test]
+    fn outbound_routes_by_sender_then_domain_then_parent() {
+        let mut m = RoutingMap::new(&config());
+        let ov = Basis::Override {
+            in_directory: false,
+        };
+        m.set(&outbound_key("@example.com"), Some(("new", ov)), 3);
+        m.set(&outbound_key("Boss@Example.com"), Some(("mx", ov)), 4);
+        m.set(&outbound_key("eu.example.org"), Some(("old", ov)), 5);
+        for (sender, want) in [
+            ("boss@example.com", Some("mx")),
+            ("<alice@example.com>", Some("new")),
+            ("a@x.eu.example.org", Some("old")),
+            ("a@example.org", None),
+            ("", None),
+        ] {
+            assert_eq!(
+                m.outbound_route(sender).map(|r| r.0),
+                want.map(str::to_string),
+                "{sender}"
+            );
+        }
+        // No recipient address can collide with an outbound key.
+        assert_eq!(m.decide("alice@example.com").route, "old");
+        assert!(
+            m.outbound_route("boss@example.com")
+                .unwrap()
+                .1
+                .contains("version 4")
+        );
+    }
+
+    #[test]
     fn groups_expand_through_nesting_and_loops_within_the_limit() {
         let mut c = config();
         assert_eq!(
@@ -770,7 +858,7 @@ mod tests {
             ("new", Why::Entry { version: 1 })
         );
 
-        // A no-op change records a version but no change rows.
+        // A no-op change records no version: the history shows no `new -> new`.
         let (v2, applied) = commit(
             &store,
             &cfg,
@@ -780,7 +868,7 @@ mod tests {
         )
         .await
         .unwrap();
-        assert_eq!((v2, applied.len()), (2, 0));
+        assert_eq!((v2, applied.len()), (1, 0));
         let (_, applied) = commit(
             &store,
             &cfg,
@@ -793,7 +881,18 @@ mod tests {
         assert_eq!(applied[0].before.as_deref(), Some("new"));
         let reloaded = load(&store, &cfg).await.unwrap();
         assert_eq!(reloaded.decide("alice@example.com").route, "old");
-        assert_eq!(reloaded.version(), 3);
+        assert_eq!(reloaded.version(), 2);
+        // Unsetting what is not set is a no-op too.
+        let (v3, applied) = commit(
+            &store,
+            &cfg,
+            "t",
+            "route unset",
+            vec![("alice@example.com".into(), None)],
+        )
+        .await
+        .unwrap();
+        assert_eq!((v3, applied.len()), (2, 0));
     }
 
     #[test]
