@@ -11,8 +11,10 @@
 //! then zero or more status records: u32 len | JSON | u32 crc32(JSON)
 //! ```
 //!
-//! `store` writes to `tmp/`, fsyncs the file, renames it into `queue/` and
-//! fsyncs the directory; only then may the SMTP reply be 250. Per-recipient
+//! `store` writes to `tmp/`, fdatasyncs the file, renames it into `queue/`
+//! and fsyncs the directory; only then may the SMTP reply be 250. Directory
+//! syncs are group-committed (`DirSync`): one fsync covers every rename and
+//! unlink of the sessions and deliveries waiting meanwhile. Per-recipient
 //! outcomes are appended as status records (fdatasync'ed for final outcomes),
 //! so a restart never re-sends to a recipient already delivered. When every
 //! recipient is final, the file is removed.
@@ -244,7 +246,7 @@ impl Spool {
         };
         let shadow = std::env::var_os("GODWIT_POWERLOSS_SHADOW").map(PathBuf::from);
         if let Some(dir) = &shadow {
-            for d in ["queue", "corrupt"] {
+            for d in ["queue", "corrupt", "tmp"] {
                 std::fs::create_dir_all(dir.join(d)).map_err(io(dir))?;
             }
         }
@@ -268,6 +270,25 @@ impl Spool {
             if std::fs::copy(self.path(queue_id), &part).is_ok() {
                 let _ = std::fs::rename(&part, &to);
             }
+        }
+    }
+
+    /// See `shadow`: a new file's data is durable, but not yet its name in
+    /// `queue/` (a power cut now leaves it unlinked, as in `tmp/`).
+    fn shadow_data_synced(&self, tmp: &Path, queue_id: &str) {
+        if let Some(dir) = &self.shadow {
+            let _ = std::fs::copy(tmp, dir.join("tmp").join(queue_id));
+        }
+    }
+
+    /// See `shadow`: the directory sync after a new file's rename: its name
+    /// in `queue/` is durable. Only now may the copy appear there.
+    fn shadow_linked(&self, queue_id: &str) {
+        if let Some(dir) = &self.shadow {
+            let _ = std::fs::rename(
+                dir.join("tmp").join(queue_id),
+                dir.join("queue").join(queue_id),
+            );
         }
     }
 
@@ -342,20 +363,27 @@ impl Spool {
                 f.write_all(p).map_err(io(&tmp))?;
             }
             f.write_all(&trailer).map_err(io(&tmp))?;
-            f.sync_all().map_err(io(&tmp))?;
+            // Each session syncs its own file's data in its own thread: on
+            // this ext4 (no journal) a data sync cannot be shared, but the
+            // syncs of concurrent sessions reach the disk together.
+            f.sync_data().map_err(io(&tmp))?;
             drop(f);
+            self.shadow_data_synced(&tmp, &header.queue_id);
+            // Renamed only once its data is durable, so a crash never leaves
+            // a torn file under a queue name.
             std::fs::rename(&tmp, &dst).map_err(io(&dst))?;
-            // The rename is durable only once the directory is synced.
-            File::open(&self.queue)
-                .and_then(|d| d.sync_all())
-                .map_err(io(&self.queue))
+            // The rename is durable only once the directory is synced: one
+            // group-committed fsync for every session renaming meanwhile
+            // (and every removal), so N sessions cost far fewer than N.
+            self.dirsync.sync().map_err(io(&self.queue))?;
+            self.shadow_linked(&header.queue_id);
+            Ok(())
         })();
         if result.is_err() {
             let _ = std::fs::remove_file(&tmp);
             let _ = std::fs::remove_file(&dst);
         }
         result?;
-        self.shadow_synced(&header.queue_id);
         Ok(Spooled {
             header: header.clone(),
             body_offset,
