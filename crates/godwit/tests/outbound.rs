@@ -796,3 +796,91 @@ fn a_platforms_own_signature_is_kept_and_ours_added() {
         "ours goes on top"
     );
 }
+
+/// The two halves of issue 14 together: a user authenticates on the
+/// submission port (swaks, STARTTLS, AUTH PLAIN against a `{SHA512-CRYPT}`
+/// passwd-file line made by `doveadm pw`) and sends to a foreign recipient;
+/// the message leaves by MX, DKIM-signed, and dkimpy verifies it. Without
+/// AUTH the same recipient is refused.
+#[test]
+fn an_authenticated_submission_leaves_by_mx_signed() {
+    let mut w = world("", "");
+    let dir = w.gw.data.parent().unwrap().to_path_buf();
+    let hash = Command::new("doveadm")
+        .args(["pw", "-s", "SHA512-CRYPT", "-p", "Subm-Pw-77"])
+        .output()
+        .expect("doveadm (Debian dovecot-core)");
+    assert!(hash.status.success(), "{hash:?}");
+    let users = dir.join("users");
+    std::fs::write(
+        &users,
+        format!(
+            "alice@example.com:{}::::::\n",
+            String::from_utf8_lossy(&hash.stdout).trim()
+        ),
+    )
+    .unwrap();
+    let c =
+        rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
+    std::fs::write(dir.join("sub.pem"), c.cert.pem()).unwrap();
+    std::fs::write(dir.join("sub.key"), c.signing_key.serialize_pem()).unwrap();
+    let sub = free_port();
+    let section = format!(
+        "[submission]\nlisten = [\"127.0.0.1:{sub}\"]\nauth = \"file\"\nusers_file = \"{}\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\n",
+        users.display(),
+        dir.join("sub.pem").display(),
+        dir.join("sub.key").display()
+    );
+    w.gw.reconfigure(|c| format!("{c}\n{section}"));
+    wait_for("the submission port", Duration::from_secs(10), || {
+        TcpStream::connect(("127.0.0.1", sub)).ok()
+    });
+    let server = format!("127.0.0.1:{sub}");
+    let base = [
+        "--server",
+        &server,
+        "--tls",
+        "--from",
+        "alice@example.com",
+        "--to",
+        "carol@foreign.test",
+        "--header",
+        "From: Alice <alice@example.com>",
+        "--header",
+        "Subject: outbound submitted",
+    ];
+    // No AUTH: the submission port requires it (RFC 6409 4.3).
+    let out = swaks(&base);
+    assert!(out.contains("530 5.7.0"), "{out}");
+    let mut args = base.to_vec();
+    args.extend([
+        "--auth",
+        "PLAIN",
+        "--auth-user",
+        "alice@example.com",
+        "--auth-password",
+        "Subm-Pw-77",
+    ]);
+    let out = swaks(&args);
+    assert!(out.contains("235 2.7.0"), "{out}");
+    assert!(out.contains("<~  250 2.0.0"), "{out}");
+    let delivered =
+        w.gw.wait_event("delivery.delivered", Duration::from_secs(20), |e| {
+            e["rcpt"] == "carol@foreign.test"
+        });
+    assert_eq!(delivered["platform"], "mx:foreign.test");
+    let file = wait_for("the message at the MX sink", Duration::from_secs(5), || {
+        w.mx.files().into_iter().next()
+    });
+    let (ok, tampered) = dkimpy_verify(&file, w.dns_port);
+    assert!(
+        ok && !tampered,
+        "{}",
+        std::fs::read_to_string(&file).unwrap()
+    );
+    let accepted =
+        w.gw.wait_event("message.accepted", Duration::from_secs(2), |e| {
+            e["sasl_username"] == "alice@example.com"
+        });
+    assert_eq!(accepted["direction"], "outbound", "{accepted}");
+}
