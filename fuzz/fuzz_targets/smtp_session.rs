@@ -1,7 +1,7 @@
 //! Arbitrary bytes through a whole SMTP session: never a panic, and every
 //! message handed out is CRLF-clean with no bare CR or LF.
 #![no_main]
-use godwit_smtp_proto::{Limits, NewlinePolicy, Output, RcptPolicy, Reply, Session};
+use godwit_smtp_proto::{AuthRules, Limits, NewlinePolicy, Output, RcptPolicy, Reply, Session};
 use libfuzzer_sys::fuzz_target;
 
 struct Any;
@@ -22,6 +22,8 @@ fuzz_target!(|data: &[u8]| {
             newline_policy: policy,
             max_received_headers: 50,
             tls_available: true,
+            // AUTH with every rule on: both mechanisms, continuations, cancels.
+            auth: Some(AuthRules { allow_plaintext: data.first().is_some_and(|b| b & 1 == 0), required: true }),
         };
         let mut s = Session::new(limits, "127.0.0.1");
         for chunk in data.chunks(7) {
@@ -36,6 +38,9 @@ fuzz_target!(|data: &[u8]| {
                         s.queued("Q");
                     }
                     Output::StartTls => s.tls_started(),
+                    Output::Authenticate(c) => {
+                        if c.password.len() % 2 == 0 { s.auth_succeeded(&c.user) } else { s.auth_failed(None) }
+                    }
                     _ => {}
                 }
             }

@@ -10,7 +10,7 @@
 //! `routing`, `autoconfig`); this module is the thin tokio driver.
 
 pub mod autoconfig;
-mod backend;
+pub mod backend;
 pub mod check;
 mod conn;
 pub mod imap;

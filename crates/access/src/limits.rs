@@ -131,6 +131,12 @@ impl Limits {
         }
     }
 
+    /// Failed logins from `ip` within the window.
+    pub fn failures(&mut self, ip: IpAddr, now: Instant) -> usize {
+        let w = self.caps.failure_window;
+        self.failed_ip.get_mut(&ip).map_or(0, |q| recent(q, now, w))
+    }
+
     /// A logged-in session of `user`; release it with `logout`.
     pub fn login(&mut self, user: &str) -> Result<(), Refusal> {
         let n = self.per_user.entry(user.to_string()).or_default();

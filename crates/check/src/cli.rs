@@ -95,6 +95,10 @@ pub enum CheckTarget {
         #[arg(value_name = "imap[s]://[USER@]HOST[:PORT]")]
         url: String,
     },
+    /// Outbound edge (the configuration's [outbound] and [[dkim]]): SPF for
+    /// every egress IP, the published DKIM keys, HELO with forward-confirmed
+    /// reverse DNS, DMARC alignment of what godwit signs.
+    Outbound,
     /// Log in through the access front as ADDRESS: which platform answered,
     /// whether that is where the routing map sends it, and whether the
     /// autoconfig answers name the front. Password: --password, else [sync].

@@ -230,6 +230,28 @@ impl Dns {
         }
     }
 
+    /// PTR names of `ip` (reverse DNS), for forward-confirmed rDNS checks.
+    pub async fn ptr(&self, ip: IpAddr) -> Answer<Vec<String>> {
+        match self.resolver.reverse_lookup(ip).await {
+            Ok(l) => {
+                let names: Vec<String> = l
+                    .answers()
+                    .iter()
+                    .filter_map(|r| match &r.data {
+                        RData::PTR(p) => Some(p.0.to_ascii()),
+                        _ => None,
+                    })
+                    .collect();
+                if names.is_empty() {
+                    Answer::Void
+                } else {
+                    Answer::Found(names)
+                }
+            }
+            Err(e) => Self::classify(e),
+        }
+    }
+
     /// RFC 7208 5.7: `exists` asks for an A record whatever the sender's IP family.
     pub async fn exists(&self, name: &str) -> Answer<bool> {
         let name = match Self::fqdn(name) {

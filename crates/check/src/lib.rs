@@ -13,6 +13,7 @@ pub mod dns;
 pub mod finding;
 pub mod imap;
 pub mod mx;
+pub mod outbound;
 pub mod policy;
 mod run;
 pub mod smtp;

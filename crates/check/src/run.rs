@@ -125,6 +125,12 @@ pub async fn collect(config: Option<&Config>, args: &CheckArgs) -> anyhow::Resul
         (Some(CheckTarget::Imap { url }), _) => {
             report.extend(crate::imap::check(&imap_opts(args, url)?).await?);
         }
+        (Some(CheckTarget::Outbound), Some(config)) => {
+            report.extend(crate::outbound::check(config, &args.resolvers).await?);
+        }
+        (Some(CheckTarget::Outbound), None) => {
+            anyhow::bail!("`check outbound` reads the configuration: pass --config FILE")
+        }
         (Some(CheckTarget::Access { .. }), _) => {
             anyhow::bail!("`check access` is run by the godwit binary (it needs the state store)")
         }

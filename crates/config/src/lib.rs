@@ -6,8 +6,12 @@
 //! sizes are "50MB" (decimal: 1 MB = 1,000,000 bytes) or "50MiB" (binary).
 
 mod access;
+mod outbound;
+mod submission;
 mod sync;
 pub use access::*;
+pub use outbound::*;
+pub use submission::*;
 pub use sync::*;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -68,6 +72,12 @@ pub struct Config {
     pub directory: DirectoryConfig,
     /// The IMAP/POP3 front and autoconfig; off when absent.
     pub access: Option<AccessConfig>,
+    /// The relay port and delivery to the internet; off when absent.
+    pub outbound: Option<OutboundConfig>,
+    /// DKIM keys, one per signing domain.
+    pub dkim: Vec<DkimConfig>,
+    /// The SMTP submission listener with AUTH; off when absent.
+    pub submission: Option<SubmissionConfig>,
 }
 
 impl Default for Config {
@@ -87,6 +97,9 @@ impl Default for Config {
             sync: None,
             directory: DirectoryConfig::default(),
             access: None,
+            outbound: None,
+            dkim: Vec::new(),
+            submission: None,
         }
     }
 }
@@ -237,6 +250,15 @@ pub struct PlatformConfig {
     pub imap: Option<MailUrl>,
     /// Its POP3 server: `pop3://` (STLS when offered) or `pop3s://`.
     pub pop3: Option<MailUrl>,
+    /// The platform's smarthost for outbound mail ("host:port", tried in
+    /// order), when `outbound.route` or a sender's outbound route names it.
+    pub outbound_relay: Vec<String>,
+    /// SMTP AUTH (RFC 4954) towards outbound_relay.
+    pub outbound_user: Option<String>,
+    /// Literal, `env:NAME` or `file:PATH`; or outbound_password_file.
+    pub outbound_password: Option<SecretRef>,
+    pub outbound_password_file: Option<PathBuf>,
+    pub outbound_tls: TlsPolicy,
     /// The access front opens IMAP sessions here as this master user
     /// (Dovecot's `user*master`, `auth_master_user_separator`), after it has
     /// checked the client's own password with a LOGIN at this platform. The
@@ -289,6 +311,11 @@ impl Default for PlatformConfig {
             data_timeout: Duration::from_secs(600),
             imap: None,
             pop3: None,
+            outbound_relay: Vec::new(),
+            outbound_user: None,
+            outbound_password: None,
+            outbound_password_file: None,
+            outbound_tls: TlsPolicy::Require,
             imap_master_user: None,
             imap_master_password: None,
             imap_master_separator: "*".into(),
@@ -536,6 +563,21 @@ impl Config {
         if let Some(p) = self.events.postfix_log.as_mut() {
             fix(p);
         }
+        for k in &mut self.dkim {
+            fix(&mut k.key);
+        }
+        for p in self.platforms.values_mut() {
+            if let Some(f) = p.outbound_password_file.as_mut() {
+                fix(f);
+            }
+        }
+        if let Some(s) = self.submission.as_mut() {
+            for p in [&mut s.users_file, &mut s.tls_cert, &mut s.tls_key] {
+                if let Some(p) = p.as_mut() {
+                    fix(p);
+                }
+            }
+        }
         if let Some(sync) = self.sync.as_mut() {
             fix(&mut sync.accounts);
         }
@@ -685,6 +727,38 @@ impl Config {
                     "must be at least 1",
                 ));
             }
+            for r in &p.outbound_relay {
+                let key = format!("platforms.{name}.outbound_relay");
+                let (host, port) = split_host_port(r).map_err(|m| invalid(&key, m))?;
+                if self.own_listener(&host, port).is_some() {
+                    return Err(invalid(
+                        &key,
+                        format!("`{r}` is godwit's own listener: mail would loop"),
+                    ));
+                }
+            }
+            if p.outbound_password.is_some() && p.outbound_password_file.is_some() {
+                return Err(invalid(
+                    format!("platforms.{name}.outbound_password_file"),
+                    "set outbound_password or outbound_password_file, not both",
+                ));
+            }
+            if (p.outbound_password.is_some() || p.outbound_password_file.is_some())
+                != p.outbound_user.is_some()
+            {
+                return Err(invalid(
+                    format!("platforms.{name}.outbound_user"),
+                    "outbound_user and a password (outbound_password or outbound_password_file) go together",
+                ));
+            }
+            if let Some(f) = &p.outbound_password_file
+                && let Err(e) = std::fs::metadata(f)
+            {
+                return Err(invalid(
+                    format!("platforms.{name}.outbound_password_file"),
+                    format!("{}: {e}", f.display()),
+                ));
+            }
             if p.max_messages_per_connection == 0 {
                 return Err(invalid(
                     format!("platforms.{name}.max_messages_per_connection"),
@@ -760,6 +834,13 @@ impl Config {
         }
         if let Some(access) = &self.access {
             access.validate(self)?;
+        }
+        if let Some(outbound) = &self.outbound {
+            outbound.validate(self)?;
+        }
+        validate_dkim(&self.dkim)?;
+        if let Some(submission) = &self.submission {
+            submission.validate(self)?;
         }
         Ok(())
     }
@@ -1046,6 +1127,9 @@ pub fn reload_plan(old: &Config, new: &Config) -> (Vec<String>, Vec<String>) {
         true,
     );
     note(d(&old.sync, &new.sync), "sync", true);
+    note(d(&old.outbound, &new.outbound), "outbound", false);
+    note(d(&old.dkim, &new.dkim), "dkim", false);
+    note(d(&old.submission, &new.submission), "submission", false);
     (live, restart)
 }
 
@@ -1061,7 +1145,8 @@ impl Config {
             Err(_) => None,
         };
         let own_name = host.eq_ignore_ascii_case(self.hostname.trim_end_matches('.'));
-        self.smtp.listen.iter().copied().find(|l| {
+        let outbound = self.outbound.iter().flat_map(|o| o.listen.iter());
+        self.smtp.listen.iter().chain(outbound).copied().find(|l| {
             l.port() == port
                 && (own_name
                     || ip.is_some_and(|ip| {
@@ -1299,6 +1384,101 @@ max_backoff = "1h"
         let f = tempfile::NamedTempFile::new().unwrap();
         std::fs::write(f.path(), text).unwrap();
         Config::load(f.path())
+    }
+
+    /// `[outbound]`, `[[dkim]]` and the platforms' outbound keys: each bad
+    /// value is refused naming its key.
+    #[test]
+    fn outbound_keys_are_validated_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let pem = dir.path().join("k.pem");
+        std::fs::write(
+            &pem,
+            "-----BEGIN PRIVATE KEY-----\nAA==\n-----END PRIVATE KEY-----\n",
+        )
+        .unwrap();
+        let good = format!(
+            "{GOOD}[outbound]\nlisten = [\"127.0.0.1:2526\"]\nrelay_networks = [\"127.0.0.1/32\", \"10.0.0.0/8\"]\n\
+             mx_port = 2525\nresolvers = [\"127.0.0.1:5353\"]\nhelo = \"mx-gw.example.com\"\n\
+             egress_ips = [\"203.0.113.55\"]\ntls_require = [\"bank.example\"]\n\
+             [outbound.rate_limits]\n\"gmail.com\" = \"100/m\"\n\
+             [[dkim]]\ndomain = \"example.com\"\nselector = \"gw2026\"\nkey = \"{}\"\n",
+            pem.display()
+        );
+        let c = load(&good).unwrap();
+        let o = c.outbound.as_ref().unwrap();
+        assert_eq!(o.route, "mx");
+        assert!(o.relay_networks[1].contains(&"10.1.2.3".parse::<std::net::IpAddr>().unwrap()));
+        assert_eq!(o.rate_limit_for("GMAIL.com").unwrap().count, 100);
+        assert_eq!(c.dkim[0].selector, "gw2026");
+        for (from, to, key) in [
+            (
+                "relay_networks = [\"127.0.0.1/32\", \"10.0.0.0/8\"]",
+                "relay_networks = [\"10.0.0.0/33\"]",
+                "relay_networks",
+            ),
+            ("route = \"x\"\n", "", ""),
+            (
+                "\"100/m\"",
+                "\"100/fortnight\"",
+                "outbound.rate_limits.gmail.com",
+            ),
+            (
+                "helo = \"mx-gw.example.com\"",
+                "helo = \"localhost\"",
+                "outbound.helo",
+            ),
+            (
+                "listen = [\"127.0.0.1:2526\"]",
+                "listen = [\"127.0.0.1:2525\"]",
+                "outbound.listen",
+            ),
+            (
+                "selector = \"gw2026\"",
+                "selector = \"gw_2026\"",
+                "dkim[0].selector",
+            ),
+            (
+                "tls_require = [\"bank.example\"]",
+                "tls_require = [\"a b\"]",
+                "outbound.tls_require",
+            ),
+            (
+                "mx_port = 2525",
+                "mx_port = 2525\nroute = \"nope\"",
+                "outbound.route",
+            ),
+            (
+                "mx_port = 2525",
+                "mx_port = 2525\nroute = \"new\"",
+                "outbound.route",
+            ),
+            (
+                "[platforms.new]",
+                "[platforms.new]\noutbound_user = \"u\"",
+                "platforms.new.outbound_user",
+            ),
+            (
+                "[platforms.new]",
+                "[platforms.new]\noutbound_relay = [\"127.0.0.1:2526\"]",
+                "platforms.new.outbound_relay",
+            ),
+        ] {
+            if key.is_empty() {
+                continue;
+            }
+            let text = good.replacen(from, to, 1);
+            assert_ne!(text, good, "{from}");
+            let e = load(&text).unwrap_err().to_string();
+            assert!(e.contains(key), "{to}: {e}");
+        }
+        let bad_key = good.replace(&pem.display().to_string(), "/nonexistent.pem");
+        assert!(
+            load(&bad_key)
+                .unwrap_err()
+                .to_string()
+                .contains("dkim[0].key")
+        );
     }
 
     const SYNC_ONLY: &str = "[sync]\naccounts = \"a.csv\"\n[sync.source]\nurl = \"imap://old:143\"\n\

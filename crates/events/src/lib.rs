@@ -85,6 +85,36 @@ pub enum Event {
         protocol: String,
         cipher: String,
     },
+    /// An SMTP AUTH on a submission listener (`listener` is `submission`
+    /// or `submission_tls`). `result` is `ok` or `failed`; `reason` says why
+    /// it failed (`auth`, `unknown`, `foreign_domain`, `locked_out`,
+    /// `unavailable`, ...), `backend_reply` is the platform's own answer.
+    /// Never a password.
+    #[serde(rename = "submission.auth")]
+    SubmissionAuth {
+        session: u64,
+        client_ip: String,
+        listener: String,
+        method: String,
+        user: String,
+        result: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        platform: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        backend_reply: Option<String>,
+    },
+    /// `failures` failed AUTHs from `client_ip` within `window_s` seconds:
+    /// further AUTHs from it are refused unchecked until they age out.
+    /// `user` is the one the last attempt named.
+    #[serde(rename = "submission.lockout")]
+    SubmissionLockout {
+        client_ip: String,
+        user: String,
+        failures: u32,
+        window_s: u64,
+    },
     #[serde(rename = "message.accepted")]
     MessageAccepted {
         queue_id: String,
@@ -96,6 +126,16 @@ pub enum Event {
         mail_from: String,
         rcpts: Vec<String>,
         size: u64,
+        /// `outbound` for mail accepted on the relay port (or after AUTH)
+        /// with a recipient outside our domains; absent for inbound mail.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        direction: Option<String>,
+        /// On the submission listener: the SASL mechanism and user of the
+        /// session's AUTH, as Postfix logs them.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        sasl_method: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        sasl_username: Option<String>,
     },
     /// A recipient that is a group, expanded before the message was queued
     /// (`directory.expand_groups`). With `over_limit` it was not expanded
@@ -356,6 +396,8 @@ impl Event {
             Event::ConnectionRefused { .. } => "connection.refused",
             Event::ConnectionClosed { .. } => "connection.closed",
             Event::ConnectionTls { .. } => "connection.tls",
+            Event::SubmissionAuth { .. } => "submission.auth",
+            Event::SubmissionLockout { .. } => "submission.lockout",
             Event::MessageAccepted { .. } => "message.accepted",
             Event::RecipientExpanded { .. } => "recipient.expanded",
             Event::MessageRefused { .. } => "message.refused",

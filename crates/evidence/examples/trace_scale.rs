@@ -41,6 +41,9 @@ async fn main() -> anyhow::Result<()> {
             mail_from: "s@x.test".into(),
             rcpts: vec![rcpt.clone()],
             size: 4096,
+            direction: None,
+            sasl_method: None,
+            sasl_username: None,
         }))?;
         tx.send(rec(Event::Routed {
             queue_id: q.clone(),

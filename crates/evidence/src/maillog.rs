@@ -11,6 +11,10 @@ use tokio::sync::mpsc::UnboundedReceiver;
 
 /// "127.0.0.1:2601" -> "127.0.0.1[127.0.0.1]:2601", as Postfix writes relays.
 fn relay(host: &str) -> String {
+    // An MX delivery's host is already `name[ip]:port`.
+    if host.contains('[') && !host.starts_with('[') {
+        return host.to_string();
+    }
     match host.rsplit_once(':') {
         Some((h, p)) if !h.is_empty() => {
             let h = h.trim_start_matches('[').trim_end_matches(']');
@@ -83,9 +87,18 @@ pub fn lines(r: &Record, hostname: &str, pid: u32) -> Vec<String> {
             mail_from,
             rcpts,
             size,
+            sasl_method,
+            sasl_username,
             ..
         } => vec![
-            format!("{} {queue_id}: client={helo}[{client_ip}]", head("smtpd")),
+            match (sasl_method, sasl_username) {
+                // As Postfix's smtpd writes an authenticated client.
+                (Some(m), Some(u)) => format!(
+                    "{} {queue_id}: client={helo}[{client_ip}], sasl_method={m}, sasl_username={u}",
+                    head("smtpd")
+                ),
+                _ => format!("{} {queue_id}: client={helo}[{client_ip}]", head("smtpd")),
+            },
             format!(
                 "{} {queue_id}: message-id={}",
                 head("cleanup"),
@@ -97,6 +110,27 @@ pub fn lines(r: &Record, hostname: &str, pid: u32) -> Vec<String> {
                 rcpts.len()
             ),
         ],
+        Event::SubmissionAuth {
+            client_ip,
+            method,
+            user,
+            result,
+            reason,
+            ..
+        } if result != "ok" => vec![format!(
+            "{} warning: unknown[{client_ip}]: SASL {method} authentication failed: {}, sasl_username={user}",
+            head("submission/smtpd"),
+            reason.as_deref().unwrap_or("authentication failure")
+        )],
+        Event::SubmissionLockout {
+            client_ip,
+            user,
+            failures,
+            window_s,
+        } => vec![format!(
+            "{} warning: unknown[{client_ip}]: SASL authentication locked out after {failures} failures in {window_s}s, sasl_username={user}",
+            head("submission/smtpd")
+        )],
         Event::Delivered {
             queue_id,
             rcpt,

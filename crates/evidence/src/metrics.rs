@@ -224,9 +224,17 @@ impl Metrics {
         self.with(|| match &r.event {
             Event::ConnectionOpened { .. } => metrics::counter!("godwit_connections_total").increment(1),
             Event::ConnectionRefused { reason, .. } => metrics::counter!("godwit_connections_refused_total", "reason" => reason.clone()).increment(1),
-            Event::MessageAccepted { size, .. } => {
+            Event::SubmissionAuth { listener, result, reason, .. } => {
+                let reason = reason.clone().unwrap_or_else(|| "ok".into());
+                metrics::counter!("godwit_submission_auth_total", "listener" => listener.clone(), "result" => result.clone(), "reason" => reason).increment(1);
+            }
+            Event::SubmissionLockout { .. } => metrics::counter!("godwit_submission_lockouts_total").increment(1),
+            Event::MessageAccepted { size, direction, .. } => {
                 st.accepted += 1;
                 metrics::counter!("godwit_messages_accepted_total").increment(1);
+                if let Some(d) = direction {
+                    metrics::counter!("godwit_messages_accepted_by_direction_total", "direction" => d.clone()).increment(1);
+                }
                 metrics::counter!("godwit_messages_accepted_bytes_total").increment(*size);
             }
             Event::MessageRefused { stage, reply, .. } => {

@@ -7,6 +7,7 @@
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod control;
+mod dkim_cli;
 mod doctor;
 mod fleet;
 mod mailboxes;
@@ -121,6 +122,11 @@ enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+    /// DKIM keys: make one, or show the TXT records to publish.
+    Dkim {
+        #[command(subcommand)]
+        command: dkim_cli::DkimCommand,
+    },
     /// Every change to routes, states, waves and the directory, numbered.
     History {
         #[command(subcommand)]
@@ -178,6 +184,17 @@ enum RouteCommand {
         json: bool,
     },
     /// Restore the routing as of version N, as a new version (undoable).
+    /// Where a sender's (or a sender domain's) outbound mail goes: `mx`, a
+    /// platform name (its outbound_relay smarthost), or `default` to follow
+    /// outbound.route again. Versioned, in the history, rolled back like
+    /// every routing change.
+    SetOutbound {
+        /// alice@example.com, or a domain (example.com) for all its senders.
+        sender: String,
+        route: String,
+        #[arg(long)]
+        actor: Option<String>,
+    },
     Rollback {
         #[arg(long)]
         to: i64,
@@ -303,6 +320,19 @@ fn main() {
 }
 
 async fn run(cli: Cli) -> Result<i32> {
+    if let Command::Dkim {
+        command:
+            dkim_cli::DkimCommand::Keygen {
+                domain,
+                selector,
+                algorithm,
+                out,
+            },
+    } = &cli.command
+    {
+        // Needs no configuration: keys are made before they are configured.
+        return dkim_cli::keygen(domain, selector, algorithm, out);
+    }
     if let Command::Check(godwit_check::cli::CheckArgs {
         target: Some(godwit_check::cli::CheckTarget::Access { address, password }),
         ..
@@ -402,6 +432,10 @@ async fn run(cli: Cli) -> Result<i32> {
             limit,
             json,
         } => control::history(config, command, limit, json).await,
+        Command::Dkim { command } => match command {
+            dkim_cli::DkimCommand::Show => dkim_cli::show(&config),
+            dkim_cli::DkimCommand::Keygen { .. } => unreachable!("handled above"),
+        },
         Command::Config {
             command: ConfigCommand::Show { non_default },
         } => {
@@ -489,6 +523,13 @@ fn init_logging(config: &Config, events_as_json: bool) -> LogLevel {
 async fn serve(config: Config, config_path: PathBuf) -> Result<i32> {
     let json_log = config.log.format == "json";
     let log_level = init_logging(&config, json_log);
+    // A DKIM key that does not load stops the start: mail must never leave
+    // unsigned because a key file went bad.
+    let dkim = godwit_outbound::DkimKeys::load(&config.dkim)?;
+    for k in dkim.keys() {
+        tracing::info!(domain = %k.domain, selector = %k.selector, algorithm = k.algorithm.tag(), "DKIM key loaded");
+    }
+    drop(dkim);
     let config = Arc::new(config);
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("data_dir {}", config.data_dir.display()))?;
@@ -559,6 +600,16 @@ async fn serve(config: Config, config_path: PathBuf) -> Result<i32> {
             .with_context(|| format!("smtp.listen: cannot listen on {addr}"))?;
         listen.push(l.local_addr()?.to_string());
         tokio::spawn(smtpd.clone().serve(l));
+    }
+    for addr in config.outbound.iter().flat_map(|o| o.listen.iter()) {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("outbound.listen: cannot listen on {addr}"))?;
+        listen.push(l.local_addr()?.to_string());
+        tokio::spawn(smtpd.clone().serve_as(l, smtpd::Listener::Relay));
+    }
+    if let Some(sc) = &config.submission {
+        listen.extend(smtpd::start_submission(&smtpd, &config, sc, &routes, &store).await?);
     }
     tokio::spawn(relay.clone().run());
     let access = godwit_access::Access::start(
@@ -1022,6 +1073,19 @@ async fn route(config: Config, command: RouteCommand) -> Result<i32> {
         RouteCommand::Explain { address, json } => {
             return control::route_explain(&config, &store, &address, json).await;
         }
+        RouteCommand::SetOutbound {
+            sender,
+            route,
+            actor: who,
+        } => {
+            let key = check_outbound(&config, &sender, &route)?;
+            let after = (route != "default").then(|| route.clone());
+            let cmd = format!("route set-outbound {sender} {route}");
+            let (v, _) =
+                godwit_route::commit(&store, &config, &actor(who), &cmd, vec![(key, after)])
+                    .await?;
+            println!("{sender}: outbound mail goes via {route} (version {v})");
+        }
         RouteCommand::Rollback {
             to,
             dry_run,
@@ -1032,6 +1096,50 @@ async fn route(config: Config, command: RouteCommand) -> Result<i32> {
         }
     }
     Ok(0)
+}
+
+/// The routing-map key for `route set-outbound SENDER|DOMAIN ROUTE`, once
+/// the sender is ours and the route is `mx`, `default` or a platform with
+/// an outbound_relay.
+fn check_outbound(config: &Config, sender: &str, route: &str) -> Result<String> {
+    if config.outbound.is_none() {
+        bail!("route set-outbound needs an [outbound] section in the configuration");
+    }
+    let domain = match sender.rsplit_once('@') {
+        Some(_) => check_address(config, sender)?
+            .rsplit_once('@')
+            .unwrap()
+            .1
+            .to_string(),
+        None => sender
+            .trim_start_matches('@')
+            .trim_end_matches('.')
+            .to_ascii_lowercase(),
+    };
+    if !config.is_accepted_domain(&domain) {
+        bail!(
+            "`{sender}` is not in an accepted domain ({})",
+            config.domains.accepted.join(", ")
+        );
+    }
+    if route != godwit_config::ROUTE_MX && route != "default" {
+        match config.platforms.get(route) {
+            None => bail!(
+                "`{route}` is neither `mx`, `default` nor a platform ({})",
+                config
+                    .platforms
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            Some(p) if p.outbound_relay.is_empty() => bail!(
+                "platform `{route}` has no outbound_relay: set platforms.{route}.outbound_relay first"
+            ),
+            _ => {}
+        }
+    }
+    Ok(godwit_route::outbound_key(sender))
 }
 
 /// The address as the routing map keys it, if it is one (RFC 5321 4.1.2,

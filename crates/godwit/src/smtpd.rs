@@ -2,11 +2,13 @@
 //! timeouts and TLS; feeds bytes to the pure session state machine; makes
 //! each message durable in the spool before the 250 reply.
 
-use godwit_config::{BareNewline, Config};
+use godwit_config::{BareNewline, Config, SenderRestriction};
 use godwit_events::{Event, EventLog};
 use godwit_relay::Relay;
 use godwit_route::{Expansion, SharedRoutes, normalize_address};
-use godwit_smtp_proto::{Envelope, Limits, NewlinePolicy, Output, RcptPolicy, Reply, Session};
+use godwit_smtp_proto::{
+    AuthRules, Envelope, Limits, NewlinePolicy, Output, RcptPolicy, Reply, Session,
+};
 use godwit_spool::{Header, Spool, now_ms};
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
@@ -36,6 +38,41 @@ pub struct Smtpd {
     /// Sessions running now, and a wake-up for whoever waits for none.
     active: AtomicUsize,
     idle: tokio::sync::Notify,
+    /// `[submission]`: set once at start when configured.
+    submission: std::sync::OnceLock<Submission>,
+}
+
+/// The submission listeners' password check and certificate.
+pub struct Submission {
+    pub auth: godwit_auth::Authenticator,
+    pub tls: TlsAcceptor,
+    /// As read at start: `[submission]` changes need a restart (reload says so).
+    pub config: godwit_config::SubmissionConfig,
+}
+
+/// Which listener a session came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listener {
+    /// smtp.listen: the MX gateway for our domains.
+    Mx,
+    /// submission.listen: STARTTLS, then AUTH (RFC 6409).
+    Submission,
+    /// submission.listen_tls: implicit TLS (RFC 8314).
+    SubmissionTls,
+    /// outbound.listen: the relay port for platforms' outbound connectors
+    /// and apps; relaying for clients in `outbound.relay_networks`.
+    Relay,
+}
+
+impl Listener {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Listener::Mx => "smtp",
+            Listener::Submission => "submission",
+            Listener::SubmissionTls => "submission_tls",
+            Listener::Relay => "relay",
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -102,20 +139,85 @@ impl Drop for Charged<'_> {
 /// Only our domains are accepted: godwit is never an open relay. Once a
 /// directory is imported, `directory.unknown_recipient = "reject"` also
 /// refuses addresses it does not know.
-struct Domains<'a>(&'a Config, &'a godwit_route::SharedRoutes);
+struct Domains<'a> {
+    config: &'a Config,
+    routes: &'a godwit_route::SharedRoutes,
+    /// Foreign recipients are accepted for relaying: set after a successful
+    /// AUTH on the submission listener (and for relay_networks clients on
+    /// the outbound listener).
+    relay_permitted: bool,
+    /// After AUTH with `sender_restriction = "directory"`: the user and the
+    /// addresses it may send as (MAIL FROM and header From).
+    senders: Option<(String, Vec<String>)>,
+}
+
+impl<'a> Domains<'a> {
+    fn new(config: &'a Config, routes: &'a godwit_route::SharedRoutes) -> Domains<'a> {
+        Domains {
+            config,
+            routes,
+            relay_permitted: false,
+            senders: None,
+        }
+    }
+}
 
 impl RcptPolicy for Domains<'_> {
+    /// Postfix's reject_sender_login_mismatch: 553 5.7.1 (RFC 3463 5.7.1,
+    /// delivery not authorized). The null sender (DSNs, MDNs) is allowed.
+    fn check_mail(&self, address: &str) -> Result<(), Reply> {
+        match &self.senders {
+            Some((user, ids))
+                if !address.is_empty() && !godwit_auth::sender::may_send_as(ids, address) =>
+            {
+                Err(Reply::new(
+                    553,
+                    (5, 7, 1),
+                    format!("<{address}>: Sender address rejected: not owned by user {user}"),
+                ))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Every address in the header From must be the user's too (RFC 5322
+    /// 3.6.2), so a message cannot claim another author.
+    fn check_message(&self, _mail_from: &str, message: &[u8]) -> Result<(), Reply> {
+        let Some((user, ids)) = &self.senders else {
+            return Ok(());
+        };
+        let Some(parsed) = mail_parser::MessageParser::new().parse_headers(message) else {
+            return Ok(());
+        };
+        let Some(from) = parsed.from() else {
+            return Ok(());
+        };
+        for a in from.iter() {
+            let addr = a.address().unwrap_or_default();
+            if !godwit_auth::sender::may_send_as(ids, addr) {
+                return Err(Reply::new(
+                    553,
+                    (5, 7, 1),
+                    format!("Header From <{addr}> is not owned by user {user}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     fn check_rcpt(&self, address: &str) -> Result<(), Reply> {
         // RFC 5321 4.5.1: <postmaster> without a domain must be accepted.
         if address.eq_ignore_ascii_case("postmaster") {
             return Ok(());
         }
         match address.rsplit_once('@') {
-            Some((local, domain)) if !local.is_empty() && self.0.is_accepted_domain(domain) => {
+            Some((local, domain))
+                if !local.is_empty() && self.config.is_accepted_domain(domain) =>
+            {
                 // As Postfix's relay_recipient_maps: refuse at RCPT rather than
                 // accept and bounce later (RFC 5321 4.2.2: 550 for a mailbox
                 // that does not exist; RFC 3463 5.1.1 bad destination mailbox).
-                if self.1.rejects_unknown(address) {
+                if self.routes.rejects_unknown(address) {
                     return Err(Reply::new(
                         550,
                         (5, 1, 1),
@@ -124,6 +226,10 @@ impl RcptPolicy for Domains<'_> {
                 }
                 Ok(())
             }
+            // A foreign recipient from a client allowed to relay: it leaves
+            // by the outbound route.
+            Some((local, _)) if !local.is_empty() && self.relay_permitted => Ok(()),
+            // RFC 5321 3.6.2 / 7.1: never an open relay; RFC 3463 5.7.1.
             Some(_) => Err(Reply::new(
                 554,
                 (5, 7, 1),
@@ -166,6 +272,7 @@ impl Smtpd {
             draining: tokio::sync::watch::channel(false).0,
             active: AtomicUsize::new(0),
             idle: tokio::sync::Notify::new(),
+            submission: std::sync::OnceLock::new(),
         }))
     }
 
@@ -213,12 +320,33 @@ impl Smtpd {
         self.active.load(Ordering::Acquire)
     }
 
+    /// Turns the submission listeners on (once, at start).
+    pub fn enable_submission(&self, s: Submission) {
+        let _ = self.submission.set(s);
+    }
+
     pub fn sessions(&self) -> usize {
         self.active.load(Ordering::Acquire)
     }
 
-    fn limits(&self, live: &Live) -> Limits {
+    /// The certificate a listener offers.
+    fn acceptor(&self, live: &Live, listener: Listener) -> Option<TlsAcceptor> {
+        match listener {
+            // The relay port offers STARTTLS with the MX certificate.
+            Listener::Mx | Listener::Relay => live.tls.clone(),
+            _ => self.submission.get().map(|s| s.tls.clone()),
+        }
+    }
+
+    fn limits(&self, live: &Live, listener: Listener) -> Limits {
         let s = &live.config.smtp;
+        let auth = match (listener, self.submission.get()) {
+            (Listener::Mx | Listener::Relay, _) | (_, None) => None,
+            (_, Some(sub)) => Some(AuthRules {
+                allow_plaintext: sub.config.allow_plaintext_auth,
+                required: true,
+            }),
+        };
         Limits {
             hostname: live.config.hostname.clone(),
             max_message_size: s.max_message_size,
@@ -230,11 +358,16 @@ impl Smtpd {
                 BareNewline::Normalize => NewlinePolicy::Normalize,
             },
             max_received_headers: s.max_received_headers,
-            tls_available: live.tls.is_some(),
+            tls_available: self.acceptor(live, listener).is_some(),
+            auth,
         }
     }
 
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        self.serve_as(listener, Listener::Mx).await
+    }
+
+    pub async fn serve_as(self: Arc<Self>, listener: TcpListener, kind: Listener) {
         let mut draining = self.draining.subscribe();
         loop {
             let accepted = tokio::select! {
@@ -254,7 +387,7 @@ impl Smtpd {
             let me = self.clone();
             me.active.fetch_add(1, Ordering::AcqRel);
             tokio::spawn(async move {
-                me.clone().connection(stream, peer).await;
+                me.clone().connection(stream, peer, kind).await;
                 if me.active.fetch_sub(1, Ordering::AcqRel) == 1 {
                     me.idle.notify_waiters();
                 }
@@ -272,7 +405,7 @@ impl Smtpd {
         });
     }
 
-    async fn connection(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) {
+    async fn connection(self: Arc<Self>, stream: TcpStream, peer: SocketAddr, kind: Listener) {
         let ip = peer.ip();
         let live = self.live.read().unwrap().clone();
         let Ok(_permit) = self.connections.clone().try_acquire_owned() else {
@@ -315,7 +448,7 @@ impl Smtpd {
             session: session_id,
             client_ip: ip.to_string(),
         });
-        let (messages, reason) = self.run_session(&live, stream, ip, session_id).await;
+        let (messages, reason) = self.run_session(&live, stream, ip, session_id, kind).await;
         self.events.emit(Event::ConnectionClosed {
             session: session_id,
             client_ip: ip.to_string(),
@@ -337,10 +470,15 @@ impl Smtpd {
         stream: TcpStream,
         ip: IpAddr,
         sid: u64,
+        kind: Listener,
     ) -> (u32, String) {
         let _ = stream.set_nodelay(true);
+        if kind == Listener::SubmissionTls {
+            return self.run_implicit_tls(live, stream, ip, sid).await;
+        }
         let delay = live.config.smtp.greeting_delay;
-        if !delay.is_zero() {
+        // The pregreet test is for MX traffic; submission clients are MUAs.
+        if !delay.is_zero() && kind == Listener::Mx {
             // Postscreen-style pregreet test: a client that talks before the
             // greeting is not speaking SMTP (RFC 5321 4.3.1), usually a bot.
             let deadline = tokio::time::Instant::now() + delay;
@@ -377,7 +515,7 @@ impl Smtpd {
                 }
             }
         }
-        let mut session = Session::new(self.limits(live), ip.to_string());
+        let mut session = Session::new(self.limits(live, kind), ip.to_string());
         let mut messages = 0u32;
         let mut stream = stream;
         let greeting = session.greeting().to_wire();
@@ -385,11 +523,19 @@ impl Smtpd {
             return (0, "write failed".into());
         }
         match self
-            .drive(live, &mut stream, &mut session, sid, &mut messages)
+            .drive(
+                live,
+                &mut stream,
+                &mut session,
+                sid,
+                &mut messages,
+                kind,
+                ip,
+            )
             .await
         {
             End::StartTls => {
-                let Some(acceptor) = live.tls.clone() else {
+                let Some(acceptor) = self.acceptor(live, kind) else {
                     return (messages, "tls unavailable".into());
                 };
                 match tokio::time::timeout(
@@ -416,7 +562,7 @@ impl Smtpd {
                         });
                         session.tls_started();
                         match self
-                            .drive(live, &mut tls, &mut session, sid, &mut messages)
+                            .drive(live, &mut tls, &mut session, sid, &mut messages, kind, ip)
                             .await
                         {
                             End::Closed(reason) => (messages, reason),
@@ -431,6 +577,146 @@ impl Smtpd {
         }
     }
 
+    /// submission.listen_tls (RFC 8314 3.3): TLS from the first byte, then
+    /// the greeting; STARTTLS is not offered on top.
+    async fn run_implicit_tls(
+        &self,
+        live: &Live,
+        stream: TcpStream,
+        ip: IpAddr,
+        sid: u64,
+    ) -> (u32, String) {
+        let kind = Listener::SubmissionTls;
+        let Some(acceptor) = self.acceptor(live, kind) else {
+            return (0, "tls unavailable".into());
+        };
+        let mut tls =
+            match tokio::time::timeout(live.config.smtp.command_timeout, acceptor.accept(stream))
+                .await
+            {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => return (0, format!("TLS handshake failed: {e}")),
+                Err(_) => return (0, "TLS handshake timed out".into()),
+            };
+        self.tls_event(sid, ip, tls.get_ref().1);
+        let mut session = Session::new(self.limits(live, kind), ip.to_string());
+        session.tls_started();
+        let mut messages = 0u32;
+        if tls.write_all(&session.greeting().to_wire()).await.is_err() {
+            return (0, "write failed".into());
+        }
+        match self
+            .drive(live, &mut tls, &mut session, sid, &mut messages, kind, ip)
+            .await
+        {
+            End::Closed(reason) => (messages, reason),
+            End::StartTls => (messages, "STARTTLS under implicit TLS".into()),
+        }
+    }
+
+    fn tls_event(&self, sid: u64, ip: IpAddr, conn: &rustls::ServerConnection) {
+        let protocol = conn
+            .protocol_version()
+            .map(|v| format!("{v:?}"))
+            .unwrap_or_default();
+        let cipher = conn
+            .negotiated_cipher_suite()
+            .map(|c| format!("{:?}", c.suite()))
+            .unwrap_or_default();
+        self.events.emit(Event::ConnectionTls {
+            session: sid,
+            client_ip: ip.to_string(),
+            protocol,
+            cipher,
+        });
+    }
+
+    /// Checks AUTH credentials; on success the session may relay and send
+    /// as the user's identities. A failure is answered after
+    /// `auth_failure_delay`, so guessing is slow (as Dovecot and Postfix do).
+    async fn authenticate(
+        &self,
+        session: &mut Session,
+        sid: u64,
+        kind: Listener,
+        creds: godwit_smtp_proto::Credentials,
+        policy: &mut Domains<'_>,
+    ) -> Option<(String, String)> {
+        let Some(sub) = self.submission.get() else {
+            session.auth_failed(Some(Reply::new(
+                454,
+                (4, 7, 0),
+                "Temporary authentication failure",
+            )));
+            return None;
+        };
+        let sc = &sub.config;
+        let ip: IpAddr = session
+            .client_ip
+            .parse()
+            .unwrap_or(IpAddr::from([0, 0, 0, 0]));
+        let user = godwit_route::normalize_address(&creds.user);
+        let method = creds.mechanism.as_str().to_string();
+        let checked = sub.auth.check(ip, &creds.user, &creds.password).await;
+        drop(creds);
+        let reason = checked.verdict.reason().to_string();
+        let (result, platform, backend_reply) = match &checked.verdict {
+            godwit_auth::Verdict::Ok { platform } => ("ok", platform.clone(), None),
+            godwit_auth::Verdict::Failed {
+                platform, reply, ..
+            } => ("failed", platform.clone(), reply.clone()),
+            _ => ("failed", None, None),
+        };
+        self.events.emit(Event::SubmissionAuth {
+            session: sid,
+            client_ip: session.client_ip.clone(),
+            listener: kind.as_str().into(),
+            method: method.clone(),
+            user: user.clone(),
+            result: result.into(),
+            reason: (result != "ok").then(|| reason.clone()),
+            platform,
+            backend_reply,
+        });
+        if checked.locked_now {
+            self.events.emit(Event::SubmissionLockout {
+                client_ip: session.client_ip.clone(),
+                user: user.clone(),
+                failures: checked.failures,
+                window_s: sc.failure_window.as_secs(),
+            });
+        }
+        match checked.verdict {
+            godwit_auth::Verdict::Ok { .. } => {
+                policy.relay_permitted = true;
+                if sc.sender_restriction == SenderRestriction::Directory {
+                    let ids = sub.auth.identities(&user).await;
+                    policy.senders = Some((user.clone(), ids));
+                }
+                session.auth_succeeded(&user);
+                Some((method, user))
+            }
+            godwit_auth::Verdict::Unavailable { reason } => {
+                tracing::warn!(
+                    session = sid,
+                    "submission: cannot check the password of {user}: {reason}"
+                );
+                // RFC 4954 6: 454 4.7.0, the client may try again later.
+                session.auth_failed(Some(Reply::new(
+                    454,
+                    (4, 7, 0),
+                    "Temporary authentication failure",
+                )));
+                None
+            }
+            _ => {
+                tokio::time::sleep(sc.auth_failure_delay).await;
+                session.auth_failed(None);
+                None
+            }
+        }
+    }
+
     async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
         &self,
         live: &Live,
@@ -438,8 +724,20 @@ impl Smtpd {
         session: &mut Session,
         sid: u64,
         messages: &mut u32,
+        kind: Listener,
+        ip: IpAddr,
     ) -> End {
-        let policy = Domains(&live.config, self.relay.routes());
+        let mut policy = Domains::new(&live.config, self.relay.routes());
+        // The relay port: clients inside outbound.relay_networks may send to
+        // any recipient; everyone else only to ours (or after AUTH).
+        policy.relay_permitted = kind == Listener::Relay
+            && live
+                .config
+                .outbound
+                .as_ref()
+                .is_some_and(|o| godwit_outbound::relay_permitted(ip, &o.relay_networks));
+        // The SASL method and user of this session's AUTH.
+        let mut sasl: Option<(String, String)> = None;
         let mut draining = self.draining.subscribe();
         let mut buf = vec![0u8; 64 * 1024];
         let mut out: Vec<u8> = Vec::with_capacity(1024);
@@ -456,6 +754,20 @@ impl Smtpd {
             while let Some(o) = session.next(&policy) {
                 match o {
                     Output::Reply(r) => out.extend_from_slice(&r.to_wire()),
+                    Output::Authenticate(creds) => {
+                        if let Some(s) = self
+                            .authenticate(session, sid, kind, creds, &mut policy)
+                            .await
+                        {
+                            sasl = Some(s);
+                        }
+                    }
+                    // A failed AUTH is its own event (submission.auth).
+                    Output::Refused {
+                        stage: "auth",
+                        reply,
+                        ..
+                    } if matches!(reply.code, 535 | 454) => {}
                     Output::Refused {
                         stage,
                         reply,
@@ -473,7 +785,15 @@ impl Smtpd {
                     }),
                     Output::Message { envelope, message } => {
                         let reply = self
-                            .accept(live, session, sid, envelope, message, tx_started)
+                            .accept(
+                                live,
+                                session,
+                                sid,
+                                envelope,
+                                message,
+                                sasl.as_ref(),
+                                tx_started,
+                            )
                             .await;
                         if reply.code == 250 {
                             *messages += 1;
@@ -643,11 +963,12 @@ impl Smtpd {
         sid: u64,
         envelope: godwit_smtp_proto::Envelope,
         message: Vec<u8>,
+        sasl: Option<&(String, String)>,
         tx_started: std::time::Instant,
     ) -> Reply {
         let queue_id = self.spool.new_queue_id();
         let message_id = message_id_of(&message);
-        let received = received_header(&live.config.hostname, &envelope, &queue_id);
+        let received = received_header(&live.config.hostname, &envelope, &queue_id, sasl.is_some());
         let (envelope, expansions) = expand_groups(self.relay.routes(), envelope);
         // Our own trace header back more than max_trace_hops times: a loop.
         let trace_hops = godwit_relay::loops::trace_hops(&message);
@@ -685,6 +1006,13 @@ impl Smtpd {
                     mail_from: envelope.mail_from.clone(),
                     rcpts: envelope.rcpts.iter().map(|(a, _)| a.clone()).collect(),
                     size,
+                    direction: envelope
+                        .rcpts
+                        .iter()
+                        .any(|(a, _)| godwit_relay::outbound::is_foreign(&live.config, a))
+                        .then(|| "outbound".to_string()),
+                    sasl_method: sasl.map(|s| s.0.clone()),
+                    sasl_username: sasl.map(|s| s.1.clone()),
                 });
                 for (rcpt, e) in expansions {
                     let (members, groups, over_limit) = match e {
@@ -782,6 +1110,49 @@ fn expand_groups(routes: &SharedRoutes, mut env: Envelope) -> (Envelope, Vec<(St
     (env, notes)
 }
 
+/// Binds `submission.listen` and `submission.listen_tls` and serves them;
+/// returns the addresses bound. Errors name the key.
+pub async fn start_submission(
+    smtpd: &Arc<Smtpd>,
+    config: &Arc<Config>,
+    sc: &godwit_config::SubmissionConfig,
+    routes: &SharedRoutes,
+    store: &godwit_store::Store,
+) -> anyhow::Result<Vec<String>> {
+    use anyhow::Context;
+    let (cert, key) = sc
+        .cert(config)
+        .context("submission: no certificate (submission.tls_cert or smtp.tls_cert)")?;
+    let tls = crate::tls::acceptor(&cert, &key).context("submission.tls_cert")?;
+    let auth =
+        godwit_auth::Authenticator::new(config.clone(), sc.clone(), routes.clone(), store.clone())
+            .map_err(anyhow::Error::msg)?;
+    smtpd.enable_submission(Submission {
+        auth,
+        tls,
+        config: sc.clone(),
+    });
+    let mut bound = Vec::new();
+    for (key, addrs, kind) in [
+        ("submission.listen", &sc.listen, Listener::Submission),
+        (
+            "submission.listen_tls",
+            &sc.listen_tls,
+            Listener::SubmissionTls,
+        ),
+    ] {
+        for addr in addrs {
+            let l = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("{key}: cannot listen on {addr}"))?;
+            bound.push(l.local_addr()?.to_string());
+            tokio::spawn(smtpd.clone().serve_as(l, kind));
+            tracing::info!("submission ({}) on {addr}", kind.as_str());
+        }
+    }
+    Ok(bound)
+}
+
 enum End {
     StartTls,
     Closed(String),
@@ -792,13 +1163,20 @@ fn message_id_of(message: &[u8]) -> Option<String> {
     parsed.message_id().map(|id| format!("<{id}>"))
 }
 
-/// RFC 5321 4.4 trace field.
-fn received_header(hostname: &str, env: &godwit_smtp_proto::Envelope, queue_id: &str) -> String {
-    let with = match (env.esmtp, env.tls) {
-        (true, true) => "ESMTPS",
-        (true, false) => "ESMTP",
-        (false, true) => "SMTPS",
-        (false, false) => "SMTP",
+/// RFC 5321 4.4 trace field; RFC 3848 protocol types (ESMTPSA when authenticated).
+fn received_header(
+    hostname: &str,
+    env: &godwit_smtp_proto::Envelope,
+    queue_id: &str,
+    authenticated: bool,
+) -> String {
+    let with = match (env.esmtp, env.tls, authenticated) {
+        (true, true, true) => "ESMTPSA",
+        (true, false, true) => "ESMTPA",
+        (true, true, false) => "ESMTPS",
+        (true, false, false) => "ESMTP",
+        (false, true, _) => "SMTPS",
+        (false, false, _) => "SMTP",
     };
     let date = time::OffsetDateTime::now_utc()
         .format(&time::format_description::well_known::Rfc2822)

@@ -427,6 +427,31 @@ fn per_account_source_url_syncs_that_row_from_its_own_server() {
     assert!(ok, "{out}");
     assert!(out.contains("carol@example.com: 1 copied"), "{out}");
     assert!(out.contains("alice@example.com: 3 copied"), "{out}");
+    // imapsync-style totals end the run, summed over every account.
+    let copied: u64 = out
+        .lines()
+        .filter_map(|l| {
+            l.split_once(": ")?
+                .1
+                .split_once(" copied")?
+                .0
+                .parse::<u64>()
+                .ok()
+        })
+        .sum();
+    assert!(out.contains("++++ Statistics"), "{out}");
+    assert!(
+        out.contains(&format!("Messages transferred        : {copied}\n")),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!(
+            "Accounts synced             : {} (0 failed",
+            USERS.len()
+        )),
+        "{out}"
+    );
+    assert!(out.contains("Errors                      : 0"), "{out}");
     let n = rt.block_on(async {
         let mut t = imap_common::login(s.dst.port, "carol@example.com").await;
         let held = imap_common::dump(&mut t).await;

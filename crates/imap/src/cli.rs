@@ -197,6 +197,7 @@ fn sync_section(config: &Config) -> anyhow::Result<&SyncConfig> {
 struct SyncOutput<'a> {
     sync: &'a [AccountReport],
     verify: &'a [AccountCheck],
+    totals: &'a Totals,
 }
 
 /// `godwit sync`: copy (or delta), then verify each account. With
@@ -226,6 +227,7 @@ pub async fn run_sync(config: &Config, args: &SyncArgs) -> anyhow::Result<i32> {
 async fn run_sync_once(config: &Config, args: &SyncArgs) -> anyhow::Result<i32> {
     let sync = sync_section(config)?;
     let selected = select(sync, &args.mailboxes)?;
+    let started = std::time::Instant::now();
     let show_progress = !args.no_progress && !args.json && std::io::stderr().is_terminal();
     let (reports, checks) = sync_accounts(
         config,
@@ -235,12 +237,14 @@ async fn run_sync_once(config: &Config, args: &SyncArgs) -> anyhow::Result<i32> 
         show_progress,
     )
     .await?;
+    let totals = Totals::of(&reports, &checks, started.elapsed());
     if args.json {
         println!(
             "{}",
             serde_json::to_string_pretty(&SyncOutput {
                 sync: &reports,
-                verify: &checks
+                verify: &checks,
+                totals: &totals,
             })?
         );
     } else {
@@ -248,6 +252,7 @@ async fn run_sync_once(config: &Config, args: &SyncArgs) -> anyhow::Result<i32> 
             println!("{}", render_sync(r));
         }
         print!("{}", render(&checks));
+        print!("{}", totals.render());
     }
     Ok(if checks.iter().all(|c| c.clean) { 0 } else { 1 })
 }
@@ -457,6 +462,132 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for ProgressWriter {
     }
 }
 
+/// A run's totals, as imapsync ends every run ("++++ Statistics"): what an
+/// operator compares between the pre-seed and the deltas, and pastes into a
+/// change ticket.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct Totals {
+    pub accounts: usize,
+    /// Accounts whose sync stopped with an error.
+    pub accounts_failed: usize,
+    /// Accounts whose verify was not clean (including not verified).
+    pub accounts_not_verified: usize,
+    pub folders: usize,
+    pub folders_unchanged: usize,
+    pub messages_copied: u64,
+    pub bytes_copied: u64,
+    /// Found already on the target and paired instead of copied.
+    pub messages_matched: u64,
+    pub messages_skipped: usize,
+    pub flag_updates: u64,
+    pub deleted: u64,
+    pub reconnects: u64,
+    pub elapsed_s: f64,
+    pub messages_per_s: f64,
+    pub mb_per_s: f64,
+    /// Every error, named by account.
+    pub errors: Vec<String>,
+}
+
+impl Totals {
+    pub fn of(
+        reports: &[AccountReport],
+        checks: &[AccountCheck],
+        elapsed: std::time::Duration,
+    ) -> Totals {
+        let mut t = Totals {
+            accounts: reports.len(),
+            elapsed_s: elapsed.as_secs_f64(),
+            ..Default::default()
+        };
+        for r in reports {
+            t.folders += r.folders.len();
+            t.folders_unchanged += r.folders.iter().filter(|f| f.unchanged).count();
+            t.messages_copied += r.copied();
+            t.bytes_copied += r.folders.iter().map(|f| f.bytes).sum::<u64>();
+            t.messages_matched += r.folders.iter().map(|f| f.matched).sum::<u64>();
+            t.messages_skipped += r.skipped();
+            t.flag_updates += r.folders.iter().map(|f| f.flags_updated).sum::<u64>();
+            t.deleted += r.folders.iter().map(|f| f.deleted).sum::<u64>();
+            t.reconnects += u64::from(r.reconnects);
+            if let Some(e) = &r.error {
+                t.accounts_failed += 1;
+                t.errors.push(format!("{}: {e}", r.address));
+            }
+        }
+        for c in checks {
+            if !c.clean {
+                t.accounts_not_verified += 1;
+                // A sync error is already listed; a verify's own error is not.
+                let listed = reports
+                    .iter()
+                    .any(|r| r.address == c.address && r.error.is_some());
+                if let (Some(e), false) = (&c.error, listed) {
+                    t.errors.push(format!("{}: {e}", c.address));
+                }
+            }
+        }
+        if t.elapsed_s > 0.0 {
+            t.messages_per_s = t.messages_copied as f64 / t.elapsed_s;
+            t.mb_per_s = t.bytes_copied as f64 / 1e6 / t.elapsed_s;
+        }
+        t
+    }
+
+    pub fn render(&self) -> String {
+        let mut s = String::from("++++ Statistics\n");
+        let row = |s: &mut String, k: &str, v: String| s.push_str(&format!("{k:<28}: {v}\n"));
+        row(
+            &mut s,
+            "Accounts synced",
+            format!(
+                "{} ({} failed, {} not verified clean)",
+                self.accounts, self.accounts_failed, self.accounts_not_verified
+            ),
+        );
+        row(
+            &mut s,
+            "Folders",
+            format!("{} ({} unchanged)", self.folders, self.folders_unchanged),
+        );
+        row(
+            &mut s,
+            "Messages transferred",
+            self.messages_copied.to_string(),
+        );
+        row(
+            &mut s,
+            "Messages already on target",
+            self.messages_matched.to_string(),
+        );
+        row(
+            &mut s,
+            "Messages skipped",
+            self.messages_skipped.to_string(),
+        );
+        row(&mut s, "Flag updates", self.flag_updates.to_string());
+        row(
+            &mut s,
+            "Messages deleted on target",
+            self.deleted.to_string(),
+        );
+        row(
+            &mut s,
+            "Total bytes transferred",
+            format!("{} ({})", self.bytes_copied, bytesize(self.bytes_copied)),
+        );
+        row(&mut s, "Reconnects", self.reconnects.to_string());
+        row(&mut s, "Elapsed time", format!("{:.2} s", self.elapsed_s));
+        row(&mut s, "Messages/s", format!("{:.1}", self.messages_per_s));
+        row(&mut s, "MB/s", format!("{:.2}", self.mb_per_s));
+        row(&mut s, "Errors", self.errors.len().to_string());
+        for e in &self.errors {
+            s.push_str(&format!("  {e}\n"));
+        }
+        s
+    }
+}
+
 fn bytesize(n: u64) -> String {
     match n {
         n if n >= 1_000_000 => format!("{:.1} MB", n as f64 / 1e6),
@@ -499,4 +630,90 @@ pub fn render_sync(r: &AccountReport) -> String {
         }
     }
     s
+}
+
+#[cfg(test)]
+mod totals_tests {
+    use super::*;
+    use crate::engine::FolderReport;
+    use std::time::Duration;
+
+    fn folder(copied: u64, bytes: u64, unchanged: bool) -> FolderReport {
+        FolderReport {
+            source: "INBOX".into(),
+            target: "INBOX".into(),
+            unchanged,
+            copied,
+            bytes,
+            matched: 1,
+            flags_updated: 2,
+            skipped: vec!["UID 9: too big".into()],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn totals_sum_accounts_and_name_every_error_once() {
+        let reports = vec![
+            AccountReport {
+                address: "a@x".into(),
+                folders: vec![folder(10, 2_000_000, false), folder(0, 0, true)],
+                reconnects: 1,
+                ..Default::default()
+            },
+            AccountReport {
+                address: "b@x".into(),
+                folders: vec![folder(5, 1_000_000, false)],
+                error: Some("NO [AUTHENTICATIONFAILED] bad".into()),
+                ..Default::default()
+            },
+        ];
+        let checks = vec![
+            AccountCheck {
+                address: "a@x".into(),
+                clean: false,
+                error: Some("verify: INBOX differs".into()),
+                ..Default::default()
+            },
+            AccountCheck {
+                address: "b@x".into(),
+                clean: false,
+                error: Some("NO [AUTHENTICATIONFAILED] bad".into()),
+                ..Default::default()
+            },
+        ];
+        let t = Totals::of(&reports, &checks, Duration::from_secs(2));
+        assert_eq!(
+            (t.accounts, t.accounts_failed, t.accounts_not_verified),
+            (2, 1, 2)
+        );
+        assert_eq!((t.folders, t.folders_unchanged), (3, 1));
+        assert_eq!((t.messages_copied, t.bytes_copied), (15, 3_000_000));
+        assert_eq!(
+            (t.messages_matched, t.messages_skipped, t.flag_updates),
+            (3, 3, 6)
+        );
+        assert_eq!(t.reconnects, 1);
+        assert_eq!((t.messages_per_s, t.mb_per_s), (7.5, 1.5));
+        assert_eq!(
+            t.errors,
+            vec![
+                "b@x: NO [AUTHENTICATIONFAILED] bad".to_string(),
+                "a@x: verify: INBOX differs".to_string()
+            ]
+        );
+        let text = t.render();
+        assert!(text.starts_with("++++ Statistics\n"), "{text}");
+        assert!(
+            text.contains("Messages transferred        : 15\n"),
+            "{text}"
+        );
+        assert!(text.contains("Errors                      : 2\n"), "{text}");
+    }
+
+    #[test]
+    fn an_instant_run_divides_by_nothing() {
+        let t = Totals::of(&[], &[], Duration::ZERO);
+        assert_eq!((t.messages_per_s, t.mb_per_s), (0.0, 0.0));
+    }
 }

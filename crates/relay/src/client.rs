@@ -23,6 +23,9 @@ pub struct Body {
     /// the platform's (no throttling signal, and the message is counted
     /// towards quarantine).
     error: std::sync::Arc<Mutex<Option<String>>>,
+    /// Header lines sent before the spooled bytes: the DKIM-Signature made
+    /// for this attempt. The spool keeps the original.
+    prefix: std::sync::Arc<Vec<u8>>,
 }
 
 /// How much of a body is read, stuffed and written at a time.
@@ -35,7 +38,14 @@ impl Body {
             offset,
             len,
             error: Default::default(),
+            prefix: Default::default(),
         }
+    }
+
+    /// The same body with `header` (CRLF-terminated lines) put before it.
+    pub fn with_prefix(mut self, header: Vec<u8>) -> Body {
+        self.prefix = std::sync::Arc::new(header);
+        self
     }
 
     /// Why reading the body failed during an attempt, if it did.
@@ -127,12 +137,49 @@ fn host_backoff(failures: u32) -> Duration {
     )
 }
 
+/// A host to connect to: a configured relay "host:port", or an MX host's
+/// address found in the DNS (then `addr` is set and the evidence names it
+/// as Postfix does, `mx1.example.net[192.0.2.1]:25`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Host {
+    name: String,
+    port: u16,
+    addr: Option<std::net::SocketAddr>,
+}
+
+impl Host {
+    fn label(&self) -> String {
+        match self.addr {
+            Some(a) => format!("{}[{}]:{}", self.name, a.ip(), a.port()),
+            None => format!("{}:{}", self.name, self.port),
+        }
+    }
+}
+
+/// Where an outbound destination finds its hosts: the recipient domain's
+/// MX hosts, looked up at each attempt (so DNS changes apply at once).
+pub struct MxSource {
+    pub resolver: godwit_outbound::MxResolver,
+    pub domain: String,
+}
+
+/// SMTP AUTH towards a smarthost (RFC 4954): user and password.
+#[derive(Clone)]
+pub struct SmarthostAuth {
+    pub user: String,
+    pub password: String,
+}
+
 /// A platform's relay hosts, connection pool and TLS settings.
 pub struct Platform {
     /// The platform's name in the configuration, for logs.
     pub name: String,
     pub config: PlatformConfig,
-    hosts: Vec<(String, u16)>,
+    hosts: std::sync::RwLock<Vec<Host>>,
+    /// Set for an outbound destination delivering to MX hosts.
+    mx: Option<MxSource>,
+    /// Set for a platform's outbound smarthost that wants AUTH.
+    auth: Option<SmarthostAuth>,
     /// Per relay host: consecutive connection failures, and until when the
     /// host is skipped in favour of the others (as Exim's retry database
     /// does), so a dead or black-holed host costs one connect timeout per
@@ -167,10 +214,15 @@ fn local(code: u16, e: (u8, u16, u16), text: String) -> Reply {
 
 impl Platform {
     pub fn new(name: &str, config: &PlatformConfig) -> Platform {
-        let hosts: Vec<(String, u16)> = config
+        let hosts: Vec<Host> = config
             .relay
             .iter()
             .filter_map(|r| split_host_port(r).ok())
+            .map(|(name, port)| Host {
+                name,
+                port,
+                addr: None,
+            })
             .collect();
         // The trust anchors were checked when the configuration loaded; a
         // file that went bad since leaves only the public roots.
@@ -192,10 +244,79 @@ impl Platform {
             name: name.to_string(),
             config: config.clone(),
             health: Mutex::new(vec![HostHealth::default(); hosts.len()]),
-            hosts,
+            hosts: std::sync::RwLock::new(hosts),
+            mx: None,
+            auth: None,
             pool: Mutex::new(Vec::new()),
             tls: TlsConnector::from(tls),
             checker,
+        }
+    }
+
+    /// An outbound destination for the recipient domain `mx.domain`, its
+    /// hosts found in the DNS at each attempt.
+    pub fn for_mx(name: &str, config: &PlatformConfig, mx: MxSource) -> Platform {
+        let mut p = Platform::new(name, config);
+        p.mx = Some(mx);
+        p
+    }
+
+    /// A platform's outbound smarthost (its `outbound_relay`), with AUTH.
+    pub fn with_auth(mut self, auth: Option<SmarthostAuth>) -> Platform {
+        self.auth = auth;
+        self
+    }
+
+    fn host_count(&self) -> usize {
+        self.hosts.read().unwrap().len()
+    }
+
+    /// Takes the hosts found in the DNS for this attempt. A changed list
+    /// replaces the old one (and its health record); the same list keeps it.
+    fn set_hosts(&self, hosts: Vec<Host>) {
+        let mut health = self.health.lock().unwrap();
+        let mut cur = self.hosts.write().unwrap();
+        if *cur != hosts {
+            *health = vec![HostHealth::default(); hosts.len()];
+            *cur = hosts;
+            self.pool.lock().unwrap().clear();
+        }
+    }
+
+    /// For an MX destination: looks the domain up now. An Err is the
+    /// outcome of the whole attempt (null MX, no such domain, DNS failure).
+    async fn resolve_mx(&self) -> Result<(), Reply> {
+        let Some(mx) = &self.mx else { return Ok(()) };
+        use godwit_outbound::mx::Resolved;
+        match mx.resolver.resolve(&mx.domain).await {
+            Resolved::Targets(t) => {
+                self.set_hosts(
+                    t.into_iter()
+                        .map(|t| Host {
+                            name: t.host,
+                            port: t.addr.port(),
+                            addr: Some(t.addr),
+                        })
+                        .collect(),
+                );
+                Ok(())
+            }
+            // RFC 7505 4.1: a null MX domain accepts no mail; fail at once.
+            Resolved::NullMx => Err(local(
+                556,
+                (5, 1, 10),
+                format!("{} does not accept mail (null MX, RFC 7505)", mx.domain),
+            )),
+            Resolved::NoSuchDomain => Err(local(
+                550,
+                (5, 1, 2),
+                format!("recipient domain {} does not exist (NXDOMAIN)", mx.domain),
+            )),
+            Resolved::TryLater(e) => Err(local(
+                451,
+                (4, 4, 3),
+                format!("cannot look up the mail hosts of {}: {e}", mx.domain),
+            )),
         }
     }
 
@@ -223,7 +344,7 @@ impl Platform {
     fn host_order(&self, tried: &[usize]) -> Vec<usize> {
         let now = Instant::now();
         let health = self.health.lock().unwrap();
-        let mut order: Vec<usize> = (0..self.hosts.len())
+        let mut order: Vec<usize> = (0..self.host_count().min(health.len()))
             .filter(|i| !tried.contains(i))
             .collect();
         order.sort_by_key(|&i| match health[i].down_until {
@@ -235,15 +356,16 @@ impl Platform {
 
     fn host_ok(&self, idx: usize) {
         let mut health = self.health.lock().unwrap();
-        if health[idx].failures > 0 {
+        let Some(h) = health.get_mut(idx) else { return };
+        if h.failures > 0 {
             tracing::info!(platform = %self.name, host = %self.label(idx), "relay host is back");
         }
-        health[idx] = HostHealth::default();
+        *h = HostHealth::default();
     }
 
     fn host_failed(&self, idx: usize, why: &Reply) {
         let mut health = self.health.lock().unwrap();
-        let h = &mut health[idx];
+        let Some(h) = health.get_mut(idx) else { return };
         // One failure per pass-over period: attempts that were already
         // connecting when the host failed (or that tried it as a last
         // resort while it was passed over) say nothing new about it.
@@ -263,8 +385,12 @@ impl Platform {
     }
 
     fn label(&self, idx: usize) -> String {
-        let (h, p) = &self.hosts[idx];
-        format!("{h}:{p}")
+        self.hosts
+            .read()
+            .unwrap()
+            .get(idx)
+            .map(Host::label)
+            .unwrap_or_default()
     }
 
     /// Relay hosts now passed over, with the seconds left.
@@ -293,7 +419,7 @@ impl Platform {
             local(
                 451,
                 (4, 4, 1),
-                if self.hosts.is_empty() {
+                if self.host_count() == 0 {
                     "no relay host configured".into()
                 } else {
                     "every relay host was already tried in this attempt".into()
@@ -302,8 +428,10 @@ impl Platform {
         );
         for idx in self.host_order(tried) {
             tried.push(idx);
-            let (host, port) = &self.hosts[idx];
-            match self.connect_one(host, *port, helo).await {
+            let Some(host) = self.hosts.read().unwrap().get(idx).cloned() else {
+                continue;
+            };
+            match self.connect_one(&host, helo).await {
                 Ok(mut p) => {
                     self.host_ok(idx);
                     p.host_idx = idx;
@@ -318,16 +446,20 @@ impl Platform {
         Err(last)
     }
 
-    async fn connect_one(&self, host: &str, port: u16, helo: &str) -> Result<Pooled, Reply> {
-        let label = format!("{host}:{port}");
+    async fn connect_one(&self, target: &Host, helo: &str) -> Result<Pooled, Reply> {
+        let label = target.label();
+        let host = target.name.as_str();
         let conn_err = |e: String| local(451, (4, 4, 1), format!("connect to {label}: {e}"));
-        let tcp = tokio::time::timeout(
-            self.config.connect_timeout,
-            TcpStream::connect((host, port)),
-        )
-        .await
-        .map_err(|_| conn_err("timed out".into()))?
-        .map_err(|e| conn_err(e.to_string()))?;
+        let connect = async {
+            match target.addr {
+                Some(a) => TcpStream::connect(a).await,
+                None => TcpStream::connect((host, target.port)).await,
+            }
+        };
+        let tcp = tokio::time::timeout(self.config.connect_timeout, connect)
+            .await
+            .map_err(|_| conn_err("timed out".into()))?
+            .map_err(|e| conn_err(e.to_string()))?;
         let _ = tcp.set_nodelay(true);
         let mut client: SmtpClient<TcpStream> = SmtpClient {
             stream: tcp,
@@ -361,6 +493,7 @@ impl Platform {
             }
         };
         if !want_tls {
+            self.authenticate(&mut client, &ehlo, &label).await?;
             return Ok(Pooled {
                 host_idx: 0,
                 client: SmtpClient {
@@ -433,11 +566,12 @@ impl Platform {
             timeout: self.config.command_timeout,
         };
         // RFC 3207 4.2: capabilities must be learned again after TLS.
-        caps = client
+        let ehlo = client
             .ehlo(helo)
             .await
-            .map_err(|e| conn_err(format!("EHLO after TLS: {e}")))?
-            .capabilities;
+            .map_err(|e| conn_err(format!("EHLO after TLS: {e}")))?;
+        caps = ehlo.capabilities;
+        self.authenticate(&mut client, &ehlo, &label).await?;
         Ok(Pooled {
             host_idx: 0,
             client,
@@ -448,6 +582,31 @@ impl Platform {
             uses: 0,
             idle_since: Instant::now(),
         })
+    }
+
+    /// SMTP AUTH (RFC 4954) to a smarthost that has credentials configured.
+    /// A refused login is a 4xx for the attempt: the credentials may be fixed
+    /// by the operator, and the mail must not bounce for it.
+    async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        client: &mut SmtpClient<S>,
+        ehlo: &smtp_proto::EhloResponse<String>,
+        label: &str,
+    ) -> Result<(), Reply> {
+        let Some(a) = &self.auth else { return Ok(()) };
+        let creds = mail_send::Credentials::new(a.user.as_str(), a.password.as_str());
+        client
+            .authenticate(&creds, ehlo)
+            .await
+            .map(|_| ())
+            .map_err(|e| {
+                // Never the password: only the user and the server's words.
+                local(
+                    454,
+                    (4, 7, 0),
+                    format!("AUTH as {} at {label} failed: {e}", a.user),
+                )
+            })
     }
 
     /// Delivers `body` for `rcpts` (indexes into the envelope) and returns one
@@ -474,6 +633,18 @@ impl Platform {
                 })
                 .collect()
         };
+        if let Err(reply) = self.resolve_mx().await {
+            let permanent = reply.code >= 500;
+            return AttemptOutcome {
+                host: None,
+                tls: false,
+                tls_verified: None,
+                rcpts: all(&reply, permanent),
+                summary: reply,
+                duration: started.elapsed(),
+                connect: started.elapsed(),
+            };
+        }
         // Hosts this attempt has used, so a failover never returns to one.
         let mut tried: Vec<usize> = Vec::new();
         let mut use_pool = true;
@@ -560,7 +731,7 @@ impl Platform {
                 .rcpts
                 .iter()
                 .all(|o| matches!(o, RcptOutcome::Transient(_)));
-            if all_transient && tried.len() < self.hosts.len() {
+            if all_transient && tried.len() < self.host_count() {
                 last = Some(outcome);
                 continue;
             }
@@ -747,6 +918,7 @@ async fn transaction(
         format!("X-Godwit-Trace: {queue_id}\r\n").as_bytes(),
         &mut wire,
     );
+    stuffer.push(&body.prefix, &mut wire);
     client.timeout = cfg.data_timeout;
     let sent = tokio::time::timeout(cfg.data_timeout, async {
         let mut pos = 0u64;

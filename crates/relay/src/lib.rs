@@ -8,6 +8,7 @@ mod client;
 mod dsn;
 mod flow;
 pub mod loops;
+pub mod outbound;
 pub mod plan;
 pub mod queue_op;
 mod schedule;

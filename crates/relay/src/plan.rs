@@ -251,7 +251,7 @@ pub fn plan_attempt(h: &Header, rcpts: &mut [RcptState], w: &World) -> Plan {
             continue;
         }
         for p in to {
-            if !w.platforms.contains(&p) {
+            if !w.platforms.contains(&p) && !crate::outbound::is_outbound(&p) {
                 // A route naming a platform this gateway does not know: keep
                 // the mail (never bounce on a configuration mistake).
                 let reply = format!("4.3.5 route `{p}` names no configured platform");

@@ -85,8 +85,14 @@ struct Inner {
     spool: Arc<Spool>,
     routes: SharedRoutes,
     events: EventLog,
-    dests: BTreeMap<String, Dest>,
+    /// The platforms, and outbound destinations (`mx:DOMAIN`,
+    /// `smarthost:PLATFORM`) added as mail for them first comes.
+    dests: std::sync::RwLock<BTreeMap<String, Arc<Dest>>>,
     platforms: Vec<String>,
+    /// DNS for MX delivery (`outbound.resolvers`), when `[outbound]` is set.
+    resolver: Option<godwit_outbound::MxResolver>,
+    /// `[[dkim]]`: what signs mail on its way out.
+    dkim: Arc<godwit_outbound::DkimKeys>,
     state: Mutex<State>,
     wake: Notify,
 }
@@ -121,29 +127,42 @@ impl RelayHandle {
         routes: SharedRoutes,
         events: EventLog,
     ) -> RelayHandle {
-        let dests: BTreeMap<String, Dest> = config
+        let dests: BTreeMap<String, Arc<Dest>> = config
             .platforms
             .iter()
             .map(|(name, p)| {
                 (
                     name.clone(),
-                    Dest {
+                    Arc::new(Dest {
                         platform: Arc::new(Platform::new(name, p)),
                         flow: Flow::new(p),
                         ready: Mutex::default(),
                         ready_changed: Notify::new(),
-                    },
+                    }),
                 )
             })
             .collect();
         let platforms = dests.keys().cloned().collect();
+        let resolver = config.outbound.as_ref().and_then(|o| {
+            godwit_outbound::MxResolver::new(&o.resolvers, o.mx_port)
+                .map_err(|e| tracing::error!("{e}; MX delivery will defer"))
+                .ok()
+        });
+        // The keys were loaded once already when the gateway started (a bad
+        // key stops it there); a failure now leaves mail unsigned, loudly.
+        let dkim = godwit_outbound::DkimKeys::load(&config.dkim).unwrap_or_else(|e| {
+            tracing::error!("{e}: outbound mail leaves unsigned");
+            Default::default()
+        });
         RelayHandle(Arc::new(Inner {
             config,
             spool,
             routes,
             events,
-            dests,
+            dests: std::sync::RwLock::new(dests),
             platforms,
+            resolver,
+            dkim: Arc::new(dkim),
             state: Mutex::default(),
             wake: Notify::new(),
         }))
@@ -208,8 +227,7 @@ impl RelayHandle {
                 })
                 .collect()
         };
-        self.0
-            .dests
+        self.dests_now()
             .iter()
             .map(|(n, d)| {
                 let mut s = d.flow.snapshot();
@@ -249,10 +267,57 @@ impl RelayHandle {
             .collect()
     }
 
+    fn dests_now(&self) -> BTreeMap<String, Arc<Dest>> {
+        self.0.dests.read().unwrap().clone()
+    }
+
+    /// The destination called `name`. An outbound one (`mx:DOMAIN`,
+    /// `smarthost:PLATFORM`) is made when mail for it first comes, with its
+    /// own flow control and dispatcher.
+    fn dest(&self, name: &str) -> Option<Arc<Dest>> {
+        if let Some(d) = self.0.dests.read().unwrap().get(name) {
+            return Some(d.clone());
+        }
+        if !crate::outbound::is_outbound(name) {
+            return None;
+        }
+        let mut dests = self.0.dests.write().unwrap();
+        if let Some(d) = dests.get(name) {
+            return Some(d.clone());
+        }
+        let (platform, settings) =
+            crate::outbound::client_for(&self.0.config, self.0.resolver.as_ref(), name)?;
+        let d = Arc::new(Dest {
+            platform: Arc::new(platform),
+            flow: Flow::new(&settings),
+            ready: Mutex::default(),
+            ready_changed: Notify::new(),
+        });
+        dests.insert(name.to_string(), d.clone());
+        drop(dests);
+        tokio::spawn(self.clone().dispatch(name.to_string()));
+        Some(d)
+    }
+
     /// The route for recipient `addr` of message `h` now: DSNs go to the
-    /// DSN platform, whatever the routing map says.
+    /// DSN platform, whatever the routing map says; a recipient outside our
+    /// domains (accepted on the relay port) goes out by the outbound route.
     fn route_of(&self, h: &Header, addr: &str) -> Routed {
         let inner = &self.0;
+        if h.kind.is_none()
+            && let Some(o) = &inner.config.outbound
+            && crate::outbound::is_foreign(&inner.config, addr)
+        {
+            let (route, why) = inner
+                .routes
+                .outbound_route(&h.envelope.mail_from)
+                .unwrap_or_else(|| (o.route.clone(), format!("outbound.route = \"{}\"", o.route)));
+            return Routed {
+                route: crate::outbound::destination(&route, addr),
+                why,
+                version: inner.routes.version(),
+            };
+        }
         if h.kind.is_some() {
             return Routed {
                 route: inner.config.dsn_platform(),
@@ -284,7 +349,7 @@ impl RelayHandle {
             let changed = h.envelope.rcpts.iter().zip(&e.rcpts).any(|((addr, _), r)| {
                 !r.is_final()
                     && r.hold != Hold::Operator
-                    && r.last_route.as_deref() != Some(self.0.routes.decide(addr).route.as_str())
+                    && r.last_route.as_deref() != Some(self.route_of(h, addr).route.as_str())
             });
             if !changed {
                 continue;
@@ -312,7 +377,7 @@ impl RelayHandle {
     /// Runs the scheduler (and each platform's dispatcher) until the process
     /// ends.
     pub async fn run(self) {
-        for name in self.0.dests.keys() {
+        for name in self.dests_now().keys() {
             tokio::spawn(self.clone().dispatch(name.clone()));
         }
         let scan = self.0.config.queue.scan_interval;
@@ -370,7 +435,7 @@ impl RelayHandle {
     /// allows to the oldest waiting attempt, or tells every waiting attempt
     /// that the circuit is open.
     async fn dispatch(self, name: String) {
-        let d = &self.0.dests[&name];
+        let Some(d) = self.dest(&name) else { return };
         loop {
             loop {
                 if !d.ready.lock().unwrap().is_empty() {
@@ -468,7 +533,7 @@ impl RelayHandle {
             let Some(e) = st.msgs.get_mut(id) else { return };
             let sp = e.sp.clone();
             let route = |a: &str| self.route_of(&sp.header, a);
-            let circuit = |p: &str| inner.dests.get(p).and_then(|d| d.flow.down_for());
+            let circuit = |p: &str| self.dest(p).and_then(|d| d.flow.down_for());
             let world = World {
                 now,
                 max_lifetime: inner.config.queue.max_lifetime,
@@ -487,7 +552,10 @@ impl RelayHandle {
             let full = plan
                 .groups
                 .keys()
-                .find(|p| inner.dests[*p].ready.lock().unwrap().len() >= cap)
+                .find(|p| {
+                    self.dest(p)
+                        .is_some_and(|d| d.ready.lock().unwrap().len() >= cap)
+                })
                 .cloned();
             if let Some(p) = full {
                 // No place to wait for a slot: park, costing nothing until a
@@ -557,8 +625,10 @@ impl RelayHandle {
         planned: &[usize],
         reroute: CancellationToken,
     ) -> (GroupEnd, Vec<DsnRcpt>) {
-        let inner = &self.0;
-        let d = &inner.dests[platform];
+        let Some(d) = self.dest(platform) else {
+            self.group_done(id, false);
+            return (GroupEnd::Done, Vec::new());
+        };
         let (tx, rx) = oneshot::channel();
         d.ready.lock().unwrap().push_back(tx);
         d.ready_changed.notify_one();
@@ -591,7 +661,11 @@ impl RelayHandle {
         permit: Permit,
     ) -> (GroupEnd, Vec<DsnRcpt>) {
         let inner = &self.0;
-        let d = &inner.dests[platform];
+        let Some(d) = self.dest(platform) else {
+            drop(permit);
+            self.group_done(id, false);
+            return (GroupEnd::Done, Vec::new());
+        };
         // The route is decided again now that a slot is granted: from here
         // on, the transaction has begun and goes where it was bound.
         let bound = {
@@ -642,15 +716,19 @@ impl RelayHandle {
                 );
             }
         };
+        let outbound = crate::outbound::is_outbound(platform);
+        let body = if outbound {
+            body.with_prefix(self.dkim_header(&sp).await)
+        } else {
+            body
+        };
+        let helo = match &inner.config.outbound {
+            Some(o) if outbound => o.helo.as_deref().unwrap_or(&inner.config.hostname),
+            _ => &inner.config.hostname,
+        };
         let out = d
             .platform
-            .deliver(
-                &inner.config.hostname,
-                &sp.header.queue_id,
-                &sp.header.envelope,
-                &go,
-                &body,
-            )
+            .deliver(helo, &sp.header.queue_id, &sp.header.envelope, &go, &body)
             .await;
         if let Some(reason) = body.error() {
             drop(permit);
@@ -667,6 +745,39 @@ impl RelayHandle {
         drop(permit);
         let failed = self.settle(id, platform, &go, &out).await;
         (GroupEnd::Done, failed)
+    }
+
+    /// The DKIM-Signature for message `sp`, made now (so each attempt has a
+    /// fresh `t=`), or nothing when no key covers its header From. Signing
+    /// failures leave the message unsigned rather than stuck, and say so.
+    async fn dkim_header(&self, sp: &Arc<Spooled>) -> Vec<u8> {
+        if self.0.dkim.is_empty() {
+            return Vec::new();
+        }
+        let spool = self.0.spool.clone();
+        let keys = self.0.dkim.clone();
+        let sp = sp.clone();
+        let qid = sp.header.queue_id.clone();
+        let signed = tokio::task::spawn_blocking(move || {
+            let message = spool.read_body(&sp).map_err(|e| e.to_string())?;
+            keys.sign(&message).map_err(|e| e.to_string())
+        })
+        .await;
+        match signed {
+            Ok(Ok(Some(s))) => {
+                tracing::debug!(queue_id = %qid, domain = %s.domain, selector = %s.selector, "DKIM signed");
+                s.header.into_bytes()
+            }
+            Ok(Ok(None)) => Vec::new(),
+            Ok(Err(e)) => {
+                tracing::error!(queue_id = %qid, "DKIM signing failed, sending unsigned: {e}");
+                Vec::new()
+            }
+            Err(e) => {
+                tracing::error!(queue_id = %qid, "DKIM signing task: {e}");
+                Vec::new()
+            }
+        }
     }
 
     /// Applies a platform's replies, records them (fdatasync'ed for final
@@ -701,7 +812,7 @@ impl RelayHandle {
                 &inner.platforms,
                 go,
                 out,
-                inner.config.queue.soft_bounce,
+                inner.config.queue.soft_bounce && !crate::outbound::is_outbound(platform),
                 now,
                 &backoff,
             );
@@ -958,7 +1069,7 @@ impl RelayHandle {
     pub async fn apply_op(&self, op: &QueueOp, sel: &Selector, actor: &str) -> usize {
         let inner = &self.0;
         if *op == QueueOp::Flush
-            && let Some(d) = sel.platform.as_ref().and_then(|p| inner.dests.get(p))
+            && let Some(d) = sel.platform.as_ref().and_then(|p| self.dest(p))
             && d.flow.down_for().is_some()
         {
             tracing::info!(platform = %d.platform.name, actor, "queue flush closes the platform's open circuit");

@@ -120,7 +120,58 @@ pub fn normalize_address(a: &str) -> String {
         .to_lowercase()
 }
 
+/// Outbound routes (`route set-outbound`) live in the same versioned map as
+/// recipient routes, under keys no recipient address can take
+/// (`outbound:alice@example.com`, `outbound:@example.com`): so they are in
+/// the history and roll back like every other routing change.
+pub const OUTBOUND_KEY_PREFIX: &str = "outbound:";
+
+/// The map key of sender `sender` (an address) or of a sender domain
+/// (`example.com` or `@example.com`).
+pub fn outbound_key(sender_or_domain: &str) -> String {
+    let s = normalize_address(sender_or_domain);
+    if s.contains('@') {
+        format!("{OUTBOUND_KEY_PREFIX}{s}")
+    } else {
+        format!("{OUTBOUND_KEY_PREFIX}@{}", s.trim_end_matches('.'))
+    }
+}
+
 impl RoutingMap {
+    /// The outbound route set for envelope sender `sender`: its own entry,
+    /// else its domain's, else the nearest parent domain's. None: the
+    /// configured `outbound.route` applies. Returns (route, why).
+    pub fn outbound_route(&self, sender: &str) -> Option<(String, String)> {
+        let addr = normalize_address(sender);
+        let hit = |key: String| {
+            self.entries.get(key.as_str()).map(|e| {
+                (
+                    self.routes[e.route as usize].clone(),
+                    format!(
+                        "outbound route for {} (version {})",
+                        &key[OUTBOUND_KEY_PREFIX.len()..],
+                        e.version
+                    ),
+                )
+            })
+        };
+        if addr.contains('@')
+            && let Some(r) = hit(outbound_key(&addr))
+        {
+            return Some(r);
+        }
+        let mut domain = addr.rsplit_once('@').map(|(_, d)| d).unwrap_or(&addr);
+        loop {
+            if domain.is_empty() {
+                return None;
+            }
+            if let Some(r) = hit(outbound_key(domain)) {
+                return Some(r);
+            }
+            domain = domain.split_once('.')?.1;
+        }
+    }
+
     pub fn new(config: &Config) -> RoutingMap {
         RoutingMap {
             entries: HashMap::new(),
@@ -385,6 +436,11 @@ impl SharedRoutes {
 
     pub fn version(&self) -> i64 {
         self.0.read().unwrap().version
+    }
+
+    /// See `RoutingMap::outbound_route`.
+    pub fn outbound_route(&self, sender: &str) -> Option<(String, String)> {
+        self.0.read().unwrap().outbound_route(sender)
     }
 
     /// See `RoutingMap::expand`.
@@ -678,6 +734,38 @@ mod tests {
         ] {
             assert_eq!(m.decide(addr).route, route, "{addr}");
         }
+    }
+
+    #[test]
+    fn outbound_routes_by_sender_then_domain_then_parent() {
+        let mut m = RoutingMap::new(&config());
+        let ov = Basis::Override {
+            in_directory: false,
+        };
+        m.set(&outbound_key("@example.com"), Some(("new", ov)), 3);
+        m.set(&outbound_key("Boss@Example.com"), Some(("mx", ov)), 4);
+        m.set(&outbound_key("eu.example.org"), Some(("old", ov)), 5);
+        for (sender, want) in [
+            ("boss@example.com", Some("mx")),
+            ("<alice@example.com>", Some("new")),
+            ("a@x.eu.example.org", Some("old")),
+            ("a@example.org", None),
+            ("", None),
+        ] {
+            assert_eq!(
+                m.outbound_route(sender).map(|r| r.0),
+                want.map(str::to_string),
+                "{sender}"
+            );
+        }
+        // No recipient address can collide with an outbound key.
+        assert_eq!(m.decide("alice@example.com").route, "old");
+        assert!(
+            m.outbound_route("boss@example.com")
+                .unwrap()
+                .1
+                .contains("version 4")
+        );
     }
 
     #[test]

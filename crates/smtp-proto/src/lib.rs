@@ -12,5 +12,7 @@ pub mod stuff;
 pub use data::{DataDecoder, DataOutcome, NewlinePolicy};
 pub use envelope::{Envelope, MailParams, RcptParams};
 pub use reply::Reply;
-pub use session::{Limits, Output, RcptPolicy, Refusal, Session};
+pub use session::{
+    AuthRules, Credentials, Limits, Mechanism, Output, RcptPolicy, Refusal, Session,
+};
 pub use stuff::{DotStuffer, dot_stuff};

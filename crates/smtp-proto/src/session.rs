@@ -20,6 +20,54 @@ pub struct Limits {
     pub max_received_headers: usize,
     /// STARTTLS is offered when a certificate is configured.
     pub tls_available: bool,
+    /// SMTP AUTH (RFC 4954); `None` on the MX listener, which refuses AUTH.
+    pub auth: Option<AuthRules>,
+}
+
+/// How a listener offers SMTP AUTH.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AuthRules {
+    /// Offer and accept AUTH without TLS (loopback tests only): otherwise a
+    /// password never crosses the wire in clear (RFC 4954 4, 14).
+    pub allow_plaintext: bool,
+    /// MAIL needs a successful AUTH first (the submission port, RFC 6409 4.3).
+    pub required: bool,
+}
+
+/// SASL mechanisms the session speaks (RFC 4616 PLAIN; LOGIN, the de facto
+/// mechanism Outlook and older clients still use).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mechanism {
+    Plain,
+    Login,
+}
+
+impl Mechanism {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mechanism::Plain => "PLAIN",
+            Mechanism::Login => "LOGIN",
+        }
+    }
+}
+
+/// What a client presented in AUTH. Debug never shows the password, so an
+/// Output can be logged whole without leaking it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub mechanism: Mechanism,
+    pub user: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("mechanism", &self.mechanism)
+            .field("user", &self.user)
+            .field("password", &"<redacted>")
+            .finish()
+    }
 }
 
 /// Decides whether a recipient is ours. Kept as a trait so the session stays
@@ -27,6 +75,18 @@ pub struct Limits {
 pub trait RcptPolicy {
     /// `Ok(())` accepts; `Err(reply)` refuses with that reply.
     fn check_rcpt(&self, address: &str) -> Result<(), Reply>;
+
+    /// MAIL FROM, after the session's own checks (the submission sender
+    /// restriction). Default: any sender.
+    fn check_mail(&self, _address: &str) -> Result<(), Reply> {
+        Ok(())
+    }
+
+    /// A complete message before it is handed out (the header From of an
+    /// authenticated sender). Default: any message.
+    fn check_message(&self, _mail_from: &str, _message: &[u8]) -> Result<(), Reply> {
+        Ok(())
+    }
 }
 
 #[derive(Debug)]
@@ -42,6 +102,10 @@ pub enum Output {
     /// the driver must discard any buffered input (RFC 3207 6: pipelined
     /// commands after STARTTLS are an injection attack) and upgrade.
     StartTls,
+    /// AUTH presented credentials: the driver verifies them (I/O), then
+    /// answers with `Session::authenticated` or `Session::auth_failed`;
+    /// input waits until then.
+    Authenticate(Credentials),
     /// Close after flushing (QUIT, too many errors, protocol violation).
     Close,
     /// A refusal the driver should log as an event (the reply already went out
@@ -75,6 +139,13 @@ enum State {
     Data(DataDecoder),
     /// A message was handed to the driver; input waits until it answers.
     AwaitingQueue,
+    /// AUTH PLAIN sent 334 and waits for the client's response line.
+    AuthPlain,
+    /// AUTH LOGIN waits for the user name, then for the password.
+    AuthLoginUser,
+    AuthLoginPassword(String),
+    /// Credentials were handed to the driver; input waits until it answers.
+    AwaitingAuth,
     Closed,
 }
 
@@ -93,6 +164,8 @@ pub struct Session {
     attempted_rcpt: Option<String>,
     pub client_ip: String,
     pub tls: bool,
+    /// The user a successful AUTH named (RFC 4954 4: one per session).
+    authenticated: Option<String>,
     pending: std::collections::VecDeque<Output>,
 }
 
@@ -111,6 +184,7 @@ impl Session {
             attempted_rcpt: None,
             client_ip: client_ip.into(),
             tls: false,
+            authenticated: None,
             pending: Default::default(),
         }
     }
@@ -162,8 +236,30 @@ impl Session {
         self.tls = true;
         self.helo = None;
         self.esmtp = false;
+        self.authenticated = None;
         self.reset_transaction();
         self.state = State::Fresh;
+    }
+
+    /// The authenticated user, if AUTH succeeded.
+    pub fn authenticated(&self) -> Option<&str> {
+        self.authenticated.as_deref()
+    }
+
+    /// The driver verified the credentials of `Output::Authenticate`.
+    pub fn auth_succeeded(&mut self, user: &str) {
+        self.authenticated = Some(user.to_string());
+        self.state = State::Ready;
+        self.emit(Reply::new(235, (2, 7, 0), "Authentication successful"));
+    }
+
+    /// The driver refused them (after its failure delay): 535 5.7.8 for bad
+    /// credentials, or `reply` (454 4.7.0 when the check could not be made,
+    /// RFC 4954 6). Counts towards `max_errors`.
+    pub fn auth_failed(&mut self, reply: Option<Reply>) {
+        self.state = State::Ready;
+        let r = reply.unwrap_or_else(|| Reply::new(535, (5, 7, 8), "Error: authentication failed"));
+        self.error("auth", r);
     }
 
     /// The driver made the message durable under `queue_id`.
@@ -230,7 +326,23 @@ impl Session {
                 return Some(o);
             }
             match &mut self.state {
-                State::Closed | State::AwaitingQueue => return None,
+                State::Closed | State::AwaitingQueue | State::AwaitingAuth => return None,
+                State::AuthPlain | State::AuthLoginUser | State::AuthLoginPassword(_) => {
+                    let Some(nl) = memchr::memchr(b'\n', &self.input) else {
+                        if self.input.len() > self.limits.max_command_line {
+                            self.input.clear();
+                            self.state = State::Ready;
+                            self.error(
+                                "auth",
+                                Reply::new(500, (5, 5, 6), "Error: authentication line too long"),
+                            );
+                            continue;
+                        }
+                        return None;
+                    };
+                    let line: Vec<u8> = self.input.drain(..=nl).collect();
+                    self.auth_response(&line);
+                }
                 State::Data(decoder) => {
                     let consumed = decoder.feed(&self.input, &mut self.message);
                     self.input.drain(..consumed);
@@ -238,7 +350,7 @@ impl Session {
                         return None;
                     }
                     let outcome = decoder.outcome().unwrap_or(DataOutcome::Complete);
-                    self.finish_data(outcome);
+                    self.finish_data(outcome, policy);
                 }
                 State::Fresh | State::Ready => {
                     let Some(nl) = memchr::memchr(b'\n', &self.input) else {
@@ -267,7 +379,7 @@ impl Session {
         }
     }
 
-    fn finish_data(&mut self, outcome: DataOutcome) {
+    fn finish_data(&mut self, outcome: DataOutcome, policy: &dyn RcptPolicy) {
         let refuse = |s: &mut Self, stage, r: Reply| {
             s.reset_transaction();
             s.state = State::Ready;
@@ -318,6 +430,11 @@ impl Session {
                         (5, 4, 6),
                         format!("Error: mail loop detected ({received} Received headers)"),
                     );
+                    return refuse(self, "data", r);
+                }
+                if let Some((from, _)) = &self.mail
+                    && let Err(r) = policy.check_message(from, &self.message)
+                {
                     return refuse(self, "data", r);
                 }
                 let (mail_from, mail_params) = self.mail.take().unwrap_or_default();
@@ -371,6 +488,15 @@ impl Session {
                 if self.limits.tls_available && !self.tls {
                     caps.push("STARTTLS".into());
                 }
+                // RFC 4954 4, RFC 6409 4.3: mechanisms that send a password
+                // are offered only under TLS.
+                if self
+                    .limits
+                    .auth
+                    .is_some_and(|a| self.tls || a.allow_plaintext)
+                {
+                    caps.push("AUTH PLAIN LOGIN".into());
+                }
                 caps.push("VRFY".into());
                 self.emit(Reply::plain(250, caps.join("\n")));
             }
@@ -385,7 +511,7 @@ impl Session {
                 "command",
                 Reply::new(500, (5, 5, 1), "Error: LHLO is for LMTP"),
             ),
-            Request::Mail { from } => self.mail_from(from),
+            Request::Mail { from } => self.mail_from(from, policy),
             Request::Rcpt { to } => self.rcpt_to(to, policy),
             Request::Data => {
                 if self.mail.is_none() {
@@ -453,14 +579,10 @@ impl Session {
                 "command",
                 Reply::new(502, (5, 5, 1), "Error: BDAT is not supported"),
             ),
-            Request::Auth { .. } => self.error(
-                "command",
-                Reply::new(
-                    502,
-                    (5, 5, 1),
-                    "Error: AUTH is not offered on the MX gateway",
-                ),
-            ),
+            Request::Auth {
+                mechanism,
+                initial_response,
+            } => self.auth(mechanism, &initial_response),
             other => self.error(
                 "command",
                 Reply::new(
@@ -472,11 +594,180 @@ impl Session {
         }
     }
 
-    fn mail_from(&mut self, from: smtp_proto::MailFrom<Cow<'_, str>>) {
+    /// AUTH (RFC 4954 4): one success per session, never inside a
+    /// transaction, and never in clear text unless configured.
+    fn auth(&mut self, mechanism: u64, initial: &str) {
+        let Some(rules) = self.limits.auth else {
+            return self.error(
+                "auth",
+                Reply::new(
+                    502,
+                    (5, 5, 1),
+                    "Error: AUTH is not offered on the MX gateway",
+                ),
+            );
+        };
+        if self.helo.is_none() || !self.esmtp {
+            return self.error("auth", Reply::new(503, (5, 5, 1), "Error: send EHLO first"));
+        }
+        if self.authenticated.is_some() {
+            return self.error(
+                "auth",
+                Reply::new(503, (5, 5, 1), "Error: already authenticated"),
+            );
+        }
+        if self.mail.is_some() {
+            return self.error(
+                "auth",
+                Reply::new(
+                    503,
+                    (5, 5, 1),
+                    "Error: AUTH not permitted during a mail transaction",
+                ),
+            );
+        }
+        if !self.tls && !rules.allow_plaintext {
+            // RFC 4954 4 and 6: 538 when the mechanism needs an encrypted channel.
+            return self.error(
+                "auth",
+                Reply::new(
+                    538,
+                    (5, 7, 11),
+                    "Error: encryption required for requested authentication mechanism",
+                ),
+            );
+        }
+        let mechanism = if mechanism == smtp_proto::AUTH_PLAIN {
+            Mechanism::Plain
+        } else if mechanism == smtp_proto::AUTH_LOGIN {
+            Mechanism::Login
+        } else {
+            return self.error(
+                "auth",
+                Reply::new(504, (5, 5, 4), "Error: unrecognized authentication type"),
+            );
+        };
+        match (mechanism, initial) {
+            // RFC 4954 4: an empty challenge is "334 " followed by nothing.
+            (Mechanism::Plain, "") => {
+                self.state = State::AuthPlain;
+                self.emit(Reply::plain(334, ""));
+            }
+            (Mechanism::Plain, r) => self.plain_response(r),
+            (Mechanism::Login, "") => {
+                self.state = State::AuthLoginUser;
+                self.emit(Reply::plain(334, "VXNlcm5hbWU6"));
+            }
+            // RFC 4954 4: an initial response carries the first answer (the user name).
+            (Mechanism::Login, r) => self.login_user(r),
+        }
+    }
+
+    fn auth_response(&mut self, line: &[u8]) {
+        let text = String::from_utf8_lossy(line);
+        let text = text.trim_end_matches(['\r', '\n']).trim();
+        if text == "*" {
+            // RFC 4954 4: the client cancelled the exchange.
+            self.state = State::Ready;
+            return self.error(
+                "auth",
+                Reply::new(501, (5, 7, 0), "Error: authentication cancelled"),
+            );
+        }
+        match std::mem::replace(&mut self.state, State::Ready) {
+            State::AuthPlain => self.plain_response(text),
+            State::AuthLoginUser => self.login_user(text),
+            State::AuthLoginPassword(user) => match decode_b64(text) {
+                Some(password) => self.hand_out(Mechanism::Login, user, password),
+                None => self.bad_b64(),
+            },
+            other => self.state = other,
+        }
+    }
+
+    fn bad_b64(&mut self) {
+        self.state = State::Ready;
+        self.error(
+            "auth",
+            Reply::new(
+                501,
+                (5, 5, 2),
+                "Error: invalid base64 data in authentication",
+            ),
+        );
+    }
+
+    fn login_user(&mut self, b64: &str) {
+        match decode_b64(b64) {
+            Some(user) if !user.is_empty() => {
+                self.state = State::AuthLoginPassword(user);
+                self.emit(Reply::plain(334, "UGFzc3dvcmQ6"));
+            }
+            _ => self.bad_b64(),
+        }
+    }
+
+    /// RFC 4616 2: `[authzid] NUL authcid NUL passwd`. An authzid other than
+    /// the user (acting for someone else) is refused like bad credentials.
+    fn plain_response(&mut self, b64: &str) {
+        let raw = if b64 == "=" {
+            Some(Vec::new())
+        } else {
+            base64::Engine::decode(&base64::engine::general_purpose::STANDARD, b64).ok()
+        };
+        let Some(raw) = raw else {
+            return self.bad_b64();
+        };
+        let mut parts = raw.split(|&b| b == 0);
+        let fields = (parts.next(), parts.next(), parts.next(), parts.next());
+        let (Some(authz), Some(user), Some(pass), None) = fields else {
+            return self.bad_b64();
+        };
+        let (Ok(authz), Ok(user), Ok(pass)) = (
+            std::str::from_utf8(authz),
+            std::str::from_utf8(user),
+            std::str::from_utf8(pass),
+        ) else {
+            return self.bad_b64();
+        };
+        if user.is_empty() {
+            return self.bad_b64();
+        }
+        if !authz.is_empty() && !authz.eq_ignore_ascii_case(user) {
+            self.state = State::Ready;
+            return self.error(
+                "auth",
+                Reply::new(
+                    535,
+                    (5, 7, 8),
+                    "Error: authorization identity not permitted",
+                ),
+            );
+        }
+        self.hand_out(Mechanism::Plain, user.to_string(), pass.to_string());
+    }
+
+    fn hand_out(&mut self, mechanism: Mechanism, user: String, password: String) {
+        self.state = State::AwaitingAuth;
+        self.pending.push_back(Output::Authenticate(Credentials {
+            mechanism,
+            user,
+            password,
+        }));
+    }
+
+    fn mail_from(&mut self, from: smtp_proto::MailFrom<Cow<'_, str>>, policy: &dyn RcptPolicy) {
         if self.helo.is_none() {
             return self.error(
                 "mail",
                 Reply::new(503, (5, 5, 1), "Error: send HELO/EHLO first"),
+            );
+        }
+        if self.limits.auth.is_some_and(|a| a.required) && self.authenticated.is_none() {
+            // RFC 4954 6, RFC 6409 4.3.
+            return self.error(
+                "mail",
+                Reply::new(530, (5, 7, 0), "Authentication required"),
             );
         }
         if self.mail.is_some() {
@@ -536,6 +827,9 @@ impl Session {
             ret,
             envid: from.env_id.map(Cow::into_owned),
         };
+        if let Err(r) = policy.check_mail(&from.address) {
+            return self.error("mail", r);
+        }
         self.mail = Some((from.address.into_owned(), params));
         self.emit(Reply::new(250, (2, 1, 0), "Ok"));
     }
@@ -588,6 +882,11 @@ impl Session {
         self.rcpts.push((address, RcptParams { notify, orcpt }));
         self.emit(Reply::new(250, (2, 1, 5), "Ok"));
     }
+}
+
+fn decode_b64(b64: &str) -> Option<String> {
+    let raw = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, b64).ok()?;
+    String::from_utf8(raw).ok()
 }
 
 fn parse_error_reply(e: &ParseError) -> Reply {
@@ -657,6 +956,7 @@ mod tests {
             newline_policy: NewlinePolicy::Reject,
             max_received_headers: 3,
             tls_available: false,
+            auth: None,
         }
     }
 
@@ -840,6 +1140,215 @@ mod tests {
 }
 
 #[cfg(test)]
+mod auth_tests {
+    use super::*;
+
+    /// Accepts example.com recipients; as the submission policy would,
+    /// refuses MAIL FROM and header From outside alice's addresses.
+    struct Alice;
+    impl RcptPolicy for Alice {
+        fn check_rcpt(&self, _: &str) -> Result<(), Reply> {
+            Ok(())
+        }
+        fn check_mail(&self, a: &str) -> Result<(), Reply> {
+            if a == "alice@example.com" {
+                Ok(())
+            } else {
+                Err(Reply::new(553, (5, 7, 1), "not yours"))
+            }
+        }
+        fn check_message(&self, _: &str, m: &[u8]) -> Result<(), Reply> {
+            if m.starts_with(b"From: alice@example.com") {
+                Ok(())
+            } else {
+                Err(Reply::new(553, (5, 7, 1), "header From not yours"))
+            }
+        }
+    }
+
+    fn limits(tls_available: bool, allow_plaintext: bool) -> Limits {
+        Limits {
+            hostname: "gw.test".into(),
+            max_message_size: 1000,
+            max_recipients: 100,
+            max_command_line: 512,
+            max_errors: 10,
+            newline_policy: NewlinePolicy::Reject,
+            max_received_headers: 3,
+            tls_available,
+            auth: Some(AuthRules {
+                allow_plaintext,
+                required: true,
+            }),
+        }
+    }
+
+    fn b64(s: &[u8]) -> String {
+        base64::Engine::encode(&base64::engine::general_purpose::STANDARD, s)
+    }
+
+    /// Drives `input`; credentials with password "right" succeed. Returns the
+    /// replies and the credentials handed out (password shown).
+    fn run(s: &mut Session, input: &str) -> (Vec<String>, Vec<(Mechanism, String, String)>) {
+        s.push(input.as_bytes());
+        let mut replies = Vec::new();
+        let mut creds = Vec::new();
+        while let Some(o) = s.next(&Alice) {
+            match o {
+                Output::Reply(r) => replies.push(r.to_string()),
+                Output::Authenticate(c) => {
+                    creds.push((c.mechanism, c.user.clone(), c.password.clone()));
+                    if c.password == "right" {
+                        s.auth_succeeded(&c.user);
+                    } else {
+                        s.auth_failed(None);
+                    }
+                }
+                Output::Message { .. } => replies.push(s.queued("Q1").to_string()),
+                Output::StartTls => s.tls_started(),
+                _ => {}
+            }
+        }
+        (replies, creds)
+    }
+
+    fn tls_session() -> Session {
+        let mut s = Session::new(limits(true, false), "1.2.3.4");
+        s.tls_started();
+        s
+    }
+
+    #[test]
+    fn auth_table() {
+        let plain = b64(b"\0alice@example.com\0right");
+        let wrong = b64(b"\0alice@example.com\0wrong");
+        let (u, p) = (b64(b"alice@example.com"), b64(b"right"));
+        // (input after EHLO under TLS, last reply, credentials handed out)
+        let cases: Vec<(String, &str, usize)> = vec![
+            (format!("AUTH PLAIN {plain}\r\n"), "235 2.7.0", 1),
+            (format!("AUTH PLAIN\r\n{plain}\r\n"), "235 2.7.0", 1),
+            (format!("AUTH LOGIN\r\n{u}\r\n{p}\r\n"), "235 2.7.0", 1),
+            (format!("AUTH LOGIN {u}\r\n{p}\r\n"), "235 2.7.0", 1),
+            (format!("AUTH PLAIN {wrong}\r\n"), "535 5.7.8", 1),
+            ("AUTH PLAIN\r\n*\r\n".into(), "501 5.7.0", 0),
+            (format!("AUTH LOGIN\r\n{u}\r\n*\r\n"), "501 5.7.0", 0),
+            ("AUTH PLAIN !!notbase64\r\n".into(), "501 5.5.2", 0),
+            ("AUTH LOGIN\r\n%%%\r\n".into(), "501 5.5.2", 0),
+            (
+                format!("AUTH PLAIN {}\r\n", b64(b"a@b\0pw")),
+                "501 5.5.2",
+                0,
+            ),
+            (
+                format!(
+                    "AUTH PLAIN {}\r\n",
+                    b64(b"bob@example.com\0alice@example.com\0right")
+                ),
+                "535 5.7.8",
+                0,
+            ),
+            ("AUTH CRAM-MD5\r\n".into(), "504 5.5.4", 0),
+            (
+                format!("AUTH PLAIN {plain}\r\nAUTH PLAIN {plain}\r\n"),
+                "503 5.5.1",
+                1,
+            ),
+            ("MAIL FROM:<alice@example.com>\r\n".into(), "530 5.7.0", 0),
+            (
+                format!("AUTH PLAIN {plain}\r\nMAIL FROM:<bob@example.com>\r\n"),
+                "553 5.7.1",
+                1,
+            ),
+            (
+                format!(
+                    "AUTH PLAIN {plain}\r\nMAIL FROM:<alice@example.com>\r\nAUTH PLAIN {plain}\r\n"
+                ),
+                "503 5.5.1",
+                1,
+            ),
+            (
+                format!(
+                    "AUTH PLAIN {plain}\r\nMAIL FROM:<alice@example.com>\r\nRCPT TO:<x@y.z>\r\nDATA\r\nFrom: alice@example.com\r\n\r\nhi\r\n.\r\n"
+                ),
+                "250 2.0.0 Ok: queued as Q1",
+                1,
+            ),
+            (
+                format!(
+                    "AUTH PLAIN {plain}\r\nMAIL FROM:<alice@example.com>\r\nRCPT TO:<x@y.z>\r\nDATA\r\nFrom: bob@example.com\r\n\r\nhi\r\n.\r\n"
+                ),
+                "553 5.7.1",
+                1,
+            ),
+        ];
+        for (input, want, n) in cases {
+            let mut s = tls_session();
+            let (r, creds) = run(&mut s, &format!("EHLO c\r\n{input}"));
+            assert!(r.last().unwrap().starts_with(want), "{input:?}: {r:?}");
+            assert_eq!(creds.len(), n, "{input:?}: {creds:?}");
+        }
+        let mut s = tls_session();
+        let (_, creds) = run(&mut s, &format!("EHLO c\r\nAUTH LOGIN {u}\r\n{p}\r\n"));
+        assert_eq!(
+            creds[0],
+            (Mechanism::Login, "alice@example.com".into(), "right".into())
+        );
+        assert_eq!(s.authenticated(), Some("alice@example.com"));
+    }
+
+    #[test]
+    fn plaintext_rules() {
+        let plain = b64(b"\0alice@example.com\0right");
+        // Before TLS: no AUTH in EHLO, AUTH refused 538 without asking anyone.
+        let mut s = Session::new(limits(true, false), "1.2.3.4");
+        let (r, creds) = run(&mut s, &format!("EHLO c\r\nAUTH PLAIN {plain}\r\n"));
+        assert!(r[0].contains("STARTTLS") && !r[0].contains("AUTH"), "{r:?}");
+        assert!(r[1].starts_with("538 5.7.11"), "{r:?}");
+        assert!(creds.is_empty());
+        // After STARTTLS: offered.
+        run(&mut s, "STARTTLS\r\n");
+        let (r, _) = run(&mut s, "EHLO c\r\n");
+        assert!(r.last().unwrap().contains("AUTH PLAIN LOGIN"), "{r:?}");
+        assert!(!r.last().unwrap().contains("STARTTLS"), "{r:?}");
+        // allow_plaintext_auth: offered and accepted in clear.
+        let mut s = Session::new(limits(false, true), "127.0.0.1");
+        let (r, creds) = run(&mut s, &format!("EHLO c\r\nAUTH PLAIN {plain}\r\n"));
+        assert!(r[0].contains("AUTH PLAIN LOGIN"), "{r:?}");
+        assert!(r[1].starts_with("235"), "{r:?}");
+        assert_eq!(creds.len(), 1);
+        // TLS forgets an earlier AUTH (RFC 3207 4.2).
+        let mut l = limits(true, true);
+        l.tls_available = true;
+        let mut s = Session::new(l, "127.0.0.1");
+        run(&mut s, &format!("EHLO c\r\nAUTH PLAIN {plain}\r\n"));
+        assert!(s.authenticated().is_some());
+        run(&mut s, "STARTTLS\r\n");
+        assert!(s.authenticated().is_none());
+        // The MX listener: AUTH is not offered at all.
+        let mut l = limits(true, true);
+        l.auth = None;
+        let mut s = Session::new(l, "1.2.3.4");
+        let (r, _) = run(&mut s, &format!("EHLO c\r\nAUTH PLAIN {plain}\r\n"));
+        assert!(!r[0].contains("AUTH"), "{r:?}");
+        assert!(r[1].starts_with("502 5.5.1"), "{r:?}");
+    }
+
+    #[test]
+    fn password_never_in_debug() {
+        let c = Credentials {
+            mechanism: Mechanism::Plain,
+            user: "alice@example.com".into(),
+            password: "hunter2".into(),
+        };
+        let d = format!("{:?}", Output::Authenticate(c));
+        assert!(
+            d.contains("alice@example.com") && !d.contains("hunter2"),
+            "{d}"
+        );
+    }
+}
+
+#[cfg(test)]
 mod fuzz_in_suite {
     //! A short fuzz run inside the test suite (proptest); the coverage-guided
     //! targets are in fuzz/ (see README, "Fuzzing").
@@ -863,6 +1372,9 @@ mod fuzz_in_suite {
             Just(b"\n.\n".to_vec()),
             Just(b".".to_vec()),
             Just(b"STARTTLS\r\n".to_vec()),
+            Just(b"AUTH PLAIN AGFAYgBw\r\n".to_vec()),
+            Just(b"AUTH LOGIN\r\n".to_vec()),
+            Just(b"*\r\n".to_vec()),
             proptest::collection::vec(any::<u8>(), 0..20),
         ];
         proptest::collection::vec(piece, 0..30).prop_map(|v| v.concat())
@@ -873,7 +1385,7 @@ mod fuzz_in_suite {
         #[test]
         fn sessions_never_panic_and_messages_are_clean(input in smtpish(), chunk in 1usize..16) {
             for policy in [NewlinePolicy::Reject, NewlinePolicy::Normalize] {
-                let limits = Limits { hostname: "gw".into(), max_message_size: 4096, max_recipients: 100, max_command_line: 512, max_errors: 50, newline_policy: policy, max_received_headers: 50, tls_available: true };
+                let limits = Limits { hostname: "gw".into(), max_message_size: 4096, max_recipients: 100, max_command_line: 512, max_errors: 50, newline_policy: policy, max_received_headers: 50, tls_available: true, auth: Some(AuthRules { allow_plaintext: true, required: false }) };
                 let mut s = Session::new(limits, "ip");
                 for c in input.chunks(chunk) {
                     s.push(c);
@@ -888,6 +1400,9 @@ mod fuzz_in_suite {
                                 s.queued("Q");
                             }
                             Output::StartTls => s.tls_started(),
+                            Output::Authenticate(c) => {
+                                if c.password.len() % 2 == 0 { s.auth_succeeded(&c.user) } else { s.auth_failed(None) }
+                            }
                             _ => {}
                         }
                     }

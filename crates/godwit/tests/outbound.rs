@@ -1,0 +1,798 @@
+//! Outbound (issue 14) against real peers: dnsmasq serves MX, A and DKIM TXT
+//! records for foreign test domains; Postfix's smtp-sink instances on
+//! loopback addresses (127.0.0.2, 127.0.0.3, ...) are their MX hosts, all on
+//! `outbound.mx_port`; dkimpy verifies what arrives, with the public key it
+//! fetches from the same dnsmasq; swaks plays a client outside
+//! relay_networks by binding 127.0.0.9.
+
+mod support;
+
+use std::collections::HashSet;
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use support::*;
+
+struct Proc(Child);
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// dnsmasq answering only for the test zones (`--local`), so a name it does
+/// not know is NXDOMAIN.
+fn dnsmasq(port: u16, records: &[String]) -> Proc {
+    let child = Command::new("dnsmasq")
+        .args([
+            "--keep-in-foreground",
+            "--conf-file=/dev/null",
+            &format!("--port={port}"),
+            "--listen-address=127.0.0.1",
+            "--bind-interfaces",
+            "--no-resolv",
+            "--no-hosts",
+            "--no-negcache",
+            "--user=root",
+            "--pid-file=",
+            "--local-ttl=1",
+            "--local=/test/",
+            "--local=/example.com/",
+            "--local=/example.org/",
+        ])
+        .args(records)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("dnsmasq is installed (scripts/install-peers)");
+    // dnsmasq answers on TCP too: ready once it accepts.
+    wait_for("dnsmasq to listen", Duration::from_secs(10), || {
+        TcpStream::connect(("127.0.0.1", port)).ok()
+    });
+    Proc(child)
+}
+
+/// `--txt-record` split into character-strings of at most 255 octets (RFC
+/// 1035 3.3.14); resolvers join them again.
+fn txt(name: &str, value: &str) -> String {
+    let parts: Vec<String> = value
+        .as_bytes()
+        .chunks(250)
+        .map(|c| String::from_utf8_lossy(c).into_owned())
+        .collect();
+    format!("--txt-record={name},{}", parts.join(","))
+}
+
+/// smtp-sink on `ip:port` (an MX host of a foreign test domain).
+struct MxSink {
+    dir: std::path::PathBuf,
+    _proc: Proc,
+    _tmp: tempfile::TempDir,
+}
+
+impl MxSink {
+    fn start(ip: &str, port: u16, extra: &[&str]) -> MxSink {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("dump");
+        std::fs::create_dir_all(&dir).unwrap();
+        Command::new("chmod")
+            .args(["-R", "777", tmp.path().to_str().unwrap()])
+            .status()
+            .unwrap();
+        let mut args: Vec<String> = vec![
+            "-u".into(),
+            "nobody".into(),
+            "-d".into(),
+            format!("{}/%M%S.", dir.display()),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args.push(format!("{ip}:{port}"));
+        args.push("256".into());
+        let child = Command::new("/usr/sbin/smtp-sink")
+            .args(&args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let addr: std::net::SocketAddr = format!("{ip}:{port}").parse().unwrap();
+        wait_for("smtp-sink (MX) to listen", Duration::from_secs(10), || {
+            TcpStream::connect(addr).ok()
+        });
+        MxSink {
+            dir,
+            _proc: Proc(child),
+            _tmp: tmp,
+        }
+    }
+
+    fn files(&self) -> Vec<std::path::PathBuf> {
+        let mut v: Vec<_> = std::fs::read_dir(&self.dir)
+            .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.path()).collect())
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    fn messages(&self) -> Vec<String> {
+        self.files()
+            .iter()
+            .filter_map(|p| std::fs::read(p).ok())
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .collect()
+    }
+}
+
+/// The test's world: DNS, MX sinks, platform sinks, the gateway with its
+/// relay port and a DKIM key for example.com published in the DNS.
+struct World {
+    gw: Gateway,
+    relay_port: u16,
+    dns_port: u16,
+    old: Sink,
+    mx: MxSink,
+    _mx_refusing: MxSink,
+    _dns: Proc,
+    _keys: tempfile::TempDir,
+}
+
+const SELECTOR: &str = "gw2026";
+
+fn world(queue_extra: &str, outbound_extra: &str) -> World {
+    let (po, pn) = (free_port(), free_port());
+    let old = Sink::start(po, &[]);
+    let _new = Sink::start(pn, &[]);
+    std::mem::forget(_new);
+    let mx_port = free_port();
+    let mx = MxSink::start("127.0.0.2", mx_port, &[]);
+    // RFC 5321 4.2.5: 550 at RCPT is a permanent refusal.
+    let mx_refusing = MxSink::start("127.0.0.3", mx_port, &["-f", "rcpt"]);
+    let keys = tempfile::tempdir().unwrap();
+    let key = keys.path().join("example.com.pem");
+    let out = Command::new(godwit_bin())
+        .args([
+            "dkim",
+            "keygen",
+            "--domain",
+            "example.com",
+            "--selector",
+            SELECTOR,
+            "--algorithm",
+            "rsa",
+            "--out",
+        ])
+        .arg(&key)
+        .output()
+        .unwrap();
+    let printed = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "dkim keygen: {printed}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The plain line: `gw2026._domainkey.example.com TXT "v=DKIM1; k=rsa; p=..."`.
+    let record = printed
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{SELECTOR}._domainkey.example.com TXT \"")))
+        .map(|r| r.trim_end_matches('"').to_string())
+        .unwrap_or_else(|| panic!("keygen printed no TXT record: {printed}"));
+    assert!(record.starts_with("v=DKIM1; k=rsa; p=MII"), "{record}");
+    let dns_port = free_port();
+    let dns = dnsmasq(
+        dns_port,
+        &[
+            "--mx-host=foreign.test,mx1.foreign.test,10".into(),
+            "--host-record=mx1.foreign.test,127.0.0.2".into(),
+            "--mx-host=refusing.test,mx.refusing.test,10".into(),
+            "--host-record=mx.refusing.test,127.0.0.3".into(),
+            // RFC 5321 5.1 implicit MX: no MX record, an A record.
+            "--host-record=implicit.test,127.0.0.2".into(),
+            // RFC 7505 null MX: preference 0, exchange "." (RDATA 00 00 00).
+            "--dns-rr=nullmx.test,15,000000".into(),
+            txt(&format!("{SELECTOR}._domainkey.example.com"), &record),
+            // What `godwit check outbound` reads: SPF for the egress IP,
+            // HELO with forward-confirmed reverse DNS, DMARC.
+            txt("example.com", "v=spf1 ip4:203.0.113.55 -all"),
+            txt("example.org", "v=spf1 ip4:203.0.113.55 -all"),
+            txt("_dmarc.example.com", "v=DMARC1; p=reject"),
+            "--host-record=mx-gw.example.com,203.0.113.55".into(),
+        ],
+    );
+    let relay_port = free_port();
+    let extra = format!(
+        "{queue_extra}\n[outbound]\nlisten = [\"127.0.0.1:{relay_port}\"]\nrelay_networks = [\"127.0.0.1/32\"]\n\
+         mx_port = {mx_port}\nresolvers = [\"127.0.0.1:{dns_port}\"]\nhelo = \"mx-gw.example.com\"\n{outbound_extra}\n\
+         [[dkim]]\ndomain = \"example.com\"\nselector = \"{SELECTOR}\"\nkey = \"{}\"\n\
+         [events]\npostfix_log = \"maillog\"\n",
+        key.display()
+    );
+    let gw = Gateway::start(po, pn, "max_connections_per_ip = 100", &extra);
+    wait_relay_port(relay_port);
+    World {
+        gw,
+        relay_port,
+        dns_port,
+        old,
+        mx,
+        _mx_refusing: mx_refusing,
+        _dns: dns,
+        _keys: keys,
+    }
+}
+
+/// The relay port binds just after the inbound one that `Gateway` waits for.
+fn wait_relay_port(port: u16) {
+    wait_for("the relay port to listen", Duration::from_secs(10), || {
+        TcpStream::connect(("127.0.0.1", port)).ok()
+    });
+}
+
+fn out_message(id: &str, to: &str) -> String {
+    format!(
+        "Message-ID: <{id}>\r\nFrom: Alice <alice@example.com>\r\nTo: <{to}>\r\nSubject: outbound {id}\r\n\
+         Date: Tue, 01 Dec 2026 10:00:00 +0000\r\nMIME-Version: 1.0\r\nContent-Type: text/plain\r\n\r\n\
+         Hello from the organisation.\r\n.leading dot line\r\n"
+    )
+}
+
+/// dkimpy (Debian's python3-dkim, not mail-auth) verifies `file` as
+/// smtp-sink stored it, fetching the key over DNS from dnsmasq. Returns
+/// dkimpy's verdict for the message, and for it with its Subject altered.
+fn dkimpy_verify(file: &std::path::Path, dns_port: u16) -> (bool, bool) {
+    let script = format!(
+        r#"
+import sys, dkim, dns.resolver
+r = dns.resolver.Resolver(configure=False)
+r.nameservers = ['127.0.0.1']
+r.port = {dns_port}
+def dnsfunc(name, timeout=5):
+    name = name.decode() if isinstance(name, bytes) else name
+    ans = r.resolve(name.rstrip('.'), 'TXT')
+    return b''.join(b''.join(rd.strings) for rd in ans)
+raw = open(sys.argv[1], 'rb').read()
+lines = raw.split(b'\n')
+# smtp-sink's own envelope lines come first; the message follows.
+while lines and lines[0].startswith((b'X-Client-', b'X-Helo-', b'X-Mail-', b'X-Rcpt-')):
+    lines.pop(0)
+msg = b'\r\n'.join(l.rstrip(b'\r') for l in lines)
+ok = dkim.verify(msg, dnsfunc=dnsfunc)
+bad = dkim.verify(msg.replace(b'Subject: outbound', b'Subject: tampered', 1), dnsfunc=dnsfunc)
+print('verify', ok, bad)
+"#
+    );
+    let out = Command::new("/usr/bin/python3")
+        .args(["-c", &script])
+        .arg(file)
+        .output()
+        .expect("python3 with dkimpy (scripts/install-peers)");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("verify "))
+        .unwrap_or_else(|| panic!("dkimpy failed: {text}"));
+    let mut it = line.split_whitespace().skip(1);
+    (it.next() == Some("True"), it.next() == Some("True"))
+}
+
+fn relay_client(w: &World) -> Client {
+    let mut c = Client::connect(w.relay_port);
+    c.greet();
+    c
+}
+
+#[test]
+fn relayed_mail_reaches_the_mx_signed_and_dkimpy_verifies_it() {
+    let w = world("", "");
+    let mut c = relay_client(&w);
+    let r = c.mail(
+        "alice@example.com",
+        &["bob@foreign.test"],
+        &out_message("out1@example.com", "bob@foreign.test"),
+    );
+    assert!(r.starts_with("250"), "{r}");
+    let delivered =
+        w.gw.wait_event("delivery.delivered", Duration::from_secs(20), |e| {
+            e["rcpt"] == "bob@foreign.test"
+        });
+    assert_eq!(delivered["platform"], "mx:foreign.test");
+    let host = delivered["host"].as_str().unwrap();
+    assert!(host.starts_with("mx1.foreign.test[127.0.0.2]:"), "{host}");
+    let file = wait_for("the message at the MX sink", Duration::from_secs(5), || {
+        w.mx.files().into_iter().next()
+    });
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(text.contains("X-Helo-Args: mx-gw.example.com"), "{text}");
+    assert!(
+        text.contains("DKIM-Signature: v=1; a=rsa-sha256;"),
+        "{text}"
+    );
+    assert!(text.contains("d=example.com"), "{text}");
+    assert!(text.contains(&format!("s={SELECTOR}")), "{text}");
+    let (ok, tampered) = dkimpy_verify(&file, w.dns_port);
+    assert!(ok, "dkimpy must verify godwit's signature:\n{text}");
+    assert!(!tampered, "dkimpy must reject the tampered copy");
+    // Evidence: the accepted event says outbound; the Postfix-style line
+    // names the MX host and address; /metrics counts it.
+    let accepted =
+        w.gw.wait_event("message.accepted", Duration::from_secs(2), |e| {
+            e["mail_from"] == "alice@example.com"
+        });
+    assert_eq!(accepted["direction"], "outbound");
+    let maillog = w.gw.data.parent().unwrap().join("maillog");
+    wait_for("the relay= log line", Duration::from_secs(5), || {
+        std::fs::read_to_string(&maillog)
+            .ok()?
+            .lines()
+            .find(|l| l.contains("to=<bob@foreign.test>") && l.contains("status=sent"))
+            .filter(|l| l.contains("relay=mx1.foreign.test[127.0.0.2]:"))
+            .map(|_| ())
+    });
+    let (_, metrics) = w.gw.admin_get("/metrics");
+    assert!(
+        metrics.contains("godwit_messages_accepted_by_direction_total{direction=\"outbound\"} 1"),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn implicit_mx_delivers_to_the_domains_own_address() {
+    let w = world("", "");
+    let mut c = relay_client(&w);
+    let r = c.mail(
+        "alice@example.com",
+        &["carol@implicit.test"],
+        &out_message("implicit1@example.com", "carol@implicit.test"),
+    );
+    assert!(r.starts_with("250"), "{r}");
+    let d =
+        w.gw.wait_event("delivery.delivered", Duration::from_secs(20), |e| {
+            e["rcpt"] == "carol@implicit.test"
+        });
+    assert!(
+        d["host"]
+            .as_str()
+            .unwrap()
+            .starts_with("implicit.test[127.0.0.2]:"),
+        "{d}"
+    );
+}
+
+#[test]
+fn null_mx_fails_at_once_with_556_and_a_dsn() {
+    let w = world("", "");
+    let mut c = relay_client(&w);
+    let r = c.mail(
+        "alice@example.com",
+        &["nobody@nullmx.test"],
+        &out_message("null1@example.com", "nobody@nullmx.test"),
+    );
+    assert!(r.starts_with("250"), "{r}");
+    let f =
+        w.gw.wait_event("delivery.failed", Duration::from_secs(20), |e| {
+            e["rcpt"] == "nobody@nullmx.test"
+        });
+    let reply = f["reply"].as_str().unwrap();
+    assert!(reply.starts_with("556 5.1.10"), "{reply}");
+    // At once: no deferral came first.
+    assert!(
+        w.gw.events_named("delivery.deferred")
+            .iter()
+            .all(|e| e["rcpt"] != "nobody@nullmx.test")
+    );
+    // The DSN goes to the sender, through the inbound routing (platform old).
+    wait_for(
+        "the DSN at the sender's platform",
+        Duration::from_secs(20),
+        || (w.old.count_containing("5.1.10") > 0).then_some(()),
+    );
+}
+
+#[test]
+fn a_5xx_from_the_internet_bounces_even_with_soft_bounce() {
+    // soft_bounce is for platforms mid-migration only.
+    let w = world("soft_bounce = true", "");
+    let mut c = relay_client(&w);
+    let r = c.mail(
+        "alice@example.com",
+        &["dave@refusing.test"],
+        &out_message("bounce1@example.com", "dave@refusing.test"),
+    );
+    assert!(r.starts_with("250"), "{r}");
+    let f =
+        w.gw.wait_event("delivery.failed", Duration::from_secs(20), |e| {
+            e["rcpt"] == "dave@refusing.test"
+        });
+    assert!(f["reply"].as_str().unwrap().starts_with('5'), "{f}");
+    w.gw.wait_event("dsn.queued", Duration::from_secs(5), |e| {
+        e["to"] == "alice@example.com"
+    });
+    wait_for(
+        "the DSN at alice's platform",
+        Duration::from_secs(20),
+        || (w.old.count_containing("dave@refusing.test") > 0).then_some(()),
+    );
+}
+
+#[test]
+fn mail_between_our_users_stays_inside() {
+    let w = world("", "");
+    let mut c = relay_client(&w);
+    let r = c.mail(
+        "alice@example.com",
+        &["carol@example.com", "bob@foreign.test"],
+        &out_message("mixed1@example.com", "carol@example.com"),
+    );
+    assert!(r.starts_with("250"), "{r}");
+    let inside =
+        w.gw.wait_event("delivery.delivered", Duration::from_secs(20), |e| {
+            e["rcpt"] == "carol@example.com"
+        });
+    // The inbound routing map's platform, not the internet.
+    assert_eq!(inside["platform"], "old");
+    let outside =
+        w.gw.wait_event("delivery.delivered", Duration::from_secs(20), |e| {
+            e["rcpt"] == "bob@foreign.test"
+        });
+    assert_eq!(outside["platform"], "mx:foreign.test");
+    let at_platform = w.old.messages();
+    assert!(
+        at_platform
+            .iter()
+            .any(|m| m.contains("X-Rcpt-Args: <carol@example.com>"))
+    );
+    assert!(
+        at_platform
+            .iter()
+            .all(|m| !m.contains("bob@foreign.test>\n"))
+    );
+}
+
+fn swaks(args: &[&str]) -> String {
+    let out = Command::new("swaks")
+        .args(args)
+        .output()
+        .expect("swaks is installed (scripts/install-peers)");
+    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+}
+
+#[test]
+fn a_client_outside_relay_networks_gets_554_for_foreign_recipients() {
+    let w = world("", "");
+    let server = format!("127.0.0.1:{}", w.relay_port);
+    // 127.0.0.9 is loopback but outside relay_networks (127.0.0.1/32).
+    let out = swaks(&[
+        "--server",
+        &server,
+        "--local-interface",
+        "127.0.0.9",
+        "--from",
+        "x@example.com",
+        "--to",
+        "bob@foreign.test",
+        "--quit-after",
+        "RCPT",
+    ]);
+    assert!(
+        out.contains("<** 554 5.7.1 <bob@foreign.test>: Relay access denied"),
+        "{out}"
+    );
+    // Our own domains are still accepted from anywhere.
+    let out = swaks(&[
+        "--server",
+        &server,
+        "--local-interface",
+        "127.0.0.9",
+        "--from",
+        "x@foreign.test",
+        "--to",
+        "carol@example.com",
+        "--quit-after",
+        "RCPT",
+    ]);
+    assert!(out.contains("<-  250"), "{out}");
+}
+
+#[test]
+fn the_inbound_listener_still_refuses_foreign_recipients() {
+    let w = world("", "");
+    // From 127.0.0.1, inside relay_networks, but on the inbound port.
+    let mut c = w.gw.client();
+    c.greet();
+    assert!(c.cmd("MAIL FROM:<x@example.com>").starts_with("250"));
+    let r = c.cmd("RCPT TO:<bob@foreign.test>");
+    assert!(r.starts_with("554 5.7.1"), "{r}");
+}
+
+#[test]
+fn sigkill_under_outbound_load_loses_nothing_acknowledged() {
+    const N: usize = 300;
+    let w = Arc::new(Mutex::new(world("", "")));
+    let port = w.lock().unwrap().relay_port;
+    let acked = Arc::new(Mutex::new(HashSet::new()));
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let mut threads = Vec::new();
+    for s in 0..4 {
+        let acked = acked.clone();
+        threads.push(std::thread::spawn(move || {
+            let mut conn: Option<Client> = None;
+            for i in (s..N).step_by(4) {
+                let id = format!("load{i:04}@example.com");
+                loop {
+                    if conn.is_none() {
+                        match std::panic::catch_unwind(|| {
+                            let mut c = Client::connect(port);
+                            c.greet();
+                            c
+                        }) {
+                            Ok(c) => conn = Some(c),
+                            Err(_) => {
+                                std::thread::sleep(Duration::from_millis(50));
+                                continue;
+                            }
+                        }
+                    }
+                    let c = conn.as_mut().unwrap();
+                    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        c.mail(
+                            "alice@example.com",
+                            &["bob@foreign.test"],
+                            &out_message(&id, "bob@foreign.test"),
+                        )
+                    }));
+                    match r {
+                        Ok(r) if r.starts_with("250") => {
+                            acked.lock().unwrap().insert(id.clone());
+                            break;
+                        }
+                        _ => conn = None,
+                    }
+                }
+            }
+        }));
+    }
+    // Kill while mail is flowing, then start again.
+    wait_for("some acknowledged mail", Duration::from_secs(30), || {
+        (acked.lock().unwrap().len() >= N / 3).then_some(())
+    });
+    {
+        let mut g = w.lock().unwrap();
+        g.gw.kill9();
+        g.gw.restart();
+    }
+    for t in threads {
+        t.join().unwrap();
+    }
+    std::panic::set_hook(default_hook);
+    let acked = acked.lock().unwrap().clone();
+    assert_eq!(acked.len(), N);
+    let g = w.lock().unwrap();
+    wait_for(
+        "every acknowledged message at the MX",
+        Duration::from_secs(60),
+        || {
+            let got: HashSet<String> =
+                g.mx.messages()
+                    .iter()
+                    .filter_map(|m| {
+                        m.lines()
+                            .find_map(|l| l.strip_prefix("Message-ID: <"))
+                            .map(|s| s.trim_end_matches('>').to_string())
+                    })
+                    .collect();
+            acked.iter().all(|id| got.contains(id)).then_some(())
+        },
+    );
+}
+
+fn version_of(out: &str) -> i64 {
+    out.rsplit("version ")
+        .next()
+        .unwrap()
+        .trim_end_matches(|c: char| !c.is_ascii_digit())
+        .parse()
+        .unwrap_or_else(|_| panic!("no version in: {out}"))
+}
+
+fn wait_applied(gw: &Gateway, version: i64) {
+    gw.wait_event("route.changed", Duration::from_secs(5), |e| {
+        e["version"].as_i64() >= Some(version)
+    });
+}
+
+#[test]
+fn set_outbound_sends_a_sender_via_the_platform_smarthost_and_rolls_back() {
+    let mut w = world("", "");
+    let smarthost = Sink::start(free_port(), &[]);
+    let sp = smarthost.port;
+    w.gw.reconfigure(|c| {
+        c.replacen(
+            "[platforms.new]\n",
+            &format!(
+                "[platforms.new]\noutbound_relay = [\"127.0.0.1:{sp}\"]\noutbound_tls = \"none\"\n"
+            ),
+            1,
+        )
+    });
+    wait_relay_port(w.relay_port);
+    let (ok, out) =
+        w.gw.cli(&["route", "set-outbound", "nobody@foreign.test", "new"]);
+    assert!(!ok && out.contains("not in an accepted domain"), "{out}");
+    let (ok, out) =
+        w.gw.cli(&["route", "set-outbound", "alice@example.com", "old"]);
+    assert!(!ok && out.contains("no outbound_relay"), "{out}");
+    let (ok, out) =
+        w.gw.cli(&["route", "set-outbound", "alice@example.com", "new"]);
+    assert!(ok, "{out}");
+    let v = version_of(&out);
+    wait_applied(&w.gw, v);
+    let mut c = relay_client(&w);
+    let r = c.mail(
+        "alice@example.com",
+        &["bob@foreign.test"],
+        &out_message("via1@example.com", "bob@foreign.test"),
+    );
+    assert!(r.starts_with("250"), "{r}");
+    let d =
+        w.gw.wait_event("delivery.delivered", Duration::from_secs(20), |e| {
+            e["rcpt"] == "bob@foreign.test"
+        });
+    assert_eq!(d["platform"], "smarthost:new");
+    wait_for(
+        "the message at the smarthost",
+        Duration::from_secs(5),
+        || {
+            smarthost
+                .messages()
+                .into_iter()
+                .find(|m| m.contains("via1@example.com"))
+        },
+    );
+    let (_, history) = w.gw.cli(&["history"]);
+    assert!(
+        history.contains("route set-outbound alice@example.com new"),
+        "{history}"
+    );
+    // Roll back to before the change: alice's mail goes to the MX again.
+    let (ok, out) =
+        w.gw.cli(&["route", "rollback", "--to", &(v - 1).to_string()]);
+    assert!(ok, "{out}");
+    wait_for("the rollback to apply", Duration::from_secs(5), || {
+        w.gw.events_named("route.changed")
+            .iter()
+            .any(|e| e["version"].as_i64() > Some(v))
+            .then_some(())
+    });
+    let mut c = relay_client(&w);
+    let r = c.mail(
+        "alice@example.com",
+        &["bob@foreign.test"],
+        &out_message("via2@example.com", "bob@foreign.test"),
+    );
+    assert!(r.starts_with("250"), "{r}");
+    let d =
+        w.gw.wait_event("delivery.delivered", Duration::from_secs(20), |e| {
+            e["rcpt"] == "bob@foreign.test" && e["platform"] != "smarthost:new"
+        });
+    assert_eq!(d["platform"], "mx:foreign.test");
+    wait_for(
+        "the second message at the MX",
+        Duration::from_secs(5),
+        || {
+            w.mx.messages()
+                .into_iter()
+                .find(|m| m.contains("via2@example.com"))
+        },
+    );
+}
+
+#[test]
+fn check_outbound_gives_a_verdict_and_fails_on_an_unauthorized_egress_ip() {
+    let mut w = world("", "egress_ips = [\"203.0.113.55\"]");
+    // `dkim show` prints the record for the configured key: the one keygen printed.
+    let (ok, shown) = w.gw.cli(&["dkim", "show"]);
+    assert!(ok, "{shown}");
+    assert!(
+        shown.contains(&format!(
+            "{SELECTOR}._domainkey.example.com TXT \"v=DKIM1; k=rsa; p=MII"
+        )),
+        "{shown}"
+    );
+    let (ok, out) = w.gw.cli(&["check", "outbound"]);
+    // example.com: SPF passes, the DKIM record matches, HELO resolves and its
+    // PTR (dnsmasq's --host-record) names it, DMARC aligns.
+    for line in [
+        "example.com from 203.0.113.55",
+        "gw2026._domainkey.example.com",
+        "mx-gw.example.com",
+        "From: *@example.com",
+    ] {
+        let l = out
+            .lines()
+            .find(|l| l.contains(line))
+            .unwrap_or_else(|| panic!("no finding for {line}:\n{out}"));
+        assert!(l.contains("OK"), "{l}\n{out}");
+    }
+    // example.org has no key: godwit cannot sign for it, so the verdict fails.
+    assert!(!ok, "{out}");
+    assert!(out.contains("example.org"), "{out}");
+    // An egress IP SPF does not authorize is a failure, named.
+    w.gw.reconfigure(|c| {
+        c.replace(
+            "egress_ips = [\"203.0.113.55\"]",
+            "egress_ips = [\"203.0.113.55\", \"198.51.100.7\"]",
+        )
+    });
+    let (ok, out) = w.gw.cli(&["check", "outbound", "--json"]);
+    assert!(!ok);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    let spf_bad = v["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["check"] == "outbound.spf" && f["subject"] == "example.com from 198.51.100.7")
+        .unwrap_or_else(|| panic!("{out}"))
+        .clone();
+    assert_eq!(spf_bad["severity"], "BLOCK");
+}
+
+#[test]
+fn tls_require_defers_rather_than_send_in_clear_text() {
+    // smtp-sink offers no STARTTLS: mail for a tls_require domain waits.
+    let w = world("", "tls_require = [\"foreign.test\"]");
+    let mut c = relay_client(&w);
+    let r = c.mail(
+        "alice@example.com",
+        &["bob@foreign.test", "carol@implicit.test"],
+        &out_message("tls1@example.com", "bob@foreign.test"),
+    );
+    assert!(r.starts_with("250"), "{r}");
+    let d =
+        w.gw.wait_event("delivery.deferred", Duration::from_secs(20), |e| {
+            e["rcpt"] == "bob@foreign.test"
+        });
+    let reply = d["reply"].as_str().unwrap();
+    assert!(
+        reply.contains("4.7.10") && reply.contains("STARTTLS"),
+        "{reply}"
+    );
+    // Opportunistic elsewhere: the same sink takes the other recipient in clear text.
+    w.gw.wait_event("delivery.delivered", Duration::from_secs(20), |e| {
+        e["rcpt"] == "carol@implicit.test"
+    });
+}
+
+#[test]
+fn a_platforms_own_signature_is_kept_and_ours_added() {
+    let w = world("", "");
+    let mut c = relay_client(&w);
+    let theirs =
+        "DKIM-Signature: v=1; a=rsa-sha256; d=platform.example; s=p1; h=from; bh=AAAA; b=BBBB\r\n";
+    let r = c.mail(
+        "alice@example.com",
+        &["bob@foreign.test"],
+        &format!(
+            "{theirs}{}",
+            out_message("kept1@example.com", "bob@foreign.test")
+        ),
+    );
+    assert!(r.starts_with("250"), "{r}");
+    // The sink has written the whole file once it answered the 250.
+    w.gw.wait_event("delivery.delivered", Duration::from_secs(20), |e| {
+        e["rcpt"] == "bob@foreign.test"
+    });
+    let text = wait_for("the message at the MX sink", Duration::from_secs(5), || {
+        w.mx.messages()
+            .into_iter()
+            .find(|m| m.contains("kept1@example.com"))
+    });
+    assert!(text.contains("d=platform.example; s=p1"), "{text}");
+    assert_eq!(text.matches("DKIM-Signature:").count(), 2, "{text}");
+    let ours = text.find("d=example.com").unwrap();
+    assert!(
+        ours < text.find("d=platform.example").unwrap(),
+        "ours goes on top"
+    );
+}
