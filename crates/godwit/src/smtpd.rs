@@ -956,6 +956,7 @@ impl Smtpd {
 
     /// Makes the message durable, then hands it to the relay. The reply is 250
     /// only after the spool file and its directory are fsynced.
+    #[allow(clippy::too_many_arguments)]
     async fn accept(
         &self,
         live: &Live,

@@ -104,7 +104,10 @@ fn doctor_finds_mail_that_did_not_go_where_the_route_says_and_exits_2() {
     assert_eq!(code, 0, "{out}");
     // The map changed by hand in the store, without a new version: the
     // gateway never hears of it, and its mail does not follow.
+    // `.timeout`: wait for the gateway's own writers (the event indexer)
+    // instead of failing with SQLITE_BUSY on a loaded machine.
     let ok = Command::new("sqlite3")
+        .args(["-cmd", ".timeout 20000"])
         .arg(gw.data.join("state.db"))
         .arg("UPDATE route_entries SET route = 'new' WHERE address = 'alice@example.com'")
         .status()
