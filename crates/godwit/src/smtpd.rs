@@ -523,15 +523,7 @@ impl Smtpd {
             return (0, "write failed".into());
         }
         match self
-            .drive(
-                live,
-                &mut stream,
-                &mut session,
-                sid,
-                &mut messages,
-                kind,
-                ip,
-            )
+            .drive(live, &mut stream, &mut session, sid, &mut messages, kind)
             .await
         {
             End::StartTls => {
@@ -562,7 +554,7 @@ impl Smtpd {
                         });
                         session.tls_started();
                         match self
-                            .drive(live, &mut tls, &mut session, sid, &mut messages, kind, ip)
+                            .drive(live, &mut tls, &mut session, sid, &mut messages, kind)
                             .await
                         {
                             End::Closed(reason) => (messages, reason),
@@ -606,7 +598,7 @@ impl Smtpd {
             return (0, "write failed".into());
         }
         match self
-            .drive(live, &mut tls, &mut session, sid, &mut messages, kind, ip)
+            .drive(live, &mut tls, &mut session, sid, &mut messages, kind)
             .await
         {
             End::Closed(reason) => (messages, reason),
@@ -725,17 +717,15 @@ impl Smtpd {
         sid: u64,
         messages: &mut u32,
         kind: Listener,
-        ip: IpAddr,
     ) -> End {
         let mut policy = Domains::new(&live.config, self.relay.routes());
         // The relay port: clients inside outbound.relay_networks may send to
         // any recipient; everyone else only to ours (or after AUTH).
+        let ip: Option<IpAddr> = session.client_ip.parse().ok();
         policy.relay_permitted = kind == Listener::Relay
-            && live
-                .config
-                .outbound
-                .as_ref()
-                .is_some_and(|o| godwit_outbound::relay_permitted(ip, &o.relay_networks));
+            && live.config.outbound.as_ref().is_some_and(|o| {
+                ip.is_some_and(|ip| godwit_outbound::relay_permitted(ip, &o.relay_networks))
+            });
         // The SASL method and user of this session's AUTH.
         let mut sasl: Option<(String, String)> = None;
         let mut draining = self.draining.subscribe();
