@@ -51,13 +51,6 @@ impl Protocol {
     }
 }
 
-/// Each direction of a spliced session copies through a buffer this large.
-/// tokio's default (8 KiB) costs a read and a write per 8 KiB of a FETCH;
-/// 64 KiB cuts the syscalls eightfold on bulk transfers. An idle session does
-/// not pay for it: the buffers are zeroed allocations whose pages stay
-/// untouched until data flows (bench/access-proxy measures RSS per idle session).
-const SPLICE_BUF: usize = 64 * 1024;
-
 /// A logged-in, spliced session.
 struct Live {
     address: String,
@@ -893,7 +886,7 @@ impl Access {
                 Moved(String),
             }
             let end = tokio::select! {
-                _ = tokio::io::copy_bidirectional_with_sizes(&mut client.io, &mut backend.io, SPLICE_BUF, SPLICE_BUF) => End::Closed,
+                _ = tokio::io::copy_bidirectional(&mut client.io, &mut backend.io) => End::Closed,
                 Ok(to) = rx => End::Moved(to),
             };
             if let End::Moved(to) = end {

@@ -301,7 +301,11 @@ fn postfix_style_log_is_read_by_pflogsumm() {
     // seven came back at once (the whole delivery took 0.1 s, so the line
     // was right), so the wait is asserted on most lines, not on every one.
     let slow = sent.iter().filter(|l| fields(l).1[3] >= 1.0).count();
-    assert!(slow >= 5, "transmission under 1 s on {} of 7 lines:\n{text}", 7 - slow);
+    assert!(
+        slow >= 5,
+        "transmission under 1 s on {} of 7 lines:\n{text}",
+        7 - slow
+    );
     let deferred_later = text
         .lines()
         .filter(|l| l.contains("status=deferred"))
