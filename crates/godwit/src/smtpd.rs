@@ -537,21 +537,7 @@ impl Smtpd {
                 .await
                 {
                     Ok(Ok(mut tls)) => {
-                        let (_, conn) = tls.get_ref();
-                        let protocol = conn
-                            .protocol_version()
-                            .map(|v| format!("{v:?}"))
-                            .unwrap_or_default();
-                        let cipher = conn
-                            .negotiated_cipher_suite()
-                            .map(|c| format!("{:?}", c.suite()))
-                            .unwrap_or_default();
-                        self.events.emit(Event::ConnectionTls {
-                            session: sid,
-                            client_ip: ip.to_string(),
-                            protocol,
-                            cipher,
-                        });
+                        self.tls_event(sid, ip, tls.get_ref().1);
                         session.tls_started();
                         match self
                             .drive(live, &mut tls, &mut session, sid, &mut messages, kind)

@@ -491,23 +491,6 @@ fn logins_follow_wave_cutover_and_rollback() {
     assert!(body.contains("godwit_access_moved_total 3"), "{body}");
 }
 
-fn http(port: u16, req: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.write_all(req.as_bytes()).unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    let status = out
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = out
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
-}
-
 const AUTOCONFIG_PY: &str = r#"
 import json, sys, urllib.request, urllib.error
 import xml.etree.ElementTree as ET
@@ -806,21 +789,8 @@ fn master_user_sessions_after_the_clients_password_is_checked() {
 /// What headless Chromium shows of the dashboard after its data loaded.
 fn dashboard_dom(gw: &Gateway) -> String {
     let profile = tempfile::tempdir().unwrap();
-    let out = Command::new("chromium")
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-        ])
-        .arg(format!("--user-data-dir={}", profile.path().display()))
-        .args(["--virtual-time-budget=4000", "--dump-dom"])
-        .arg(format!("http://127.0.0.1:{}/", gw.admin_port))
-        .output()
-        .expect("chromium (scripts/install-peers installs it)");
+    let url = format!("http://127.0.0.1:{}/", gw.admin_port);
+    let out = chromium(profile.path(), &url, &["--dump-dom"]);
     let dom = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(
         dom.contains("data-loaded=\"1\""),

@@ -441,26 +441,7 @@ fn dashboard_in_headless_chromium_matches_the_metrics() {
     assert!(ok, "{out}");
     let profile = tempfile::tempdir().unwrap();
     let mut url = format!("http://127.0.0.1:{}/", gw.admin_port);
-    let chromium = |url: &str, extra: &[&str]| {
-        let mut cmd = std::process::Command::new("chromium");
-        cmd.args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--disable-quic",
-        ])
-        .arg(format!("--user-data-dir={}", profile.path().display()))
-        .args(["--virtual-time-budget=4000", "--window-size=1400,1200"])
-        .args(extra)
-        .env("TZ", "UTC")
-        .arg(url);
-        cmd.output()
-            .expect("chromium (scripts/install-peers installs it)")
-    };
+    let chromium = |url: &str, extra: &[&str]| chromium(profile.path(), url, extra);
     let dom = String::from_utf8_lossy(&chromium(&url, &["--dump-dom"]).stdout).to_string();
     assert!(
         dom.contains("data-loaded=\"1\""),

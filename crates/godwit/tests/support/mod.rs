@@ -374,24 +374,10 @@ max_backoff = "2s"
 
     /// GET on the admin listener; returns (status, body).
     pub fn admin_get(&self, path: &str) -> (u16, String) {
-        let mut s = TcpStream::connect(("127.0.0.1", self.admin_port)).unwrap();
-        s.write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-                .as_bytes(),
+        http(
+            self.admin_port,
+            &format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"),
         )
-        .unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).unwrap();
-        let status = out
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
-        let body = out
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default();
-        (status, body)
     }
 
     pub fn events(&self) -> Vec<serde_json::Value> {
@@ -500,4 +486,46 @@ impl Client {
 
 pub fn message(id: &str, body: &str) -> String {
     format!("Message-ID: <{id}>\r\nSubject: {id}\r\nFrom: a@sender.test\r\n\r\n{body}")
+}
+
+/// Sends one raw HTTP request (with `Connection: close`) to a loopback port;
+/// returns the status and the body.
+pub fn http(port: u16, req: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(req.as_bytes()).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let status = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// Headless Chromium (an independent reader of the dashboard) on `url`
+/// with the profile in `profile`; `extra` is e.g. `--dump-dom`.
+pub fn chromium(profile: &Path, url: &str, extra: &[&str]) -> std::process::Output {
+    Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--disable-quic",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .args(["--virtual-time-budget=4000", "--window-size=1400,1200"])
+        .args(extra)
+        .env("TZ", "UTC")
+        .arg(url)
+        .output()
+        .expect("chromium (scripts/install-peers installs it)")
 }
