@@ -702,12 +702,18 @@ async fn copy_acls(
         return Ok(());
     }
     let new_rights = crate::acl::has_rfc4314_rights(tgt.rights_capability().as_deref());
+    let mut new_folder_acl: Option<crate::acl::Acl> = None;
     for pair in pairs.iter().filter(|p| p.selectable) {
         let from = src.get_acl(&src_list.wire_name(&pair.source)).await?;
         let tgt_wire = tgt_list.wire_name(&pair.target);
-        // A folder a dry run did not create has no entries yet.
+        // A folder a dry run did not create has no ACL to read: it is taken
+        // to start as a new folder does on the servers we know (Dovecot,
+        // Cyrus, Exchange), with the owner's full rights, as on INBOX.
         let have = if opts.dry_run && to_create.contains(&pair.target) {
-            Default::default()
+            if new_folder_acl.is_none() {
+                new_folder_acl = Some(tgt.get_acl("INBOX").await.unwrap_or_default());
+            }
+            new_folder_acl.clone().unwrap_or_default()
         } else {
             tgt.get_acl(&tgt_wire).await?
         };
