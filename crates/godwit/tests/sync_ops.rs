@@ -235,6 +235,17 @@ fn a_shared_mailbox_of_the_directory_is_synced_with_the_master_user_and_guarded(
         "{out}"
     );
     assert!(!out.contains(&format!("{ALICE}: the last")), "{out}");
+    // --final-sync covers it too: a delta and a verify for both members;
+    // the copy still lacks the lost message, so info@ stays and alice moves.
+    let (ok, out) = both(godwit(&cfg, &["wave", "cutover", "w", "--final-sync"]));
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("final sync: 2 member(s) synced, 1 verified clean, 1 stay where they are")
+            && out.contains(&format!(
+                "not cut over: {INFO}: verify: 1 folder pair(s) differ"
+            )),
+        "{out}"
+    );
 }
 
 /// Everything a client can see on the target, read by Python's imaplib (no
