@@ -40,6 +40,16 @@ impl Drop for Group {
     }
 }
 
+/// The gateway, stopped when the test ends, whether it passed or not.
+struct Serving(std::process::Child);
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 #[test]
 fn readme_quick_start_and_walkthrough_run_as_one_pasted_block() {
     let text = readme();
@@ -92,7 +102,7 @@ fn readme_quick_start_and_walkthrough_run_as_one_pasted_block() {
     // Quick start, first command: the gateway, from the repository root.
     let serve = adapt(setup[0].split(" #").next().unwrap());
     let log = std::fs::File::create(root.join("serve.log")).unwrap();
-    let mut gateway = Command::new("bash")
+    let gateway = Command::new("bash")
         .args(["-c", &format!("exec {serve}")])
         .current_dir(root)
         .env_remove("RUST_LOG")
@@ -100,6 +110,7 @@ fn readme_quick_start_and_walkthrough_run_as_one_pasted_block() {
         .stderr(log)
         .spawn()
         .unwrap();
+    let _gateway = Serving(gateway);
     let smtp: u16 = ports[0].1.rsplit(':').next().unwrap().parse().unwrap();
     wait_for("the gateway to listen", Duration::from_secs(20), || {
         std::net::TcpStream::connect(("127.0.0.1", smtp)).ok()
@@ -215,7 +226,4 @@ fn readme_quick_start_and_walkthrough_run_as_one_pasted_block() {
         stdout.lines().any(|l| l.ends_with('.')),
         "ls /tmp/new:\n{all}"
     );
-
-    let _ = gateway.kill();
-    let _ = gateway.wait();
 }
