@@ -1541,15 +1541,24 @@ async fn queue(config: Config, command: QueueCommand) -> Result<i32> {
                 );
                 if let Some(map) = n.destinations.as_object() {
                     for (p, d) in map {
+                        // An open circuit lets one probe through when its
+                        // cooldown ends: say when (`queue flush --platform`
+                        // closes it at once).
+                        let probe = match (d["circuit"].as_str(), d["down_for_s"].as_u64()) {
+                            (Some("open"), Some(s)) => format!(
+                                " next probe in {}",
+                                godwit_config::format_duration(Duration::from_secs(s))
+                            ),
+                            _ => String::new(),
+                        };
                         println!(
-                            "  {p:<10} circuit={:<9} limit={}/{} in_flight={} delivered={} throttled={} down_for={}s recent={}",
+                            "  {p:<10} circuit={:<9} limit={}/{} in_flight={} delivered={} throttled={} recent={}{probe}",
                             d["circuit"].as_str().unwrap_or("?"),
                             d["limit"],
                             d["max"],
                             d["in_flight"],
                             d["delivered"],
                             d["throttled"],
-                            d["down_for_s"],
                             d["recent_codes"]
                         );
                         for h in d["down_hosts"].as_array().into_iter().flatten() {
