@@ -22,10 +22,12 @@ use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read configuration file {path}: {source}")]
+    /// The reason is in the message and not a `source`: printed with its
+    /// chain (`{:#}`), it would otherwise show twice.
+    #[error("cannot read configuration file {path}: {error}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("configuration file {path}: {message}")]
     Parse { path: PathBuf, message: String },
@@ -515,9 +517,9 @@ impl Default for EventsConfig {
 
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
             path: path.to_path_buf(),
-            source,
+            error,
         })?;
         let mut config = Config::parse(&text).map_err(|message| ConfigError::Parse {
             path: path.to_path_buf(),

@@ -198,3 +198,33 @@ fn sighup_adds_and_removes_platforms_and_a_bad_dkim_key_keeps_the_running_file()
         || (c.count_containing("kept@test") == 1).then_some(()),
     );
 }
+
+/// Issue 19: a missing file is reported once, and "run with --config FILE"
+/// only when no --config was given.
+#[test]
+fn configuration_errors_name_the_file_once_and_hint_only_without_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(godwit_bin())
+            .current_dir(dir.path())
+            .args(args)
+            .env_remove("RUST_LOG")
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let missing = dir.path().join("nosuch.toml");
+    let err = run(&["queue", "list", "--config", missing.to_str().unwrap()]);
+    assert!(err.contains(missing.to_str().unwrap()), "{err}");
+    assert_eq!(err.matches("No such file").count(), 1, "{err}");
+    assert!(!err.contains("run with --config"), "{err}");
+    let err = run(&["queue", "list"]);
+    assert_eq!(err.matches("No such file").count(), 1, "{err}");
+    assert!(err.contains("run with --config FILE"), "{err}");
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[smtp]\nbogus = 1\n").unwrap();
+    let err = run(&["queue", "list", "--config", bad.to_str().unwrap()]);
+    assert!(err.contains("bogus") && err.contains("line 2"), "{err}");
+    assert!(!err.contains("run with --config"), "{err}");
+}
