@@ -81,7 +81,8 @@ fn throttled_platform_backs_off_while_the_other_flows_and_nothing_bounces() {
     // Recovery: the backlog drains, each message exactly once.
     new.stop();
     let new = Sink::start(pn, &[]);
-    assert!(gw.cli(&["queue", "flush", "--platform", "new"]).0);
+    let (ok, out) = gw.cli(&["queue", "flush", "--platform", "new"]);
+    assert!(ok, "{out}");
     wait_for("backlog drained", Duration::from_secs(30), || {
         (new.count_containing("Message-ID: <thr") == 20).then_some(())
     });
