@@ -6,10 +6,12 @@
 //! sizes are "50MB" (decimal: 1 MB = 1,000,000 bytes) or "50MiB" (binary).
 
 mod access;
+mod journal;
 mod outbound;
 mod submission;
 mod sync;
 pub use access::*;
+pub use journal::*;
 pub use outbound::*;
 pub use submission::*;
 pub use sync::*;
@@ -78,6 +80,8 @@ pub struct Config {
     pub dkim: Vec<DkimConfig>,
     /// The SMTP submission listener with AUTH; off when absent.
     pub submission: Option<SubmissionConfig>,
+    /// A journal report of every accepted message; off when absent.
+    pub journal: Option<JournalConfig>,
 }
 
 impl Default for Config {
@@ -100,6 +104,7 @@ impl Default for Config {
             outbound: None,
             dkim: Vec::new(),
             submission: None,
+            journal: None,
         }
     }
 }
@@ -795,6 +800,9 @@ impl Config {
                 "queue.max_lifetime",
                 "must be at least queue.min_backoff",
             ));
+        }
+        if let Some(j) = &self.journal {
+            j.validate(&self.platforms.keys().collect::<Vec<_>>())?;
         }
         if let Some(p) = &self.queue.dsn_platform
             && !self.platforms.contains_key(p)

@@ -26,6 +26,9 @@ pub struct Body {
     /// Header lines sent before the spooled bytes: the DKIM-Signature made
     /// for this attempt. The spool keeps the original.
     prefix: std::sync::Arc<Vec<u8>>,
+    /// Bytes sent after the spooled ones: a journal report's closing
+    /// boundary (the original inside it stays unmodified).
+    suffix: std::sync::Arc<Vec<u8>>,
 }
 
 /// How much of a body is read, stuffed and written at a time.
@@ -39,7 +42,14 @@ impl Body {
             len,
             error: Default::default(),
             prefix: Default::default(),
+            suffix: Default::default(),
         }
+    }
+
+    /// The same body with `tail` sent after it.
+    pub fn with_suffix(mut self, tail: Vec<u8>) -> Body {
+        self.suffix = std::sync::Arc::new(tail);
+        self
     }
 
     /// The same body with `header` (CRLF-terminated lines) put before it.
@@ -937,6 +947,7 @@ async fn transaction(
                 wire.clear();
             }
         }
+        stuffer.push(&body.suffix, &mut wire);
         stuffer.finish(&mut wire);
         client
             .stream
