@@ -1110,7 +1110,8 @@ mod tests {
     #[tokio::test]
     async fn pipelined_replies_table() {
         // (what the server sent, commands pipelined, codes read or error)
-        let cases: &[(&str, usize, Result<&[u16], &str>)] = &[
+        type Case<'a> = (&'a str, usize, Result<&'a [u16], &'a str>);
+        let cases: &[Case] = &[
             ("250 ok\r\n250 ok\r\n354 go\r\n", 3, Ok(&[250, 250, 354])),
             // smtp-sink -Q rcpt: 421 for the RCPT, then EOF: stands for DATA too.
             ("250 ok\r\n421 4.4.2 bye\r\n", 3, Ok(&[250, 421, 421])),

@@ -84,9 +84,9 @@ pub fn envelope_report(input: &Input) -> String {
 /// Whether `addr` is a To or Cc recipient of the header section, or envelope only.
 pub fn classify(addr: &str, to: &[String], cc: &[String]) -> Kind {
     let a = addr.to_ascii_lowercase();
-    if to.iter().any(|t| *t == a) {
+    if to.contains(&a) {
         Kind::To
-    } else if cc.iter().any(|t| *t == a) {
+    } else if cc.contains(&a) {
         Kind::Cc
     } else {
         Kind::Bcc
