@@ -930,7 +930,10 @@ fn doctor_names_an_outbound_5xx_burst_by_domain_and_code_and_exits_4() {
         "{out}"
     );
     // smtp-sink -f: "500 5.3.0 Error: command failed" at RCPT.
-    assert!(out.contains("bounced by refusing.test: 3 x 500 5.3.0"), "{out}");
+    assert!(
+        out.contains("bounced by refusing.test: 3 x 500 5.3.0"),
+        "{out}"
+    );
     assert!(out.contains("5. Are clients failing rather than mailflow? [not reached]"));
 }
 
