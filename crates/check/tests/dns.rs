@@ -591,3 +591,76 @@ async fn spf_macros_are_decided_per_new_sender_by_a_full_evaluation() {
     assert_sev(no, Severity::Block);
     assert!(no.meaning.contains("\"fail\""), "{}", no.meaning);
 }
+
+/// There is one SPF evaluator (mail-auth's check_host); the check runs it over
+/// the snapshot it took of the policy, asking DNS only for what the snapshot
+/// lacks. That must never change a verdict: for every preflight case here the
+/// verdict over the snapshot equals mail-auth's over live DNS, and both equal
+/// what RFC 7208 says. The two exceptions are where mail-auth alone is more
+/// lenient than RFC 7208 and the receivers that follow it: several records
+/// (4.5) and a malformed mechanism (4.6.1). The snapshot records those as
+/// permerror, and this test pins that the live answer differs there.
+#[tokio::test]
+async fn spf_verdicts_over_the_snapshot_agree_with_live_evaluation() {
+    use godwit_check::dns::{Dns, collect_spf};
+    use godwit_check::spf::SpfResult::{self, *};
+    use godwit_check::spf_eval::Snapshot;
+    let _d = dnsmasq(
+        port(31514),
+        300,
+        &[
+            txt(
+                "example.com",
+                "v=spf1 ip4:203.0.113.10 include:_spf.vendor.example a:mail.example.com mx -all",
+            ),
+            txt("_spf.vendor.example", "v=spf1 ip4:198.51.100.0/24 ?all"),
+            "--host-record=mail.example.com,192.0.2.1".into(),
+            "--mx-host=example.com,mx1.example.com,10".into(),
+            "--mx-host=example.com,mx2.example.com,20".into(),
+            "--host-record=mx1.example.com,192.0.2.10".into(),
+            "--host-record=mx2.example.com,2001:db8::10".into(),
+            txt("example.net", "v=spf1 redirect=_spf.example.net"),
+            txt("_spf.example.net", "v=spf1 ip4:192.0.2.128/25 ~all"),
+            txt("broken.example.com", "v=spf1 include:gone.example.com -all"),
+            txt("macro.example.com", "v=spf1 exists:%{i}._spf.example.com -all"),
+            "--host-record=192.0.2.5._spf.example.com,127.0.0.2".into(),
+            txt("twice.example.com", "v=spf1 -all"),
+            txt("twice.example.com", "v=spf1 +all"),
+            txt("six.example.com", "v=spf1 ip6:2001:db8:1::/48 -all"),
+            txt("none.example.com", "not an spf record"),
+            txt("bad.example.com", "v=spf1 ip4:300.1.1.1 -all"),
+        ],
+    );
+    let dns = Dns::nameserver(&resolver(port(31514))).unwrap();
+    let lenient = ["twice.example.com", "bad.example.com"];
+    let cases: &[(&str, &str, SpfResult)] = &[
+        ("example.com", "203.0.113.10", Pass),
+        ("example.com", "198.51.100.77", Pass), // via the include
+        ("example.com", "192.0.2.1", Pass),     // via a:
+        ("example.com", "192.0.2.10", Pass),    // via mx
+        ("example.com", "2001:db8::10", Pass),  // via mx, AAAA
+        ("example.com", "192.0.2.2", Fail),     // the include's ?all does not match
+        ("example.net", "192.0.2.200", Pass),
+        ("example.net", "192.0.2.1", SoftFail),
+        ("broken.example.com", "192.0.2.1", PermError),
+        ("macro.example.com", "192.0.2.5", Pass),
+        ("macro.example.com", "192.0.2.6", Fail),
+        ("twice.example.com", "192.0.2.1", PermError),
+        ("six.example.com", "2001:db8:1::5", Pass),
+        ("six.example.com", "192.0.2.1", Fail),
+        ("none.example.com", "192.0.2.1", None),
+        ("bad.example.com", "192.0.2.1", PermError),
+    ];
+    for (domain, ip, want) in cases {
+        let ip = ip.parse().unwrap();
+        let snapshot = Snapshot::of(&collect_spf(&dns, domain).await);
+        let cached = dns.spf(domain, ip, &snapshot).await;
+        let live = dns.verify_spf(domain, ip).await.unwrap();
+        assert_eq!(cached, *want, "{domain} for {ip}");
+        if lenient.contains(domain) {
+            assert_ne!(live, *want, "{domain}: mail-auth alone now agrees with RFC 7208");
+        } else {
+            assert_eq!(cached, live, "{domain} for {ip}: snapshot against live DNS");
+        }
+    }
+}
