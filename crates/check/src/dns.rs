@@ -113,16 +113,8 @@ impl Dns {
     ) -> Result<(String, String, String, String), String> {
         use mail_auth::dmarc::verify::DmarcParameters;
         use mail_auth::spf::verify::SpfParameters;
-        let config = match &self.config {
-            Some(config) => config.clone(),
-            None => {
-                hickory_resolver::system_conf::read_system_conf()
-                    .map_err(|e| e.to_string())?
-                    .0
-            }
-        };
-        let auth =
-            mail_auth::MessageAuthenticator::new(config, opts()).map_err(|e| e.to_string())?;
+        // The same resolver (and nameservers) as every other query here.
+        let auth = mail_auth::MessageAuthenticator(self.resolver.clone());
         let msg = mail_auth::AuthenticatedMessage::parse(message)
             .ok_or_else(|| "the sample message does not parse".to_string())?;
         let dkim = auth.verify_dkim(&msg).await;
