@@ -43,3 +43,33 @@ impl JournalConfig {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn journal_validation_table() {
+        let archive = "archive".to_string();
+        let platforms = [&archive];
+        let cases: &[(&str, Option<&str>, Option<&str>)] = &[
+            ("journal@archive.example.com", Some("archive"), None),
+            ("journal@archive.example.com", None, None),
+            ("journal", None, Some("journal.address")),
+            ("@archive.example.com", None, Some("journal.address")),
+            ("a b@x", None, Some("journal.address")),
+            ("journal@x", Some("arkive"), Some("journal.platform")),
+        ];
+        for (address, platform, want) in cases {
+            let j = JournalConfig {
+                address: address.to_string(),
+                platform: platform.map(String::from),
+            };
+            match (j.validate(&platforms), want) {
+                (Ok(()), None) => {}
+                (Err(e), Some(key)) => assert!(e.to_string().contains(key), "{address}: {e}"),
+                (got, want) => panic!("{address} {platform:?}: got {got:?}, want {want:?}"),
+            }
+        }
+    }
+}
