@@ -101,6 +101,59 @@ impl Dns {
             .await)
     }
 
+    /// A signed message as a receiver sees it (mail-auth: DKIM against the
+    /// published key, SPF for `ip` and `mail_from`, then DMARC, RFC 7489):
+    /// (dkim, spf, dmarc, policy) as Authentication-Results words.
+    pub async fn verify_message(
+        &self,
+        message: &[u8],
+        ip: IpAddr,
+        helo: &str,
+        mail_from: &str,
+    ) -> Result<(String, String, String, String), String> {
+        use mail_auth::dmarc::verify::DmarcParameters;
+        use mail_auth::spf::verify::SpfParameters;
+        // The same resolver (and nameservers) as every other query here.
+        let auth = mail_auth::MessageAuthenticator(self.resolver.clone());
+        let msg = mail_auth::AuthenticatedMessage::parse(message)
+            .ok_or_else(|| "the sample message does not parse".to_string())?;
+        let dkim = auth.verify_dkim(&msg).await;
+        let domain = mail_from.rsplit_once('@').map_or(mail_from, |(_, d)| d);
+        let spf = auth
+            .verify_spf(mail_auth::Parameters::new(SpfParameters::verify_mail_from(
+                ip, helo, helo, mail_from,
+            )))
+            .await;
+        let dmarc = auth
+            .verify_dmarc(mail_auth::Parameters::new(DmarcParameters::new(
+                &msg, &dkim, domain, &spf,
+            )))
+            .await;
+        let word = |r: &mail_auth::DkimResult| match r {
+            mail_auth::DkimResult::Pass => "pass".to_string(),
+            mail_auth::DkimResult::None => "none".to_string(),
+            mail_auth::DkimResult::Neutral(e) => format!("neutral ({e})"),
+            mail_auth::DkimResult::Fail(e) => format!("fail ({e})"),
+            mail_auth::DkimResult::PermError(e) => format!("permerror ({e})"),
+            mail_auth::DkimResult::TempError(e) => format!("temperror ({e})"),
+        };
+        let dkim_word = dkim
+            .iter()
+            .find(|o| *o.result() == mail_auth::DkimResult::Pass)
+            .or(dkim.first())
+            .map_or_else(|| "none".to_string(), |o| word(o.result()));
+        let spf_word = format!("{:?}", spf.result()).to_ascii_lowercase();
+        let dmarc_word = match dmarc.result() {
+            mail_auth::DmarcResult::Pass => "pass".to_string(),
+            mail_auth::DmarcResult::None => "none".to_string(),
+            mail_auth::DmarcResult::Fail(e) => format!("fail ({e})"),
+            mail_auth::DmarcResult::PermError(e) => format!("permerror ({e})"),
+            mail_auth::DmarcResult::TempError(e) => format!("temperror ({e})"),
+        };
+        let policy = format!("{:?}", dmarc.policy()).to_ascii_lowercase();
+        Ok((dkim_word, spf_word, dmarc_word, policy))
+    }
+
     fn fqdn(name: &str) -> Result<Name, String> {
         let name = if name.ends_with('.') {
             name.to_string()

@@ -6,10 +6,12 @@
 //! sizes are "50MB" (decimal: 1 MB = 1,000,000 bytes) or "50MiB" (binary).
 
 mod access;
+mod journal;
 mod outbound;
 mod submission;
 mod sync;
 pub use access::*;
+pub use journal::*;
 pub use outbound::*;
 pub use submission::*;
 pub use sync::*;
@@ -80,6 +82,8 @@ pub struct Config {
     pub dkim: Vec<DkimConfig>,
     /// The SMTP submission listener with AUTH; off when absent.
     pub submission: Option<SubmissionConfig>,
+    /// A journal report of every accepted message; off when absent.
+    pub journal: Option<JournalConfig>,
 }
 
 impl Default for Config {
@@ -102,6 +106,7 @@ impl Default for Config {
             outbound: None,
             dkim: Vec::new(),
             submission: None,
+            journal: None,
         }
     }
 }
@@ -798,6 +803,9 @@ impl Config {
                 "must be at least queue.min_backoff",
             ));
         }
+        if let Some(j) = &self.journal {
+            j.validate(&self.platforms.keys().collect::<Vec<_>>())?;
+        }
         if let Some(p) = &self.queue.dsn_platform
             && !self.platforms.contains_key(p)
         {
@@ -1146,6 +1154,8 @@ pub fn reload_plan(old: &Config, new: &Config) -> ReloadPlan {
     live!("dkim", dkim);
     needs_restart!("submission", submission);
     needs_restart!("access", access);
+    // The accept path reads the journal settings it started with.
+    needs_restart!("journal", journal);
     ReloadPlan {
         applied,
         restart_needed: restart,

@@ -155,6 +155,16 @@ pub enum Event {
     /// an operator hold), never bounced and never relayed again. `trace_hops`
     /// are the queue IDs of those headers, newest first; `path` the Received
     /// hops as "HOST QUEUEID", oldest first.
+    /// `[journal]`: the message's journal copy was queued (recipient `rcpt`)
+    /// in the same spool write as the message; its deliveries, deferrals
+    /// and holds are the usual recipient events for `rcpt`.
+    #[serde(rename = "journal.queued")]
+    JournalQueued {
+        queue_id: String,
+        message_id: Option<String>,
+        rcpt: String,
+        platform: Option<String>,
+    },
     #[serde(rename = "message.loop")]
     MessageLoop {
         queue_id: String,
@@ -395,6 +405,7 @@ impl Event {
         match self {
             Event::GatewayStarted { .. } => "gateway.started",
             Event::MessageLoop { .. } => "message.loop",
+            Event::JournalQueued { .. } => "journal.queued",
             Event::WaveRolledBack { .. } => "wave.rolled_back",
             Event::WaveSoakPassed { .. } => "wave.soak_passed",
             Event::GatewayStopped { .. } => "gateway.stopped",

@@ -36,6 +36,21 @@ pub struct SendTest {
     pub deferred: Option<String>,
 }
 
+/// One signed sample of our outbound mail, verified as a receiver would:
+/// DKIM against the published key, SPF for an egress IP, then DMARC.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct AuthSample {
+    /// The From domain of the sample.
+    pub domain: String,
+    /// The egress IP SPF was evaluated for.
+    pub ip: String,
+    pub dkim: String,
+    pub spf: String,
+    pub dmarc: String,
+    /// The DMARC policy receivers apply (none, quarantine, reject).
+    pub policy: String,
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Destination {
     /// "closed", "open" or "half-open" (from the gateway's node row).
@@ -76,6 +91,8 @@ pub struct Facts {
     // 4. outbound
     pub outbound_configured: bool,
     pub outbound_bounces: BTreeMap<(String, String), u64>,
+    /// Signed samples verified as receivers do (mail-auth against DNS).
+    pub outbound_auth: Vec<AuthSample>,
     // 5. clients
     pub access_configured: bool,
     /// (platform or "-", reason) -> failed logins.
@@ -343,15 +360,37 @@ fn outbound(f: &Facts) -> Answer {
     if total == 0 {
         ev.push(format!("no outbound bounce in the last {}", f.window));
     }
-    let broken = total >= BURST_MIN;
+    let mut misaligned = Vec::new();
+    for a in &f.outbound_auth {
+        ev.push(format!(
+            "sample From *@{} via {}: dkim={} spf={} dmarc={} (p={})",
+            a.domain, a.ip, a.dkim, a.spf, a.dmarc, a.policy
+        ));
+        // DMARC passes when SPF or DKIM passes aligned (RFC 7489 4.2); a
+        // receiver applies p= to anything else.
+        if a.dmarc != "pass" {
+            misaligned.push(format!("{} via {}", a.domain, a.ip));
+        }
+    }
+    let bouncing = total >= BURST_MIN;
+    let broken = bouncing || !misaligned.is_empty();
+    let decision = match (bouncing, misaligned.is_empty()) {
+        (false, true) => None,
+        (true, _) => Some(
+            "outbound mail is being refused: check SPF/DKIM alignment of the new senders and ramp \
+             volume rather than blasting from cold IPs"
+                .to_string(),
+        ),
+        (false, false) => Some(format!(
+            "receivers do not see aligned authentication for {}: fix the DKIM key/DNS or SPF \
+             before sending more; mail from it is refused or spam-foldered under DMARC",
+            misaligned.join(", ")
+        )),
+    };
     (
         if broken { Status::Broken } else { Status::Ok },
         ev,
-        broken.then(|| {
-            "outbound mail is being refused: check SPF/DKIM alignment of the new senders and ramp \
-             volume rather than blasting from cold IPs"
-                .to_string()
-        }),
+        decision,
     )
 }
 
@@ -457,6 +496,17 @@ mod tests {
             )]
             .into(),
             ..Default::default()
+        }
+    }
+
+    fn sample(dkim: &str, spf: &str, dmarc: &str) -> AuthSample {
+        AuthSample {
+            domain: "example.com".into(),
+            ip: "203.0.113.55".into(),
+            dkim: dkim.into(),
+            spf: spf.into(),
+            dmarc: dmarc.into(),
+            policy: "reject".into(),
         }
     }
 
@@ -591,6 +641,52 @@ mod tests {
                 with(|f| f.outbound_configured = false),
                 0,
             ),
+            (
+                "an outbound 5xx burst from one domain",
+                with(|f| {
+                    f.outbound_configured = true;
+                    f.outbound_bounces
+                        .insert(("refusing.test".into(), "550 5.1.1".into()), 3);
+                }),
+                4,
+            ),
+            (
+                "two outbound bounces are no burst",
+                with(|f| {
+                    f.outbound_configured = true;
+                    f.outbound_bounces
+                        .insert(("refusing.test".into(), "550".into()), 2);
+                }),
+                0,
+            ),
+            (
+                "signed samples pass DMARC",
+                with(|f| {
+                    f.outbound_configured = true;
+                    f.outbound_auth = vec![sample("pass", "pass", "pass")];
+                }),
+                0,
+            ),
+            (
+                "DKIM fails and SPF does not pass: DMARC fails as receivers see it",
+                with(|f| {
+                    f.outbound_configured = true;
+                    f.outbound_auth =
+                        vec![sample("fail (bad signature)", "fail", "fail (not aligned)")];
+                }),
+                4,
+            ),
+            (
+                "outbound broken but clients too: question 4 comes first",
+                with(|f| {
+                    f.outbound_configured = true;
+                    f.outbound_auth = vec![sample("none", "softfail", "fail (not aligned)")];
+                    f.access_configured = true;
+                    f.login_failures
+                        .insert(("new".into(), "authentication failed".into()), 4);
+                }),
+                4,
+            ),
         ];
         for (name, facts, want) in cases {
             let found = diagnose(&facts);
@@ -606,6 +702,24 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn outbound_evidence_names_domain_code_and_alignment() {
+        let mut f = healthy();
+        f.outbound_configured = true;
+        f.outbound_bounces
+            .insert(("refusing.test".into(), "550 5.1.1".into()), 4);
+        f.outbound_auth = vec![sample("pass", "pass", "pass")];
+        let text = render(&diagnose(&f));
+        assert!(
+            text.contains("bounced by refusing.test: 4 x 550 5.1.1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("sample From *@example.com via 203.0.113.55: dkim=pass spf=pass dmarc=pass (p=reject)"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -53,7 +53,7 @@ pub async fn run(config: Config, args: DoctorArgs) -> Result<i32> {
     let mut facts = Facts {
         window: args.since.clone(),
         address: args.address.clone(),
-        outbound_configured: false,
+        outbound_configured: config.outbound.is_some(),
         access_configured: config.access.is_some(),
         ..Default::default()
     };
@@ -113,9 +113,25 @@ pub async fn run(config: Config, args: DoctorArgs) -> Result<i32> {
                 }
             }
             Event::Failed {
-                platform, delays, ..
+                platform,
+                delays,
+                rcpt,
+                reply,
+                ..
             } => {
                 sums.entry(platform.clone()).or_default().add(delays);
+                // A bounce from the internet: by the remote domain (the
+                // recipient's, also behind a smarthost) and its code.
+                if godwit_relay::outbound::is_outbound(platform) {
+                    let domain = rcpt
+                        .rsplit_once('@')
+                        .map_or(rcpt.as_str(), |(_, d)| d)
+                        .to_ascii_lowercase();
+                    *facts
+                        .outbound_bounces
+                        .entry((domain, basic_code(reply)))
+                        .or_default() += 1;
+                }
             }
             ev @ Event::MessageLoop { .. } => {
                 facts
@@ -234,6 +250,9 @@ pub async fn run(config: Config, args: DoctorArgs) -> Result<i32> {
             });
         }
     }
+    if config.outbound.is_some() {
+        facts.outbound_auth = outbound_samples(&config).await;
+    }
     let found = doctor::diagnose(&facts);
     if args.json {
         println!(
@@ -252,6 +271,89 @@ pub async fn run(config: Config, args: DoctorArgs) -> Result<i32> {
         print!("{}", doctor::render(&found));
     }
     Ok(doctor::exit_code(&found))
+}
+
+/// Question 4's alignment check: for each domain godwit signs for, a sample
+/// message signed exactly as the relay signs outbound mail, then verified
+/// as a receiver would (mail-auth: DKIM against the published key, SPF for
+/// each egress IP, DMARC), with `outbound.resolvers`.
+async fn outbound_samples(config: &Config) -> Vec<doctor::AuthSample> {
+    let Some(o) = &config.outbound else {
+        return Vec::new();
+    };
+    let dns = match o.resolvers.first() {
+        Some(r) => godwit_check::dns::Dns::nameserver(&r.to_string()),
+        None => godwit_check::dns::Dns::system(),
+    };
+    let keys = godwit_outbound::DkimKeys::load(&config.dkim);
+    let (dns, keys) = match (dns, keys) {
+        (Ok(d), Ok(k)) => (d, k),
+        (Err(e), _) => return vec![failed_sample("-", &format!("resolver: {e}"))],
+        (_, Err(e)) => return vec![failed_sample("-", &format!("[[dkim]]: {e}"))],
+    };
+    let helo = o.helo.clone().unwrap_or_else(|| config.hostname.clone());
+    let ips: Vec<std::net::IpAddr> = if o.egress_ips.is_empty() {
+        // Nothing to check SPF against: DMARC then rests on DKIM alone.
+        vec![std::net::IpAddr::from([0, 0, 0, 0])]
+    } else {
+        o.egress_ips.clone()
+    };
+    let mut out = Vec::new();
+    for k in keys.keys() {
+        let from = format!("postmaster@{}", k.domain);
+        let message = format!(
+            "From: <{from}>\r\nTo: <doctor@{host}>\r\nSubject: godwit doctor alignment sample\r\n\
+             Date: {date}\r\nMessage-ID: <doctor.{now}@{host}>\r\nMIME-Version: 1.0\r\n\r\n\
+             A sample signed as outbound mail is.\r\n",
+            host = config.hostname,
+            date = httpdate_now(),
+            now = godwit_spool::now_ms(),
+        );
+        let signed = match keys.sign(message.as_bytes()) {
+            Ok(Some(s)) => format!("{}{message}", s.header),
+            Ok(None) => message.clone(),
+            Err(e) => {
+                out.push(failed_sample(&k.domain, &format!("signing: {e}")));
+                continue;
+            }
+        };
+        for ip in &ips {
+            let mut a = doctor::AuthSample {
+                domain: k.domain.clone(),
+                ip: ip.to_string(),
+                ..Default::default()
+            };
+            match dns
+                .verify_message(signed.as_bytes(), *ip, &helo, &from)
+                .await
+            {
+                Ok((dkim, spf, dmarc, policy)) => {
+                    (a.dkim, a.spf, a.dmarc, a.policy) = (dkim, spf, dmarc, policy);
+                }
+                Err(e) => {
+                    a.dmarc = format!("not verified ({e})");
+                }
+            }
+            out.push(a);
+        }
+    }
+    out
+}
+
+fn failed_sample(domain: &str, why: &str) -> doctor::AuthSample {
+    doctor::AuthSample {
+        domain: domain.into(),
+        ip: "-".into(),
+        dmarc: format!("not verified ({why})"),
+        ..Default::default()
+    }
+}
+
+/// The Date header value now (RFC 5322 3.3).
+fn httpdate_now() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc2822)
+        .unwrap_or_default()
 }
 
 /// A test message through our own listener, then its trace until the

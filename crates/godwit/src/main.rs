@@ -10,6 +10,7 @@ mod control;
 mod dkim_cli;
 mod doctor;
 mod fleet;
+mod journal;
 mod mailboxes;
 mod probe;
 mod smtpd;

@@ -868,26 +868,26 @@ impl Smtpd {
         }
     }
 
-    /// A looping message: every recipient gets an operator hold, recorded in
-    /// the spool before the relay sees it, so it is never relayed again and
+    /// A looping message: every recipient gets an operator hold, written in
+    /// the spool file with the message itself, before its one data sync and
+    /// the 250, so it is never relayed again (not even after a crash) and
     /// never bounced (a bounce would loop too); `queue release` frees it once
-    /// the route is fixed. A crash between the two writes relays it once
-    /// more, and the next arrival is held again.
-    async fn hold_loop(
-        &self,
-        mut spooled: godwit_spool::Spooled,
-        trace_hops: Vec<String>,
-        path: Vec<String>,
+    /// the route is fixed. A journal copy is not held: the archive is no
+    /// part of the loop.
+    fn loop_hold(
+        h: &Header,
+        trace_hops: &[String],
+        path: &[String],
         max_trace_hops: usize,
-    ) -> godwit_spool::Spooled {
-        let h = &spooled.header;
+    ) -> (String, Vec<godwit_spool::StatusRecord>) {
         let why = format!(
             "mail loop: {} X-Godwit-Trace headers (smtp.max_trace_hops = {max_trace_hops}); path {}",
             trace_hops.len(),
             path.join(" -> ")
         );
         let now = now_ms();
-        let recs: Vec<godwit_spool::StatusRecord> = (0..h.envelope.rcpts.len())
+        let recs = (0..h.envelope.rcpts.len())
+            .filter(|&i| !h.is_journal(i))
             .map(|i| godwit_spool::StatusRecord {
                 rcpt: i,
                 status: godwit_spool::RcptStatus::Held,
@@ -901,33 +901,42 @@ impl Smtpd {
                 warned: false,
             })
             .collect();
-        let spool = self.spool.clone();
-        let (qid, to_write) = (h.queue_id.clone(), recs.clone());
-        match tokio::task::spawn_blocking(move || spool.record_many(&qid, &to_write)).await {
-            Ok(Ok(())) => {}
-            other => tracing::error!(
-                queue_id = %h.queue_id,
-                "recording the loop hold failed ({other:?}); the hold applies until a restart"
-            ),
-        }
+        (why, recs)
+    }
+
+    /// The events of a loop hold already in the spool.
+    fn loop_events(
+        &self,
+        h: &Header,
+        why: &str,
+        trace_hops: Vec<String>,
+        path: Vec<String>,
+        max_trace_hops: usize,
+    ) {
+        let held: Vec<String> = h
+            .envelope
+            .rcpts
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !h.is_journal(*i))
+            .map(|(_, (a, _))| a.clone())
+            .collect();
         self.events.emit(Event::MessageLoop {
             queue_id: h.queue_id.clone(),
             message_id: h.message_id.clone(),
-            rcpts: h.envelope.rcpts.iter().map(|(a, _)| a.clone()).collect(),
+            rcpts: held.clone(),
             trace_hops,
             path,
             max_trace_hops,
         });
-        for (a, _) in &h.envelope.rcpts {
+        for a in held {
             self.events.emit(Event::Held {
                 queue_id: h.queue_id.clone(),
                 message_id: h.message_id.clone(),
-                rcpt: a.clone(),
-                why: why.clone(),
+                rcpt: a,
+                why: why.to_string(),
             });
         }
-        spooled.status = recs.into_iter().map(Some).collect();
-        spooled
     }
 
     /// Makes the message durable, then hands it to the relay. The reply is 250
@@ -957,18 +966,29 @@ impl Smtpd {
                     (trace_hops, path)
                 },
             );
-        let header = Header {
+        let mut header = Header {
             queue_id: queue_id.clone(),
             arrival_ms: now_ms(),
             message_id: message_id.clone(),
             envelope: envelope.clone(),
             kind: None,
             accept_ms: tx_started.elapsed().as_millis() as u64,
+            journal: None,
         };
+        if let Some(j) = &live.config.journal {
+            header.journal = Some(crate::journal::add_recipient(&mut header.envelope, j));
+        }
+        let hold = looped.as_ref().map(|(hops, path)| {
+            Self::loop_hold(&header, hops, path, live.config.smtp.max_trace_hops)
+        });
         let spool = self.spool.clone();
         let size = (received.len() + message.len()) as u64;
+        let (stored_header, recs) = (
+            header.clone(),
+            hold.as_ref().map(|(_, r)| r.clone()).unwrap_or_default(),
+        );
         let stored = tokio::task::spawn_blocking(move || {
-            spool.store_parts(&header, &[received.as_bytes(), &message])
+            spool.store_with(&header, &[received.as_bytes(), &message], &recs)
         })
         .await;
         match stored {
@@ -1005,13 +1025,24 @@ impl Smtpd {
                         over_limit,
                     });
                 }
-                let spooled = match looped {
-                    Some((hops, path)) => {
-                        self.hold_loop(spooled, hops, path, live.config.smtp.max_trace_hops)
-                            .await
-                    }
-                    None => spooled,
-                };
+                if let Some(j) = &stored_header.journal {
+                    let (addr, _) = &stored_header.envelope.rcpts[j.rcpt];
+                    self.events.emit(Event::JournalQueued {
+                        queue_id: queue_id.clone(),
+                        message_id: stored_header.message_id.clone(),
+                        rcpt: addr.clone(),
+                        platform: j.platform.clone(),
+                    });
+                }
+                if let (Some((hops, path)), Some((why, _))) = (looped, hold) {
+                    self.loop_events(
+                        &stored_header,
+                        &why,
+                        hops,
+                        path,
+                        live.config.smtp.max_trace_hops,
+                    );
+                }
                 self.relay.enqueue(spooled);
                 session.queued(&queue_id)
             }

@@ -12,7 +12,7 @@ use godwit_relay::Relay;
 use godwit_route::soak::{self, Measurements};
 use godwit_spool::{RcptStatus, now_ms};
 use godwit_store::{Row, Store};
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -100,46 +100,130 @@ async fn claim(store: &Store, wave: &str, node: &str) -> Result<bool> {
     Ok(r.rows_affected() == 1)
 }
 
-/// Mail to `members` since `since_ms`: outcomes from the event index, queue
-/// age from the relay's queue.
+/// How far back each tick re-reads before the newest event it has seen:
+/// the event index is written in batches (and, on a fleet, by nodes whose
+/// clocks differ), so an event may land with a `ts_ms` a little older than
+/// one already read. Events read twice are recognised and counted once.
+const OVERLAP_MS: i64 = 60_000;
+
+/// Mail to `members` since `since_ms`, as running aggregates: each tick reads
+/// only the events since the last seen (within `OVERLAP_MS`), not the whole
+/// soak window again. Kept per recipient, so a change of membership (an
+/// alias added) is applied to everything already read. Pure: the watcher
+/// feeds it rows.
+#[derive(Debug, Default)]
+pub struct Window {
+    since_ms: i64,
+    /// The newest `ts_ms` read.
+    cursor_ms: i64,
+    /// Events read within the overlap, by `ts_ms`: (node, body) hashes.
+    seen: BTreeMap<i64, HashSet<u64>>,
+    per_rcpt: HashMap<String, RcptAgg>,
+}
+
+#[derive(Debug, Default, Clone)]
+struct RcptAgg {
+    delivered: u64,
+    deferred: u64,
+    bounced: u64,
+    latencies_s: Vec<f64>,
+}
+
+impl Window {
+    pub fn new(since_ms: i64) -> Window {
+        Window {
+            since_ms,
+            cursor_ms: since_ms,
+            ..Default::default()
+        }
+    }
+
+    /// Where the next read starts.
+    pub fn read_from(&self) -> i64 {
+        self.since_ms.max(self.cursor_ms - OVERLAP_MS)
+    }
+
+    /// Adds one delivery event (name, lowercased recipient, JSON body);
+    /// false if it had been read already.
+    pub fn add(&mut self, ts_ms: i64, node: &str, name: &str, rcpt: &str, body: &str) -> bool {
+        if ts_ms < self.since_ms {
+            return false;
+        }
+        let key = {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            (node, name, rcpt, body).hash(&mut h);
+            h.finish()
+        };
+        if !self.seen.entry(ts_ms).or_default().insert(key) {
+            return false;
+        }
+        self.cursor_ms = self.cursor_ms.max(ts_ms);
+        let a = self.per_rcpt.entry(rcpt.to_string()).or_default();
+        match name {
+            "delivery.delivered" => {
+                a.delivered += 1;
+                if let Some(ms) = serde_json::from_str::<serde_json::Value>(body)
+                    .ok()
+                    .and_then(|v| v["delay_ms"].as_u64())
+                {
+                    a.latencies_s.push(ms as f64 / 1000.0);
+                }
+            }
+            "delivery.deferred" => a.deferred += 1,
+            "delivery.failed" => a.bounced += 1,
+            _ => {}
+        }
+        // Only events inside the overlap can come again.
+        let keep = self.cursor_ms - OVERLAP_MS;
+        self.seen = self.seen.split_off(&keep);
+        true
+    }
+
+    /// The outcomes of mail to `members` (queue age is the relay's: not here).
+    pub fn measurements(&self, members: &BTreeSet<String>) -> Measurements {
+        let mut m = Measurements::default();
+        let mut lat: Vec<f64> = Vec::new();
+        for (rcpt, a) in &self.per_rcpt {
+            if !members.contains(rcpt) {
+                continue;
+            }
+            m.delivered += a.delivered;
+            m.deferred += a.deferred;
+            m.bounced += a.bounced;
+            lat.extend_from_slice(&a.latencies_s);
+        }
+        lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        m.latency_p95_s = godwit_evidence::metrics::pct(&lat, 0.95);
+        m
+    }
+}
+
+/// Reads the delivery events since `w.read_from()` into `w`, then measures
+/// mail to `members`, with the queue age from the relay's queue.
 async fn measure(
     store: &Store,
     relay: &Relay,
     members: &BTreeSet<String>,
-    since_ms: i64,
+    w: &mut Window,
 ) -> Result<Measurements> {
     let rows = godwit_store::sqlx::query(
-        "SELECT rcpt, name, body FROM events WHERE ts_ms >= $1 AND name IN ('delivery.delivered', 'delivery.deferred', 'delivery.failed')",
+        "SELECT ts_ms, node, name, rcpt, body FROM events WHERE ts_ms >= $1 AND name IN ('delivery.delivered', 'delivery.deferred', 'delivery.failed')",
     )
-    .bind(since_ms)
+    .bind(w.read_from())
     .fetch_all(&store.pool)
     .await?;
-    let mut m = Measurements::default();
-    let mut lat: Vec<f64> = Vec::new();
     for r in rows {
-        let rcpt: Option<String> = r.try_get(0).ok().flatten();
-        if !rcpt.is_some_and(|a| members.contains(&a)) {
+        let Some(rcpt) = r.try_get::<Option<String>, _>(3).ok().flatten() else {
             continue;
-        }
-        let name: String = r.try_get(1).unwrap_or_default();
-        match name.as_str() {
-            "delivery.delivered" => {
-                m.delivered += 1;
-                if let Some(ms) = r
-                    .try_get::<String, _>(2)
-                    .ok()
-                    .and_then(|b| serde_json::from_str::<serde_json::Value>(&b).ok())
-                    .and_then(|v| v["delay_ms"].as_u64())
-                {
-                    lat.push(ms as f64 / 1000.0);
-                }
-            }
-            "delivery.deferred" => m.deferred += 1,
-            _ => m.bounced += 1,
-        }
+        };
+        let ts: i64 = r.try_get(0).unwrap_or_default();
+        let node: String = r.try_get(1).unwrap_or_default();
+        let name: String = r.try_get(2).unwrap_or_default();
+        let body: String = r.try_get(4).unwrap_or_default();
+        w.add(ts, &node, &name, &rcpt, &body);
     }
-    lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    m.latency_p95_s = godwit_evidence::metrics::pct(&lat, 0.95);
+    let mut m = w.measurements(members);
     let now = now_ms();
     for q in relay.snapshot() {
         if q.rcpts.iter().any(|(a, st, _, _)| {
@@ -172,16 +256,35 @@ async fn members(store: &Store, config: &Config, wave: &str) -> Result<BTreeSet<
     Ok(out)
 }
 
-async fn tick(config: &Config, store: &Store, relay: &Relay, events: &EventLog) -> Result<()> {
+/// The running aggregates of the soaks this node watches, by wave. Lost
+/// with the process (or the lease): the next watcher reads the window once
+/// from the soak's start, which is in the store.
+type Windows = HashMap<String, Window>;
+
+async fn tick(
+    config: &Config,
+    store: &Store,
+    relay: &Relay,
+    events: &EventLog,
+    windows: &mut Windows,
+) -> Result<()> {
     let node = config.hostname.clone();
-    for row in rows(store, None).await? {
+    let all = rows(store, None).await?;
+    windows.retain(|w, _| all.iter().any(|r| &r.wave == w && r.status == "soaking"));
+    for row in all {
         if row.status != "soaking" || !claim(store, &row.wave, &node).await? {
+            windows.remove(&row.wave);
             continue;
         }
         let thresholds = soak::parse_rollback_if(&row.rollback_if)
             .map_err(|e| anyhow::anyhow!("wave_soaks {}: {e}", row.wave))?;
         let members = members(store, config, &row.wave).await?;
-        let m = measure(store, relay, &members, row.started_ms).await?;
+        let w = windows.entry(row.wave.clone()).or_default();
+        if w.since_ms != row.started_ms {
+            // A new soak (or the first tick): read its window from the start.
+            *w = Window::new(row.started_ms);
+        }
+        let m = measure(store, relay, &members, w).await?;
         let mjson = serde_json::to_value(&m)?;
         let now = now_ms();
         godwit_store::sqlx::query(
@@ -249,10 +352,81 @@ async fn tick(config: &Config, store: &Store, relay: &Relay, events: &EventLog) 
 }
 
 pub async fn watch(config: Arc<Config>, store: Store, relay: Relay, events: EventLog) {
+    let mut windows = Windows::new();
     loop {
-        if let Err(e) = tick(&config, &store, &relay, &events).await {
+        if let Err(e) = tick(&config, &store, &relay, &events, &mut windows).await {
             tracing::warn!("wave soak: {e:#}");
         }
         tokio::time::sleep(TICK).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn delivered(ms: u64) -> String {
+        // Real bodies differ by queue ID and timestamp; so do these, by delay.
+        format!("{{\"event\":\"delivery.delivered\",\"delay_ms\":{ms}}}")
+    }
+
+    #[test]
+    fn incremental_aggregates_match_a_full_read() {
+        // (ts, name, rcpt, body): the events index, in insertion order; a late
+        // batch lands with older timestamps than rows already read.
+        let members: BTreeSet<String> = ["a@x".to_string(), "b@x".to_string()].into();
+        let e = |ts: i64, name: &str, rcpt: &str, body: String| {
+            (ts, name.to_string(), rcpt.to_string(), body)
+        };
+        let rows = vec![
+            e(900, "delivery.delivered", "a@x", delivered(1000)), // before the soak
+            e(1_000, "delivery.delivered", "a@x", delivered(2000)),
+            e(1_500, "delivery.deferred", "b@x", "{\"d\":1}".into()),
+            e(2_000, "delivery.delivered", "c@x", delivered(9000)), // not a member
+            e(30_000, "delivery.failed", "b@x", "{\"f\":1}".into()),
+            e(20_000, "delivery.deferred", "a@x", "{\"d\":2}".into()), // late
+            e(90_000, "delivery.delivered", "b@x", delivered(4000)),
+        ];
+        // Ticks see growing prefixes of the index, each re-reading from
+        // read_from(): every row in the overlap comes again.
+        let mut w = Window::new(1_000);
+        for upto in [2, 4, 5, 6, 7, 7] {
+            let from = w.read_from();
+            for (ts, name, rcpt, body) in rows[..upto].iter().filter(|r| r.0 >= from) {
+                w.add(*ts, "n1", name, rcpt, body);
+            }
+        }
+        let mut full = Window::new(1_000);
+        for (ts, name, rcpt, body) in &rows {
+            full.add(*ts, "n1", name, rcpt, body);
+        }
+        let (inc, all) = (w.measurements(&members), full.measurements(&members));
+        let table = [
+            ("delivered", inc.delivered, all.delivered, 2),
+            ("deferred", inc.deferred, all.deferred, 2),
+            ("bounced", inc.bounced, all.bounced, 1),
+        ];
+        for (what, got, from_scratch, want) in table {
+            assert_eq!(got, want, "{what}");
+            assert_eq!(got, from_scratch, "{what}: incremental = full read");
+        }
+        assert_eq!(inc.latency_p95_s, all.latency_p95_s);
+        assert!(
+            inc.latency_p95_s >= 2.0 && inc.latency_p95_s <= 4.0,
+            "{inc:?}"
+        );
+        // A new member (an alias added): what was read for it counts now.
+        let more: BTreeSet<String> = ["a@x", "b@x", "c@x"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        assert_eq!(w.measurements(&more).delivered, 3);
+        // The overlap is bounded: only the last OVERLAP_MS of keys is kept.
+        assert!(
+            w.seen.keys().all(|&t| t >= 90_000 - OVERLAP_MS),
+            "{:?}",
+            w.seen.keys()
+        );
+        assert_eq!(w.read_from(), 90_000 - OVERLAP_MS);
     }
 }

@@ -969,3 +969,61 @@ fn a_move_closes_sessions_on_every_node_of_a_fleet() {
     drop(s);
     psql(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"));
 }
+
+/// `godwit doctor ARGS` against this gateway: (exit code, output).
+fn doctor(gw: &Gateway, args: &[&str]) -> (i32, String) {
+    let out = Command::new(godwit_bin())
+        .arg("doctor")
+        .args(args)
+        .arg("--config")
+        .arg(&gw.config_path)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// Doctor question 5 reads the access front: a healthy login passes it, a
+/// run of refused logins (real Dovecot answering NO) is "clients failing,
+/// not mailflow": exit 5, naming the platform, the reason and the
+/// autoconfig answer for the address.
+#[test]
+fn doctor_question_5_names_failing_client_logins_and_exits_5() {
+    let s = setup("allow_plaintext_login = true");
+    let out = imap(s.imap, "alice@example.com", PASSWORD);
+    assert!(out.contains("LOGIN OK"), "{out}");
+    let (code, out) = wait_for("doctor to see the login", T, || {
+        let (code, out) = doctor(&s.gw, &["alice@example.com"]);
+        out.contains("1 successful login(s)").then_some((code, out))
+    });
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("5. Are clients failing rather than mailflow? [ok]"),
+        "{out}"
+    );
+    for _ in 0..4 {
+        let out = imap(s.imap, "alice@example.com", "wrong");
+        assert!(out.contains("AUTHENTICATIONFAILED"), "{out}");
+    }
+    let (code, out) = wait_for("doctor to see the failures", T, || {
+        let (code, out) = doctor(&s.gw, &["alice@example.com"]);
+        (code == 5).then_some((code, out))
+    });
+    assert_eq!(code, 5, "{out}");
+    assert!(
+        out.contains("5. Are clients failing rather than mailflow? [BROKEN]"),
+        "{out}"
+    );
+    assert!(out.contains("login failures at old: 4 x "), "{out}");
+    assert!(
+        out.contains("autoconfig: for example.com: IMAP mail.example.com:"),
+        "{out}"
+    );
+    assert!(out.contains("identity or client configuration"), "{out}");
+}

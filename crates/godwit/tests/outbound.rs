@@ -40,6 +40,9 @@ fn dnsmasq(port: u16, records: &[String]) -> Proc {
             "--local-ttl=1",
             "--local=/test/",
             "--local=/example.com/",
+            // DMARCbis's tree walk (mail-auth) asks _dmarc.com too: NXDOMAIN
+            // as on the internet, not REFUSED.
+            "--local=/com/",
             "--local=/example.org/",
         ])
         .args(records)
@@ -883,4 +886,83 @@ fn an_authenticated_submission_leaves_by_mx_signed() {
             e["sasl_username"] == "alice@example.com"
         });
     assert_eq!(accepted["direction"], "outbound", "{accepted}");
+}
+
+/// `godwit doctor ARGS` against the world's gateway: (exit code, output).
+fn doctor(w: &World, args: &[&str]) -> (i32, String) {
+    let out = Command::new(godwit_bin())
+        .arg("doctor")
+        .args(args)
+        .arg("--config")
+        .arg(&w.gw.config_path)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[test]
+fn doctor_names_an_outbound_5xx_burst_by_domain_and_code_and_exits_4() {
+    let w = world("", "egress_ips = [\"203.0.113.55\"]");
+    let mut c = relay_client(&w);
+    for i in 0..3 {
+        let to = format!("u{i}@refusing.test");
+        let r = c.mail(
+            "alice@example.com",
+            &[&to],
+            &out_message(&format!("burst{i}@example.com"), &to),
+        );
+        assert!(r.starts_with("250"), "{r}");
+    }
+    let (code, out) = wait_for("doctor to see the bounces", Duration::from_secs(30), || {
+        let (code, out) = doctor(&w, &[]);
+        (code == 4).then_some((code, out))
+    });
+    assert_eq!(code, 4, "{out}");
+    assert!(
+        out.contains("4. Is outbound deliverability tanking? [BROKEN]"),
+        "{out}"
+    );
+    // smtp-sink -f: "500 5.3.0 Error: command failed" at RCPT.
+    assert!(
+        out.contains("bounced by refusing.test: 3 x 500 5.3.0"),
+        "{out}"
+    );
+    assert!(out.contains("5. Are clients failing rather than mailflow? [not reached]"));
+}
+
+#[test]
+fn doctor_passes_question_4_for_healthy_aligned_outbound_mail() {
+    let w = world("", "egress_ips = [\"203.0.113.55\"]");
+    let mut c = relay_client(&w);
+    let r = c.mail(
+        "alice@example.com",
+        &["bob@foreign.test"],
+        &out_message("healthy@example.com", "bob@foreign.test"),
+    );
+    assert!(r.starts_with("250"), "{r}");
+    w.gw.wait_event("delivery.delivered", Duration::from_secs(30), |e| {
+        e["rcpt"] == "bob@foreign.test"
+    });
+    let (code, out) = doctor(&w, &[]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("4. Is outbound deliverability tanking? [ok]"),
+        "{out}"
+    );
+    // Our own signature, verified by mail-auth against dnsmasq's key; SPF
+    // for the egress IP; DMARC p=reject passes.
+    assert!(
+        out.contains(
+            "sample From *@example.com via 203.0.113.55: dkim=pass spf=pass dmarc=pass (p=reject)"
+        ),
+        "{out}"
+    );
+    drop(c);
 }

@@ -26,6 +26,9 @@ pub struct Body {
     /// Header lines sent before the spooled bytes: the DKIM-Signature made
     /// for this attempt. The spool keeps the original.
     prefix: std::sync::Arc<Vec<u8>>,
+    /// Bytes sent after the spooled ones: a journal report's closing
+    /// boundary (the original inside it stays unmodified).
+    suffix: std::sync::Arc<Vec<u8>>,
 }
 
 /// How much of a body is read, stuffed and written at a time.
@@ -39,7 +42,14 @@ impl Body {
             len,
             error: Default::default(),
             prefix: Default::default(),
+            suffix: Default::default(),
         }
+    }
+
+    /// The same body with `tail` sent after it.
+    pub fn with_suffix(mut self, tail: Vec<u8>) -> Body {
+        self.suffix = std::sync::Arc::new(tail);
+        self
     }
 
     /// The same body with `header` (CRLF-terminated lines) put before it.
@@ -819,8 +829,7 @@ async fn transaction(
     let client = &mut conn.client;
     client.timeout = cfg.command_timeout;
     let replies: Vec<Reply> = if caps & EXT_PIPELINING != 0 {
-        client
-            .cmds(cmds.iter())
+        pipeline(client, &cmds)
             .await
             .map_err(|e| TxError::BeforeData(io_err("MAIL/RCPT/DATA", e)))?
             .iter()
@@ -848,6 +857,11 @@ async fn transaction(
         out
     };
     let mail_reply = replies[0].clone();
+    if mail_reply.code == 421 {
+        // The peer is closing (RFC 5321 3.8): on a pooled connection it
+        // timed out while idle, and a fresh connection may do.
+        return Err(TxError::BeforeData(mail_reply));
+    }
     if mail_reply.code >= 400 {
         let permanent = mail_reply.code >= 500;
         let outs = rcpts
@@ -937,6 +951,7 @@ async fn transaction(
                 wire.clear();
             }
         }
+        stuffer.push(&body.suffix, &mut wire);
         stuffer.finish(&mut wire);
         client
             .stream
@@ -1017,8 +1032,118 @@ pub fn parse_remote_queue_id(text: &str) -> Option<String> {
     None
 }
 
+/// Sends pipelined commands (RFC 2920) and reads their replies, one per
+/// command; see `read_replies` for a peer that closes early.
+async fn pipeline<T: AsyncRead + AsyncWrite + Unpin>(
+    client: &mut SmtpClient<T>,
+    cmds: &[String],
+) -> mail_send::Result<Vec<Response<String>>> {
+    let timeout = client.timeout;
+    tokio::time::timeout(timeout, async {
+        for c in cmds {
+            client.stream.write_all(c.as_bytes()).await?;
+        }
+        client.stream.flush().await?;
+        read_replies(&mut client.stream, cmds.len()).await
+    })
+    .await
+    .map_err(|_| mail_send::Error::Timeout)?
+}
+
+/// Reads `num` replies. A server that answers 421 and closes the connection
+/// (RFC 5321 3.8, 4.2.6: "service not available, closing transmission
+/// channel", e.g. Postfix's smtp-sink -Q, or a server shutting down) gave a
+/// valid reply: it stands for every command it left unanswered. Only an EOF
+/// after anything else, or bytes that are no reply, are errors.
+pub(crate) async fn read_replies<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    num: usize,
+) -> mail_send::Result<Vec<Response<String>>> {
+    use smtp_proto::response::parser::ResponseReceiver;
+    use tokio::io::AsyncReadExt;
+    let mut buf = vec![0u8; 1024];
+    let mut out: Vec<Response<String>> = Vec::with_capacity(num);
+    let mut parser = ResponseReceiver::default();
+    while out.len() < num {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            return match out.last() {
+                Some(last) if last.code == 421 => {
+                    let last = last.clone();
+                    out.resize(num, last);
+                    Ok(out)
+                }
+                _ => Err(mail_send::Error::Io(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    format!("connection closed after {} of {num} replies", out.len()),
+                ))),
+            };
+        }
+        let mut it = buf[..n].iter();
+        loop {
+            match parser.parse(&mut it) {
+                Ok(r) => {
+                    let closing = r.code == 421;
+                    out.push(r);
+                    parser.reset();
+                    if out.len() == num {
+                        break;
+                    }
+                    if closing {
+                        // Nothing follows a 421 (RFC 5321 3.8): don't wait
+                        // for the EOF, it may be slow to come.
+                        let last = out.last().unwrap().clone();
+                        out.resize(num, last);
+                        return Ok(out);
+                    }
+                }
+                Err(smtp_proto::Error::NeedsMoreData { .. }) => break,
+                Err(_) => return Err(mail_send::Error::UnparseableReply),
+            }
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
+    #[tokio::test]
+    async fn pipelined_replies_table() {
+        // (what the server sent, commands pipelined, codes read or error)
+        type Case<'a> = (&'a str, usize, Result<&'a [u16], &'a str>);
+        let cases: &[Case] = &[
+            ("250 ok\r\n250 ok\r\n354 go\r\n", 3, Ok(&[250, 250, 354])),
+            // smtp-sink -Q rcpt: 421 for the RCPT, then EOF: stands for DATA too.
+            ("250 ok\r\n421 4.4.2 bye\r\n", 3, Ok(&[250, 421, 421])),
+            ("421 4.3.2 shutting down\r\n", 4, Ok(&[421, 421, 421, 421])),
+            // Multi-line replies split over reads still count once each.
+            (
+                "250-a\r\n250 b\r\n550 no\r\n354 go\r\n",
+                3,
+                Ok(&[250, 550, 354]),
+            ),
+            (
+                "250 ok\r\n",
+                3,
+                Err("connection closed after 1 of 3 replies"),
+            ),
+            ("", 2, Err("connection closed after 0 of 2 replies")),
+            ("hello\r\n", 1, Err("Unparseable")),
+        ];
+        for (wire, num, want) in cases {
+            let mut r = wire.as_bytes();
+            let got = super::read_replies(&mut r, *num).await;
+            match (got, want) {
+                (Ok(v), Ok(codes)) => {
+                    let c: Vec<u16> = v.iter().map(|r| r.code).collect();
+                    assert_eq!(&c, codes, "{wire:?}");
+                }
+                (Err(e), Err(text)) => assert!(e.to_string().contains(text), "{wire:?}: {e}"),
+                (got, want) => panic!("{wire:?}: got {got:?}, want {want:?}"),
+            }
+        }
+    }
+
     use super::*;
 
     #[test]

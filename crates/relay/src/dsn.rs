@@ -22,7 +22,7 @@ pub struct DsnRcpt {
 /// Messages larger than this come back as headers only.
 const MAX_RETURNED: usize = 1_000_000;
 
-fn date(ms: i64) -> String {
+pub(crate) fn date(ms: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp(ms / 1000)
         .ok()
         .and_then(|t| {
@@ -178,6 +178,7 @@ mod tests {
             },
             kind: None,
             accept_ms: 0,
+            journal: None,
         }
     }
 

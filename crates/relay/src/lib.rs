@@ -7,6 +7,7 @@
 mod client;
 mod dsn;
 mod flow;
+pub mod journal;
 pub mod loops;
 pub mod outbound;
 pub mod plan;

@@ -211,7 +211,9 @@ pub fn plan_attempt(h: &Header, rcpts: &mut [RcptState], w: &World) -> Plan {
             });
         }
         r.last_route = Some(route.clone());
-        if expired {
+        // A journal copy never expires into a bounce: it is retried until
+        // the archive takes it (or an operator deletes it).
+        if expired && !h.is_journal(i) {
             let reply = format!(
                 "4.4.7 message expired after {} in the queue",
                 humantime::format_duration(w.max_lifetime)
@@ -539,6 +541,7 @@ pub(crate) mod tests {
             },
             kind: None,
             accept_ms: 0,
+            journal: None,
         }
     }
 

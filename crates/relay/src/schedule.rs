@@ -373,6 +373,18 @@ impl RelayHandle {
     fn route_of(&self, h: &Header, addr: &str) -> Routed {
         let inner = &self.0;
         let live = self.live();
+        // The journal copy goes where `journal.platform` said at accept;
+        // without one, the routing map decides as for anyone.
+        if let Some(j) = &h.journal
+            && let Some(p) = &j.platform
+            && h.envelope.rcpts.get(j.rcpt).is_some_and(|(a, _)| a == addr)
+        {
+            return Routed {
+                route: p.clone(),
+                why: "journal.platform".into(),
+                version: inner.routes.version(),
+            };
+        }
         if h.kind.is_none()
             && let Some(o) = &live.config.outbound
             && crate::outbound::is_foreign(&live.config, addr)
@@ -661,18 +673,23 @@ impl RelayHandle {
                 e.parked = true;
                 st.parked.entry(p).or_default().push_back(id.to_string());
             }
+            // The journal copy travels alone, as its own transaction with
+            // its own body (the report), so it never holds up the others.
+            let jobs = split_journal(std::mem::take(&mut plan.groups), &sp.header);
             let token = CancellationToken::new();
             e.reroute = Some(token.clone());
-            e.groups_left = plan.groups.len();
-            (sp, plan, records, token)
+            e.groups_left = jobs.len();
+            (sp, (plan, jobs), records, token)
         };
-        let plan::Plan {
+        let (
+            plan::Plan {
+                events,
+                failed,
+                delayed,
+                ..
+            },
             groups,
-            events,
-            failed,
-            delayed,
-            ..
-        } = plan;
+        ) = plan;
         self.emit_all(events);
         self.write_records(id, records).await;
         if !delayed.is_empty() {
@@ -831,18 +848,25 @@ impl RelayHandle {
             }
         };
         let outbound = crate::outbound::is_outbound(platform);
-        let body = if outbound {
+        let journal = go.iter().any(|&i| sp.header.is_journal(i));
+        let mut journal_env = None;
+        let body = if journal {
+            let (report, env) = self.journal_report(&sp).await;
+            journal_env = Some(env);
+            body.with_prefix(report.prefix).with_suffix(report.suffix)
+        } else if outbound {
             body.with_prefix(self.dkim_header(&sp).await)
         } else {
             body
         };
+        let envelope = journal_env.as_ref().unwrap_or(&sp.header.envelope);
         let helo = match &live.config.outbound {
             Some(o) if outbound => o.helo.as_deref().unwrap_or(&live.config.hostname),
             _ => &live.config.hostname,
         };
         let out = d
             .platform
-            .deliver(helo, &sp.header.queue_id, &sp.header.envelope, &go, &body)
+            .deliver(helo, &sp.header.queue_id, envelope, &go, &body)
             .await;
         if let Some(reason) = body.error() {
             drop(permit);
@@ -857,8 +881,42 @@ impl RelayHandle {
         d.flow
             .observe(classify(&out.summary, out.host.is_some()), out.summary.code);
         drop(permit);
-        let failed = self.settle(id, platform, &go, &out).await;
+        let failed = self.settle(id, platform, &go, &out, journal).await;
         (GroupEnd::Done, failed)
+    }
+
+    /// The journal report for message `sp` and the envelope it goes with.
+    /// Only the original's header section is read (for the envelope report's
+    /// To/Cc/Bcc); its bytes go out from the spool unmodified.
+    async fn journal_report(&self, sp: &Arc<Spooled>) -> (crate::journal::Report, Envelope) {
+        const HEAD_MAX: u64 = 256 * 1024;
+        let spool = self.0.spool.clone();
+        let sp2 = sp.clone();
+        let head = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
+            use std::os::unix::fs::FileExt;
+            let f = spool.open_body(&sp2).map_err(std::io::Error::other)?;
+            let mut buf = vec![0u8; sp2.body_len.min(HEAD_MAX) as usize];
+            f.read_exact_at(&mut buf, sp2.body_offset)?;
+            Ok(buf)
+        })
+        .await
+        .ok()
+        .and_then(|r| r.ok())
+        .unwrap_or_default();
+        let h = &sp.header;
+        let j = h.journal.as_ref().map_or(0, |j| j.rcpt);
+        let live = self.live();
+        let input = crate::journal::Input {
+            hostname: &live.config.hostname,
+            queue_id: &h.queue_id,
+            envelope: &h.envelope,
+            journal_rcpt: j,
+            original_head: &head,
+            now_ms: now_ms(),
+        };
+        let report = crate::journal::compose(&input);
+        let utf8 = !report.prefix.is_ascii();
+        (report, crate::journal::envelope(&h.envelope, utf8))
     }
 
     /// The DKIM-Signature for message `sp`, made now (so each attempt has a
@@ -903,6 +961,7 @@ impl RelayHandle {
         platform: &str,
         go: &[usize],
         out: &AttemptOutcome,
+        journal: bool,
     ) -> Vec<DsnRcpt> {
         let inner = &self.0;
         let now = now_ms();
@@ -927,7 +986,9 @@ impl RelayHandle {
                 &live.platforms,
                 go,
                 out,
-                live.config.queue.soft_bounce && !crate::outbound::is_outbound(platform),
+                // A journal copy is never bounced: a 5xx is retried like a 4xx.
+                journal
+                    || (live.config.queue.soft_bounce && !crate::outbound::is_outbound(platform)),
                 now,
                 &backoff,
             );
@@ -1159,6 +1220,7 @@ impl RelayHandle {
             },
             kind: Some("dsn".into()),
             accept_ms: 0,
+            journal: None,
         };
         let spool = inner.spool.clone();
         let hdr = header.clone();
@@ -1247,6 +1309,22 @@ impl RelayHandle {
 
 /// Runs `fut` as a task of its own and reports a panic as an error, so the
 /// caller can record an outcome instead of losing one.
+/// An attempt's platform groups as transactions: the journal recipient, if
+/// planned, leaves its group for one of its own (same platform).
+fn split_journal(groups: BTreeMap<String, Vec<usize>>, h: &Header) -> Vec<(String, Vec<usize>)> {
+    let mut jobs = Vec::new();
+    for (p, mut idxs) in groups {
+        if let Some(pos) = idxs.iter().position(|&i| h.is_journal(i)) {
+            let j = idxs.remove(pos);
+            jobs.push((p.clone(), vec![j]));
+        }
+        if !idxs.is_empty() {
+            jobs.push((p, idxs));
+        }
+    }
+    jobs
+}
+
 async fn watched<T: Send + 'static>(
     fut: impl std::future::Future<Output = T> + Send + 'static,
 ) -> Result<T, String> {

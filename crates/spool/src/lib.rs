@@ -68,6 +68,28 @@ pub struct Header {
     /// counts from `arrival_ms`); 0 for mail godwit made itself.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub accept_ms: u64,
+    /// `[journal]`: which envelope recipient is the journal copy (added at
+    /// accept, in this same file, so one fsync makes both durable). It is
+    /// sent as a journal report, never bounced, never delays the others.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub journal: Option<JournalRcpt>,
+}
+
+/// The journal recipient of a message (see `Header::journal`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JournalRcpt {
+    /// Its index in `envelope.rcpts` (the last one).
+    pub rcpt: usize,
+    /// `journal.platform` when the message was accepted; None: the routing map.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub platform: Option<String>,
+}
+
+impl Header {
+    /// Whether recipient `i` is the journal copy.
+    pub fn is_journal(&self, i: usize) -> bool {
+        self.journal.as_ref().is_some_and(|j| j.rcpt == i)
+    }
 }
 
 fn is_zero(v: &u64) -> bool {
@@ -334,6 +356,18 @@ impl Spool {
     /// then the client's content): written one after the other, with the
     /// CRC computed as they go, so a 50 MB message is never copied.
     pub fn store_parts(&self, header: &Header, parts: &[&[u8]]) -> Result<Spooled, SpoolError> {
+        self.store_with(header, parts, &[])
+    }
+
+    /// `store_parts` with status records written in the same file before its
+    /// one data sync (a loop hold decided at accept): durable together with
+    /// the message, before the 250, never a moment after.
+    pub fn store_with(
+        &self,
+        header: &Header,
+        parts: &[&[u8]],
+        records: &[StatusRecord],
+    ) -> Result<Spooled, SpoolError> {
         let tmp = self.tmp.join(&header.queue_id);
         let dst = self.path(&header.queue_id);
         let head = serde_json::to_vec(header).expect("header serializes");
@@ -352,6 +386,7 @@ impl Spool {
         let mut trailer = Vec::with_capacity(END.len() + 4);
         trailer.extend_from_slice(END);
         trailer.extend_from_slice(&crc.finalize().to_le_bytes());
+        trailer.extend_from_slice(&encode_records(records));
         let result = (|| {
             let mut f = OpenOptions::new()
                 .write(true)
@@ -384,11 +419,17 @@ impl Spool {
             let _ = std::fs::remove_file(&dst);
         }
         result?;
+        let mut status = vec![None; header.envelope.rcpts.len()];
+        for r in records {
+            if let Some(slot) = status.get_mut(r.rcpt) {
+                *slot = Some(r.clone());
+            }
+        }
         Ok(Spooled {
             header: header.clone(),
             body_offset,
             body_len,
-            status: vec![None; header.envelope.rcpts.len()],
+            status,
         })
     }
 
@@ -443,13 +484,7 @@ impl Spool {
 
     pub fn record_many(&self, queue_id: &str, recs: &[StatusRecord]) -> Result<(), SpoolError> {
         let p = self.path(queue_id);
-        let mut buf = Vec::new();
-        for rec in recs {
-            let json = serde_json::to_vec(rec).expect("status serializes");
-            buf.extend_from_slice(&(json.len() as u32).to_le_bytes());
-            buf.extend_from_slice(&json);
-            buf.extend_from_slice(&crc32fast::hash(&json).to_le_bytes());
-        }
+        let buf = encode_records(recs);
         let mut f = OpenOptions::new().append(true).open(&p).map_err(io(&p))?;
         let before = f.metadata().map_err(io(&p))?.len();
         if let Err(e) = f.write_all(&buf) {
@@ -533,6 +568,18 @@ impl Spool {
         }
         Ok((good, bad))
     }
+}
+
+/// Status records as framed in the file: u32 len | JSON | u32 crc32(JSON).
+fn encode_records(recs: &[StatusRecord]) -> Vec<u8> {
+    let mut buf = Vec::new();
+    for rec in recs {
+        let json = serde_json::to_vec(rec).expect("status serializes");
+        buf.extend_from_slice(&(json.len() as u32).to_le_bytes());
+        buf.extend_from_slice(&json);
+        buf.extend_from_slice(&crc32fast::hash(&json).to_le_bytes());
+    }
+    buf
 }
 
 fn truncate_to(p: &Path, valid: u64) -> Result<(), SpoolError> {
@@ -684,6 +731,7 @@ mod tests {
             },
             kind: None,
             accept_ms: 0,
+            journal: None,
         }
     }
 
@@ -821,6 +869,39 @@ mod tests {
         // The lock goes with its owner; the next owner cleans tmp/.
         let _spool = Spool::open(dir.path()).unwrap();
         assert!(!wip.exists());
+    }
+
+    #[test]
+    fn records_stored_with_the_message_are_in_its_first_sync() {
+        // A loop hold decided at accept is written before the one data
+        // sync: the power-loss shadow (a copy after every sync) already has
+        // the hold when `store_with` returns.
+        let dir = tempfile::tempdir().unwrap();
+        let shadow = tempfile::tempdir().unwrap();
+        let mut spool = Spool::open(dir.path()).unwrap();
+        spool.shadow = Some(shadow.path().to_path_buf());
+        for d in ["queue", "corrupt", "tmp"] {
+            std::fs::create_dir_all(shadow.path().join(d)).unwrap();
+        }
+        let mut h = header(&spool, 2);
+        h.journal = Some(JournalRcpt {
+            rcpt: 1,
+            platform: Some("archive".into()),
+        });
+        let mut held = rec(0, RcptStatus::Held);
+        held.operator_hold = true;
+        let m = spool
+            .store_with(&h, &[b"x\r\n"], std::slice::from_ref(&held))
+            .unwrap();
+        assert_eq!(m.status[0].as_ref().unwrap().status, RcptStatus::Held);
+        assert!(m.status[1].is_none());
+        let synced = load_file(&shadow.path().join("queue").join(&h.queue_id))
+            .unwrap()
+            .0;
+        let s0 = synced.status[0].as_ref().expect("hold in the first sync");
+        assert!(s0.operator_hold && s0.status == RcptStatus::Held);
+        assert_eq!(synced.header.journal, h.journal);
+        assert!(synced.header.is_journal(1) && !synced.header.is_journal(0));
     }
 
     #[test]
