@@ -563,7 +563,7 @@ async fn serve(config: Config, config_path: PathBuf) -> Result<i32> {
     let store = Store::open(&config.store_url()).await?;
     let routes = SharedRoutes::new(godwit_route::load(&store, &config).await?);
     let spool = Arc::new(Spool::open(&config.spool_dir())?);
-    let (events, writer) = EventLog::new(&config.events_dir(), &config.hostname)?;
+    let (events, writer) = EventLog::new(&config.events_dir(), config.node_name())?;
     events.stderr_json(json_log);
     let writer = tokio::spawn(writer.run());
     let relay = godwit_relay::Relay::new(
@@ -692,7 +692,7 @@ async fn serve(config: Config, config_path: PathBuf) -> Result<i32> {
             relay.clone(),
             routes.clone(),
             store.clone(),
-            config.hostname.clone(),
+            config.node_name().to_string(),
             config.admin.token.clone(),
         );
         let admin = match &access {
@@ -720,7 +720,7 @@ async fn serve(config: Config, config_path: PathBuf) -> Result<i32> {
         store.clone(),
         relay.clone(),
         events.clone(),
-        config.hostname.clone(),
+        config.node_name().to_string(),
     ));
     tokio::spawn(soak::watch(
         config.clone(),
@@ -1772,11 +1772,11 @@ async fn queue_op(config: &Config, op: godwit_relay::QueueOp, t: &Target) -> Res
     // No process serves this spool: change it here. Other live gateways of
     // a fleet get the command too; this node's own heartbeat, if still
     // fresh, is a gateway that has just died.
-    let fleet_results = fleet::send(&store, &who, &op, &sel, Some(&config.hostname)).await?;
+    let fleet_results = fleet::send(&store, &who, &op, &sel, Some(config.node_name())).await?;
     for (node, affected) in &fleet_results {
         println!("{name}: {affected} affected on {node}");
     }
-    let (events, writer) = EventLog::new(&config.events_dir(), &config.hostname)?;
+    let (events, writer) = EventLog::new(&config.events_dir(), config.node_name())?;
     let writer = tokio::spawn(writer.run());
     let routes = godwit_route::load(&store, config).await?;
     let affected = godwit_relay::apply_offline(

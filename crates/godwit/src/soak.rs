@@ -173,7 +173,7 @@ async fn members(store: &Store, config: &Config, wave: &str) -> Result<BTreeSet<
 }
 
 async fn tick(config: &Config, store: &Store, relay: &Relay, events: &EventLog) -> Result<()> {
-    let node = config.hostname.clone();
+    let node = config.node_name().to_string();
     for row in rows(store, None).await? {
         if row.status != "soaking" || !claim(store, &row.wave, &node).await? {
             continue;

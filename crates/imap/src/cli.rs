@@ -341,7 +341,7 @@ async fn sync_accounts(
     let store = Store::open(&config.store_url())
         .await
         .context("opening the state store")?;
-    let fleet = Fleet::start(store.clone(), &config.hostname, sync.lease);
+    let fleet = Fleet::start(store.clone(), config.node_name(), sync.lease);
     let cap = sync.max_connections_per_server;
     attach(&fleet, &ep.source, cap);
     attach(&fleet, &ep.target, cap);
