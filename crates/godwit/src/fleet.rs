@@ -12,7 +12,13 @@ use std::time::Duration;
 /// A gateway not seen for this long is considered stopped.
 pub const LIVE_MS: i64 = 3000;
 
-pub async fn heartbeat_and_commands(store: Store, relay: Relay, events: EventLog, node: String) {
+pub async fn heartbeat_and_commands(
+    store: Store,
+    relay: Relay,
+    spool: std::sync::Arc<godwit_spool::Spool>,
+    events: EventLog,
+    node: String,
+) {
     let started = now_ms();
     // Commands issued before this node started are not replayed.
     let mut seen: i64 =
@@ -109,6 +115,30 @@ pub async fn heartbeat_and_commands(store: Store, relay: Relay, events: EventLog
                 row.try_get(3).unwrap_or_default(),
             );
             seen = seen.max(id);
+            if op == crate::adopt::OP {
+                // Aimed at one node; slow for a big spool, so it runs beside
+                // the heartbeat, which must not stop meanwhile.
+                let Ok(req) = serde_json::from_str::<crate::adopt::Request>(&sel) else {
+                    tracing::warn!("queue command {id}: cannot parse `{sel}`");
+                    continue;
+                };
+                if req.node != node {
+                    continue;
+                }
+                let (store, relay, spool, events, node) = (
+                    store.clone(),
+                    relay.clone(),
+                    spool.clone(),
+                    events.clone(),
+                    node.clone(),
+                );
+                tokio::spawn(async move {
+                    let out =
+                        crate::adopt::serve_request(req, &spool, &relay, &store, &events).await;
+                    answer(&store, id, &node, 0, &out).await;
+                });
+                continue;
+            }
             let (Ok(op_v), Ok(selector)) = (
                 serde_json::from_str::<QueueOp>(&format!("\"{op}\"")),
                 serde_json::from_str::<Selector>(&sel),
@@ -133,6 +163,74 @@ pub async fn heartbeat_and_commands(store: Store, relay: Relay, events: EventLog
                 .await;
         }
     }
+}
+
+/// Records a node's answer to command `id`, with its output.
+async fn answer(store: &Store, id: i64, node: &str, affected: i64, output: &str) {
+    let r = godwit_store::sqlx::query(
+        "INSERT INTO queue_command_results (id, node, done_ms, affected, output) VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(id)
+    .bind(node)
+    .bind(now_ms())
+    .bind(affected)
+    .bind(output)
+    .execute(&store.pool)
+    .await;
+    if let Err(e) = r {
+        tracing::warn!("queue command {id}: cannot record the answer: {e}");
+    }
+}
+
+/// Queues command `op` (with `payload`) for one gateway, `node`, and waits
+/// up to `timeout` for its answer. `None`: it did not answer in time.
+pub async fn send_to(
+    store: &Store,
+    node: &str,
+    op: &str,
+    payload: &str,
+    timeout: Duration,
+) -> Result<Option<String>> {
+    let id = insert_command(store, "godwit", op, payload).await?;
+    let deadline = now_ms() + timeout.as_millis() as i64;
+    loop {
+        let out: Option<Option<String>> = godwit_store::sqlx::query_scalar(
+            "SELECT output FROM queue_command_results WHERE id = $1 AND node = $2",
+        )
+        .bind(id)
+        .bind(node)
+        .fetch_optional(&store.pool)
+        .await?;
+        if let Some(out) = out {
+            return Ok(Some(out.unwrap_or_default()));
+        }
+        if now_ms() > deadline {
+            return Ok(None);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn insert_command(store: &Store, actor: &str, op: &str, payload: &str) -> Result<i64> {
+    let (op_s, sel_s, actor) = (op.to_string(), payload.to_string(), actor.to_string());
+    Ok(store
+        .write_tx(move |tx| {
+            let (op_s, sel_s, actor) = (op_s.clone(), sel_s.clone(), actor.clone());
+            Box::pin(async move {
+                let max: Option<i64> = godwit_store::sqlx::query_scalar("SELECT MAX(id) FROM queue_commands").fetch_one(&mut *tx).await?;
+                let id = max.unwrap_or(0) + 1;
+                godwit_store::sqlx::query("INSERT INTO queue_commands (id, at_ms, actor, op, selector) VALUES ($1, $2, $3, $4, $5)")
+                    .bind(id)
+                    .bind(now_ms())
+                    .bind(&actor)
+                    .bind(&op_s)
+                    .bind(&sel_s)
+                    .execute(&mut *tx)
+                    .await?;
+                Ok(id)
+            })
+        })
+        .await?)
 }
 
 pub struct LiveNode {
@@ -241,25 +339,7 @@ pub async fn send(
     }
     let op_s = serde_json::to_string(op)?.trim_matches('"').to_string();
     let sel_s = serde_json::to_string(sel)?;
-    let actor = actor.to_string();
-    let id = store
-        .write_tx(move |tx| {
-            let (op_s, sel_s, actor) = (op_s.clone(), sel_s.clone(), actor.clone());
-            Box::pin(async move {
-                let max: Option<i64> = godwit_store::sqlx::query_scalar("SELECT MAX(id) FROM queue_commands").fetch_one(&mut *tx).await?;
-                let id = max.unwrap_or(0) + 1;
-                godwit_store::sqlx::query("INSERT INTO queue_commands (id, at_ms, actor, op, selector) VALUES ($1, $2, $3, $4, $5)")
-                    .bind(id)
-                    .bind(now_ms())
-                    .bind(&actor)
-                    .bind(&op_s)
-                    .bind(&sel_s)
-                    .execute(&mut *tx)
-                    .await?;
-                Ok(id)
-            })
-        })
-        .await?;
+    let id = insert_command(store, actor, &op_s, &sel_s).await?;
     let deadline = now_ms() + 5000;
     loop {
         let rows = godwit_store::sqlx::query(

@@ -6,6 +6,7 @@
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+mod adopt;
 mod control;
 mod dkim_cli;
 mod doctor;
@@ -59,6 +60,11 @@ enum Command {
     Queue {
         #[command(subcommand)]
         command: QueueCommand,
+    },
+    /// The spool of a node that will not come back.
+    Spool {
+        #[command(subcommand)]
+        command: SpoolCommand,
     },
     /// The gateways and sync workers sharing this state store.
     Fleet {
@@ -209,6 +215,21 @@ enum RouteCommand {
         actor: Option<String>,
         #[command(flatten)]
         wait: fleet::Wait,
+    },
+}
+
+#[derive(Subcommand)]
+enum SpoolCommand {
+    /// Take over the spool of a node that will not come back (its disk
+    /// mounted here): each whole queue file is checked (END record, CRC),
+    /// damaged ones quarantined, and its mail delivered from this node.
+    Adopt {
+        /// The dead node's data_dir, or its spool folder.
+        dir: PathBuf,
+        /// Adopt even though the node still heartbeats in the store (or
+        /// cannot be identified): only when it will surely not come back.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -428,6 +449,9 @@ async fn run(cli: Cli) -> Result<i32> {
                 .map_or(Duration::from_secs(30), |s| s.lease);
             fleet::status(&store, window, json).await
         }
+        Command::Spool {
+            command: SpoolCommand::Adopt { dir, force },
+        } => adopt::cli(&config, &dir, force).await,
         Command::Check(_) => unreachable!("handled above"),
         Command::Sync(args) => {
             init_sync_logging(&config);
@@ -563,6 +587,8 @@ async fn serve(config: Config, config_path: PathBuf) -> Result<i32> {
     let store = Store::open(&config.store_url()).await?;
     let routes = SharedRoutes::new(godwit_route::load(&store, &config).await?);
     let spool = Arc::new(Spool::open(&config.spool_dir())?);
+    // Says whose spool this is, should its disk be adopted by another node.
+    spool.record_owner(config.node_name())?;
     let (events, writer) = EventLog::new(&config.events_dir(), config.node_name())?;
     events.stderr_json(json_log);
     let writer = tokio::spawn(writer.run());
@@ -719,6 +745,7 @@ async fn serve(config: Config, config_path: PathBuf) -> Result<i32> {
     tokio::spawn(fleet::heartbeat_and_commands(
         store.clone(),
         relay.clone(),
+        spool.clone(),
         events.clone(),
         config.node_name().to_string(),
     ));

@@ -1,0 +1,192 @@
+//! `godwit spool adopt` (issue 17), against real peers: two gateways on one
+//! PostgreSQL and Postfix's smtp-sink. Node A accepts mail its platform
+//! cannot take (nothing listens there), is SIGKILLed, and node B adopts its
+//! data_dir while serving: every acknowledged message reaches the sink once
+//! (counted by Message-ID), a damaged queue file is quarantined, a node that
+//! still heartbeats is refused without --force, a restored copy of an
+//! adopted file is refused as known, and trace shows both nodes.
+
+mod support;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+use support::*;
+
+/// A scratch database of its own on the test cluster.
+fn scratch_database() -> Option<String> {
+    let admin = godwit_store::test_postgres_url("GODWIT_TEST_POSTGRES")?;
+    let base = godwit_store::test_postgres_url("GODWIT_TEST_POSTGRES_URL")?;
+    let name = format!(
+        "godwit_adopt_{}_{}",
+        std::process::id(),
+        godwit_store::now_ms()
+    );
+    psql(&admin, &format!("CREATE DATABASE {name}"));
+    let at = base.rfind('/').unwrap();
+    Some(format!("{}/{name}", &base[..at]))
+}
+
+fn psql(url: &str, sql: &str) -> String {
+    let out = Command::new("psql")
+        .args([url, "-qAtX", "-c", sql])
+        .output()
+        .expect("psql runs");
+    assert!(
+        out.status.success(),
+        "psql {sql}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// A gateway on the shared store, named `node`.
+fn node(db: &str, node: &str, old_port: u16, new_port: u16) -> Gateway {
+    let mut g = Gateway::start(
+        old_port,
+        new_port,
+        "",
+        &format!("[store]\nurl = \"{db}\"\n"),
+    );
+    g.reconfigure(|c| {
+        c.replacen(
+            "hostname = \"gw.test\"",
+            &format!("hostname = \"gw.test\"\nnode_name = \"{node}\""),
+            1,
+        )
+    });
+    g
+}
+
+fn queue_files(spool: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(spool.join("queue"))
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+#[test]
+fn a_dead_nodes_spool_is_adopted_and_delivered_once() {
+    let Some(db) = scratch_database() else { return };
+    // A's platforms: ports nothing listens on, so its mail stays queued.
+    let mut a = node(&db, "node-a", free_port(), free_port());
+    let sink_port = free_port();
+    let sink = Sink::start(sink_port, &[]);
+    let b = node(&db, "node-b", sink_port, sink_port);
+
+    let ids: Vec<String> = (0..5).map(|i| format!("adopt{i}@sender.test")).collect();
+    let mut c = a.client();
+    c.greet();
+    for id in &ids {
+        let r = c.mail(
+            "a@sender.test",
+            &["alice@example.com"],
+            &message(id, "queued on A"),
+        );
+        assert!(r.starts_with("250"), "{r}");
+    }
+    c.cmd("QUIT");
+    wait_for("A to defer all five", Duration::from_secs(20), || {
+        let n = a.events_named("delivery.deferred").len();
+        (n >= 5).then_some(())
+    });
+    let spool_a = a.data.join("spool");
+    assert_eq!(queue_files(&spool_a).len(), 5);
+
+    // A runs and heartbeats: refused (its spool is its own to deliver).
+    let (ok, out) = b.cli(&["spool", "adopt", a.data.to_str().unwrap()]);
+    assert!(!ok, "{out}");
+    assert!(out.contains("node node-a still heartbeats"), "{out}");
+    assert_eq!(queue_files(&spool_a).len(), 5, "nothing moved");
+
+    a.kill9();
+    // A restored backup of one file, for later; and a damaged file: a copy
+    // with one byte of its message flipped, under a queue ID of its own.
+    let files = queue_files(&spool_a);
+    let backup = std::fs::read(spool_a.join("queue").join(&files[0])).unwrap();
+    let mut bad = backup.clone();
+    let mid = bad.len() / 2;
+    bad[mid] ^= 0x20;
+    std::fs::write(spool_a.join("queue").join("0ZZZZZZZZZBADBAD"), &bad).unwrap();
+    // Its heartbeat as a live node would leave it: refused without --force.
+    psql(
+        &db,
+        &format!(
+            "UPDATE gateway_nodes SET seen_ms = {} WHERE node = 'node-a'",
+            godwit_store::now_ms() + 600_000
+        ),
+    );
+    let (ok, out) = b.cli(&["spool", "adopt", a.data.to_str().unwrap()]);
+    assert!(!ok && out.contains("still heartbeats"), "{out}");
+
+    let (ok, out) = b.cli(&["spool", "adopt", a.data.to_str().unwrap(), "--force"]);
+    // Exit 1: something was quarantined.
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("adopted 5 message(s)") && out.contains("(node-a) into node node-b"),
+        "{out}"
+    );
+    assert!(
+        out.contains("quarantined") && out.contains("checksum mismatch"),
+        "{out}"
+    );
+    assert!(spool_a.join("corrupt").join("0ZZZZZZZZZBADBAD").exists());
+    assert!(queue_files(&spool_a).is_empty(), "{out}");
+
+    // The running gateway delivers at once: each Message-ID once.
+    wait_for("the sink to hold all five", Duration::from_secs(20), || {
+        ids.iter()
+            .all(|id| sink.count_containing(&format!("<{id}>")) >= 1)
+            .then_some(())
+    });
+    b.wait_queue_empty(Duration::from_secs(20));
+    for id in &ids {
+        assert_eq!(sink.count_containing(&format!("<{id}>")), 1, "{id}");
+    }
+    assert_eq!(b.events_named("queue.adopted").len(), 5);
+    assert!(b.events_named("queue.corrupt").iter().any(|e| {
+        e["file"]
+            .as_str()
+            .unwrap_or("")
+            .contains("0ZZZZZZZZZBADBAD")
+    }));
+
+    // trace from B: accepted on A, adopted and delivered by B.
+    let t = wait_for("trace to show both nodes", Duration::from_secs(10), || {
+        let (ok, out) = b.cli(&["trace", &ids[0]]);
+        (ok && out.contains("[node-a]") && out.contains("delivered alice@example.com"))
+            .then_some(out)
+    });
+    let line = |needle: &str| {
+        t.lines()
+            .find(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("no line with {needle}:\n{t}"))
+            .to_string()
+    };
+    assert!(line("received from").contains("[node-a]"), "{t}");
+    assert!(
+        line("adopted from the spool of node-a").contains("[node-b]"),
+        "{t}"
+    );
+    assert!(
+        line("delivered alice@example.com").contains("[node-b]"),
+        "{t}"
+    );
+
+    // A restored copy of an adopted (and delivered) file: refused as known.
+    std::fs::write(spool_a.join("queue").join(&files[0]), &backup).unwrap();
+    let (ok, out) = b.cli(&["spool", "adopt", a.data.to_str().unwrap(), "--force"]);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains(&format!("refused {}: queue ID already known", files[0])),
+        "{out}"
+    );
+    assert_eq!(queue_files(&spool_a), vec![files[0].clone()]);
+    assert!(queue_files(&b.data.join("spool")).is_empty());
+    assert_eq!(sink.count_containing(&format!("<{}>", ids[0])), 1);
+}
