@@ -158,7 +158,7 @@ pub async fn adopt(
             ));
             continue;
         }
-        match here.adopt(&from, &m) {
+        match here.adopt(&from, &m).and_then(|sp| due_now(here, sp)) {
             Ok(sp) => {
                 let pending = sp
                     .header
@@ -183,6 +183,24 @@ pub async fn adopt(
         }
     }
     Ok((report, adopted))
+}
+
+/// Makes the adopted message's deferred recipients due now (a status record
+/// each): the retry time the dead node chose reflects its own view of the
+/// platform, and this node should try at once.
+fn due_now(here: &Spool, mut sp: Spooled) -> Result<Spooled, godwit_spool::SpoolError> {
+    let now = now_ms();
+    let mut recs = Vec::new();
+    for rec in sp.status.iter_mut().flatten() {
+        if rec.status == godwit_spool::RcptStatus::Deferred && rec.next_ms > now {
+            rec.next_ms = now;
+            recs.push(rec.clone());
+        }
+    }
+    if !recs.is_empty() {
+        here.record_many(&sp.header.queue_id, &recs)?;
+    }
+    Ok(sp)
 }
 
 /// The node whose spool `src` is: its `node` file, or else the node that

@@ -1296,15 +1296,59 @@ fn list_matches(f: &Filter, m: &godwit_spool::Spooled, i: usize, now: i64) -> Re
     Ok(state_ok && sel.matches(&m.header, addr, &route, now))
 }
 
+/// The queues of the other live gateways sharing a PostgreSQL store (empty
+/// on SQLite, which one node owns). Says on stderr which nodes the listing
+/// does not cover; a store that does not answer leaves this node's queue.
+async fn fleet_queues(config: &Config, own: &str) -> Vec<(String, Vec<godwit_spool::Spooled>)> {
+    if !config.store_url().starts_with("postgres") {
+        return Vec::new();
+    }
+    let result = tokio::time::timeout(Duration::from_secs(10), async {
+        let store = Store::open(&config.store_url()).await?;
+        fleet::remote_queues(&store, own).await
+    })
+    .await;
+    match result {
+        Ok(Ok((queues, notes))) => {
+            for n in notes {
+                eprintln!("{n}");
+            }
+            queues
+        }
+        Ok(Err(e)) => {
+            eprintln!("state store: {e:#}; only node {own}'s queue is listed");
+            Vec::new()
+        }
+        Err(_) => {
+            eprintln!(
+                "the state store did not answer within 10 s; only node {own}'s queue is listed"
+            );
+            Vec::new()
+        }
+    }
+}
+
 async fn queue(config: Config, command: QueueCommand) -> Result<i32> {
     let now = godwit_spool::now_ms();
     match command {
         QueueCommand::List { json, filter } => {
             check_filter(&config, &filter)?;
-            let msgs = godwit_spool::list(&config.spool_dir());
+            // This node's spool, then (a fleet on a shared store) every
+            // other live gateway's, each message labelled with its node.
+            let own = config.node_name().to_string();
+            let mut msgs: Vec<(String, godwit_spool::Spooled)> =
+                godwit_spool::list(&config.spool_dir())
+                    .into_iter()
+                    .map(|m| (own.clone(), m))
+                    .collect();
+            let fleet_nodes = fleet_queues(&config, &own).await;
+            let several = !fleet_nodes.is_empty();
+            for (node, list) in fleet_nodes {
+                msgs.extend(list.into_iter().map(|m| (node.clone(), m)));
+            }
             let mut shown = 0;
             let mut total_bytes = 0u64;
-            for m in &msgs {
+            for (node, m) in &msgs {
                 let idx: Vec<usize> = (0..m.header.envelope.rcpts.len())
                     .filter(|&i| list_matches(&filter, m, i, now).unwrap_or(false))
                     .collect();
@@ -1331,6 +1375,7 @@ async fn queue(config: Config, command: QueueCommand) -> Result<i32> {
                         })
                         .collect();
                     let line = serde_json::json!({
+                        "node": node,
                         "queue_id": h.queue_id,
                         "message_id": h.message_id,
                         "arrival_time": h.arrival_ms / 1000,
@@ -1349,14 +1394,19 @@ async fn queue(config: Config, command: QueueCommand) -> Result<i32> {
                     }
                     total_bytes += m.body_len;
                     println!(
-                        "{:<12}  {:>8}  {:>8}  <{}>  {}",
+                        "{:<12}  {:>8}  {:>8}  <{}>  {}{}",
                         h.queue_id,
                         m.body_len,
                         godwit_config::format_duration(std::time::Duration::from_secs(
                             ((now - h.arrival_ms) / 1000).max(0) as u64
                         )),
                         h.envelope.mail_from,
-                        h.message_id.as_deref().unwrap_or("-")
+                        h.message_id.as_deref().unwrap_or("-"),
+                        if several {
+                            format!("  (on {node})")
+                        } else {
+                            String::new()
+                        }
                     );
                     for &i in &idx {
                         let s = &m.status[i];

@@ -97,6 +97,77 @@ fn a_dead_nodes_spool_is_adopted_and_delivered_once() {
     });
     let spool_a = a.data.join("spool");
     assert_eq!(queue_files(&spool_a).len(), 5);
+    // fleet status, from B: A's spool depth and its oldest message.
+    let sent_ms = godwit_store::now_ms();
+    wait_for(
+        "fleet status to show A's spool",
+        Duration::from_secs(10),
+        || {
+            let (ok, out) = b.cli(&["fleet", "status", "--json"]);
+            assert!(ok, "{out}");
+            let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+            let a = v
+                .as_array()?
+                .iter()
+                .find(|m| m["node"] == "node-a" && m["role"] == "gateway")?
+                .clone();
+            let oldest = a["oldest_message_ms"].as_i64()?;
+            assert!(oldest <= sent_ms && oldest > sent_ms - 60_000, "{a}");
+            (a["spool_depth"] == 5).then_some(())
+        },
+    );
+    let (_, table) = b.cli(&["fleet", "status"]);
+    assert!(table.contains("OLDEST"), "{table}");
+
+    // Fleet-wide views from B's configuration: A's queue and A's trace.
+    let (ok, out) = b.cli(&["queue", "list", "--json"]);
+    assert!(ok, "{out}");
+    let listed: Vec<serde_json::Value> = out
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    assert_eq!(listed.len(), 5, "{out}");
+    assert!(listed.iter().all(|m| m["node"] == "node-a"), "{out}");
+    let (_, out) = b.cli(&["queue", "list"]);
+    assert!(
+        out.contains(&format!("<{}>  (on node-a)", ids[1])) && out.contains("in 5 Requests"),
+        "{out}"
+    );
+    let (ok, out) = b.cli(&["trace", &ids[1]]);
+    assert!(
+        ok && out.contains("received from") && out.contains("deferred"),
+        "{out}"
+    );
+    // /metrics is B's own, says so, and carries every node's queue.
+    let (_, metrics) = b.admin_get("/metrics");
+    assert!(
+        metrics.contains("godwit_node_info{node=\"node-b\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("godwit_fleet_queue_messages{node=\"node-a\"} 5"),
+        "{metrics}"
+    );
+    let (_, summary) = b.admin_get("/api/summary");
+    let v: serde_json::Value = serde_json::from_str(&summary).unwrap();
+    assert_eq!(v["node"], "node-b");
+    assert!(
+        v["fleet"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n["node"] == "node-a"),
+        "{summary}"
+    );
+    let (ok, report) = b.cli(&["report", "--since", "1h"]);
+    let nodes = report
+        .lines()
+        .find(|l| l.starts_with("Nodes: "))
+        .unwrap_or_else(|| panic!("{report}"));
+    assert!(
+        ok && nodes.contains("node-a") && nodes.contains("node-b"),
+        "{report}"
+    );
 
     // A runs and heartbeats: refused (its spool is its own to deliver).
     let (ok, out) = b.cli(&["spool", "adopt", a.data.to_str().unwrap()]);
@@ -123,6 +194,16 @@ fn a_dead_nodes_spool_is_adopted_and_delivered_once() {
     );
     let (ok, out) = b.cli(&["spool", "adopt", a.data.to_str().unwrap()]);
     assert!(!ok && out.contains("still heartbeats"), "{out}");
+    psql(
+        &db,
+        &format!(
+            "UPDATE gateway_nodes SET seen_ms = {} WHERE node = 'node-a'",
+            godwit_store::now_ms() - 60_000
+        ),
+    );
+    // A stopped node's queue is not listed, and queue list says so.
+    let (_, out) = b.cli(&["queue", "list"]);
+    assert!(out.contains("node node-a: stopped"), "{out}");
 
     let (ok, out) = b.cli(&["spool", "adopt", a.data.to_str().unwrap(), "--force"]);
     // Exit 1: something was quarantined.
@@ -138,8 +219,9 @@ fn a_dead_nodes_spool_is_adopted_and_delivered_once() {
     assert!(spool_a.join("corrupt").join("0ZZZZZZZZZBADBAD").exists());
     assert!(queue_files(&spool_a).is_empty(), "{out}");
 
-    // The running gateway delivers at once: each Message-ID once.
-    wait_for("the sink to hold all five", Duration::from_secs(20), || {
+    // The running gateway delivers at once (not at the retry time A had
+    // chosen): each Message-ID once.
+    wait_for("the sink to hold all five", Duration::from_secs(5), || {
         ids.iter()
             .all(|id| sink.count_containing(&format!("<{id}>")) >= 1)
             .then_some(())
