@@ -23,8 +23,6 @@ use std::time::Duration;
 pub struct Dns {
     pub label: String,
     resolver: TokioResolver,
-    /// Kept to build mail-auth's SPF verifier on the same nameservers.
-    config: Option<ResolverConfig>,
 }
 
 fn opts() -> ResolverOpts {
@@ -55,15 +53,13 @@ impl Dns {
         tcp.port = addr.port();
         let ns = NameServerConfig::new(addr.ip(), true, vec![udp, tcp]);
         let config = ResolverConfig::from_name_servers(vec![ns]);
-        let resolver =
-            TokioResolver::builder_with_config(config.clone(), TokioRuntimeProvider::default())
-                .with_options(opts())
-                .build()
-                .with_context(|| format!("building a resolver for {spec}"))?;
+        let resolver = TokioResolver::builder_with_config(config, TokioRuntimeProvider::default())
+            .with_options(opts())
+            .build()
+            .with_context(|| format!("building a resolver for {spec}"))?;
         Ok(Dns {
             label: addr.to_string(),
             resolver,
-            config: Some(config),
         })
     }
 
@@ -76,48 +72,33 @@ impl Dns {
         Ok(Dns {
             label: "system".into(),
             resolver,
-            config: None,
         })
     }
 
-    /// RFC 7208 evaluation by mail-auth, macros and all, for one sending IP and
-    /// `postmaster@domain` as the envelope sender. Used where our snapshot of the
-    /// policy cannot decide (sender macros, ptr).
+    /// What a receiver's SPF check answers for mail from `postmaster@domain`
+    /// sent by `ip`: the one evaluator (`spf_eval`, mail-auth's RFC 7208
+    /// check_host), over `snapshot` when the policy was already taken, and over
+    /// this resolver for every name the snapshot does not hold.
+    pub async fn spf(
+        &self,
+        domain: &str,
+        ip: IpAddr,
+        snapshot: &crate::spf_eval::Snapshot,
+    ) -> crate::spf::SpfResult {
+        // The same resolver (and nameservers) as every other query here.
+        let auth = mail_auth::MessageAuthenticator(self.resolver.clone());
+        crate::spf_eval::evaluate(&auth, snapshot, domain, ip).await
+    }
+
+    /// As `spf`, asking the network for everything.
     pub async fn verify_spf(
         &self,
         domain: &str,
         ip: IpAddr,
     ) -> Result<crate::spf::SpfResult, String> {
-        use crate::spf::SpfResult as R;
-        use mail_auth::spf::verify::SpfParameters;
-        let config = match &self.config {
-            Some(config) => config.clone(),
-            None => {
-                hickory_resolver::system_conf::read_system_conf()
-                    .map_err(|e| e.to_string())?
-                    .0
-            }
-        };
-        let auth =
-            mail_auth::MessageAuthenticator::new(config, opts()).map_err(|e| e.to_string())?;
-        let sender = format!("postmaster@{domain}");
-        let out = auth
-            .verify_spf(mail_auth::Parameters::new(SpfParameters::verify_mail_from(
-                ip,
-                "godwit-check.invalid",
-                "godwit-check.invalid",
-                &sender,
-            )))
-            .await;
-        Ok(match out.result() {
-            mail_auth::SpfResult::Pass => R::Pass,
-            mail_auth::SpfResult::Fail => R::Fail,
-            mail_auth::SpfResult::SoftFail => R::SoftFail,
-            mail_auth::SpfResult::Neutral => R::Neutral,
-            mail_auth::SpfResult::None => R::None,
-            mail_auth::SpfResult::PermError => R::PermError,
-            mail_auth::SpfResult::TempError => R::TempError,
-        })
+        Ok(self
+            .spf(domain, ip, &crate::spf_eval::Snapshot::default())
+            .await)
     }
 
     fn fqdn(name: &str) -> Result<Name, String> {
@@ -603,26 +584,23 @@ async fn check_domain_unbounded(domain: &str, opts: &DnsCheck) -> anyhow::Result
         .unwrap_or(0);
     let dns = &resolvers[first_ok];
     let spf_tree = collect_spf(dns, &domain).await;
+    let snapshot = crate::spf_eval::Snapshot::of(&spf_tree);
     let mut senders = Vec::new();
     for s in &opts.new_senders {
         let addrs = match s.parse::<IpAddr>() {
             Ok(ip) => Answer::Found(vec![ip]),
             Err(_) => dns.addrs(s).await,
         };
-        let mut verified = Vec::new();
+        let mut results = Vec::new();
         if let Answer::Found(ips) = &addrs {
             for ip in ips {
-                if crate::spf::evaluate(&spf_tree, *ip) == crate::spf::SpfResult::Undecided
-                    && let Ok(r) = dns.verify_spf(&domain, *ip).await
-                {
-                    verified.push((*ip, r));
-                }
+                results.push((*ip, dns.spf(&domain, *ip, &snapshot).await));
             }
         }
         senders.push(NewSender {
             name: s.clone(),
             addrs,
-            verified,
+            results,
         });
     }
     out.extend(crate::spf::analyze(&domain, &spf_tree, &senders));

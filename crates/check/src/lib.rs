@@ -18,6 +18,7 @@ pub mod policy;
 mod run;
 pub mod smtp;
 pub mod spf;
+pub mod spf_eval;
 
 pub use finding::{Contract, Finding, Report, Severity};
 pub use run::{collect, run};

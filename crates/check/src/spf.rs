@@ -163,20 +163,9 @@ pub enum SpfResult {
     None,
     PermError,
     TempError,
-    /// The policy depends on sender macros or `ptr`, which this snapshot cannot decide.
-    Undecided,
 }
 
 impl SpfResult {
-    fn from_qualifier(q: &Qualifier) -> Self {
-        match q {
-            Qualifier::Pass => SpfResult::Pass,
-            Qualifier::Fail => SpfResult::Fail,
-            Qualifier::SoftFail => SpfResult::SoftFail,
-            Qualifier::Neutral => SpfResult::Neutral,
-        }
-    }
-
     pub fn as_str(self) -> &'static str {
         match self {
             SpfResult::Pass => "pass",
@@ -186,149 +175,7 @@ impl SpfResult {
             SpfResult::None => "none",
             SpfResult::PermError => "permerror",
             SpfResult::TempError => "temperror",
-            SpfResult::Undecided => "undecided",
         }
-    }
-}
-
-fn in_prefix(ip: IpAddr, net: IpAddr, prefix: u8) -> bool {
-    match (ip, net) {
-        (IpAddr::V4(ip), IpAddr::V4(net)) => {
-            let mask = if prefix == 0 {
-                0
-            } else {
-                u32::MAX << (32 - u32::from(prefix.min(32)))
-            };
-            u32::from(ip) & mask == u32::from(net) & mask
-        }
-        (IpAddr::V6(ip), IpAddr::V6(net)) => {
-            let mask = if prefix == 0 {
-                0
-            } else {
-                u128::MAX << (128 - u32::from(prefix.min(128)))
-            };
-            u128::from(ip) & mask == u128::from(net) & mask
-        }
-        _ => false,
-    }
-}
-
-fn matches_any(ip: IpAddr, addrs: &[IpAddr], prefix4: u8, prefix6: u8) -> bool {
-    addrs
-        .iter()
-        .any(|a| in_prefix(ip, *a, if a.is_ipv4() { prefix4 } else { prefix6 }))
-}
-
-/// Evaluates the snapshot for a sending IP as a receiver would (RFC 7208 4.6 and 5):
-/// terms left to right, the first match decides, includes match only on pass,
-/// then `redirect`, else neutral. Lookups are counted along the way, so a policy
-/// over the limit gives permerror exactly where a receiver would stop.
-pub fn evaluate(node: &SpfNode, ip: IpAddr) -> SpfResult {
-    let mut lookups = 0;
-    eval_node(node, ip, &mut lookups, true)
-}
-
-fn eval_node(node: &SpfNode, ip: IpAddr, lookups: &mut usize, top: bool) -> SpfResult {
-    let record = match &node.fetch {
-        SpfFetch::Record(r) => r,
-        // RFC 7208 5.2: an include of a domain without a record is a permerror;
-        // at the top it is "none".
-        SpfFetch::NoRecord => {
-            return if top {
-                SpfResult::None
-            } else {
-                SpfResult::PermError
-            };
-        }
-        SpfFetch::Multiple(_) | SpfFetch::Syntax { .. } => return SpfResult::PermError,
-        SpfFetch::DnsError(_) => return SpfResult::TempError,
-        SpfFetch::NotFollowed(_) => return SpfResult::PermError,
-    };
-    let mut undecided = false;
-    for term in &record.terms {
-        if term.mechanism.costs_lookup() {
-            *lookups += 1;
-            if *lookups > LOOKUP_LIMIT {
-                return SpfResult::PermError;
-            }
-        }
-        let matched = match &term.mechanism {
-            SpfMechanism::All => true,
-            SpfMechanism::Ip { addr, prefix } => in_prefix(ip, *addr, *prefix),
-            SpfMechanism::A {
-                addrs,
-                prefix4,
-                prefix6,
-                ..
-            } => match addrs {
-                Answer::Found(a) => matches_any(ip, a, *prefix4, *prefix6),
-                Answer::Void => false,
-                Answer::Error(_) => return SpfResult::TempError,
-                Answer::NotQueried => return SpfResult::PermError,
-            },
-            SpfMechanism::Mx {
-                hosts,
-                prefix4,
-                prefix6,
-                ..
-            } => match hosts {
-                Answer::Found(h) => {
-                    if h.len() > MX_HOST_LIMIT {
-                        return SpfResult::PermError;
-                    }
-                    h.iter()
-                        .any(|(_, a)| matches_any(ip, a, *prefix4, *prefix6))
-                }
-                Answer::Void => false,
-                Answer::Error(_) => return SpfResult::TempError,
-                Answer::NotQueried => return SpfResult::PermError,
-            },
-            SpfMechanism::Exists { exists, .. } => match exists {
-                Answer::Found(e) => *e,
-                Answer::Void => false,
-                Answer::Error(_) => return SpfResult::TempError,
-                Answer::NotQueried => return SpfResult::PermError,
-            },
-            SpfMechanism::Include(child) => match eval_node(child, ip, lookups, false) {
-                SpfResult::Pass => true,
-                SpfResult::Fail | SpfResult::SoftFail | SpfResult::Neutral => false,
-                SpfResult::TempError => return SpfResult::TempError,
-                SpfResult::PermError | SpfResult::None => return SpfResult::PermError,
-                SpfResult::Undecided => {
-                    undecided = true;
-                    false
-                }
-            },
-            SpfMechanism::Ptr { .. } | SpfMechanism::MacroDependent { .. } => {
-                undecided = true;
-                false
-            }
-        };
-        if matched {
-            let result = SpfResult::from_qualifier(&term.qualifier);
-            // A term we could not decide might have matched first.
-            return if undecided {
-                SpfResult::Undecided
-            } else {
-                result
-            };
-        }
-    }
-    if let Some(redirect) = &record.redirect {
-        *lookups += 1;
-        if *lookups > LOOKUP_LIMIT {
-            return SpfResult::PermError;
-        }
-        // RFC 7208 6.1: a redirect to a domain without a record is a permerror.
-        return match eval_node(redirect, ip, lookups, false) {
-            SpfResult::None => SpfResult::PermError,
-            r => r,
-        };
-    }
-    if undecided {
-        SpfResult::Undecided
-    } else {
-        SpfResult::Neutral
     }
 }
 
@@ -545,9 +392,9 @@ fn has_term(node: &SpfNode, pred: &dyn Fn(&SpfTerm) -> bool) -> bool {
 pub struct NewSender {
     pub name: String,
     pub addrs: Answer<Vec<IpAddr>>,
-    /// Verdicts of a full RFC 7208 evaluation (mail-auth's, with macros
-    /// expanded for that IP) for addresses this snapshot cannot decide.
-    pub verified: Vec<(IpAddr, SpfResult)>,
+    /// What a receiver's SPF check answers for each address: the one
+    /// evaluator's verdicts (`spf_eval::evaluate`), taken by the driver.
+    pub results: Vec<(IpAddr, SpfResult)>,
 }
 
 /// All SPF findings for one domain.
@@ -799,6 +646,18 @@ pub fn analyze(domain: &str, tree: &SpfNode, new_senders: &[NewSender]) -> Vec<F
 fn new_sender_findings(domain: &str, tree: &SpfNode, new_senders: &[NewSender]) -> Vec<Finding> {
     let c = Contract::OutboundSending;
     let mut out = Vec::new();
+    // The tree alone cannot say what these terms match: the verdict came from
+    // expanding them for the sender, which the operator should know.
+    let how = if has_term(tree, &|t| {
+        matches!(
+            t.mechanism,
+            SpfMechanism::MacroDependent { .. } | SpfMechanism::Ptr { .. }
+        )
+    }) {
+        " (decided by a full evaluation with the sender's macros expanded)"
+    } else {
+        ""
+    };
     for sender in new_senders {
         let addrs = match &sender.addrs {
             Answer::Found(a) if !a.is_empty() => a,
@@ -822,14 +681,12 @@ fn new_sender_findings(domain: &str, tree: &SpfNode, new_senders: &[NewSender]) 
             }
         };
         for ip in addrs {
-            let mut result = evaluate(tree, *ip);
-            let mut how = "";
-            if result == SpfResult::Undecided
-                && let Some((_, r)) = sender.verified.iter().find(|(a, _)| a == ip)
-            {
-                result = *r;
-                how = " (decided by a full evaluation with the sender's macros expanded)";
-            }
+            // An address the driver could not evaluate is undecided, never passed.
+            let result = sender
+                .results
+                .iter()
+                .find(|(a, _)| a == ip)
+                .map_or(SpfResult::TempError, |(_, r)| *r);
             let who = if sender.name == ip.to_string() {
                 ip.to_string()
             } else {
@@ -841,11 +698,11 @@ fn new_sender_findings(domain: &str, tree: &SpfNode, new_senders: &[NewSender]) 
                     format!("SPF authorizes the new sender {who}: its mail passes SPF{how}."),
                     String::new(),
                 ),
-                SpfResult::TempError | SpfResult::Undecided => (
+                SpfResult::TempError => (
                     Severity::Warn,
                     format!(
-                        "SPF for the new sender {who} could not be decided here (result {}): the \
-                         policy depends on DNS errors, ptr or sender macros.",
+                        "SPF for the new sender {who} could not be decided here (result {}): a \
+                         DNS lookup the policy needs failed.",
                         result.as_str()
                     ),
                     "Send a test message from the new platform and read the Authentication-Results \
@@ -878,44 +735,47 @@ fn new_sender_findings(domain: &str, tree: &SpfNode, new_senders: &[NewSender]) 
     out
 }
 
+/// Hand-built snapshot trees for the table tests of the analysis here and of
+/// the evaluator (`spf_eval`). Each record's text is rendered from its terms,
+/// so the evaluator reads the same policy the analysis does.
 #[cfg(test)]
-mod tests {
+pub(crate) mod testing {
     use super::*;
 
-    fn ip(s: &str) -> IpAddr {
+    pub fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
     }
 
-    fn node(domain: &str, terms: Vec<SpfTerm>, redirect: Option<SpfNode>) -> SpfNode {
+    pub fn node(domain: &str, terms: Vec<SpfTerm>, redirect: Option<SpfNode>) -> SpfNode {
         SpfNode {
             domain: domain.into(),
             fetch: SpfFetch::Record(SpfRecord {
-                text: format!("v=spf1 ... ({domain})"),
+                text: render(&terms, redirect.as_ref()),
                 terms,
                 redirect: redirect.map(Box::new),
             }),
         }
     }
 
-    fn t(q: Qualifier, m: SpfMechanism) -> SpfTerm {
+    pub fn t(q: Qualifier, m: SpfMechanism) -> SpfTerm {
         SpfTerm {
             qualifier: q,
             mechanism: m,
         }
     }
 
-    fn ip4(a: &str, p: u8) -> SpfMechanism {
+    pub fn ip4(a: &str, p: u8) -> SpfMechanism {
         SpfMechanism::Ip {
             addr: ip(a),
             prefix: p,
         }
     }
 
-    fn include(n: SpfNode) -> SpfMechanism {
+    pub fn include(n: SpfNode) -> SpfMechanism {
         SpfMechanism::Include(Box::new(n))
     }
 
-    fn a(domain: &str, addrs: &[&str]) -> SpfMechanism {
+    pub fn a(domain: &str, addrs: &[&str]) -> SpfMechanism {
         SpfMechanism::A {
             domain: domain.into(),
             prefix4: 32,
@@ -924,7 +784,7 @@ mod tests {
         }
     }
 
-    fn vendor() -> SpfNode {
+    pub fn vendor() -> SpfNode {
         node(
             "_spf.vendor.example",
             vec![
@@ -935,7 +795,7 @@ mod tests {
         )
     }
 
-    fn base() -> SpfNode {
+    pub fn base() -> SpfNode {
         node(
             "example.com",
             vec![
@@ -948,62 +808,7 @@ mod tests {
         )
     }
 
-    #[test]
-    fn evaluation_follows_rfc7208_order_and_include_semantics() {
-        let redirected = node(
-            "example.net",
-            vec![],
-            Some(node(
-                "_spf.example.org",
-                vec![
-                    t(Qualifier::Pass, ip4("192.0.2.128", 25)),
-                    t(Qualifier::SoftFail, SpfMechanism::All),
-                ],
-                None,
-            )),
-        );
-        let missing_include = node(
-            "example.com",
-            vec![
-                t(
-                    Qualifier::Pass,
-                    include(SpfNode {
-                        domain: "gone.example".into(),
-                        fetch: SpfFetch::NoRecord,
-                    }),
-                ),
-                t(Qualifier::Pass, ip4("203.0.113.10", 32)),
-                t(Qualifier::Fail, SpfMechanism::All),
-            ],
-            None,
-        );
-        let b = base();
-        let cases: Vec<(&SpfNode, &str, SpfResult)> = vec![
-            (&b, "203.0.113.10", SpfResult::Pass),
-            (&b, "198.51.100.77", SpfResult::Pass), // via include
-            (&b, "192.0.2.1", SpfResult::Pass),     // via a:
-            (&b, "192.0.2.2", SpfResult::Fail),     // include's ?all does not match
-            (&b, "2001:db8::1", SpfResult::Fail),
-            (&redirected, "192.0.2.200", SpfResult::Pass),
-            (&redirected, "192.0.2.1", SpfResult::SoftFail),
-            (&missing_include, "203.0.113.10", SpfResult::PermError),
-        ];
-        for (tree, sender, want) in cases {
-            assert_eq!(
-                evaluate(tree, ip(sender)),
-                want,
-                "{} for {sender}",
-                tree.domain
-            );
-        }
-        let none = SpfNode {
-            domain: "x".into(),
-            fetch: SpfFetch::NoRecord,
-        };
-        assert_eq!(evaluate(&none, ip("192.0.2.1")), SpfResult::None);
-    }
-
-    fn chain(depth: usize) -> SpfNode {
+    pub fn chain(depth: usize) -> SpfNode {
         // A chain of `depth` includes, the last one authorizing 192.0.2.99.
         let mut n = node(
             "leaf.example",
@@ -1027,18 +832,68 @@ mod tests {
         )
     }
 
+    /// The record text a term list stands for (RFC 7208 4.6.1 syntax).
+    pub fn render(terms: &[SpfTerm], redirect: Option<&SpfNode>) -> String {
+        let mut out = String::from("v=spf1");
+        for term in terms {
+            let q = match term.qualifier {
+                Qualifier::Pass => "",
+                Qualifier::Fail => "-",
+                Qualifier::SoftFail => "~",
+                Qualifier::Neutral => "?",
+            };
+            let m = match &term.mechanism {
+                SpfMechanism::All => "all".to_string(),
+                SpfMechanism::Ip { addr, prefix } => match addr {
+                    IpAddr::V4(a) => format!("ip4:{a}/{prefix}"),
+                    IpAddr::V6(a) => format!("ip6:{a}/{prefix}"),
+                },
+                SpfMechanism::A {
+                    domain,
+                    prefix4,
+                    prefix6,
+                    ..
+                } => format!("a:{domain}/{prefix4}//{prefix6}"),
+                SpfMechanism::Mx {
+                    domain,
+                    prefix4,
+                    prefix6,
+                    ..
+                } => format!("mx:{domain}/{prefix4}//{prefix6}"),
+                SpfMechanism::Include(n) => format!("include:{}", n.domain),
+                SpfMechanism::Exists { domain, .. } => format!("exists:{domain}"),
+                SpfMechanism::Ptr { domain } => format!("ptr:{domain}"),
+                SpfMechanism::MacroDependent { spec, .. } => spec.clone(),
+            };
+            out.push(' ');
+            out.push_str(q);
+            out.push_str(&m);
+        }
+        if let Some(r) = redirect {
+            out.push_str(" redirect=");
+            out.push_str(&r.domain);
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::*;
+    use super::*;
+
     #[test]
-    fn lookup_limit_is_counted_over_the_tree_and_enforced_in_evaluation() {
+    fn lookup_limit_is_counted_over_the_tree() {
+        // Enforcement in evaluation is the evaluator's (spf_eval's tests).
         let cases = [
-            (3, Severity::Ok, SpfResult::Pass),
-            (9, Severity::Ok, SpfResult::Pass),
-            (10, Severity::Warn, SpfResult::Pass),
-            (11, Severity::Block, SpfResult::PermError),
+            (3, Severity::Ok),
+            (9, Severity::Ok),
+            (10, Severity::Warn),
+            (11, Severity::Block),
         ];
-        for (depth, sev, result) in cases {
+        for (depth, sev) in cases {
             let tree = chain(depth);
             assert_eq!(count(&tree).lookups, depth);
-            assert_eq!(evaluate(&tree, ip("192.0.2.99")), result, "depth {depth}");
             let f = analyze("example.com", &tree, &[]);
             let limit = f.iter().find(|f| f.check == "spf.lookup-limit").unwrap();
             assert_eq!(limit.severity, sev, "depth {depth}: {}", limit.meaning);
@@ -1155,8 +1010,6 @@ mod tests {
             f.iter().find(|f| f.check == "spf.ptr").unwrap().severity,
             Severity::Warn
         );
-        // ptr cannot be evaluated offline: a sender it might authorize is undecided, not failed.
-        assert_eq!(evaluate(&tree, ip("192.0.2.1")), SpfResult::Undecided);
     }
 
     #[test]
@@ -1189,67 +1042,41 @@ mod tests {
     }
 
     #[test]
-    fn new_senders_are_judged_by_evaluation() {
+    fn new_senders_are_judged_by_the_evaluators_verdicts() {
+        let sender = |name: &str, addr: &str, result: Option<SpfResult>| NewSender {
+            name: name.into(),
+            addrs: Answer::Found(vec![ip(addr)]),
+            results: result.map(|r| (ip(addr), r)).into_iter().collect(),
+        };
         let senders = [
-            NewSender {
-                name: "198.51.100.5".into(),
-                addrs: Answer::Found(vec![ip("198.51.100.5")]),
-                verified: vec![],
-            },
-            NewSender {
-                name: "out.newmail.example".into(),
-                addrs: Answer::Found(vec![ip("192.0.2.50")]),
-                verified: vec![],
-            },
+            sender("198.51.100.5", "198.51.100.5", Some(SpfResult::Pass)),
+            sender("out.newmail.example", "192.0.2.50", Some(SpfResult::Fail)),
             NewSender {
                 name: "nowhere.example".into(),
                 addrs: Answer::Void,
-                verified: vec![],
+                results: vec![],
             },
+            sender("192.0.2.7", "192.0.2.7", Some(SpfResult::TempError)),
+            sender("192.0.2.8", "192.0.2.8", Some(SpfResult::PermError)),
+            // Not evaluated at all: never taken for a pass.
+            sender("192.0.2.9", "192.0.2.9", None),
         ];
         let f = analyze("example.com", &base(), &senders);
         let ns: Vec<_> = f.iter().filter(|f| f.check == "spf.new-sender").collect();
-        assert_eq!(ns.len(), 3);
-        assert_eq!(ns[0].severity, Severity::Ok);
-        assert_eq!(ns[1].severity, Severity::Block);
-        assert!(ns[1].meaning.contains("silent deliverability failures"));
-        assert_eq!(ns[2].severity, Severity::Warn);
-
-        // A macro mechanism is undecided offline; a full evaluation settles it.
-        let tree = node(
-            "example.com",
-            vec![
-                t(
-                    Qualifier::Pass,
-                    SpfMechanism::MacroDependent {
-                        kind: "exists",
-                        spec: "exists:%{i}._spf.example.com".into(),
-                    },
-                ),
-                t(Qualifier::Fail, SpfMechanism::All),
-            ],
-            None,
+        let sev: Vec<_> = ns.iter().map(|f| f.severity).collect();
+        assert_eq!(
+            sev,
+            [
+                Severity::Ok,
+                Severity::Block,
+                Severity::Warn,
+                Severity::Warn,
+                Severity::Block,
+                Severity::Warn
+            ]
         );
-        let cases = [
-            (vec![], Severity::Warn),
-            (vec![(ip("192.0.2.5"), SpfResult::Pass)], Severity::Ok),
-            (vec![(ip("192.0.2.5"), SpfResult::Fail)], Severity::Block),
-        ];
-        for (verified, sev) in cases {
-            let s = NewSender {
-                name: "192.0.2.5".into(),
-                addrs: Answer::Found(vec![ip("192.0.2.5")]),
-                verified,
-            };
-            let f = analyze("example.com", &tree, &[s]);
-            assert_eq!(
-                f.iter()
-                    .find(|f| f.check == "spf.new-sender")
-                    .unwrap()
-                    .severity,
-                sev
-            );
-        }
+        assert!(ns[1].meaning.contains("silent deliverability failures"));
+        assert!(ns[4].meaning.contains("permerror"));
     }
 
     #[test]
@@ -1271,21 +1098,6 @@ mod tests {
             if let (Some(g), Some(b)) = (got, bad) {
                 assert!(g.contains(b), "{g}");
             }
-        }
-    }
-
-    #[test]
-    fn prefixes_match() {
-        let cases = [
-            ("192.0.2.1", "192.0.2.0", 24, true),
-            ("192.0.3.1", "192.0.2.0", 24, false),
-            ("10.1.2.3", "0.0.0.0", 0, true),
-            ("2001:db8::5", "2001:db8::", 64, true),
-            ("2001:db9::5", "2001:db8::", 32, false),
-            ("192.0.2.1", "2001:db8::", 0, false),
-        ];
-        for (a, net, p, want) in cases {
-            assert_eq!(in_prefix(ip(a), ip(net), p), want, "{a} in {net}/{p}");
         }
     }
 }
