@@ -622,7 +622,10 @@ async fn spf_verdicts_over_the_snapshot_agree_with_live_evaluation() {
             txt("example.net", "v=spf1 redirect=_spf.example.net"),
             txt("_spf.example.net", "v=spf1 ip4:192.0.2.128/25 ~all"),
             txt("broken.example.com", "v=spf1 include:gone.example.com -all"),
-            txt("macro.example.com", "v=spf1 exists:%{i}._spf.example.com -all"),
+            txt(
+                "macro.example.com",
+                "v=spf1 exists:%{i}._spf.example.com -all",
+            ),
             "--host-record=192.0.2.5._spf.example.com,127.0.0.2".into(),
             txt("twice.example.com", "v=spf1 -all"),
             txt("twice.example.com", "v=spf1 +all"),
@@ -658,7 +661,10 @@ async fn spf_verdicts_over_the_snapshot_agree_with_live_evaluation() {
         let live = dns.verify_spf(domain, ip).await.unwrap();
         assert_eq!(cached, *want, "{domain} for {ip}");
         if lenient.contains(domain) {
-            assert_ne!(live, *want, "{domain}: mail-auth alone now agrees with RFC 7208");
+            assert_ne!(
+                live, *want,
+                "{domain}: mail-auth alone now agrees with RFC 7208"
+            );
         } else {
             assert_eq!(cached, live, "{domain} for {ip}: snapshot against live DNS");
         }

@@ -193,22 +193,29 @@ impl Admin {
     /// depth, oldest message's arrival ms). On a shared PostgreSQL store,
     /// the whole fleet.
     async fn fleet_gateways(&self) -> Vec<(String, i64, i64, i64)> {
-        godwit_store::sqlx::query(
-            "SELECT node, seen_ms, queue_len, oldest_ms FROM gateway_nodes ORDER BY node",
-        )
-        .fetch_all(&self.store.pool)
-        .await
-        .unwrap_or_default()
-        .into_iter()
-        .map(|r| {
-            (
-                r.try_get(0).unwrap_or_default(),
-                r.try_get(1).unwrap_or(0),
-                r.try_get(2).unwrap_or(0),
-                r.try_get(3).unwrap_or(0),
+        // Bounded: with the store down, /metrics must still answer at once
+        // (it is how `godwit_store_up 0` is seen).
+        let rows = tokio::time::timeout(
+            std::time::Duration::from_secs(2),
+            godwit_store::sqlx::query(
+                "SELECT node, seen_ms, queue_len, oldest_ms FROM gateway_nodes ORDER BY node",
             )
-        })
-        .collect()
+            .fetch_all(&self.store.pool),
+        )
+        .await;
+        rows.ok()
+            .and_then(Result::ok)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|r| {
+                (
+                    r.try_get(0).unwrap_or_default(),
+                    r.try_get(1).unwrap_or(0),
+                    r.try_get(2).unwrap_or(0),
+                    r.try_get(3).unwrap_or(0),
+                )
+            })
+            .collect()
     }
 
     /// This endpoint's metrics are this node's (`godwit_node_info` names
