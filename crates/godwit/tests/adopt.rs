@@ -272,3 +272,58 @@ fn a_dead_nodes_spool_is_adopted_and_delivered_once() {
     assert!(queue_files(&b.data.join("spool")).is_empty());
     assert_eq!(sink.count_containing(&format!("<{}>", ids[0])), 1);
 }
+
+/// With no gateway running on the adopting node, the CLI moves the files
+/// into its spool itself; the gateway delivers them when it starts. A dead
+/// node's heartbeat, once stale, needs no --force.
+#[test]
+fn an_offline_node_adopts_and_delivers_on_start() {
+    let Some(db) = scratch_database() else { return };
+    let mut a = node(&db, "node-a", free_port(), free_port());
+    let sink_port = free_port();
+    let sink = Sink::start(sink_port, &[]);
+    let mut b = node(&db, "node-b", sink_port, sink_port);
+    b.kill9();
+    let ids = ["offline0@sender.test", "offline1@sender.test"];
+    let mut c = a.client();
+    c.greet();
+    for id in ids {
+        let r = c.mail("a@sender.test", &["bob@example.com"], &message(id, "x"));
+        assert!(r.starts_with("250"), "{r}");
+    }
+    c.cmd("QUIT");
+    a.kill9();
+    wait_for("A's heartbeat to go stale", Duration::from_secs(15), || {
+        let age = psql(
+            &db,
+            &format!(
+                "SELECT {} - seen_ms FROM gateway_nodes WHERE node = 'node-a'",
+                godwit_store::now_ms()
+            ),
+        );
+        (age.parse::<i64>().ok()? > 3500).then_some(())
+    });
+    let (ok, out) = b.cli(&["spool", "adopt", a.data.join("spool").to_str().unwrap()]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("adopted 2 message(s)") && out.contains("no gateway is running"),
+        "{out}"
+    );
+    assert_eq!(queue_files(&b.data.join("spool")).len(), 2);
+    assert!(queue_files(&a.data.join("spool")).is_empty());
+    b.restart();
+    wait_for("delivery after B starts", Duration::from_secs(20), || {
+        ids.iter()
+            .all(|id| sink.count_containing(&format!("<{id}>")) >= 1)
+            .then_some(())
+    });
+    b.wait_queue_empty(Duration::from_secs(20));
+    for id in ids {
+        assert_eq!(sink.count_containing(&format!("<{id}>")), 1, "{id}");
+    }
+    let (ok, t) = b.cli(&["trace", ids[0]]);
+    assert!(
+        ok && t.contains("[node-a]") && t.contains("adopted from the spool of node-a"),
+        "{t}"
+    );
+}
