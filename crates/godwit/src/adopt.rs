@@ -373,8 +373,15 @@ mod tests {
     #[test]
     fn refusal_table() {
         let (a, b) = (Path::new("/d/a/spool"), Path::new("/d/b/spool"));
-        // (src, from node, heartbeat age, force) -> refused?
-        let cases: &[(&Path, Option<&str>, Option<i64>, bool, Option<&str>)] = &[
+        // (src, from node, heartbeat age, force) -> refused, and why.
+        type Case<'a> = (
+            &'a Path,
+            Option<&'a str>,
+            Option<i64>,
+            bool,
+            Option<&'a str>,
+        );
+        let cases: &[Case] = &[
             (a, Some("a"), None, false, None),
             (a, Some("a"), Some(60_000), false, None),
             (a, Some("a"), Some(500), false, Some("still heartbeats")),
