@@ -2,15 +2,66 @@
 //! TLS), a read buffer, and line/literal reads with a timeout.
 
 use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
 
 pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
+/// The byte stream under a `Conn`: a plain TCP socket is kept as such, so the
+/// splice can move its bytes in the kernel (`zerocopy`); anything else (TLS)
+/// is boxed.
+pub enum Stream {
+    Tcp(TcpStream),
+    Other(Box<dyn Io>),
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Other(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Other(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_flush(cx),
+            Stream::Other(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Other(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
 pub struct Conn {
-    pub io: Box<dyn Io>,
+    pub io: Stream,
     /// Read but not yet consumed; handed over at the splice so nothing a
     /// pipelining peer sent is lost.
     pub buf: Vec<u8>,
@@ -23,9 +74,10 @@ fn timed_out() -> io::Error {
 }
 
 impl Conn {
-    pub fn new(io: impl Io + 'static, timeout: Duration) -> Conn {
+    /// A plain TCP connection, before any TLS.
+    pub fn new(io: TcpStream, timeout: Duration) -> Conn {
         Conn {
-            io: Box::new(io),
+            io: Stream::Tcp(io),
             buf: Vec::new(),
             tls: false,
             timeout,
@@ -94,7 +146,7 @@ impl Conn {
             .await
             .map_err(|_| timed_out())??;
         Ok(Conn {
-            io: Box::new(tls),
+            io: Stream::Other(Box::new(tls)),
             buf: Vec::new(),
             tls: true,
             timeout,
@@ -117,7 +169,7 @@ impl Conn {
         .await
         .map_err(|_| timed_out())??;
         Ok(Conn {
-            io: Box::new(tls),
+            io: Stream::Other(Box::new(tls)),
             buf: Vec::new(),
             tls: true,
             timeout,

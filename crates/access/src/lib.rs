@@ -18,6 +18,7 @@ pub mod limits;
 pub mod pop3;
 pub mod routing;
 pub mod sasl;
+mod zerocopy;
 
 use anyhow::Context;
 use backend::{BackendError, Target};
@@ -886,7 +887,7 @@ impl Access {
                 Moved(String),
             }
             let end = tokio::select! {
-                _ = tokio::io::copy_bidirectional(&mut client.io, &mut backend.io) => End::Closed,
+                _ = relay(&mut client.io, &mut backend.io) => End::Closed,
                 Ok(to) = rx => End::Moved(to),
             };
             if let End::Moved(to) = end {
@@ -1067,4 +1068,17 @@ async fn mailbox_state(store: &Store, address: &str) -> Option<(String, Migratio
         .ok()??,
     };
     Some((row.0, row.1.parse().ok()?))
+}
+
+/// Both directions of a logged-in session until both have ended: in the kernel
+/// (splice(2)) when both sides are plain TCP, else through tokio's buffers.
+async fn relay(
+    client: &mut conn::Stream,
+    backend: &mut conn::Stream,
+) -> std::io::Result<(u64, u64)> {
+    use conn::Stream::Tcp;
+    match (client, backend) {
+        (Tcp(c), Tcp(b)) => zerocopy::bidirectional(c, b).await,
+        (c, b) => tokio::io::copy_bidirectional(c, b).await,
+    }
 }

@@ -1007,18 +1007,11 @@ fn actor(explicit: Option<String>) -> String {
 
 /// The login name of the real user, from the password database.
 fn os_user() -> Option<String> {
-    // SAFETY: getpwuid returns a pointer into static storage or null; we copy
-    // the name out immediately and call it from one thread (the CLI).
-    unsafe {
-        let pw = libc::getpwuid(libc::getuid());
-        if pw.is_null() || (*pw).pw_name.is_null() {
-            return None;
-        }
-        std::ffi::CStr::from_ptr((*pw).pw_name)
-            .to_str()
-            .ok()
-            .map(str::to_string)
-    }
+    // nix's getpwuid_r: thread-safe, no pointer into libc's static storage.
+    nix::unistd::User::from_uid(nix::unistd::getuid())
+        .ok()
+        .flatten()
+        .map(|u| u.name)
 }
 
 async fn route(config: Config, command: RouteCommand) -> Result<i32> {

@@ -17,6 +17,29 @@ pub struct Account {
     pub source_url: Option<String>,
     /// The optional `target_url` column.
     pub target_url: Option<String>,
+    /// A shared mailbox from the directory (`kind = shared`) that this file
+    /// does not list: it has no password of its own, so both sides log in
+    /// with their master user, as the address.
+    pub shared: bool,
+}
+
+impl Account {
+    /// A directory shared mailbox: the address is the login on both sides.
+    pub fn shared(address: &str) -> Account {
+        let address = address.trim().to_ascii_lowercase();
+        let login = Login {
+            user: address.clone(),
+            password: String::new(),
+        };
+        Account {
+            source: login.clone(),
+            target: login,
+            address,
+            source_url: None,
+            target_url: None,
+            shared: true,
+        }
+    }
 }
 
 /// Resolves a password reference (`godwit_config::secret`). The error names
@@ -135,6 +158,7 @@ pub fn parse(text: &str, path: &str) -> Result<Vec<Account>, ImapError> {
             address,
             source_url: urls.0,
             target_url: urls.1,
+            shared: false,
         });
     }
     Ok(out)

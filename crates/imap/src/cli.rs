@@ -44,6 +44,11 @@ pub struct SyncArgs {
     /// sync.parallel_accounts).
     #[arg(long, value_name = "N", requires = "worker")]
     pub max_accounts: Option<usize>,
+    /// Say what a run would do, per account and folder (messages to copy,
+    /// flag updates, deletions, folders to create, ACL entries to set), and
+    /// change nothing on the target or in the sync state.
+    #[arg(long, conflicts_with_all = ["worker", "watch"])]
+    pub dry_run: bool,
 }
 
 #[derive(clap::Args, Debug, Clone, Default)]
@@ -182,18 +187,75 @@ fn endpoints_for(
     Ok(Arc::new(ep))
 }
 
-fn select(sync: &SyncConfig, wanted: &[String]) -> anyhow::Result<Vec<Account>> {
-    let all = accounts::load(&sync.accounts).context("sync.accounts")?;
+/// The addresses of the directory's shared mailboxes (`kind = shared`, from
+/// `godwit directory import`). A store without a directory has none.
+pub async fn directory_shared(store: &Store) -> Vec<String> {
+    let rows = godwit_store::sqlx::query_scalar::<_, String>(
+        "SELECT address FROM directory_objects WHERE kind = 'shared' ORDER BY address",
+    )
+    .fetch_all(&store.pool)
+    .await;
+    rows.unwrap_or_else(|e| {
+        tracing::debug!("no directory to read shared mailboxes from ({e})");
+        Vec::new()
+    })
+}
+
+/// The accounts file's rows, then each directory shared mailbox the file
+/// does not list (a row in the file wins: it may name other logins).
+pub fn with_shared(mut all: Vec<Account>, shared: &[String]) -> Vec<Account> {
+    for address in shared {
+        let a = Account::shared(address);
+        if !all.iter().any(|b| b.address == a.address) {
+            all.push(a);
+        }
+    }
+    all
+}
+
+/// A shared mailbox has no password: where a side logs in with passwords
+/// (`auth` login or plain), only its master user can open the mailbox. The
+/// error names the missing keys; None when nothing is missing.
+pub fn missing_master(account: &Account, ep: &Endpoints) -> Option<String> {
+    use crate::conn::Auth;
+    if !account.shared {
+        return None;
+    }
+    let missing: Vec<String> = [("sync.source", &ep.source), ("sync.target", &ep.target)]
+        .into_iter()
+        .filter(|(_, s)| s.master.is_none() && matches!(s.auth, Auth::Login | Auth::Plain))
+        .map(|(key, _)| format!("{key}.master_user"))
+        .collect();
+    if missing.is_empty() {
+        return None;
+    }
+    Some(format!(
+        "shared mailbox {} (directory kind shared) has no password of its own: set {} (with its master_password)",
+        account.address,
+        missing.join(" and ")
+    ))
+}
+
+/// Every account `godwit sync` and `verify` cover: the accounts file and the
+/// directory's shared mailboxes.
+async fn all_accounts(sync: &SyncConfig, store: &Store) -> anyhow::Result<Vec<Account>> {
+    let file = accounts::load(&sync.accounts).context("sync.accounts")?;
+    Ok(with_shared(file, &directory_shared(store).await))
+}
+
+fn select(all: Vec<Account>, sync: &SyncConfig, wanted: &[String]) -> anyhow::Result<Vec<Account>> {
     if wanted.is_empty() {
         return Ok(all);
     }
     let mut out = Vec::new();
     for w in wanted {
         let w = w.to_ascii_lowercase();
-        let a = all
-            .iter()
-            .find(|a| a.address == w)
-            .with_context(|| format!("--mailbox {w}: not in {}", sync.accounts.display()))?;
+        let a = all.iter().find(|a| a.address == w).with_context(|| {
+            format!(
+                "--mailbox {w}: not in {} nor a shared mailbox of the directory",
+                sync.accounts.display()
+            )
+        })?;
         out.push(a.clone());
     }
     Ok(out)
@@ -205,6 +267,8 @@ fn sync_section(config: &Config) -> anyhow::Result<&SyncConfig> {
 
 #[derive(serde::Serialize)]
 struct SyncOutput<'a> {
+    /// --dry-run: the reports say what a run would do; nothing was changed.
+    dry_run: bool,
     sync: &'a [AccountReport],
     verify: &'a [AccountCheck],
     totals: &'a Totals,
@@ -236,7 +300,10 @@ pub async fn run_sync(config: &Config, args: &SyncArgs) -> anyhow::Result<i32> {
 
 async fn run_sync_once(config: &Config, args: &SyncArgs) -> anyhow::Result<i32> {
     let sync = sync_section(config)?;
-    let selected = select(sync, &args.mailboxes)?;
+    let store = Store::open(&config.store_url())
+        .await
+        .context("opening the state store")?;
+    let selected = select(all_accounts(sync, &store).await?, sync, &args.mailboxes)?;
     let started = std::time::Instant::now();
     let show_progress = !args.no_progress && !args.json && std::io::stderr().is_terminal();
     let mode = if args.worker {
@@ -248,18 +315,26 @@ async fn run_sync_once(config: &Config, args: &SyncArgs) -> anyhow::Result<i32> 
     };
     let (reports, checks) = sync_accounts(
         config,
+        store,
         selected,
-        args.propagate_deletes,
-        !args.no_verify,
+        SyncOptions {
+            propagate_deletes: args.propagate_deletes,
+            dry_run: args.dry_run,
+            ..Default::default()
+        },
+        !args.no_verify && !args.dry_run,
         show_progress,
         mode,
     )
     .await?;
+    // A dry run verifies nothing (the target is not meant to match yet).
+    let checks = if args.dry_run { Vec::new() } else { checks };
     let totals = Totals::of(&reports, &checks, started.elapsed());
     if args.json {
         println!(
             "{}",
             serde_json::to_string_pretty(&SyncOutput {
+                dry_run: args.dry_run,
                 sync: &reports,
                 verify: &checks,
                 totals: &totals,
@@ -269,8 +344,17 @@ async fn run_sync_once(config: &Config, args: &SyncArgs) -> anyhow::Result<i32> 
         for r in &reports {
             println!("{}", render_sync(r));
         }
-        print!("{}", render(&checks));
+        if !args.dry_run {
+            print!("{}", render(&checks));
+        }
         print!("{}", totals.render());
+    }
+    if args.dry_run {
+        return Ok(if reports.iter().all(|r| r.error.is_none()) {
+            0
+        } else {
+            1
+        });
     }
     Ok(if checks.iter().all(|c| c.clean) { 0 } else { 1 })
 }
@@ -283,14 +367,26 @@ pub async fn final_sync(
     addresses: &[String],
 ) -> anyhow::Result<std::collections::BTreeMap<String, Result<(), String>>> {
     let sync = sync_section(config)?;
-    let all = accounts::load(&sync.accounts).context("sync.accounts")?;
+    let store = Store::open(&config.store_url())
+        .await
+        .context("opening the state store")?;
+    let all = all_accounts(sync, &store).await?;
     let wanted: std::collections::BTreeSet<String> =
         addresses.iter().map(|a| a.to_ascii_lowercase()).collect();
     let selected: Vec<Account> = all
         .into_iter()
         .filter(|a| wanted.contains(&a.address))
         .collect();
-    let (_, checks) = sync_accounts(config, selected, false, true, false, Mode::Plain).await?;
+    let (_, checks) = sync_accounts(
+        config,
+        store,
+        selected,
+        SyncOptions::default(),
+        true,
+        false,
+        Mode::Plain,
+    )
+    .await?;
     Ok(checks
         .into_iter()
         .map(|c| {
@@ -330,27 +426,24 @@ fn attach(fleet: &Fleet, server: &Server, cap: usize) {
 /// the accounts' order (in worker mode, only those this worker synced).
 async fn sync_accounts(
     config: &Config,
+    store: Store,
     selected: Vec<Account>,
-    propagate_deletes: bool,
+    opts: SyncOptions,
     verify: bool,
     show_progress: bool,
     mode: Mode,
 ) -> anyhow::Result<(Vec<AccountReport>, Vec<AccountCheck>)> {
     let sync = sync_section(config)?;
-    let ep = Arc::new(endpoints(sync)?);
-    let store = Store::open(&config.store_url())
-        .await
-        .context("opening the state store")?;
+    let ep = Arc::new(endpoints_with(sync, &selected)?);
     let fleet = Fleet::start(store.clone(), config.node_name(), sync.lease);
     let cap = sync.max_connections_per_server;
     attach(&fleet, &ep.source, cap);
     attach(&fleet, &ep.target, cap);
     let opts = SyncOptions {
-        propagate_deletes,
         fetch_batch: sync.fetch_batch,
         max_reconnects: sync.max_reconnects,
         parallel_folders: sync.parallel_folders,
-        ..Default::default()
+        ..opts
     };
     let bars = progress_bars();
     bars.set_draw_target(if show_progress {
@@ -381,6 +474,11 @@ async fn sync_accounts(
                 let (job, gate) = (job.clone(), gate.clone());
                 tasks.spawn(async move {
                     let _slot = gate.acquire_owned().await.expect("never closed");
+                    if job.opts.dry_run {
+                        // Writes nothing, so it needs no lease (and takes none from a copy).
+                        let (report, check) = job.run(&account, &ep, Default::default()).await;
+                        return vec![(i, report, check)];
+                    }
                     // Two runs over one account never copy it at once (issue 17).
                     let lost = match job.fleet.lock(&account.address).await {
                         Ok(t) => t,
@@ -487,6 +585,20 @@ fn failed(address: &str, error: &str) -> AccountReport {
     }
 }
 
+/// `endpoints`, with the ACL user map over `accounts` (the file's rows and
+/// the shared mailboxes being synced).
+fn endpoints_with(sync: &SyncConfig, accounts: &[Account]) -> anyhow::Result<Endpoints> {
+    let mut ep = endpoints(sync)?;
+    if sync.acls {
+        let mut users = (*ep.acl_users).clone();
+        for (k, v) in acl_users(accounts) {
+            users.entry(k).or_insert(v);
+        }
+        ep.acl_users = Arc::new(users);
+    }
+    Ok(ep)
+}
+
 /// What every account's copy shares.
 #[derive(Clone)]
 struct Job {
@@ -505,6 +617,20 @@ impl Job {
         ep: &Arc<Endpoints>,
         lost: tokio_util::sync::CancellationToken,
     ) -> (AccountReport, Option<AccountCheck>) {
+        if let Some(e) = missing_master(account, ep) {
+            if !self.opts.dry_run {
+                let _ = crate::state::set_account_status(
+                    &self.store,
+                    &account.address,
+                    crate::state::Status::Seeding,
+                    Some(&e),
+                )
+                .await;
+            }
+            let mut r = failed(&account.address, &e);
+            r.dry_run = self.opts.dry_run;
+            return (r, None);
+        }
         let bar = progress_bars().add(indicatif::ProgressBar::new(0));
         bar.set_style(
             indicatif::ProgressStyle::with_template(
@@ -571,11 +697,11 @@ impl Job {
 /// `godwit verify`: compare without copying.
 pub async fn run_verify(config: &Config, args: &VerifyArgs) -> anyhow::Result<i32> {
     let sync = sync_section(config)?;
-    let ep = Arc::new(endpoints(sync)?);
-    let selected = select(sync, &args.mailboxes)?;
     let store = Store::open(&config.store_url())
         .await
         .context("opening the state store")?;
+    let selected = select(all_accounts(sync, &store).await?, sync, &args.mailboxes)?;
+    let ep = Arc::new(endpoints_with(sync, &selected)?);
     let mut tasks = tokio::task::JoinSet::new();
     let gate = Arc::new(tokio::sync::Semaphore::new(sync.parallel_accounts));
     let mut servers = std::collections::HashMap::new();
@@ -584,6 +710,15 @@ pub async fn run_verify(config: &Config, args: &VerifyArgs) -> anyhow::Result<i3
         let (store, gate) = (store.clone(), gate.clone());
         tasks.spawn(async move {
             let _slot = gate.acquire_owned().await.expect("never closed");
+            if let Some(e) = missing_master(&a, &ep) {
+                let check = AccountCheck {
+                    address: a.address.clone(),
+                    clean: false,
+                    error: Some(e),
+                    ..Default::default()
+                };
+                return (i, check);
+            }
             (
                 i,
                 verify_account(&store, &ep, &a.address, &a.source, &a.target).await,
@@ -639,6 +774,8 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for ProgressWriter {
 /// change ticket.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
 pub struct Totals {
+    /// --dry-run: what a run would do; nothing was copied or changed.
+    pub dry_run: bool,
     pub accounts: usize,
     /// Accounts whose sync stopped with an error.
     pub accounts_failed: usize,
@@ -646,6 +783,10 @@ pub struct Totals {
     pub accounts_not_verified: usize,
     pub folders: usize,
     pub folders_unchanged: usize,
+    /// Target folders created (with --dry-run: to create).
+    pub folders_created: usize,
+    /// ACL entries set (with --dry-run: to set).
+    pub acls_set: u64,
     pub messages_copied: u64,
     pub bytes_copied: u64,
     /// Found already on the target and paired instead of copied.
@@ -675,6 +816,9 @@ impl Totals {
         for r in reports {
             t.folders += r.folders.len();
             t.folders_unchanged += r.folders.iter().filter(|f| f.unchanged).count();
+            t.folders_created += r.folders.iter().filter(|f| f.created).count();
+            t.acls_set += r.folders.iter().map(|f| f.acls_set).sum::<u64>();
+            t.dry_run |= r.dry_run;
             t.messages_copied += r.copied();
             t.bytes_copied += r.folders.iter().map(|f| f.bytes).sum::<u64>();
             t.messages_matched += r.folders.iter().map(|f| f.matched).sum::<u64>();
@@ -707,7 +851,11 @@ impl Totals {
     }
 
     pub fn render(&self) -> String {
-        let mut s = String::from("++++ Statistics\n");
+        let mut s = String::from(if self.dry_run {
+            "++++ Statistics (dry run: what a sync would do; nothing was changed)\n"
+        } else {
+            "++++ Statistics\n"
+        });
         let row = |s: &mut String, k: &str, v: String| s.push_str(&format!("{k:<28}: {v}\n"));
         row(
             &mut s,
@@ -720,7 +868,13 @@ impl Totals {
         row(
             &mut s,
             "Folders",
-            format!("{} ({} unchanged)", self.folders, self.folders_unchanged),
+            format!(
+                "{} ({} unchanged, {} {})",
+                self.folders,
+                self.folders_unchanged,
+                self.folders_created,
+                if self.dry_run { "to create" } else { "created" }
+            ),
         );
         row(
             &mut s,
@@ -738,6 +892,7 @@ impl Totals {
             self.messages_skipped.to_string(),
         );
         row(&mut s, "Flag updates", self.flag_updates.to_string());
+        row(&mut s, "ACL entries set", self.acls_set.to_string());
         row(
             &mut s,
             "Messages deleted on target",
@@ -768,8 +923,66 @@ fn bytesize(n: u64) -> String {
     }
 }
 
+/// A --dry-run account: per folder, what a sync would do.
+fn render_plan(r: &AccountReport) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let sum = |f: fn(&crate::engine::FolderReport) -> u64| r.folders.iter().map(f).sum::<u64>();
+    let _ = writeln!(
+        s,
+        "{} (dry run): would copy {} messages ({}), update flags on {}, delete {}, create {} folders, set {} ACL entries; {} skipped",
+        r.address,
+        r.copied(),
+        bytesize(sum(|f| f.bytes)),
+        sum(|f| f.flags_updated),
+        sum(|f| f.deleted),
+        r.folders.iter().filter(|f| f.created).count(),
+        sum(|f| f.acls_set),
+        r.skipped(),
+    );
+    if let Some(e) = &r.error {
+        let _ = writeln!(s, "  error: {e}");
+    }
+    for f in r.folders.iter().filter(|f| !f.source.is_empty()) {
+        let mut what = Vec::new();
+        if f.created {
+            what.push("create the folder".to_string());
+        }
+        if f.copied > 0 {
+            what.push(format!("copy {} ({})", f.copied, bytesize(f.bytes)));
+        }
+        if f.flags_updated > 0 {
+            what.push(format!("update flags on {}", f.flags_updated));
+        }
+        if f.deleted > 0 {
+            what.push(format!("delete {}", f.deleted));
+        }
+        if f.acls_set > 0 {
+            what.push(format!("set {} ACL entries", f.acls_set));
+        }
+        let what = if what.is_empty() {
+            "nothing to do".to_string()
+        } else {
+            what.join(", ")
+        };
+        let _ = writeln!(s, "  {} -> {}: {what}", f.source, f.target);
+    }
+    for f in &r.folders {
+        for n in &f.notes {
+            let _ = writeln!(s, "  {} -> {}: {n}", f.source, f.target);
+        }
+        for k in &f.skipped {
+            let _ = writeln!(s, "  {} -> {}: would skip {k}", f.source, f.target);
+        }
+    }
+    s
+}
+
 pub fn render_sync(r: &AccountReport) -> String {
     use std::fmt::Write;
+    if r.dry_run {
+        return render_plan(r);
+    }
     let mut s = String::new();
     let unchanged = r.folders.iter().filter(|f| f.unchanged).count();
     let _ = writeln!(
@@ -881,6 +1094,87 @@ mod totals_tests {
             "{text}"
         );
         assert!(text.contains("Errors                      : 2\n"), "{text}");
+    }
+
+    #[test]
+    fn shared_mailboxes_join_the_file_and_need_a_master_user() {
+        let file =
+            accounts::parse("a@x,a,p,a2,p\ninfo@x,info-src,p,info-dst,p\n", "a.csv").unwrap();
+        let all = with_shared(file, &["Info@x".into(), "sales@x".into()]);
+        let got: Vec<(&str, &str, &str, bool)> = all
+            .iter()
+            .map(|a| {
+                (
+                    a.address.as_str(),
+                    a.source.user.as_str(),
+                    a.target.user.as_str(),
+                    a.shared,
+                )
+            })
+            .collect();
+        // A row of the file wins over the directory; a shared mailbox logs in
+        // as its address on both sides.
+        assert_eq!(
+            got,
+            vec![
+                ("a@x", "a", "a2", false),
+                ("info@x", "info-src", "info-dst", false),
+                ("sales@x", "sales@x", "sales@x", true),
+            ]
+        );
+        let sales = &all[2];
+        let server = |master: bool, auth: crate::conn::Auth| {
+            let mut s = Server::from_url("imap://h:143").unwrap();
+            s.auth = auth;
+            if master {
+                s.master = Some(("admin".into(), "pw".into()));
+            }
+            s
+        };
+        let ep = |source: Server, target: Server| Endpoints {
+            source,
+            target,
+            overrides: Default::default(),
+            exclude: vec![],
+            acls: false,
+            acl_users: Default::default(),
+        };
+        use crate::conn::Auth;
+        let token = || {
+            Auth::XOAuth2(Arc::new(crate::oauth::TokenSource::Command {
+                argv: vec!["t".into()],
+            }))
+        };
+        for (source, target, missing) in [
+            (server(true, Auth::Login), server(true, Auth::Plain), None),
+            (
+                server(true, Auth::Login),
+                server(false, Auth::Login),
+                Some("set sync.target.master_user (with"),
+            ),
+            (
+                server(false, Auth::Plain),
+                server(false, Auth::Login),
+                Some("set sync.source.master_user and sync.target.master_user"),
+            ),
+            // An OAuth token is issued for the address itself.
+            (server(false, token()), server(true, Auth::Login), None),
+        ] {
+            let e = ep(source, target);
+            let got = missing_master(sales, &e);
+            match missing {
+                None => assert_eq!(got, None),
+                Some(m) => {
+                    let got = got.unwrap();
+                    assert!(got.contains(m) && got.contains("sales@x"), "{got}");
+                }
+            }
+            assert_eq!(
+                missing_master(&all[0], &e),
+                None,
+                "a file row has a password"
+            );
+        }
     }
 
     #[test]

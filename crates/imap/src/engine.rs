@@ -59,6 +59,10 @@ pub struct SyncOptions {
     /// Messages larger than this are copied slice by slice.
     pub stream_threshold: usize,
     pub stream_slice: usize,
+    /// `godwit sync --dry-run`: read both sides and the state, decide with the
+    /// same functions as a real run, and report what would be done; never
+    /// write to the target or the sync state.
+    pub dry_run: bool,
 }
 
 impl Default for SyncOptions {
@@ -71,6 +75,7 @@ impl Default for SyncOptions {
             parallel_folders: 4,
             stream_threshold: 4 << 20,
             stream_slice: 1 << 20,
+            dry_run: false,
         }
     }
 }
@@ -97,6 +102,10 @@ pub struct FolderReport {
     pub repaired: u64,
     pub flags_updated: u64,
     pub deleted: u64,
+    /// The target folder was created (with --dry-run: would be).
+    pub created: bool,
+    /// ACL entries set on the target folder (RFC 4314 3.1).
+    pub acls_set: u64,
     pub skipped: Vec<String>,
     pub notes: Vec<String>,
 }
@@ -109,6 +118,8 @@ pub struct AccountReport {
     /// Why each reconnect happened.
     pub interruptions: Vec<String>,
     pub error: Option<String>,
+    /// A --dry-run report: the counts are what a real run would do.
+    pub dry_run: bool,
 }
 
 impl AccountReport {
@@ -320,9 +331,12 @@ pub async fn sync_account(
 ) -> AccountReport {
     let mut report = AccountReport {
         address: address.to_string(),
+        dry_run: opts.dry_run,
         ..Default::default()
     };
-    let _ = state::sync_run_started(store, address).await;
+    if !opts.dry_run {
+        let _ = state::sync_run_started(store, address).await;
+    }
     let mut attempt = 0;
     // Work done by interrupted attempts, added into the final report.
     let mut carried: Vec<FolderReport> = Vec::new();
@@ -343,7 +357,10 @@ pub async fn sync_account(
             Ok(()) => {
                 merge_reports(&mut report.folders, carried);
                 ep.source.limits.succeeded();
-                let _ = state::set_account_status(store, address, state::Status::Ready, None).await;
+                if !opts.dry_run {
+                    let _ =
+                        state::set_account_status(store, address, state::Status::Ready, None).await;
+                }
                 return report;
             }
             Err(e) if e.is_transient() && attempt < opts.max_reconnects => {
@@ -361,9 +378,15 @@ pub async fn sync_account(
                 carried.append(&mut report.folders);
                 report.folders = carried;
                 let text = e.to_string();
-                let _ =
-                    state::set_account_status(store, address, state::Status::Seeding, Some(&text))
-                        .await;
+                if !opts.dry_run {
+                    let _ = state::set_account_status(
+                        store,
+                        address,
+                        state::Status::Seeding,
+                        Some(&text),
+                    )
+                    .await;
+                }
                 report.error = Some(text);
                 return report;
             }
@@ -422,6 +445,8 @@ fn merge_reports(into: &mut Vec<FolderReport>, earlier: Vec<FolderReport>) {
                 f.repaired += e.repaired;
                 f.flags_updated += e.flags_updated;
                 f.deleted += e.deleted;
+                f.created |= e.created;
+                f.acls_set += e.acls_set;
                 f.skipped.extend(e.skipped);
                 f.notes.extend(
                     e.notes
@@ -453,7 +478,8 @@ async fn sync_once(
     let src_list = list(&mut src).await?;
     let mut tgt_list = list(&mut tgt).await?;
     let pairs = mapping::map_folders(&src_list.side, &tgt_list.side, &ep.overrides, &ep.exclude);
-    for name in mapping::folders_to_create(&tgt_list.side, &pairs) {
+    let to_create = mapping::folders_to_create(&tgt_list.side, &pairs);
+    for name in to_create.iter().filter(|_| !opts.dry_run).cloned() {
         let wire = utf7::encode(&name);
         match tgt.session.create(&wire).await {
             Ok(()) => {}
@@ -478,8 +504,12 @@ async fn sync_once(
         .iter()
         .map(|p| src_list.wire_name(&p.source))
         .collect();
+    // With --dry-run a folder still to be created has no target STATUS: it
+    // is empty, with no UIDVALIDITY yet.
+    let missing = |p: &FolderPair| opts.dry_run && to_create.contains(&p.target);
     let tgt_names: Vec<String> = selectable
         .iter()
+        .filter(|p| !missing(p))
         .map(|p| tgt_list.wire_name(&p.target))
         .collect();
     let items = if src.has("CONDSTORE") {
@@ -491,7 +521,17 @@ async fn sync_once(
         src.status_many(&src_names, items),
         tgt.status_many(&tgt_names, "(UIDVALIDITY)")
     );
-    let (ss, ts) = (ss?, ts?);
+    let (ss, mut ts) = (ss?, ts?.into_iter());
+    let ts: Vec<Result<FolderStatus, String>> = selectable
+        .iter()
+        .map(|p| {
+            if missing(p) {
+                Ok(FolderStatus::default())
+            } else {
+                ts.next().unwrap_or_else(|| Err("no STATUS answer".into()))
+            }
+        })
+        .collect();
     let mut statuses: HashMap<String, (FolderStatus, FolderStatus)> = HashMap::new();
     let mut todo: Vec<&FolderPair> = Vec::new();
     for ((pair, s), t) in selectable.iter().zip(ss).zip(ts) {
@@ -528,6 +568,7 @@ async fn sync_once(
             source: pair.source.clone(),
             target: pair.target.clone(),
             unchanged: true,
+            created: to_create.contains(&pair.target),
             ..Default::default()
         };
         if let Some(n) = &pair.note {
@@ -551,7 +592,7 @@ async fn sync_once(
         workers.push((s, t?));
     }
     let queue = std::sync::Mutex::new(todo.into_iter().collect::<std::collections::VecDeque<_>>());
-    let (src_list, tgt_list) = (&src_list, &tgt_list);
+    let (src_list, tgt_list, to_create) = (&src_list, &tgt_list, &to_create);
     let results = futures::future::join_all(workers.into_iter().map(|(mut src, mut tgt)| {
         let queue = &queue;
         async move {
@@ -563,6 +604,7 @@ async fn sync_once(
                 let mut fr = FolderReport {
                     source: pair.source.clone(),
                     target: pair.target.clone(),
+                    created: to_create.contains(&pair.target),
                     ..Default::default()
                 };
                 if let Some(n) = &pair.note {
@@ -584,6 +626,7 @@ async fn sync_once(
                         progress,
                         &mut fr,
                         statuses[&pair.source],
+                        to_create.contains(&pair.target),
                     )
                     .await;
                     if let Err(e) = r {
@@ -613,7 +656,10 @@ async fn sync_once(
     }
     report.folders.sort_by(|a, b| a.target.cmp(&b.target));
     if ep.acls {
-        copy_acls(ep, source, target, &pairs, src_list, tgt_list, report).await?;
+        copy_acls(
+            ep, source, target, &pairs, src_list, tgt_list, to_create, opts, report,
+        )
+        .await?;
     }
     for n in src_list.notes.iter().cloned() {
         report.folders.push(FolderReport {
@@ -627,7 +673,9 @@ async fn sync_once(
 /// Copies each folder's ACL entries (GETACL, then SETACL for each entry the
 /// target lacks or holds with other rights; RFC 4314 3.1, 3.3), mapping
 /// delegates to their target users. Identifiers with no target user are
-/// reported on the folder, never dropped silently.
+/// reported on the folder, never dropped silently. With --dry-run, the
+/// entries that would be set are reported and nothing is set.
+#[allow(clippy::too_many_arguments)]
 async fn copy_acls(
     ep: &Endpoints,
     source: &Login,
@@ -635,6 +683,8 @@ async fn copy_acls(
     pairs: &[FolderPair],
     src_list: &Listing,
     tgt_list: &Listing,
+    to_create: &[String],
+    opts: &SyncOptions,
     report: &mut AccountReport,
 ) -> Result<(), ImapError> {
     let mut src = Conn::open(&ep.source, source).await?;
@@ -652,15 +702,35 @@ async fn copy_acls(
         return Ok(());
     }
     let new_rights = crate::acl::has_rfc4314_rights(tgt.rights_capability().as_deref());
+    let mut new_folder_acl: Option<crate::acl::Acl> = None;
     for pair in pairs.iter().filter(|p| p.selectable) {
         let from = src.get_acl(&src_list.wire_name(&pair.source)).await?;
         let tgt_wire = tgt_list.wire_name(&pair.target);
-        let have = tgt.get_acl(&tgt_wire).await?;
+        // A folder a dry run did not create has no ACL to read: it is taken
+        // to start as a new folder does on the servers we know (Dovecot,
+        // Cyrus, Exchange), with the owner's full rights, as on INBOX.
+        let have = if opts.dry_run && to_create.contains(&pair.target) {
+            if new_folder_acl.is_none() {
+                new_folder_acl = Some(tgt.get_acl("INBOX").await.unwrap_or_default());
+            }
+            new_folder_acl.clone().unwrap_or_default()
+        } else {
+            tgt.get_acl(&tgt_wire).await?
+        };
         let (want, unmapped) = crate::acl::wanted(&from, &ep.acl_users, new_rights);
         let mut notes = Vec::new();
+        let mut set = 0;
         for (id, rights) in crate::acl::changes(&want, &have, new_rights) {
+            if opts.dry_run {
+                notes.push(format!("ACL: would set {id} to {rights}"));
+                set += 1;
+                continue;
+            }
             match tgt.set_acl(&tgt_wire, &id, &rights).await {
-                Ok(()) => notes.push(format!("ACL: {id} set to {rights}")),
+                Ok(()) => {
+                    notes.push(format!("ACL: {id} set to {rights}"));
+                    set += 1;
+                }
                 Err(e) => notes.push(format!("ACL: {id} {rights} refused by the target: {e}")),
             }
         }
@@ -672,6 +742,7 @@ async fn copy_acls(
         }
         if let Some(fr) = report.folders.iter_mut().find(|f| f.source == pair.source) {
             fr.notes.extend(notes);
+            fr.acls_set += set;
         }
     }
     src.logout().await;
@@ -692,6 +763,7 @@ async fn sync_folder(
     progress: &Progress,
     fr: &mut FolderReport,
     statuses: (FolderStatus, FolderStatus),
+    create: bool,
 ) -> Result<(), ImapError> {
     let (status, _) = statuses;
     let validity = status.uid_validity;
@@ -721,6 +793,22 @@ async fn sync_folder(
         }
     }
     src.drain_unsolicited();
+    if opts.dry_run {
+        return plan_folder_dry(
+            store,
+            address,
+            tgt,
+            pair,
+            tgt_wire,
+            validity,
+            &source_flags,
+            &sizes,
+            opts,
+            fr,
+            create,
+        )
+        .await;
+    }
 
     // Target: which UIDs the state knows.
     let tbox = tgt
@@ -837,13 +925,7 @@ async fn sync_folder(
     state::record_messages(store, address, &pair.source, &repaired_rows).await?;
     current.extend(repaired_rows);
 
-    let by_uid: HashMap<u32, MessageRow> =
-        current.iter().map(|r| (r.source_uid, r.clone())).collect();
-    let new_uids: Vec<u32> = source_flags
-        .keys()
-        .copied()
-        .filter(|u| !by_uid.contains_key(u))
-        .collect();
+    let new_uids = new_messages(&source_flags, &current);
     progress
         .messages_total
         .fetch_add(new_uids.len() as u64, Ordering::Relaxed);
@@ -858,8 +940,7 @@ async fn sync_folder(
     });
     for uid in large {
         let size = sizes[&uid];
-        if let Some(limit) = append_limit.filter(|l| u64::from(size) > *l) {
-            let reason = format!("{size} bytes exceeds the target's APPENDLIMIT of {limit}");
+        if let Some(reason) = over_append_limit(u64::from(size), append_limit) {
             state::record_skipped(store, address, &pair.source, validity, uid, None, &reason)
                 .await?;
             fr.skipped.push(format!("UID {uid}: {reason}"));
@@ -1019,20 +1100,8 @@ async fn sync_folder(
                 && r.target_uidvalidity == tvalidity
         })
         .collect();
-    let mut by_flags: BTreeMap<String, Vec<u32>> = BTreeMap::new();
-    let mut updated = Vec::new();
-    for r in &current {
-        if let (Some(f), Some(tuid)) = (source_flags.get(&r.source_uid), r.target_uid)
-            && *f != r.flags
-        {
-            by_flags.entry(f.clone()).or_default().push(tuid);
-            let mut u = r.clone();
-            u.flags = f.clone();
-            updated.push(u);
-        }
-    }
-    for (flags, mut uids) in by_flags {
-        uids.sort_unstable();
+    let (by_flags, updated) = flag_updates(&source_flags, &current);
+    for (flags, uids) in by_flags {
         let _: Vec<Fetch> = tgt
             .session
             .uid_store(uid_set(&uids), format!("FLAGS.SILENT ({flags})"))
@@ -1044,13 +1113,9 @@ async fn sync_folder(
     state::record_messages(store, address, &pair.source, &updated).await?;
 
     // Expunged on the source since the last run.
-    let gone: Vec<&MessageRow> = current
-        .iter()
-        .filter(|r| !source_flags.contains_key(&r.source_uid))
-        .collect();
+    let gone = expunged_on_source(&source_flags, &current);
     if !gone.is_empty() && opts.propagate_deletes {
-        let mut tuids: Vec<u32> = gone.iter().filter_map(|r| r.target_uid).collect();
-        tuids.sort_unstable();
+        let tuids = target_uids(&gone);
         if !tuids.is_empty() {
             if !tgt.has("UIDPLUS") {
                 fr.notes.push("target lacks UIDPLUS: deletes not propagated (EXPUNGE would remove other messages)".into());
@@ -1105,6 +1170,150 @@ async fn sync_folder(
         },
     )
     .await?;
+    Ok(())
+}
+
+/// Source UIDs the state has no row for: the messages to copy (RFC 3501
+/// 2.3.1.1: rows of the current UIDVALIDITY only). Pure: the real run and
+/// --dry-run both decide with it.
+pub fn new_messages(source_flags: &BTreeMap<u32, String>, rows: &[MessageRow]) -> Vec<u32> {
+    let known: HashSet<u32> = rows.iter().map(|r| r.source_uid).collect();
+    source_flags
+        .keys()
+        .copied()
+        .filter(|u| !known.contains(u))
+        .collect()
+}
+
+/// The target's APPENDLIMIT (RFC 7889) refuses a message this large: why.
+pub fn over_append_limit(size: u64, limit: Option<u64>) -> Option<String> {
+    limit
+        .filter(|l| size > *l)
+        .map(|l| format!("{size} bytes exceeds the target's APPENDLIMIT of {l}"))
+}
+
+/// Paired messages whose source flags differ from what the target holds:
+/// target UIDs grouped by the flag set to store (RFC 3501 6.4.6 STORE FLAGS
+/// replaces the set, so one STORE per distinct set), and the rows as they
+/// will be after it.
+pub fn flag_updates(
+    source_flags: &BTreeMap<u32, String>,
+    rows: &[MessageRow],
+) -> (BTreeMap<String, Vec<u32>>, Vec<MessageRow>) {
+    let mut by_flags: BTreeMap<String, Vec<u32>> = BTreeMap::new();
+    let mut updated = Vec::new();
+    for r in rows {
+        if let (Some(f), Some(tuid)) = (source_flags.get(&r.source_uid), r.target_uid)
+            && *f != r.flags
+        {
+            by_flags.entry(f.clone()).or_default().push(tuid);
+            updated.push(MessageRow {
+                flags: f.clone(),
+                ..r.clone()
+            });
+        }
+    }
+    for uids in by_flags.values_mut() {
+        uids.sort_unstable();
+    }
+    (by_flags, updated)
+}
+
+/// Rows whose source message is gone (expunged since the last run).
+pub fn expunged_on_source<'a>(
+    source_flags: &BTreeMap<u32, String>,
+    rows: &'a [MessageRow],
+) -> Vec<&'a MessageRow> {
+    rows.iter()
+        .filter(|r| !source_flags.contains_key(&r.source_uid))
+        .collect()
+}
+
+/// The target UIDs of `rows`, sorted (rows without one name no target message).
+pub fn target_uids(rows: &[&MessageRow]) -> Vec<u32> {
+    let mut t: Vec<u32> = rows.iter().filter_map(|r| r.target_uid).collect();
+    t.sort_unstable();
+    t
+}
+
+/// `--dry-run` for one folder: the same decisions as `sync_folder` from the
+/// same inputs (the source's UIDs, flags and sizes, the state's rows), with
+/// the target only EXAMINEd (RFC 3501 6.3.2: read-only) and nothing written.
+/// What a dry run cannot know without downloading bodies is said in a note:
+/// copies that match a target message the state does not know, or a row
+/// from before a UIDVALIDITY change, are paired by a real run instead.
+#[allow(clippy::too_many_arguments)]
+async fn plan_folder_dry(
+    store: &Store,
+    address: &str,
+    tgt: &mut Conn,
+    pair: &FolderPair,
+    tgt_wire: &str,
+    validity: u32,
+    source_flags: &BTreeMap<u32, String>,
+    sizes: &HashMap<u32, u32>,
+    opts: &SyncOptions,
+    fr: &mut FolderReport,
+    create: bool,
+) -> Result<(), ImapError> {
+    let (tvalidity, texists) = if create {
+        (0, 0)
+    } else {
+        let tbox = tgt
+            .session
+            .examine(tgt_wire)
+            .await
+            .map_err(|e| folder_err(&pair.target, "EXAMINE", e))?;
+        tgt.drain_unsolicited();
+        (tbox.uid_validity.unwrap_or(0), tbox.exists)
+    };
+    let rows = state::messages(store, address, &pair.source).await?;
+    let (current, old): (Vec<MessageRow>, Vec<MessageRow>) = rows
+        .into_iter()
+        .partition(|r| r.source_uidvalidity == validity);
+    // As in sync_folder: rows naming another target folder or UIDVALIDITY
+    // no longer name a target message, and their messages count as new.
+    let current: Vec<MessageRow> = current
+        .into_iter()
+        .filter(|r| r.target_folder == pair.target && r.target_uidvalidity == tvalidity)
+        .collect();
+    let append_limit = tgt.append_limit();
+    for uid in new_messages(source_flags, &current) {
+        let size = u64::from(sizes.get(&uid).copied().unwrap_or(0));
+        match over_append_limit(size, append_limit) {
+            Some(reason) => fr.skipped.push(format!("UID {uid}: {reason}")),
+            None => {
+                fr.copied += 1;
+                fr.bytes += size;
+            }
+        }
+    }
+    let unknown = u64::from(texists).saturating_sub(current.len() as u64);
+    if unknown > 0 && fr.copied > 0 {
+        fr.notes.push(format!(
+            "the target holds {unknown} messages the sync state does not know: copies identical to one of them (Message-ID and digest) are paired instead"
+        ));
+    }
+    if !old.is_empty() {
+        fr.notes.push(format!(
+            "source UIDVALIDITY changed ({} -> {validity}): {} messages are re-paired by Message-ID and digest where they match",
+            old[0].source_uidvalidity,
+            old.len()
+        ));
+    }
+    let (by_flags, _) = flag_updates(source_flags, &current);
+    fr.flags_updated = by_flags.values().map(|u| u.len() as u64).sum();
+    let gone = expunged_on_source(source_flags, &current);
+    if opts.propagate_deletes && !gone.is_empty() {
+        if tgt.has("UIDPLUS") {
+            fr.deleted = target_uids(&gone).len() as u64;
+        } else {
+            fr.notes.push(
+                "target lacks UIDPLUS: deletes would not be propagated (EXPUNGE would remove other messages)"
+                    .into(),
+            );
+        }
+    }
     Ok(())
 }
 
@@ -1395,13 +1604,7 @@ async fn place_batch(
             });
             continue;
         }
-        if let Some(limit) = append_limit
-            && body.len() as u64 > limit
-        {
-            let reason = format!(
-                "{} bytes exceeds the target's APPENDLIMIT of {limit}",
-                body.len()
-            );
+        if let Some(reason) = over_append_limit(body.len() as u64, append_limit) {
             state::record_skipped(
                 store,
                 address,
@@ -1443,6 +1646,76 @@ async fn place_batch(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn row(uid: u32, tuid: Option<u32>, flags: &str) -> MessageRow {
+        MessageRow {
+            source_uidvalidity: 7,
+            source_uid: uid,
+            target_folder: "INBOX".into(),
+            target_uidvalidity: 9,
+            target_uid: tuid,
+            message_id: None,
+            digest: String::new(),
+            flags: flags.into(),
+        }
+    }
+
+    #[test]
+    fn folder_decisions() {
+        // Source: UIDs 1..=5 with flags; state: 1 (same flags), 2 (flags
+        // changed), 3 (changed, but no target UID: cannot be stored), 6
+        // (expunged from the source) and 8 (expunged, no target UID).
+        let source: BTreeMap<u32, String> = [
+            (1, "\\Seen"),
+            (2, "\\Flagged \\Seen"),
+            (3, "\\Seen"),
+            (4, ""),
+            (5, "\\Seen"),
+        ]
+        .into_iter()
+        .map(|(u, f)| (u, f.to_string()))
+        .collect();
+        let rows = vec![
+            row(1, Some(11), "\\Seen"),
+            row(2, Some(12), "\\Seen"),
+            row(3, None, ""),
+            row(6, Some(16), ""),
+            row(8, None, ""),
+        ];
+        assert_eq!(new_messages(&source, &rows), vec![4, 5]);
+        let (by_flags, updated) = flag_updates(&source, &rows);
+        assert_eq!(
+            by_flags.into_iter().collect::<Vec<_>>(),
+            vec![("\\Flagged \\Seen".to_string(), vec![12])]
+        );
+        assert_eq!(updated.len(), 1);
+        assert_eq!(updated[0].flags, "\\Flagged \\Seen");
+        let gone = expunged_on_source(&source, &rows);
+        assert_eq!(
+            gone.iter().map(|r| r.source_uid).collect::<Vec<_>>(),
+            vec![6, 8]
+        );
+        assert_eq!(target_uids(&gone), vec![16]);
+        assert_eq!(over_append_limit(10, None), None);
+        assert_eq!(over_append_limit(10, Some(10)), None);
+        assert_eq!(
+            over_append_limit(11, Some(10)).as_deref(),
+            Some("11 bytes exceeds the target's APPENDLIMIT of 10")
+        );
+        // Several flag sets: one STORE each, UIDs sorted.
+        let source: BTreeMap<u32, String> = [(1, "a"), (2, "b"), (3, "a")]
+            .into_iter()
+            .map(|(u, f)| (u, f.to_string()))
+            .collect();
+        let rows = vec![
+            row(3, Some(30), ""),
+            row(1, Some(10), ""),
+            row(2, Some(20), ""),
+        ];
+        let (by_flags, _) = flag_updates(&source, &rows);
+        assert_eq!(by_flags["a"], vec![10, 30]);
+        assert_eq!(by_flags["b"], vec![20]);
+    }
 
     #[test]
     fn uid_sets() {

@@ -66,6 +66,10 @@ impl TokenSource {
                 {
                     return Ok(c.token.clone());
                 }
+                // expires_in counts from when the server issued the token,
+                // which is after this instant: the life is measured from here
+                // so the refresh is never late by the request's round trip.
+                let asked = Instant::now();
                 let (token, expires_in) = client_credentials(
                     url,
                     client_id,
@@ -77,7 +81,7 @@ impl TokenSource {
                 let life = expires_in.unwrap_or(Duration::from_secs(3600));
                 *cache.lock().unwrap() = Some(Cached {
                     token: token.clone(),
-                    until: Instant::now() + refresh_at(life),
+                    until: asked + refresh_at(life),
                 });
                 Ok(token)
             }

@@ -3,7 +3,8 @@
 //! beside a client-credentials token endpoint (tests/oauth/token_server.py).
 //! Both grant styles sync; a token the server refuses ends that account with
 //! the server's text while the others go on; a token past its expires_in is
-//! replaced before the next login.
+//! replaced before the next login, including the reconnect of a copy that
+//! outlived its token.
 
 mod common;
 
@@ -244,4 +245,84 @@ async fn token_command_per_address_and_refusals_end_only_their_account() {
         broken.contains("token_command sh: exit status: 3 for broken@example.com: no vault"),
         "{broken}"
     );
+}
+
+/// A token that lapses in the middle of one account's copy: the source drops
+/// the session (`doveadm kick`) after the 2 s token has expired, and the
+/// reconnect must log in with a new one (the old one is refused by then, so
+/// reusing it would end the account). The copy resumes and finishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_lapsing_mid_copy_is_refreshed_on_the_reconnect() {
+    let tokens = TokenServer::start(2);
+    let (source, _conf) = oauth_dovecot(&tokens);
+    let target = Dovecot::start(Flavor::Source, &USERS);
+    let mut s = login(source.port, APP_USER).await;
+    for i in 0..100 {
+        let body = format!("refresh {i}\r\n{}", "z".repeat(2_000));
+        append(
+            &mut s,
+            "INBOX",
+            "(\\Seen)",
+            "28-Nov-2026 10:00:00 +0000",
+            &message(Some(&format!("<r{i}@x>")), "r", &body),
+        )
+        .await;
+    }
+    s.logout().await.unwrap();
+    let grant = Arc::new(TokenSource::ClientCredentials {
+        url: format!("http://127.0.0.1:{}/token", tokens.port),
+        client_id: "godwit-app".into(),
+        client_secret: "s3cret:with/odd chars".into(),
+        scope: None,
+        tls_insecure: false,
+        cache: Default::default(),
+    });
+    let mut ep = endpoints(&source, &target, Auth::XOAuth2(grant));
+    // About 200 kB at 25 kB/s: the copy lasts well past the token's 2 s.
+    ep.source.limits = Arc::new(godwit_imap::limits::ServerLimits::new(8, Some(25_000)));
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(dir.path()).await;
+    let started = Instant::now();
+    let sync = {
+        let (store, ep) = (store.clone(), ep.clone());
+        tokio::spawn(async move {
+            sync_account(
+                &store,
+                &ep,
+                APP_USER,
+                &no_password(APP_USER),
+                &login_of(APP_USER),
+                &SyncOptions {
+                    parallel_folders: 1,
+                    ..Default::default()
+                },
+                Arc::new(Default::default()),
+            )
+            .await
+        })
+    };
+    while started.elapsed() < Duration::from_millis(2300) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        !sync.is_finished(),
+        "the copy ended before the token lapsed"
+    );
+    assert_eq!(tokens.issued(), 1, "one token until it is due");
+    source.doveadm(&["kick", APP_USER]);
+    let report = sync.await.unwrap();
+    assert_eq!(report.error, None, "{report:#?}");
+    assert!(report.reconnects >= 1, "the kick was noticed: {report:#?}");
+    assert!(tokens.issued() >= 2, "no new token after the lapse");
+    let mut t = login(target.port, APP_USER).await;
+    assert_eq!(count(&mut t, "INBOX").await, 100);
+    t.logout().await.unwrap();
+    // The first token was dead when the reconnect logged in.
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", tokens.port)).unwrap();
+    use std::io::{Read, Write};
+    c.write_all(b"POST /introspect HTTP/1.0\r\nContent-Length: 10\r\n\r\ntoken=cc-1")
+        .unwrap();
+    let mut out = String::new();
+    c.read_to_string(&mut out).unwrap();
+    assert!(out.ends_with("{\"active\": false}"), "{out}");
 }
