@@ -22,10 +22,12 @@ use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read configuration file {path}: {source}")]
+    /// The reason is in the message and not a `source`: printed with its
+    /// chain (`{:#}`), it would otherwise show twice.
+    #[error("cannot read configuration file {path}: {error}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("configuration file {path}: {message}")]
     Parse { path: PathBuf, message: String },
@@ -218,7 +220,7 @@ pub enum TlsPolicy {
     Require,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PlatformConfig {
     /// "host:port" entries, tried in order.
@@ -522,9 +524,9 @@ impl Default for EventsConfig {
 
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
             path: path.to_path_buf(),
-            source,
+            error,
         })?;
         let mut config = Config::parse(&text).map_err(|message| ConfigError::Parse {
             path: path.to_path_buf(),
@@ -1017,145 +1019,163 @@ pub fn check_log_level(spec: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Which keys changed between the running configuration and a reloaded one:
-/// (applied live, needs a restart). Keys are named as in the file.
-pub fn reload_plan(old: &Config, new: &Config) -> (Vec<String>, Vec<String>) {
-    let d = |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") != format!("{b:?}");
-    let mut live = Vec::new();
-    let mut restart = Vec::new();
-    let mut note = |changed: bool, key: &str, is_live: bool| {
-        if changed {
-            if is_live {
-                live.push(key.to_string())
-            } else {
-                restart.push(key.to_string())
-            }
-        }
+/// What a SIGHUP does with a reloaded file: the keys applied live, the keys
+/// that need a restart, and the configuration to run with from now on.
+#[derive(Debug, Clone)]
+pub struct ReloadPlan {
+    /// Changed keys that take effect now (as named in the file).
+    pub applied: Vec<String>,
+    /// Changed keys that take effect only after a restart.
+    pub restart_needed: Vec<String>,
+    /// The new file, except that every key in `restart_needed` keeps its
+    /// running value: nothing restart-only is half applied (a new hostname
+    /// in HELO but not in the banner), and the next reload names it again.
+    pub effective: Config,
+}
+
+/// Whether two values differ: by their serialized form (which shows a
+/// secret's value, unlike Debug) or by Debug (which keeps a duration's
+/// sub-second part, unlike the serialized "1h 30m").
+fn changed<T: std::fmt::Debug + Serialize>(a: &T, b: &T) -> bool {
+    format!("{a:?}") != format!("{b:?}")
+        || serde_json::to_value(a).ok() != serde_json::to_value(b).ok()
+}
+
+/// The fields of a section that differ, as `prefix.field`, by name.
+fn changed_fields<T: std::fmt::Debug + Serialize>(prefix: &str, a: &T, b: &T) -> Vec<String> {
+    let (Ok(serde_json::Value::Object(x)), Ok(serde_json::Value::Object(y))) =
+        (serde_json::to_value(a), serde_json::to_value(b))
+    else {
+        return if changed(a, b) {
+            vec![prefix.to_string()]
+        } else {
+            Vec::new()
+        };
     };
-    let (o, n) = (&old.smtp, &new.smtp);
-    note(d(&old.hostname, &new.hostname), "hostname", false);
-    note(d(&old.node_name, &new.node_name), "node_name", false);
-    note(d(&old.data_dir, &new.data_dir), "data_dir", false);
-    note(d(&o.listen, &n.listen), "smtp.listen", false);
-    note(
-        d(&o.max_message_size, &n.max_message_size),
-        "smtp.max_message_size",
-        true,
-    );
-    note(
-        d(&o.max_data_memory, &n.max_data_memory),
-        "smtp.max_data_memory",
-        true,
-    );
-    note(
-        d(&o.max_recipients, &n.max_recipients),
-        "smtp.max_recipients",
-        true,
-    );
-    note(
-        d(&o.max_command_line, &n.max_command_line),
-        "smtp.max_command_line",
-        true,
-    );
-    note(
-        d(&o.command_timeout, &n.command_timeout),
-        "smtp.command_timeout",
-        true,
-    );
-    note(
-        d(&o.data_timeout, &n.data_timeout),
-        "smtp.data_timeout",
-        true,
-    );
-    note(
-        d(&o.max_connections, &n.max_connections),
-        "smtp.max_connections",
-        true,
-    );
-    note(
-        d(&o.max_connections_per_ip, &n.max_connections_per_ip),
-        "smtp.max_connections_per_ip",
-        true,
-    );
-    note(
-        d(&o.greeting_delay, &n.greeting_delay),
-        "smtp.greeting_delay",
-        true,
-    );
-    note(d(&o.max_errors, &n.max_errors), "smtp.max_errors", true);
-    note(
-        d(&o.bare_newline, &n.bare_newline),
-        "smtp.bare_newline",
-        true,
-    );
-    note(
-        d(&o.max_received_headers, &n.max_received_headers),
-        "smtp.max_received_headers",
-        true,
-    );
-    note(
-        d(&o.max_trace_hops, &n.max_trace_hops),
-        "smtp.max_trace_hops",
-        true,
-    );
-    note(d(&o.tls_cert, &n.tls_cert), "smtp.tls_cert", true);
-    note(d(&o.tls_key, &n.tls_key), "smtp.tls_key", true);
-    note(d(&old.domains, &new.domains), "domains.accepted", true);
-    // The delivery engine takes platforms and queue settings when it starts.
+    let mut keys: Vec<String> = x
+        .keys()
+        .chain(y.keys().filter(|k| !x.contains_key(*k)))
+        .filter(|k| x.get(*k) != y.get(*k))
+        .map(|k| format!("{prefix}.{k}"))
+        .collect();
+    if keys.is_empty() && changed(a, b) {
+        keys.push(prefix.to_string());
+    }
+    keys.dedup();
+    keys
+}
+
+/// A platform's keys that only the IMAP/POP3 front reads, and it reads them
+/// when it starts.
+const PLATFORM_ACCESS_KEYS: [&str; 5] = [
+    "imap",
+    "pop3",
+    "imap_master_user",
+    "imap_master_password",
+    "imap_master_separator",
+];
+
+/// Which keys changed between the running configuration and a reloaded one,
+/// and which of them a running gateway can apply. Pure: the driver (serve's
+/// SIGHUP handler) applies `effective`. Live: SMTP limits, timeouts and
+/// certificate, accepted domains, platforms (relay hosts, TLS, limits, and
+/// adding or removing one: new deliveries use the new settings), routing
+/// defaults, queue settings, log level, directory policy, outbound delivery
+/// and DKIM keys. Restart: anything that binds a socket, opens the store or
+/// the spool, or is read once at start.
+pub fn reload_plan(old: &Config, new: &Config) -> ReloadPlan {
+    let mut eff = new.clone();
+    let mut applied: Vec<String> = Vec::new();
+    let mut restart: Vec<String> = Vec::new();
+    macro_rules! live {
+        ($key:expr, $($f:ident).+) => {
+            if changed(&old.$($f).+, &new.$($f).+) {
+                applied.push($key.to_string());
+            }
+        };
+    }
+    macro_rules! needs_restart {
+        ($key:expr, $($f:ident).+) => {
+            if changed(&old.$($f).+, &new.$($f).+) {
+                restart.push($key.to_string());
+                eff.$($f).+ = old.$($f).+.clone();
+            }
+        };
+    }
+    needs_restart!("hostname", hostname);
+    needs_restart!("node_name", node_name);
+    needs_restart!("data_dir", data_dir);
+    needs_restart!("smtp.listen", smtp.listen);
+    // Everything else in [smtp] is read per session (smtpd's reload).
+    let mut smtp_old = old.smtp.clone();
+    smtp_old.listen = new.smtp.listen.clone();
+    applied.extend(changed_fields("smtp", &smtp_old, &new.smtp));
+    live!("domains.accepted", domains);
     for name in old.platforms.keys().chain(
         new.platforms
             .keys()
             .filter(|k| !old.platforms.contains_key(*k)),
     ) {
-        note(
-            d(&old.platforms.get(name), &new.platforms.get(name)),
-            &format!("platforms.{name}"),
-            false,
-        );
+        let key = format!("platforms.{name}");
+        match (old.platforms.get(name), new.platforms.get(name)) {
+            (Some(o), Some(n)) => {
+                for k in changed_fields(&key, o, n) {
+                    let field = k.rsplit('.').next().unwrap_or_default();
+                    if PLATFORM_ACCESS_KEYS.contains(&field) && old.access.is_some() {
+                        let e = eff.platforms.get_mut(name).expect("in new");
+                        e.imap = o.imap.clone();
+                        e.pop3 = o.pop3.clone();
+                        e.imap_master_user = o.imap_master_user.clone();
+                        e.imap_master_password = o.imap_master_password.clone();
+                        e.imap_master_separator = o.imap_master_separator.clone();
+                        restart.push(k);
+                    } else {
+                        applied.push(k);
+                    }
+                }
+            }
+            // Added or removed: the delivery engine follows; a route naming
+            // a removed platform defers its mail (4.3.5), never bounces it.
+            _ => applied.push(key),
+        }
     }
-    note(
-        d(&old.routing.default, &new.routing.default),
-        "routing.default",
-        true,
-    );
-    note(
-        d(&old.routing.domains, &new.routing.domains),
-        "routing.domains",
-        true,
-    );
-    note(d(&old.queue, &new.queue), "queue", false);
-    note(d(&old.store, &new.store), "store.url", false);
-    note(d(&old.log.level, &new.log.level), "log.level", true);
-    note(d(&old.log.format, &new.log.format), "log.format", false);
-    note(d(&old.admin, &new.admin), "admin", false);
-    note(d(&old.events, &new.events), "events", false);
-    let (od, nd) = (&old.directory, &new.directory);
-    note(
-        d(&od.unknown_recipient, &nd.unknown_recipient),
-        "directory.unknown_recipient",
-        true,
-    );
-    note(
-        d(&od.expansion_limit, &nd.expansion_limit),
-        "directory.expansion_limit",
-        true,
-    );
-    note(
-        d(&od.expand_groups, &nd.expand_groups),
-        "directory.expand_groups",
-        false,
-    );
+    live!("routing.default", routing.default);
+    live!("routing.domains", routing.domains);
+    applied.extend(changed_fields("queue", &old.queue, &new.queue));
+    needs_restart!("store.url", store);
+    live!("log.level", log.level);
+    needs_restart!("log.format", log.format);
+    needs_restart!("admin", admin);
+    needs_restart!("events", events);
+    live!("directory.unknown_recipient", directory.unknown_recipient);
+    live!("directory.expansion_limit", directory.expansion_limit);
+    needs_restart!("directory.expand_groups", directory.expand_groups);
     // Read by the CLI commands, each time they run.
-    note(
-        d(&od.target_platform, &nd.target_platform),
-        "directory.target_platform",
-        true,
-    );
-    note(d(&old.sync, &new.sync), "sync", true);
-    note(d(&old.outbound, &new.outbound), "outbound", false);
-    note(d(&old.dkim, &new.dkim), "dkim", false);
-    note(d(&old.submission, &new.submission), "submission", false);
-    (live, restart)
+    live!("directory.target_platform", directory.target_platform);
+    live!("directory.max_verify_age", directory.max_verify_age);
+    live!("sync", sync);
+    match (&old.outbound, &new.outbound) {
+        (Some(o), Some(n)) => {
+            // The relay port is bound at start; the rest is read per
+            // session and per delivery.
+            if changed(&o.listen, &n.listen) {
+                restart.push("outbound.listen".into());
+                eff.outbound.as_mut().expect("in new").listen = o.listen.clone();
+            }
+            let mut o2 = o.clone();
+            o2.listen = n.listen.clone();
+            applied.extend(changed_fields("outbound", &o2, n));
+        }
+        _ => needs_restart!("outbound", outbound),
+    }
+    live!("dkim", dkim);
+    needs_restart!("submission", submission);
+    needs_restart!("access", access);
+    ReloadPlan {
+        applied,
+        restart_needed: restart,
+        effective: eff,
+    }
 }
 
 /// "host:port" with a numeric port; IPv6 literals as "[::1]:25".
@@ -1732,19 +1752,122 @@ max_backoff = "1h"
     #[test]
     fn reload_plan_names_live_and_restart_keys() {
         let old = load(GOOD).unwrap();
-        let mut new = old.clone();
-        new.routing.default = "new".into();
-        new.log.level = "debug".into();
-        new.smtp.max_message_size = 20_000_000;
-        new.smtp.listen = vec!["127.0.0.1:2526".parse().unwrap()];
-        new.platforms.get_mut("old").unwrap().max_connections = 3;
-        let (live, restart) = reload_plan(&old, &new);
-        assert_eq!(
-            live,
-            ["smtp.max_message_size", "routing.default", "log.level"]
+        let with_access = {
+            let mut c = old.clone();
+            c.access = Some(Default::default());
+            c
+        };
+        /// (what, the running file, the edit, applied, restart needed)
+        type Row<'a> = (
+            &'a str,
+            &'a Config,
+            fn(&mut Config),
+            &'a [&'a str],
+            &'a [&'a str],
         );
-        assert_eq!(restart, ["smtp.listen", "platforms.old"]);
-        assert_eq!(reload_plan(&old, &old), (vec![], vec![]));
+        let table: &[Row] = &[
+            ("nothing", &old, |_| {}, &[], &[]),
+            (
+                "smtp limits live, listen restart",
+                &old,
+                |c| {
+                    c.smtp.max_message_size = 20_000_000;
+                    c.smtp.listen = vec!["127.0.0.1:2526".parse().unwrap()];
+                },
+                &["smtp.max_message_size"],
+                &["smtp.listen"],
+            ),
+            (
+                "a platform's relay, limit and TLS",
+                &old,
+                |c| {
+                    let p = c.platforms.get_mut("old").unwrap();
+                    p.relay = vec!["127.0.0.1:2699".into()];
+                    p.tls = TlsPolicy::Require;
+                    p.max_connections = 3;
+                },
+                &[
+                    "platforms.old.max_connections",
+                    "platforms.old.relay",
+                    "platforms.old.tls",
+                ],
+                &[],
+            ),
+            (
+                "adding and removing platforms",
+                &old,
+                |c| {
+                    c.platforms.remove("new");
+                    let third = c.platforms["old"].clone();
+                    c.platforms.insert("third".into(), third);
+                },
+                &["platforms.new", "platforms.third"],
+                &[],
+            ),
+            (
+                "a platform's IMAP server with the access front: restart",
+                &with_access,
+                |c| {
+                    c.platforms.get_mut("old").unwrap().imap =
+                        Some(crate::MailUrl::parse("imap://127.0.0.1:1143").unwrap());
+                    c.platforms.get_mut("old").unwrap().max_rate = 5.0;
+                },
+                &["platforms.old.max_rate"],
+                &["platforms.old.imap"],
+            ),
+            (
+                "routing, queue, log level live; log format, store restart",
+                &old,
+                |c| {
+                    c.routing.default = "new".into();
+                    c.queue.max_backoff = Duration::from_secs(60);
+                    c.queue.scan_interval = Duration::from_millis(100);
+                    c.log.level = "debug".into();
+                    c.log.format = "json".into();
+                    c.store.url = Some("postgres://db/godwit".into());
+                },
+                &[
+                    "routing.default",
+                    "queue.max_backoff",
+                    "queue.scan_interval",
+                    "log.level",
+                ],
+                &["store.url", "log.format"],
+            ),
+            (
+                "hostname, data_dir, admin, submission, access: restart",
+                &old,
+                |c| {
+                    c.hostname = "other.example.com".into();
+                    c.data_dir = "/tmp/y".into();
+                    c.admin.listen = None;
+                    c.access = Some(Default::default());
+                },
+                &[],
+                &["hostname", "data_dir", "admin", "access"],
+            ),
+        ];
+        for (what, base, edit, live, restart) in table {
+            let mut new = (*base).clone();
+            edit(&mut new);
+            let plan = reload_plan(base, &new);
+            assert_eq!(plan.applied, *live, "{what}: applied");
+            assert_eq!(plan.restart_needed, *restart, "{what}: restart");
+            // Nothing restart-only is applied: diffing the effective
+            // configuration against the running one shows only live keys.
+            let again = reload_plan(base, &plan.effective);
+            assert_eq!(again.applied, *live, "{what}: effective");
+            assert!(again.restart_needed.is_empty(), "{what}: {again:?}");
+        }
+        // A secret's change is seen although Debug masks it.
+        let mut new = old.clone();
+        new.platforms.get_mut("old").unwrap().outbound_password = Some(SecretRef("a".into()));
+        let mut newer = new.clone();
+        newer.platforms.get_mut("old").unwrap().outbound_password = Some(SecretRef("b".into()));
+        assert_eq!(
+            reload_plan(&new, &newer).applied,
+            ["platforms.old.outbound_password"]
+        );
     }
 
     #[test]

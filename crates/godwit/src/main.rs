@@ -776,7 +776,7 @@ async fn serve(config: Config, config_path: PathBuf) -> Result<i32> {
             _ = tokio::signal::ctrl_c() => break "SIGINT",
             _ = term.recv() => break "SIGTERM",
             _ = hup.recv() => {
-                match reload(&config_path, &current, &smtpd, &routes, &log_level) {
+                match reload(&config_path, &current, &smtpd, &routes, &relay, &log_level) {
                     Ok((next, applied, restart_needed)) => {
                         for key in &restart_needed {
                             tracing::warn!("reload: {key} changed; it takes effect after a restart");
@@ -858,30 +858,47 @@ async fn check_access(config: Config, address: &str, password: Option<String>) -
 }
 
 /// SIGHUP: read and validate the file again. A bad file changes nothing.
-/// Returns the new configuration, the keys applied live and the keys that
-/// need a restart.
+/// `reload_plan` decides what applies live; this applies it: certificates
+/// and SMTP limits (smtpd), routing defaults, platforms, queue settings,
+/// outbound delivery and DKIM keys (the delivery engine), and the log
+/// level. Returns the configuration now running, the keys applied live and
+/// the keys that need a restart.
 fn reload(
     path: &std::path::Path,
     current: &Arc<Config>,
     smtpd: &smtpd::Smtpd,
     routes: &SharedRoutes,
+    relay: &godwit_relay::Relay,
     log_level: &LogLevel,
 ) -> Result<(Arc<Config>, Vec<String>, Vec<String>)> {
     let next = Config::load(path)?;
     // The gateway's own sections are checked as at start.
     next.require_gateway()?;
-    let level = tracing_subscriber::EnvFilter::try_new(&next.log.level)
-        .with_context(|| format!("log.level `{}`", next.log.level))?;
-    let (applied, restart_needed) = godwit_config::reload_plan(current, &next);
-    let next = Arc::new(next);
-    // The certificate is read before anything changes, so a missing file
+    let godwit_config::ReloadPlan {
+        applied,
+        restart_needed,
+        effective,
+    } = godwit_config::reload_plan(current, &next);
+    let level = tracing_subscriber::EnvFilter::try_new(&effective.log.level)
+        .with_context(|| format!("log.level `{}`", effective.log.level))?;
+    // Everything that can fail is read before anything changes (the
+    // certificate in smtpd.reload, the DKIM keys here), so a missing file
     // leaves the running configuration whole.
-    smtpd.reload(next.clone())?;
-    routes.reconfigure(&next);
+    let dkim = godwit_outbound::DkimKeys::load(&effective.dkim)?;
+    let effective = Arc::new(effective);
+    smtpd.reload(effective.clone())?;
+    routes.reconfigure(&effective);
+    let replaced = relay.reconfigure(effective.clone(), dkim);
+    if !replaced.is_empty() {
+        tracing::info!(
+            "reload: new deliveries to {} use the new settings",
+            replaced.join(", ")
+        );
+    }
     if std::env::var_os("RUST_LOG").is_none() {
         let _ = log_level.reload(level);
     }
-    Ok((next, applied, restart_needed))
+    Ok((effective, applied, restart_needed))
 }
 
 /// RFC 3339, or a duration ago ("2h", "0s" = now).
@@ -1594,15 +1611,24 @@ async fn queue(config: Config, command: QueueCommand) -> Result<i32> {
                 );
                 if let Some(map) = n.destinations.as_object() {
                     for (p, d) in map {
+                        // An open circuit lets one probe through when its
+                        // cooldown ends: say when (`queue flush --platform`
+                        // closes it at once).
+                        let probe = match (d["circuit"].as_str(), d["down_for_s"].as_u64()) {
+                            (Some("open"), Some(s)) => format!(
+                                " next probe in {}",
+                                godwit_config::format_duration(Duration::from_secs(s))
+                            ),
+                            _ => String::new(),
+                        };
                         println!(
-                            "  {p:<10} circuit={:<9} limit={}/{} in_flight={} delivered={} throttled={} down_for={}s recent={}",
+                            "  {p:<10} circuit={:<9} limit={}/{} in_flight={} delivered={} throttled={} recent={}{probe}",
                             d["circuit"].as_str().unwrap_or("?"),
                             d["limit"],
                             d["max"],
                             d["in_flight"],
                             d["delivered"],
                             d["throttled"],
-                            d["down_for_s"],
                             d["recent_codes"]
                         );
                         for h in d["down_hosts"].as_array().into_iter().flatten() {

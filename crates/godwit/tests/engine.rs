@@ -467,6 +467,16 @@ fn flush_by_platform_closes_an_open_circuit() {
             .and_then(|l| serde_json::from_str::<serde_json::Value>(l).ok())
             .filter(|v| v["destinations"]["old"]["circuit"] == "open")
     });
+    // The text view says when the breaker lets its next probe through.
+    let (_, text) = gw.cli(&["queue", "destinations"]);
+    let line = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("old "))
+        .unwrap();
+    assert!(
+        line.contains("circuit=open") && line.contains("next probe in 9m"),
+        "{text}"
+    );
     let old = Sink::start(po, &[]);
     let (ok, out) = gw.cli(&["queue", "flush", "--platform", "old"]);
     assert!(ok, "{out}");

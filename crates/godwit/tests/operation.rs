@@ -25,7 +25,9 @@ fn sighup_applies_a_valid_file_and_keeps_the_old_one_when_the_new_is_bad() {
     });
 
     let good = std::fs::read_to_string(&g.config_path).unwrap();
-    let changed = good.replace("max_backoff = \"2s\"", "max_backoff = \"3s\"")
+    let changed = good
+        .replace("max_backoff = \"2s\"", "max_backoff = \"3s\"")
+        .replace("hostname = \"gw.test\"", "hostname = \"gw2.test\"")
         + "[routing]\ndefault = \"new\"\n[log]\nlevel = \"debug\"\n";
     std::fs::write(&g.config_path, &changed).unwrap();
     g.signal("HUP");
@@ -33,7 +35,12 @@ fn sighup_applies_a_valid_file_and_keeps_the_old_one_when_the_new_is_bad() {
     let applied: Vec<_> = ev["applied"].as_array().unwrap().iter().collect();
     assert!(applied.contains(&&"routing.default".into()), "{ev}");
     assert!(applied.contains(&&"log.level".into()), "{ev}");
-    assert_eq!(ev["restart_needed"], serde_json::json!(["queue"]), "{ev}");
+    assert!(applied.contains(&&"queue.max_backoff".into()), "{ev}");
+    assert_eq!(
+        ev["restart_needed"],
+        serde_json::json!(["hostname"]),
+        "{ev}"
+    );
     deliver(&g, "bob@example.com", "after@test");
     wait_for(
         "delivery to new after reload",
@@ -64,7 +71,7 @@ fn sighup_applies_a_valid_file_and_keeps_the_old_one_when_the_new_is_bad() {
     assert_eq!(old.count_containing("kept@test"), 0);
     // stderr is a file here: the warnings are there, in plain text.
     let log = std::fs::read_to_string(g.data.with_extension("log")).unwrap();
-    assert!(log.contains("queue changed"), "{log}");
+    assert!(log.contains("hostname changed"), "{log}");
     assert!(
         !log.contains('\u{1b}'),
         "ANSI escapes in a log file:\n{log}"

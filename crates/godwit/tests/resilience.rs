@@ -81,7 +81,11 @@ fn throttled_platform_backs_off_while_the_other_flows_and_nothing_bounces() {
     // Recovery: the backlog drains, each message exactly once.
     new.stop();
     let new = Sink::start(pn, &[]);
-    assert!(gw.cli(&["queue", "flush", "--platform", "new"]).0);
+    // With 1-2 s backoff a regular retry may deliver everything before the
+    // flush runs; then it rightly finds nothing to flush (its own behaviour
+    // is proven in engine::flush_by_platform_closes_an_open_circuit).
+    let (ok, out) = gw.cli(&["queue", "flush", "--platform", "new"]);
+    assert!(ok || out.contains("0 affected"), "{out}");
     wait_for("backlog drained", Duration::from_secs(30), || {
         (new.count_containing("Message-ID: <thr") == 20).then_some(())
     });
@@ -227,8 +231,15 @@ fn queue_commands_against_a_running_gateway() {
 
     // The platform comes back, but backoff would make us wait: flush now.
     let old = Sink::start(po, &[]);
+    // With 1-2 s backoff (kept short so that a broken hold would show below),
+    // a regular retry can deliver before the flush runs; then the flush
+    // rightly finds nothing, and says so.
     let (ok, out) = gw.cli(&["queue", "flush", &flushed]);
-    assert!(ok && out.contains("1 affected"), "{out}");
+    assert!(
+        ok && out.contains("1 affected")
+            || !ok && out.contains("0 affected") && old.count_containing("flushed@test") == 1,
+        "{out}"
+    );
     wait_for("flushed delivery", Duration::from_secs(5), || {
         (old.count_containing("flushed@test") == 1).then_some(())
     });

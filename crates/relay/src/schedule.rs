@@ -78,21 +78,59 @@ struct Dest {
     /// Attempts waiting for a delivery slot, oldest first.
     ready: Mutex<VecDeque<oneshot::Sender<Admission>>>,
     ready_changed: Notify,
+    /// Cancelled when a reload replaces or removes this destination: its
+    /// dispatcher hands the waiting attempts to the replacement and ends.
+    /// Transactions already under way finish on it.
+    retired: CancellationToken,
+}
+
+impl Dest {
+    fn new(platform: Platform, settings: &godwit_config::PlatformConfig) -> Arc<Dest> {
+        Arc::new(Dest {
+            platform: Arc::new(platform),
+            flow: Flow::new(settings),
+            ready: Mutex::default(),
+            ready_changed: Notify::new(),
+            retired: CancellationToken::new(),
+        })
+    }
+}
+
+/// What a reload (SIGHUP) replaces as one piece: the configuration the
+/// engine decides with, and what is built from it.
+struct Live {
+    config: Arc<Config>,
+    platforms: Vec<String>,
+    /// DNS for MX delivery (`outbound.resolvers`), when `[outbound]` is set.
+    resolver: Option<godwit_outbound::MxResolver>,
+    /// `[[dkim]]`: what signs mail on its way out.
+    dkim: Arc<godwit_outbound::DkimKeys>,
+}
+
+impl Live {
+    fn new(config: Arc<Config>, dkim: godwit_outbound::DkimKeys) -> Arc<Live> {
+        let resolver = config.outbound.as_ref().and_then(|o| {
+            godwit_outbound::MxResolver::new(&o.resolvers, o.mx_port)
+                .map_err(|e| tracing::error!("{e}; MX delivery will defer"))
+                .ok()
+        });
+        Arc::new(Live {
+            platforms: config.platforms.keys().cloned().collect(),
+            config,
+            resolver,
+            dkim: Arc::new(dkim),
+        })
+    }
 }
 
 struct Inner {
-    config: Arc<Config>,
+    live: std::sync::RwLock<Arc<Live>>,
     spool: Arc<Spool>,
     routes: SharedRoutes,
     events: EventLog,
     /// The platforms, and outbound destinations (`mx:DOMAIN`,
     /// `smarthost:PLATFORM`) added as mail for them first comes.
     dests: std::sync::RwLock<BTreeMap<String, Arc<Dest>>>,
-    platforms: Vec<String>,
-    /// DNS for MX delivery (`outbound.resolvers`), when `[outbound]` is set.
-    resolver: Option<godwit_outbound::MxResolver>,
-    /// `[[dkim]]`: what signs mail on its way out.
-    dkim: Arc<godwit_outbound::DkimKeys>,
     state: Mutex<State>,
     wake: Notify,
 }
@@ -130,24 +168,8 @@ impl RelayHandle {
         let dests: BTreeMap<String, Arc<Dest>> = config
             .platforms
             .iter()
-            .map(|(name, p)| {
-                (
-                    name.clone(),
-                    Arc::new(Dest {
-                        platform: Arc::new(Platform::new(name, p)),
-                        flow: Flow::new(p),
-                        ready: Mutex::default(),
-                        ready_changed: Notify::new(),
-                    }),
-                )
-            })
+            .map(|(name, p)| (name.clone(), Dest::new(Platform::new(name, p), p)))
             .collect();
-        let platforms = dests.keys().cloned().collect();
-        let resolver = config.outbound.as_ref().and_then(|o| {
-            godwit_outbound::MxResolver::new(&o.resolvers, o.mx_port)
-                .map_err(|e| tracing::error!("{e}; MX delivery will defer"))
-                .ok()
-        });
         // The keys were loaded once already when the gateway started (a bad
         // key stops it there); a failure now leaves mail unsigned, loudly.
         let dkim = godwit_outbound::DkimKeys::load(&config.dkim).unwrap_or_else(|e| {
@@ -155,17 +177,67 @@ impl RelayHandle {
             Default::default()
         });
         RelayHandle(Arc::new(Inner {
-            config,
+            live: std::sync::RwLock::new(Live::new(config, dkim)),
             spool,
             routes,
             events,
             dests: std::sync::RwLock::new(dests),
-            platforms,
-            resolver,
-            dkim: Arc::new(dkim),
             state: Mutex::default(),
             wake: Notify::new(),
         }))
+    }
+
+    fn live(&self) -> Arc<Live> {
+        self.0.live.read().unwrap().clone()
+    }
+
+    /// SIGHUP: runs with `config` from now on (the caller has validated it
+    /// and loaded its DKIM keys). A platform whose settings changed gets a
+    /// fresh client and flow control: attempts still waiting for a slot move
+    /// to it, so new deliveries use the new relay hosts, TLS and limits,
+    /// while transactions already under way finish on the old ones. An
+    /// added platform starts its dispatcher; a removed one's waiting
+    /// attempts are planned again (and defer: no platform of that name).
+    /// Outbound destinations are made again from the new settings as mail
+    /// for them comes. Returns the destinations replaced or removed.
+    pub fn reconfigure(&self, config: Arc<Config>, dkim: godwit_outbound::DkimKeys) -> Vec<String> {
+        let old = self.live();
+        let outbound_changed = format!("{:?}", old.config.outbound)
+            != format!("{:?}", config.outbound)
+            || old.config.platforms != config.platforms;
+        let mut retired = Vec::new();
+        let mut started = Vec::new();
+        {
+            let mut dests = self.0.dests.write().unwrap();
+            *self.0.live.write().unwrap() = Live::new(config.clone(), dkim);
+            let names: Vec<String> = dests.keys().cloned().collect();
+            for name in names {
+                let keep = if crate::outbound::is_outbound(&name) {
+                    !outbound_changed
+                } else {
+                    config.platforms.get(&name) == Some(&dests[&name].platform.config)
+                };
+                if !keep {
+                    retired.push((name.clone(), dests.remove(&name).expect("listed")));
+                }
+            }
+            for (name, p) in &config.platforms {
+                if !dests.contains_key(name) {
+                    dests.insert(name.clone(), Dest::new(Platform::new(name, p), p));
+                    started.push(name.clone());
+                }
+            }
+        }
+        // After the swap: a waiter that sees its destination retired looks
+        // it up again and finds the replacement.
+        for (_, d) in &retired {
+            d.retired.cancel();
+        }
+        for name in started {
+            tokio::spawn(self.clone().dispatch(name));
+        }
+        self.0.wake.notify_one();
+        retired.into_iter().map(|(n, _)| n).collect()
     }
 
     /// The routing map this relay decides with (the SMTP RCPT policy reads
@@ -285,14 +357,10 @@ impl RelayHandle {
         if let Some(d) = dests.get(name) {
             return Some(d.clone());
         }
+        let live = self.live();
         let (platform, settings) =
-            crate::outbound::client_for(&self.0.config, self.0.resolver.as_ref(), name)?;
-        let d = Arc::new(Dest {
-            platform: Arc::new(platform),
-            flow: Flow::new(&settings),
-            ready: Mutex::default(),
-            ready_changed: Notify::new(),
-        });
+            crate::outbound::client_for(&live.config, live.resolver.as_ref(), name)?;
+        let d = Dest::new(platform, &settings);
         dests.insert(name.to_string(), d.clone());
         drop(dests);
         tokio::spawn(self.clone().dispatch(name.to_string()));
@@ -304,9 +372,10 @@ impl RelayHandle {
     /// domains (accepted on the relay port) goes out by the outbound route.
     fn route_of(&self, h: &Header, addr: &str) -> Routed {
         let inner = &self.0;
+        let live = self.live();
         if h.kind.is_none()
-            && let Some(o) = &inner.config.outbound
-            && crate::outbound::is_foreign(&inner.config, addr)
+            && let Some(o) = &live.config.outbound
+            && crate::outbound::is_foreign(&live.config, addr)
         {
             let (route, why) = inner
                 .routes
@@ -320,7 +389,7 @@ impl RelayHandle {
         }
         if h.kind.is_some() {
             return Routed {
-                route: inner.config.dsn_platform(),
+                route: live.config.dsn_platform(),
                 why: "DSN to the sender".into(),
                 version: inner.routes.version(),
             };
@@ -380,8 +449,8 @@ impl RelayHandle {
         for name in self.dests_now().keys() {
             tokio::spawn(self.clone().dispatch(name.clone()));
         }
-        let scan = self.0.config.queue.scan_interval;
         loop {
+            let scan = self.live().config.queue.scan_interval;
             let now = now_ms();
             let (ready, next) = {
                 let mut st = self.0.state.lock().unwrap();
@@ -438,12 +507,23 @@ impl RelayHandle {
         let Some(d) = self.dest(&name) else { return };
         loop {
             loop {
+                if d.retired.is_cancelled() {
+                    self.hand_over(&name, &d);
+                    return;
+                }
                 if !d.ready.lock().unwrap().is_empty() {
                     break;
                 }
-                d.ready_changed.notified().await;
+                tokio::select! {
+                    _ = d.ready_changed.notified() => {}
+                    _ = d.retired.cancelled() => {}
+                }
             }
-            match d.flow.admit().await {
+            let admission = tokio::select! {
+                a = d.flow.admit() => a,
+                _ = d.retired.cancelled() => continue,
+            };
+            match admission {
                 Admission::Granted(permit) => {
                     let mut grant = Some(Admission::Granted(permit));
                     while let Some(g) = grant.take() {
@@ -464,6 +544,21 @@ impl RelayHandle {
                 }
             }
         }
+    }
+
+    /// A reload retired destination `d`: the attempts waiting for its slots
+    /// wait for its replacement's instead (which has its own dispatcher); a
+    /// removed destination's waiters are dropped, and plan again.
+    fn hand_over(&self, name: &str, d: &Dest) {
+        // `retired` is set before this lock is taken, and a waiter checks it
+        // under the same lock before it queues: none is left behind.
+        let waiting: Vec<_> = d.ready.lock().unwrap().drain(..).collect();
+        let next = self.0.dests.read().unwrap().get(name).cloned();
+        if let Some(next) = next.filter(|n| !n.retired.is_cancelled()) {
+            next.ready.lock().unwrap().extend(waiting);
+            next.ready_changed.notify_one();
+        }
+        self.unpark(name, usize::MAX);
     }
 
     /// Makes up to `n` messages parked for `platform` due again.
@@ -492,7 +587,8 @@ impl RelayHandle {
     }
 
     fn backoff(&self, attempts: u32) -> Duration {
-        let q = &self.0.config.queue;
+        let live = self.live();
+        let q = &live.config.queue;
         let base =
             q.min_backoff.as_secs_f64() * 2f64.powi(attempts.saturating_sub(1).min(30) as i32);
         let jitter = rand::random_range(0.8..1.2);
@@ -525,7 +621,8 @@ impl RelayHandle {
     async fn attempt(&self, id: &str) {
         let inner = &self.0;
         let now = now_ms();
-        let cap = inner.config.queue.max_ready.max(1);
+        let live = self.live();
+        let cap = live.config.queue.max_ready.max(1);
         let backoff = |n| self.backoff(n);
         let (sp, plan, records, token) = {
             let mut guard = inner.state.lock().unwrap();
@@ -536,9 +633,9 @@ impl RelayHandle {
             let circuit = |p: &str| self.dest(p).and_then(|d| d.flow.down_for());
             let world = World {
                 now,
-                max_lifetime: inner.config.queue.max_lifetime,
-                delay_warning: inner.config.queue.delay_warning,
-                platforms: &inner.platforms,
+                max_lifetime: live.config.queue.max_lifetime,
+                delay_warning: live.config.queue.delay_warning,
+                platforms: &live.platforms,
                 route: &route,
                 circuit_open: &circuit,
                 backoff: &backoff,
@@ -625,15 +722,31 @@ impl RelayHandle {
         planned: &[usize],
         reroute: CancellationToken,
     ) -> (GroupEnd, Vec<DsnRcpt>) {
-        let Some(d) = self.dest(platform) else {
-            self.group_done(id, false);
-            return (GroupEnd::Done, Vec::new());
-        };
         let (tx, rx) = oneshot::channel();
-        d.ready.lock().unwrap().push_back(tx);
-        d.ready_changed.notify_one();
+        let mut tx = Some(tx);
+        while let Some(t) = tx.take() {
+            let Some(d) = self.dest(platform) else {
+                self.group_done(id, false);
+                return (GroupEnd::Done, Vec::new());
+            };
+            let mut ready = d.ready.lock().unwrap();
+            if d.retired.is_cancelled() {
+                tx = Some(t); // replaced by a reload just now: look again
+                continue;
+            }
+            ready.push_back(t);
+            drop(ready);
+            d.ready_changed.notify_one();
+        }
         let admission = tokio::select! {
-            a = rx => a.unwrap_or(Admission::Down(Duration::from_secs(1))),
+            a = rx => match a {
+                Ok(a) => a,
+                // Its destination was removed by a reload: plan again.
+                Err(_) => {
+                    self.group_done(id, true);
+                    return (GroupEnd::Done, Vec::new());
+                }
+            },
             _ = reroute.cancelled() => {
                 // The route changed while waiting: plan again at once.
                 self.group_done(id, true);
@@ -661,6 +774,7 @@ impl RelayHandle {
         permit: Permit,
     ) -> (GroupEnd, Vec<DsnRcpt>) {
         let inner = &self.0;
+        let live = self.live();
         let Some(d) = self.dest(platform) else {
             drop(permit);
             self.group_done(id, false);
@@ -680,7 +794,7 @@ impl RelayHandle {
                         &e.rcpts,
                         planned,
                         platform,
-                        &inner.platforms,
+                        &live.platforms,
                         &route,
                     );
                     if !rerouted.is_empty() {
@@ -722,9 +836,9 @@ impl RelayHandle {
         } else {
             body
         };
-        let helo = match &inner.config.outbound {
-            Some(o) if outbound => o.helo.as_deref().unwrap_or(&inner.config.hostname),
-            _ => &inner.config.hostname,
+        let helo = match &live.config.outbound {
+            Some(o) if outbound => o.helo.as_deref().unwrap_or(&live.config.hostname),
+            _ => &live.config.hostname,
         };
         let out = d
             .platform
@@ -751,11 +865,11 @@ impl RelayHandle {
     /// fresh `t=`), or nothing when no key covers its header From. Signing
     /// failures leave the message unsigned rather than stuck, and say so.
     async fn dkim_header(&self, sp: &Arc<Spooled>) -> Vec<u8> {
-        if self.0.dkim.is_empty() {
+        let keys = self.live().dkim.clone();
+        if keys.is_empty() {
             return Vec::new();
         }
         let spool = self.0.spool.clone();
-        let keys = self.0.dkim.clone();
         let sp = sp.clone();
         let qid = sp.header.queue_id.clone();
         let signed = tokio::task::spawn_blocking(move || {
@@ -792,6 +906,7 @@ impl RelayHandle {
     ) -> Vec<DsnRcpt> {
         let inner = &self.0;
         let now = now_ms();
+        let live = self.live();
         let backoff = |n| self.backoff(n);
         let (settled, recs) = {
             let mut st = inner.state.lock().unwrap();
@@ -809,10 +924,10 @@ impl RelayHandle {
                 &sp.header,
                 &mut e.rcpts,
                 platform,
-                &inner.platforms,
+                &live.platforms,
                 go,
                 out,
-                inner.config.queue.soft_bounce && !crate::outbound::is_outbound(platform),
+                live.config.queue.soft_bounce && !crate::outbound::is_outbound(platform),
                 now,
                 &backoff,
             );
@@ -1027,16 +1142,17 @@ impl RelayHandle {
             .and_then(|r| r.ok())
             .unwrap_or_default();
         let action = rcpts[0].action.to_string();
-        let message = dsn::build(&inner.config.hostname, h, &body, &rcpts, now_ms());
+        let hostname = self.live().config.hostname.clone();
+        let message = dsn::build(&hostname, h, &body, &rcpts, now_ms());
         let header = Header {
             queue_id: inner.spool.new_queue_id(),
             arrival_ms: now_ms(),
-            message_id: Some(format!("<{}.dsn@{}>", h.queue_id, inner.config.hostname)),
+            message_id: Some(format!("<{}.dsn@{}>", h.queue_id, hostname)),
             envelope: Envelope {
                 mail_from: String::new(),
                 mail_params: MailParams::default(),
                 rcpts: vec![(h.envelope.mail_from.clone(), RcptParams::default())],
-                helo: inner.config.hostname.clone(),
+                helo: hostname.clone(),
                 esmtp: true,
                 client_ip: "127.0.0.1".into(),
                 tls: false,

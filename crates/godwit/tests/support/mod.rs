@@ -175,14 +175,16 @@ max_backoff = "2s"
             .append(true)
             .open(self.data.with_extension("log"))
             .unwrap();
-        let child = Command::new(godwit_bin())
-            .args(["serve", "--config", self.config_path.to_str().unwrap()])
+        let mut cmd = Command::new(godwit_bin());
+        cmd.args(["serve", "--config", self.config_path.to_str().unwrap()])
             .env("RUST_LOG", "warn")
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
+        // An empty value unsets the variable (RUST_LOG: the file's log.level
+        // decides then).
+        for (k, _) in self.env.iter().filter(|(_, v)| v.is_empty()) {
+            cmd.env_remove(k);
+        }
+        let child = cmd.stdout(Stdio::null()).stderr(log).spawn().unwrap();
         self.child = Some(child);
         let port = self.port;
         let probe = wait_for("godwit to listen", Duration::from_secs(20), || {
