@@ -61,6 +61,12 @@ fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
 pub struct Config {
     /// Used in the banner, in Received headers and for loop detection.
     pub hostname: String,
+    /// This node's name in a fleet sharing one `[store]`: heartbeats, the
+    /// `node` of every event, `fleet status`, sync leases and `spool adopt`.
+    /// Default: `hostname` (itself the machine's host name by default). Two
+    /// nodes on one store must not share it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_name: Option<String>,
     /// Spool and embedded state live here.
     pub data_dir: PathBuf,
     pub smtp: SmtpConfig,
@@ -90,6 +96,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             hostname: default_hostname(),
+            node_name: None,
             data_dir: PathBuf::from("./godwit-data"),
             smtp: SmtpConfig::default(),
             domains: DomainsConfig::default(),
@@ -607,6 +614,14 @@ impl Config {
         if self.hostname.trim().is_empty() || self.hostname.contains(char::is_whitespace) {
             return Err(invalid("hostname", "must be a host name without spaces"));
         }
+        if let Some(n) = &self.node_name
+            && (n.trim().is_empty() || n.contains(char::is_whitespace))
+        {
+            return Err(invalid(
+                "node_name",
+                "must be a name without spaces (or leave it out to use hostname)",
+            ));
+        }
         if self.smtp.listen.is_empty() {
             return Err(invalid("smtp.listen", "must list at least one address"));
         }
@@ -955,6 +970,15 @@ impl Config {
             })
     }
 
+    /// This node's name in the fleet: `node_name`, or `hostname` when unset.
+    pub fn node_name(&self) -> &str {
+        self.node_name
+            .as_deref()
+            .map(str::trim)
+            .filter(|n| !n.is_empty())
+            .unwrap_or(&self.hostname)
+    }
+
     pub fn spool_dir(&self) -> PathBuf {
         self.data_dir.join("spool")
     }
@@ -1087,6 +1111,7 @@ pub fn reload_plan(old: &Config, new: &Config) -> ReloadPlan {
         };
     }
     needs_restart!("hostname", hostname);
+    needs_restart!("node_name", node_name);
     needs_restart!("data_dir", data_dir);
     needs_restart!("smtp.listen", smtp.listen);
     // Everything else in [smtp] is read per session (smtpd's reload).
@@ -1402,6 +1427,26 @@ max_lifetime = "5d"
 min_backoff = "1s"
 max_backoff = "1h"
 "#;
+
+    #[test]
+    fn node_name_defaults_to_hostname() {
+        for (extra, want) in [
+            ("", Some("mx-gw.example.com")),
+            ("node_name = \"mx1\"\n", Some("mx1")),
+            ("node_name = \"mx 1\"\n", None),
+            ("node_name = \" \"\n", None),
+        ] {
+            let text = format!("{extra}{GOOD}");
+            let got = Config::parse(&text).and_then(|c| {
+                c.validate().map_err(|e| e.to_string())?;
+                Ok(c.node_name().to_string())
+            });
+            match want {
+                Some(w) => assert_eq!(got.as_deref(), Ok(w), "{extra}"),
+                None => assert!(got.unwrap_err().contains("node_name"), "{extra}"),
+            }
+        }
+    }
 
     /// Loads as `godwit serve` does: the file, then the gateway's sections.
     fn load(text: &str) -> Result<Config, ConfigError> {

@@ -218,6 +218,19 @@ pub enum Event {
     },
     #[serde(rename = "queue.corrupt")]
     QueueCorrupt { file: String, reason: String },
+    /// A message taken over from the spool of a node that will not come back
+    /// (`godwit spool adopt`); this node delivers it from now on.
+    #[serde(rename = "queue.adopted")]
+    QueueAdopted {
+        queue_id: String,
+        message_id: Option<String>,
+        /// The node whose spool it was (its `node_name`), if known.
+        from_node: Option<String>,
+        /// The spool folder it was taken from.
+        from_dir: String,
+        /// Recipients still to deliver; final ones are never sent again.
+        pending: Vec<String>,
+    },
     #[serde(rename = "delivery.routed")]
     Routed {
         queue_id: String,
@@ -423,6 +436,7 @@ impl Event {
             Event::MessageRefused { .. } => "message.refused",
             Event::QueueRecovered { .. } => "queue.recovered",
             Event::QueueCorrupt { .. } => "queue.corrupt",
+            Event::QueueAdopted { .. } => "queue.adopted",
             Event::Routed { .. } => "delivery.routed",
             Event::Attempt { .. } => "delivery.attempt",
             Event::Delivered { .. } => "delivery.delivered",

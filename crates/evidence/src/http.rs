@@ -189,6 +189,59 @@ impl Admin {
         });
     }
 
+    /// Every gateway that heartbeats in this store: (node, seen_ms, spool
+    /// depth, oldest message's arrival ms). On a shared PostgreSQL store,
+    /// the whole fleet.
+    async fn fleet_gateways(&self) -> Vec<(String, i64, i64, i64)> {
+        // Bounded: with the store down, /metrics must still answer at once
+        // (it is how `godwit_store_up 0` is seen).
+        let rows = tokio::time::timeout(
+            std::time::Duration::from_secs(2),
+            godwit_store::sqlx::query(
+                "SELECT node, seen_ms, queue_len, oldest_ms FROM gateway_nodes ORDER BY node",
+            )
+            .fetch_all(&self.store.pool),
+        )
+        .await;
+        rows.ok()
+            .and_then(Result::ok)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|r| {
+                (
+                    r.try_get(0).unwrap_or_default(),
+                    r.try_get(1).unwrap_or(0),
+                    r.try_get(2).unwrap_or(0),
+                    r.try_get(3).unwrap_or(0),
+                )
+            })
+            .collect()
+    }
+
+    /// This endpoint's metrics are this node's (`godwit_node_info` names
+    /// it); the `godwit_fleet_*` gauges cover every gateway of the store,
+    /// from their heartbeats, with a `node` label.
+    async fn sample_fleet(&self) {
+        let gateways = self.fleet_gateways().await;
+        let now = godwit_spool::now_ms();
+        self.metrics.with(|| {
+            metrics::gauge!("godwit_node_info", "node" => self.node.clone()).set(1.0);
+            for (node, seen, depth, oldest) in gateways {
+                let up = if now - seen <= 3000 { 1.0 } else { 0.0 };
+                metrics::gauge!("godwit_fleet_gateway_up", "node" => node.clone()).set(up);
+                metrics::gauge!("godwit_fleet_queue_messages", "node" => node.clone())
+                    .set(depth as f64);
+                let age = if oldest > 0 {
+                    (now - oldest) as f64 / 1000.0
+                } else {
+                    0.0
+                };
+                metrics::gauge!("godwit_fleet_queue_oldest_message_age_seconds", "node" => node)
+                    .set(age);
+            }
+        });
+    }
+
     /// Samples the queue every 2 s for the dashboard's charts (10 minutes kept).
     pub async fn run_sampler(self) {
         loop {
@@ -339,6 +392,7 @@ pub fn trace_queries(key: &str) -> Vec<trace::Query> {
 async fn metrics_text(State(a): State<Admin>) -> Response {
     a.sample_gauges();
     a.sample_sync().await;
+    a.sample_fleet().await;
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         a.metrics.handle.render(),
@@ -386,8 +440,25 @@ async fn summary(State(a): State<Admin>) -> Response {
         }
         by
     });
+    // Which nodes the page covers: the queue, destinations and counters are
+    // this node's; the charts and waves come from the store, so all of them.
+    let now_fleet = godwit_spool::now_ms();
+    let fleet: Vec<serde_json::Value> = a
+        .fleet_gateways()
+        .await
+        .into_iter()
+        .map(|(node, seen, depth, oldest)| {
+            serde_json::json!({
+                "node": node,
+                "live": now_fleet - seen <= 3000,
+                "spool_depth": depth,
+                "oldest_message_ms": (oldest > 0).then_some(oldest),
+            })
+        })
+        .collect();
     Json(serde_json::json!({
         "node": a.node,
+        "fleet": fleet,
         "client_sessions": client_sessions,
         "now_ms": godwit_spool::now_ms(),
         "routing_version": a.routes.version(),

@@ -29,6 +29,9 @@ pub struct Report {
     pub logins_by_platform: BTreeMap<String, u64>,
     pub login_failures_by_reason: BTreeMap<String, u64>,
     pub sessions_moved: u64,
+    /// The nodes whose events the window holds (every gateway of a fleet
+    /// on a shared store). `still_queued` and `held` are this node's spool.
+    pub nodes: Vec<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -76,6 +79,12 @@ pub async fn build(
         logins_by_platform: BTreeMap::new(),
         login_failures_by_reason: BTreeMap::new(),
         sessions_moved: 0,
+        nodes: records
+            .iter()
+            .map(|r| r.node.clone())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect(),
     };
     let mut lat: BTreeMap<String, Vec<f64>> = BTreeMap::new();
     let mut delay_sums: BTreeMap<String, crate::metrics::DelaySums> = BTreeMap::new();
@@ -204,6 +213,12 @@ pub fn markdown(r: &Report) -> String {
         when(r.since_ms),
         when(r.until_ms.min(godwit_store::now_ms()))
     );
+    if r.nodes.len() > 1 {
+        s.push_str(&format!(
+            "Nodes: {} (mail flow from all of them; still queued and held: this node's spool)\n\n",
+            r.nodes.join(", ")
+        ));
+    }
     s.push_str(&format!(
         "| accepted | refused | delivered | deferrals | bounced | DSNs | still queued | held |\n|---|---|---|---|---|---|---|---|\n| {} | {} | {} | {} | {} | {} | {} | {} |\n\n",
         r.accepted,

@@ -184,8 +184,16 @@ pub fn render(t: &Trace) -> String {
         t.queue_id,
         t.verdict
     );
+    // Several nodes of a fleet handled it (accepted on one, adopted and
+    // delivered by another): each line says which.
+    let nodes: BTreeSet<&str> = t.events.iter().map(|r| r.node.as_str()).collect();
     for r in &t.events {
         let ts = r.ts.get(11..23).unwrap_or(&r.ts);
+        let ts = if nodes.len() > 1 {
+            format!("{ts}  [{}]", r.node)
+        } else {
+            ts.to_string()
+        };
         let line = match &r.event {
             Event::MessageAccepted {
                 client_ip,
@@ -299,6 +307,16 @@ pub fn render(t: &Trace) -> String {
                 format!("recovered after restart; pending: {}", pending.join(", "))
             }
             Event::QueueDeleted { actor, .. } => format!("deleted from the queue by {actor}"),
+            Event::QueueAdopted {
+                from_node,
+                from_dir,
+                pending,
+                ..
+            } => format!(
+                "adopted from the spool of {} ({from_dir}); pending: {}",
+                from_node.as_deref().unwrap_or("an unknown node"),
+                pending.join(", ")
+            ),
             other => serde_json::to_string(other).unwrap_or_default(),
         };
         s.push_str(&format!("  {ts}  {line}\n"));

@@ -12,7 +12,13 @@ use std::time::Duration;
 /// A gateway not seen for this long is considered stopped.
 pub const LIVE_MS: i64 = 3000;
 
-pub async fn heartbeat_and_commands(store: Store, relay: Relay, events: EventLog, node: String) {
+pub async fn heartbeat_and_commands(
+    store: Store,
+    relay: Relay,
+    spool: std::sync::Arc<godwit_spool::Spool>,
+    events: EventLog,
+    node: String,
+) {
     let started = now_ms();
     // Commands issued before this node started are not replayed.
     let mut seen: i64 =
@@ -36,6 +42,13 @@ pub async fn heartbeat_and_commands(store: Store, relay: Relay, events: EventLog
             let dests = serde_json::to_string(&relay.destinations()).unwrap_or_default();
             let n = node.clone();
             let len = relay.len() as i64;
+            // The oldest message still queued (0: none), for `fleet status`.
+            let oldest = relay
+                .snapshot()
+                .iter()
+                .map(|m| m.arrival_ms)
+                .min()
+                .unwrap_or(0);
             // Bounded: the pool waits 30 s for a connection, and the store
             // being down must show within seconds (godwit_store_up).
             let beat = store.write_tx(move |tx| {
@@ -43,7 +56,7 @@ pub async fn heartbeat_and_commands(store: Store, relay: Relay, events: EventLog
                     Box::pin(async move {
                         godwit_store::sqlx::query("DELETE FROM gateway_nodes WHERE node = $1").bind(&n).execute(&mut *tx).await?;
                         godwit_store::sqlx::query(
-                            "INSERT INTO gateway_nodes (node, started_ms, seen_ms, queue_len, destinations, routing_version) VALUES ($1, $2, $3, $4, $5, $6)",
+                            "INSERT INTO gateway_nodes (node, started_ms, seen_ms, queue_len, destinations, routing_version, oldest_ms) VALUES ($1, $2, $3, $4, $5, $6, $7)",
                         )
                         .bind(&n)
                         .bind(started)
@@ -51,6 +64,7 @@ pub async fn heartbeat_and_commands(store: Store, relay: Relay, events: EventLog
                         .bind(len)
                         .bind(&dests)
                         .bind(version)
+                        .bind(oldest)
                         .execute(&mut *tx)
                         .await?;
                         Ok(())
@@ -109,6 +123,46 @@ pub async fn heartbeat_and_commands(store: Store, relay: Relay, events: EventLog
                 row.try_get(3).unwrap_or_default(),
             );
             seen = seen.max(id);
+            if op == LIST_OP {
+                // Read-only, and quick: answered in line.
+                if serde_json::from_str::<ListRequest>(&sel).is_ok_and(|r| r.except != node) {
+                    let listed: Vec<Listed> = godwit_spool::list(spool.dir())
+                        .into_iter()
+                        .map(|m| Listed {
+                            header: m.header,
+                            body_len: m.body_len,
+                            status: m.status,
+                        })
+                        .collect();
+                    let out = serde_json::to_string(&listed).unwrap_or_default();
+                    answer(&store, id, &node, listed.len() as i64, &out).await;
+                }
+                continue;
+            }
+            if op == crate::adopt::OP {
+                // Aimed at one node; slow for a big spool, so it runs beside
+                // the heartbeat, which must not stop meanwhile.
+                let Ok(req) = serde_json::from_str::<crate::adopt::Request>(&sel) else {
+                    tracing::warn!("queue command {id}: cannot parse `{sel}`");
+                    continue;
+                };
+                if req.node != node {
+                    continue;
+                }
+                let (store, relay, spool, events, node) = (
+                    store.clone(),
+                    relay.clone(),
+                    spool.clone(),
+                    events.clone(),
+                    node.clone(),
+                );
+                tokio::spawn(async move {
+                    let out =
+                        crate::adopt::serve_request(req, &spool, &relay, &store, &events).await;
+                    answer(&store, id, &node, 0, &out).await;
+                });
+                continue;
+            }
             let (Ok(op_v), Ok(selector)) = (
                 serde_json::from_str::<QueueOp>(&format!("\"{op}\"")),
                 serde_json::from_str::<Selector>(&sel),
@@ -133,6 +187,169 @@ pub async fn heartbeat_and_commands(store: Store, relay: Relay, events: EventLog
                 .await;
         }
     }
+}
+
+/// The queue command that asks every other live gateway for its queue
+/// (`queue list` across a fleet).
+pub const LIST_OP: &str = "queue.list";
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct ListRequest {
+    /// The asking node, which lists its own spool itself.
+    except: String,
+}
+
+/// One queued message as another gateway lists it.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Listed {
+    header: godwit_spool::Header,
+    body_len: u64,
+    status: Vec<Option<godwit_spool::StatusRecord>>,
+}
+
+/// What the other gateways of the fleet hold, node by node, for `queue
+/// list`: every live gateway but `own` answers with its spool (read-only).
+/// Also returns notes on the gateways whose queue is not listed (stopped,
+/// or silent), so the operator knows what the listing covers.
+pub async fn remote_queues(
+    store: &Store,
+    own: &str,
+) -> Result<(Vec<(String, Vec<godwit_spool::Spooled>)>, Vec<String>)> {
+    let mut notes = Vec::new();
+    let now = now_ms();
+    let all = members(store, Duration::from_millis(LIVE_MS as u64)).await?;
+    let mut stopped: Vec<String> = all
+        .iter()
+        .filter(|m| m.role == "gateway" && !m.live && m.node != own)
+        .map(|m| {
+            format!(
+                "node {}: stopped (last heartbeat {} s ago); its spool is not listed (if it will not come back: godwit spool adopt ITS_DATA_DIR)",
+                m.node,
+                (now - m.last_heartbeat_ms) / 1000
+            )
+        })
+        .collect();
+    let live: Vec<String> = live_nodes(store)
+        .await?
+        .into_iter()
+        .map(|n| n.node)
+        .filter(|n| n != own)
+        .collect();
+    notes.append(&mut stopped);
+    if live.is_empty() {
+        return Ok((Vec::new(), notes));
+    }
+    let req = serde_json::to_string(&ListRequest {
+        except: own.to_string(),
+    })?;
+    let id = insert_command(store, "godwit", LIST_OP, &req).await?;
+    let deadline = now_ms() + 5000;
+    let rows = loop {
+        let rows = godwit_store::sqlx::query(
+            "SELECT node, output FROM queue_command_results WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_all(&store.pool)
+        .await?;
+        if rows.len() >= live.len() || now_ms() > deadline {
+            break rows;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let mut out = Vec::new();
+    for r in rows {
+        let node: String = r.try_get(0)?;
+        let text: Option<String> = r.try_get(1)?;
+        let listed: Vec<Listed> = serde_json::from_str(text.as_deref().unwrap_or("[]"))
+            .with_context(|| format!("the queue of node {node}"))?;
+        let msgs = listed
+            .into_iter()
+            .map(|l| godwit_spool::Spooled {
+                header: l.header,
+                body_offset: 0,
+                body_len: l.body_len,
+                status: l.status,
+            })
+            .collect();
+        out.push((node, msgs));
+    }
+    for n in live {
+        if !out.iter().any(|(o, _)| *o == n) {
+            notes.push(format!(
+                "node {n}: did not answer within 5 s; its queue is not listed"
+            ));
+        }
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok((out, notes))
+}
+
+/// Records a node's answer to command `id`, with its output.
+async fn answer(store: &Store, id: i64, node: &str, affected: i64, output: &str) {
+    let r = godwit_store::sqlx::query(
+        "INSERT INTO queue_command_results (id, node, done_ms, affected, output) VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(id)
+    .bind(node)
+    .bind(now_ms())
+    .bind(affected)
+    .bind(output)
+    .execute(&store.pool)
+    .await;
+    if let Err(e) = r {
+        tracing::warn!("queue command {id}: cannot record the answer: {e}");
+    }
+}
+
+/// Queues command `op` (with `payload`) for one gateway, `node`, and waits
+/// up to `timeout` for its answer. `None`: it did not answer in time.
+pub async fn send_to(
+    store: &Store,
+    node: &str,
+    op: &str,
+    payload: &str,
+    timeout: Duration,
+) -> Result<Option<String>> {
+    let id = insert_command(store, "godwit", op, payload).await?;
+    let deadline = now_ms() + timeout.as_millis() as i64;
+    loop {
+        let out: Option<Option<String>> = godwit_store::sqlx::query_scalar(
+            "SELECT output FROM queue_command_results WHERE id = $1 AND node = $2",
+        )
+        .bind(id)
+        .bind(node)
+        .fetch_optional(&store.pool)
+        .await?;
+        if let Some(out) = out {
+            return Ok(Some(out.unwrap_or_default()));
+        }
+        if now_ms() > deadline {
+            return Ok(None);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn insert_command(store: &Store, actor: &str, op: &str, payload: &str) -> Result<i64> {
+    let (op_s, sel_s, actor) = (op.to_string(), payload.to_string(), actor.to_string());
+    Ok(store
+        .write_tx(move |tx| {
+            let (op_s, sel_s, actor) = (op_s.clone(), sel_s.clone(), actor.clone());
+            Box::pin(async move {
+                let max: Option<i64> = godwit_store::sqlx::query_scalar("SELECT MAX(id) FROM queue_commands").fetch_one(&mut *tx).await?;
+                let id = max.unwrap_or(0) + 1;
+                godwit_store::sqlx::query("INSERT INTO queue_commands (id, at_ms, actor, op, selector) VALUES ($1, $2, $3, $4, $5)")
+                    .bind(id)
+                    .bind(now_ms())
+                    .bind(&actor)
+                    .bind(&op_s)
+                    .bind(&sel_s)
+                    .execute(&mut *tx)
+                    .await?;
+                Ok(id)
+            })
+        })
+        .await?)
 }
 
 pub struct LiveNode {
@@ -241,25 +458,7 @@ pub async fn send(
     }
     let op_s = serde_json::to_string(op)?.trim_matches('"').to_string();
     let sel_s = serde_json::to_string(sel)?;
-    let actor = actor.to_string();
-    let id = store
-        .write_tx(move |tx| {
-            let (op_s, sel_s, actor) = (op_s.clone(), sel_s.clone(), actor.clone());
-            Box::pin(async move {
-                let max: Option<i64> = godwit_store::sqlx::query_scalar("SELECT MAX(id) FROM queue_commands").fetch_one(&mut *tx).await?;
-                let id = max.unwrap_or(0) + 1;
-                godwit_store::sqlx::query("INSERT INTO queue_commands (id, at_ms, actor, op, selector) VALUES ($1, $2, $3, $4, $5)")
-                    .bind(id)
-                    .bind(now_ms())
-                    .bind(&actor)
-                    .bind(&op_s)
-                    .bind(&sel_s)
-                    .execute(&mut *tx)
-                    .await?;
-                Ok(id)
-            })
-        })
-        .await?;
+    let id = insert_command(store, actor, &op_s, &sel_s).await?;
     let deadline = now_ms() + 5000;
     loop {
         let rows = godwit_store::sqlx::query(
@@ -295,6 +494,9 @@ pub struct Member {
     pub routing_version: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub spool_depth: Option<i64>,
+    /// When the oldest message in its spool arrived (unix ms), if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub oldest_message_ms: Option<i64>,
     pub accounts: Vec<String>,
     /// Destinations whose circuit is not closed, with its state.
     pub open_circuits: Vec<String>,
@@ -326,7 +528,7 @@ pub async fn members(store: &Store, worker_window: Duration) -> Result<Vec<Membe
     let now = now_ms();
     let mut out = Vec::new();
     let rows = godwit_store::sqlx::query(
-        "SELECT node, seen_ms, queue_len, destinations, routing_version FROM gateway_nodes ORDER BY node",
+        "SELECT node, seen_ms, queue_len, destinations, routing_version, oldest_ms FROM gateway_nodes ORDER BY node",
     )
     .fetch_all(&store.pool)
     .await
@@ -344,6 +546,7 @@ pub async fn members(store: &Store, worker_window: Duration) -> Result<Vec<Membe
             live: is_live(seen, now, Duration::from_millis(LIVE_MS as u64)),
             routing_version: Some(r.try_get(4).unwrap_or(0)),
             spool_depth: Some(r.try_get(2).unwrap_or(0)),
+            oldest_message_ms: Some(r.try_get::<i64, _>(5).unwrap_or(0)).filter(|&t| t > 0),
             accounts: Vec::new(),
             open_circuits: open_circuits(&dests),
         });
@@ -365,6 +568,7 @@ pub async fn members(store: &Store, worker_window: Duration) -> Result<Vec<Membe
             live,
             routing_version: None,
             spool_depth: None,
+            oldest_message_ms: None,
             accounts: serde_json::from_str(&r.try_get::<String, _>(3).unwrap_or_default())
                 .unwrap_or_default(),
             open_circuits: Vec::new(),
@@ -383,8 +587,8 @@ pub async fn status(store: &Store, worker_window: Duration, json: bool) -> Resul
         return Ok(0);
     }
     println!(
-        "{:<12} {:<24} {:<8} {:>10} {:>8} {:>6}  {:<24} OPEN CIRCUITS",
-        "ROLE", "NODE", "STATE", "HEARTBEAT", "ROUTING", "SPOOL", "ACCOUNTS"
+        "{:<12} {:<24} {:<8} {:>10} {:>8} {:>6} {:>8}  {:<24} OPEN CIRCUITS",
+        "ROLE", "NODE", "STATE", "HEARTBEAT", "ROUTING", "SPOOL", "OLDEST", "ACCOUNTS"
     );
     for m in members
         .iter()
@@ -392,13 +596,18 @@ pub async fn status(store: &Store, worker_window: Duration, json: bool) -> Resul
     {
         let opt = |v: Option<i64>| v.map(|v| v.to_string()).unwrap_or_else(|| "-".into());
         println!(
-            "{:<12} {:<24} {:<8} {:>9}s {:>8} {:>6}  {:<24} {}",
+            "{:<12} {:<24} {:<8} {:>9}s {:>8} {:>6} {:>8}  {:<24} {}",
             m.role,
             m.node,
             if m.live { "live" } else { "stopped" },
             (now - m.last_heartbeat_ms) / 1000,
             opt(m.routing_version),
             opt(m.spool_depth),
+            m.oldest_message_ms
+                .map(|t| godwit_config::format_duration(Duration::from_secs(
+                    ((now - t) / 1000).max(0) as u64
+                )))
+                .unwrap_or_else(|| "-".into()),
             if m.accounts.is_empty() {
                 "-".to_string()
             } else {

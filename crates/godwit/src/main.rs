@@ -6,6 +6,7 @@
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+mod adopt;
 mod control;
 mod dkim_cli;
 mod doctor;
@@ -60,6 +61,11 @@ enum Command {
     Queue {
         #[command(subcommand)]
         command: QueueCommand,
+    },
+    /// The spool of a node that will not come back.
+    Spool {
+        #[command(subcommand)]
+        command: SpoolCommand,
     },
     /// The gateways and sync workers sharing this state store.
     Fleet {
@@ -210,6 +216,21 @@ enum RouteCommand {
         actor: Option<String>,
         #[command(flatten)]
         wait: fleet::Wait,
+    },
+}
+
+#[derive(Subcommand)]
+enum SpoolCommand {
+    /// Take over the spool of a node that will not come back (its disk
+    /// mounted here): each whole queue file is checked (END record, CRC),
+    /// damaged ones quarantined, and its mail delivered from this node.
+    Adopt {
+        /// The dead node's data_dir, or its spool folder.
+        dir: PathBuf,
+        /// Adopt even though the node still heartbeats in the store (or
+        /// cannot be identified): only when it will surely not come back.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -429,6 +450,9 @@ async fn run(cli: Cli) -> Result<i32> {
                 .map_or(Duration::from_secs(30), |s| s.lease);
             fleet::status(&store, window, json).await
         }
+        Command::Spool {
+            command: SpoolCommand::Adopt { dir, force },
+        } => adopt::cli(&config, &dir, force).await,
         Command::Check(_) => unreachable!("handled above"),
         Command::Sync(args) => {
             init_sync_logging(&config);
@@ -564,7 +588,9 @@ async fn serve(config: Config, config_path: PathBuf) -> Result<i32> {
     let store = Store::open(&config.store_url()).await?;
     let routes = SharedRoutes::new(godwit_route::load(&store, &config).await?);
     let spool = Arc::new(Spool::open(&config.spool_dir())?);
-    let (events, writer) = EventLog::new(&config.events_dir(), &config.hostname)?;
+    // Says whose spool this is, should its disk be adopted by another node.
+    spool.record_owner(config.node_name())?;
+    let (events, writer) = EventLog::new(&config.events_dir(), config.node_name())?;
     events.stderr_json(json_log);
     let writer = tokio::spawn(writer.run());
     let relay = godwit_relay::Relay::new(
@@ -693,7 +719,7 @@ async fn serve(config: Config, config_path: PathBuf) -> Result<i32> {
             relay.clone(),
             routes.clone(),
             store.clone(),
-            config.hostname.clone(),
+            config.node_name().to_string(),
             config.admin.token.clone(),
         );
         let admin = match &access {
@@ -720,8 +746,9 @@ async fn serve(config: Config, config_path: PathBuf) -> Result<i32> {
     tokio::spawn(fleet::heartbeat_and_commands(
         store.clone(),
         relay.clone(),
+        spool.clone(),
         events.clone(),
-        config.hostname.clone(),
+        config.node_name().to_string(),
     ));
     tokio::spawn(soak::watch(
         config.clone(),
@@ -1280,15 +1307,59 @@ fn list_matches(f: &Filter, m: &godwit_spool::Spooled, i: usize, now: i64) -> Re
     Ok(state_ok && sel.matches(&m.header, addr, &route, now))
 }
 
+/// The queues of the other live gateways sharing a PostgreSQL store (empty
+/// on SQLite, which one node owns). Says on stderr which nodes the listing
+/// does not cover; a store that does not answer leaves this node's queue.
+async fn fleet_queues(config: &Config, own: &str) -> Vec<(String, Vec<godwit_spool::Spooled>)> {
+    if !config.store_url().starts_with("postgres") {
+        return Vec::new();
+    }
+    let result = tokio::time::timeout(Duration::from_secs(10), async {
+        let store = Store::open(&config.store_url()).await?;
+        fleet::remote_queues(&store, own).await
+    })
+    .await;
+    match result {
+        Ok(Ok((queues, notes))) => {
+            for n in notes {
+                eprintln!("{n}");
+            }
+            queues
+        }
+        Ok(Err(e)) => {
+            eprintln!("state store: {e:#}; only node {own}'s queue is listed");
+            Vec::new()
+        }
+        Err(_) => {
+            eprintln!(
+                "the state store did not answer within 10 s; only node {own}'s queue is listed"
+            );
+            Vec::new()
+        }
+    }
+}
+
 async fn queue(config: Config, command: QueueCommand) -> Result<i32> {
     let now = godwit_spool::now_ms();
     match command {
         QueueCommand::List { json, filter } => {
             check_filter(&config, &filter)?;
-            let msgs = godwit_spool::list(&config.spool_dir());
+            // This node's spool, then (a fleet on a shared store) every
+            // other live gateway's, each message labelled with its node.
+            let own = config.node_name().to_string();
+            let mut msgs: Vec<(String, godwit_spool::Spooled)> =
+                godwit_spool::list(&config.spool_dir())
+                    .into_iter()
+                    .map(|m| (own.clone(), m))
+                    .collect();
+            let fleet_nodes = fleet_queues(&config, &own).await;
+            let several = !fleet_nodes.is_empty();
+            for (node, list) in fleet_nodes {
+                msgs.extend(list.into_iter().map(|m| (node.clone(), m)));
+            }
             let mut shown = 0;
             let mut total_bytes = 0u64;
-            for m in &msgs {
+            for (node, m) in &msgs {
                 let idx: Vec<usize> = (0..m.header.envelope.rcpts.len())
                     .filter(|&i| list_matches(&filter, m, i, now).unwrap_or(false))
                     .collect();
@@ -1315,6 +1386,7 @@ async fn queue(config: Config, command: QueueCommand) -> Result<i32> {
                         })
                         .collect();
                     let line = serde_json::json!({
+                        "node": node,
                         "queue_id": h.queue_id,
                         "message_id": h.message_id,
                         "arrival_time": h.arrival_ms / 1000,
@@ -1333,14 +1405,19 @@ async fn queue(config: Config, command: QueueCommand) -> Result<i32> {
                     }
                     total_bytes += m.body_len;
                     println!(
-                        "{:<12}  {:>8}  {:>8}  <{}>  {}",
+                        "{:<12}  {:>8}  {:>8}  <{}>  {}{}",
                         h.queue_id,
                         m.body_len,
                         godwit_config::format_duration(std::time::Duration::from_secs(
                             ((now - h.arrival_ms) / 1000).max(0) as u64
                         )),
                         h.envelope.mail_from,
-                        h.message_id.as_deref().unwrap_or("-")
+                        h.message_id.as_deref().unwrap_or("-"),
+                        if several {
+                            format!("  (on {node})")
+                        } else {
+                            String::new()
+                        }
                     );
                     for &i in &idx {
                         let s = &m.status[i];
@@ -1792,11 +1869,11 @@ async fn queue_op(config: &Config, op: godwit_relay::QueueOp, t: &Target) -> Res
     // No process serves this spool: change it here. Other live gateways of
     // a fleet get the command too; this node's own heartbeat, if still
     // fresh, is a gateway that has just died.
-    let fleet_results = fleet::send(&store, &who, &op, &sel, Some(&config.hostname)).await?;
+    let fleet_results = fleet::send(&store, &who, &op, &sel, Some(config.node_name())).await?;
     for (node, affected) in &fleet_results {
         println!("{name}: {affected} affected on {node}");
     }
-    let (events, writer) = EventLog::new(&config.events_dir(), &config.hostname)?;
+    let (events, writer) = EventLog::new(&config.events_dir(), config.node_name())?;
     let writer = tokio::spawn(writer.run());
     let routes = godwit_route::load(&store, config).await?;
     let affected = godwit_relay::apply_offline(

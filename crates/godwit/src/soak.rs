@@ -268,7 +268,7 @@ async fn tick(
     events: &EventLog,
     windows: &mut Windows,
 ) -> Result<()> {
-    let node = config.hostname.clone();
+    let node = config.node_name().to_string();
     let all = rows(store, None).await?;
     windows.retain(|w, _| all.iter().any(|r| &r.wave == w && r.status == "soaking"));
     for row in all {

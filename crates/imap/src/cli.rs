@@ -435,7 +435,7 @@ async fn sync_accounts(
 ) -> anyhow::Result<(Vec<AccountReport>, Vec<AccountCheck>)> {
     let sync = sync_section(config)?;
     let ep = Arc::new(endpoints_with(sync, &selected)?);
-    let fleet = Fleet::start(store.clone(), &config.hostname, sync.lease);
+    let fleet = Fleet::start(store.clone(), config.node_name(), sync.lease);
     let cap = sync.max_connections_per_server;
     attach(&fleet, &ep.source, cap);
     attach(&fleet, &ep.target, cap);

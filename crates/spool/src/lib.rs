@@ -582,6 +582,146 @@ fn encode_records(recs: &[StatusRecord]) -> Vec<u8> {
     buf
 }
 
+/// The file in a spool folder that names the node serving it (its
+/// `node_name`), so that `spool adopt` can tell whose spool a disk holds.
+const OWNER: &str = "node";
+
+/// The node that last served the spool at `spool_dir`, if it said.
+pub fn owner(spool_dir: &Path) -> Option<String> {
+    std::fs::read_to_string(spool_dir.join(OWNER))
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+}
+
+impl Spool {
+    /// The spool folder (holding `queue/`, `tmp/`, `corrupt/`).
+    pub fn dir(&self) -> &Path {
+        self.queue.parent().unwrap_or(&self.queue)
+    }
+
+    /// Records which node serves this spool (see [`owner`]).
+    pub fn record_owner(&self, node: &str) -> Result<(), SpoolError> {
+        let p = self.dir().join(OWNER);
+        let part = p.with_extension("part");
+        std::fs::write(&part, node.as_bytes()).map_err(io(&part))?;
+        std::fs::rename(&part, &p).map_err(io(&p))
+    }
+
+    /// Whether a queue ID names a file here, queued or quarantined.
+    pub fn knows(&self, queue_id: &str) -> bool {
+        self.path(queue_id).exists() || self.corrupt.join(queue_id).exists()
+    }
+
+    /// Takes message `m` over from `from`, another node's spool that this
+    /// process owns (opened and `recover`ed, so `m` passed the END record and
+    /// CRC checks and any torn status record is cut off). The file, status
+    /// records included, is written here as `store` writes a new one
+    /// (tmp/, fdatasync, rename, directory sync) and read back through the
+    /// same checks; only then is it removed from `from`. A crash between the
+    /// two leaves it in both: the next `adopt` refuses it as known here, so
+    /// it is never delivered twice.
+    pub fn adopt(&self, from: &Spool, m: &Spooled) -> Result<Spooled, SpoolError> {
+        let id = &m.header.queue_id;
+        let src = from.path(id);
+        let dst = self.path(id);
+        if self.knows(id) {
+            return Err(SpoolError::Corrupt {
+                path: dst,
+                reason: "a message with this queue ID is already here".into(),
+            });
+        }
+        let tmp = self.tmp.join(id);
+        let result = (|| {
+            std::fs::copy(&src, &tmp).map_err(io(&src))?;
+            File::open(&tmp)
+                .and_then(|f| f.sync_data())
+                .map_err(io(&tmp))?;
+            self.shadow_data_synced(&tmp, id);
+            std::fs::rename(&tmp, &dst).map_err(io(&dst))?;
+            self.dirsync.sync().map_err(io(&self.queue))?;
+            self.shadow_linked(id);
+            load_file(&dst).map(|(m, _)| m)
+        })();
+        let adopted = match result {
+            Ok(m) => m,
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                let _ = std::fs::remove_file(&dst);
+                return Err(e);
+            }
+        };
+        from.remove_durable(id)?;
+        Ok(adopted)
+    }
+}
+
+#[cfg(test)]
+mod adopt_tests {
+    use super::*;
+    use godwit_smtp_proto::{MailParams, RcptParams};
+
+    fn store_one(spool: &Spool, rcpts: usize) -> Header {
+        let h = Header {
+            queue_id: spool.new_queue_id(),
+            arrival_ms: now_ms(),
+            message_id: Some("<adopt@x>".into()),
+            envelope: Envelope {
+                mail_from: "a@b".into(),
+                mail_params: MailParams::default(),
+                rcpts: (0..rcpts)
+                    .map(|i| (format!("u{i}@example.com"), RcptParams::default()))
+                    .collect(),
+                helo: "c".into(),
+                esmtp: true,
+                client_ip: "127.0.0.1".into(),
+                tls: false,
+            },
+            kind: None,
+            accept_ms: 0,
+        };
+        spool.store(&h, b"Subject: a\r\n\r\nbody\r\n").unwrap();
+        h
+    }
+
+    #[test]
+    fn adopt_moves_the_file_with_its_status_and_refuses_a_known_id() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let from = Spool::open(a.path()).unwrap();
+        from.record_owner("node-a").unwrap();
+        assert_eq!(owner(a.path()).as_deref(), Some("node-a"));
+        let h = store_one(&from, 2);
+        let rec = StatusRecord {
+            rcpt: 0,
+            status: RcptStatus::Delivered,
+            at_ms: now_ms(),
+            attempts: 1,
+            next_ms: 0,
+            platform: Some("old".into()),
+            reply: None,
+            delivered_to: vec!["old".into()],
+            operator_hold: false,
+            warned: false,
+        };
+        from.record(&h.queue_id, &rec).unwrap();
+        let here = Spool::open(b.path()).unwrap();
+        let (good, bad) = from.recover().unwrap();
+        assert!(bad.is_empty());
+        let m = here.adopt(&from, &good[0]).unwrap();
+        // The delivered recipient stays delivered: it is never sent again.
+        assert_eq!(m.status[0].as_ref().unwrap().status, RcptStatus::Delivered);
+        assert!(m.status[1].is_none());
+        assert_eq!(here.read_body(&m).unwrap(), b"Subject: a\r\n\r\nbody\r\n");
+        assert!(from.recover().unwrap().0.is_empty(), "left the source");
+        assert!(here.knows(&h.queue_id));
+        // The same file again (a restored copy): refused, left where it is.
+        std::fs::copy(here.path(&h.queue_id), from.path(&h.queue_id)).unwrap();
+        let (good, _) = from.recover().unwrap();
+        assert!(here.adopt(&from, &good[0]).is_err());
+        assert!(from.path(&h.queue_id).exists());
+    }
+}
+
 fn truncate_to(p: &Path, valid: u64) -> Result<(), SpoolError> {
     let f = OpenOptions::new().write(true).open(p).map_err(io(p))?;
     if f.metadata().map_err(io(p))?.len() > valid {
