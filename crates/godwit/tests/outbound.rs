@@ -129,6 +129,7 @@ impl MxSink {
 struct World {
     gw: Gateway,
     relay_port: u16,
+    mx_port: u16,
     dns_port: u16,
     old: Sink,
     mx: MxSink,
@@ -186,6 +187,9 @@ fn world(queue_extra: &str, outbound_extra: &str) -> World {
             "--host-record=mx1.foreign.test,127.0.0.2".into(),
             "--mx-host=refusing.test,mx.refusing.test,10".into(),
             "--host-record=mx.refusing.test,127.0.0.3".into(),
+            // The retry test's MX: a sink that first records then 450s the DATA.
+            "--mx-host=retry.test,mx.retry.test,10".into(),
+            "--host-record=mx.retry.test,127.0.0.4".into(),
             // RFC 5321 5.1 implicit MX: no MX record, an A record.
             "--host-record=implicit.test,127.0.0.2".into(),
             // RFC 7505 null MX: preference 0, exchange "." (RDATA 00 00 00).
@@ -212,6 +216,7 @@ fn world(queue_extra: &str, outbound_extra: &str) -> World {
     World {
         gw,
         relay_port,
+        mx_port,
         dns_port,
         old,
         mx,
@@ -883,4 +888,100 @@ fn an_authenticated_submission_leaves_by_mx_signed() {
             e["sasl_username"] == "alice@example.com"
         });
     assert_eq!(accepted["direction"], "outbound", "{accepted}");
+}
+
+/// The `t=` tag of the first DKIM-Signature of ours (d=example.com) in `text`.
+fn dkim_t(text: &str) -> i64 {
+    let sig: String = {
+        let start = text
+            .find("DKIM-Signature:")
+            .unwrap_or_else(|| panic!("no DKIM-Signature:\n{text}"));
+        // The header with its folded continuation lines.
+        let mut lines = text[start..].lines();
+        let mut h = lines.next().unwrap().to_string();
+        for l in lines {
+            if l.starts_with([' ', '\t']) {
+                h.push_str(l);
+            } else {
+                break;
+            }
+        }
+        h
+    };
+    assert!(sig.contains("d=example.com"), "{sig}");
+    sig.split(';')
+        .map(str::trim)
+        .find_map(|t| t.strip_prefix("t="))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no t= in {sig}"))
+}
+
+/// RFC 6376 signs on the way out, not in the spool: the MX first records
+/// the DATA and answers 450 at the final dot (smtp-sink `-r .`), then a
+/// plain sink takes the retry. Each attempt carries a signature made at
+/// that attempt (a later `t=` on the retry), dkimpy verifies the delivered
+/// copy, and the spooled original meanwhile holds no signature of ours.
+#[test]
+fn a_retry_is_signed_afresh_and_the_spool_keeps_the_original() {
+    let w = world("", "");
+    let deferring = MxSink::start("127.0.0.4", w.mx_port, &["-r", "."]);
+    let before_s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let mut c = relay_client(&w);
+    let r = c.mail(
+        "alice@example.com",
+        &["erin@retry.test"],
+        &out_message("retry1@example.com", "erin@retry.test"),
+    );
+    assert!(r.starts_with("250"), "{r}");
+    let deferred =
+        w.gw.wait_event("delivery.deferred", Duration::from_secs(20), |e| {
+            e["rcpt"] == "erin@retry.test"
+        });
+    assert!(
+        deferred["reply"].as_str().unwrap().starts_with("450"),
+        "{deferred}"
+    );
+    let first = wait_for(
+        "the first attempt recorded by the deferring MX",
+        Duration::from_secs(5),
+        || {
+            deferring
+                .messages()
+                .into_iter()
+                .find(|m| m.contains("retry1@example.com") && m.contains("Hello from"))
+        },
+    );
+    let t_first = dkim_t(&first);
+    assert!(
+        t_first >= before_s,
+        "t={t_first} before the accept ({before_s})"
+    );
+    // The spool holds the message as accepted: no signature of ours.
+    let qid = deferred["queue_id"].as_str().unwrap();
+    let spooled = std::fs::read(w.gw.data.join("spool/queue").join(qid))
+        .unwrap_or_else(|e| panic!("the spooled message {qid}: {e}"));
+    let spooled = String::from_utf8_lossy(&spooled);
+    assert!(spooled.contains("retry1@example.com"), "{spooled}");
+    assert!(!spooled.contains("DKIM-Signature"), "{spooled}");
+    // The MX recovers: the retry goes to a sink that takes it.
+    drop(deferring);
+    let taking = MxSink::start("127.0.0.4", w.mx_port, &[]);
+    w.gw.wait_event("delivery.delivered", Duration::from_secs(30), |e| {
+        e["rcpt"] == "erin@retry.test"
+    });
+    let file = wait_for("the retry at the MX", Duration::from_secs(5), || {
+        taking.files().into_iter().next()
+    });
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert_eq!(text.matches("DKIM-Signature:").count(), 1, "{text}");
+    let t_retry = dkim_t(&text);
+    assert!(
+        t_retry > t_first,
+        "the retry's t={t_retry} must be later than the first attempt's t={t_first}"
+    );
+    let (ok, tampered) = dkimpy_verify(&file, w.dns_port);
+    assert!(ok && !tampered, "dkimpy on the retry:\n{text}");
 }
