@@ -985,3 +985,167 @@ fn a_retry_is_signed_afresh_and_the_spool_keeps_the_original() {
     let (ok, tampered) = dkimpy_verify(&file, w.dns_port);
     assert!(ok && !tampered, "dkimpy on the retry:\n{text}");
 }
+
+/// The destination names `queue destinations --json` lists now.
+fn destination_names(gw: &Gateway) -> Vec<String> {
+    let (ok, out) = gw.cli(&["queue", "destinations", "--json"]);
+    assert!(ok, "{out}");
+    let v: serde_json::Value =
+        serde_json::from_str(out.lines().next().unwrap()).unwrap_or_else(|e| panic!("{e}: {out}"));
+    v["destinations"]
+        .as_object()
+        .unwrap_or_else(|| panic!("{out}"))
+        .keys()
+        .cloned()
+        .collect()
+}
+
+/// One `mx:DOMAIN` destination per recipient domain ever seen would grow
+/// without bound: an idle one (nothing queued, circuit closed, no attempt
+/// for `destination_idle`) is forgotten, while one with deferred mail
+/// stays; the platforms always stay; mail for a forgotten domain later
+/// makes a fresh destination and is delivered.
+#[test]
+fn idle_outbound_destinations_are_pruned_and_come_back() {
+    let w = world("", "destination_idle = \"1s\"");
+    // retry.test's MX answers 450 to every DATA: its mail stays queued.
+    let _deferring = MxSink::start("127.0.0.4", w.mx_port, &["-r", "."]);
+    let mut c = relay_client(&w);
+    for (id, rcpt) in [
+        ("prune1@example.com", "bob@foreign.test"),
+        ("prune2@example.com", "carol@implicit.test"),
+        ("prune3@example.com", "erin@retry.test"),
+    ] {
+        let r = c.mail("alice@example.com", &[rcpt], &out_message(id, rcpt));
+        assert!(r.starts_with("250"), "{r}");
+    }
+    for rcpt in ["bob@foreign.test", "carol@implicit.test"] {
+        w.gw.wait_event("delivery.delivered", Duration::from_secs(20), |e| {
+            e["rcpt"] == rcpt
+        });
+    }
+    w.gw.wait_event("delivery.deferred", Duration::from_secs(20), |e| {
+        e["rcpt"] == "erin@retry.test"
+    });
+    let names = wait_for(
+        "the idle MX destinations to be forgotten",
+        Duration::from_secs(20),
+        || {
+            let names = destination_names(&w.gw);
+            (!names
+                .iter()
+                .any(|n| n == "mx:foreign.test" || n == "mx:implicit.test"))
+            .then_some(names)
+        },
+    );
+    // In the same listing: the platforms, and the domain with queued mail.
+    for kept in ["old", "new", "mx:retry.test"] {
+        assert!(names.iter().any(|n| n == kept), "{kept} in {names:?}");
+    }
+    // A forgotten domain comes back with its next message.
+    let r = c.mail(
+        "alice@example.com",
+        &["bob@foreign.test"],
+        &out_message("prune4@example.com", "bob@foreign.test"),
+    );
+    assert!(r.starts_with("250"), "{r}");
+    wait_for(
+        "the second message at foreign.test's MX",
+        Duration::from_secs(20),
+        || {
+            w.mx.messages()
+                .into_iter()
+                .find(|m| m.contains("prune4@example.com"))
+        },
+    );
+}
+
+/// Outbound mail is evidence like inbound, counted apart: `godwit report`
+/// (JSON and text) and the dashboard, read by headless Chromium, show the
+/// outbound messages and their `mx:DOMAIN` deliveries beside, not inside,
+/// the inbound ones.
+#[test]
+fn outbound_mail_shows_apart_in_the_report_and_on_the_dashboard() {
+    let w = world("", "");
+    let mut inbound = w.gw.client();
+    inbound.greet();
+    let r = inbound.mail(
+        "someone@outside.test",
+        &["u@example.com"],
+        &message("in1@outside.test", "inbound"),
+    );
+    assert!(r.starts_with("250"), "{r}");
+    let mut c = relay_client(&w);
+    for i in 0..2 {
+        let id = format!("dir{i}@example.com");
+        let r = c.mail(
+            "alice@example.com",
+            &["bob@foreign.test"],
+            &out_message(&id, "bob@foreign.test"),
+        );
+        assert!(r.starts_with("250"), "{r}");
+    }
+    wait_for("the deliveries", Duration::from_secs(20), || {
+        let d = w.gw.events_named("delivery.delivered");
+        (d.iter()
+            .filter(|e| e["platform"] == "mx:foreign.test")
+            .count()
+            == 2
+            && d.iter().any(|e| e["platform"] == "old"))
+        .then_some(())
+    });
+    let report = wait_for(
+        "the report to count it all",
+        Duration::from_secs(20),
+        || {
+            let (ok, out) = w.gw.cli(&[
+                "report", "--since", "10m", "--format", "json", "--sample", "0",
+            ]);
+            assert!(ok, "{out}");
+            let v: serde_json::Value =
+                serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+            (v["by_direction"]["outbound"]["delivered"] == 2
+                && v["by_direction"]["inbound"]["delivered"] == 1)
+                .then_some(v)
+        },
+    );
+    let dir = &report["by_direction"];
+    assert_eq!(dir["outbound"]["accepted"], 2, "{report}");
+    assert_eq!(dir["inbound"]["accepted"], 1, "{report}");
+    assert_eq!(report["accepted"], 3, "{report}");
+    assert_eq!(report["delivered_by_platform"]["mx:foreign.test"], 2);
+    assert_eq!(report["delivered_by_platform"]["old"], 1);
+    let (ok, text) = w.gw.cli(&["report", "--since", "10m", "--sample", "0"]);
+    assert!(ok, "{text}");
+    assert!(text.contains("| outbound | 2 | 2 | 0 | 0 |"), "{text}");
+    assert!(text.contains("| inbound | 1 | 1 | 0 | 0 |"), "{text}");
+    assert!(text.contains("| mx:foreign.test | 2 |"), "{text}");
+    // The dashboard, as a browser draws it.
+    let profile = tempfile::tempdir().unwrap();
+    let url = format!("http://127.0.0.1:{}/", w.gw.admin_port);
+    let dom = String::from_utf8_lossy(&chromium(profile.path(), &url, &["--dump-dom"]).stdout)
+        .to_string();
+    assert!(
+        dom.contains("data-loaded=\"1\""),
+        "the page did not load:\n{dom}"
+    );
+    let value = |id: &str| -> String {
+        let start = dom
+            .find(&format!("id=\"{id}\""))
+            .unwrap_or_else(|| panic!("no #{id} in the page:\n{dom}"));
+        dom[start..]
+            .split('>')
+            .nth(1)
+            .unwrap()
+            .split('<')
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(value("dir-outbound-accepted"), "2");
+    assert_eq!(value("dir-outbound-delivered"), "2");
+    assert_eq!(value("dir-inbound-accepted"), "1");
+    assert_eq!(value("dir-inbound-delivered"), "1");
+    assert_eq!(value("delivered-mx:foreign.test"), "2");
+    assert_eq!(value("delivered-old"), "1");
+}

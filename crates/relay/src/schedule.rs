@@ -78,6 +78,32 @@ struct Dest {
     /// Attempts waiting for a delivery slot, oldest first.
     ready: Mutex<VecDeque<oneshot::Sender<Admission>>>,
     ready_changed: Notify,
+    /// When an attempt last began or ended here (for pruning idle
+    /// outbound destinations).
+    touched: Mutex<std::time::Instant>,
+    /// Pruned: its dispatcher ends, and waiters ask for a fresh one.
+    retired: std::sync::atomic::AtomicBool,
+}
+
+impl Dest {
+    fn new(platform: Platform, flow: Arc<Flow>) -> Dest {
+        Dest {
+            platform: Arc::new(platform),
+            flow,
+            ready: Mutex::default(),
+            ready_changed: Notify::new(),
+            touched: Mutex::new(std::time::Instant::now()),
+            retired: Default::default(),
+        }
+    }
+
+    fn touch(&self) {
+        *self.touched.lock().unwrap() = std::time::Instant::now();
+    }
+
+    fn is_retired(&self) -> bool {
+        self.retired.load(std::sync::atomic::Ordering::Acquire)
+    }
 }
 
 struct Inner {
@@ -133,12 +159,7 @@ impl RelayHandle {
             .map(|(name, p)| {
                 (
                     name.clone(),
-                    Arc::new(Dest {
-                        platform: Arc::new(Platform::new(name, p)),
-                        flow: Flow::new(p),
-                        ready: Mutex::default(),
-                        ready_changed: Notify::new(),
-                    }),
+                    Arc::new(Dest::new(Platform::new(name, p), Flow::new(p))),
                 )
             })
             .collect();
@@ -287,16 +308,62 @@ impl RelayHandle {
         }
         let (platform, settings) =
             crate::outbound::client_for(&self.0.config, self.0.resolver.as_ref(), name)?;
-        let d = Arc::new(Dest {
-            platform: Arc::new(platform),
-            flow: Flow::new(&settings),
-            ready: Mutex::default(),
-            ready_changed: Notify::new(),
-        });
+        let d = Arc::new(Dest::new(platform, Flow::new(&settings)));
         dests.insert(name.to_string(), d.clone());
         drop(dests);
         tokio::spawn(self.clone().dispatch(name.to_string()));
         Some(d)
+    }
+
+    /// Forgets outbound destinations that `outbound::should_prune` says
+    /// are idle, ending their dispatchers; returns their names.
+    fn prune_idle(&self) -> Vec<String> {
+        let Some(o) = &self.0.config.outbound else {
+            return Vec::new();
+        };
+        let queued: HashMap<String, usize> = {
+            let st = self.0.state.lock().unwrap();
+            let mut q: HashMap<String, usize> = HashMap::new();
+            for e in st.msgs.values() {
+                for r in e.rcpts.iter().filter(|r| !r.is_final()) {
+                    if let Some(route) = &r.last_route {
+                        *q.entry(route.clone()).or_default() += 1;
+                    }
+                }
+            }
+            for (p, ids) in &st.parked {
+                *q.entry(p.clone()).or_default() += ids.len();
+            }
+            q
+        };
+        let mut dests = self.0.dests.write().unwrap();
+        let now = std::time::Instant::now();
+        let gone: Vec<String> = dests
+            .iter()
+            .filter(|(name, d)| {
+                let f = d.flow.snapshot();
+                let activity = crate::outbound::DestActivity {
+                    queued: queued.get(*name).copied().unwrap_or(0),
+                    in_flight: f.in_flight,
+                    waiting: d.ready.lock().unwrap().len(),
+                    circuit_closed: f.circuit == "closed",
+                    idle: now.duration_since(*d.touched.lock().unwrap()),
+                };
+                crate::outbound::should_prune(name, &activity, o.destination_idle)
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in &gone {
+            if let Some(d) = dests.remove(name) {
+                d.retired.store(true, std::sync::atomic::Ordering::Release);
+                d.ready_changed.notify_one();
+            }
+        }
+        drop(dests);
+        for name in &gone {
+            tracing::debug!(destination = %name, "idle outbound destination forgotten");
+        }
+        gone
     }
 
     /// The route for recipient `addr` of message `h` now: DSNs go to the
@@ -381,7 +448,17 @@ impl RelayHandle {
             tokio::spawn(self.clone().dispatch(name.clone()));
         }
         let scan = self.0.config.queue.scan_interval;
+        let prune_every = self.0.config.outbound.as_ref().map(|o| {
+            (o.destination_idle / 2).clamp(Duration::from_millis(500), Duration::from_secs(60))
+        });
+        let mut pruned_at = std::time::Instant::now();
         loop {
+            if let Some(every) = prune_every
+                && pruned_at.elapsed() >= every
+            {
+                pruned_at = std::time::Instant::now();
+                self.prune_idle();
+            }
             let now = now_ms();
             let (ready, next) = {
                 let mut st = self.0.state.lock().unwrap();
@@ -407,6 +484,7 @@ impl RelayHandle {
             let wait = next.map_or(scan, |at| {
                 Duration::from_millis((at - now).clamp(1, scan.as_millis() as i64) as u64)
             });
+            let wait = prune_every.map_or(wait, |every| wait.min(every));
             tokio::select! {
                 _ = self.0.wake.notified() => {}
                 _ = tokio::time::sleep(wait) => {}
@@ -438,6 +516,12 @@ impl RelayHandle {
         let Some(d) = self.dest(&name) else { return };
         loop {
             loop {
+                if d.is_retired() {
+                    // Pruned: a waiter that raced the pruning gets a closed
+                    // channel and asks `dest` again, which makes a new one.
+                    d.ready.lock().unwrap().clear();
+                    return;
+                }
                 if !d.ready.lock().unwrap().is_empty() {
                     break;
                 }
@@ -625,19 +709,28 @@ impl RelayHandle {
         planned: &[usize],
         reroute: CancellationToken,
     ) -> (GroupEnd, Vec<DsnRcpt>) {
-        let Some(d) = self.dest(platform) else {
-            self.group_done(id, false);
-            return (GroupEnd::Done, Vec::new());
-        };
-        let (tx, rx) = oneshot::channel();
-        d.ready.lock().unwrap().push_back(tx);
-        d.ready_changed.notify_one();
-        let admission = tokio::select! {
-            a = rx => a.unwrap_or(Admission::Down(Duration::from_secs(1))),
-            _ = reroute.cancelled() => {
-                // The route changed while waiting: plan again at once.
-                self.group_done(id, true);
+        let mut tries = 0;
+        let admission = loop {
+            let Some(d) = self.dest(platform) else {
+                self.group_done(id, false);
                 return (GroupEnd::Done, Vec::new());
+            };
+            d.touch();
+            let (tx, rx) = oneshot::channel();
+            d.ready.lock().unwrap().push_back(tx);
+            d.ready_changed.notify_one();
+            tokio::select! {
+                a = rx => match a {
+                    Ok(a) => break a,
+                    // The destination was pruned as we joined it: ask again.
+                    Err(_) if tries < 3 => tries += 1,
+                    Err(_) => break Admission::Down(Duration::from_secs(1)),
+                },
+                _ = reroute.cancelled() => {
+                    // The route changed while waiting: plan again at once.
+                    self.group_done(id, true);
+                    return (GroupEnd::Done, Vec::new());
+                }
             }
         };
         let permit = match admission {
@@ -742,6 +835,7 @@ impl RelayHandle {
         drop(body);
         d.flow
             .observe(classify(&out.summary, out.host.is_some()), out.summary.code);
+        d.touch();
         drop(permit);
         let failed = self.settle(id, platform, &go, &out).await;
         (GroupEnd::Done, failed)
