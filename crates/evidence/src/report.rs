@@ -1,6 +1,6 @@
 //! `godwit report`: the evidence for a wave or an incident window.
 
-use crate::metrics::{code_of, pct};
+use crate::metrics::{accepted_direction, code_of, delivery_direction, pct};
 use crate::trace;
 use godwit_events::{Event, Record};
 use godwit_store::{Row, Store};
@@ -29,6 +29,10 @@ pub struct Report {
     pub logins_by_platform: BTreeMap<String, u64>,
     pub login_failures_by_reason: BTreeMap<String, u64>,
     pub sessions_moved: u64,
+    /// "inbound" / "outbound": messages accepted (by the event's
+    /// direction) and recipient outcomes (by destination: `mx:` and
+    /// `smarthost:` are outbound), counted apart.
+    pub by_direction: BTreeMap<String, crate::metrics::DirectionCounts>,
 }
 
 #[derive(Debug, Serialize)]
@@ -76,14 +80,23 @@ pub async fn build(
         logins_by_platform: BTreeMap::new(),
         login_failures_by_reason: BTreeMap::new(),
         sessions_moved: 0,
+        by_direction: BTreeMap::new(),
     };
     let mut lat: BTreeMap<String, Vec<f64>> = BTreeMap::new();
     let mut delay_sums: BTreeMap<String, crate::metrics::DelaySums> = BTreeMap::new();
     let mut accepted_ids = Vec::new();
     for rec in &records {
         match &rec.event {
-            Event::MessageAccepted { queue_id, .. } => {
+            Event::MessageAccepted {
+                queue_id,
+                direction,
+                ..
+            } => {
                 r.accepted += 1;
+                r.by_direction
+                    .entry(accepted_direction(direction.as_deref()).into())
+                    .or_default()
+                    .accepted += 1;
                 accepted_ids.push(queue_id.clone());
             }
             Event::MessageRefused { .. } => r.refused += 1,
@@ -94,6 +107,10 @@ pub async fn build(
                 ..
             } => {
                 delay_sums.entry(platform.clone()).or_default().add(delays);
+                r.by_direction
+                    .entry(delivery_direction(platform).into())
+                    .or_default()
+                    .delivered += 1;
                 *r.delivered_by_platform.entry(platform.clone()).or_default() += 1;
                 lat.entry(platform.clone())
                     .or_default()
@@ -106,6 +123,10 @@ pub async fn build(
                 ..
             } => {
                 delay_sums.entry(platform.clone()).or_default().add(delays);
+                r.by_direction
+                    .entry(delivery_direction(platform).into())
+                    .or_default()
+                    .deferred += 1;
                 *r.deferred_by_code.entry(code_of(reply)).or_default() += 1
             }
             Event::Failed {
@@ -115,6 +136,10 @@ pub async fn build(
                 ..
             } => {
                 delay_sums.entry(platform.clone()).or_default().add(delays);
+                r.by_direction
+                    .entry(delivery_direction(platform).into())
+                    .or_default()
+                    .failed += 1;
                 *r.bounced_by_code.entry(code_of(reply)).or_default() += 1
             }
             Event::DsnQueued { .. } => r.dsns += 1,
@@ -215,6 +240,16 @@ pub fn markdown(r: &Report) -> String {
         r.still_queued,
         r.held
     ));
+    if !r.by_direction.is_empty() {
+        s.push_str("## By direction\n\n| direction | accepted | delivered | deferrals | bounced |\n|---|---|---|---|---|\n");
+        for (d, c) in &r.by_direction {
+            s.push_str(&format!(
+                "| {d} | {} | {} | {} | {} |\n",
+                c.accepted, c.delivered, c.deferred, c.failed
+            ));
+        }
+        s.push('\n');
+    }
     s.push_str(
         "## Per platform\n\n| platform | delivered | p50 | p95 | p99 |\n|---|---|---|---|---|\n",
     );
@@ -271,6 +306,12 @@ pub fn markdown(r: &Report) -> String {
 pub fn csv(r: &Report) -> String {
     let mut s = String::from("section,key,value\n");
     s.push_str(&format!("total,accepted,{}\ntotal,refused,{}\ntotal,still_queued,{}\ntotal,held,{}\ntotal,dsns,{}\n", r.accepted, r.refused, r.still_queued, r.held, r.dsns));
+    for (d, c) in &r.by_direction {
+        s.push_str(&format!(
+            "direction_accepted,{d},{}\ndirection_delivered,{d},{}\ndirection_deferred,{d},{}\ndirection_bounced,{d},{}\n",
+            c.accepted, c.delivered, c.deferred, c.failed
+        ));
+    }
     for (p, n) in &r.delivered_by_platform {
         s.push_str(&format!("delivered,{p},{n}\n"));
     }

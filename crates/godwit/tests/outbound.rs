@@ -1149,3 +1149,253 @@ fn outbound_mail_shows_apart_in_the_report_and_on_the_dashboard() {
     assert_eq!(value("delivered-mx:foreign.test"), "2");
     assert_eq!(value("delivered-old"), "1");
 }
+
+/// A CA and a certificate it signed for 127.0.0.1 (the smarthost's name as
+/// godwit dials it), so `outbound_tls = "require"` verifies the chain.
+fn ca_signed(
+    dir: &std::path::Path,
+) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "Smarthost Test CA");
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).unwrap();
+    let leaf_key = rcgen::KeyPair::generate().unwrap();
+    let leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .unwrap()
+        .signed_by(&leaf_key, &ca)
+        .unwrap();
+    let (c, k, a) = (
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+        dir.join("ca.pem"),
+    );
+    std::fs::write(&c, leaf.pem()).unwrap();
+    std::fs::write(&k, leaf_key.serialize_pem()).unwrap();
+    std::fs::write(&a, ca.pem()).unwrap();
+    (c, k, a)
+}
+
+/// Dovecot's submission service (Debian dovecot-submissiond) as a
+/// platform's smarthost: STARTTLS with a CA-signed certificate, AUTH PLAIN
+/// and LOGIN against its own passwd-file only after TLS, relaying what it
+/// accepts to an smtp-sink (`submission_relay_host`).
+struct DovecotSubmission {
+    port: u16,
+    dir: std::path::PathBuf,
+    ca: std::path::PathBuf,
+    sink: Sink,
+    _tmp: tempfile::TempDir,
+}
+
+impl DovecotSubmission {
+    fn start(user: &str, password: &str) -> DovecotSubmission {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
+        let (cert, key, ca) = ca_signed(&dir);
+        let sink = Sink::start(free_port(), &[]);
+        let port = free_port();
+        for d in ["run", "state", "home"] {
+            std::fs::create_dir_all(dir.join(d)).unwrap();
+        }
+        std::fs::write(
+            dir.join("users"),
+            format!("{user}:{{PLAIN}}{password}::::::\n"),
+        )
+        .unwrap();
+        let d = dir.display();
+        let conf = format!(
+            "base_dir = {d}/run\nstate_dir = {d}/state\nlog_path = {d}/dovecot.log\n\
+             listen = 127.0.0.1\nprotocols = submission\nhostname = smarthost.test\n\
+             ssl = yes\nssl_cert = <{}\nssl_key = <{}\n\
+             disable_plaintext_auth = yes\nauth_mechanisms = plain login\nauth_verbose = yes\n\
+             first_valid_uid = 100\nmail_location = maildir:{d}/home/%u/Maildir\n\
+             submission_relay_host = 127.0.0.1\nsubmission_relay_port = {}\nsubmission_relay_trusted = yes\n\
+             passdb {{\n  driver = passwd-file\n  args = scheme=PLAIN username_format=%u {d}/users\n}}\n\
+             userdb {{\n  driver = static\n  args = uid=vmail gid=vmail home={d}/home/%u\n}}\n\
+             service submission-login {{\n  chroot =\n  inet_listener submission {{\n    port = {port}\n  }}\n}}\n\
+             service anvil {{\n  chroot =\n}}\n",
+            cert.display(),
+            key.display(),
+            sink.port
+        );
+        std::fs::write(dir.join("dovecot.conf"), conf).unwrap();
+        // The mail user (vmail, as PEERS.md sets up) owns the session's home.
+        Command::new("chown")
+            .args(["-R", "vmail:vmail"])
+            .arg(dir.join("home"))
+            .status()
+            .unwrap();
+        let st = Command::new("dovecot")
+            .arg("-c")
+            .arg(dir.join("dovecot.conf"))
+            // The daemon forks and outlives this call: not on the test's stdio.
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("dovecot (Debian dovecot-core + dovecot-submissiond)");
+        assert!(
+            st.success(),
+            "dovecot failed to start: {}",
+            std::fs::read_to_string(dir.join("dovecot.log")).unwrap_or_default()
+        );
+        wait_for(
+            "Dovecot submission to listen",
+            Duration::from_secs(10),
+            || TcpStream::connect(("127.0.0.1", port)).ok(),
+        );
+        DovecotSubmission {
+            port,
+            dir,
+            ca,
+            sink,
+            _tmp: tmp,
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("dovecot.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for DovecotSubmission {
+    fn drop(&mut self) {
+        if let Ok(pid) = std::fs::read_to_string(self.dir.join("run/master.pid")) {
+            let _ = Command::new("kill").arg(pid.trim()).status();
+        }
+    }
+}
+
+/// Every file under `dir` (recursively) that contains `needle`.
+fn files_containing(dir: &std::path::Path, needle: &str) -> Vec<std::path::PathBuf> {
+    let mut hits = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if std::fs::read(&p)
+                .is_ok_and(|b| b.windows(needle.len()).any(|w| w == needle.as_bytes()))
+            {
+                hits.push(p);
+            }
+        }
+    }
+    hits
+}
+
+/// `route set-outbound` to a platform whose smarthost wants SMTP AUTH
+/// (RFC 4954) over required, verified TLS: Dovecot's submission service
+/// logs the login, relays the mail to its sink, and a wrong password
+/// defers (never bounces) with an error naming the smarthost and the user.
+/// The password appears in no file godwit writes, at debug log level.
+#[test]
+fn smarthost_auth_over_required_tls_and_a_wrong_password_defers() {
+    const USER: &str = "relay@example.com";
+    const GOOD: &str = "Smart-Pw-9x7";
+    const BAD: &str = "Wrong-Pw-3q1";
+    let mut w = world("", "");
+    let smarthost = DovecotSubmission::start(USER, GOOD);
+    let dir = w.gw.data.parent().unwrap().to_path_buf();
+    // Outside godwit's own directory, so the scan below finds only leaks.
+    let secrets = tempfile::tempdir().unwrap();
+    let pw_file = secrets.path().join("smarthost.pw");
+    std::fs::write(&pw_file, format!("{GOOD}\n")).unwrap();
+    let sp = smarthost.port;
+    w.gw.env.push(("RUST_LOG".into(), "debug".into()));
+    w.gw.reconfigure(|c| {
+        c.replacen(
+            "[platforms.new]\n",
+            &format!(
+                "[platforms.new]\noutbound_relay = [\"127.0.0.1:{sp}\"]\noutbound_user = \"{USER}\"\n\
+                 outbound_password_file = \"{}\"\noutbound_tls = \"require\"\ntls_ca = \"{}\"\n",
+                pw_file.display(),
+                smarthost.ca.display()
+            ),
+            1,
+        )
+    });
+    wait_relay_port(w.relay_port);
+    let (ok, out) =
+        w.gw.cli(&["route", "set-outbound", "alice@example.com", "new"]);
+    assert!(ok, "{out}");
+    wait_applied(&w.gw, version_of(&out));
+    let mut c = relay_client(&w);
+    let r = c.mail(
+        "alice@example.com",
+        &["bob@foreign.test"],
+        &out_message("auth1@example.com", "bob@foreign.test"),
+    );
+    assert!(r.starts_with("250"), "{r}");
+    let d =
+        w.gw.wait_event("delivery.delivered", Duration::from_secs(20), |e| {
+            e["rcpt"] == "bob@foreign.test"
+        });
+    assert_eq!(d["platform"], "smarthost:new");
+    let relayed = wait_for(
+        "the mail behind the smarthost",
+        Duration::from_secs(10),
+        || {
+            smarthost
+                .sink
+                .messages()
+                .into_iter()
+                .find(|m| m.contains("auth1@example.com"))
+        },
+    );
+    assert!(relayed.contains("DKIM-Signature:"), "{relayed}");
+    let log = smarthost.log();
+    assert!(
+        log.contains(&format!("Login: user=<{USER}>, method=PLAIN"))
+            && log
+                .lines()
+                .any(|l| l.contains("submission-login") && l.contains("TLS")),
+        "Dovecot saw no AUTH over TLS:\n{log}"
+    );
+    assert!(log.contains("Successfully relayed message"), "{log}");
+    // The operator typed the password wrong: the mail waits, and says why.
+    drop(c);
+    std::fs::write(&pw_file, format!("{BAD}\n")).unwrap();
+    w.gw.reconfigure(|c| c);
+    wait_relay_port(w.relay_port);
+    let mut c = relay_client(&w);
+    let r = c.mail(
+        "alice@example.com",
+        &["bob@foreign.test"],
+        &out_message("auth2@example.com", "bob@foreign.test"),
+    );
+    assert!(r.starts_with("250"), "{r}");
+    let deferred =
+        w.gw.wait_event("delivery.deferred", Duration::from_secs(30), |e| {
+            e["rcpt"] == "bob@foreign.test" && e["platform"] == "smarthost:new"
+        });
+    let reply = deferred["reply"].as_str().unwrap();
+    assert!(
+        reply.starts_with("454 4.7.0")
+            && reply.contains(&format!("AUTH as {USER}"))
+            && reply.contains(&format!("127.0.0.1:{sp}")),
+        "{reply}"
+    );
+    wait_for(
+        "Dovecot to log the mismatch",
+        Duration::from_secs(10),
+        || smarthost.log().contains("Password mismatch").then_some(()),
+    );
+    assert!(
+        w.gw.events_named("delivery.failed")
+            .iter()
+            .all(|e| e["rcpt"] != "bob@foreign.test"),
+        "a refused AUTH must not bounce"
+    );
+    // Neither password in anything godwit wrote: its log, the events,
+    // the Postfix-style maillog, the spool, the store.
+    for pw in [GOOD, BAD] {
+        let leaks = files_containing(&dir, pw);
+        assert!(leaks.is_empty(), "{pw} leaked into {leaks:?}");
+    }
+    let godwit_log = std::fs::read_to_string(w.gw.data.with_extension("log")).unwrap();
+    assert!(godwit_log.contains("DEBUG"), "the log ran at debug level");
+}
