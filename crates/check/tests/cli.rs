@@ -1,6 +1,6 @@
 //! The command-line surface as the binary embeds it, and the configuration-driven
-//! run against real dnsmasq, Postfix and Dovecot. Ports 31590-31598 and
-//! 31520-31529 belong to this file.
+//! run against real dnsmasq, Postfix and Dovecot. Port slots 31590-31598 and
+//! 31520-31529 belong to this file (see `common::port`).
 
 mod common;
 
@@ -90,7 +90,7 @@ fn arguments_parse_as_the_binary_embeds_them() {
 #[tokio::test]
 async fn exit_codes_follow_the_worst_finding() {
     let _d = dnsmasq(
-        31520,
+        port(31520),
         300,
         &[
             "--mx-host=clean.example.com,mx.clean.example.com,10".into(),
@@ -108,7 +108,8 @@ async fn exit_codes_follow_the_worst_finding() {
         ],
     );
     let code = |domain: &str, extra: &[&str]| {
-        let mut args = vec!["dns", domain, "--resolver", "127.0.0.1:31520"];
+        let resolver = format!("127.0.0.1:{}", port(31520));
+        let mut args = vec!["dns", domain, "--resolver", &resolver];
         args.extend_from_slice(extra);
         let a = parse(&args).unwrap();
         async move { collect(None, &a).await.unwrap() }
@@ -124,7 +125,7 @@ async fn exit_codes_follow_the_worst_finding() {
         "dns",
         "clean.example.com",
         "--resolver",
-        "127.0.0.1:31520",
+        &format!("127.0.0.1:{}", port(31520)),
         "--json",
     ])
     .unwrap();
@@ -147,15 +148,15 @@ async fn configuration_run_covers_domains_platforms_listener_and_imap() {
     let _pf = Postfix::start(
         &pf_dir,
         &[
-            (31590, tls_opts(&old)),
-            (31591, tls_opts(&new)),
-            (31592, tls_opts(&lab)),
-            (31593, tls_opts(&gw)),
-            (31595, vec!["smtpd_tls_security_level=none".into()]),
+            (port(31590), tls_opts(&old)),
+            (port(31591), tls_opts(&new)),
+            (port(31592), tls_opts(&lab)),
+            (port(31593), tls_opts(&gw)),
+            (port(31595), vec!["smtpd_tls_security_level=none".into()]),
         ],
     );
     let _d = dnsmasq(
-        31521,
+        port(31521),
         3600,
         &[
             "--mx-host=example.com,mx.test.example,10".into(),
@@ -168,7 +169,7 @@ async fn configuration_run_covers_domains_platforms_listener_and_imap() {
     );
     let dv_dir = dir.path().join("dovecot");
     std::fs::create_dir(&dv_dir).unwrap();
-    let _dv = Dovecot::start(&dv_dir, 31594, true);
+    let _dv = Dovecot::start(&dv_dir, port(31594), true);
     let pw = dir.path().join("pw");
     std::fs::write(&pw, "secret\n").unwrap();
 
@@ -177,34 +178,37 @@ async fn configuration_run_covers_domains_platforms_listener_and_imap() {
         ..Default::default()
     };
     config.domains.accepted = vec!["example.com".into()];
-    config.smtp.listen = vec!["0.0.0.0:31593".parse().unwrap()];
+    config.smtp.listen = vec![format!("0.0.0.0:{}", port(31593)).parse().unwrap()];
     let platform = |relay: &str, insecure: bool| godwit_config::PlatformConfig {
         relay: vec![relay.into()],
         tls_insecure: insecure,
         ..Default::default()
     };
-    config
-        .platforms
-        .insert("old".into(), platform("127.0.0.1:31590", false));
-    config
-        .platforms
-        .insert("new".into(), platform("127.0.0.1:31591", false));
-    config
-        .platforms
-        .insert("lab".into(), platform("127.0.0.1:31592", true));
-    let mut plain = platform("127.0.0.1:31595", false);
+    config.platforms.insert(
+        "old".into(),
+        platform(&format!("127.0.0.1:{}", port(31590)), false),
+    );
+    config.platforms.insert(
+        "new".into(),
+        platform(&format!("127.0.0.1:{}", port(31591)), false),
+    );
+    config.platforms.insert(
+        "lab".into(),
+        platform(&format!("127.0.0.1:{}", port(31592)), true),
+    );
+    let mut plain = platform(&format!("127.0.0.1:{}", port(31595)), false);
     plain.tls = godwit_config::TlsPolicy::Require;
     config.platforms.insert("plain".into(), plain);
 
     let args = parse(&[
         "--resolver",
-        "127.0.0.1:31521",
+        &format!("127.0.0.1:{}", port(31521)),
         "--cutover-window",
         "5m",
         "--ca",
         ca.to_str().unwrap(),
         "--imap",
-        "imap://alice@example.com@127.0.0.1:31594",
+        &format!("imap://alice@example.com@127.0.0.1:{}", port(31594)),
         "--password-file",
         pw.to_str().unwrap(),
         "--timeout",
@@ -236,11 +240,18 @@ async fn configuration_run_covers_domains_platforms_listener_and_imap() {
     );
     // The gateway's own listener, judged by the configured hostname.
     assert_sev(
-        one(f, "tls.name", "127.0.0.1:31593 (gateway listener)"),
+        one(
+            f,
+            "tls.name",
+            &format!("127.0.0.1:{} (gateway listener)", port(31593)),
+        ),
         Severity::Ok,
     );
     // IMAP from --imap until [sync] exists.
-    assert_sev(one(f, "imap.login", "31594"), Severity::Ok);
+    assert_sev(
+        one(f, "imap.login", &format!("{}", port(31594))),
+        Severity::Ok,
+    );
 
     println!("{text}");
     assert_eq!(report.exit_code(), 2, "{text}");

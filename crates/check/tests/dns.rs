@@ -1,5 +1,5 @@
 //! `check dns` against real dnsmasq instances serving test zones.
-//! Ports 31500-31539 belong to this file, one per test.
+//! Port slots 31500-31539 belong to this file, one per test (see `common::port`).
 
 mod common;
 
@@ -26,9 +26,9 @@ async fn two_resolvers_with_different_mx_are_propagation_and_ttl_is_advised() {
         "--mx-host=example.com,mx2.oldmail.example.com,20".to_string(),
     ];
     let new = ["--mx-host=example.com,mx-gw.example.com,10".to_string()];
-    let _a = dnsmasq(31500, 3600, &old);
-    let _b = dnsmasq(31501, 3600, &new);
-    let mut o = opts(&[31500, 31501]);
+    let _a = dnsmasq(port(31500), 3600, &old);
+    let _b = dnsmasq(port(31501), 3600, &new);
+    let mut o = opts(&[port(31500), port(31501)]);
     o.cutover_window = Some(Duration::from_secs(600));
     let f = check_domain("example.com", &o).await.unwrap();
 
@@ -39,7 +39,7 @@ async fn two_resolvers_with_different_mx_are_propagation_and_ttl_is_advised() {
             && prop.meaning.contains("mx-gw.example.com")
     );
     assert!(prop.action.contains("dual acceptance"));
-    let a = one(&f, "mx.records", "127.0.0.1:31500");
+    let a = one(&f, "mx.records", &format!("127.0.0.1:{}", port(31500)));
     assert!(
         a.meaning
             .contains("10 mx1.oldmail.example.com, 20 mx2.oldmail.example.com"),
@@ -54,7 +54,7 @@ async fn two_resolvers_with_different_mx_are_propagation_and_ttl_is_advised() {
 
     // The same two answers from both resolvers are no propagation, and a TTL
     // inside the window is fine.
-    let mut same = opts(&[31500, 31500]);
+    let mut same = opts(&[port(31500), port(31500)]);
     same.cutover_window = Some(Duration::from_secs(7200));
     let f = check_domain("example.com", &same).await.unwrap();
     assert_sev(one(&f, "mx.propagation", "example.com"), Severity::Ok);
@@ -63,8 +63,8 @@ async fn two_resolvers_with_different_mx_are_propagation_and_ttl_is_advised() {
 
 #[tokio::test]
 async fn missing_mx_blocks() {
-    let _d = dnsmasq(31502, 300, &[txt("nomx.example.com", "v=spf1 -all")]);
-    let f = check_domain("nomx.example.com", &opts(&[31502]))
+    let _d = dnsmasq(port(31502), 300, &[txt("nomx.example.com", "v=spf1 -all")]);
+    let f = check_domain("nomx.example.com", &opts(&[port(31502)]))
         .await
         .unwrap();
     assert_sev(one(&f, "mx.missing", "nomx.example.com"), Severity::Block);
@@ -73,7 +73,7 @@ async fn missing_mx_blocks() {
 #[tokio::test]
 async fn spf_nested_includes_list_sources_and_judge_new_senders() {
     let _d = dnsmasq(
-        31503,
+        port(31503),
         300,
         &[
             "--mx-host=example.com,mx1.example.com,10".into(),
@@ -95,7 +95,7 @@ async fn spf_nested_includes_list_sources_and_judge_new_senders() {
             ),
         ],
     );
-    let mut o = opts(&[31503]);
+    let mut o = opts(&[port(31503)]);
     o.new_senders = vec![
         "198.51.100.7".into(),         // authorized two includes deep
         "out.newmail.example".into(),  // the same, by name
@@ -158,8 +158,8 @@ async fn spf_over_ten_lookups_blocks_and_new_sender_past_the_limit_permerrors() 
         ));
     }
     args.push(txt("l10.example", "v=spf1 ip4:192.0.2.99 -all"));
-    let _d = dnsmasq(31504, 300, &args);
-    let mut o = opts(&[31504]);
+    let _d = dnsmasq(port(31504), 300, &args);
+    let mut o = opts(&[port(31504)]);
     o.new_senders = vec!["192.0.2.99".into()];
     let f = check_domain("example.com", &o).await.unwrap();
     let limit = one(&f, "spf.lookup-limit", "example.com");
@@ -177,7 +177,7 @@ async fn spf_over_ten_lookups_blocks_and_new_sender_past_the_limit_permerrors() 
 #[tokio::test]
 async fn spf_missing_include_multiple_records_plus_all_and_no_record() {
     let _d = dnsmasq(
-        31505,
+        port(31505),
         300,
         &[
             txt(
@@ -193,7 +193,7 @@ async fn spf_missing_include_multiple_records_plus_all_and_no_record() {
             txt("typo.example.com", "v=spf1 includ:_spf.vendor.example -all"),
         ],
     );
-    let o = opts(&[31505]);
+    let o = opts(&[port(31505)]);
     let f = check_domain("example.com", &o).await.unwrap();
     let inc = one(&f, "spf.include", "example.com");
     assert_sev(inc, Severity::Block);
@@ -230,7 +230,7 @@ async fn spf_missing_include_multiple_records_plus_all_and_no_record() {
 #[tokio::test]
 async fn dmarc_policies_and_syntax_error() {
     let _d = dnsmasq(
-        31506,
+        port(31506),
         300,
         &[
             txt(
@@ -258,7 +258,7 @@ async fn dmarc_policies_and_syntax_error() {
             txt("_dmarc.a.parent.example.com", "not a dmarc record"),
         ],
     );
-    let o = opts(&[31506]);
+    let o = opts(&[port(31506)]);
     let f = check_domain("none.example.com", &o).await.unwrap();
     let p = one(&f, "dmarc.policy", "none.example.com");
     assert_sev(p, Severity::Ok);
@@ -320,7 +320,7 @@ async fn dkim_keys_of_each_kind() {
     let k1024 = rsa_public_key_b64(dir.path(), 1024);
     let k2048 = rsa_public_key_b64(dir.path(), 2048);
     let _d = dnsmasq(
-        31507,
+        port(31507),
         300,
         &[
             txt(
@@ -338,7 +338,7 @@ async fn dkim_keys_of_each_kind() {
             txt("old._domainkey.example.com", "v=DKIM1; k=rsa; p="),
         ],
     );
-    let mut o = opts(&[31507]);
+    let mut o = opts(&[port(31507)]);
     o.dkim_selectors = ["s512", "s1024", "s2048", "old", "missing"]
         .map(String::from)
         .to_vec();
@@ -363,7 +363,7 @@ async fn dkim_keys_of_each_kind() {
 #[tokio::test]
 async fn mta_sts_and_tls_rpt_records() {
     let _d = dnsmasq(
-        31508,
+        port(31508),
         300,
         &[
             txt("_mta-sts.example.com", "v=STSv1; id=20261128T000000"),
@@ -374,7 +374,7 @@ async fn mta_sts_and_tls_rpt_records() {
             txt("_smtp._tls.bad.example.com", "v=TLSRPTv1; rua=nowhere"),
         ],
     );
-    let o = opts(&[31508]);
+    let o = opts(&[port(31508)]);
     let f = check_domain("example.com", &o).await.unwrap();
     let sts = one(&f, "mta-sts.record", "example.com");
     assert!(
@@ -399,21 +399,28 @@ async fn unreachable_resolver_is_reported_not_fatal() {
     // Nothing listens on 31509: the MX query times out and is a warning, and
     // the policy records are read through the resolver that did answer.
     let _d = dnsmasq(
-        31510,
+        port(31510),
         300,
         &[
             "--mx-host=example.com,mx1.example.com,10".into(),
             txt("example.com", "v=spf1 ip4:192.0.2.1 -all"),
         ],
     );
-    let f = check_domain("example.com", &opts(&[31509, 31510]))
+    let f = check_domain("example.com", &opts(&[port(31509), port(31510)]))
         .await
         .unwrap();
     assert_sev(
-        one(&f, "mx.resolver-error", "127.0.0.1:31509"),
+        one(
+            &f,
+            "mx.resolver-error",
+            &format!("127.0.0.1:{}", port(31509)),
+        ),
         Severity::Warn,
     );
-    assert_sev(one(&f, "mx.records", "127.0.0.1:31510"), Severity::Ok);
+    assert_sev(
+        one(&f, "mx.records", &format!("127.0.0.1:{}", port(31510))),
+        Severity::Ok,
+    );
     assert_sev(one(&f, "spf.record", "example.com"), Severity::Ok);
 }
 
@@ -497,7 +504,7 @@ async fn mta_sts_policy_mode_and_mx_coverage() {
     let dir = tempfile::tempdir().unwrap();
     let pki = TestPki::new();
     policy_server(
-        31511,
+        port(31511),
         &pki,
         dir.path(),
         vec![
@@ -507,7 +514,7 @@ async fn mta_sts_policy_mode_and_mx_coverage() {
     )
     .await;
     let _d = dnsmasq(
-        31512,
+        port(31512),
         300,
         &[
             // The MX already moved to the gateway; the enforcing policy still names the old host.
@@ -522,8 +529,8 @@ async fn mta_sts_policy_mode_and_mx_coverage() {
             "--host-record=mta-sts.nopolicy.example.com,127.0.0.1".into(),
         ],
     );
-    let mut o = opts(&[31512]);
-    o.mta_sts_port = 31511;
+    let mut o = opts(&[port(31512)]);
+    o.mta_sts_port = port(31511);
     o.ca_files = vec![pki.ca_file(dir.path())];
 
     let f = check_domain("example.com", &o).await.unwrap();
@@ -558,7 +565,7 @@ async fn spf_macros_are_decided_per_new_sender_by_a_full_evaluation() {
     // exists:%{i}._spf.example.com authorizes exactly the IPs that have a
     // name there (RFC 7208 7.3): only a per-sender evaluation can tell.
     let _d = dnsmasq(
-        31513,
+        port(31513),
         300,
         &[
             "--mx-host=example.com,mx1.example.com,10".into(),
@@ -566,7 +573,7 @@ async fn spf_macros_are_decided_per_new_sender_by_a_full_evaluation() {
             "--host-record=192.0.2.5._spf.example.com,127.0.0.2".into(),
         ],
     );
-    let mut o = opts(&[31513]);
+    let mut o = opts(&[port(31513)]);
     o.new_senders = vec!["192.0.2.5".into(), "192.0.2.6".into()];
     let f = check_domain("example.com", &o).await.unwrap();
     let sources = one(&f, "spf.sources", "example.com");

@@ -1,4 +1,4 @@
-//! `check imap` against a real Dovecot. Ports 31570-31589 belong to this file.
+//! `check imap` against a real Dovecot. Port slots 31570-31589 belong to this file (see `common::port`).
 
 mod common;
 
@@ -20,10 +20,13 @@ fn probe(port: u16, password: &str) -> ImapCheck {
 #[tokio::test]
 async fn dovecot_capabilities_folders_and_special_use() {
     let dir = tempfile::tempdir().unwrap();
-    let _dv = Dovecot::start(dir.path(), 31570, true);
-    let f = check(&probe(31570, "secret")).await.unwrap();
-    assert_sev(one(&f, "imap.login", "31570"), Severity::Ok);
-    let caps = one(&f, "imap.capabilities", "31570");
+    let _dv = Dovecot::start(dir.path(), port(31570), true);
+    let f = check(&probe(port(31570), "secret")).await.unwrap();
+    assert_sev(
+        one(&f, "imap.login", &format!("{}", port(31570))),
+        Severity::Ok,
+    );
+    let caps = one(&f, "imap.capabilities", &format!("{}", port(31570)));
     for cap in [
         "UIDPLUS",
         "CONDSTORE",
@@ -47,9 +50,12 @@ async fn dovecot_capabilities_folders_and_special_use() {
         "imap.special-use",
         "imap.compress",
     ] {
-        assert!(find(&f, check, "31570").is_empty(), "{check}: {f:#?}");
+        assert!(
+            find(&f, check, &format!("{}", port(31570))).is_empty(),
+            "{check}: {f:#?}"
+        );
     }
-    let folders = one(&f, "imap.folders", "31570");
+    let folders = one(&f, "imap.folders", &format!("{}", port(31570)));
     assert!(
         folders.meaning.starts_with("6 folders"),
         "{}",
@@ -60,7 +66,7 @@ async fn dovecot_capabilities_folders_and_special_use() {
         "{}",
         folders.meaning
     );
-    let su = one(&f, "imap.special-use-folders", "31570");
+    let su = one(&f, "imap.special-use-folders", &format!("{}", port(31570)));
     assert_sev(su, Severity::Ok);
     for s in [
         r#"\Sent = "Sent Items""#,
@@ -75,22 +81,25 @@ async fn dovecot_capabilities_folders_and_special_use() {
 #[tokio::test]
 async fn no_special_use_folders_warns_and_bad_password_blocks() {
     let dir = tempfile::tempdir().unwrap();
-    let _dv = Dovecot::start(dir.path(), 31571, false);
-    let f = check(&probe(31571, "secret")).await.unwrap();
-    let su = one(&f, "imap.special-use-folders", "31571");
+    let _dv = Dovecot::start(dir.path(), port(31571), false);
+    let f = check(&probe(port(31571), "secret")).await.unwrap();
+    let su = one(&f, "imap.special-use-folders", &format!("{}", port(31571)));
     assert_sev(su, Severity::Warn);
     assert!(su.meaning.contains("\\Sent"), "{}", su.meaning);
 
-    let f = check(&probe(31571, "wrong")).await.unwrap();
-    let login = one(&f, "imap.login", "31571");
+    let f = check(&probe(port(31571), "wrong")).await.unwrap();
+    let login = one(&f, "imap.login", &format!("{}", port(31571)));
     assert_sev(login, Severity::Block);
     assert!(login.meaning.contains("failed"), "{}", login.meaning);
 }
 
 #[tokio::test]
 async fn unreachable_imap_blocks() {
-    let f = check(&probe(31572, "secret")).await.unwrap();
-    assert_sev(one(&f, "imap.connect", "31572"), Severity::Block);
+    let f = check(&probe(port(31572), "secret")).await.unwrap();
+    assert_sev(
+        one(&f, "imap.connect", &format!("{}", port(31572))),
+        Severity::Block,
+    );
 }
 
 #[tokio::test]
@@ -101,9 +110,9 @@ async fn imaps_verifies_the_certificate() {
     let ca = pki.ca_file(dir.path());
     let dv_dir = dir.path().join("dovecot");
     std::fs::create_dir(&dv_dir).unwrap();
-    let _dv = Dovecot::start_with(&dv_dir, 31573, true, Some((31574, cert)));
-    let mut o = probe(31573, "secret");
-    o.url = ImapUrl::parse("imaps://127.0.0.1:31574").unwrap();
+    let _dv = Dovecot::start_with(&dv_dir, port(31573), true, Some((port(31574), cert)));
+    let mut o = probe(port(31573), "secret");
+    o.url = ImapUrl::parse(&format!("imaps://127.0.0.1:{}", port(31574))).unwrap();
     o.ca_files = vec![ca];
     let f = check(&o).await.unwrap();
     assert_sev(one(&f, "imap.login", "imaps://"), Severity::Ok);

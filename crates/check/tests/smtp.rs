@@ -1,5 +1,5 @@
 //! `check smtp` against a real Postfix with STARTTLS certificates made by rcgen.
-//! Ports 31540-31569 belong to this file.
+//! Port slots 31540-31569 belong to this file (see `common::port`).
 
 mod common;
 
@@ -31,15 +31,15 @@ async fn starttls_certificates_valid_expiring_expired_wrong_name_self_signed() {
     let _pf = Postfix::start(
         dir.path(),
         &[
-            (31540, tls_opts(&valid)),
-            (31541, tls_opts(&expiring)),
-            (31542, tls_opts(&expired)),
-            (31543, tls_opts(&wrong)),
-            (31544, tls_opts(&selfsigned)),
-            (31545, vec!["smtpd_tls_security_level=none".into()]),
+            (port(31540), tls_opts(&valid)),
+            (port(31541), tls_opts(&expiring)),
+            (port(31542), tls_opts(&expired)),
+            (port(31543), tls_opts(&wrong)),
+            (port(31544), tls_opts(&selfsigned)),
+            (port(31545), vec!["smtpd_tls_security_level=none".into()]),
             // Refuses every client at connect time: 554 instead of the 220 banner.
             (
-                31549,
+                port(31549),
                 vec![
                     "smtpd_delay_reject=no".into(),
                     "smtpd_client_restrictions=reject".into(),
@@ -49,21 +49,27 @@ async fn starttls_certificates_valid_expiring_expired_wrong_name_self_signed() {
     );
 
     // Valid, signed by the test CA passed with --ca: nothing to report.
-    let f = check(&probe(31540, name, Some(&ca))).await.unwrap();
-    assert_sev(one(&f, "smtp.banner", "31540"), Severity::Ok);
+    let f = check(&probe(port(31540), name, Some(&ca))).await.unwrap();
+    assert_sev(
+        one(&f, "smtp.banner", &format!("{}", port(31540))),
+        Severity::Ok,
+    );
     assert!(
-        one(&f, "smtp.banner", "31540")
+        one(&f, "smtp.banner", &format!("{}", port(31540)))
             .meaning
             .contains("ESMTP Postfix")
     );
-    let ehlo = one(&f, "smtp.ehlo", "31540");
+    let ehlo = one(&f, "smtp.ehlo", &format!("{}", port(31540)));
     assert!(
         ehlo.meaning.contains("STARTTLS") && ehlo.meaning.contains("PIPELINING"),
         "{}",
         ehlo.meaning
     );
-    assert_sev(one(&f, "smtp.starttls", "31540"), Severity::Ok);
-    let info = one(&f, "tls.certificate", "31540");
+    assert_sev(
+        one(&f, "smtp.starttls", &format!("{}", port(31540))),
+        Severity::Ok,
+    );
+    let info = one(&f, "tls.certificate", &format!("{}", port(31540)));
     assert!(
         info.meaning.contains("SANs=mx.test.example"),
         "{}",
@@ -76,58 +82,67 @@ async fn starttls_certificates_valid_expiring_expired_wrong_name_self_signed() {
     );
     assert!(info.meaning.contains("chain of 2"), "{}", info.meaning);
     for check in ["tls.expiry", "tls.name", "tls.trust"] {
-        assert_sev(one(&f, check, "31540"), Severity::Ok);
+        assert_sev(one(&f, check, &format!("{}", port(31540))), Severity::Ok);
     }
     assert!(f.iter().all(|f| f.severity == Severity::Ok), "{f:#?}");
 
     // The same server without --ca: the private CA is not in the system roots.
-    let f = check(&probe(31540, name, None)).await.unwrap();
-    let trust = one(&f, "tls.trust", "31540");
+    let f = check(&probe(port(31540), name, None)).await.unwrap();
+    let trust = one(&f, "tls.trust", &format!("{}", port(31540)));
     assert_sev(trust, Severity::Block);
     assert!(trust.meaning.contains("UnknownIssuer"), "{}", trust.meaning);
 
-    let f = check(&probe(31541, name, Some(&ca))).await.unwrap();
-    let exp = one(&f, "tls.expiry", "31541");
+    let f = check(&probe(port(31541), name, Some(&ca))).await.unwrap();
+    let exp = one(&f, "tls.expiry", &format!("{}", port(31541)));
     assert_sev(exp, Severity::Warn);
     assert!(exp.meaning.contains("days left"), "{}", exp.meaning);
 
-    let f = check(&probe(31542, name, Some(&ca))).await.unwrap();
-    let exp = one(&f, "tls.expiry", "31542");
+    let f = check(&probe(port(31542), name, Some(&ca))).await.unwrap();
+    let exp = one(&f, "tls.expiry", &format!("{}", port(31542)));
     assert_sev(exp, Severity::Block);
     assert!(exp.meaning.contains("expired on"), "{}", exp.meaning);
     // Expiry does not hide the rest: the chain itself is still trusted.
-    assert_sev(one(&f, "tls.trust", "31542"), Severity::Ok);
+    assert_sev(
+        one(&f, "tls.trust", &format!("{}", port(31542))),
+        Severity::Ok,
+    );
 
-    let f = check(&probe(31543, name, Some(&ca))).await.unwrap();
-    let n = one(&f, "tls.name", "31543");
+    let f = check(&probe(port(31543), name, Some(&ca))).await.unwrap();
+    let n = one(&f, "tls.name", &format!("{}", port(31543)));
     assert_sev(n, Severity::Block);
     assert!(
         n.meaning.contains("does not name mx.test.example")
             && n.meaning.contains("other.example.net")
     );
 
-    let f = check(&probe(31544, name, Some(&ca))).await.unwrap();
-    let t = one(&f, "tls.trust", "31544");
+    let f = check(&probe(port(31544), name, Some(&ca))).await.unwrap();
+    let t = one(&f, "tls.trust", &format!("{}", port(31544)));
     assert_sev(t, Severity::Block);
     assert!(t.meaning.contains("self-signed"), "{}", t.meaning);
-    assert_sev(one(&f, "tls.name", "31544"), Severity::Ok);
+    assert_sev(
+        one(&f, "tls.name", &format!("{}", port(31544))),
+        Severity::Ok,
+    );
     // Vouching for that very certificate with --ca makes it trusted.
     let f = check(&probe(
-        31544,
+        port(31544),
         name,
         Some(std::path::Path::new(&selfsigned.0)),
     ))
     .await
     .unwrap();
-    assert_sev(one(&f, "tls.trust", "31544"), Severity::Ok);
+    assert_sev(
+        one(&f, "tls.trust", &format!("{}", port(31544))),
+        Severity::Ok,
+    );
 
-    let f = check(&probe(31549, name, None)).await.unwrap();
-    let b = one(&f, "smtp.banner", "31549");
+    let f = check(&probe(port(31549), name, None)).await.unwrap();
+    let b = one(&f, "smtp.banner", &format!("{}", port(31549)));
     assert_sev(b, Severity::Block);
     assert!(b.meaning.contains("554"), "{}", b.meaning);
 
-    let f = check(&probe(31545, name, None)).await.unwrap();
-    let s = one(&f, "smtp.starttls", "31545");
+    let f = check(&probe(port(31545), name, None)).await.unwrap();
+    let s = one(&f, "smtp.starttls", &format!("{}", port(31545)));
     assert_sev(s, Severity::Warn);
     assert!(s.meaning.starts_with("No STARTTLS"));
 }
@@ -138,9 +153,9 @@ async fn rcpt_checks_acceptance_and_sends_nothing() {
     let pki = TestPki::new();
     let cert = pki.leaf(dir.path(), "valid", &["mx.test.example"], -1, 90, false);
     let ca = pki.ca_file(dir.path());
-    let pf = Postfix::start(dir.path(), &[(31546, tls_opts(&cert))]);
+    let pf = Postfix::start(dir.path(), &[(port(31546), tls_opts(&cert))]);
 
-    let mut o = probe(31546, "mx.test.example", Some(&ca));
+    let mut o = probe(port(31546), "mx.test.example", Some(&ca));
     o.rcpt = Some("user@example.com".into());
     let f = check(&o).await.unwrap();
     let r = one(&f, "smtp.rcpt", "user@example.com");
@@ -171,9 +186,9 @@ async fn send_delivers_a_labelled_message_and_reports_the_queue_id() {
     let pki = TestPki::new();
     let cert = pki.leaf(dir.path(), "valid", &["mx.test.example"], -1, 90, false);
     let ca = pki.ca_file(dir.path());
-    let pf = Postfix::start(dir.path(), &[(31547, tls_opts(&cert))]);
+    let pf = Postfix::start(dir.path(), &[(port(31547), tls_opts(&cert))]);
 
-    let mut o = probe(31547, "mx.test.example", Some(&ca));
+    let mut o = probe(port(31547), "mx.test.example", Some(&ca));
     o.rcpt = Some("user@example.com".into());
     o.send = true;
     let f = check(&o).await.unwrap();
@@ -207,6 +222,11 @@ async fn send_delivers_a_labelled_message_and_reports_the_queue_id() {
 
 #[tokio::test]
 async fn unreachable_host_blocks() {
-    let f = check(&probe(31548, "mx.test.example", None)).await.unwrap();
-    assert_sev(one(&f, "smtp.connect", "31548"), Severity::Block);
+    let f = check(&probe(port(31548), "mx.test.example", None))
+        .await
+        .unwrap();
+    assert_sev(
+        one(&f, "smtp.connect", &format!("{}", port(31548))),
+        Severity::Block,
+    );
 }

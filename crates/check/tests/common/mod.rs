@@ -1,6 +1,7 @@
 //! Real peers for the preflight tests: dnsmasq, Postfix, Dovecot, each started
-//! on 127.0.0.1 with a fixed high port per test (nextest runs every test in its
-//! own process, in parallel) and stopped by a Drop guard, even on panic.
+//! on 127.0.0.1 on a port reserved by `port` (nextest runs every test in its
+//! own process, in parallel, beside other crates' tests) and stopped by a Drop
+//! guard, even on panic.
 #![allow(dead_code)]
 
 use godwit_check::finding::{Finding, Severity};
@@ -20,6 +21,22 @@ impl Drop for Guard {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The loopback port this test process uses for `slot`. Slots are the
+/// numbers the tests name their peers by; each is mapped, once per process,
+/// to a port reserved by the workspace's one allocator, so no two test
+/// processes of any crate ever share one.
+pub fn port(slot: u16) -> u16 {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    static PORTS: OnceLock<Mutex<HashMap<u16, u16>>> = OnceLock::new();
+    *PORTS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap()
+        .entry(slot)
+        .or_insert_with(godwit_testkit::free_port)
 }
 
 pub fn wait_for_port(port: u16, what: &str) {

@@ -3,61 +3,12 @@
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// A free loopback port, reserved for this test process.
-///
-/// Binding port 0 and releasing it races under parallel nextest: another
-/// test's bind(0), or any client socket's ephemeral port, can take it before
-/// the intended server binds it. So ports come from below the ephemeral
-/// range (Linux: 32768 and up), each reserved with an exclusive marker file
-/// naming the owning process; a marker whose process is gone is reclaimed.
-pub fn free_port() -> u16 {
-    let dir = std::env::temp_dir().join("godwit-test-ports");
-    let _ = std::fs::create_dir_all(&dir);
-    let me = std::process::id();
-    let start = 15000 + (rand_u32() % 17000) as u16;
-    for n in 0..17000u16 {
-        let port = 15000 + (start - 15000 + n) % 17000;
-        let marker = dir.join(port.to_string());
-        let claimed = match std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&marker)
-        {
-            Ok(mut f) => {
-                let _ = write!(f, "{me}");
-                true
-            }
-            Err(_) => {
-                let owner: Option<u32> = std::fs::read_to_string(&marker)
-                    .ok()
-                    .and_then(|s| s.trim().parse().ok());
-                let alive = owner.is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
-                if alive {
-                    false
-                } else {
-                    // Stale: its process ended. Take it over.
-                    std::fs::write(&marker, me.to_string()).is_ok()
-                }
-            }
-        };
-        if claimed && TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-    panic!("no free port below the ephemeral range");
-}
-
-fn rand_u32() -> u32 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u32(std::process::id());
-    h.finish() as u32
-}
+pub use godwit_testkit::free_port;
 
 pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
     let start = Instant::now();

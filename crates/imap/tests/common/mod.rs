@@ -4,6 +4,7 @@
 
 use async_imap::Session;
 use futures::TryStreamExt;
+use godwit_testkit::free_port;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
@@ -31,14 +32,6 @@ pub struct Dovecot {
     pub conf: PathBuf,
     /// Implicit-TLS port when started with `start_tls` (0 otherwise).
     pub imaps_port: u16,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 impl Dovecot {
