@@ -1007,7 +1007,12 @@ fn destination_names(gw: &Gateway) -> Vec<String> {
 /// makes a fresh destination and is delivered.
 #[test]
 fn idle_outbound_destinations_are_pruned_and_come_back() {
-    let w = world("", "destination_idle = \"1s\"");
+    let mut w = world("", "destination_idle = \"1s\"");
+    // The pruner says at info level what it forgot and why.
+    w.gw.env
+        .push(("RUST_LOG".into(), "warn,godwit_relay=info".into()));
+    w.gw.reconfigure(|c| c);
+    wait_relay_port(w.relay_port);
     // retry.test's MX answers 450 to every DATA: its mail stays queued.
     let _deferring = MxSink::start("127.0.0.4", w.mx_port, &["-r", "."]);
     let mut c = relay_client(&w);
@@ -1040,7 +1045,15 @@ fn idle_outbound_destinations_are_pruned_and_come_back() {
     );
     // In the same listing: the platforms, and the domain with queued mail.
     for kept in ["old", "new", "mx:retry.test"] {
-        assert!(names.iter().any(|n| n == kept), "{kept} in {names:?}");
+        assert!(
+            names.iter().any(|n| n == kept),
+            "{kept} in {names:?}; erin's events: {:?}\ngodwit's log:\n{}",
+            w.gw.events()
+                .into_iter()
+                .filter(|e| e.to_string().contains("erin@retry.test"))
+                .collect::<Vec<_>>(),
+            std::fs::read_to_string(w.gw.data.with_extension("log")).unwrap_or_default()
+        );
     }
     // A forgotten domain comes back with its next message.
     let r = c.mail(

@@ -349,7 +349,11 @@ impl RelayHandle {
                     circuit_closed: f.circuit == "closed",
                     idle: now.duration_since(*d.touched.lock().unwrap()),
                 };
-                crate::outbound::should_prune(name, &activity, o.destination_idle)
+                let prune = crate::outbound::should_prune(name, &activity, o.destination_idle);
+                if prune {
+                    tracing::info!(destination = %name, ?activity, "idle outbound destination forgotten");
+                }
+                prune
             })
             .map(|(name, _)| name.clone())
             .collect();
@@ -360,9 +364,6 @@ impl RelayHandle {
             }
         }
         drop(dests);
-        for name in &gone {
-            tracing::debug!(destination = %name, "idle outbound destination forgotten");
-        }
         gone
     }
 
