@@ -14,6 +14,7 @@
 //! helo = "mx-gw.example.com"           # default: hostname
 //! egress_ips = ["203.0.113.55"]        # what SPF must authorize (godwit check outbound)
 //! tls_require = ["bank.example"]       # STARTTLS is mandatory for these domains
+//! destination_idle = "10m"             # forget an idle recipient domain's flow state
 //! [outbound.rate_limits]               # per recipient domain: a ramp for a cold IP
 //! "gmail.com" = "100/m"
 //!
@@ -63,6 +64,12 @@ pub struct OutboundConfig {
     pub initial_connections_per_domain: usize,
     #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
     pub connect_timeout: Duration,
+    /// An `mx:DOMAIN` (or `smarthost:`) destination with no queued mail, a
+    /// closed circuit and no attempt for this long is forgotten, so one per
+    /// recipient domain ever seen does not accumulate; mail for it later
+    /// starts a fresh one.
+    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
+    pub destination_idle: Duration,
 }
 
 impl Default for OutboundConfig {
@@ -80,6 +87,7 @@ impl Default for OutboundConfig {
             max_connections_per_domain: 10,
             initial_connections_per_domain: 2,
             connect_timeout: Duration::from_secs(30),
+            destination_idle: Duration::from_secs(600),
         }
     }
 }

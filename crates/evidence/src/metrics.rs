@@ -30,6 +30,9 @@ pub struct Stats {
     /// Per platform, the delay breakdown summed over every delivered,
     /// deferred and bounced recipient (Postfix's delays=a/b/c/d).
     pub delays: BTreeMap<String, DelaySums>,
+    /// "inbound" and "outbound" counted apart (issue 14's evidence: mail
+    /// leaving for the internet is not mixed into the inbound figures).
+    pub by_direction: BTreeMap<String, DirectionCounts>,
     #[serde(skip)]
     pub latencies: BTreeMap<String, VecDeque<f64>>,
 }
@@ -45,6 +48,37 @@ impl Stats {
                 (p.clone(), [pct(&s, 0.50), pct(&s, 0.95), pct(&s, 0.99)])
             })
             .collect()
+    }
+}
+
+/// One direction's messages accepted and recipient outcomes.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Serialize)]
+pub struct DirectionCounts {
+    pub accepted: u64,
+    pub delivered: u64,
+    pub deferred: u64,
+    pub failed: u64,
+}
+
+pub const INBOUND: &str = "inbound";
+pub const OUTBOUND: &str = "outbound";
+
+/// The direction of an accepted message: the event's `direction`
+/// (`outbound` when a recipient is outside our domains), else inbound.
+pub fn accepted_direction(direction: Option<&str>) -> &'static str {
+    match direction {
+        Some(OUTBOUND) => OUTBOUND,
+        _ => INBOUND,
+    }
+}
+
+/// The direction of a delivery outcome, by its destination: `mx:DOMAIN`
+/// and `smarthost:PLATFORM` are the outbound edge; platforms are inbound.
+pub fn delivery_direction(platform: &str) -> &'static str {
+    if platform.starts_with("mx:") || platform.starts_with("smarthost:") {
+        OUTBOUND
+    } else {
+        INBOUND
     }
 }
 
@@ -232,6 +266,7 @@ impl Metrics {
             Event::SubmissionLockout { .. } => metrics::counter!("godwit_submission_lockouts_total").increment(1),
             Event::MessageAccepted { size, direction, .. } => {
                 st.accepted += 1;
+                st.by_direction.entry(accepted_direction(direction.as_deref()).into()).or_default().accepted += 1;
                 metrics::counter!("godwit_messages_accepted_total").increment(1);
                 if let Some(d) = direction {
                     metrics::counter!("godwit_messages_accepted_by_direction_total", "direction" => d.clone()).increment(1);
@@ -244,6 +279,7 @@ impl Metrics {
             }
             Event::Delivered { platform, delay_ms, delays, .. } => {
                 *st.delivered.entry(platform.clone()).or_default() += 1;
+                st.by_direction.entry(delivery_direction(platform).into()).or_default().delivered += 1;
                 record_delays(&mut st, platform, "delivered", delays);
                 let secs = *delay_ms as f64 / 1000.0;
                 let lat = st.latencies.entry(platform.clone()).or_default();
@@ -256,12 +292,14 @@ impl Metrics {
             }
             Event::Deferred { platform, reply, delays, .. } => {
                 *st.deferred.entry(platform.clone()).or_default() += 1;
+                st.by_direction.entry(delivery_direction(platform).into()).or_default().deferred += 1;
                 record_delays(&mut st, platform, "deferred", delays);
                 let code = code_of(reply);
                 metrics::counter!("godwit_deliveries_total", "platform" => platform.clone(), "outcome" => "deferred", "class" => class(&code), "code" => code).increment(1);
             }
             Event::Failed { platform, reply, delays, .. } => {
                 *st.failed.entry(platform.clone()).or_default() += 1;
+                st.by_direction.entry(delivery_direction(platform).into()).or_default().failed += 1;
                 record_delays(&mut st, platform, "failed", delays);
                 let code = code_of(reply);
                 metrics::counter!("godwit_deliveries_total", "platform" => platform.clone(), "outcome" => "failed", "class" => class(&code), "code" => code).increment(1);
@@ -301,6 +339,27 @@ impl Default for Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn directions_table() {
+        for (direction, want) in [
+            (Some("outbound"), OUTBOUND),
+            (None, INBOUND),
+            (Some("inbound"), INBOUND),
+        ] {
+            assert_eq!(accepted_direction(direction), want, "{direction:?}");
+        }
+        for (platform, want) in [
+            ("mx:foreign.example", OUTBOUND),
+            ("smarthost:new", OUTBOUND),
+            ("old", INBOUND),
+            ("new", INBOUND),
+            // A platform that happens to be named like a host is still one.
+            ("mx1", INBOUND),
+        ] {
+            assert_eq!(delivery_direction(platform), want, "{platform}");
+        }
+    }
 
     #[test]
     fn codes_and_percentiles() {

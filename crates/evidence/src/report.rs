@@ -1,6 +1,6 @@
 //! `godwit report`: the evidence for a wave or an incident window.
 
-use crate::metrics::{code_of, pct};
+use crate::metrics::{accepted_direction, code_of, delivery_direction, pct};
 use crate::trace;
 use godwit_events::{Event, Record};
 use godwit_store::{Row, Store};
@@ -32,6 +32,10 @@ pub struct Report {
     /// The nodes whose events the window holds (every gateway of a fleet
     /// on a shared store). `still_queued` and `held` are this node's spool.
     pub nodes: Vec<String>,
+    /// "inbound" / "outbound": messages accepted (by the event's
+    /// direction) and recipient outcomes (by destination: `mx:` and
+    /// `smarthost:` are outbound), counted apart.
+    pub by_direction: BTreeMap<String, crate::metrics::DirectionCounts>,
 }
 
 #[derive(Debug, Serialize)]
@@ -85,14 +89,23 @@ pub async fn build(
             .collect::<std::collections::BTreeSet<_>>()
             .into_iter()
             .collect(),
+        by_direction: BTreeMap::new(),
     };
     let mut lat: BTreeMap<String, Vec<f64>> = BTreeMap::new();
     let mut delay_sums: BTreeMap<String, crate::metrics::DelaySums> = BTreeMap::new();
     let mut accepted_ids = Vec::new();
     for rec in &records {
         match &rec.event {
-            Event::MessageAccepted { queue_id, .. } => {
+            Event::MessageAccepted {
+                queue_id,
+                direction,
+                ..
+            } => {
                 r.accepted += 1;
+                r.by_direction
+                    .entry(accepted_direction(direction.as_deref()).into())
+                    .or_default()
+                    .accepted += 1;
                 accepted_ids.push(queue_id.clone());
             }
             Event::MessageRefused { .. } => r.refused += 1,
@@ -103,6 +116,10 @@ pub async fn build(
                 ..
             } => {
                 delay_sums.entry(platform.clone()).or_default().add(delays);
+                r.by_direction
+                    .entry(delivery_direction(platform).into())
+                    .or_default()
+                    .delivered += 1;
                 *r.delivered_by_platform.entry(platform.clone()).or_default() += 1;
                 lat.entry(platform.clone())
                     .or_default()
@@ -115,6 +132,10 @@ pub async fn build(
                 ..
             } => {
                 delay_sums.entry(platform.clone()).or_default().add(delays);
+                r.by_direction
+                    .entry(delivery_direction(platform).into())
+                    .or_default()
+                    .deferred += 1;
                 *r.deferred_by_code.entry(code_of(reply)).or_default() += 1
             }
             Event::Failed {
@@ -124,6 +145,10 @@ pub async fn build(
                 ..
             } => {
                 delay_sums.entry(platform.clone()).or_default().add(delays);
+                r.by_direction
+                    .entry(delivery_direction(platform).into())
+                    .or_default()
+                    .failed += 1;
                 *r.bounced_by_code.entry(code_of(reply)).or_default() += 1
             }
             Event::DsnQueued { .. } => r.dsns += 1,
@@ -230,6 +255,16 @@ pub fn markdown(r: &Report) -> String {
         r.still_queued,
         r.held
     ));
+    if !r.by_direction.is_empty() {
+        s.push_str("## By direction\n\n| direction | accepted | delivered | deferrals | bounced |\n|---|---|---|---|---|\n");
+        for (d, c) in &r.by_direction {
+            s.push_str(&format!(
+                "| {d} | {} | {} | {} | {} |\n",
+                c.accepted, c.delivered, c.deferred, c.failed
+            ));
+        }
+        s.push('\n');
+    }
     s.push_str(
         "## Per platform\n\n| platform | delivered | p50 | p95 | p99 |\n|---|---|---|---|---|\n",
     );
@@ -286,6 +321,12 @@ pub fn markdown(r: &Report) -> String {
 pub fn csv(r: &Report) -> String {
     let mut s = String::from("section,key,value\n");
     s.push_str(&format!("total,accepted,{}\ntotal,refused,{}\ntotal,still_queued,{}\ntotal,held,{}\ntotal,dsns,{}\n", r.accepted, r.refused, r.still_queued, r.held, r.dsns));
+    for (d, c) in &r.by_direction {
+        s.push_str(&format!(
+            "direction_accepted,{d},{}\ndirection_delivered,{d},{}\ndirection_deferred,{d},{}\ndirection_bounced,{d},{}\n",
+            c.accepted, c.delivered, c.deferred, c.failed
+        ));
+    }
     for (p, n) in &r.delivered_by_platform {
         s.push_str(&format!("delivered,{p},{n}\n"));
     }

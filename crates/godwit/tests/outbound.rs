@@ -132,6 +132,7 @@ impl MxSink {
 struct World {
     gw: Gateway,
     relay_port: u16,
+    mx_port: u16,
     dns_port: u16,
     old: Sink,
     mx: MxSink,
@@ -189,6 +190,9 @@ fn world(queue_extra: &str, outbound_extra: &str) -> World {
             "--host-record=mx1.foreign.test,127.0.0.2".into(),
             "--mx-host=refusing.test,mx.refusing.test,10".into(),
             "--host-record=mx.refusing.test,127.0.0.3".into(),
+            // The retry test's MX: a sink that first records then 450s the DATA.
+            "--mx-host=retry.test,mx.retry.test,10".into(),
+            "--host-record=mx.retry.test,127.0.0.4".into(),
             // RFC 5321 5.1 implicit MX: no MX record, an A record.
             "--host-record=implicit.test,127.0.0.2".into(),
             // RFC 7505 null MX: preference 0, exchange "." (RDATA 00 00 00).
@@ -215,6 +219,7 @@ fn world(queue_extra: &str, outbound_extra: &str) -> World {
     World {
         gw,
         relay_port,
+        mx_port,
         dns_port,
         old,
         mx,
@@ -886,6 +891,529 @@ fn an_authenticated_submission_leaves_by_mx_signed() {
             e["sasl_username"] == "alice@example.com"
         });
     assert_eq!(accepted["direction"], "outbound", "{accepted}");
+}
+
+/// The `t=` tag of the first DKIM-Signature of ours (d=example.com) in `text`.
+fn dkim_t(text: &str) -> i64 {
+    let sig: String = {
+        let start = text
+            .find("DKIM-Signature:")
+            .unwrap_or_else(|| panic!("no DKIM-Signature:\n{text}"));
+        // The header with its folded continuation lines.
+        let mut lines = text[start..].lines();
+        let mut h = lines.next().unwrap().to_string();
+        for l in lines {
+            if l.starts_with([' ', '\t']) {
+                h.push_str(l);
+            } else {
+                break;
+            }
+        }
+        h
+    };
+    assert!(sig.contains("d=example.com"), "{sig}");
+    sig.split(';')
+        .map(str::trim)
+        .find_map(|t| t.strip_prefix("t="))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no t= in {sig}"))
+}
+
+/// RFC 6376 signs on the way out, not in the spool: the MX first records
+/// the DATA and answers 450 at the final dot (smtp-sink `-r .`), then a
+/// plain sink takes the retry. Each attempt carries a signature made at
+/// that attempt (a later `t=` on the retry), dkimpy verifies the delivered
+/// copy, and the spooled original meanwhile holds no signature of ours.
+#[test]
+fn a_retry_is_signed_afresh_and_the_spool_keeps_the_original() {
+    let w = world("", "");
+    let deferring = MxSink::start("127.0.0.4", w.mx_port, &["-r", "."]);
+    let before_s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let mut c = relay_client(&w);
+    let r = c.mail(
+        "alice@example.com",
+        &["erin@retry.test"],
+        &out_message("retry1@example.com", "erin@retry.test"),
+    );
+    assert!(r.starts_with("250"), "{r}");
+    let deferred =
+        w.gw.wait_event("delivery.deferred", Duration::from_secs(20), |e| {
+            e["rcpt"] == "erin@retry.test"
+        });
+    assert!(
+        deferred["reply"].as_str().unwrap().starts_with("450"),
+        "{deferred}"
+    );
+    let first = wait_for(
+        "the first attempt recorded by the deferring MX",
+        Duration::from_secs(5),
+        || {
+            deferring
+                .messages()
+                .into_iter()
+                .find(|m| m.contains("retry1@example.com") && m.contains("Hello from"))
+        },
+    );
+    let t_first = dkim_t(&first);
+    assert!(
+        t_first >= before_s,
+        "t={t_first} before the accept ({before_s})"
+    );
+    // The spool holds the message as accepted: no signature of ours.
+    let qid = deferred["queue_id"].as_str().unwrap();
+    let spooled = std::fs::read(w.gw.data.join("spool/queue").join(qid))
+        .unwrap_or_else(|e| panic!("the spooled message {qid}: {e}"));
+    let spooled = String::from_utf8_lossy(&spooled);
+    assert!(spooled.contains("retry1@example.com"), "{spooled}");
+    assert!(!spooled.contains("DKIM-Signature"), "{spooled}");
+    // The MX recovers: the retry goes to a sink that takes it.
+    drop(deferring);
+    let taking = MxSink::start("127.0.0.4", w.mx_port, &[]);
+    w.gw.wait_event("delivery.delivered", Duration::from_secs(30), |e| {
+        e["rcpt"] == "erin@retry.test"
+    });
+    let file = wait_for("the retry at the MX", Duration::from_secs(5), || {
+        taking.files().into_iter().next()
+    });
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert_eq!(text.matches("DKIM-Signature:").count(), 1, "{text}");
+    let t_retry = dkim_t(&text);
+    assert!(
+        t_retry > t_first,
+        "the retry's t={t_retry} must be later than the first attempt's t={t_first}"
+    );
+    let (ok, tampered) = dkimpy_verify(&file, w.dns_port);
+    assert!(ok && !tampered, "dkimpy on the retry:\n{text}");
+}
+
+/// The destination names `queue destinations --json` lists now.
+fn destination_names(gw: &Gateway) -> Vec<String> {
+    let (ok, out) = gw.cli(&["queue", "destinations", "--json"]);
+    assert!(ok, "{out}");
+    let v: serde_json::Value =
+        serde_json::from_str(out.lines().next().unwrap()).unwrap_or_else(|e| panic!("{e}: {out}"));
+    v["destinations"]
+        .as_object()
+        .unwrap_or_else(|| panic!("{out}"))
+        .keys()
+        .cloned()
+        .collect()
+}
+
+/// One `mx:DOMAIN` destination per recipient domain ever seen would grow
+/// without bound: an idle one (nothing queued, circuit closed, no attempt
+/// for `destination_idle`) is forgotten, while one with deferred mail
+/// stays; the platforms always stay; mail for a forgotten domain later
+/// makes a fresh destination and is delivered.
+#[test]
+fn idle_outbound_destinations_are_pruned_and_come_back() {
+    let mut w = world("", "destination_idle = \"1s\"");
+    // The pruner says at info level what it forgot and why.
+    w.gw.env
+        .push(("RUST_LOG".into(), "warn,godwit_relay=info".into()));
+    w.gw.reconfigure(|c| c);
+    wait_relay_port(w.relay_port);
+    // retry.test's MX answers 450 to every DATA: its mail stays queued.
+    let _deferring = MxSink::start("127.0.0.4", w.mx_port, &["-r", "."]);
+    let mut c = relay_client(&w);
+    for (id, rcpt) in [
+        ("prune1@example.com", "bob@foreign.test"),
+        ("prune2@example.com", "carol@implicit.test"),
+        ("prune3@example.com", "erin@retry.test"),
+    ] {
+        let r = c.mail("alice@example.com", &[rcpt], &out_message(id, rcpt));
+        assert!(r.starts_with("250"), "{r}");
+    }
+    for rcpt in ["bob@foreign.test", "carol@implicit.test"] {
+        w.gw.wait_event("delivery.delivered", Duration::from_secs(20), |e| {
+            e["rcpt"] == rcpt
+        });
+    }
+    w.gw.wait_event("delivery.deferred", Duration::from_secs(20), |e| {
+        e["rcpt"] == "erin@retry.test"
+    });
+    let names = wait_for(
+        "the idle MX destinations to be forgotten",
+        Duration::from_secs(20),
+        || {
+            let names = destination_names(&w.gw);
+            (!names
+                .iter()
+                .any(|n| n == "mx:foreign.test" || n == "mx:implicit.test"))
+            .then_some(names)
+        },
+    );
+    // In the same listing: the platforms, and the domain with queued mail.
+    for kept in ["old", "new", "mx:retry.test"] {
+        assert!(
+            names.iter().any(|n| n == kept),
+            "{kept} in {names:?}; erin's events: {:?}\ngodwit's log:\n{}",
+            w.gw.events()
+                .into_iter()
+                .filter(|e| e.to_string().contains("erin@retry.test"))
+                .collect::<Vec<_>>(),
+            std::fs::read_to_string(w.gw.data.with_extension("log")).unwrap_or_default()
+        );
+    }
+    // A forgotten domain comes back with its next message.
+    let r = c.mail(
+        "alice@example.com",
+        &["bob@foreign.test"],
+        &out_message("prune4@example.com", "bob@foreign.test"),
+    );
+    assert!(r.starts_with("250"), "{r}");
+    wait_for(
+        "the second message at foreign.test's MX",
+        Duration::from_secs(20),
+        || {
+            w.mx.messages()
+                .into_iter()
+                .find(|m| m.contains("prune4@example.com"))
+        },
+    );
+}
+
+/// Outbound mail is evidence like inbound, counted apart: `godwit report`
+/// (JSON and text) and the dashboard, read by headless Chromium, show the
+/// outbound messages and their `mx:DOMAIN` deliveries beside, not inside,
+/// the inbound ones.
+#[test]
+fn outbound_mail_shows_apart_in_the_report_and_on_the_dashboard() {
+    let w = world("", "");
+    let mut inbound = w.gw.client();
+    inbound.greet();
+    let r = inbound.mail(
+        "someone@outside.test",
+        &["u@example.com"],
+        &message("in1@outside.test", "inbound"),
+    );
+    assert!(r.starts_with("250"), "{r}");
+    let mut c = relay_client(&w);
+    for i in 0..2 {
+        let id = format!("dir{i}@example.com");
+        let r = c.mail(
+            "alice@example.com",
+            &["bob@foreign.test"],
+            &out_message(&id, "bob@foreign.test"),
+        );
+        assert!(r.starts_with("250"), "{r}");
+    }
+    wait_for("the deliveries", Duration::from_secs(20), || {
+        let d = w.gw.events_named("delivery.delivered");
+        (d.iter()
+            .filter(|e| e["platform"] == "mx:foreign.test")
+            .count()
+            == 2
+            && d.iter().any(|e| e["platform"] == "old"))
+        .then_some(())
+    });
+    let report = wait_for(
+        "the report to count it all",
+        Duration::from_secs(20),
+        || {
+            let (ok, out) = w.gw.cli(&[
+                "report", "--since", "10m", "--format", "json", "--sample", "0",
+            ]);
+            assert!(ok, "{out}");
+            let v: serde_json::Value =
+                serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+            (v["by_direction"]["outbound"]["delivered"] == 2
+                && v["by_direction"]["inbound"]["delivered"] == 1)
+                .then_some(v)
+        },
+    );
+    let dir = &report["by_direction"];
+    assert_eq!(dir["outbound"]["accepted"], 2, "{report}");
+    assert_eq!(dir["inbound"]["accepted"], 1, "{report}");
+    assert_eq!(report["accepted"], 3, "{report}");
+    assert_eq!(report["delivered_by_platform"]["mx:foreign.test"], 2);
+    assert_eq!(report["delivered_by_platform"]["old"], 1);
+    let (ok, text) = w.gw.cli(&["report", "--since", "10m", "--sample", "0"]);
+    assert!(ok, "{text}");
+    assert!(text.contains("| outbound | 2 | 2 | 0 | 0 |"), "{text}");
+    assert!(text.contains("| inbound | 1 | 1 | 0 | 0 |"), "{text}");
+    assert!(text.contains("| mx:foreign.test | 2 |"), "{text}");
+    // The dashboard, as a browser draws it.
+    let profile = tempfile::tempdir().unwrap();
+    let url = format!("http://127.0.0.1:{}/", w.gw.admin_port);
+    let dom = String::from_utf8_lossy(&chromium(profile.path(), &url, &["--dump-dom"]).stdout)
+        .to_string();
+    assert!(
+        dom.contains("data-loaded=\"1\""),
+        "the page did not load:\n{dom}"
+    );
+    let value = |id: &str| -> String {
+        let start = dom
+            .find(&format!("id=\"{id}\""))
+            .unwrap_or_else(|| panic!("no #{id} in the page:\n{dom}"));
+        dom[start..]
+            .split('>')
+            .nth(1)
+            .unwrap()
+            .split('<')
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(value("dir-outbound-accepted"), "2");
+    assert_eq!(value("dir-outbound-delivered"), "2");
+    assert_eq!(value("dir-inbound-accepted"), "1");
+    assert_eq!(value("dir-inbound-delivered"), "1");
+    assert_eq!(value("delivered-mx:foreign.test"), "2");
+    assert_eq!(value("delivered-old"), "1");
+}
+
+/// A CA and a certificate it signed for 127.0.0.1 (the smarthost's name as
+/// godwit dials it), so `outbound_tls = "require"` verifies the chain.
+fn ca_signed(
+    dir: &std::path::Path,
+) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "Smarthost Test CA");
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).unwrap();
+    let leaf_key = rcgen::KeyPair::generate().unwrap();
+    let leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .unwrap()
+        .signed_by(&leaf_key, &ca)
+        .unwrap();
+    let (c, k, a) = (
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+        dir.join("ca.pem"),
+    );
+    std::fs::write(&c, leaf.pem()).unwrap();
+    std::fs::write(&k, leaf_key.serialize_pem()).unwrap();
+    std::fs::write(&a, ca.pem()).unwrap();
+    (c, k, a)
+}
+
+/// Dovecot's submission service (Debian dovecot-submissiond) as a
+/// platform's smarthost: STARTTLS with a CA-signed certificate, AUTH PLAIN
+/// and LOGIN against its own passwd-file only after TLS, relaying what it
+/// accepts to an smtp-sink (`submission_relay_host`).
+struct DovecotSubmission {
+    port: u16,
+    dir: std::path::PathBuf,
+    ca: std::path::PathBuf,
+    sink: Sink,
+    _tmp: tempfile::TempDir,
+}
+
+impl DovecotSubmission {
+    fn start(user: &str, password: &str) -> DovecotSubmission {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
+        let (cert, key, ca) = ca_signed(&dir);
+        let sink = Sink::start(free_port(), &[]);
+        let port = free_port();
+        for d in ["run", "state", "home"] {
+            std::fs::create_dir_all(dir.join(d)).unwrap();
+        }
+        std::fs::write(
+            dir.join("users"),
+            format!("{user}:{{PLAIN}}{password}::::::\n"),
+        )
+        .unwrap();
+        let d = dir.display();
+        let conf = format!(
+            "base_dir = {d}/run\nstate_dir = {d}/state\nlog_path = {d}/dovecot.log\n\
+             listen = 127.0.0.1\nprotocols = submission\nhostname = smarthost.test\n\
+             ssl = yes\nssl_cert = <{}\nssl_key = <{}\n\
+             disable_plaintext_auth = yes\nauth_mechanisms = plain login\nauth_verbose = yes\n\
+             first_valid_uid = 100\nmail_location = maildir:{d}/home/%u/Maildir\n\
+             submission_relay_host = 127.0.0.1\nsubmission_relay_port = {}\nsubmission_relay_trusted = yes\n\
+             passdb {{\n  driver = passwd-file\n  args = scheme=PLAIN username_format=%u {d}/users\n}}\n\
+             userdb {{\n  driver = static\n  args = uid=vmail gid=vmail home={d}/home/%u\n}}\n\
+             service submission-login {{\n  chroot =\n  inet_listener submission {{\n    port = {port}\n  }}\n}}\n\
+             service anvil {{\n  chroot =\n}}\n",
+            cert.display(),
+            key.display(),
+            sink.port
+        );
+        std::fs::write(dir.join("dovecot.conf"), conf).unwrap();
+        // The mail user (vmail, as PEERS.md sets up) owns the session's home.
+        Command::new("chown")
+            .args(["-R", "vmail:vmail"])
+            .arg(dir.join("home"))
+            .status()
+            .unwrap();
+        let st = Command::new("dovecot")
+            .arg("-c")
+            .arg(dir.join("dovecot.conf"))
+            // The daemon forks and outlives this call: not on the test's stdio.
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("dovecot (Debian dovecot-core + dovecot-submissiond)");
+        assert!(
+            st.success(),
+            "dovecot failed to start: {}",
+            std::fs::read_to_string(dir.join("dovecot.log")).unwrap_or_default()
+        );
+        wait_for(
+            "Dovecot submission to listen",
+            Duration::from_secs(10),
+            || TcpStream::connect(("127.0.0.1", port)).ok(),
+        );
+        DovecotSubmission {
+            port,
+            dir,
+            ca,
+            sink,
+            _tmp: tmp,
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("dovecot.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for DovecotSubmission {
+    fn drop(&mut self) {
+        if let Ok(pid) = std::fs::read_to_string(self.dir.join("run/master.pid")) {
+            let _ = Command::new("kill").arg(pid.trim()).status();
+        }
+    }
+}
+
+/// Every file under `dir` (recursively) that contains `needle`.
+fn files_containing(dir: &std::path::Path, needle: &str) -> Vec<std::path::PathBuf> {
+    let mut hits = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if std::fs::read(&p)
+                .is_ok_and(|b| b.windows(needle.len()).any(|w| w == needle.as_bytes()))
+            {
+                hits.push(p);
+            }
+        }
+    }
+    hits
+}
+
+/// `route set-outbound` to a platform whose smarthost wants SMTP AUTH
+/// (RFC 4954) over required, verified TLS: Dovecot's submission service
+/// logs the login, relays the mail to its sink, and a wrong password
+/// defers (never bounces) with an error naming the smarthost and the user.
+/// The password appears in no file godwit writes, at debug log level.
+#[test]
+fn smarthost_auth_over_required_tls_and_a_wrong_password_defers() {
+    const USER: &str = "relay@example.com";
+    const GOOD: &str = "Smart-Pw-9x7";
+    const BAD: &str = "Wrong-Pw-3q1";
+    let mut w = world("", "");
+    let smarthost = DovecotSubmission::start(USER, GOOD);
+    let dir = w.gw.data.parent().unwrap().to_path_buf();
+    // Outside godwit's own directory, so the scan below finds only leaks.
+    let secrets = tempfile::tempdir().unwrap();
+    let pw_file = secrets.path().join("smarthost.pw");
+    std::fs::write(&pw_file, format!("{GOOD}\n")).unwrap();
+    let sp = smarthost.port;
+    w.gw.env.push(("RUST_LOG".into(), "debug".into()));
+    w.gw.reconfigure(|c| {
+        c.replacen(
+            "[platforms.new]\n",
+            &format!(
+                "[platforms.new]\noutbound_relay = [\"127.0.0.1:{sp}\"]\noutbound_user = \"{USER}\"\n\
+                 outbound_password_file = \"{}\"\noutbound_tls = \"require\"\ntls_ca = \"{}\"\n",
+                pw_file.display(),
+                smarthost.ca.display()
+            ),
+            1,
+        )
+    });
+    wait_relay_port(w.relay_port);
+    let (ok, out) =
+        w.gw.cli(&["route", "set-outbound", "alice@example.com", "new"]);
+    assert!(ok, "{out}");
+    wait_applied(&w.gw, version_of(&out));
+    let mut c = relay_client(&w);
+    let r = c.mail(
+        "alice@example.com",
+        &["bob@foreign.test"],
+        &out_message("auth1@example.com", "bob@foreign.test"),
+    );
+    assert!(r.starts_with("250"), "{r}");
+    let d =
+        w.gw.wait_event("delivery.delivered", Duration::from_secs(20), |e| {
+            e["rcpt"] == "bob@foreign.test"
+        });
+    assert_eq!(d["platform"], "smarthost:new");
+    let relayed = wait_for(
+        "the mail behind the smarthost",
+        Duration::from_secs(10),
+        || {
+            smarthost
+                .sink
+                .messages()
+                .into_iter()
+                .find(|m| m.contains("auth1@example.com"))
+        },
+    );
+    assert!(relayed.contains("DKIM-Signature:"), "{relayed}");
+    let log = smarthost.log();
+    assert!(
+        log.contains(&format!("Login: user=<{USER}>, method=PLAIN"))
+            && log
+                .lines()
+                .any(|l| l.contains("submission-login") && l.contains("TLS")),
+        "Dovecot saw no AUTH over TLS:\n{log}"
+    );
+    assert!(log.contains("Successfully relayed message"), "{log}");
+    // The operator typed the password wrong: the mail waits, and says why.
+    drop(c);
+    std::fs::write(&pw_file, format!("{BAD}\n")).unwrap();
+    w.gw.reconfigure(|c| c);
+    wait_relay_port(w.relay_port);
+    let mut c = relay_client(&w);
+    let r = c.mail(
+        "alice@example.com",
+        &["bob@foreign.test"],
+        &out_message("auth2@example.com", "bob@foreign.test"),
+    );
+    assert!(r.starts_with("250"), "{r}");
+    let deferred =
+        w.gw.wait_event("delivery.deferred", Duration::from_secs(30), |e| {
+            e["rcpt"] == "bob@foreign.test" && e["platform"] == "smarthost:new"
+        });
+    let reply = deferred["reply"].as_str().unwrap();
+    assert!(
+        reply.starts_with("454 4.7.0")
+            && reply.contains(&format!("AUTH as {USER}"))
+            && reply.contains(&format!("127.0.0.1:{sp}")),
+        "{reply}"
+    );
+    wait_for(
+        "Dovecot to log the mismatch",
+        Duration::from_secs(10),
+        || smarthost.log().contains("Password mismatch").then_some(()),
+    );
+    assert!(
+        w.gw.events_named("delivery.failed")
+            .iter()
+            .all(|e| e["rcpt"] != "bob@foreign.test"),
+        "a refused AUTH must not bounce"
+    );
+    // Neither password in anything godwit wrote: its log, the events,
+    // the Postfix-style maillog, the spool, the store.
+    for pw in [GOOD, BAD] {
+        let leaks = files_containing(&dir, pw);
+        assert!(leaks.is_empty(), "{pw} leaked into {leaks:?}");
+    }
+    let godwit_log = std::fs::read_to_string(w.gw.data.with_extension("log")).unwrap();
+    assert!(godwit_log.contains("DEBUG"), "the log ran at debug level");
 }
 
 /// `godwit doctor ARGS` against the world's gateway: (exit code, output).

@@ -124,9 +124,100 @@ pub fn client_for(
     Some((Platform::new(dest, &settings).with_auth(auth), settings))
 }
 
+/// What the pruner knows of one destination.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DestActivity {
+    /// Recipients not yet final whose last attempt went here, and messages
+    /// parked for it.
+    pub queued: usize,
+    /// Deliveries running, and attempts waiting for a slot.
+    pub in_flight: usize,
+    pub waiting: usize,
+    /// The circuit is closed (not open, not half-open).
+    pub circuit_closed: bool,
+    /// Since the last attempt began or ended.
+    pub idle: std::time::Duration,
+}
+
+/// Whether destination `dest` may be forgotten: only an outbound one
+/// (platforms are configured and stay), with nothing queued or in flight,
+/// a closed circuit (an open one is state worth keeping: forgetting it
+/// would hammer a down MX again at once) and idle for `idle_after`.
+pub fn should_prune(dest: &str, a: &DestActivity, idle_after: std::time::Duration) -> bool {
+    is_outbound(dest)
+        && a.queued == 0
+        && a.in_flight == 0
+        && a.waiting == 0
+        && a.circuit_closed
+        && a.idle >= idle_after
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn prune_table() {
+        use std::time::Duration as D;
+        let idle = DestActivity {
+            queued: 0,
+            in_flight: 0,
+            waiting: 0,
+            circuit_closed: true,
+            idle: D::from_secs(700),
+        };
+        let after = D::from_secs(600);
+        for (dest, a, want) in [
+            ("mx:foreign.example", idle, true),
+            ("smarthost:new", idle, true),
+            // Configured platforms are never pruned.
+            ("new", idle, false),
+            (
+                "mx:foreign.example",
+                DestActivity { queued: 1, ..idle },
+                false,
+            ),
+            (
+                "mx:foreign.example",
+                DestActivity {
+                    in_flight: 1,
+                    ..idle
+                },
+                false,
+            ),
+            (
+                "mx:foreign.example",
+                DestActivity { waiting: 1, ..idle },
+                false,
+            ),
+            (
+                "mx:foreign.example",
+                DestActivity {
+                    circuit_closed: false,
+                    ..idle
+                },
+                false,
+            ),
+            (
+                "mx:foreign.example",
+                DestActivity {
+                    idle: D::from_secs(599),
+                    ..idle
+                },
+                false,
+            ),
+            (
+                "mx:foreign.example",
+                DestActivity {
+                    idle: after,
+                    ..idle
+                },
+                true,
+            ),
+        ] {
+            assert_eq!(should_prune(dest, &a, after), want, "{dest} {a:?}");
+        }
+    }
 
     #[test]
     fn destinations() {

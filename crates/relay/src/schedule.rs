@@ -82,6 +82,9 @@ struct Dest {
     /// dispatcher hands the waiting attempts to the replacement and ends.
     /// Transactions already under way finish on it.
     retired: CancellationToken,
+    /// When an attempt last began or ended here (for pruning idle
+    /// outbound destinations).
+    touched: Mutex<std::time::Instant>,
 }
 
 impl Dest {
@@ -92,7 +95,12 @@ impl Dest {
             ready: Mutex::default(),
             ready_changed: Notify::new(),
             retired: CancellationToken::new(),
+            touched: Mutex::new(std::time::Instant::now()),
         })
+    }
+
+    fn touch(&self) {
+        *self.touched.lock().unwrap() = std::time::Instant::now();
     }
 }
 
@@ -367,6 +375,61 @@ impl RelayHandle {
         Some(d)
     }
 
+    /// Forgets outbound destinations that `outbound::should_prune` says
+    /// are idle, ending their dispatchers; returns their names.
+    fn prune_idle(&self) -> Vec<String> {
+        let live = self.live();
+        let Some(o) = &live.config.outbound else {
+            return Vec::new();
+        };
+        let queued: HashMap<String, usize> = {
+            let st = self.0.state.lock().unwrap();
+            let mut q: HashMap<String, usize> = HashMap::new();
+            for e in st.msgs.values() {
+                for r in e.rcpts.iter().filter(|r| !r.is_final()) {
+                    if let Some(route) = &r.last_route {
+                        *q.entry(route.clone()).or_default() += 1;
+                    }
+                }
+            }
+            for (p, ids) in &st.parked {
+                *q.entry(p.clone()).or_default() += ids.len();
+            }
+            q
+        };
+        let mut dests = self.0.dests.write().unwrap();
+        let now = std::time::Instant::now();
+        let gone: Vec<String> = dests
+            .iter()
+            .filter(|(name, d)| {
+                let f = d.flow.snapshot();
+                let activity = crate::outbound::DestActivity {
+                    queued: queued.get(*name).copied().unwrap_or(0),
+                    in_flight: f.in_flight,
+                    waiting: d.ready.lock().unwrap().len(),
+                    circuit_closed: f.circuit == "closed",
+                    idle: now.duration_since(*d.touched.lock().unwrap()),
+                };
+                let prune = crate::outbound::should_prune(name, &activity, o.destination_idle);
+                if prune {
+                    tracing::info!(destination = %name, ?activity, "idle outbound destination forgotten");
+                }
+                prune
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in &gone {
+            if let Some(d) = dests.remove(name) {
+                // Its dispatcher hands any waiter back (to plan again), as
+                // for a destination a reload removed.
+                d.retired.cancel();
+                d.ready_changed.notify_one();
+            }
+        }
+        drop(dests);
+        gone
+    }
+
     /// The route for recipient `addr` of message `h` now: DSNs go to the
     /// DSN platform, whatever the routing map says; a recipient outside our
     /// domains (accepted on the relay port) goes out by the outbound route.
@@ -461,8 +524,20 @@ impl RelayHandle {
         for name in self.dests_now().keys() {
             tokio::spawn(self.clone().dispatch(name.clone()));
         }
+        let mut pruned_at = std::time::Instant::now();
         loop {
-            let scan = self.live().config.queue.scan_interval;
+            let live = self.live();
+            let scan = live.config.queue.scan_interval;
+            let prune_every = live.config.outbound.as_ref().map(|o| {
+                (o.destination_idle / 2).clamp(Duration::from_millis(500), Duration::from_secs(60))
+            });
+            drop(live);
+            if let Some(every) = prune_every
+                && pruned_at.elapsed() >= every
+            {
+                pruned_at = std::time::Instant::now();
+                self.prune_idle();
+            }
             let now = now_ms();
             let (ready, next) = {
                 let mut st = self.0.state.lock().unwrap();
@@ -488,6 +563,7 @@ impl RelayHandle {
             let wait = next.map_or(scan, |at| {
                 Duration::from_millis((at - now).clamp(1, scan.as_millis() as i64) as u64)
             });
+            let wait = prune_every.map_or(wait, |every| wait.min(every));
             tokio::select! {
                 _ = self.0.wake.notified() => {}
                 _ = tokio::time::sleep(wait) => {}
@@ -746,6 +822,7 @@ impl RelayHandle {
                 self.group_done(id, false);
                 return (GroupEnd::Done, Vec::new());
             };
+            d.touch();
             let mut ready = d.ready.lock().unwrap();
             if d.retired.is_cancelled() {
                 tx = Some(t); // replaced by a reload just now: look again
@@ -880,6 +957,7 @@ impl RelayHandle {
         drop(body);
         d.flow
             .observe(classify(&out.summary, out.host.is_some()), out.summary.code);
+        d.touch();
         drop(permit);
         let failed = self.settle(id, platform, &go, &out, journal).await;
         (GroupEnd::Done, failed)
