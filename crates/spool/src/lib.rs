@@ -679,6 +679,7 @@ mod adopt_tests {
             },
             kind: None,
             accept_ms: 0,
+            journal: None,
         };
         spool.store(&h, b"Subject: a\r\n\r\nbody\r\n").unwrap();
         h
