@@ -155,14 +155,14 @@ fn dual_delivery_puts_one_traceable_copy_on_each_platform() {
     wait_for("old copy", T, || {
         (old.count_containing("dual@test") == 1).then_some(())
     });
-    let (_, q) = gw.cli(&["queue", "list", "--json"]);
-    let entry: serde_json::Value =
-        serde_json::from_str(q.lines().next().expect("still queued for new")).unwrap();
-    assert_eq!(
-        entry["recipients"][0]["delivered_to"],
-        serde_json::json!(["old"]),
-        "{entry}"
-    );
+    // The sink has the copy a moment before the gateway has read old's 250
+    // and recorded it: wait for the record.
+    wait_for("old's delivery recorded", T, || {
+        let (_, q) = gw.cli(&["queue", "list", "--json"]);
+        let entry: serde_json::Value =
+            serde_json::from_str(q.lines().next().expect("still queued for new")).unwrap();
+        (entry["recipients"][0]["delivered_to"] == serde_json::json!(["old"])).then_some(())
+    });
     let new = Sink::start(pn, &[]);
     wait_for("new copy", Duration::from_secs(30), || {
         (new.count_containing("dual@test") == 1).then_some(())
