@@ -153,6 +153,16 @@ impl Fleet {
             .bind(&self.me)
             .execute(&self.store.pool)
             .await?;
+        // What this worker held before asking the store: an account locked
+        // after this point is not in the answer yet, and must not be taken
+        // for one lost (a --watch round re-locks its accounts every round).
+        let before: BTreeSet<String> = self
+            .held
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .cloned()
+            .collect();
         let still: BTreeSet<String> =
             sqlx::query_scalar("SELECT address FROM sync_queue WHERE holder = $1")
                 .bind(&self.me)
@@ -163,7 +173,7 @@ impl Fleet {
         let accounts: Vec<String> = {
             let held = self.held.lock().unwrap_or_else(|e| e.into_inner());
             for (address, token) in held.iter() {
-                if !still.contains(address) {
+                if before.contains(address) && !still.contains(address) {
                     tracing::error!(
                         account = %address,
                         "lost the lease of {address} (this worker stalled past sync.lease and another took it over): stopping its copy"
