@@ -970,25 +970,6 @@ fn a_move_closes_sessions_on_every_node_of_a_fleet() {
     psql(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"));
 }
 
-/// `godwit doctor ARGS` against this gateway: (exit code, output).
-fn doctor(gw: &Gateway, args: &[&str]) -> (i32, String) {
-    let out = Command::new(godwit_bin())
-        .arg("doctor")
-        .args(args)
-        .arg("--config")
-        .arg(&gw.config_path)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
-}
-
 /// Doctor question 5 reads the access front: a healthy login passes it, a
 /// run of refused logins (real Dovecot answering NO) is "clients failing,
 /// not mailflow": exit 5, naming the platform, the reason and the
@@ -999,7 +980,7 @@ fn doctor_question_5_names_failing_client_logins_and_exits_5() {
     let out = imap(s.imap, "alice@example.com", PASSWORD);
     assert!(out.contains("LOGIN OK"), "{out}");
     let (code, out) = wait_for("doctor to see the login", T, || {
-        let (code, out) = doctor(&s.gw, &["alice@example.com"]);
+        let (code, out) = s.gw.cli_code(&["doctor", "alice@example.com"]);
         out.contains("1 successful login(s)").then_some((code, out))
     });
     assert_eq!(code, 0, "{out}");
@@ -1012,7 +993,7 @@ fn doctor_question_5_names_failing_client_logins_and_exits_5() {
         assert!(out.contains("AUTHENTICATIONFAILED"), "{out}");
     }
     let (code, out) = wait_for("doctor to see the failures", T, || {
-        let (code, out) = doctor(&s.gw, &["alice@example.com"]);
+        let (code, out) = s.gw.cli_code(&["doctor", "alice@example.com"]);
         (code == 5).then_some((code, out))
     });
     assert_eq!(code, 5, "{out}");

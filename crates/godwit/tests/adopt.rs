@@ -9,36 +9,8 @@
 mod support;
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 use support::*;
-
-/// A scratch database of its own on the test cluster.
-fn scratch_database() -> Option<String> {
-    let admin = godwit_store::test_postgres_url("GODWIT_TEST_POSTGRES")?;
-    let base = godwit_store::test_postgres_url("GODWIT_TEST_POSTGRES_URL")?;
-    let name = format!(
-        "godwit_adopt_{}_{}",
-        std::process::id(),
-        godwit_store::now_ms()
-    );
-    psql(&admin, &format!("CREATE DATABASE {name}"));
-    let at = base.rfind('/').unwrap();
-    Some(format!("{}/{name}", &base[..at]))
-}
-
-fn psql(url: &str, sql: &str) -> String {
-    let out = Command::new("psql")
-        .args([url, "-qAtX", "-c", sql])
-        .output()
-        .expect("psql runs");
-    assert!(
-        out.status.success(),
-        "psql {sql}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
 
 /// A gateway on the shared store, named `node`.
 fn node(db: &str, node: &str, old_port: u16, new_port: u16) -> Gateway {
@@ -72,7 +44,9 @@ fn queue_files(spool: &Path) -> Vec<String> {
 
 #[test]
 fn a_dead_nodes_spool_is_adopted_and_delivered_once() {
-    let Some(db) = scratch_database() else { return };
+    let Some(db) = scratch_database("godwit_adopt") else {
+        return;
+    };
     // A's platforms: ports nothing listens on, so its mail stays queued.
     let mut a = node(&db, "node-a", free_port(), free_port());
     let sink_port = free_port();
@@ -278,7 +252,9 @@ fn a_dead_nodes_spool_is_adopted_and_delivered_once() {
 /// node's heartbeat, once stale, needs no --force.
 #[test]
 fn an_offline_node_adopts_and_delivers_on_start() {
-    let Some(db) = scratch_database() else { return };
+    let Some(db) = scratch_database("godwit_adopt") else {
+        return;
+    };
     let mut a = node(&db, "node-a", free_port(), free_port());
     let sink_port = free_port();
     let sink = Sink::start(sink_port, &[]);

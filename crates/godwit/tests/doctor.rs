@@ -9,25 +9,6 @@ use support::*;
 
 const T: Duration = Duration::from_secs(30);
 
-/// Runs `godwit doctor ARGS`; returns (exit code, output).
-fn doctor(gw: &Gateway, args: &[&str]) -> (i32, String) {
-    let out = Command::new(godwit_bin())
-        .arg("doctor")
-        .args(args)
-        .arg("--config")
-        .arg(&gw.config_path)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
-}
-
 #[test]
 fn doctor_names_a_throttling_platform_and_exits_3() {
     let (po, pn) = (free_port(), free_port());
@@ -54,7 +35,7 @@ fn doctor_names_a_throttling_platform_and_exits_3() {
             .then_some(())
     });
     let (code, out) = wait_for("doctor to see the burst", T, || {
-        let (code, out) = doctor(&gw, &[]);
+        let (code, out) = gw.cli_code(&["doctor"]);
         (code == 3).then_some((code, out))
     });
     assert_eq!(code, 3, "{out}");
@@ -70,7 +51,7 @@ fn doctor_names_a_throttling_platform_and_exits_3() {
     );
     assert!(out.contains("4. Is outbound deliverability tanking? [not reached]"));
     // The same as JSON, for scripts.
-    let (code, js) = doctor(&gw, &["--json"]);
+    let (code, js) = gw.cli_code(&["doctor", "--json"]);
     assert_eq!(code, 3);
     let v: serde_json::Value = serde_json::from_str(&js).unwrap();
     assert_eq!(v["exit_code"], 3);
@@ -100,7 +81,7 @@ fn doctor_finds_mail_that_did_not_go_where_the_route_says_and_exits_2() {
         out.contains("verdict: delivered").then_some(())
     });
     // Before the change, routing is consistent.
-    let (code, out) = doctor(&gw, &["alice@example.com"]);
+    let (code, out) = gw.cli_code(&["doctor", "alice@example.com"]);
     assert_eq!(code, 0, "{out}");
     // The map changed by hand in the store, without a new version: the
     // gateway never hears of it, and its mail does not follow.
@@ -114,7 +95,7 @@ fn doctor_finds_mail_that_did_not_go_where_the_route_says_and_exits_2() {
         .unwrap()
         .success();
     assert!(ok);
-    let (code, out) = doctor(&gw, &["alice@example.com"]);
+    let (code, out) = gw.cli_code(&["doctor", "alice@example.com"]);
     assert_eq!(code, 2, "{out}");
     assert!(
         out.contains("route explain alice@example.com: new"),
@@ -136,7 +117,7 @@ fn doctor_healthy_run_traces_its_test_message_end_to_end() {
     let downstream = Gateway::start(sink_port, sink_port, "", "");
     let gw = Gateway::start(downstream.port, free_port(), "", "");
     gw.route("alice@example.com", "old");
-    let (code, out) = doctor(&gw, &["alice@example.com", "--send-test"]);
+    let (code, out) = gw.cli_code(&["doctor", "alice@example.com", "--send-test"]);
     assert_eq!(code, 0, "{out}");
     let ours = wait_for("our accept", T, || {
         gw.events_named("message.accepted").into_iter().next()
@@ -238,7 +219,7 @@ fn two_gateways_routing_to_each_other_hold_the_loop_without_a_dsn() {
         )),
         "{explain}"
     );
-    let (code, out) = doctor(&b, &["alice@example.com"]);
+    let (code, out) = b.cli_code(&["doctor", "alice@example.com"]);
     assert_eq!(code, 2, "{out}");
     assert!(
         out.contains("loop: ") && out.contains("never bounced"),

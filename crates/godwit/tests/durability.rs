@@ -230,33 +230,6 @@ fn opportunistic_starttls_to_a_platform_that_offers_it() {
     );
 }
 
-/// A CA and a platform certificate it signed for 127.0.0.1 (the relay
-/// host's name as godwit dials it).
-fn write_ca_signed(dir: &std::path::Path) -> (String, String, String) {
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "Old Platform Internal CA");
-    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).unwrap();
-    let leaf_key = rcgen::KeyPair::generate().unwrap();
-    let leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
-        .unwrap()
-        .signed_by(&leaf_key, &ca)
-        .unwrap();
-    let (c, k, a) = (
-        dir.join("leaf.pem"),
-        dir.join("leaf.key"),
-        dir.join("ca.pem"),
-    );
-    std::fs::write(&c, leaf.pem()).unwrap();
-    std::fs::write(&k, leaf_key.serialize_pem()).unwrap();
-    std::fs::write(&a, ca.pem()).unwrap();
-    let s = |p: std::path::PathBuf| p.display().to_string();
-    (s(c), s(k), s(a))
-}
-
 /// `tls = "verify"` delivers only over a certificate that verifies: with
 /// the platform's internal CA as `tls_ca` it does (and says so); without
 /// it, the public roots refuse the chain and the mail waits, deferred with
@@ -266,7 +239,8 @@ fn verify_trusts_the_configured_ca_and_only_it() {
     let sink_port = free_port();
     let sink = Sink::start(sink_port, &[]);
     let dir = tempfile::tempdir().unwrap();
-    let (cert, key, ca) = write_ca_signed(dir.path());
+    let (cert, key, ca) = ca_signed(dir.path(), "Old Platform Internal CA");
+    let (cert, key, ca) = (cert.display(), key.display(), ca.display());
     let downstream = Gateway::start(
         sink_port,
         sink_port,

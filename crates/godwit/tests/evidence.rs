@@ -447,19 +447,7 @@ fn dashboard_in_headless_chromium_matches_the_metrics() {
         dom.contains("data-loaded=\"1\""),
         "the page did not load its data:\n{dom}"
     );
-    let value = |id: &str| -> String {
-        let start = dom
-            .find(&format!("id=\"{id}\""))
-            .unwrap_or_else(|| panic!("no #{id} in the page"));
-        dom[start..]
-            .split('>')
-            .nth(1)
-            .unwrap()
-            .split('<')
-            .next()
-            .unwrap()
-            .to_string()
-    };
+    let value = |id: &str| element_text(&dom, id);
     let accepted = metric(&text, "godwit_messages_accepted_total").unwrap();
     assert_eq!(value("accepted").parse::<f64>().unwrap(), accepted);
     assert_eq!(value("delivered-old"), "12");

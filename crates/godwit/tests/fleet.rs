@@ -26,37 +26,6 @@ fn users(n: usize) -> Vec<String> {
     (1..=n).map(|i| format!("f{i:02}@example.com")).collect()
 }
 
-/// A scratch database of its own on the test cluster (the tests of several
-/// crates share it).
-fn scratch_database() -> Option<String> {
-    let admin = godwit_store::test_postgres_url("GODWIT_TEST_POSTGRES")?;
-    let base = godwit_store::test_postgres_url("GODWIT_TEST_POSTGRES_URL")?;
-    let name = format!(
-        "godwit_fleet_{}_{}",
-        std::process::id(),
-        godwit_store::now_ms()
-    );
-    psql(&admin, &format!("CREATE DATABASE {name}"));
-    let at = base.rfind('/').unwrap();
-    Some(format!("{}/{name}", &base[..at]))
-}
-
-fn psql(url: &str, sql: &str) -> String {
-    try_psql(url, sql).unwrap_or_else(|e| panic!("psql {sql}: {e}"))
-}
-
-/// `Err` before the first worker has created the schema, for instance.
-fn try_psql(url: &str, sql: &str) -> Result<String, String> {
-    let out = Command::new("psql")
-        .args([url, "-qAtX", "-c", sql])
-        .output()
-        .expect("psql runs");
-    if !out.status.success() {
-        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-}
-
 /// Fills each source mailbox with `per` messages of ~`size` bytes, each with
 /// its own Message-ID.
 fn fill(src: &Dovecot, users: &[String], per: usize, size: usize) {
@@ -196,7 +165,9 @@ fn assert_same(src: &Dovecot, dst: &Dovecot, users: &[String]) {
 
 #[test]
 fn three_workers_share_thirty_accounts_and_survive_a_sigkill() {
-    let Some(db) = scratch_database() else { return };
+    let Some(db) = scratch_database("godwit_fleet") else {
+        return;
+    };
     let users = users(30);
     let names: Vec<&str> = users.iter().map(String::as_str).collect();
     let src = Dovecot::start(Flavor::Source, &names);
@@ -292,7 +263,9 @@ fn two_plain_syncs_on_sqlite_take_the_account_lock() {
 /// `via: listen`), and mail through each node goes where the route says.
 #[test]
 fn three_gateways_apply_a_route_change_by_listen() {
-    let Some(db) = scratch_database() else { return };
+    let Some(db) = scratch_database("godwit_fleet") else {
+        return;
+    };
     let (old_port, new_port) = (free_port(), free_port());
     let old = Sink::start(old_port, &[]);
     let new = Sink::start(new_port, &[]);

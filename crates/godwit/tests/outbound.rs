@@ -1149,53 +1149,13 @@ fn outbound_mail_shows_apart_in_the_report_and_on_the_dashboard() {
         dom.contains("data-loaded=\"1\""),
         "the page did not load:\n{dom}"
     );
-    let value = |id: &str| -> String {
-        let start = dom
-            .find(&format!("id=\"{id}\""))
-            .unwrap_or_else(|| panic!("no #{id} in the page:\n{dom}"));
-        dom[start..]
-            .split('>')
-            .nth(1)
-            .unwrap()
-            .split('<')
-            .next()
-            .unwrap()
-            .to_string()
-    };
+    let value = |id: &str| element_text(&dom, id);
     assert_eq!(value("dir-outbound-accepted"), "2");
     assert_eq!(value("dir-outbound-delivered"), "2");
     assert_eq!(value("dir-inbound-accepted"), "1");
     assert_eq!(value("dir-inbound-delivered"), "1");
     assert_eq!(value("delivered-mx:foreign.test"), "2");
     assert_eq!(value("delivered-old"), "1");
-}
-
-/// A CA and a certificate it signed for 127.0.0.1 (the smarthost's name as
-/// godwit dials it), so `outbound_tls = "require"` verifies the chain.
-fn ca_signed(
-    dir: &std::path::Path,
-) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "Smarthost Test CA");
-    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).unwrap();
-    let leaf_key = rcgen::KeyPair::generate().unwrap();
-    let leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
-        .unwrap()
-        .signed_by(&leaf_key, &ca)
-        .unwrap();
-    let (c, k, a) = (
-        dir.join("cert.pem"),
-        dir.join("key.pem"),
-        dir.join("ca.pem"),
-    );
-    std::fs::write(&c, leaf.pem()).unwrap();
-    std::fs::write(&k, leaf_key.serialize_pem()).unwrap();
-    std::fs::write(&a, ca.pem()).unwrap();
-    (c, k, a)
 }
 
 /// Dovecot's submission service (Debian dovecot-submissiond) as a
@@ -1214,7 +1174,7 @@ impl DovecotSubmission {
     fn start(user: &str, password: &str) -> DovecotSubmission {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().to_path_buf();
-        let (cert, key, ca) = ca_signed(&dir);
+        let (cert, key, ca) = ca_signed(&dir, "Smarthost Test CA");
         let sink = Sink::start(free_port(), &[]);
         let port = free_port();
         for d in ["run", "state", "home"] {
@@ -1420,25 +1380,6 @@ fn smarthost_auth_over_required_tls_and_a_wrong_password_defers() {
     assert!(godwit_log.contains("DEBUG"), "the log ran at debug level");
 }
 
-/// `godwit doctor ARGS` against the world's gateway: (exit code, output).
-fn doctor(w: &World, args: &[&str]) -> (i32, String) {
-    let out = Command::new(godwit_bin())
-        .arg("doctor")
-        .args(args)
-        .arg("--config")
-        .arg(&w.gw.config_path)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
-}
-
 #[test]
 fn doctor_names_an_outbound_5xx_burst_by_domain_and_code_and_exits_4() {
     let w = world("", "egress_ips = [\"203.0.113.55\"]");
@@ -1453,7 +1394,7 @@ fn doctor_names_an_outbound_5xx_burst_by_domain_and_code_and_exits_4() {
         assert!(r.starts_with("250"), "{r}");
     }
     let (code, out) = wait_for("doctor to see the bounces", Duration::from_secs(30), || {
-        let (code, out) = doctor(&w, &[]);
+        let (code, out) = w.gw.cli_code(&["doctor"]);
         (code == 4).then_some((code, out))
     });
     assert_eq!(code, 4, "{out}");
@@ -1482,7 +1423,7 @@ fn doctor_passes_question_4_for_healthy_aligned_outbound_mail() {
     w.gw.wait_event("delivery.delivered", Duration::from_secs(30), |e| {
         e["rcpt"] == "bob@foreign.test"
     });
-    let (code, out) = doctor(&w, &[]);
+    let (code, out) = w.gw.cli_code(&["doctor"]);
     assert_eq!(code, 0, "{out}");
     assert!(
         out.contains("4. Is outbound deliverability tanking? [ok]"),

@@ -12,6 +12,7 @@
 mod imap_common;
 mod support;
 
+use godwit_testkit::TokenServer;
 use imap_common::{Dovecot, Flavor, PASSWORD};
 use std::io::Read;
 use std::path::Path;
@@ -492,80 +493,13 @@ fn dry_run_changes_nothing_and_the_real_run_does_what_it_said() {
     );
 }
 
-/// tests/oauth/token_server.py of crates/imap: a client-credentials token
-/// endpoint and the introspection endpoint Dovecot asks.
-struct TokenServer {
-    child: std::process::Child,
-    port: u16,
-    _dir: tempfile::TempDir,
-}
-
 const APP: &str = "app@example.com";
 const CLIENT_SECRET: &str = "s3cret:with/odd chars";
-
-impl TokenServer {
-    fn start(expires_in: u64) -> TokenServer {
-        let dir = tempfile::tempdir().unwrap();
-        let portfile = dir.path().join("port");
-        let script = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../imap/tests/oauth/token_server.py"
-        );
-        let child = Command::new("python3")
-            .arg(script)
-            .arg(&portfile)
-            .args(["godwit-app", CLIENT_SECRET, APP])
-            .arg(expires_in.to_string())
-            .spawn()
-            .expect("python3 runs the token server");
-        let port = wait_for("the token server", Duration::from_secs(10), || {
-            std::fs::read_to_string(&portfile).ok()?.trim().parse().ok()
-        });
-        TokenServer {
-            child,
-            port,
-            _dir: dir,
-        }
-    }
-
-    fn post(&self, path: &str, body: &str) -> serde_json::Value {
-        let (_, body) = http(
-            self.port,
-            &format!(
-                "POST {path} HTTP/1.0\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{body}",
-                body.len()
-            ),
-        );
-        serde_json::from_str(&body).unwrap()
-    }
-
-    fn issued(&self) -> u64 {
-        let (_, body) = http(self.port, "GET /stats HTTP/1.0\r\n\r\n");
-        serde_json::from_str::<serde_json::Value>(&body).unwrap()["issued"]
-            .as_u64()
-            .unwrap()
-    }
-}
-
-impl Drop for TokenServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// A source Dovecot whose oauth2 passdb asks `tokens` (introspection_mode = post).
 fn oauth_source(tokens: &TokenServer, conf_dir: &Path) -> Dovecot {
     let conf = conf_dir.join("oauth2.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "introspection_mode = post\nintrospection_url = http://127.0.0.1:{}/introspect\n\
-             username_attribute = username\nactive_attribute = active\nactive_value = true\n",
-            tokens.port
-        ),
-    )
-    .unwrap();
+    std::fs::write(&conf, tokens.dovecot_oauth2_conf()).unwrap();
     std::fs::set_permissions(
         conf_dir,
         std::os::unix::fs::PermissionsExt::from_mode(0o755),
@@ -586,7 +520,7 @@ fn oauth_source(tokens: &TokenServer, conf_dir: &Path) -> Dovecot {
 fn watch_with_short_lived_tokens(
     source_auth: impl Fn(&TokenServer, &Path) -> String,
 ) -> (TokenServer, tempfile::TempDir) {
-    let tokens = TokenServer::start(2);
+    let tokens = TokenServer::start("godwit-app", CLIENT_SECRET, APP, 2);
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let conf_dir = d.join("oauth");
@@ -695,9 +629,9 @@ fn watch_with_short_lived_tokens(
 fn client_credentials_tokens_are_refreshed_during_a_watch_run() {
     let (tokens, _dir) = watch_with_short_lived_tokens(|tokens, _| {
         format!(
-            "auth = \"xoauth2\"\ntoken_url = \"http://127.0.0.1:{}/token\"\nclient_id = \"godwit-app\"\n\
+            "auth = \"xoauth2\"\ntoken_url = \"{}\"\nclient_id = \"godwit-app\"\n\
              client_secret = \"{CLIENT_SECRET}\"\nscope = \"https://outlook.office365.com/.default\"\n",
-            tokens.port
+            tokens.token_url()
         )
     });
     // Cached until shortly before expires_in: not one grant per login. The

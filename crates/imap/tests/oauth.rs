@@ -1,6 +1,6 @@
 //! OAuth 2.0 logins against a real Dovecot whose oauth2 passdb asks a token
 //! introspection endpoint (introspection_mode = post) that the test runs,
-//! beside a client-credentials token endpoint (tests/oauth/token_server.py).
+//! beside a client-credentials token endpoint (godwit-testkit's token_server.py).
 //! Both grant styles sync; a token the server refuses ends that account with
 //! the server's text while the others go on; a token past its expires_in is
 //! replaced before the next login, including the reconnect of a copy that
@@ -13,7 +13,7 @@ use godwit_imap::conn::{Auth, Server};
 use godwit_imap::engine::{Endpoints, SyncOptions, sync_account};
 use godwit_imap::oauth::TokenSource;
 use godwit_imap::verify::verify_account;
-use std::process::{Child, Command};
+use godwit_testkit::TokenServer;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,57 +25,11 @@ const USERS: [&str; 4] = [
     "broken@example.com",
 ];
 
-struct TokenServer {
-    child: Child,
-    port: u16,
-    _dir: tempfile::TempDir,
-}
+const CLIENT_ID: &str = "godwit-app";
+const CLIENT_SECRET: &str = "s3cret:with/odd chars";
 
-impl TokenServer {
-    fn start(expires_in: u64) -> TokenServer {
-        let dir = tempfile::tempdir().unwrap();
-        let portfile = dir.path().join("port");
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/oauth/token_server.py");
-        let child = Command::new("python3")
-            .arg(script)
-            .arg(&portfile)
-            .args(["godwit-app", "s3cret:with/odd chars", APP_USER])
-            .arg(expires_in.to_string())
-            .spawn()
-            .expect("python3 runs the token server");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let port = loop {
-            if let Ok(p) = std::fs::read_to_string(&portfile) {
-                break p.trim().parse().unwrap();
-            }
-            assert!(Instant::now() < deadline, "the token server did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        TokenServer {
-            child,
-            port,
-            _dir: dir,
-        }
-    }
-
-    fn issued(&self) -> u64 {
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port)).unwrap();
-        use std::io::{Read, Write};
-        s.write_all(b"GET /stats HTTP/1.0\r\n\r\n").unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).unwrap();
-        let body = &out[out.find("\r\n\r\n").unwrap() + 4..];
-        serde_json::from_str::<serde_json::Value>(body).unwrap()["issued"]
-            .as_u64()
-            .unwrap()
-    }
-}
-
-impl Drop for TokenServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+fn token_server(expires_in: u64) -> TokenServer {
+    TokenServer::start(CLIENT_ID, CLIENT_SECRET, APP_USER, expires_in)
 }
 
 /// A Dovecot that takes XOAUTH2 and OAUTHBEARER, checked by `tokens` (and
@@ -84,15 +38,7 @@ fn oauth_dovecot(tokens: &TokenServer) -> (Dovecot, tempfile::TempDir) {
     let keep = tempfile::tempdir().unwrap();
     let dir = keep.path().to_path_buf();
     let conf = dir.join("oauth2.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "introspection_mode = post\nintrospection_url = http://127.0.0.1:{}/introspect\n\
-             username_attribute = username\nactive_attribute = active\nactive_value = true\n",
-            tokens.port
-        ),
-    )
-    .unwrap();
+    std::fs::write(&conf, tokens.dovecot_oauth2_conf()).unwrap();
     std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let extra = format!(
         "auth_mechanisms = plain login xoauth2 oauthbearer\n\
@@ -137,14 +83,14 @@ fn no_password(user: &str) -> godwit_imap::conn::Login {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_credentials_grant_syncs_and_a_lapsed_token_is_replaced() {
-    let tokens = TokenServer::start(2);
+    let tokens = token_server(2);
     let (source, _conf) = oauth_dovecot(&tokens);
     let target = Dovecot::start(Flavor::Source, &USERS);
     seed(source.port, APP_USER).await;
     let grant = Arc::new(TokenSource::ClientCredentials {
-        url: format!("http://127.0.0.1:{}/token", tokens.port),
-        client_id: "godwit-app".into(),
-        client_secret: "s3cret:with/odd chars".into(),
+        url: tokens.token_url(),
+        client_id: CLIENT_ID.into(),
+        client_secret: CLIENT_SECRET.into(),
         scope: Some("https://outlook.office365.com/.default".into()),
         tls_insecure: false,
         cache: Default::default(),
@@ -188,7 +134,7 @@ async fn client_credentials_grant_syncs_and_a_lapsed_token_is_replaced() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_command_per_address_and_refusals_end_only_their_account() {
-    let tokens = TokenServer::start(3600);
+    let tokens = token_server(3600);
     let (source, _conf) = oauth_dovecot(&tokens);
     let target = Dovecot::start(Flavor::Source, &USERS);
     for u in [
@@ -253,7 +199,7 @@ async fn token_command_per_address_and_refusals_end_only_their_account() {
 /// reusing it would end the account). The copy resumes and finishes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_lapsing_mid_copy_is_refreshed_on_the_reconnect() {
-    let tokens = TokenServer::start(2);
+    let tokens = token_server(2);
     let (source, _conf) = oauth_dovecot(&tokens);
     let target = Dovecot::start(Flavor::Source, &USERS);
     let mut s = login(source.port, APP_USER).await;
@@ -270,9 +216,9 @@ async fn a_token_lapsing_mid_copy_is_refreshed_on_the_reconnect() {
     }
     s.logout().await.unwrap();
     let grant = Arc::new(TokenSource::ClientCredentials {
-        url: format!("http://127.0.0.1:{}/token", tokens.port),
-        client_id: "godwit-app".into(),
-        client_secret: "s3cret:with/odd chars".into(),
+        url: tokens.token_url(),
+        client_id: CLIENT_ID.into(),
+        client_secret: CLIENT_SECRET.into(),
         scope: None,
         tls_insecure: false,
         cache: Default::default(),
@@ -318,11 +264,6 @@ async fn a_token_lapsing_mid_copy_is_refreshed_on_the_reconnect() {
     assert_eq!(count(&mut t, "INBOX").await, 100);
     t.logout().await.unwrap();
     // The first token was dead when the reconnect logged in.
-    let mut c = std::net::TcpStream::connect(("127.0.0.1", tokens.port)).unwrap();
-    use std::io::{Read, Write};
-    c.write_all(b"POST /introspect HTTP/1.0\r\nContent-Length: 10\r\n\r\ntoken=cc-1")
-        .unwrap();
-    let mut out = String::new();
-    c.read_to_string(&mut out).unwrap();
-    assert!(out.ends_with("{\"active\": false}"), "{out}");
+    let answer = tokens.post("/introspect", "token=cc-1");
+    assert_eq!(answer, serde_json::json!({"active": false}), "{answer}");
 }

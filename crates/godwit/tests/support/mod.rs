@@ -284,6 +284,13 @@ max_backoff = "2s"
 
     /// Runs a godwit CLI command against this gateway's configuration.
     pub fn cli(&self, args: &[&str]) -> (bool, String) {
+        let (code, text) = self.cli_code(args);
+        (code == 0, text)
+    }
+
+    /// As `cli`, with the exit code (`godwit doctor` answers with it; -1
+    /// for a signal).
+    pub fn cli_code(&self, args: &[&str]) -> (i32, String) {
         let out = Command::new(godwit_bin())
             .args(args)
             .arg("--config")
@@ -295,7 +302,7 @@ max_backoff = "2s"
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        (out.status.success(), text)
+        (out.status.code().unwrap_or(-1), text)
     }
 
     /// `route set` through the CLI, then waits until the running gateway has
@@ -481,4 +488,75 @@ pub fn chromium(profile: &Path, url: &str, extra: &[&str]) -> std::process::Outp
         .arg(url)
         .output()
         .expect("chromium (scripts/install-peers installs it)")
+}
+
+/// The text of the element with `id` in a page Chromium dumped
+/// (`--dump-dom`): what the reader sees there.
+pub fn element_text(dom: &str, id: &str) -> String {
+    let start = dom
+        .find(&format!("id=\"{id}\""))
+        .unwrap_or_else(|| panic!("no #{id} in the page:\n{dom}"));
+    dom[start..]
+        .split('>')
+        .nth(1)
+        .unwrap()
+        .split('<')
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+/// A CA named `ca_name` and a certificate it signed for 127.0.0.1 (a peer's
+/// name as godwit dials it), written to `dir`: (certificate, key, CA).
+pub fn ca_signed(dir: &Path, ca_name: &str) -> (PathBuf, PathBuf, PathBuf) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, ca_name);
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).unwrap();
+    let leaf_key = rcgen::KeyPair::generate().unwrap();
+    let leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .unwrap()
+        .signed_by(&leaf_key, &ca)
+        .unwrap();
+    let (c, k, a) = (
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+        dir.join("ca.pem"),
+    );
+    std::fs::write(&c, leaf.pem()).unwrap();
+    std::fs::write(&k, leaf_key.serialize_pem()).unwrap();
+    std::fs::write(&a, ca.pem()).unwrap();
+    (c, k, a)
+}
+
+/// A database of its own on the test PostgreSQL cluster, named after
+/// `prefix` and this process (the tests of several crates share the
+/// cluster). `None` only outside CI without the cluster's variables.
+pub fn scratch_database(prefix: &str) -> Option<String> {
+    let admin = godwit_store::test_postgres_url("GODWIT_TEST_POSTGRES")?;
+    let base = godwit_store::test_postgres_url("GODWIT_TEST_POSTGRES_URL")?;
+    let name = format!("{prefix}_{}_{}", std::process::id(), godwit_store::now_ms());
+    psql(&admin, &format!("CREATE DATABASE {name}"));
+    let at = base.rfind('/').unwrap();
+    Some(format!("{}/{name}", &base[..at]))
+}
+
+/// `psql URL -c SQL`, its output trimmed; a failure panics with psql's text.
+pub fn psql(url: &str, sql: &str) -> String {
+    try_psql(url, sql).unwrap_or_else(|e| panic!("psql {sql}: {e}"))
+}
+
+/// As `psql`, with psql's error text as `Err` (before a schema exists, say).
+pub fn try_psql(url: &str, sql: &str) -> Result<String, String> {
+    let out = Command::new("psql")
+        .args([url, "-qAtX", "-c", sql])
+        .output()
+        .expect("psql runs");
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
