@@ -784,6 +784,16 @@ pub(crate) mod testing {
         }
     }
 
+    /// An `a:` term whose lookup failed (timeout or SERVFAIL).
+    pub fn a_failing(domain: &str) -> SpfMechanism {
+        SpfMechanism::A {
+            domain: domain.into(),
+            prefix4: 32,
+            prefix6: 128,
+            addrs: Answer::Error("timed out".into()),
+        }
+    }
+
     pub fn vendor() -> SpfNode {
         node(
             "_spf.vendor.example",

@@ -27,7 +27,7 @@ use std::time::Instant;
 
 /// One of mail-auth's resolver caches, filled up front. What mail-auth looks
 /// up itself on a miss is kept too, for the rest of this evaluation.
-pub struct Cache<K, V>(Mutex<HashMap<K, V>>);
+struct Cache<K, V>(Mutex<HashMap<K, V>>);
 
 impl<K, V> Default for Cache<K, V> {
     fn default() -> Self {
@@ -62,23 +62,20 @@ impl<K: Hash + Eq, V> Cache<K, V> {
         self.0.lock().unwrap().entry(key).or_insert(value);
     }
 
-    pub fn len(&self) -> usize {
-        self.0.lock().unwrap().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
+        self.0.lock().unwrap().is_empty()
     }
 }
 
 /// The snapshot as mail-auth's five caches.
 #[derive(Default)]
 pub struct Snapshot {
-    pub txt: Cache<Box<str>, Txt>,
-    pub mx: Cache<Box<str>, RecordSet<MX>>,
-    pub ipv4: Cache<Box<str>, RecordSet<Ipv4Addr>>,
-    pub ipv6: Cache<Box<str>, RecordSet<Ipv6Addr>>,
-    pub ptr: Cache<IpAddr, RecordSet<Box<str>>>,
+    txt: Cache<Box<str>, Txt>,
+    mx: Cache<Box<str>, RecordSet<MX>>,
+    ipv4: Cache<Box<str>, RecordSet<Ipv4Addr>>,
+    ipv6: Cache<Box<str>, RecordSet<Ipv6Addr>>,
+    ptr: Cache<IpAddr, RecordSet<Box<str>>>,
 }
 
 /// mail-auth keys its caches by the lower-case absolute name (its `ToFqdn`).
@@ -273,15 +270,7 @@ mod tests {
         // A failed lookup is left for the resolver, never cached as empty.
         let failed = node(
             "example.com",
-            vec![t(
-                Qualifier::Pass,
-                SpfMechanism::A {
-                    domain: "flaky.example.com".into(),
-                    prefix4: 32,
-                    prefix6: 128,
-                    addrs: Answer::Error("timed out".into()),
-                },
-            )],
+            vec![t(Qualifier::Pass, a_failing("flaky.example.com"))],
             None,
         );
         assert!(Snapshot::of(&failed).ipv4.is_empty());
@@ -319,15 +308,7 @@ mod tests {
         let failing_a = node(
             "example.com",
             vec![
-                t(
-                    Qualifier::Pass,
-                    SpfMechanism::A {
-                        domain: "flaky.example.com".into(),
-                        prefix4: 32,
-                        prefix6: 128,
-                        addrs: Answer::Error("timed out".into()),
-                    },
-                ),
+                t(Qualifier::Pass, a_failing("flaky.example.com")),
                 t(Qualifier::Fail, SpfMechanism::All),
             ],
             None,

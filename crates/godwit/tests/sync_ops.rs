@@ -269,16 +269,7 @@ for b in boxes:
 print("\n".join(out))
 m.logout()
 "#;
-    let out = Command::new("python3")
-        .args(["-c", script, &port.to_string(), user, PASSWORD])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).to_string()
+    python(script, &[&port.to_string(), user, PASSWORD])
 }
 
 /// The sync state's tables, read by Python's sqlite3.
@@ -290,16 +281,7 @@ for t in ["sync_accounts", "sync_folders", "sync_messages", "sync_skipped", "syn
     for r in sorted(c.execute("SELECT * FROM %s" % t).fetchall(), key=repr):
         print(t, r)
 "#;
-    let out = Command::new("python3")
-        .args(["-c", script, db.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).to_string()
+    python(script, &[db.to_str().unwrap()])
 }
 
 /// Per (account, source folder, target folder): copied, bytes, flag updates,
