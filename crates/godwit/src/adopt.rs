@@ -237,10 +237,10 @@ pub async fn cli(config: &Config, dir: &Path, force: bool) -> Result<i32> {
         .with_context(|| format!("spool {}", config.spool_dir().display()))?;
     let own_spool = config.spool_dir().canonicalize()?;
     let own_node = config.node_name().to_string();
-    let store = tokio::time::timeout(Duration::from_secs(10), Store::open(&config.store_url()))
+    let store = tokio::time::timeout(Duration::from_secs(10), crate::cli::open_store(config))
         .await
         .map_err(|_| anyhow::anyhow!("the state store did not answer within 10 s"))
-        .and_then(|r| r.map_err(anyhow::Error::from))
+        .and_then(|r| r)
         .context(
             "spool adopt needs the state store (to check that the node has stopped heartbeating, and to record what it does); nothing was changed",
         )?;
