@@ -347,11 +347,22 @@ pub async fn directory(config: Config, command: DirectoryCommand) -> Result<i32>
             match format.as_str() {
                 "json" => println!("{}", serde_json::to_string_pretty(&rows)?),
                 "csv" => {
-                    println!(
-                        "address,display_name,kind,platform,state,route,override,waves,aliases"
-                    );
+                    // RFC 4180 quoting (a field with a comma, quote or line
+                    // break is quoted), one record per line.
+                    let mut out = csv::Writer::from_writer(std::io::stdout().lock());
+                    out.write_record([
+                        "address",
+                        "display_name",
+                        "kind",
+                        "platform",
+                        "state",
+                        "route",
+                        "override",
+                        "waves",
+                        "aliases",
+                    ])?;
                     for r in &rows {
-                        let f = [
+                        out.write_record([
                             r.address.as_str(),
                             &r.display_name,
                             &r.kind,
@@ -361,10 +372,9 @@ pub async fn directory(config: Config, command: DirectoryCommand) -> Result<i32>
                             r.override_route.as_deref().unwrap_or(""),
                             &r.waves,
                             &r.aliases.to_string(),
-                        ];
-                        let f: Vec<String> = f.iter().map(|v| csv_field(v)).collect();
-                        println!("{}", f.join(","));
+                        ])?;
                     }
+                    out.flush()?;
                 }
                 "text" => {
                     let count = |key: &dyn Fn(&history::DirectoryEntry) -> String| {
@@ -435,15 +445,6 @@ pub async fn directory(config: Config, command: DirectoryCommand) -> Result<i32>
         }
     }
     Ok(0)
-}
-
-/// A CSV field (RFC 4180): quoted when it holds a comma, quote or newline.
-fn csv_field(v: &str) -> String {
-    if v.contains([',', '"', '\n', '\r']) {
-        format!("\"{}\"", v.replace('"', "\"\""))
-    } else {
-        v.to_string()
-    }
 }
 
 /// `--members` values: an address, or a file of addresses (one per line;
