@@ -580,8 +580,10 @@ fn check_filter(config: &Config, f: &Filter) -> Result<()> {
             names.join(", ")
         );
     }
+    // The one address parser every command uses (RFC 5321 4.1.2): a value
+    // that is no address could never match a queued recipient.
     if let Some(r) = &f.rcpt
-        && !r.contains('@')
+        && godwit_route::Address::parse(r).is_err()
     {
         bail!("--rcpt `{r}` is not an address (expected local@domain)");
     }
@@ -774,4 +776,70 @@ async fn queue_op(config: &Config, op: godwit_relay::QueueOp, t: &Target) -> Res
     println!("{name}: {affected} affected (no gateway running; spool changed directly)");
     let total = affected as i64 + fleet_results.iter().map(|(_, a)| a).sum::<i64>();
     Ok(if total == 0 { 1 } else { 0 })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filters_that_could_never_match_are_refused_by_name() {
+        let config = Config::default();
+        let rcpt = |r: &str| Filter {
+            rcpt: Some(r.into()),
+            ..Default::default()
+        };
+        // (filter, the refusal it gets, or None when accepted)
+        let cases = [
+            (rcpt("alice@example.com"), None),
+            (rcpt("<Alice@Example.COM>"), None),
+            (rcpt("alice"), Some("is not an address")),
+            (rcpt("a@b@example.com"), Some("is not an address")),
+            (rcpt("@example.com"), Some("is not an address")),
+            (rcpt("alice@"), Some("is not an address")),
+            (
+                Filter {
+                    state: Some("Deferred".into()),
+                    ..Default::default()
+                },
+                None,
+            ),
+            (
+                Filter {
+                    state: Some("flying".into()),
+                    ..Default::default()
+                },
+                Some("choose one of pending, deferred, held"),
+            ),
+            (
+                Filter {
+                    older_than: Some("2x".into()),
+                    ..Default::default()
+                },
+                Some("--older-than"),
+            ),
+        ];
+        for (f, want) in cases {
+            let got = check_filter(&config, &f);
+            match (want, got) {
+                (None, Ok(())) => {}
+                (Some(w), Err(e)) => assert!(e.to_string().contains(w), "{e} lacks `{w}`"),
+                (w, g) => panic!(
+                    "rcpt {:?} state {:?}: got {g:?}, want {w:?}",
+                    f.rcpt, f.state
+                ),
+            }
+        }
+    }
+
+    #[test]
+    fn queue_ids_come_from_arguments_and_once_from_stdin() {
+        let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let ids = queue_ids(&args(&["A1", "-", "C3"]), "B2 b4\nB5\n".as_bytes()).unwrap();
+        assert_eq!(ids, ["A1", "B2", "b4", "B5", "C3"]);
+        let twice = queue_ids(&args(&["-", "-"]), "".as_bytes()).unwrap_err();
+        assert!(twice.to_string().contains("may be given once"), "{twice}");
+        let bad = queue_ids(&args(&["../etc"]), "".as_bytes()).unwrap_err();
+        assert!(bad.to_string().contains("is not a queue ID"), "{bad}");
+    }
 }
