@@ -160,15 +160,7 @@ pub async fn adopt(
         }
         match here.adopt(&from, &m).and_then(|sp| due_now(here, sp)) {
             Ok(sp) => {
-                let pending = sp
-                    .header
-                    .envelope
-                    .rcpts
-                    .iter()
-                    .zip(&sp.status)
-                    .filter(|(_, s)| s.as_ref().is_none_or(|s| !s.status.is_final()))
-                    .map(|((a, _), _)| a.clone())
-                    .collect();
+                let pending = crate::queue::pending(&sp);
                 events.emit(Event::QueueAdopted {
                     queue_id: id.clone(),
                     message_id: sp.header.message_id.clone(),

@@ -99,26 +99,49 @@ pub(crate) struct Target {
     actor: Option<String>,
 }
 
+impl Filter {
+    /// The part of a queue selector `--platform`, `--rcpt` and `--older-than` make.
+    fn selector(&self) -> Result<godwit_relay::Selector> {
+        let older_than_s = match &self.older_than {
+            Some(d) => Some(
+                godwit_config::parse_duration(d)
+                    .map_err(|e| anyhow::anyhow!("--older-than: {e}"))?
+                    .as_secs(),
+            ),
+            None => None,
+        };
+        Ok(godwit_relay::Selector {
+            platform: self.platform.clone(),
+            rcpt: self.rcpt.clone(),
+            older_than_s,
+            ..Default::default()
+        })
+    }
+}
+
 fn selector(t: &Target) -> Result<godwit_relay::Selector> {
-    let older_than_s = match &t.filter.older_than {
-        Some(d) => Some(
-            godwit_config::parse_duration(d)
-                .map_err(|e| anyhow::anyhow!("--older-than: {e}"))?
-                .as_secs(),
-        ),
-        None => None,
-    };
     let sel = godwit_relay::Selector {
         queue_id: t.queue_id.clone(),
-        platform: t.filter.platform.clone(),
-        rcpt: t.filter.rcpt.clone(),
-        older_than_s,
         all: t.all,
+        ..t.filter.selector()?
     };
     if sel.is_empty() {
         bail!("name a queue ID, a filter (--platform, --rcpt, --older-than) or --all");
     }
     Ok(sel)
+}
+
+/// The recipients of a queue file still to deliver (no final outcome yet),
+/// as the recovered and adopted events name them.
+pub(crate) fn pending(sp: &godwit_spool::Spooled) -> Vec<String> {
+    sp.header
+        .envelope
+        .rcpts
+        .iter()
+        .zip(&sp.status)
+        .filter(|(_, s)| s.as_ref().is_none_or(|s| !s.status.is_final()))
+        .map(|((a, _), _)| a.clone())
+        .collect()
 }
 
 /// When a deferred recipient is tried next, as "in 4m 10s" (none when it
@@ -154,35 +177,29 @@ fn state_of(s: &Option<godwit_spool::StatusRecord>) -> RcptStatus {
     s.as_ref().map_or(RcptStatus::Pending, |s| s.status)
 }
 
-fn list_matches(f: &Filter, m: &godwit_spool::Spooled, i: usize, now: i64) -> Result<bool> {
+/// Whether `queue list` shows recipient `i` of `m`: still queued, in the
+/// `--state` asked for, and matched by the filter's selector `sel`.
+fn list_matches(
+    f: &Filter,
+    sel: &godwit_relay::Selector,
+    m: &godwit_spool::Spooled,
+    i: usize,
+    now: i64,
+) -> bool {
     let (addr, _) = &m.header.envelope.rcpts[i];
     let s = &m.status[i];
     if s.as_ref().is_some_and(|s| s.status.is_final()) {
-        return Ok(false);
+        return false;
     }
     let route = s
         .as_ref()
         .and_then(|s| s.platform.clone())
         .unwrap_or_default();
-    let older = match &f.older_than {
-        Some(d) => Some(
-            godwit_config::parse_duration(d)
-                .map_err(|e| anyhow::anyhow!("--older-than: {e}"))?
-                .as_secs(),
-        ),
-        None => None,
-    };
-    let sel = godwit_relay::Selector {
-        platform: f.platform.clone(),
-        rcpt: f.rcpt.clone(),
-        older_than_s: older,
-        ..Default::default()
-    };
     let state_ok = f
         .state
         .as_ref()
         .is_none_or(|st| format!("{:?}", state_of(s)).eq_ignore_ascii_case(st));
-    Ok(state_ok && sel.matches(&m.header, addr, &route, now))
+    state_ok && sel.matches(&m.header, addr, &route, now)
 }
 
 /// The queues of the other live gateways sharing a PostgreSQL store (empty
@@ -218,343 +235,361 @@ async fn fleet_queues(config: &Config, own: &str) -> Vec<(String, Vec<godwit_spo
 }
 
 pub(crate) async fn run(config: Config, command: QueueCommand) -> Result<i32> {
-    let now = godwit_spool::now_ms();
+    use godwit_relay::QueueOp;
     match command {
-        QueueCommand::List { json, filter } => {
-            check_filter(&config, &filter)?;
-            // This node's spool, then (a fleet on a shared store) every
-            // other live gateway's, each message labelled with its node.
-            let own = config.node_name().to_string();
-            let mut msgs: Vec<(String, godwit_spool::Spooled)> =
-                godwit_spool::list(&config.spool_dir())
-                    .into_iter()
-                    .map(|m| (own.clone(), m))
-                    .collect();
-            let fleet_nodes = fleet_queues(&config, &own).await;
-            let several = !fleet_nodes.is_empty();
-            for (node, list) in fleet_nodes {
-                msgs.extend(list.into_iter().map(|m| (node.clone(), m)));
-            }
-            let mut shown = 0;
-            let mut total_bytes = 0u64;
-            for (node, m) in &msgs {
-                let idx: Vec<usize> = (0..m.header.envelope.rcpts.len())
-                    .filter(|&i| list_matches(&filter, m, i, now).unwrap_or(false))
-                    .collect();
-                if idx.is_empty() {
-                    continue;
-                }
-                shown += 1;
-                let h = &m.header;
-                if json {
-                    let rcpts: Vec<_> = idx
-                        .iter()
-                        .map(|&i| {
-                            let s = &m.status[i];
-                            serde_json::json!({
-                                "address": h.envelope.rcpts[i].0,
-                                "state": state_of(s),
-                                "attempts": s.as_ref().map_or(0, |s| s.attempts),
-                                "platform": s.as_ref().and_then(|s| s.platform.clone()),
-                                "delivered_to": s.as_ref().map(|s| s.delivered_to.clone()).unwrap_or_default(),
-                                "operator_hold": s.as_ref().is_some_and(|s| s.operator_hold),
-                                "reason": s.as_ref().and_then(|s| s.reply.clone()),
-                                "next_retry": next_retry_time(s.as_ref()),
-                            })
-                        })
-                        .collect();
-                    let line = serde_json::json!({
-                        "node": node,
-                        "queue_id": h.queue_id,
-                        "message_id": h.message_id,
-                        "arrival_time": h.arrival_ms / 1000,
-                        "message_size": m.body_len,
-                        "sender": h.envelope.mail_from,
-                        "kind": h.kind,
-                        "recipients": rcpts,
-                    });
-                    println!("{line}");
-                } else {
-                    if shown == 1 {
-                        println!(
-                            "{:<12}  {:>8}  {:>8}  -Sender/Message-ID/Recipient-",
-                            "-Queue ID-", "--Size--", "--Age--"
-                        );
-                    }
-                    total_bytes += m.body_len;
-                    println!(
-                        "{:<12}  {:>8}  {:>8}  <{}>  {}{}",
-                        h.queue_id,
-                        m.body_len,
-                        godwit_config::format_duration(std::time::Duration::from_secs(
-                            ((now - h.arrival_ms) / 1000).max(0) as u64
-                        )),
-                        h.envelope.mail_from,
-                        h.message_id.as_deref().unwrap_or("-"),
-                        if several {
-                            format!("  (on {node})")
-                        } else {
-                            String::new()
-                        }
-                    );
-                    for &i in &idx {
-                        let s = &m.status[i];
-                        let why = s.as_ref().and_then(|s| s.reply.clone()).unwrap_or_default();
-                        let hold = if s.as_ref().is_some_and(|s| s.operator_hold) {
-                            " (operator hold)"
-                        } else {
-                            ""
-                        };
-                        println!(
-                            "    {}  {:?}{hold}{}  {why}",
-                            h.envelope.rcpts[i].0,
-                            state_of(s),
-                            next_retry(s.as_ref(), now)
-                                .map(|n| format!(", next retry {n}"))
-                                .unwrap_or_default()
-                        );
-                    }
-                }
-            }
-            if !json {
-                // Postfix's mailq total line, which scripts grep for.
-                if shown == 0 {
-                    println!("Mail queue is empty");
-                } else {
-                    println!(
-                        "-- {} Kbytes in {shown} Request{}.",
-                        total_bytes.div_ceil(1024),
-                        if shown == 1 { "" } else { "s" }
-                    );
-                }
-            }
-        }
+        QueueCommand::List { json, filter } => list(&config, &filter, json).await,
         QueueCommand::Show {
             queue_id,
             json,
-            body: with_body,
-        } => {
-            let Some(m) = godwit_spool::list(&config.spool_dir())
-                .into_iter()
-                .find(|m| m.header.queue_id.eq_ignore_ascii_case(&queue_id))
-            else {
-                bail!(
-                    "no message {queue_id} in the queue (delivered messages leave it; see the events log)"
-                );
-            };
-            // Read-only: the gateway may be writing beside us.
-            let body = godwit_spool::read_body_at(&config.spool_dir(), &m)?;
-            let end = body
-                .windows(4)
-                .position(|w| w == b"\r\n\r\n")
-                .unwrap_or(body.len());
-            let h = &m.header;
-            if json {
-                let rcpts: Vec<_> = h
-                    .envelope
-                    .rcpts
-                    .iter()
-                    .enumerate()
-                    .map(|(i, (a, p))| {
-                        let s = m.status[i].as_ref();
-                        serde_json::json!({
-                            "address": a,
-                            "state": state_of(&m.status[i]),
-                            "attempts": s.map_or(0, |s| s.attempts),
-                            "platform": s.and_then(|s| s.platform.clone()),
-                            "delivered_to": s.map(|s| s.delivered_to.clone()).unwrap_or_default(),
-                            "operator_hold": s.is_some_and(|s| s.operator_hold),
-                            "last_reply": s.and_then(|s| s.reply.clone()),
-                            "next_retry": next_retry_time(s),
-                            "notify": p.notify,
-                        })
+            body,
+        } => show(&config, &queue_id, json, body),
+        QueueCommand::Shape { by, json } => shape(&config, &by, json).await,
+        QueueCommand::Destinations { json } => destinations(&config, json).await,
+        QueueCommand::Hold(t) => queue_cmd(&config, QueueOp::Hold, t).await,
+        QueueCommand::Release(t) => queue_cmd(&config, QueueOp::Release, t).await,
+        QueueCommand::Flush(t) => queue_cmd(&config, QueueOp::Flush, t).await,
+        QueueCommand::Requeue(t) => queue_cmd(&config, QueueOp::Requeue, t).await,
+        QueueCommand::Delete { target, yes } => delete(&config, target, yes).await,
+    }
+}
+
+/// `queue list`, like `mailq` (or `postqueue -j` with --json): this node's
+/// queue and, on a shared store, every other live gateway's.
+async fn list(config: &Config, filter: &Filter, json: bool) -> Result<i32> {
+    let now = godwit_spool::now_ms();
+    check_filter(config, filter)?;
+    let sel = filter.selector()?;
+    // This node's spool, then (a fleet on a shared store) every
+    // other live gateway's, each message labelled with its node.
+    let own = config.node_name().to_string();
+    let mut msgs: Vec<(String, godwit_spool::Spooled)> = godwit_spool::list(&config.spool_dir())
+        .into_iter()
+        .map(|m| (own.clone(), m))
+        .collect();
+    let fleet_nodes = fleet_queues(config, &own).await;
+    let several = !fleet_nodes.is_empty();
+    for (node, list) in fleet_nodes {
+        msgs.extend(list.into_iter().map(|m| (node.clone(), m)));
+    }
+    let mut shown = 0;
+    let mut total_bytes = 0u64;
+    for (node, m) in &msgs {
+        let idx: Vec<usize> = (0..m.header.envelope.rcpts.len())
+            .filter(|&i| list_matches(filter, &sel, m, i, now))
+            .collect();
+        if idx.is_empty() {
+            continue;
+        }
+        shown += 1;
+        let h = &m.header;
+        if json {
+            let rcpts: Vec<_> = idx
+                .iter()
+                .map(|&i| {
+                    let s = &m.status[i];
+                    serde_json::json!({
+                        "address": h.envelope.rcpts[i].0,
+                        "state": state_of(s),
+                        "attempts": s.as_ref().map_or(0, |s| s.attempts),
+                        "platform": s.as_ref().and_then(|s| s.platform.clone()),
+                        "delivered_to": s.as_ref().map(|s| s.delivered_to.clone()).unwrap_or_default(),
+                        "operator_hold": s.as_ref().is_some_and(|s| s.operator_hold),
+                        "reason": s.as_ref().and_then(|s| s.reply.clone()),
+                        "next_retry": next_retry_time(s.as_ref()),
                     })
-                    .collect();
-                let mut v = serde_json::json!({
-                    "queue_id": h.queue_id,
-                    "message_id": h.message_id,
-                    "arrival_time": h.arrival_ms / 1000,
-                    "client_ip": h.envelope.client_ip,
-                    "helo": h.envelope.helo,
-                    "tls": h.envelope.tls,
-                    "sender": h.envelope.mail_from,
-                    "message_size": m.body_len,
-                    "recipients": rcpts,
-                    "headers": String::from_utf8_lossy(&body[..end]),
-                });
-                if with_body {
-                    v["message"] = String::from_utf8_lossy(&body).into();
-                }
-                println!("{}", serde_json::to_string_pretty(&v)?);
-                return Ok(0);
+                })
+                .collect();
+            let line = serde_json::json!({
+                "node": node,
+                "queue_id": h.queue_id,
+                "message_id": h.message_id,
+                "arrival_time": h.arrival_ms / 1000,
+                "message_size": m.body_len,
+                "sender": h.envelope.mail_from,
+                "kind": h.kind,
+                "recipients": rcpts,
+            });
+            println!("{line}");
+        } else {
+            if shown == 1 {
+                println!(
+                    "{:<12}  {:>8}  {:>8}  -Sender/Message-ID/Recipient-",
+                    "-Queue ID-", "--Size--", "--Age--"
+                );
             }
-            println!("queue id:    {}", h.queue_id);
-            println!("message id:  {}", h.message_id.as_deref().unwrap_or("-"));
+            total_bytes += m.body_len;
             println!(
-                "arrived:     {} ago from {} (HELO {}{})",
+                "{:<12}  {:>8}  {:>8}  <{}>  {}{}",
+                h.queue_id,
+                m.body_len,
                 godwit_config::format_duration(std::time::Duration::from_secs(
                     ((now - h.arrival_ms) / 1000).max(0) as u64
                 )),
-                h.envelope.client_ip,
-                h.envelope.helo,
-                if h.envelope.tls { ", TLS" } else { "" }
+                h.envelope.mail_from,
+                h.message_id.as_deref().unwrap_or("-"),
+                if several {
+                    format!("  (on {node})")
+                } else {
+                    String::new()
+                }
             );
-            println!("sender:      <{}>", h.envelope.mail_from);
-            println!("size:        {} bytes", m.body_len);
-            for (i, (a, p)) in h.envelope.rcpts.iter().enumerate() {
+            for &i in &idx {
                 let s = &m.status[i];
+                let why = s.as_ref().and_then(|s| s.reply.clone()).unwrap_or_default();
+                let hold = if s.as_ref().is_some_and(|s| s.operator_hold) {
+                    " (operator hold)"
+                } else {
+                    ""
+                };
                 println!(
-                    "recipient:   {a}  {:?}  attempts={}  platform={}  delivered_to={:?}{}",
+                    "    {}  {:?}{hold}{}  {why}",
+                    h.envelope.rcpts[i].0,
                     state_of(s),
-                    s.as_ref().map_or(0, |s| s.attempts),
-                    s.as_ref()
-                        .and_then(|s| s.platform.clone())
-                        .unwrap_or_else(|| "-".into()),
-                    s.as_ref()
-                        .map(|s| s.delivered_to.clone())
-                        .unwrap_or_default(),
-                    if p.notify.is_empty() {
-                        String::new()
-                    } else {
-                        format!("  NOTIFY={}", p.notify.join(","))
-                    }
+                    next_retry(s.as_ref(), now)
+                        .map(|n| format!(", next retry {n}"))
+                        .unwrap_or_default()
                 );
-                if let Some(r) = s.as_ref().and_then(|s| s.reply.clone()) {
-                    println!("             last reply: {r}");
-                }
-                if let Some(n) = next_retry(s.as_ref(), now) {
-                    println!("             next retry: {n}");
-                }
-            }
-            if with_body {
-                println!("\n*** MESSAGE CONTENTS {} ***", h.queue_id);
-                print!("{}", String::from_utf8_lossy(&body).replace("\r\n", "\n"));
-                println!("*** END OF MESSAGE ***");
-            } else {
-                println!("\n{}", String::from_utf8_lossy(&body[..end]));
             }
         }
-        QueueCommand::Shape { by, json } => {
-            let msgs = godwit_spool::list(&config.spool_dir());
-            let store = crate::cli::open_store(&config).await?;
-            let routes = godwit_route::load(&store, &config).await?;
-            let mut rows = Vec::new();
-            for m in &msgs {
-                for (i, (addr, _)) in m.header.envelope.rcpts.iter().enumerate() {
-                    let s = &m.status[i];
-                    if s.as_ref().is_some_and(|s| s.status.is_final()) {
-                        continue;
-                    }
-                    let key = if by == "platform" {
-                        s.as_ref()
-                            .and_then(|s| s.platform.clone())
-                            .unwrap_or_else(|| routes.decide(addr).route)
-                    } else {
-                        addr.rsplit_once('@')
-                            .map_or(addr.as_str(), |(_, d)| d)
-                            .to_ascii_lowercase()
-                    };
-                    rows.push((key, ((now - m.header.arrival_ms) / 60_000).max(0) as u64));
-                }
-            }
-            let shape = godwit_evidence::report::qshape(&rows);
-            if json {
-                println!("{}", serde_json::to_string_pretty(&shape)?);
-            } else {
-                print!("{}", godwit_evidence::report::render_qshape(&shape, &by));
-            }
-        }
-        QueueCommand::Destinations { json } => {
-            let store = crate::cli::open_store(&config).await?;
-            let nodes = fleet::live_nodes(&store).await?;
-            if nodes.is_empty() {
-                println!(
-                    "no running gateway has reported in the last {}s",
-                    fleet::LIVE_MS / 1000
-                );
-                return Ok(1);
-            }
-            for n in nodes {
-                if json {
-                    println!(
-                        "{}",
-                        serde_json::json!({"node": n.node, "queue_len": n.queue_len, "destinations": n.destinations})
-                    );
-                    continue;
-                }
-                println!(
-                    "{} (queue {} message(s), seen {}ms ago)",
-                    n.node,
-                    n.queue_len,
-                    godwit_spool::now_ms() - n.seen_ms
-                );
-                if let Some(map) = n.destinations.as_object() {
-                    for (p, d) in map {
-                        // An open circuit lets one probe through when its
-                        // cooldown ends: say when (`queue flush --platform`
-                        // closes it at once).
-                        let probe = match (d["circuit"].as_str(), d["down_for_s"].as_u64()) {
-                            (Some("open"), Some(s)) => format!(
-                                " next probe in {}",
-                                godwit_config::format_duration(Duration::from_secs(s))
-                            ),
-                            _ => String::new(),
-                        };
-                        println!(
-                            "  {p:<10} circuit={:<9} limit={}/{} in_flight={} delivered={} throttled={} recent={}{probe}",
-                            d["circuit"].as_str().unwrap_or("?"),
-                            d["limit"],
-                            d["max"],
-                            d["in_flight"],
-                            d["delivered"],
-                            d["throttled"],
-                            d["recent_codes"]
-                        );
-                        for h in d["down_hosts"].as_array().into_iter().flatten() {
-                            println!(
-                                "  {:<10} relay host {} passed over for {}s after connection failures",
-                                "",
-                                h[0].as_str().unwrap_or("?"),
-                                h[1]
-                            );
-                        }
-                    }
-                }
-            }
-        }
-        QueueCommand::Hold(t) => return queue_cmd(&config, godwit_relay::QueueOp::Hold, t).await,
-        QueueCommand::Release(t) => {
-            return queue_cmd(&config, godwit_relay::QueueOp::Release, t).await;
-        }
-        QueueCommand::Flush(t) => {
-            return queue_cmd(&config, godwit_relay::QueueOp::Flush, t).await;
-        }
-        QueueCommand::Requeue(t) => {
-            return queue_cmd(&config, godwit_relay::QueueOp::Requeue, t).await;
-        }
-        QueueCommand::Delete { target, yes } => {
-            // A bad selector is refused before anyone is asked to confirm.
-            let target = resolve_target(&config, target)?;
-            if !yes {
-                use std::io::{BufRead, IsTerminal, Write};
-                if !std::io::stdin().is_terminal() {
-                    bail!("delete needs confirmation: run it in a terminal, or add --yes");
-                }
-                print!(
-                    "Delete matching messages from the queue? They will not be delivered. Type `yes`: "
-                );
-                std::io::stdout().flush()?;
-                let mut line = String::new();
-                std::io::stdin().lock().read_line(&mut line)?;
-                if line.trim() != "yes" {
-                    println!("nothing deleted");
-                    return Ok(1);
-                }
-            }
-            return queue_targets(&config, godwit_relay::QueueOp::Delete, target).await;
+    }
+    if !json {
+        // Postfix's mailq total line, which scripts grep for.
+        if shown == 0 {
+            println!("Mail queue is empty");
+        } else {
+            println!(
+                "-- {} Kbytes in {shown} Request{}.",
+                total_bytes.div_ceil(1024),
+                if shown == 1 { "" } else { "s" }
+            );
         }
     }
     Ok(0)
+}
+
+/// `queue show`, like `postcat`: one message's envelope, headers, each
+/// recipient's state, last reply and next retry.
+fn show(config: &Config, queue_id: &str, json: bool, with_body: bool) -> Result<i32> {
+    let now = godwit_spool::now_ms();
+    let Some(m) = godwit_spool::list(&config.spool_dir())
+        .into_iter()
+        .find(|m| m.header.queue_id.eq_ignore_ascii_case(queue_id))
+    else {
+        bail!(
+            "no message {queue_id} in the queue (delivered messages leave it; see the events log)"
+        );
+    };
+    // Read-only: the gateway may be writing beside us.
+    let body = godwit_spool::read_body_at(&config.spool_dir(), &m)?;
+    let end = body
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or(body.len());
+    let h = &m.header;
+    if json {
+        let rcpts: Vec<_> = h
+            .envelope
+            .rcpts
+            .iter()
+            .enumerate()
+            .map(|(i, (a, p))| {
+                let s = m.status[i].as_ref();
+                serde_json::json!({
+                    "address": a,
+                    "state": state_of(&m.status[i]),
+                    "attempts": s.map_or(0, |s| s.attempts),
+                    "platform": s.and_then(|s| s.platform.clone()),
+                    "delivered_to": s.map(|s| s.delivered_to.clone()).unwrap_or_default(),
+                    "operator_hold": s.is_some_and(|s| s.operator_hold),
+                    "last_reply": s.and_then(|s| s.reply.clone()),
+                    "next_retry": next_retry_time(s),
+                    "notify": p.notify,
+                })
+            })
+            .collect();
+        let mut v = serde_json::json!({
+            "queue_id": h.queue_id,
+            "message_id": h.message_id,
+            "arrival_time": h.arrival_ms / 1000,
+            "client_ip": h.envelope.client_ip,
+            "helo": h.envelope.helo,
+            "tls": h.envelope.tls,
+            "sender": h.envelope.mail_from,
+            "message_size": m.body_len,
+            "recipients": rcpts,
+            "headers": String::from_utf8_lossy(&body[..end]),
+        });
+        if with_body {
+            v["message"] = String::from_utf8_lossy(&body).into();
+        }
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(0);
+    }
+    println!("queue id:    {}", h.queue_id);
+    println!("message id:  {}", h.message_id.as_deref().unwrap_or("-"));
+    println!(
+        "arrived:     {} ago from {} (HELO {}{})",
+        godwit_config::format_duration(std::time::Duration::from_secs(
+            ((now - h.arrival_ms) / 1000).max(0) as u64
+        )),
+        h.envelope.client_ip,
+        h.envelope.helo,
+        if h.envelope.tls { ", TLS" } else { "" }
+    );
+    println!("sender:      <{}>", h.envelope.mail_from);
+    println!("size:        {} bytes", m.body_len);
+    for (i, (a, p)) in h.envelope.rcpts.iter().enumerate() {
+        let s = &m.status[i];
+        println!(
+            "recipient:   {a}  {:?}  attempts={}  platform={}  delivered_to={:?}{}",
+            state_of(s),
+            s.as_ref().map_or(0, |s| s.attempts),
+            s.as_ref()
+                .and_then(|s| s.platform.clone())
+                .unwrap_or_else(|| "-".into()),
+            s.as_ref()
+                .map(|s| s.delivered_to.clone())
+                .unwrap_or_default(),
+            if p.notify.is_empty() {
+                String::new()
+            } else {
+                format!("  NOTIFY={}", p.notify.join(","))
+            }
+        );
+        if let Some(r) = s.as_ref().and_then(|s| s.reply.clone()) {
+            println!("             last reply: {r}");
+        }
+        if let Some(n) = next_retry(s.as_ref(), now) {
+            println!("             next retry: {n}");
+        }
+    }
+    if with_body {
+        println!("\n*** MESSAGE CONTENTS {} ***", h.queue_id);
+        print!("{}", String::from_utf8_lossy(&body).replace("\r\n", "\n"));
+        println!("*** END OF MESSAGE ***");
+    } else {
+        println!("\n{}", String::from_utf8_lossy(&body[..end]));
+    }
+    Ok(0)
+}
+
+/// `queue shape`, like `qshape`: age buckets by recipient domain or platform.
+async fn shape(config: &Config, by: &str, json: bool) -> Result<i32> {
+    let now = godwit_spool::now_ms();
+    let msgs = godwit_spool::list(&config.spool_dir());
+    let store = crate::cli::open_store(config).await?;
+    let routes = godwit_route::load(&store, config).await?;
+    let mut rows = Vec::new();
+    for m in &msgs {
+        for (i, (addr, _)) in m.header.envelope.rcpts.iter().enumerate() {
+            let s = &m.status[i];
+            if s.as_ref().is_some_and(|s| s.status.is_final()) {
+                continue;
+            }
+            let key = if by == "platform" {
+                s.as_ref()
+                    .and_then(|s| s.platform.clone())
+                    .unwrap_or_else(|| routes.decide(addr).route)
+            } else {
+                addr.rsplit_once('@')
+                    .map_or(addr.as_str(), |(_, d)| d)
+                    .to_ascii_lowercase()
+            };
+            rows.push((key, ((now - m.header.arrival_ms) / 60_000).max(0) as u64));
+        }
+    }
+    let shape = godwit_evidence::report::qshape(&rows);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&shape)?);
+    } else {
+        print!("{}", godwit_evidence::report::render_qshape(&shape, by));
+    }
+    Ok(0)
+}
+
+/// `queue destinations`: each platform's delivery state on every running
+/// gateway, from their heartbeats.
+async fn destinations(config: &Config, json: bool) -> Result<i32> {
+    let store = crate::cli::open_store(config).await?;
+    let nodes = fleet::live_nodes(&store).await?;
+    if nodes.is_empty() {
+        println!(
+            "no running gateway has reported in the last {}s",
+            fleet::LIVE_MS / 1000
+        );
+        return Ok(1);
+    }
+    for n in nodes {
+        if json {
+            println!(
+                "{}",
+                serde_json::json!({"node": n.node, "queue_len": n.queue_len, "destinations": n.destinations})
+            );
+            continue;
+        }
+        println!(
+            "{} (queue {} message(s), seen {}ms ago)",
+            n.node,
+            n.queue_len,
+            godwit_spool::now_ms() - n.seen_ms
+        );
+        if let Some(map) = n.destinations.as_object() {
+            for (p, d) in map {
+                // An open circuit lets one probe through when its
+                // cooldown ends: say when (`queue flush --platform`
+                // closes it at once).
+                let probe = match (d["circuit"].as_str(), d["down_for_s"].as_u64()) {
+                    (Some("open"), Some(s)) => format!(
+                        " next probe in {}",
+                        godwit_config::format_duration(Duration::from_secs(s))
+                    ),
+                    _ => String::new(),
+                };
+                println!(
+                    "  {p:<10} circuit={:<9} limit={}/{} in_flight={} delivered={} throttled={} recent={}{probe}",
+                    d["circuit"].as_str().unwrap_or("?"),
+                    d["limit"],
+                    d["max"],
+                    d["in_flight"],
+                    d["delivered"],
+                    d["throttled"],
+                    d["recent_codes"]
+                );
+                for h in d["down_hosts"].as_array().into_iter().flatten() {
+                    println!(
+                        "  {:<10} relay host {} passed over for {}s after connection failures",
+                        "",
+                        h[0].as_str().unwrap_or("?"),
+                        h[1]
+                    );
+                }
+            }
+        }
+    }
+    Ok(0)
+}
+
+/// `queue delete`: asks for confirmation (unless --yes) once the selector
+/// is known to be valid.
+async fn delete(config: &Config, target: Target, yes: bool) -> Result<i32> {
+    use godwit_relay::QueueOp;
+    // A bad selector is refused before anyone is asked to confirm.
+    let target = resolve_target(config, target)?;
+    if !yes {
+        use std::io::{BufRead, IsTerminal, Write};
+        if !std::io::stdin().is_terminal() {
+            bail!("delete needs confirmation: run it in a terminal, or add --yes");
+        }
+        print!("Delete matching messages from the queue? They will not be delivered. Type `yes`: ");
+        std::io::stdout().flush()?;
+        let mut line = String::new();
+        std::io::stdin().lock().read_line(&mut line)?;
+        if line.trim() != "yes" {
+            println!("nothing deleted");
+            return Ok(1);
+        }
+    }
+    queue_targets(config, QueueOp::Delete, target).await
 }
 
 /// The recipient states `--state` names, as `queue list` shows them.

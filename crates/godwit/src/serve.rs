@@ -94,15 +94,7 @@ pub(crate) async fn serve(config: Config, config_path: PathBuf) -> Result<i32> {
     }
     let n_recovered = recovered.len();
     for sp in recovered {
-        let pending = sp
-            .header
-            .envelope
-            .rcpts
-            .iter()
-            .zip(&sp.status)
-            .filter(|(_, s)| s.as_ref().is_none_or(|s| !s.status.is_final()))
-            .map(|((a, _), _)| a.clone())
-            .collect();
+        let pending = crate::queue::pending(&sp);
         events.emit(Event::QueueRecovered {
             queue_id: sp.header.queue_id.clone(),
             message_id: sp.header.message_id.clone(),
