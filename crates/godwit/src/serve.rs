@@ -85,23 +85,7 @@ pub(crate) async fn serve(config: Config, config_path: PathBuf) -> Result<i32> {
         ));
     }
 
-    let (recovered, corrupt) = spool.recover()?;
-    for (path, reason) in corrupt {
-        events.emit(Event::QueueCorrupt {
-            file: path.display().to_string(),
-            reason,
-        });
-    }
-    let n_recovered = recovered.len();
-    for sp in recovered {
-        let pending = crate::queue::pending(&sp);
-        events.emit(Event::QueueRecovered {
-            queue_id: sp.header.queue_id.clone(),
-            message_id: sp.header.message_id.clone(),
-            pending,
-        });
-        relay.enqueue(sp);
-    }
+    let n_recovered = recover(&spool, &events, &relay)?;
 
     let smtpd = smtpd::Smtpd::new(config.clone(), spool.clone(), relay.clone(), events.clone())?;
     let mut listen = Vec::new();
@@ -130,75 +114,9 @@ pub(crate) async fn serve(config: Config, config_path: PathBuf) -> Result<i32> {
         events.clone(),
     )
     .await?;
-    {
-        let relay = relay.clone();
-        let access = access.clone();
-        let events = events.clone();
-        let store = store.clone();
-        tokio::spawn(godwit_route::watch_pushed(
-            store.clone(),
-            routes.clone(),
-            Duration::from_millis(200),
-            move |version, changes, via| {
-                relay.routes_changed();
-                if let Some(a) = &access {
-                    a.routes_changed();
-                }
-                // The version's own actor and command, from the store.
-                let (events, store) = (events.clone(), store.clone());
-                tokio::spawn(async move {
-                    let (actor, command) = godwit_store::sqlx::query_as::<_, (String, String)>(
-                        "SELECT actor, command FROM routing_versions WHERE version = $1",
-                    )
-                    .bind(version)
-                    .fetch_optional(&store.pool)
-                    .await
-                    .ok()
-                    .flatten()
-                    .unwrap_or_default();
-                    events.emit(Event::RouteChanged {
-                        version,
-                        actor,
-                        command,
-                        changes,
-                        via: via.as_str().to_string(),
-                    });
-                });
-            },
-        ));
-    }
+    watch_routes(&store, &routes, &relay, &access, &events);
     if let Some(addr) = config.admin.listen {
-        let l = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("admin.listen: cannot listen on {addr}"))?;
-        let admin = godwit_evidence::http::Admin::new(
-            metrics.clone(),
-            relay.clone(),
-            routes.clone(),
-            store.clone(),
-            config.node_name().to_string(),
-            config.admin.token.clone(),
-        );
-        let admin = match &access {
-            Some(a) => {
-                let a = a.clone();
-                let platforms: Vec<String> = config.platforms.keys().cloned().collect();
-                admin.with_client_sessions(Arc::new(move || {
-                    // Every platform is listed, with 0 where nobody is logged in.
-                    let mut m = a.sessions();
-                    for p in &platforms {
-                        for proto in ["imap", "pop3"] {
-                            m.entry((p.clone(), proto.to_string())).or_insert(0);
-                        }
-                    }
-                    m
-                }))
-            }
-            None => admin,
-        };
-        tokio::spawn(admin.clone().run_sampler());
-        tokio::spawn(godwit_evidence::http::serve(admin, l));
-        tracing::info!("admin listener (metrics, dashboard) on http://{addr}/");
+        start_admin(&config, addr, &metrics, &relay, &routes, &store, &access).await?;
     }
     tokio::spawn(fleet::heartbeat_and_commands(
         store.clone(),
@@ -321,4 +239,120 @@ fn reload(
         let _ = log_level.reload(level);
     }
     Ok((effective, applied, restart_needed))
+}
+
+/// Takes the queue files back after a restart (RFC 5321 4.5.4.1: queued
+/// mail is retried): the damaged ones are named, the whole ones handed to the
+/// relay. Returns how many were recovered.
+fn recover(spool: &Spool, events: &EventLog, relay: &godwit_relay::Relay) -> Result<usize> {
+    let (recovered, corrupt) = spool.recover()?;
+    for (path, reason) in corrupt {
+        events.emit(Event::QueueCorrupt {
+            file: path.display().to_string(),
+            reason,
+        });
+    }
+    let n_recovered = recovered.len();
+    for sp in recovered {
+        let pending = crate::queue::pending(&sp);
+        events.emit(Event::QueueRecovered {
+            queue_id: sp.header.queue_id.clone(),
+            message_id: sp.header.message_id.clone(),
+            pending,
+        });
+        relay.enqueue(sp);
+    }
+    Ok(n_recovered)
+}
+
+/// Follows the routing versions other commands commit: the relay and the
+/// access front re-decide, and each version is recorded as an event with its
+/// own actor and command.
+fn watch_routes(
+    store: &godwit_store::Store,
+    routes: &SharedRoutes,
+    relay: &godwit_relay::Relay,
+    access: &Option<Arc<godwit_access::Access>>,
+    events: &EventLog,
+) {
+    let relay = relay.clone();
+    let access = access.clone();
+    let events = events.clone();
+    let store = store.clone();
+    tokio::spawn(godwit_route::watch_pushed(
+        store.clone(),
+        routes.clone(),
+        Duration::from_millis(200),
+        move |version, changes, via| {
+            relay.routes_changed();
+            if let Some(a) = &access {
+                a.routes_changed();
+            }
+            // The version's own actor and command, from the store.
+            let (events, store) = (events.clone(), store.clone());
+            tokio::spawn(async move {
+                let (actor, command) = godwit_store::sqlx::query_as::<_, (String, String)>(
+                    "SELECT actor, command FROM routing_versions WHERE version = $1",
+                )
+                .bind(version)
+                .fetch_optional(&store.pool)
+                .await
+                .ok()
+                .flatten()
+                .unwrap_or_default();
+                events.emit(Event::RouteChanged {
+                    version,
+                    actor,
+                    command,
+                    changes,
+                    via: via.as_str().to_string(),
+                });
+            });
+        },
+    ));
+}
+
+/// The admin listener: metrics, the dashboard and its sampler, and (with
+/// the access front) the client sessions per platform.
+async fn start_admin(
+    config: &Config,
+    addr: std::net::SocketAddr,
+    metrics: &Arc<godwit_evidence::metrics::Metrics>,
+    relay: &godwit_relay::Relay,
+    routes: &SharedRoutes,
+    store: &godwit_store::Store,
+    access: &Option<Arc<godwit_access::Access>>,
+) -> Result<()> {
+    let l = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("admin.listen: cannot listen on {addr}"))?;
+    let admin = godwit_evidence::http::Admin::new(
+        metrics.clone(),
+        relay.clone(),
+        routes.clone(),
+        store.clone(),
+        config.node_name().to_string(),
+        config.admin.token.clone(),
+    );
+    let admin = match &access {
+        Some(a) => {
+            let a = a.clone();
+            let platforms: Vec<String> = config.platforms.keys().cloned().collect();
+            admin.with_client_sessions(Arc::new(move || {
+                // Every platform is listed, with 0 where nobody is logged in.
+                let mut m = a.sessions();
+                for p in &platforms {
+                    for proto in ["imap", "pop3"] {
+                        m.entry((p.clone(), proto.to_string())).or_insert(0);
+                    }
+                }
+                m
+            }))
+        }
+        None => admin,
+    };
+    tokio::spawn(admin.clone().run_sampler());
+    tokio::spawn(godwit_evidence::http::serve(admin, l));
+    tracing::info!("admin listener (metrics, dashboard) on http://{addr}/");
+    Ok(())
 }
