@@ -75,127 +75,153 @@ pub(crate) async fn run(config: Config, command: RouteCommand) -> Result<i32> {
             platform,
             actor: who,
             wait,
-        } => {
-            let address = check_address(&config, &address)?;
-            if platform == godwit_config::ROUTE_BOTH && config.platforms.len() < 2 {
-                bail!("route `both` needs at least two platforms in the configuration");
-            }
-            if !config.is_route_name(&platform) {
-                let names: Vec<_> = config
-                    .platforms
-                    .keys()
-                    .cloned()
-                    .chain(["both".to_string(), "hold".to_string()])
-                    .collect();
-                bail!(
-                    "`{platform}` is not a platform; choose one of: {}",
-                    names.join(", ")
-                );
-            }
-            let cmd = format!("route set {address} {platform}");
-            let o = godwit_route::commit_outcome(
-                &store,
-                &config,
-                &actor(who),
-                &cmd,
-                vec![(address.clone(), Some(platform.clone()))],
-            )
-            .await?;
-            let v = o.version;
-            let applied: Vec<_> = o.moved().cloned().collect();
-            if !o.applied {
-                println!(
-                    "{address} already routes to {platform}: nothing changed, no version recorded (routing version {v})"
-                );
-            } else if applied.is_empty() {
-                println!(
-                    "{address}: {platform} is now an explicit entry; mail already went there (version {v})"
-                );
-            } else {
-                let before = applied[0]
-                    .before
-                    .clone()
-                    .unwrap_or_else(|| "(default)".into());
-                println!("{address}: {before} -> {platform} (version {v})");
-            }
-            return wait.for_version(&store, v).await;
-        }
+        } => set(&config, &store, &address, &platform, who, &wait).await,
         RouteCommand::Unset {
             address,
             actor: who,
             wait,
-        } => {
-            let address = check_address(&config, &address)?;
-            let cmd = format!("route unset {address}");
-            let o = godwit_route::commit_outcome(
-                &store,
-                &config,
-                &actor(who),
-                &cmd,
-                vec![(address.clone(), None)],
-            )
-            .await?;
-            let v = o.version;
-            if !o.applied {
-                println!(
-                    "{address} had no entry: nothing changed, no version recorded (routing version {v})"
-                );
-            } else if o.moved().next().is_none() {
-                println!("{address}: entry removed (version {v}); its route stays the same");
-            } else {
-                println!("{address}: entry removed (version {v}); it follows the default again");
-            }
-            return wait.for_version(&store, v).await;
-        }
-        RouteCommand::Show { address, json } => {
-            let address = check_address(&config, &address)?;
-            let map = godwit_route::load_one(&store, &config, &address).await?;
-            let d = map.decide(&address);
-            if json {
-                println!(
-                    "{}",
-                    serde_json::json!({
-                        "address": godwit_route::normalize_address(&address),
-                        "route": d.route,
-                        "why": d.why.to_string(),
-                        "routing_version": d.version,
-                    })
-                );
-                return Ok(0);
-            }
-            println!(
-                "{}: {} ({}; routing version {})",
-                godwit_route::normalize_address(&address),
-                d.route,
-                d.why,
-                d.version
-            );
-        }
-        RouteCommand::Explain { address, json } => {
-            return explain(&config, &store, &address, json).await;
-        }
+        } => unset(&config, &store, &address, who, &wait).await,
+        RouteCommand::Show { address, json } => show(&config, &store, &address, json).await,
+        RouteCommand::Explain { address, json } => explain(&config, &store, &address, json).await,
         RouteCommand::SetOutbound {
             sender,
             route,
             actor: who,
-        } => {
-            let key = check_outbound(&config, &sender, &route)?;
-            let after = (route != "default").then(|| route.clone());
-            let cmd = format!("route set-outbound {sender} {route}");
-            let (v, _) =
-                godwit_route::commit(&store, &config, &actor(who), &cmd, vec![(key, after)])
-                    .await?;
-            println!("{sender}: outbound mail goes via {route} (version {v})");
-        }
+        } => set_outbound(&config, &store, &sender, &route, who).await,
         RouteCommand::Rollback {
             to,
             dry_run,
             actor,
             wait,
-        } => {
-            return rollback(&config, &store, to, dry_run, actor, &wait).await;
-        }
+        } => rollback(&config, &store, to, dry_run, actor, &wait).await,
     }
+}
+
+/// `route set ADDRESS PLATFORM`: an explicit entry, as a new version.
+async fn set(
+    config: &Config,
+    store: &Store,
+    address: &str,
+    platform: &str,
+    who: Option<String>,
+    wait: &fleet::Wait,
+) -> Result<i32> {
+    let address = check_address(config, address)?;
+    if platform == godwit_config::ROUTE_BOTH && config.platforms.len() < 2 {
+        bail!("route `both` needs at least two platforms in the configuration");
+    }
+    if !config.is_route_name(platform) {
+        let names: Vec<_> = config
+            .platforms
+            .keys()
+            .cloned()
+            .chain(["both".to_string(), "hold".to_string()])
+            .collect();
+        bail!(
+            "`{platform}` is not a platform; choose one of: {}",
+            names.join(", ")
+        );
+    }
+    let cmd = format!("route set {address} {platform}");
+    let o = godwit_route::commit_outcome(
+        store,
+        config,
+        &actor(who),
+        &cmd,
+        vec![(address.clone(), Some(platform.to_string()))],
+    )
+    .await?;
+    let v = o.version;
+    let applied: Vec<_> = o.moved().cloned().collect();
+    if !o.applied {
+        println!(
+            "{address} already routes to {platform}: nothing changed, no version recorded (routing version {v})"
+        );
+    } else if applied.is_empty() {
+        println!(
+            "{address}: {platform} is now an explicit entry; mail already went there (version {v})"
+        );
+    } else {
+        let before = applied[0]
+            .before
+            .clone()
+            .unwrap_or_else(|| "(default)".into());
+        println!("{address}: {before} -> {platform} (version {v})");
+    }
+    wait.for_version(store, v).await
+}
+
+/// `route unset ADDRESS`: the entry goes, the address follows the defaults.
+async fn unset(
+    config: &Config,
+    store: &Store,
+    address: &str,
+    who: Option<String>,
+    wait: &fleet::Wait,
+) -> Result<i32> {
+    let address = check_address(config, address)?;
+    let cmd = format!("route unset {address}");
+    let o = godwit_route::commit_outcome(
+        store,
+        config,
+        &actor(who),
+        &cmd,
+        vec![(address.clone(), None)],
+    )
+    .await?;
+    let v = o.version;
+    if !o.applied {
+        println!(
+            "{address} had no entry: nothing changed, no version recorded (routing version {v})"
+        );
+    } else if o.moved().next().is_none() {
+        println!("{address}: entry removed (version {v}); its route stays the same");
+    } else {
+        println!("{address}: entry removed (version {v}); it follows the default again");
+    }
+    wait.for_version(store, v).await
+}
+
+/// `route show ADDRESS`: where its mail goes now, and why.
+async fn show(config: &Config, store: &Store, address: &str, json: bool) -> Result<i32> {
+    let address = check_address(config, address)?;
+    let map = godwit_route::load_one(store, config, &address).await?;
+    let d = map.decide(&address);
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "address": godwit_route::normalize_address(&address),
+                "route": d.route,
+                "why": d.why.to_string(),
+                "routing_version": d.version,
+            })
+        );
+        return Ok(0);
+    }
+    println!(
+        "{}: {} ({}; routing version {})",
+        godwit_route::normalize_address(&address),
+        d.route,
+        d.why,
+        d.version
+    );
+    Ok(0)
+}
+
+/// `route set-outbound SENDER|DOMAIN ROUTE`: where their outbound mail goes.
+async fn set_outbound(
+    config: &Config,
+    store: &Store,
+    sender: &str,
+    route: &str,
+    who: Option<String>,
+) -> Result<i32> {
+    let key = check_outbound(config, sender, route)?;
+    let after = (route != "default").then(|| route.to_string());
+    let cmd = format!("route set-outbound {sender} {route}");
+    let (v, _) = godwit_route::commit(store, config, &actor(who), &cmd, vec![(key, after)]).await?;
+    println!("{sender}: outbound mail goes via {route} (version {v})");
     Ok(0)
 }
 
