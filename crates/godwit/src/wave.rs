@@ -296,53 +296,7 @@ pub async fn run(config: Config, command: WaveCommand) -> Result<i32> {
             };
             // Identity proof: members with an address the target refuses
             // stay behind, each address named (--force moves them anyway).
-            let mut probe_note = String::new();
-            if let Some(target) = config.target_platform() {
-                let addrs = crate::probe::addresses(&config, &store, Some(&name)).await?;
-                let members: std::collections::BTreeSet<String> = addrs.keys().cloned().collect();
-                match crate::probe::probe(&config, target, addrs).await {
-                    Ok(r) if !r.refused.is_empty() => {
-                        crate::probe::print(&r);
-                        let refused: std::collections::BTreeSet<&String> =
-                            r.refused.iter().map(|x| &x.mailbox).collect();
-                        let list: Vec<String> = r
-                            .refused
-                            .iter()
-                            .map(|x| format!("{} ({})", x.address, x.reply))
-                            .collect();
-                        if force {
-                            probe_note = format!(" (probe refused: {})", list.join("; "));
-                        } else {
-                            println!(
-                                "held back (an address refused by {target}; --force moves them): {}",
-                                refused
-                                    .iter()
-                                    .map(|s| s.as_str())
-                                    .collect::<Vec<_>>()
-                                    .join(", ")
-                            );
-                            let keep: std::collections::BTreeSet<String> = members
-                                .iter()
-                                .filter(|m| !refused.contains(m))
-                                .cloned()
-                                .collect();
-                            only = Some(match only {
-                                Some(o) => o.intersection(&keep).cloned().collect(),
-                                None => keep,
-                            });
-                            probe_note = format!(" (probe held back: {})", list.join("; "));
-                        }
-                    }
-                    Ok(_) => {}
-                    // A target that cannot be asked proves nothing either
-                    // way: the sync guard and the pause still decide, and
-                    // the history says the probe did not run.
-                    Err(e) => {
-                        eprintln!("warning: identity probe of {target} not run: {e:#}");
-                        probe_note = format!(" (identity probe not run: {e:#})");
-                    }
-                }
-            }
+            let probe_note = probe_members(&config, &store, &name, force, &mut only).await?;
             let held_back = probe_note.starts_with(" (probe held back");
             let who = crate::cli::actor(actor);
             let cmd = format!(
@@ -385,50 +339,7 @@ pub async fn run(config: Config, command: WaveCommand) -> Result<i32> {
                 return Ok(1);
             }
         }
-        WaveCommand::Watch { name, json } => {
-            let Some(r) = crate::soak::rows(&store, Some(&name)).await?.pop() else {
-                bail!("wave `{name}` has no soak (godwit wave cutover {name} --soak 2h)");
-            };
-            if json {
-                println!("{}", serde_json::to_string_pretty(&r)?);
-                return Ok(0);
-            }
-            let now = godwit_store::now_ms();
-            println!("wave {name}: {}", r.status);
-            println!(
-                "  soak:      until {} ({} left), rollback if {}",
-                time::OffsetDateTime::from_unix_timestamp(r.until_ms / 1000)
-                    .ok()
-                    .and_then(|t| t
-                        .format(&time::format_description::well_known::Rfc3339)
-                        .ok())
-                    .unwrap_or_default(),
-                humantime::format_duration(std::time::Duration::from_secs(
-                    ((r.until_ms - now).max(0) / 1000) as u64
-                )),
-                r.rollback_if
-            );
-            if let Some(o) = &r.owner {
-                println!("  watched by {o}");
-            }
-            if let Some(m) = &r.measurements {
-                println!(
-                    "  measured {}s ago: {} delivered, {} deferred, {} bounced, oldest queued {}s, p95 latency {:.1}s",
-                    (now - r.measured_ms).max(0) / 1000,
-                    m["delivered"],
-                    m["deferred"],
-                    m["bounced"],
-                    m["queue_age_s"],
-                    m["latency_p95_s"].as_f64().unwrap_or(0.0)
-                );
-            }
-            if let Some(b) = &r.breach {
-                println!(
-                    "  BREACH:    {b}; rolled back automatically at version {}",
-                    r.rollback_version.unwrap_or(0)
-                );
-            }
-        }
+        WaveCommand::Watch { name, json } => return watch(&store, &name, json).await,
         WaveCommand::Rollback {
             name,
             dry_run,
@@ -446,6 +357,115 @@ pub async fn run(config: Config, command: WaveCommand) -> Result<i32> {
         }
     }
     Ok(0)
+}
+
+/// `wave watch NAME`: the soak of a cut-over wave, as the gateway that
+/// watches it last measured it.
+async fn watch(store: &Store, name: &str, json: bool) -> Result<i32> {
+    let Some(r) = crate::soak::rows(store, Some(name)).await?.pop() else {
+        bail!("wave `{name}` has no soak (godwit wave cutover {name} --soak 2h)");
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(0);
+    }
+    let now = godwit_store::now_ms();
+    println!("wave {name}: {}", r.status);
+    println!(
+        "  soak:      until {} ({} left), rollback if {}",
+        time::OffsetDateTime::from_unix_timestamp(r.until_ms / 1000)
+            .ok()
+            .and_then(|t| t
+                .format(&time::format_description::well_known::Rfc3339)
+                .ok())
+            .unwrap_or_default(),
+        humantime::format_duration(std::time::Duration::from_secs(
+            ((r.until_ms - now).max(0) / 1000) as u64
+        )),
+        r.rollback_if
+    );
+    if let Some(o) = &r.owner {
+        println!("  watched by {o}");
+    }
+    if let Some(m) = &r.measurements {
+        println!(
+            "  measured {}s ago: {} delivered, {} deferred, {} bounced, oldest queued {}s, p95 latency {:.1}s",
+            (now - r.measured_ms).max(0) / 1000,
+            m["delivered"],
+            m["deferred"],
+            m["bounced"],
+            m["queue_age_s"],
+            m["latency_p95_s"].as_f64().unwrap_or(0.0)
+        );
+    }
+    if let Some(b) = &r.breach {
+        println!(
+            "  BREACH:    {b}; rolled back automatically at version {}",
+            r.rollback_version.unwrap_or(0)
+        );
+    }
+    Ok(0)
+}
+
+/// Identity proof before a cutover (`probe`): members with an address the
+/// target refuses stay behind, each address named (--force moves them
+/// anyway). Narrows `only` to the members that may move, and returns the
+/// note the history records.
+async fn probe_members(
+    config: &Config,
+    store: &Store,
+    name: &str,
+    force: bool,
+    only: &mut Option<std::collections::BTreeSet<String>>,
+) -> Result<String> {
+    let mut probe_note = String::new();
+    if let Some(target) = config.target_platform() {
+        let addrs = crate::probe::addresses(config, store, Some(name)).await?;
+        let members: std::collections::BTreeSet<String> = addrs.keys().cloned().collect();
+        match crate::probe::probe(config, target, addrs).await {
+            Ok(r) if !r.refused.is_empty() => {
+                crate::probe::print(&r);
+                let refused: std::collections::BTreeSet<&String> =
+                    r.refused.iter().map(|x| &x.mailbox).collect();
+                let list: Vec<String> = r
+                    .refused
+                    .iter()
+                    .map(|x| format!("{} ({})", x.address, x.reply))
+                    .collect();
+                if force {
+                    probe_note = format!(" (probe refused: {})", list.join("; "));
+                } else {
+                    println!(
+                        "held back (an address refused by {target}; --force moves them): {}",
+                        refused
+                            .iter()
+                            .map(|s| s.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    );
+                    let keep: std::collections::BTreeSet<String> = members
+                        .iter()
+                        .filter(|m| !refused.contains(m))
+                        .cloned()
+                        .collect();
+                    *only = Some(match only.take() {
+                        Some(o) => o.intersection(&keep).cloned().collect(),
+                        None => keep,
+                    });
+                    probe_note = format!(" (probe held back: {})", list.join("; "));
+                }
+            }
+            Ok(_) => {}
+            // A target that cannot be asked proves nothing either
+            // way: the sync guard and the pause still decide, and
+            // the history says the probe did not run.
+            Err(e) => {
+                eprintln!("warning: identity probe of {target} not run: {e:#}");
+                probe_note = format!(" (identity probe not run: {e:#})");
+            }
+        }
+    }
+    Ok(probe_note)
 }
 
 /// The running gateways' circuits and this host's oldest queued message,
