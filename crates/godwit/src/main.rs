@@ -1,5 +1,10 @@
 //! godwit: the command line. `serve` runs the gateway; the other commands
 //! work beside a running gateway (they share the state store and spool).
+//!
+//! This file is the CLI's definition and dispatch only: each command family
+//! lives in its module (`serve`, `queue`, `route`, `wave`, `control` for the
+//! directory and history, `evidence` for trace and report, `fleet`, `adopt`,
+//! `doctor`, `check`, `dkim_cli`), and `cli` holds what they share.
 
 // glibc's malloc spent a fifth of a 100,000-mailbox wave consolidating
 // freed chunks; mimalloc is built for many small strings.
