@@ -142,7 +142,7 @@ async fn main() -> anyhow::Result<()> {
         n * 4,
         (n * 4) as f64 / index_s
     );
-    all.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    all.sort_by(f64::total_cmp);
     println!(
         "  trace by Message-ID: median {:.2} ms, mean {:.2} ms, worst {:.2} ms over {probes} lookups",
         all[all.len() / 2] * 1000.0,

@@ -44,7 +44,7 @@ impl Stats {
             .iter()
             .map(|(p, v)| {
                 let mut s: Vec<f64> = v.iter().copied().collect();
-                s.sort_by(|a, b| a.partial_cmp(b).unwrap());
+                s.sort_by(f64::total_cmp);
                 (p.clone(), [pct(&s, 0.50), pct(&s, 0.95), pct(&s, 0.99)])
             })
             .collect()

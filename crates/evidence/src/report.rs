@@ -170,7 +170,7 @@ pub async fn build(
         .map(|(p, d)| (p, d.means()))
         .collect();
     for (p, mut v) in lat {
-        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        v.sort_by(f64::total_cmp);
         r.latency_seconds
             .insert(p, [pct(&v, 0.5), pct(&v, 0.95), pct(&v, 0.99)]);
     }

@@ -160,15 +160,7 @@ pub async fn adopt(
         }
         match here.adopt(&from, &m).and_then(|sp| due_now(here, sp)) {
             Ok(sp) => {
-                let pending = sp
-                    .header
-                    .envelope
-                    .rcpts
-                    .iter()
-                    .zip(&sp.status)
-                    .filter(|(_, s)| s.as_ref().is_none_or(|s| !s.status.is_final()))
-                    .map(|((a, _), _)| a.clone())
-                    .collect();
+                let pending = crate::queue::pending(&sp);
                 events.emit(Event::QueueAdopted {
                     queue_id: id.clone(),
                     message_id: sp.header.message_id.clone(),
@@ -237,10 +229,10 @@ pub async fn cli(config: &Config, dir: &Path, force: bool) -> Result<i32> {
         .with_context(|| format!("spool {}", config.spool_dir().display()))?;
     let own_spool = config.spool_dir().canonicalize()?;
     let own_node = config.node_name().to_string();
-    let store = tokio::time::timeout(Duration::from_secs(10), Store::open(&config.store_url()))
+    let store = tokio::time::timeout(Duration::from_secs(10), crate::cli::open_store(config))
         .await
         .map_err(|_| anyhow::anyhow!("the state store did not answer within 10 s"))
-        .and_then(|r| r.map_err(anyhow::Error::from))
+        .and_then(|r| r)
         .context(
             "spool adopt needs the state store (to check that the node has stopped heartbeating, and to record what it does); nothing was changed",
         )?;

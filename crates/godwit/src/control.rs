@@ -1,6 +1,6 @@
-//! The control-plane commands: `directory`, `wave`, `history`, and
-//! `route explain` / `route rollback`. The work happens in `godwit_route`;
-//! this module parses arguments and prints for people.
+//! The control-plane commands `directory` and `history`, and what the wave
+//! and route commands print alike (an outcome, a version). The work happens
+//! in `godwit_route`; this module parses arguments and prints for people.
 
 use anyhow::{Context, Result, bail};
 use clap::Subcommand;
@@ -92,100 +92,6 @@ pub enum DirectoryCommand {
 }
 
 #[derive(Subcommand)]
-pub enum WaveCommand {
-    /// Create a wave from addresses and/or files (one address per line).
-    Create {
-        name: String,
-        #[arg(long, num_args = 1.., required = true, value_name = "FILE|ADDR")]
-        members: Vec<String>,
-        #[arg(long)]
-        actor: Option<String>,
-    },
-    /// Add members (addresses and/or files); they move at the wave's next cutover.
-    Add {
-        name: String,
-        #[arg(long, num_args = 1.., required = true, value_name = "FILE|ADDR")]
-        members: Vec<String>,
-        #[arg(long)]
-        actor: Option<String>,
-    },
-    /// Remove members; their state and route stay as they are.
-    Remove {
-        name: String,
-        #[arg(long, num_args = 1.., required = true, value_name = "FILE|ADDR")]
-        members: Vec<String>,
-        #[arg(long)]
-        actor: Option<String>,
-    },
-    /// Delete a wave that is not cut over (its members keep their states).
-    Delete {
-        name: String,
-        #[arg(long)]
-        actor: Option<String>,
-    },
-    /// A wave's members with their state and route.
-    Show {
-        name: String,
-        /// List every member (default: the first 50).
-        #[arg(long)]
-        all: bool,
-        /// The wave and every member as JSON.
-        #[arg(long)]
-        json: bool,
-    },
-    /// All waves.
-    List {
-        #[arg(long)]
-        json: bool,
-    },
-    /// Route every member to the target platform, in one version.
-    Cutover {
-        name: String,
-        /// Print what would change; change nothing.
-        #[arg(long)]
-        dry_run: bool,
-        /// Cut over members whose sync is not ready (recorded in the history).
-        #[arg(long)]
-        force: bool,
-        /// First a delta and a verify for every member in the sync's
-        /// accounts file; then cut over only those that verified clean,
-        /// naming the others and why.
-        #[arg(long)]
-        final_sync: bool,
-        /// After the cutover, watch mail to the members this long ("2h")
-        /// and roll the wave back by itself on a --rollback-if breach.
-        #[arg(long)]
-        soak: Option<String>,
-        /// Thresholds over mail to the members since the cutover, e.g.
-        /// "defer_rate>5%,queue_age>15m,bounces>0" (the default with --soak);
-        /// also deferrals>N and latency_p95>DURATION.
-        #[arg(long, requires = "soak")]
-        rollback_if: Option<String>,
-        #[arg(long)]
-        actor: Option<String>,
-        #[command(flatten)]
-        wait: crate::fleet::Wait,
-    },
-    /// A soaking wave's live status: time left, thresholds, the latest
-    /// measurements, and the breach and rollback if one happened.
-    Watch {
-        name: String,
-        #[arg(long)]
-        json: bool,
-    },
-    /// Route every member back to the platform that owned it, in one version.
-    Rollback {
-        name: String,
-        #[arg(long)]
-        dry_run: bool,
-        #[arg(long)]
-        actor: Option<String>,
-        #[command(flatten)]
-        wait: crate::fleet::Wait,
-    },
-}
-
-#[derive(Subcommand)]
 pub enum HistoryCommand {
     /// One version: who, when, the command, and every before/after.
     Show {
@@ -196,7 +102,7 @@ pub enum HistoryCommand {
     },
 }
 
-fn ctx<'a>(
+pub(crate) fn ctx<'a>(
     store: &'a Store,
     config: &'a Config,
     actor: &'a str,
@@ -212,9 +118,9 @@ fn ctx<'a>(
     }
 }
 
-const SHOW: usize = 50;
+pub(crate) const SHOW: usize = 50;
 
-fn print_outcome(o: &Outcome, verb: &str) {
+pub(crate) fn print_outcome(o: &Outcome, verb: &str) {
     let moved: Vec<_> = o.moved().collect();
     for c in moved.iter().take(SHOW) {
         println!(
@@ -268,7 +174,7 @@ fn print_outcome(o: &Outcome, verb: &str) {
 }
 
 pub async fn directory(config: Config, command: DirectoryCommand) -> Result<i32> {
-    let store = Store::open(&config.store_url()).await?;
+    let store = crate::cli::open_store(&config).await?;
     match command {
         DirectoryCommand::Import {
             file,
@@ -324,7 +230,7 @@ pub async fn directory(config: Config, command: DirectoryCommand) -> Result<i32>
                 }
             };
             let n = rows.len();
-            let who = crate::actor(actor);
+            let who = crate::cli::actor(actor);
             let cmd = format!(
                 "directory import {}{}",
                 file.display(),
@@ -441,11 +347,22 @@ pub async fn directory(config: Config, command: DirectoryCommand) -> Result<i32>
             match format.as_str() {
                 "json" => println!("{}", serde_json::to_string_pretty(&rows)?),
                 "csv" => {
-                    println!(
-                        "address,display_name,kind,platform,state,route,override,waves,aliases"
-                    );
+                    // RFC 4180 quoting (a field with a comma, quote or line
+                    // break is quoted), one record per line.
+                    let mut out = csv::Writer::from_writer(std::io::stdout().lock());
+                    out.write_record([
+                        "address",
+                        "display_name",
+                        "kind",
+                        "platform",
+                        "state",
+                        "route",
+                        "override",
+                        "waves",
+                        "aliases",
+                    ])?;
                     for r in &rows {
-                        let f = [
+                        out.write_record([
                             r.address.as_str(),
                             &r.display_name,
                             &r.kind,
@@ -455,10 +372,9 @@ pub async fn directory(config: Config, command: DirectoryCommand) -> Result<i32>
                             r.override_route.as_deref().unwrap_or(""),
                             &r.waves,
                             &r.aliases.to_string(),
-                        ];
-                        let f: Vec<String> = f.iter().map(|v| csv_field(v)).collect();
-                        println!("{}", f.join(","));
+                        ])?;
                     }
+                    out.flush()?;
                 }
                 "text" => {
                     let count = |key: &dyn Fn(&history::DirectoryEntry) -> String| {
@@ -520,7 +436,7 @@ pub async fn directory(config: Config, command: DirectoryCommand) -> Result<i32>
             actor,
         } => {
             let state: MigrationState = state.parse().map_err(anyhow::Error::msg)?;
-            let who = crate::actor(actor);
+            let who = crate::cli::actor(actor);
             let cmd = format!("directory state {state} {}", addresses.join(" "));
             let list = read_members(&addresses)?;
             let o =
@@ -531,19 +447,10 @@ pub async fn directory(config: Config, command: DirectoryCommand) -> Result<i32>
     Ok(0)
 }
 
-/// A CSV field (RFC 4180): quoted when it holds a comma, quote or newline.
-fn csv_field(v: &str) -> String {
-    if v.contains([',', '"', '\n', '\r']) {
-        format!("\"{}\"", v.replace('"', "\"\""))
-    } else {
-        v.to_string()
-    }
-}
-
 /// `--members` values: an address, or a file of addresses (one per line;
 /// blank lines, `#` comments and a CSV header are skipped; only the first
 /// CSV column is read).
-fn read_members(values: &[String]) -> Result<Vec<String>> {
+pub(crate) fn read_members(values: &[String]) -> Result<Vec<String>> {
     let mut out = Vec::new();
     for v in values {
         if v.contains('@') && !std::path::Path::new(v).exists() {
@@ -564,376 +471,7 @@ fn read_members(values: &[String]) -> Result<Vec<String>> {
     Ok(out)
 }
 
-/// `wave add` (`add`) or `wave remove`.
-async fn change_members(
-    store: &Store,
-    config: &Config,
-    name: &str,
-    members: &[String],
-    actor: Option<String>,
-    add: bool,
-) -> Result<()> {
-    let list = read_members(members)?;
-    let who = crate::actor(actor);
-    let verb = if add { "add" } else { "remove" };
-    let cmd = format!("wave {verb} {name} --members {}", members.join(" "));
-    let o = control::wave_members_change(&ctx(store, config, &who, &cmd, false), name, list, add)
-        .await?;
-    let n = o.control.len();
-    if !o.applied {
-        println!(
-            "nothing to change: wave {name} already {} them",
-            if add { "holds" } else { "lacks" }
-        );
-    } else if add {
-        println!(
-            "{n} member(s) added to wave {name} (version {}); they move at its next cutover (godwit wave cutover {name})",
-            o.version
-        );
-    } else {
-        println!(
-            "{n} member(s) removed from wave {name} (version {}); their states and routes are unchanged",
-            o.version
-        );
-    }
-    Ok(())
-}
-
-pub async fn wave(config: Config, command: WaveCommand) -> Result<i32> {
-    let store = Store::open(&config.store_url()).await?;
-    match command {
-        WaveCommand::Create {
-            name,
-            members,
-            actor,
-        } => {
-            let list = read_members(&members)?;
-            let who = crate::actor(actor);
-            let cmd = format!("wave create {name} --members {}", members.join(" "));
-            let o =
-                control::wave_create(&ctx(&store, &config, &who, &cmd, false), &name, list).await?;
-            let n = o
-                .control
-                .iter()
-                .filter(|c| c.subject == "wave-member")
-                .count();
-            println!(
-                "wave {name} created with {n} member(s) (version {}); `godwit wave cutover {name} --dry-run` shows what it would move",
-                o.version
-            );
-        }
-        WaveCommand::Add {
-            name,
-            members,
-            actor,
-        } => change_members(&store, &config, &name, &members, actor, true).await?,
-        WaveCommand::Remove {
-            name,
-            members,
-            actor,
-        } => change_members(&store, &config, &name, &members, actor, false).await?,
-        WaveCommand::Delete { name, actor } => {
-            let who = crate::actor(actor);
-            let cmd = format!("wave delete {name}");
-            let o = control::wave_delete(&ctx(&store, &config, &who, &cmd, false), &name).await?;
-            println!(
-                "wave {name} deleted with {} member(s) (version {}); their states and routes are unchanged",
-                o.control.len() - 1,
-                o.version
-            );
-        }
-        WaveCommand::Show { name, all, json } => {
-            let w = history::wave(&store, &name, config.directory.max_verify_age)
-                .await?
-                .with_context(|| format!("no wave `{name}` (godwit wave list)"))?;
-            if json {
-                let members: Vec<_> = w
-                    .members
-                    .iter()
-                    .map(|m| serde_json::json!({"address": m.address, "state": m.state, "route": m.route}))
-                    .collect();
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&serde_json::json!({
-                        "name": w.name,
-                        "status": w.status,
-                        "created_version": w.created_version,
-                        "version": w.version,
-                        "members": members,
-                    }))?
-                );
-                return Ok(0);
-            }
-            println!(
-                "wave {}: {} ({} member(s); created at version {}, last changed at version {})",
-                w.name,
-                w.status,
-                w.members.len(),
-                w.created_version,
-                w.version
-            );
-            let mut by_state = std::collections::BTreeMap::new();
-            for m in &w.members {
-                *by_state.entry(m.state.clone()).or_insert(0) += 1;
-            }
-            let counts: Vec<String> = by_state.iter().map(|(s, n)| format!("{s} {n}")).collect();
-            println!("  states: {}", counts.join(", "));
-            let limit = if all { usize::MAX } else { SHOW };
-            for m in w.members.iter().take(limit) {
-                println!(
-                    "  {}  {}  -> {}{}",
-                    m.address,
-                    m.state,
-                    m.route,
-                    m.sync
-                        .as_deref()
-                        .map(|s| format!("  sync: {s}"))
-                        .unwrap_or_default()
-                );
-            }
-            if w.members.len() > limit {
-                println!(
-                    "  ... and {} more (--all lists them)",
-                    w.members.len() - limit
-                );
-            }
-        }
-        WaveCommand::List { json } => {
-            let waves = history::waves(&store).await?;
-            if json {
-                let v: Vec<_> = waves
-                    .iter()
-                    .map(|w| serde_json::json!({"name": w.name, "status": w.status, "members": w.count, "created_version": w.created_version, "version": w.version}))
-                    .collect();
-                println!("{}", serde_json::to_string_pretty(&v)?);
-                return Ok(0);
-            }
-            if waves.is_empty() {
-                println!("no waves yet: godwit wave create NAME --members FILE|ADDR...");
-            }
-            for w in waves {
-                println!(
-                    "{}  {}  {} member(s)  (created at version {}, last changed at version {})",
-                    w.name, w.status, w.count, w.created_version, w.version
-                );
-            }
-        }
-        WaveCommand::Cutover {
-            name,
-            dry_run,
-            force,
-            final_sync,
-            soak,
-            rollback_if,
-            actor,
-            wait,
-        } => {
-            // Thresholds first: a typo is an error before anything moves.
-            let soak = soak
-                .map(|s| {
-                    let d = godwit_config::parse_duration(&s)
-                        .map_err(|e| anyhow::anyhow!("--soak: {e}"))?;
-                    let r = rollback_if
-                        .clone()
-                        .unwrap_or_else(|| godwit_route::soak::DEFAULT_ROLLBACK_IF.into());
-                    godwit_route::soak::parse_rollback_if(&r).map_err(anyhow::Error::msg)?;
-                    anyhow::Ok((d, r))
-                })
-                .transpose()?;
-            // Pause: no cutover into an open circuit or a queue that is
-            // already growing old, unless forced (and then the history says
-            // what was overridden).
-            let paused = pause_reasons(&config, &store).await?;
-            if !paused.is_empty() && !force && !dry_run {
-                bail!(
-                    "wave {name} not cut over: {}; wait for the queue to drain, or --force (recorded in the history)",
-                    paused.join("; ")
-                );
-            }
-            let mut only = if final_sync {
-                Some(final_sync_members(&config, &store, &name).await?)
-            } else {
-                None
-            };
-            // Identity proof: members with an address the target refuses
-            // stay behind, each address named (--force moves them anyway).
-            let mut probe_note = String::new();
-            if let Some(target) = config.target_platform() {
-                let addrs = crate::probe::addresses(&config, &store, Some(&name)).await?;
-                let members: std::collections::BTreeSet<String> = addrs.keys().cloned().collect();
-                match crate::probe::probe(&config, target, addrs).await {
-                    Ok(r) if !r.refused.is_empty() => {
-                        crate::probe::print(&r);
-                        let refused: std::collections::BTreeSet<&String> =
-                            r.refused.iter().map(|x| &x.mailbox).collect();
-                        let list: Vec<String> = r
-                            .refused
-                            .iter()
-                            .map(|x| format!("{} ({})", x.address, x.reply))
-                            .collect();
-                        if force {
-                            probe_note = format!(" (probe refused: {})", list.join("; "));
-                        } else {
-                            println!(
-                                "held back (an address refused by {target}; --force moves them): {}",
-                                refused
-                                    .iter()
-                                    .map(|s| s.as_str())
-                                    .collect::<Vec<_>>()
-                                    .join(", ")
-                            );
-                            let keep: std::collections::BTreeSet<String> = members
-                                .iter()
-                                .filter(|m| !refused.contains(m))
-                                .cloned()
-                                .collect();
-                            only = Some(match only {
-                                Some(o) => o.intersection(&keep).cloned().collect(),
-                                None => keep,
-                            });
-                            probe_note = format!(" (probe held back: {})", list.join("; "));
-                        }
-                    }
-                    Ok(_) => {}
-                    // A target that cannot be asked proves nothing either
-                    // way: the sync guard and the pause still decide, and
-                    // the history says the probe did not run.
-                    Err(e) => {
-                        eprintln!("warning: identity probe of {target} not run: {e:#}");
-                        probe_note = format!(" (identity probe not run: {e:#})");
-                    }
-                }
-            }
-            let held_back = probe_note.starts_with(" (probe held back");
-            let who = crate::actor(actor);
-            let cmd = format!(
-                "wave cutover {name}{}{}{probe_note}{}{}",
-                if force { " --force" } else { "" },
-                if force && !paused.is_empty() {
-                    format!(" (overriding the pause: {})", paused.join("; "))
-                } else {
-                    String::new()
-                },
-                if final_sync { " --final-sync" } else { "" },
-                soak.as_ref()
-                    .map(|(d, r)| format!(
-                        " --soak {} --rollback-if {r}",
-                        humantime::format_duration(*d)
-                    ))
-                    .unwrap_or_default()
-            );
-            let o = control::wave_cutover_only(
-                &ctx(&store, &config, &who, &cmd, dry_run),
-                &name,
-                force,
-                only,
-            )
-            .await?;
-            print_outcome(&o, "moved to the target platform");
-            if o.applied {
-                if let Some((d, r)) = &soak {
-                    crate::soak::start(&store, &name, *d, r).await?;
-                    println!(
-                        "soaking for {}: the gateway rolls wave {name} back by itself if {r} (godwit wave watch {name})",
-                        humantime::format_duration(*d)
-                    );
-                }
-                let waited = wait.for_version(&store, o.version).await?;
-                return Ok(if held_back { waited.max(1) } else { waited });
-            }
-            // A dry run with members held back: the plan, and exit 1.
-            if o.control.iter().any(|c| c.item.starts_with("blocked ")) {
-                return Ok(1);
-            }
-        }
-        WaveCommand::Watch { name, json } => {
-            let Some(r) = crate::soak::rows(&store, Some(&name)).await?.pop() else {
-                bail!("wave `{name}` has no soak (godwit wave cutover {name} --soak 2h)");
-            };
-            if json {
-                println!("{}", serde_json::to_string_pretty(&r)?);
-                return Ok(0);
-            }
-            let now = godwit_store::now_ms();
-            println!("wave {name}: {}", r.status);
-            println!(
-                "  soak:      until {} ({} left), rollback if {}",
-                time::OffsetDateTime::from_unix_timestamp(r.until_ms / 1000)
-                    .ok()
-                    .and_then(|t| t
-                        .format(&time::format_description::well_known::Rfc3339)
-                        .ok())
-                    .unwrap_or_default(),
-                humantime::format_duration(std::time::Duration::from_secs(
-                    ((r.until_ms - now).max(0) / 1000) as u64
-                )),
-                r.rollback_if
-            );
-            if let Some(o) = &r.owner {
-                println!("  watched by {o}");
-            }
-            if let Some(m) = &r.measurements {
-                println!(
-                    "  measured {}s ago: {} delivered, {} deferred, {} bounced, oldest queued {}s, p95 latency {:.1}s",
-                    (now - r.measured_ms).max(0) / 1000,
-                    m["delivered"],
-                    m["deferred"],
-                    m["bounced"],
-                    m["queue_age_s"],
-                    m["latency_p95_s"].as_f64().unwrap_or(0.0)
-                );
-            }
-            if let Some(b) = &r.breach {
-                println!(
-                    "  BREACH:    {b}; rolled back automatically at version {}",
-                    r.rollback_version.unwrap_or(0)
-                );
-            }
-        }
-        WaveCommand::Rollback {
-            name,
-            dry_run,
-            actor,
-            wait,
-        } => {
-            let who = crate::actor(actor);
-            let cmd = format!("wave rollback {name}");
-            let o =
-                control::wave_rollback(&ctx(&store, &config, &who, &cmd, dry_run), &name).await?;
-            print_outcome(&o, "moved back");
-            if o.applied {
-                return wait.for_version(&store, o.version).await;
-            }
-        }
-    }
-    Ok(0)
-}
-
-/// The running gateways' circuits and this host's oldest queued message,
-/// judged by `godwit_route::soak::pause_reasons`.
-async fn pause_reasons(config: &Config, store: &Store) -> Result<Vec<String>> {
-    let mut circuits = Vec::new();
-    for n in crate::fleet::live_nodes(store).await? {
-        if let Some(map) = n.destinations.as_object() {
-            for (p, d) in map {
-                circuits.push((p.clone(), d["circuit"].as_str().unwrap_or("").to_string()));
-            }
-        }
-    }
-    let now = godwit_store::now_ms();
-    let oldest = godwit_spool::list(&config.spool_dir())
-        .iter()
-        .map(|m| (now - m.header.arrival_ms).max(0))
-        .max()
-        .unwrap_or(0);
-    Ok(godwit_route::soak::pause_reasons(
-        &circuits,
-        std::time::Duration::from_millis(oldest as u64),
-        config.queue.wave_pause_age,
-    ))
-}
-
-fn version_json(v: &history::VersionInfo) -> serde_json::Value {
+pub(crate) fn version_json(v: &history::VersionInfo) -> serde_json::Value {
     serde_json::json!({
         "version": v.version,
         "time": v.time(),
@@ -943,52 +481,13 @@ fn version_json(v: &history::VersionInfo) -> serde_json::Value {
         "control_changes": v.control_changes,
     })
 }
-
-/// `wave cutover --final-sync`: syncs and verifies the wave's members that
-/// the accounts file lists, prints those that did not verify clean, and
-/// returns the members to cut over (the clean ones, and those godwit does not
-/// sync, which the guard judges as usual).
-async fn final_sync_members(
-    config: &Config,
-    store: &Store,
-    name: &str,
-) -> Result<std::collections::BTreeSet<String>> {
-    config
-        .require_sync()
-        .context("--final-sync runs the sync: add the [sync] sections")?;
-    let w = history::wave(store, name, config.directory.max_verify_age)
-        .await?
-        .with_context(|| format!("no wave `{name}` (godwit wave list)"))?;
-    let members: Vec<String> = w.members.iter().map(|m| m.address.clone()).collect();
-    let verdicts = godwit_imap::cli::final_sync(config, &members).await?;
-    let mut only = std::collections::BTreeSet::new();
-    let mut left = 0;
-    for m in members {
-        match verdicts.get(&m) {
-            Some(Err(why)) => {
-                left += 1;
-                println!("  not cut over: {m}: {why}");
-            }
-            _ => {
-                only.insert(m);
-            }
-        }
-    }
-    println!(
-        "final sync: {} member(s) synced, {} verified clean, {left} stay where they are",
-        verdicts.len(),
-        verdicts.len() - left
-    );
-    Ok(only)
-}
-
 pub async fn history(
     config: Config,
     command: Option<HistoryCommand>,
     limit: i64,
     json: bool,
 ) -> Result<i32> {
-    let store = Store::open(&config.store_url()).await?;
+    let store = crate::cli::open_store(&config).await?;
     match command {
         None => {
             let vs = history::versions(&store, limit).await?;
@@ -1076,200 +575,6 @@ pub async fn history(
                 );
             }
         }
-    }
-    Ok(0)
-}
-
-pub async fn route_explain(
-    config: &Config,
-    store: &Store,
-    address: &str,
-    json: bool,
-) -> Result<i32> {
-    let e = history::explain(store, config, address).await?;
-    let d = &e.decision;
-    if json {
-        let v = serde_json::json!({
-            "address": e.address,
-            "route": d.route,
-            "why": d.why.to_string(),
-            "routing_version": d.version,
-            "rejected_at_rcpt": e.rejected_at_rcpt,
-            "alias_of": e.alias_of,
-            "directory": e.object.as_ref().map(|(a, o)| serde_json::json!({
-                "address": a,
-                "kind": o.kind.to_string(),
-                "display_name": o.display_name,
-                "platform": o.platform,
-                "state": o.state.to_string(),
-            })),
-            "sync_ready": e.sync_ready,
-            "aliases": e.aliases,
-            "member_of": e.member_of,
-            "members": e.members,
-            "override": e.override_route.as_ref().map(|(r, v)| serde_json::json!({"route": r, "version": v})),
-            "waves": e.waves.iter().map(|(w, s)| serde_json::json!({"wave": w, "status": s})).collect::<Vec<_>>(),
-            "route_set_by": e.route_set_by.as_ref().map(version_json),
-            "state_set_by": e.state_set_by.as_ref().map(version_json),
-            "loops": loops_for(store, &e.address).await,
-        });
-        println!("{}", serde_json::to_string_pretty(&v)?);
-        return Ok(0);
-    }
-    if e.rejected_at_rcpt {
-        println!(
-            "{}: refused at RCPT (550 5.1.1): not in the directory and directory.unknown_recipient = \"reject\"",
-            e.address
-        );
-    } else {
-        println!("{}: {} ({})", e.address, d.route, d.why);
-    }
-    if let Some(m) = &e.alias_of {
-        println!("  alias of:  {m} (routes with it)");
-    }
-    match &e.object {
-        Some((a, o)) => {
-            println!(
-                "  directory: {a} {} {:?}, owned today by {}",
-                o.kind, o.display_name, o.platform
-            );
-            println!(
-                "  state:     {}{}{}",
-                o.state,
-                if o.state.routes_to_target() {
-                    format!(
-                        " (routes to the target platform {})",
-                        e.target.as_deref().unwrap_or("?")
-                    )
-                } else {
-                    format!(" (routes to its owner {})", o.platform)
-                },
-                if e.sync_ready {
-                    "; its sync is proven (cutover admits it)"
-                } else {
-                    ""
-                }
-            );
-            if let Some(sync) = &e.sync {
-                println!("  sync:      {sync}");
-            }
-            if let Some(v) = &e.state_set_by {
-                println!(
-                    "             set at version {} by {} at {}: {}",
-                    v.version,
-                    v.actor,
-                    v.time(),
-                    v.command
-                );
-            }
-            if o.kind == godwit_route::Kind::Group {
-                if config.directory.expand_groups {
-                    println!(
-                        "  group:     {} member(s), expanded by godwit at acceptance (directory.expand_groups, limit {}); each member routes on its own",
-                        e.members.len(),
-                        config.directory.expansion_limit
-                    );
-                } else {
-                    println!(
-                        "  group:     {} member(s), expanded by the platform it routes to (directory.expand_groups = false)",
-                        e.members.len()
-                    );
-                }
-            }
-        }
-        None => println!("  directory: not in the directory"),
-    }
-    if !e.aliases.is_empty() {
-        println!("  aliases:   {}", e.aliases.join(", "));
-    }
-    if !e.member_of.is_empty() {
-        println!("  member of: {}", e.member_of.join(", "));
-    }
-    if let Some((r, v)) = &e.override_route {
-        println!(
-            "  override:  {r} (set at version {v}; it beats the directory; `godwit route unset` removes it)"
-        );
-    }
-    if let Some((r, v)) = &e.mailbox_override {
-        println!("  mailbox override: {r} (set at version {v})");
-    }
-    for (w, status) in &e.waves {
-        println!("  wave:      {w} ({status})");
-    }
-    match &e.route_set_by {
-        Some(v) => println!(
-            "  route set at version {} by {} at {}: {}",
-            v.version,
-            v.actor,
-            v.time(),
-            v.command
-        ),
-        None => println!("  route: no version has named this address; the defaults decide"),
-    }
-    println!("  routing version now: {}", d.version);
-    for l in loops_for(store, &e.address).await {
-        println!("  LOOP:      {l}");
-    }
-    Ok(0)
-}
-
-/// The `message.loop` events (last 7 days) for `address`, as one line each:
-/// the held queue ID and the path it went round.
-pub async fn loops_for(store: &Store, address: &str) -> Vec<String> {
-    let since = godwit_store::now_ms() - 7 * 86_400_000;
-    let rows = godwit_store::sqlx::query(
-        "SELECT body FROM events WHERE name = 'message.loop' AND ts_ms >= $1 ORDER BY ts_ms",
-    )
-    .bind(since)
-    .fetch_all(&store.pool)
-    .await
-    .unwrap_or_default();
-    rows.into_iter()
-        .filter_map(|r| godwit_store::Row::try_get::<String, _>(&r, 0).ok())
-        .filter_map(|b| serde_json::from_str::<godwit_events::Record>(&b).ok())
-        .filter_map(|r| loop_line(&r.event, Some(address)))
-        .collect()
-}
-
-/// One `message.loop` event as a line, if it concerns `address` (or any).
-pub fn loop_line(ev: &godwit_events::Event, address: Option<&str>) -> Option<String> {
-    let godwit_events::Event::MessageLoop {
-        queue_id,
-        rcpts,
-        trace_hops,
-        path,
-        max_trace_hops,
-        ..
-    } = ev
-    else {
-        return None;
-    };
-    if let Some(a) = address
-        && !rcpts.iter().any(|r| r.eq_ignore_ascii_case(a))
-    {
-        return None;
-    }
-    Some(format!(
-        "{queue_id} held ({} X-Godwit-Trace headers > smtp.max_trace_hops {max_trace_hops}): {}",
-        trace_hops.len(),
-        path.join(" -> ")
-    ))
-}
-
-pub async fn route_rollback(
-    config: &Config,
-    store: &Store,
-    to: i64,
-    dry_run: bool,
-    actor: Option<String>,
-    wait: &crate::fleet::Wait,
-) -> Result<i32> {
-    let who = crate::actor(actor);
-    let cmd = format!("route rollback --to {to}");
-    let o = control::rollback_to(&ctx(store, config, &who, &cmd, dry_run), to).await?;
-    print_outcome(&o, &format!("restored to their route at version {to}"));
-    if o.applied {
-        return wait.for_version(store, o.version).await;
     }
     Ok(0)
 }

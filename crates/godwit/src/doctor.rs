@@ -46,10 +46,10 @@ fn basic_code(reply: &str) -> String {
 }
 
 pub async fn run(config: Config, args: DoctorArgs) -> Result<i32> {
-    let since_ms = crate::parse_when(&args.since, "--since")?;
+    let since_ms = crate::cli::parse_when(&args.since, "--since")?;
     let wait =
         godwit_config::parse_duration(&args.wait).map_err(|e| anyhow::anyhow!("--wait: {e}"))?;
-    let store = Store::open(&config.store_url()).await?;
+    let store = crate::cli::open_store(&config).await?;
     let mut facts = Facts {
         window: args.since.clone(),
         address: args.address.clone(),
@@ -136,7 +136,7 @@ pub async fn run(config: Config, args: DoctorArgs) -> Result<i32> {
             ev @ Event::MessageLoop { .. } => {
                 facts
                     .loops
-                    .extend(crate::control::loop_line(ev, args.address.as_deref()));
+                    .extend(crate::route::loop_line(ev, args.address.as_deref()));
             }
             Event::AccessLogin {
                 platform, reason, ..

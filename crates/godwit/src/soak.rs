@@ -193,7 +193,7 @@ impl Window {
             m.bounced += a.bounced;
             lat.extend_from_slice(&a.latencies_s);
         }
-        lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        lat.sort_by(f64::total_cmp);
         m.latency_p95_s = godwit_evidence::metrics::pct(&lat, 0.95);
         m
     }

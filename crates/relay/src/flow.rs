@@ -8,8 +8,11 @@
 
 use godwit_config::PlatformConfig;
 use godwit_smtp_proto::Reply;
+use governor::clock::Clock;
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use serde::Serialize;
 use std::collections::VecDeque;
+use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
@@ -18,9 +21,6 @@ use tokio::sync::Notify;
 struct State {
     limit: f64,
     in_flight: usize,
-    /// Token bucket for `max_rate`.
-    tokens: f64,
-    refilled: Instant,
     failures: u32,
     down_until: Option<Instant>,
     /// Cooldown of the current open period (doubles on failed probes).
@@ -33,7 +33,8 @@ struct State {
 
 pub struct Flow {
     max: usize,
-    rate: f64,
+    /// `max_rate` as a GCRA bucket (none when unlimited).
+    rate: Option<DefaultDirectRateLimiter>,
     breaker_failures: u32,
     base_cooldown: Duration,
     state: Mutex<State>,
@@ -103,14 +104,12 @@ impl Flow {
     pub fn new(cfg: &PlatformConfig) -> Arc<Flow> {
         Arc::new(Flow {
             max: cfg.max_connections,
-            rate: cfg.max_rate,
+            rate: quota(cfg.max_rate).map(RateLimiter::direct),
             breaker_failures: cfg.breaker_failures,
             base_cooldown: cfg.breaker_cooldown,
             state: Mutex::new(State {
                 limit: cfg.initial_connections as f64,
                 in_flight: 0,
-                tokens: cfg.max_rate.max(1.0),
-                refilled: Instant::now(),
                 failures: 0,
                 down_until: None,
                 cooldown: cfg.breaker_cooldown,
@@ -149,26 +148,18 @@ impl Flow {
                         st.in_flight += 1;
                         return Admission::Granted(Permit(self.clone()));
                     }
-                } else {
-                    if self.rate > 0.0 {
-                        let elapsed = now.duration_since(st.refilled).as_secs_f64();
-                        st.tokens = (st.tokens + elapsed * self.rate).min(self.rate.max(1.0));
-                        st.refilled = now;
-                    }
-                    let under_limit = st.in_flight < (st.limit.floor() as usize).max(1);
-                    let has_token = self.rate <= 0.0 || st.tokens >= 1.0;
-                    if under_limit && has_token {
-                        if self.rate > 0.0 {
-                            st.tokens -= 1.0;
+                } else if st.in_flight < (st.limit.floor() as usize).max(1) {
+                    // A slot is free: the rate's token is taken only now, so
+                    // a wait for a slot never spends one.
+                    match self.rate.as_ref().map(|r| (r.check(), r.clock().now())) {
+                        None | Some((Ok(()), _)) => {
+                            st.in_flight += 1;
+                            return Admission::Granted(Permit(self.clone()));
                         }
-                        st.in_flight += 1;
-                        return Admission::Granted(Permit(self.clone()));
+                        Some((Err(not_until), now)) => Some(not_until.wait_time_from(now)),
                     }
-                    if !has_token {
-                        Some(Duration::from_secs_f64((1.0 - st.tokens) / self.rate))
-                    } else {
-                        None
-                    }
+                } else {
+                    None
                 }
             };
             match wait {
@@ -258,9 +249,42 @@ impl Flow {
     }
 }
 
+/// `max_rate` deliveries a second as a bucket: one token every 1/rate
+/// seconds, holding at most a second's worth (at least one), full at start.
+/// None when the rate is unlimited (0).
+fn quota(rate: f64) -> Option<Quota> {
+    if rate.is_nan() || rate <= 0.0 {
+        return None;
+    }
+    let burst = NonZeroU32::new(rate.min(u32::MAX as f64) as u32).unwrap_or(NonZeroU32::MIN);
+    // Below one a year (a typo's 1e-9) is one, then none for a year.
+    const YEAR_S: f64 = 365.0 * 86_400.0;
+    let period = Duration::from_secs_f64((1.0 / rate).min(YEAR_S));
+    Some(Quota::with_period(period)?.allow_burst(burst))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn max_rate_becomes_a_second_of_burst_refilled_one_token_at_a_time() {
+        // (max_rate, burst, period)
+        let table = [
+            (0.0, None),
+            (-1.0, None),
+            (f64::NAN, None),
+            (20.0, Some((20, Duration::from_millis(50)))),
+            (1.0, Some((1, Duration::from_secs(1)))),
+            (2.5, Some((2, Duration::from_millis(400)))),
+            (0.5, Some((1, Duration::from_secs(2)))),
+            (1e-300, Some((1, Duration::from_secs(365 * 86_400)))),
+        ];
+        for (rate, want) in table {
+            let got = quota(rate).map(|q| (q.burst_size().get(), q.replenish_interval()));
+            assert_eq!(got, want, "max_rate {rate}");
+        }
+    }
 
     fn cfg() -> PlatformConfig {
         PlatformConfig {
