@@ -868,11 +868,7 @@ async fn sync_folder(
     // or forgotten so that this run copies them again.
     let rematch = plan.rematch(&mut pools);
     if !rematch.lost.is_empty() {
-        let keys: Vec<(u32, u32)> = rematch
-            .lost
-            .iter()
-            .map(|r| (r.source_uidvalidity, r.source_uid))
-            .collect();
+        let keys = plan::source_keys(&rematch.lost);
         state::forget_messages(store, address, &pair.source, &keys).await?;
         for r in &rematch.lost {
             fr.notes.push(format!(
@@ -940,11 +936,7 @@ async fn sync_folder(
     tgt.drain_unsolicited();
 
     if let Some(first) = plan.old.first() {
-        let keys: Vec<(u32, u32)> = plan
-            .old
-            .iter()
-            .map(|r| (r.source_uidvalidity, r.source_uid))
-            .collect();
+        let keys = plan::source_keys(&plan.old);
         state::forget_messages(store, address, &pair.source, &keys).await?;
         let detail = format!(
             "{}: UIDVALIDITY {} -> {validity}; {} re-paired, {} copied, {} old rows without a match",

@@ -281,10 +281,7 @@ impl FolderPlan {
             } else {
                 finish.no_uidplus = !tuids.is_empty();
             }
-            finish.forget = gone
-                .iter()
-                .map(|r| (r.source_uidvalidity, r.source_uid))
-                .collect();
+            finish.forget = source_keys(gone);
         }
         finish
     }
@@ -436,6 +433,13 @@ pub fn expunged_on_source<'a>(
 ) -> Vec<&'a MessageRow> {
     rows.iter()
         .filter(|r| !source_flags.contains_key(&r.source_uid))
+        .collect()
+}
+
+/// (source UIDVALIDITY, source UID) of `rows`: the state's key, to forget them.
+pub fn source_keys<'a>(rows: impl IntoIterator<Item = &'a MessageRow>) -> Vec<(u32, u32)> {
+    rows.into_iter()
+        .map(|r| (r.source_uidvalidity, r.source_uid))
         .collect()
 }
 
