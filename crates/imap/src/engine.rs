@@ -1161,7 +1161,7 @@ impl Copying<'_> {
         &mut self,
         src: &mut Conn,
         tgt: &mut Conn,
-        copies: &[plan::Copy],
+        copies: &[plan::NewMessage],
     ) -> Result<Vec<u32>, ImapError> {
         let mut whole = Vec::new();
         for c in copies {

@@ -60,8 +60,9 @@ pub enum How {
     Refuse(String),
 }
 
+/// One new source message to copy.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Copy {
+pub struct NewMessage {
     pub uid: u32,
     /// RFC822.SIZE from the listing.
     pub size: u32,
@@ -240,7 +241,7 @@ impl FolderPlan {
         source: &SourceListing,
         stream_threshold: usize,
         append_limit: Option<u64>,
-    ) -> Vec<Copy> {
+    ) -> Vec<NewMessage> {
         new_messages(&source.flags, &self.current)
             .into_iter()
             .map(|uid| {
@@ -253,7 +254,7 @@ impl FolderPlan {
                 } else {
                     How::Whole
                 };
-                Copy { uid, size, how }
+                NewMessage { uid, size, how }
             })
             .collect()
     }
@@ -290,7 +291,7 @@ impl FolderPlan {
 /// What a dry run can say of `copies` without bodies: each is copied unless
 /// refused for its listed size; pairing needs the digest, which only a real
 /// run reads.
-pub fn forecast(copies: &[Copy], append_limit: Option<u64>) -> Forecast {
+pub fn forecast(copies: &[NewMessage], append_limit: Option<u64>) -> Forecast {
     let mut f = Forecast::default();
     for c in copies {
         let refused = match &c.how {
