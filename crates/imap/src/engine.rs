@@ -14,19 +14,24 @@
 //! 4. After a source UIDVALIDITY change (RFC 3501 2.3.1.1) the old rows are
 //!    matched by Message-ID plus digest too: re-paired and reported, not re-copied.
 //!
+//! What to pair, copy, repair, forget, re-flag and expunge is decided by the
+//! pure [`crate::plan::FolderPlan`]; `sync_folder` executes it and
+//! `plan_folder_dry` reports it.
+//!
 //! Copies are `UID FETCH ... BODY.PEEK[]` in UID batches (the source streams
 //! them while the target appends) and APPENDs with LITERAL+ (RFC 7888) in
 //! batches, each returning APPENDUID (RFC 4315 3).
 
 use crate::conn::{AppendItem, Conn, FolderStatus, Login, Server};
 use crate::mapping::{self, Folder, FolderPair, Side, SpecialUse};
+use crate::plan::{self, Action, FolderPlan, How, Pools, SourceListing};
 use crate::state::{self, FolderState, MessageRow};
 use crate::{ImapError, utf7};
 use async_imap::types::{Fetch, Flag, NameAttribute};
 use futures::TryStreamExt;
 use godwit_store::Store;
 use sha2::{Digest, Sha256};
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -274,7 +279,11 @@ pub fn flags_of(fetch: &Fetch) -> Vec<String> {
 }
 
 pub fn digest(body: &[u8]) -> String {
-    let d = Sha256::digest(body);
+    hex(&Sha256::digest(body))
+}
+
+/// Lowercase hex of a SHA-256 digest (the state's `digest` column).
+fn hex(d: &[u8]) -> String {
     d.iter().map(|b| format!("{b:02x}")).collect()
 }
 
@@ -314,8 +323,6 @@ pub fn uid_set(uids: &[u32]) -> String {
     }
     out
 }
-
-type Key = (Option<String>, String);
 
 /// Syncs one account, reconnecting and resuming after transient failures
 /// (dropped connection, throttling). Resuming is safe because every step is
@@ -614,21 +621,18 @@ async fn sync_once(
                 if pair.selectable {
                     let src_wire = src_list.wire_name(&pair.source);
                     let tgt_wire = tgt_list.wire_name(&pair.target);
-                    let r = sync_folder(
+                    let job = FolderJob {
                         store,
                         address,
-                        &mut src,
-                        &mut tgt,
                         pair,
-                        &src_wire,
-                        &tgt_wire,
+                        src_wire: &src_wire,
+                        tgt_wire: &tgt_wire,
                         opts,
                         progress,
-                        &mut fr,
-                        statuses[&pair.source],
-                        to_create.contains(&pair.target),
-                    )
-                    .await;
+                        status: statuses[&pair.source].0,
+                        create: to_create.contains(&pair.target),
+                    };
+                    let r = sync_folder(&job, &mut src, &mut tgt, &mut fr).await;
                     if let Err(e) = r {
                         // Stop taking folders; the other workers finish theirs.
                         queue.lock().unwrap_or_else(|e| e.into_inner()).clear();
@@ -750,34 +754,41 @@ async fn copy_acls(
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
+/// One folder pair, as `sync_once` hands it to a worker.
+struct FolderJob<'a> {
+    store: &'a Store,
+    address: &'a str,
+    pair: &'a FolderPair,
+    src_wire: &'a str,
+    tgt_wire: &'a str,
+    opts: &'a SyncOptions,
+    progress: &'a Progress,
+    /// The source folder's STATUS, saved with the folder state for the next
+    /// run's CONDSTORE shortcut.
+    status: FolderStatus,
+    /// The target folder is created by this run (with --dry-run: would be).
+    create: bool,
+}
+
+/// Lists the source folder, builds its [`FolderPlan`] and executes it (with
+/// --dry-run: reports it, see `plan_folder_dry`).
 async fn sync_folder(
-    store: &Store,
-    address: &str,
+    job: &FolderJob<'_>,
     src: &mut Conn,
     tgt: &mut Conn,
-    pair: &FolderPair,
-    src_wire: &str,
-    tgt_wire: &str,
-    opts: &SyncOptions,
-    progress: &Progress,
     fr: &mut FolderReport,
-    statuses: (FolderStatus, FolderStatus),
-    create: bool,
 ) -> Result<(), ImapError> {
-    let (status, _) = statuses;
-    let validity = status.uid_validity;
-    let modseq = status.highest_modseq;
-    let uidnext = status.uid_next;
+    let (store, address, pair, opts) = (job.store, job.address, job.pair, job.opts);
     // Source: every UID and its flags. EXAMINE (RFC 3501 6.3.2) never changes the source.
     let sbox = src
         .session
-        .examine(src_wire)
+        .examine(job.src_wire)
         .await
         .map_err(|e| folder_err(&pair.source, "EXAMINE", e))?;
-    let validity = sbox.uid_validity.unwrap_or(validity);
-    let mut source_flags: BTreeMap<u32, String> = BTreeMap::new();
-    let mut sizes: HashMap<u32, u32> = HashMap::new();
+    let mut listing = SourceListing {
+        uidvalidity: sbox.uid_validity.unwrap_or(job.status.uid_validity),
+        ..Default::default()
+    };
     if sbox.exists > 0 {
         let fetches: Vec<Fetch> = src
             .session
@@ -787,94 +798,52 @@ async fn sync_folder(
             .await?;
         for f in &fetches {
             if let Some(uid) = f.uid {
-                source_flags.insert(uid, flag_string(flags_of(f).into_iter()));
-                sizes.insert(uid, f.size.unwrap_or(0));
+                listing
+                    .flags
+                    .insert(uid, flag_string(flags_of(f).into_iter()));
+                listing.sizes.insert(uid, f.size.unwrap_or(0));
             }
         }
     }
     src.drain_unsolicited();
     if opts.dry_run {
-        return plan_folder_dry(
-            store,
-            address,
-            tgt,
-            pair,
-            tgt_wire,
-            validity,
-            &source_flags,
-            &sizes,
-            opts,
-            fr,
-            create,
-        )
-        .await;
+        return plan_folder_dry(job, tgt, &listing, fr).await;
     }
+    let validity = listing.uidvalidity;
 
     // Target: which UIDs the state knows.
     let tbox = tgt
         .session
-        .select(tgt_wire)
+        .select(job.tgt_wire)
         .await
         .map_err(|e| folder_err(&pair.target, "SELECT", e))?;
     let tvalidity = tbox.uid_validity.unwrap_or(0);
     let rows = state::messages(store, address, &pair.source).await?;
-    let (mut current, old): (Vec<MessageRow>, Vec<MessageRow>) = rows
-        .into_iter()
-        .partition(|r| r.source_uidvalidity == validity);
-    let mut repair_pool: HashMap<Key, Vec<MessageRow>> = HashMap::new();
-    if !old.is_empty() {
+    let mut plan = FolderPlan::new(&pair.target, validity, tvalidity, rows);
+    if let Some(first) = plan.old.first() {
         fr.notes.push(format!(
             "source UIDVALIDITY changed ({} -> {validity}): re-pairing {} messages by Message-ID and digest",
-            old[0].source_uidvalidity,
-            old.len()
+            first.source_uidvalidity,
+            plan.old.len()
         ));
-        for r in &old {
-            repair_pool
-                .entry((r.message_id.clone(), r.digest.clone()))
-                .or_default()
-                .push(r.clone());
-        }
     }
-    // Rows pointing into another target folder or an older target UIDVALIDITY
-    // no longer name a target message: re-match those by content.
-    let stale_target: Vec<MessageRow> = current
-        .iter()
-        .filter(|r| r.target_folder != pair.target || r.target_uidvalidity != tvalidity)
-        .cloned()
-        .collect();
-    if !stale_target.is_empty() {
+    if !plan.stale_target.is_empty() {
         fr.notes.push(format!(
             "target folder or UIDVALIDITY changed: re-pairing {} messages",
-            stale_target.len()
+            plan.stale_target.len()
         ));
-        current.retain(|r| r.target_folder == pair.target && r.target_uidvalidity == tvalidity);
     }
-    // Old-UIDVALIDITY rows still name their target messages: keep those out of
-    // the unknown pool so that one target message is never paired twice.
-    let known_target: HashSet<u32> = current
-        .iter()
-        .chain(
-            old.iter()
-                .filter(|r| r.target_folder == pair.target && r.target_uidvalidity == tvalidity),
-        )
-        .filter_map(|r| r.target_uid)
-        .collect();
     // Target messages the state does not know, by content, with their flags.
-    let mut target_pool: HashMap<Key, Vec<(u32, String)>> = HashMap::new();
+    let mut index = Vec::new();
     if tbox.exists > 0 {
-        let uids: Vec<Fetch> = tgt
+        let all: Vec<Fetch> = tgt
             .session
             .uid_fetch("1:*", "(UID)")
             .await?
             .try_collect()
             .await?;
-        let mut unknown: Vec<u32> = uids
-            .iter()
-            .filter_map(|f| f.uid)
-            .filter(|u| !known_target.contains(u))
-            .collect();
-        unknown.sort_unstable();
-        for chunk in unknown.chunks(opts.fetch_batch) {
+        let all: Vec<u32> = all.iter().filter_map(|f| f.uid).collect();
+        for chunk in plan.unknown_target(&all).chunks(opts.fetch_batch) {
             let fetches: Vec<Fetch> = tgt
                 .session
                 .uid_fetch(uid_set(chunk), "(UID FLAGS BODY.PEEK[])")
@@ -883,276 +852,99 @@ async fn sync_folder(
                 .await?;
             for f in &fetches {
                 if let (Some(uid), Some(body)) = (f.uid, f.body()) {
-                    target_pool
-                        .entry((message_id(body), digest(body)))
-                        .or_default()
-                        .push((uid, flag_string(flags_of(f).into_iter())));
+                    index.push((
+                        (message_id(body), digest(body)),
+                        uid,
+                        flag_string(flags_of(f).into_iter()),
+                    ));
                 }
             }
         }
     }
     tgt.drain_unsolicited();
+    let mut pools = plan.pools(index);
 
-    // Rows whose target message was lost track of: pair again by content, using
-    // the metadata the state kept (no source download needed).
-    let mut repaired_rows = Vec::new();
-    for mut r in stale_target {
-        if let Some((uid, tflags)) = target_pool
-            .get_mut(&(r.message_id.clone(), r.digest.clone()))
-            .and_then(Vec::pop)
-        {
-            r.target_uid = Some(uid);
-            r.flags = tflags;
-            r.target_uidvalidity = tvalidity;
-            r.target_folder = pair.target.clone();
-            fr.repaired += 1;
-            repaired_rows.push(r);
-        } else {
-            // Gone from the target: forget it so that the next run copies it again.
-            state::forget_messages(
-                store,
-                address,
-                &pair.source,
-                &[(r.source_uidvalidity, r.source_uid)],
-            )
-            .await?;
+    // Rows whose target message was lost track of: paired again by content,
+    // or forgotten so that this run copies them again.
+    let rematch = plan.rematch(&mut pools);
+    if !rematch.lost.is_empty() {
+        let keys = plan::source_keys(&rematch.lost);
+        state::forget_messages(store, address, &pair.source, &keys).await?;
+        for r in &rematch.lost {
             fr.notes.push(format!(
                 "source UID {} no longer on the target; will be copied again",
                 r.source_uid
             ));
         }
     }
-    state::record_messages(store, address, &pair.source, &repaired_rows).await?;
-    current.extend(repaired_rows);
+    fr.repaired += rematch.repaired.len() as u64;
+    state::record_messages(store, address, &pair.source, &rematch.repaired).await?;
 
-    let new_uids = new_messages(&source_flags, &current);
-    progress
-        .messages_total
-        .fetch_add(new_uids.len() as u64, Ordering::Relaxed);
     let append_limit = tgt.append_limit();
-
-    let mut new_uids_whole: Vec<u32> = Vec::new();
-    // Large messages never sit whole in memory: they are copied in slices.
-    let (large, new_uids): (Vec<u32>, Vec<u32>) = new_uids.into_iter().partition(|u| {
-        sizes
-            .get(u)
-            .is_some_and(|s| *s as usize > opts.stream_threshold)
-    });
-    for uid in large {
-        let size = sizes[&uid];
-        if let Some(reason) = over_append_limit(u64::from(size), append_limit) {
-            state::record_skipped(store, address, &pair.source, validity, uid, None, &reason)
-                .await?;
-            fr.skipped.push(format!("UID {uid}: {reason}"));
-            continue;
-        }
-        let placed = stream_large(
-            src,
-            tgt,
-            pair,
-            tgt_wire,
-            tvalidity,
-            validity,
-            uid,
-            size,
-            opts,
-            &mut repair_pool,
-            &mut target_pool,
-            fr,
-        )
-        .await?;
-        progress.messages_done.fetch_add(1, Ordering::Relaxed);
-        match placed {
-            Large::Placed(row) => {
-                state::record_messages(store, address, &pair.source, &[row]).await?
-            }
-            Large::Refused { message_id, reason } => {
-                state::record_skipped(
-                    store,
-                    address,
-                    &pair.source,
-                    validity,
-                    uid,
-                    message_id.as_deref(),
-                    &reason,
-                )
-                .await?;
-                fr.skipped.push(format!(
-                    "UID {uid} {}: {reason}",
-                    message_id.as_deref().unwrap_or("(no Message-ID)")
-                ));
-            }
-            Large::SizeUnreliable => {
-                // RFC822.SIZE did not match BODY[]: copy it whole instead.
-                new_uids_whole.push(uid);
-            }
-        }
-    }
-    let mut new_uids = new_uids;
-    new_uids.append(&mut new_uids_whole);
-    new_uids.sort_unstable();
-
-    // Copy (or pair) new messages, streaming batches from the source.
-    let timeout = src.server.command_timeout;
-    let mut in_flight: Option<InFlight> = None;
-    for chunk in new_uids.chunks(opts.fetch_batch) {
-        src.server.limits.pace().await;
-        let asked = std::time::Instant::now();
-        let mut stream = src
-            .session
-            .uid_fetch(uid_set(chunk), "(UID FLAGS INTERNALDATE BODY.PEEK[])")
-            .await?;
-        let mut batch: Vec<Fetch> = Vec::new();
-        let mut batch_bytes = 0usize;
-        let mut first = true;
-        let mut received = 0usize;
-        loop {
-            // A server that stops answering mid-FETCH is a dropped connection.
-            let next = tokio::time::timeout(timeout, stream.try_next())
-                .await
-                .map_err(|_| {
-                    ImapError::Io(format!(
-                        "no answer to FETCH in {} for {timeout:?}",
-                        pair.source
-                    ))
-                })??;
-            if first {
-                first = false;
-                src.server.limits.observe_latency(asked.elapsed());
-            }
-            let done = next.is_none();
-            if let Some(f) = next {
-                received += usize::from(f.uid.is_some_and(|u| chunk.binary_search(&u).is_ok()));
-                let len = f.body().map(<[u8]>::len).unwrap_or(0);
-                if let Some(bw) = &src.bandwidth {
-                    bw.consume(len as u64).await;
-                }
-                batch_bytes += len;
-                batch.push(f);
-            }
-            if (done && !batch.is_empty())
-                || batch_bytes >= opts.max_batch_bytes
-                || batch.len() >= 64
-            {
-                let (rows, flight) = place_batch(
-                    store,
-                    address,
-                    tgt,
-                    pair,
-                    tgt_wire,
-                    tvalidity,
-                    validity,
-                    &batch,
-                    append_limit,
-                    &mut repair_pool,
-                    &mut target_pool,
-                    progress,
-                    fr,
-                )
-                .await?;
-                state::record_messages(store, address, &pair.source, &rows).await?;
-                // The previous batch's APPENDs were answered while this one was
-                // fetched: record them now, and leave this batch in flight.
-                if let Some(prev) = std::mem::replace(&mut in_flight, flight) {
-                    let rows = land_batch(
-                        store, address, tgt, pair, tvalidity, validity, prev, progress, fr,
-                    )
-                    .await?;
-                    state::record_messages(store, address, &pair.source, &rows).await?;
-                }
-                batch.clear();
-                batch_bytes = 0;
-            }
-            if done {
-                break;
-            }
-        }
-        drop(stream);
-        if received < chunk.len() {
-            // Fewer answers than UIDs asked: expunged meanwhile (RFC 3501
-            // 6.4.8 lets a server omit them), or the stream ended because the
-            // server said BYE and closed, which async-imap reports as the end
-            // of the FETCH. A NOOP tells which.
-            src.session
-                .noop()
-                .await
-                .map_err(|_| ImapError::ConnectionLost)?;
-        }
-        src.drain_unsolicited();
-    }
-    if let Some(last) = in_flight.take() {
-        let rows = land_batch(
-            store, address, tgt, pair, tvalidity, validity, last, progress, fr,
-        )
-        .await?;
-        state::record_messages(store, address, &pair.source, &rows).await?;
-    }
+    let copies = plan.copies(&listing, opts.stream_threshold, append_limit);
+    job.progress
+        .messages_total
+        .fetch_add(copies.len() as u64, Ordering::Relaxed);
+    let mut copying = Copying {
+        job,
+        plan: &plan,
+        append_limit,
+        pools,
+        fr,
+    };
+    let whole = copying.copy_large(src, tgt, &copies).await?;
+    copying.copy_whole(src, tgt, &whole).await?;
+    let Copying { pools, fr, .. } = copying;
 
     // Flag changes on the source since the last run (RFC 3501 6.4.6 STORE FLAGS
     // replaces the set), including messages paired this run whose target copy
-    // carries other flags. The state now holds every pairing: read it back.
-    let current: Vec<MessageRow> = state::messages(store, address, &pair.source)
-        .await?
-        .into_iter()
-        .filter(|r| {
-            r.source_uidvalidity == validity
-                && r.target_folder == pair.target
-                && r.target_uidvalidity == tvalidity
-        })
-        .collect();
-    let (by_flags, updated) = flag_updates(&source_flags, &current);
-    for (flags, uids) in by_flags {
+    // carries other flags, and deletes. The state now holds every pairing:
+    // read it back.
+    let rows = plan.paired(state::messages(store, address, &pair.source).await?);
+    let finish = plan.finish(&listing, &rows, opts.propagate_deletes, tgt.has("UIDPLUS"));
+    for (flags, uids) in &finish.flag_stores {
         let _: Vec<Fetch> = tgt
             .session
-            .uid_store(uid_set(&uids), format!("FLAGS.SILENT ({flags})"))
+            .uid_store(uid_set(uids), format!("FLAGS.SILENT ({flags})"))
             .await?
             .try_collect()
             .await?;
         fr.flags_updated += uids.len() as u64;
     }
-    state::record_messages(store, address, &pair.source, &updated).await?;
-
-    // Expunged on the source since the last run.
-    let gone = expunged_on_source(&source_flags, &current);
-    if !gone.is_empty() && opts.propagate_deletes {
-        let tuids = target_uids(&gone);
-        if !tuids.is_empty() {
-            if !tgt.has("UIDPLUS") {
-                fr.notes.push("target lacks UIDPLUS: deletes not propagated (EXPUNGE would remove other messages)".into());
-            } else {
-                let set = uid_set(&tuids);
-                let _: Vec<Fetch> = tgt
-                    .session
-                    .uid_store(&set, "+FLAGS.SILENT (\\Deleted)")
-                    .await?
-                    .try_collect()
-                    .await?;
-                // RFC 4315 2.1: UID EXPUNGE removes only these messages.
-                let _: Vec<u32> = tgt.session.uid_expunge(&set).await?.try_collect().await?;
-                fr.deleted += tuids.len() as u64;
-            }
-        }
-        let keys: Vec<(u32, u32)> = gone
-            .iter()
-            .map(|r| (r.source_uidvalidity, r.source_uid))
-            .collect();
-        state::forget_messages(store, address, &pair.source, &keys).await?;
+    state::record_messages(store, address, &pair.source, &finish.flagged).await?;
+    if finish.no_uidplus {
+        fr.notes.push(
+            "target lacks UIDPLUS: deletes not propagated (EXPUNGE would remove other messages)"
+                .into(),
+        );
+    }
+    if !finish.expunge.is_empty() {
+        let set = uid_set(&finish.expunge);
+        let _: Vec<Fetch> = tgt
+            .session
+            .uid_store(&set, "+FLAGS.SILENT (\\Deleted)")
+            .await?
+            .try_collect()
+            .await?;
+        // RFC 4315 2.1: UID EXPUNGE removes only these messages.
+        let _: Vec<u32> = tgt.session.uid_expunge(&set).await?.try_collect().await?;
+        fr.deleted += finish.expunge.len() as u64;
+    }
+    if !finish.forget.is_empty() {
+        state::forget_messages(store, address, &pair.source, &finish.forget).await?;
     }
     tgt.drain_unsolicited();
 
-    if !old.is_empty() {
-        let keys: Vec<(u32, u32)> = old
-            .iter()
-            .map(|r| (r.source_uidvalidity, r.source_uid))
-            .collect();
+    if let Some(first) = plan.old.first() {
+        let keys = plan::source_keys(&plan.old);
         state::forget_messages(store, address, &pair.source, &keys).await?;
         let detail = format!(
             "{}: UIDVALIDITY {} -> {validity}; {} re-paired, {} copied, {} old rows without a match",
             pair.source,
-            old[0].source_uidvalidity,
+            first.source_uidvalidity,
             fr.repaired,
             fr.copied,
-            repair_pool.values().map(Vec::len).sum::<usize>()
+            pools.unmatched_old()
         );
         state::record_event(store, address, "uidvalidity", &detail).await?;
     }
@@ -1164,155 +956,77 @@ async fn sync_folder(
             target_folder: pair.target.clone(),
             source_uidvalidity: validity,
             target_uidvalidity: tvalidity,
-            source_uidnext: uidnext,
-            source_highestmodseq: modseq,
-            source_exists: status.messages,
+            source_uidnext: job.status.uid_next,
+            source_highestmodseq: job.status.highest_modseq,
+            source_exists: job.status.messages,
         },
     )
     .await?;
     Ok(())
 }
 
-/// Source UIDs the state has no row for: the messages to copy (RFC 3501
-/// 2.3.1.1: rows of the current UIDVALIDITY only). Pure: the real run and
-/// --dry-run both decide with it.
-pub fn new_messages(source_flags: &BTreeMap<u32, String>, rows: &[MessageRow]) -> Vec<u32> {
-    let known: HashSet<u32> = rows.iter().map(|r| r.source_uid).collect();
-    source_flags
-        .keys()
-        .copied()
-        .filter(|u| !known.contains(u))
-        .collect()
-}
-
-/// The target's APPENDLIMIT (RFC 7889) refuses a message this large: why.
-pub fn over_append_limit(size: u64, limit: Option<u64>) -> Option<String> {
-    limit
-        .filter(|l| size > *l)
-        .map(|l| format!("{size} bytes exceeds the target's APPENDLIMIT of {l}"))
-}
-
-/// Paired messages whose source flags differ from what the target holds:
-/// target UIDs grouped by the flag set to store (RFC 3501 6.4.6 STORE FLAGS
-/// replaces the set, so one STORE per distinct set), and the rows as they
-/// will be after it.
-pub fn flag_updates(
-    source_flags: &BTreeMap<u32, String>,
-    rows: &[MessageRow],
-) -> (BTreeMap<String, Vec<u32>>, Vec<MessageRow>) {
-    let mut by_flags: BTreeMap<String, Vec<u32>> = BTreeMap::new();
-    let mut updated = Vec::new();
-    for r in rows {
-        if let (Some(f), Some(tuid)) = (source_flags.get(&r.source_uid), r.target_uid)
-            && *f != r.flags
-        {
-            by_flags.entry(f.clone()).or_default().push(tuid);
-            updated.push(MessageRow {
-                flags: f.clone(),
-                ..r.clone()
-            });
-        }
-    }
-    for uids in by_flags.values_mut() {
-        uids.sort_unstable();
-    }
-    (by_flags, updated)
-}
-
-/// Rows whose source message is gone (expunged since the last run).
-pub fn expunged_on_source<'a>(
-    source_flags: &BTreeMap<u32, String>,
-    rows: &'a [MessageRow],
-) -> Vec<&'a MessageRow> {
-    rows.iter()
-        .filter(|r| !source_flags.contains_key(&r.source_uid))
-        .collect()
-}
-
-/// The target UIDs of `rows`, sorted (rows without one name no target message).
-pub fn target_uids(rows: &[&MessageRow]) -> Vec<u32> {
-    let mut t: Vec<u32> = rows.iter().filter_map(|r| r.target_uid).collect();
-    t.sort_unstable();
-    t
-}
-
-/// `--dry-run` for one folder: the same decisions as `sync_folder` from the
-/// same inputs (the source's UIDs, flags and sizes, the state's rows), with
-/// the target only EXAMINEd (RFC 3501 6.3.2: read-only) and nothing written.
-/// What a dry run cannot know without downloading bodies is said in a note:
-/// copies that match a target message the state does not know, or a row
-/// from before a UIDVALIDITY change, are paired by a real run instead.
-#[allow(clippy::too_many_arguments)]
+/// `--dry-run` for one folder: the same [`FolderPlan`] as `sync_folder` from
+/// the same inputs (the source's UIDs, flags and sizes, the state's rows),
+/// with the target only EXAMINEd (RFC 3501 6.3.2: read-only) and nothing
+/// written. With no target bodies read there is nothing to pair by content:
+/// rows that lost their target message count as copies, as the real run's
+/// unmatched ones do, and a note says what a real run may pair instead.
 async fn plan_folder_dry(
-    store: &Store,
-    address: &str,
+    job: &FolderJob<'_>,
     tgt: &mut Conn,
-    pair: &FolderPair,
-    tgt_wire: &str,
-    validity: u32,
-    source_flags: &BTreeMap<u32, String>,
-    sizes: &HashMap<u32, u32>,
-    opts: &SyncOptions,
+    listing: &SourceListing,
     fr: &mut FolderReport,
-    create: bool,
 ) -> Result<(), ImapError> {
-    let (tvalidity, texists) = if create {
+    let pair = job.pair;
+    let (tvalidity, texists) = if job.create {
         (0, 0)
     } else {
         let tbox = tgt
             .session
-            .examine(tgt_wire)
+            .examine(job.tgt_wire)
             .await
             .map_err(|e| folder_err(&pair.target, "EXAMINE", e))?;
         tgt.drain_unsolicited();
         (tbox.uid_validity.unwrap_or(0), tbox.exists)
     };
-    let rows = state::messages(store, address, &pair.source).await?;
-    let (current, old): (Vec<MessageRow>, Vec<MessageRow>) = rows
-        .into_iter()
-        .partition(|r| r.source_uidvalidity == validity);
-    // As in sync_folder: rows naming another target folder or UIDVALIDITY
-    // no longer name a target message, and their messages count as new.
-    let current: Vec<MessageRow> = current
-        .into_iter()
-        .filter(|r| r.target_folder == pair.target && r.target_uidvalidity == tvalidity)
-        .collect();
+    let rows = state::messages(job.store, job.address, &pair.source).await?;
+    let mut plan = FolderPlan::new(&pair.target, listing.uidvalidity, tvalidity, rows);
+    plan.rematch(&mut Pools::default());
     let append_limit = tgt.append_limit();
-    for uid in new_messages(source_flags, &current) {
-        let size = u64::from(sizes.get(&uid).copied().unwrap_or(0));
-        match over_append_limit(size, append_limit) {
-            Some(reason) => fr.skipped.push(format!("UID {uid}: {reason}")),
-            None => {
-                fr.copied += 1;
-                fr.bytes += size;
-            }
-        }
-    }
-    let unknown = u64::from(texists).saturating_sub(current.len() as u64);
+    let f = plan::forecast(
+        &plan.copies(listing, job.opts.stream_threshold, append_limit),
+        append_limit,
+    );
+    fr.copied += f.copied;
+    fr.bytes += f.bytes;
+    fr.skipped.extend(f.skipped);
+    let unknown = u64::from(texists).saturating_sub(plan.current.len() as u64);
     if unknown > 0 && fr.copied > 0 {
         fr.notes.push(format!(
             "the target holds {unknown} messages the sync state does not know: copies identical to one of them (Message-ID and digest) are paired instead"
         ));
     }
-    if !old.is_empty() {
+    if let Some(first) = plan.old.first() {
         fr.notes.push(format!(
-            "source UIDVALIDITY changed ({} -> {validity}): {} messages are re-paired by Message-ID and digest where they match",
-            old[0].source_uidvalidity,
-            old.len()
+            "source UIDVALIDITY changed ({} -> {}): {} messages are re-paired by Message-ID and digest where they match",
+            first.source_uidvalidity,
+            listing.uidvalidity,
+            plan.old.len()
         ));
     }
-    let (by_flags, _) = flag_updates(source_flags, &current);
-    fr.flags_updated = by_flags.values().map(|u| u.len() as u64).sum();
-    let gone = expunged_on_source(source_flags, &current);
-    if opts.propagate_deletes && !gone.is_empty() {
-        if tgt.has("UIDPLUS") {
-            fr.deleted = target_uids(&gone).len() as u64;
-        } else {
-            fr.notes.push(
-                "target lacks UIDPLUS: deletes would not be propagated (EXPUNGE would remove other messages)"
-                    .into(),
-            );
-        }
+    let finish = plan.finish(
+        listing,
+        &plan.current,
+        job.opts.propagate_deletes,
+        tgt.has("UIDPLUS"),
+    );
+    fr.flags_updated = finish.flag_stores.values().map(|u| u.len() as u64).sum();
+    fr.deleted = finish.expunge.len() as u64;
+    if finish.no_uidplus {
+        fr.notes.push(
+            "target lacks UIDPLUS: deletes would not be propagated (EXPUNGE would remove other messages)"
+                .into(),
+        );
     }
     Ok(())
 }
@@ -1358,127 +1072,6 @@ async fn fetch_slice(
     Ok((data, if meta { f } else { None }))
 }
 
-/// Copies one large message slice by slice: at most one slice is in memory.
-/// The APPEND literal's length is announced up front (RFC 3501 4.3), so the
-/// size is checked first; when lost state or a UIDVALIDITY change needs the
-/// digest before deciding, the message is read once for that, then copied.
-#[allow(clippy::too_many_arguments)]
-async fn stream_large(
-    src: &mut Conn,
-    tgt: &mut Conn,
-    pair: &FolderPair,
-    tgt_wire: &str,
-    tvalidity: u32,
-    validity: u32,
-    uid: u32,
-    size: u32,
-    opts: &SyncOptions,
-    repair_pool: &mut HashMap<Key, Vec<MessageRow>>,
-    target_pool: &mut HashMap<Key, Vec<(u32, String)>>,
-    fr: &mut FolderReport,
-) -> Result<Large, ImapError> {
-    let slice = opts.stream_slice.max(1024) as u32;
-    // The last byte must exist and nothing may follow it.
-    let (tail, meta) = fetch_slice(src, uid, size - 1, 2, true).await?;
-    if tail.len() != 1 {
-        return Ok(Large::SizeUnreliable);
-    }
-    let meta = meta.ok_or(ImapError::Folder {
-        folder: pair.source.clone(),
-        message: format!("UID {uid} vanished"),
-    })?;
-    let flags = flags_of(&meta);
-    let date = append_date(&meta);
-    let row = |message_id: Option<String>, digest: String, target_uid: Option<u32>| MessageRow {
-        source_uidvalidity: validity,
-        source_uid: uid,
-        target_folder: pair.target.clone(),
-        target_uidvalidity: tvalidity,
-        target_uid,
-        message_id,
-        digest,
-        flags: flag_string(flags.iter().cloned()),
-    };
-    if !repair_pool.is_empty() || !target_pool.is_empty() {
-        let mut hasher = Sha256::new();
-        let mut mid = None;
-        let mut offset = 0;
-        while offset < size {
-            let (data, _) = fetch_slice(src, uid, offset, slice.min(size - offset), false).await?;
-            if data.is_empty() {
-                return Ok(Large::SizeUnreliable);
-            }
-            if offset == 0 {
-                mid = message_id(&data);
-            }
-            hasher.update(&data);
-            offset += data.len() as u32;
-        }
-        let dig: String = hasher
-            .finalize()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
-        let key = (mid.clone(), dig.clone());
-        if let Some(old) = repair_pool.get_mut(&key).and_then(Vec::pop) {
-            fr.repaired += 1;
-            if old.target_folder == pair.target && old.target_uidvalidity == tvalidity {
-                return Ok(Large::Placed(MessageRow {
-                    flags: old.flags,
-                    ..row(mid, dig, old.target_uid)
-                }));
-            }
-        }
-        if let Some((tuid, tflags)) = target_pool.get_mut(&key).and_then(Vec::pop) {
-            fr.matched += 1;
-            return Ok(Large::Placed(MessageRow {
-                flags: tflags,
-                ..row(mid, dig, Some(tuid))
-            }));
-        }
-    }
-    let tag = tgt
-        .append_begin(tgt_wire, &flags, date.as_deref(), size)
-        .await?;
-    let mut hasher = Sha256::new();
-    let mut mid = None;
-    let mut offset = 0;
-    while offset < size {
-        let (data, _) = fetch_slice(src, uid, offset, slice.min(size - offset), false).await?;
-        if data.is_empty() || offset + data.len() as u32 > size {
-            // Mid-literal: the only way out is dropping the target connection,
-            // which discards the partial APPEND (RFC 3501 6.3.11).
-            return Err(ImapError::Io(format!(
-                "UID {uid} in {} changed size while being copied",
-                pair.source
-            )));
-        }
-        if offset == 0 {
-            mid = message_id(&data);
-        }
-        hasher.update(&data);
-        tgt.write_literal(&data).await?;
-        offset += data.len() as u32;
-    }
-    let dig: String = hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    match tgt.append_end(&tag).await? {
-        Ok(appended) => {
-            fr.copied += 1;
-            fr.bytes += u64::from(size);
-            let target_uid = appended.filter(|(v, _)| *v == tvalidity).map(|(_, u)| u);
-            Ok(Large::Placed(row(mid, dig, target_uid)))
-        }
-        Err(text) => Ok(Large::Refused {
-            message_id: mid,
-            reason: format!("target refused APPEND: {text}"),
-        }),
-    }
-}
-
 fn folder_err(folder: &str, command: &str, e: async_imap::error::Error) -> ImapError {
     match ImapError::from(e) {
         t if t.is_transient() => t,
@@ -1496,226 +1089,383 @@ struct InFlight {
     sent: Vec<crate::conn::Sent>,
 }
 
-/// Reads the answers to a batch's APPENDs; returns the rows to record.
-#[allow(clippy::too_many_arguments)]
-async fn land_batch(
-    store: &Store,
-    address: &str,
-    tgt: &mut Conn,
-    pair: &FolderPair,
-    tvalidity: u32,
-    validity: u32,
-    flight: InFlight,
-    progress: &Progress,
-    fr: &mut FolderReport,
-) -> Result<Vec<MessageRow>, ImapError> {
-    let mut rows = Vec::new();
-    let results = tgt.append_collect(flight.sent).await?;
-    for ((row, size), result) in flight.rows.into_iter().zip(flight.sizes).zip(results) {
-        match result {
-            Ok(appended) => {
-                fr.copied += 1;
-                fr.bytes += size;
-                progress.bytes_done.fetch_add(size, Ordering::Relaxed);
-                let target_uid = appended.filter(|(v, _)| *v == tvalidity).map(|(_, u)| u);
-                rows.push(MessageRow { target_uid, ..row });
-            }
-            Err(text) => {
-                let reason = format!("target refused APPEND: {text}");
-                state::record_skipped(
-                    store,
-                    address,
-                    &pair.source,
-                    validity,
-                    row.source_uid,
-                    row.message_id.as_deref(),
-                    &reason,
-                )
-                .await?;
-                fr.skipped.push(format!(
-                    "UID {} {}: {reason}",
-                    row.source_uid,
-                    row.message_id.as_deref().unwrap_or("(no Message-ID)")
-                ));
-            }
-        }
-    }
-    Ok(rows)
+/// A real run executing one folder's copies: the plan, its pools (each
+/// entry pairs once) and the report.
+struct Copying<'a> {
+    job: &'a FolderJob<'a>,
+    plan: &'a FolderPlan,
+    append_limit: Option<u64>,
+    pools: Pools,
+    fr: &'a mut FolderReport,
 }
 
-/// Pairs one batch of fetched source messages with target copies, or sends
-/// their APPENDs; returns the rows paired now and the APPENDs in flight.
-#[allow(clippy::too_many_arguments)]
-async fn place_batch(
-    store: &Store,
-    address: &str,
-    tgt: &mut Conn,
-    pair: &FolderPair,
-    tgt_wire: &str,
-    tvalidity: u32,
-    validity: u32,
-    batch: &[Fetch],
-    append_limit: Option<u64>,
-    repair_pool: &mut HashMap<Key, Vec<MessageRow>>,
-    target_pool: &mut HashMap<Key, Vec<(u32, String)>>,
-    progress: &Progress,
-    fr: &mut FolderReport,
-) -> Result<(Vec<MessageRow>, Option<InFlight>), ImapError> {
-    let mut rows = Vec::new();
-    let mut to_append: Vec<(usize, MessageRow)> = Vec::new();
-    let mut items = Vec::new();
-    for (i, f) in batch.iter().enumerate() {
-        let (Some(uid), Some(body)) = (f.uid, f.body()) else {
-            continue;
-        };
-        let flags = flags_of(f);
-        let mid = message_id(body);
-        let dig = digest(body);
-        let key = (mid.clone(), dig.clone());
-        let row = MessageRow {
-            source_uidvalidity: validity,
+impl Copying<'_> {
+    /// The row a copied source message is recorded with (no target UID yet).
+    fn row(
+        &self,
+        uid: u32,
+        message_id: Option<String>,
+        digest: String,
+        flags: String,
+    ) -> MessageRow {
+        MessageRow {
+            source_uidvalidity: self.plan.source_uidvalidity,
             source_uid: uid,
-            target_folder: pair.target.clone(),
-            target_uidvalidity: tvalidity,
+            target_folder: self.plan.target_folder.clone(),
+            target_uidvalidity: self.plan.target_uidvalidity,
             target_uid: None,
-            message_id: mid.clone(),
-            digest: dig,
-            flags: flag_string(flags.iter().cloned()),
-        };
-        progress.messages_done.fetch_add(1, Ordering::Relaxed);
-        if let Some(old) = repair_pool.get_mut(&key).and_then(Vec::pop) {
-            fr.repaired += 1;
-            if old.target_folder == pair.target && old.target_uidvalidity == tvalidity {
-                // The flags the target holds; the flag pass below brings them up to date.
-                rows.push(MessageRow {
-                    target_uid: old.target_uid,
-                    flags: old.flags,
-                    ..row
-                });
-                continue;
+            message_id,
+            digest,
+            flags,
+        }
+    }
+
+    async fn record(&self, rows: &[MessageRow]) -> Result<(), ImapError> {
+        state::record_messages(
+            self.job.store,
+            self.job.address,
+            &self.job.pair.source,
+            rows,
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Records and reports a message the target will not take, never
+    /// dropped silently (`message_id` is `Some` once the header was read).
+    async fn skip(
+        &mut self,
+        uid: u32,
+        message_id: Option<Option<&str>>,
+        reason: &str,
+    ) -> Result<(), ImapError> {
+        state::record_skipped(
+            self.job.store,
+            self.job.address,
+            &self.job.pair.source,
+            self.plan.source_uidvalidity,
+            uid,
+            message_id.flatten(),
+            reason,
+        )
+        .await?;
+        self.fr
+            .skipped
+            .push(plan::skip_line(uid, message_id, reason));
+        Ok(())
+    }
+
+    /// Refuses or streams the large copies; returns the UIDs to copy whole
+    /// (sorted), with any large one whose size turned out unreliable.
+    async fn copy_large(
+        &mut self,
+        src: &mut Conn,
+        tgt: &mut Conn,
+        copies: &[plan::NewMessage],
+    ) -> Result<Vec<u32>, ImapError> {
+        let mut whole = Vec::new();
+        for c in copies {
+            match &c.how {
+                How::Whole => whole.push(c.uid),
+                How::Refuse(reason) => self.skip(c.uid, None, reason).await?,
+                How::Stream => {
+                    let placed = self.stream_large(src, tgt, c.uid, c.size).await?;
+                    self.job
+                        .progress
+                        .messages_done
+                        .fetch_add(1, Ordering::Relaxed);
+                    match placed {
+                        Large::Placed(row) => self.record(&[row]).await?,
+                        Large::Refused { message_id, reason } => {
+                            self.skip(c.uid, Some(message_id.as_deref()), &reason)
+                                .await?
+                        }
+                        // RFC822.SIZE did not match BODY[]: copy it whole instead.
+                        Large::SizeUnreliable => whole.push(c.uid),
+                    }
+                }
             }
         }
-        if let Some((tuid, tflags)) = target_pool.get_mut(&key).and_then(Vec::pop) {
-            fr.matched += 1;
-            rows.push(MessageRow {
-                target_uid: Some(tuid),
-                flags: tflags,
-                ..row
-            });
-            continue;
+        whole.sort_unstable();
+        Ok(whole)
+    }
+
+    /// Copies (or pairs) whole messages, streaming batches from the source
+    /// while the previous batch's APPENDs are answered.
+    async fn copy_whole(
+        &mut self,
+        src: &mut Conn,
+        tgt: &mut Conn,
+        uids: &[u32],
+    ) -> Result<(), ImapError> {
+        let opts = self.job.opts;
+        let timeout = src.server.command_timeout;
+        let mut in_flight: Option<InFlight> = None;
+        for chunk in uids.chunks(opts.fetch_batch) {
+            src.server.limits.pace().await;
+            let asked = std::time::Instant::now();
+            let mut stream = src
+                .session
+                .uid_fetch(uid_set(chunk), "(UID FLAGS INTERNALDATE BODY.PEEK[])")
+                .await?;
+            let mut batch: Vec<Fetch> = Vec::new();
+            let mut batch_bytes = 0usize;
+            let mut first = true;
+            let mut received = 0usize;
+            loop {
+                // A server that stops answering mid-FETCH is a dropped connection.
+                let next = tokio::time::timeout(timeout, stream.try_next())
+                    .await
+                    .map_err(|_| {
+                        ImapError::Io(format!(
+                            "no answer to FETCH in {} for {timeout:?}",
+                            self.job.pair.source
+                        ))
+                    })??;
+                if first {
+                    first = false;
+                    src.server.limits.observe_latency(asked.elapsed());
+                }
+                let done = next.is_none();
+                if let Some(f) = next {
+                    received += usize::from(f.uid.is_some_and(|u| chunk.binary_search(&u).is_ok()));
+                    let len = f.body().map(<[u8]>::len).unwrap_or(0);
+                    if let Some(bw) = &src.bandwidth {
+                        bw.consume(len as u64).await;
+                    }
+                    batch_bytes += len;
+                    batch.push(f);
+                }
+                if (done && !batch.is_empty())
+                    || batch_bytes >= opts.max_batch_bytes
+                    || batch.len() >= 64
+                {
+                    let (rows, flight) = self.place_batch(tgt, &batch).await?;
+                    self.record(&rows).await?;
+                    // The previous batch's APPENDs were answered while this one was
+                    // fetched: record them now, and leave this batch in flight.
+                    if let Some(prev) = std::mem::replace(&mut in_flight, flight) {
+                        let rows = self.land_batch(tgt, prev).await?;
+                        self.record(&rows).await?;
+                    }
+                    batch.clear();
+                    batch_bytes = 0;
+                }
+                if done {
+                    break;
+                }
+            }
+            drop(stream);
+            if received < chunk.len() {
+                // Fewer answers than UIDs asked: expunged meanwhile (RFC 3501
+                // 6.4.8 lets a server omit them), or the stream ended because the
+                // server said BYE and closed, which async-imap reports as the end
+                // of the FETCH. A NOOP tells which.
+                src.session
+                    .noop()
+                    .await
+                    .map_err(|_| ImapError::ConnectionLost)?;
+            }
+            src.drain_unsolicited();
         }
-        if let Some(reason) = over_append_limit(body.len() as u64, append_limit) {
-            state::record_skipped(
-                store,
-                address,
-                &pair.source,
-                validity,
-                uid,
-                mid.as_deref(),
-                &reason,
-            )
+        if let Some(last) = in_flight.take() {
+            let rows = self.land_batch(tgt, last).await?;
+            self.record(&rows).await?;
+        }
+        Ok(())
+    }
+
+    /// Copies one large message slice by slice: at most one slice is in memory.
+    /// The APPEND literal's length is announced up front (RFC 3501 4.3), so the
+    /// size was checked by the plan; when lost state or a UIDVALIDITY change
+    /// needs the digest before deciding, the message is read once for that,
+    /// then copied.
+    async fn stream_large(
+        &mut self,
+        src: &mut Conn,
+        tgt: &mut Conn,
+        uid: u32,
+        size: u32,
+    ) -> Result<Large, ImapError> {
+        let source = &self.job.pair.source;
+        let slice = self.job.opts.stream_slice.max(1024) as u32;
+        // The last byte must exist and nothing may follow it.
+        let (tail, meta) = fetch_slice(src, uid, size - 1, 2, true).await?;
+        if tail.len() != 1 {
+            return Ok(Large::SizeUnreliable);
+        }
+        let meta = meta.ok_or(ImapError::Folder {
+            folder: source.clone(),
+            message: format!("UID {uid} vanished"),
+        })?;
+        let flags = flags_of(&meta);
+        let date = append_date(&meta);
+        let flag_text = flag_string(flags.iter().cloned());
+        if !self.pools.is_empty() {
+            let mut hasher = Sha256::new();
+            let mut mid = None;
+            let mut offset = 0;
+            while offset < size {
+                let (data, _) =
+                    fetch_slice(src, uid, offset, slice.min(size - offset), false).await?;
+                if data.is_empty() {
+                    return Ok(Large::SizeUnreliable);
+                }
+                if offset == 0 {
+                    mid = message_id(&data);
+                }
+                hasher.update(&data);
+                offset += data.len() as u32;
+            }
+            let row = self.row(uid, mid.clone(), hex(&hasher.finalize()), flag_text.clone());
+            let p = self.pools.place(row, u64::from(size), self.append_limit);
+            self.fr.repaired += u64::from(p.repaired);
+            self.fr.matched += u64::from(p.matched);
+            match p.action {
+                Action::Pair(row) => return Ok(Large::Placed(row)),
+                Action::Skip(reason) => {
+                    return Ok(Large::Refused {
+                        message_id: mid,
+                        reason,
+                    });
+                }
+                Action::Append(_) => {}
+            }
+        }
+        let tag = tgt
+            .append_begin(self.job.tgt_wire, &flags, date.as_deref(), size)
             .await?;
-            fr.skipped.push(format!(
-                "UID {uid} {}: {reason}",
-                mid.as_deref().unwrap_or("(no Message-ID)")
-            ));
-            continue;
+        let mut hasher = Sha256::new();
+        let mut mid = None;
+        let mut offset = 0;
+        while offset < size {
+            let (data, _) = fetch_slice(src, uid, offset, slice.min(size - offset), false).await?;
+            if data.is_empty() || offset + data.len() as u32 > size {
+                // Mid-literal: the only way out is dropping the target connection,
+                // which discards the partial APPEND (RFC 3501 6.3.11).
+                return Err(ImapError::Io(format!(
+                    "UID {uid} in {source} changed size while being copied"
+                )));
+            }
+            if offset == 0 {
+                mid = message_id(&data);
+            }
+            hasher.update(&data);
+            tgt.write_literal(&data).await?;
+            offset += data.len() as u32;
         }
-        items.push(AppendItem {
-            flags,
-            internal_date: append_date(f),
-            body,
-        });
-        to_append.push((i, row));
+        let dig = hex(&hasher.finalize());
+        match tgt.append_end(&tag).await? {
+            Ok(appended) => {
+                self.fr.copied += 1;
+                self.fr.bytes += u64::from(size);
+                let tvalidity = self.plan.target_uidvalidity;
+                let target_uid = appended.filter(|(v, _)| *v == tvalidity).map(|(_, u)| u);
+                Ok(Large::Placed(MessageRow {
+                    target_uid,
+                    ..self.row(uid, mid, dig, flag_text)
+                }))
+            }
+            Err(text) => Ok(Large::Refused {
+                message_id: mid,
+                reason: format!("target refused APPEND: {text}"),
+            }),
+        }
     }
-    if items.is_empty() {
-        return Ok((rows, None));
+
+    /// Reads the answers to a batch's APPENDs; returns the rows to record.
+    async fn land_batch(
+        &mut self,
+        tgt: &mut Conn,
+        flight: InFlight,
+    ) -> Result<Vec<MessageRow>, ImapError> {
+        let mut rows = Vec::new();
+        let results = tgt.append_collect(flight.sent).await?;
+        for ((row, size), result) in flight.rows.into_iter().zip(flight.sizes).zip(results) {
+            match result {
+                Ok(appended) => {
+                    self.fr.copied += 1;
+                    self.fr.bytes += size;
+                    self.job
+                        .progress
+                        .bytes_done
+                        .fetch_add(size, Ordering::Relaxed);
+                    let tvalidity = self.plan.target_uidvalidity;
+                    let target_uid = appended.filter(|(v, _)| *v == tvalidity).map(|(_, u)| u);
+                    rows.push(MessageRow { target_uid, ..row });
+                }
+                Err(text) => {
+                    let reason = format!("target refused APPEND: {text}");
+                    self.skip(row.source_uid, Some(row.message_id.as_deref()), &reason)
+                        .await?;
+                }
+            }
+        }
+        Ok(rows)
     }
-    let sent = tgt.append_send(tgt_wire, &items).await?;
-    let sizes = items.iter().map(|i| i.body.len() as u64).collect();
-    Ok((
-        rows,
-        Some(InFlight {
-            rows: to_append.into_iter().map(|(_, r)| r).collect(),
-            sizes,
-            sent,
-        }),
-    ))
+
+    /// Places one batch of fetched source messages ([`Pools::place`]): pairs
+    /// them with target copies, or sends their APPENDs; returns the rows
+    /// paired now and the APPENDs in flight.
+    async fn place_batch(
+        &mut self,
+        tgt: &mut Conn,
+        batch: &[Fetch],
+    ) -> Result<(Vec<MessageRow>, Option<InFlight>), ImapError> {
+        let mut rows = Vec::new();
+        let mut to_append = Vec::new();
+        let mut items = Vec::new();
+        for f in batch {
+            let (Some(uid), Some(body)) = (f.uid, f.body()) else {
+                continue;
+            };
+            let flags = flags_of(f);
+            let mid = message_id(body);
+            let row = self.row(
+                uid,
+                mid.clone(),
+                digest(body),
+                flag_string(flags.iter().cloned()),
+            );
+            self.job
+                .progress
+                .messages_done
+                .fetch_add(1, Ordering::Relaxed);
+            let p = self.pools.place(row, body.len() as u64, self.append_limit);
+            self.fr.repaired += u64::from(p.repaired);
+            self.fr.matched += u64::from(p.matched);
+            match p.action {
+                Action::Pair(row) => rows.push(row),
+                Action::Skip(reason) => self.skip(uid, Some(mid.as_deref()), &reason).await?,
+                Action::Append(row) => {
+                    items.push(AppendItem {
+                        flags,
+                        internal_date: append_date(f),
+                        body,
+                    });
+                    to_append.push(row);
+                }
+            }
+        }
+        if items.is_empty() {
+            return Ok((rows, None));
+        }
+        let sent = tgt.append_send(self.job.tgt_wire, &items).await?;
+        let sizes = items.iter().map(|i| i.body.len() as u64).collect();
+        Ok((
+            rows,
+            Some(InFlight {
+                rows: to_append,
+                sizes,
+                sent,
+            }),
+        ))
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn row(uid: u32, tuid: Option<u32>, flags: &str) -> MessageRow {
-        MessageRow {
-            source_uidvalidity: 7,
-            source_uid: uid,
-            target_folder: "INBOX".into(),
-            target_uidvalidity: 9,
-            target_uid: tuid,
-            message_id: None,
-            digest: String::new(),
-            flags: flags.into(),
-        }
-    }
-
-    #[test]
-    fn folder_decisions() {
-        // Source: UIDs 1..=5 with flags; state: 1 (same flags), 2 (flags
-        // changed), 3 (changed, but no target UID: cannot be stored), 6
-        // (expunged from the source) and 8 (expunged, no target UID).
-        let source: BTreeMap<u32, String> = [
-            (1, "\\Seen"),
-            (2, "\\Flagged \\Seen"),
-            (3, "\\Seen"),
-            (4, ""),
-            (5, "\\Seen"),
-        ]
-        .into_iter()
-        .map(|(u, f)| (u, f.to_string()))
-        .collect();
-        let rows = vec![
-            row(1, Some(11), "\\Seen"),
-            row(2, Some(12), "\\Seen"),
-            row(3, None, ""),
-            row(6, Some(16), ""),
-            row(8, None, ""),
-        ];
-        assert_eq!(new_messages(&source, &rows), vec![4, 5]);
-        let (by_flags, updated) = flag_updates(&source, &rows);
-        assert_eq!(
-            by_flags.into_iter().collect::<Vec<_>>(),
-            vec![("\\Flagged \\Seen".to_string(), vec![12])]
-        );
-        assert_eq!(updated.len(), 1);
-        assert_eq!(updated[0].flags, "\\Flagged \\Seen");
-        let gone = expunged_on_source(&source, &rows);
-        assert_eq!(
-            gone.iter().map(|r| r.source_uid).collect::<Vec<_>>(),
-            vec![6, 8]
-        );
-        assert_eq!(target_uids(&gone), vec![16]);
-        assert_eq!(over_append_limit(10, None), None);
-        assert_eq!(over_append_limit(10, Some(10)), None);
-        assert_eq!(
-            over_append_limit(11, Some(10)).as_deref(),
-            Some("11 bytes exceeds the target's APPENDLIMIT of 10")
-        );
-        // Several flag sets: one STORE each, UIDs sorted.
-        let source: BTreeMap<u32, String> = [(1, "a"), (2, "b"), (3, "a")]
-            .into_iter()
-            .map(|(u, f)| (u, f.to_string()))
-            .collect();
-        let rows = vec![
-            row(3, Some(30), ""),
-            row(1, Some(10), ""),
-            row(2, Some(20), ""),
-        ];
-        let (by_flags, _) = flag_updates(&source, &rows);
-        assert_eq!(by_flags["a"], vec![10, 30]);
-        assert_eq!(by_flags["b"], vec![20]);
-    }
 
     #[test]
     fn uid_sets() {

@@ -6,7 +6,8 @@
 //! - [`limits`]: connection cap, byte rate and backoff per server.
 //! - [`lease`]: account leases and fleet-wide connection slots in the store (issue 17).
 //! - [`state`]: the sync state in the store, and the account status the cutover guard reads.
-//! - [`engine`]: copy and delta per account.
+//! - [`plan`]: what to pair, copy, re-flag and delete in one folder pair (pure).
+//! - [`engine`]: copy and delta per account, executing each folder's plan.
 //! - [`verify`]: the proof, per folder pair.
 //! - [`cli`]: `SyncArgs`, `VerifyArgs`, `run_sync`, `run_verify`.
 
@@ -19,6 +20,7 @@ pub mod lease;
 pub mod limits;
 pub mod mapping;
 pub mod oauth;
+pub mod plan;
 pub mod state;
 pub mod utf7;
 pub mod verify;

@@ -1,8 +1,9 @@
 //! Protecting a server: a connection cap shared by every account, a byte rate,
 //! and an adaptive pause after the server says it is throttling us.
 
+use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::sync::Semaphore;
 
 #[derive(Debug)]
@@ -152,35 +153,53 @@ impl ServerLimits {
     }
 }
 
-/// A token bucket holding at most one second of bytes.
+/// The byte rate read from a server: a GCRA bucket (`governor`) holding at
+/// most one second of bytes.
 #[derive(Debug)]
 pub struct Bandwidth {
-    rate: u64,
-    state: tokio::sync::Mutex<(f64, Instant)>,
+    limiter: governor::DefaultDirectRateLimiter,
+    /// The burst: one second of bytes, the most one check may ask for.
+    burst: NonZeroU32,
+    /// Readers wait in turn, so a large read's debt delays those behind it
+    /// instead of being overtaken by small ones (tokio's Mutex is FIFO).
+    turn: tokio::sync::Mutex<()>,
 }
 
 impl Bandwidth {
     pub fn new(rate: u64) -> Bandwidth {
+        let burst =
+            NonZeroU32::new(u32::try_from(rate).unwrap_or(u32::MAX)).unwrap_or(NonZeroU32::MIN);
         Bandwidth {
-            rate,
-            state: tokio::sync::Mutex::new((rate as f64, Instant::now())),
+            limiter: governor::RateLimiter::direct(governor::Quota::per_second(burst)),
+            burst,
+            turn: tokio::sync::Mutex::new(()),
         }
     }
 
-    /// Waits until `bytes` may be read.
+    /// Waits until `bytes` may be read (already read, usually: the wait then
+    /// repays them before the next read). More than the burst is taken a
+    /// burst at a time.
     pub async fn consume(&self, bytes: u64) {
-        let mut s = self.state.lock().await;
-        let now = Instant::now();
-        let refill = now.duration_since(s.1).as_secs_f64() * self.rate as f64;
-        s.0 = (s.0 + refill).min(self.rate as f64);
-        s.1 = now;
-        s.0 -= bytes as f64;
-        if s.0 < 0.0 {
-            // Hold the lock while sleeping so other readers queue behind the debt.
-            let wait = Duration::from_secs_f64(-s.0 / self.rate as f64);
-            tokio::time::sleep(wait).await;
-            s.0 = 0.0;
-            s.1 = Instant::now();
+        let _turn = self.turn.lock().await;
+        let mut left = bytes;
+        while left > 0 {
+            let n = NonZeroU32::new(
+                u32::try_from(left)
+                    .unwrap_or(u32::MAX)
+                    .min(self.burst.get()),
+            )
+            .unwrap_or(NonZeroU32::MIN);
+            match self.limiter.check_n(n) {
+                Ok(Ok(())) => left -= u64::from(n.get()),
+                Ok(Err(not_until)) => {
+                    tokio::time::sleep(
+                        not_until.wait_time_from(governor::clock::Clock::now(self.limiter.clock())),
+                    )
+                    .await
+                }
+                // n never exceeds the burst.
+                Err(governor::InsufficientCapacity(_)) => unreachable!("n <= burst"),
+            }
         }
     }
 }
@@ -188,6 +207,7 @@ impl Bandwidth {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Instant;
 
     #[tokio::test]
     async fn bandwidth_limits_the_rate() {
@@ -197,6 +217,20 @@ mod tests {
             b.consume(50_000).await;
         }
         // 250 kB at 100 kB/s with a 100 kB burst: at least 1.5 s.
+        assert!(
+            start.elapsed() >= Duration::from_millis(1400),
+            "{:?}",
+            start.elapsed()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_read_larger_than_the_burst_is_paid_for() {
+        // One 250 kB message at 100 kB/s: the first 100 kB pass at once, the
+        // rest take 1.5 s (a GCRA check can ask for one burst at most).
+        let b = Bandwidth::new(100_000);
+        let start = Instant::now();
+        b.consume(250_000).await;
         assert!(
             start.elapsed() >= Duration::from_millis(1400),
             "{:?}",
