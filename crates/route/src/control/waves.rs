@@ -6,7 +6,7 @@
 use super::proof::{ready_for_cutover, sync_proof, sync_records};
 use super::txn::{IfUnchanged, Scope, Work};
 use super::{ControlChange, ControlError, Ctx, Outcome, cc, list_some, more, refused};
-use crate::model::MigrationState;
+use crate::model::{MigrationState, Sources};
 use crate::normalize_address;
 use godwit_store::bulk::{Arg, ROWS, insert_rows, json_param, keys_subquery, row, select_rows};
 use godwit_store::sqlx::{self, AnyConnection};
@@ -54,16 +54,7 @@ async fn create(w: &mut Work, name: &str, members: &[String]) -> Result<(), Cont
             "wave `{name}` exists; choose another name (godwit wave list)"
         )));
     }
-    let mut resolved = BTreeSet::new();
-    let mut unknown = Vec::new();
-    for a in members {
-        let m = w.after.aliases.get(a).unwrap_or(a);
-        if w.after.objects.contains_key(m) {
-            resolved.insert(m.clone());
-        } else {
-            unknown.push(a.clone());
-        }
-    }
+    let (resolved, unknown) = resolve(&w.after, members, |m| w.after.objects.contains_key(m));
     if !unknown.is_empty() {
         return Err(refused(format!(
             "{} address(es) are not in the directory: {}{}; import them first or remove them from the member list",
@@ -79,18 +70,7 @@ async fn create(w: &mut Work, name: &str, members: &[String]) -> Result<(), Cont
     .bind(w.version)
     .execute(w.tx())
     .await?;
-    let rows = resolved.iter().map(|m| row(&[m, name])).collect();
-    let be = w.be;
-    insert_rows(
-        w.tx(),
-        be,
-        "wave_members",
-        None,
-        &["address", "wave"],
-        rows,
-        "",
-    )
-    .await?;
+    insert_members(w, name, resolved.iter()).await?;
     w.control
         .push(cc("wave", name, None, Some("created".into())));
     w.control.extend(resolved.iter().map(|m| {
@@ -138,21 +118,13 @@ async fn change_members(
     let be = w.be;
     existing_wave_status(w.tx(), name).await?;
     let current: BTreeSet<String> = wave_members(w.tx(), be, name).await?.into_iter().collect();
-    let mut resolved = BTreeSet::new();
-    let mut bad = Vec::new();
-    for a in members {
-        let m = w.after.aliases.get(a).unwrap_or(a);
-        let ok = if add {
+    let (resolved, bad) = resolve(&w.after, members, |m| {
+        if add {
             w.after.objects.contains_key(m)
         } else {
             current.contains(m)
-        };
-        if ok {
-            resolved.insert(m.clone());
-        } else {
-            bad.push(a.clone());
         }
-    }
+    });
     if !bad.is_empty() {
         return Err(refused(if add {
             format!(
@@ -175,17 +147,7 @@ async fn change_members(
         .filter(|m| current.contains(m) != add)
         .collect();
     if add {
-        let rows = change.iter().map(|m| row(&[m, name])).collect();
-        insert_rows(
-            w.tx(),
-            be,
-            "wave_members",
-            None,
-            &["address", "wave"],
-            rows,
-            "",
-        )
-        .await?;
+        insert_members(w, name, change.iter()).await?;
     } else {
         let sql = format!(
             "DELETE FROM wave_members WHERE wave = $1 AND address IN {}",
@@ -256,6 +218,39 @@ async fn delete(w: &mut Work, name: &str) -> Result<(), ControlError> {
             None,
         )
     }));
+    Ok(())
+}
+
+/// The mailboxes `members` name (an alias names its mailbox) that `ok`
+/// admits, and the addresses as given that it does not.
+fn resolve(
+    src: &Sources,
+    members: &[String],
+    ok: impl Fn(&String) -> bool,
+) -> (BTreeSet<String>, Vec<String>) {
+    let mut resolved = BTreeSet::new();
+    let mut bad = Vec::new();
+    for a in members {
+        let m = src.aliases.get(a).unwrap_or(a);
+        if ok(m) {
+            resolved.insert(m.clone());
+        } else {
+            bad.push(a.clone());
+        }
+    }
+    (resolved, bad)
+}
+
+/// Adds `members` (mailboxes) to wave `name`.
+async fn insert_members(
+    w: &mut Work,
+    name: &str,
+    members: impl Iterator<Item = &String>,
+) -> Result<(), ControlError> {
+    let rows = members.map(|m| row(&[m, name])).collect();
+    let be = w.be;
+    let cols = ["address", "wave"];
+    insert_rows(w.tx(), be, "wave_members", None, &cols, rows, "").await?;
     Ok(())
 }
 
