@@ -238,25 +238,15 @@ pub(super) async fn persist(
     tx: &mut AnyConnection,
     be: Backend,
     version: i64,
-    d: &Diff,
+    d: Diff,
     control: &[ControlChange],
 ) -> Result<(), StoreError> {
     let mut st = Stages::new();
     let v = Some(("version", version));
     delete_in(tx, be, "directory_objects", "address", &d.objects_deleted).await?;
     let cols = ["address", "display_name", "kind", "platform", "state"];
-    insert_rows(
-        tx,
-        be,
-        "directory_objects",
-        v,
-        &cols,
-        d.objects_written.clone(),
-        "",
-    )
-    .await?;
-    for (state, addrs) in &d.states {
-        let mut addrs = addrs.clone();
+    insert_rows(tx, be, "directory_objects", v, &cols, d.objects_written, "").await?;
+    for (state, mut addrs) in d.states {
         addrs.sort_unstable();
         let sql = format!(
             "UPDATE directory_objects SET state = $1, version = $2 WHERE address IN {}",
@@ -273,20 +263,11 @@ pub(super) async fn persist(
     }
     st.lap("write objects");
     for (table, key_col, val_col, c) in [
-        ("directory_aliases", "alias", "mailbox", &d.aliases),
-        ("route_overrides", "address", "route", &d.overrides),
+        ("directory_aliases", "alias", "mailbox", d.aliases),
+        ("route_overrides", "address", "route", d.overrides),
     ] {
         delete_in(tx, be, table, key_col, &c.deleted).await?;
-        insert_rows(
-            tx,
-            be,
-            table,
-            v,
-            &[key_col, val_col],
-            c.inserted.clone(),
-            "",
-        )
-        .await?;
+        insert_rows(tx, be, table, v, &[key_col, val_col], c.inserted, "").await?;
     }
     for (g, m) in &d.members_removed {
         sqlx::query("DELETE FROM directory_members WHERE group_address = $1 AND member = $2")

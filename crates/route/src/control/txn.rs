@@ -144,10 +144,10 @@ impl Work {
             }
         };
         let mut st = Stages::new();
-        let d = diff(&self.before, &self.after, &self.entries, &self.target);
+        let mut d = diff(&self.before, &self.after, &self.entries, &self.target);
         st.lap("diff");
         let mut control = std::mem::take(&mut self.control);
-        control.extend(d.control.iter().cloned());
+        control.append(&mut d.control);
         let mut o = Outcome {
             version: self.version,
             applied: false,
@@ -163,7 +163,7 @@ impl Work {
             return Ok((o, value));
         }
         let written = async {
-            persist(&mut self.tx, self.be, self.version, &d, &o.control).await?;
+            persist(&mut self.tx, self.be, self.version, d, &o.control).await?;
             tracing::debug!(
                 "version {}: written by {:?}",
                 self.version,
