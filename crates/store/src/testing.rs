@@ -37,7 +37,17 @@ pub struct Scratch {
 pub async fn postgres_scratch(prefix: &str) -> Option<Scratch> {
     let admin = test_postgres_url("GODWIT_TEST_POSTGRES")?;
     let name = format!("{prefix}_{}_{}", std::process::id(), now_ms());
-    admin_sql(&admin, &format!("CREATE DATABASE {name}")).await;
+    // CREATE DATABASE copies template1 and fails (55006) while another
+    // session is in it: another test creating its database at the same
+    // moment. That one is done within moments; try again.
+    let create = format!("CREATE DATABASE {name}");
+    let mut tries = 0;
+    while let Err(e) = try_admin_sql(&admin, &create).await {
+        let busy = matches!(&e, sqlx::Error::Database(d) if d.code().as_deref() == Some("55006"));
+        tries += 1;
+        assert!(busy && tries < 50, "{create}: {e}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
     let url = match admin.rsplit_once('/') {
         Some((base, _)) => format!("{base}/{name}"),
         None => panic!("GODWIT_TEST_POSTGRES must end in /DATABASE"),
@@ -82,12 +92,18 @@ where
 }
 
 async fn admin_sql(admin: &str, sql: &str) {
+    if let Err(e) = try_admin_sql(admin, sql).await {
+        panic!("{sql}: {e}");
+    }
+}
+
+async fn try_admin_sql(admin: &str, sql: &str) -> Result<(), sqlx::Error> {
     sqlx::any::install_default_drivers();
     let mut conn = <sqlx::AnyConnection as sqlx::Connection>::connect(admin)
         .await
         .unwrap_or_else(|e| panic!("cannot connect to {}: {e}", crate::redact(admin)));
     sqlx::query(sqlx::AssertSqlSafe(sql.to_string()))
         .execute(&mut conn)
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        .await?;
+    Ok(())
 }

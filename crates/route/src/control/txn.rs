@@ -162,19 +162,20 @@ impl Work {
             let _ = self.tx.rollback().await;
             return Ok((o, value));
         }
-        let written = async {
-            persist(&mut self.tx, self.be, self.version, d, &o.control).await?;
-            tracing::debug!(
-                "version {}: written by {:?}",
-                self.version,
-                self.started.elapsed()
-            );
-            let t = std::time::Instant::now();
-            self.tx.commit().await?;
-            tracing::debug!("commit: {:?}", t.elapsed());
-            Ok::<_, ControlError>(())
-        };
-        written.await?;
+        if let Err(e) = persist(&mut self.tx, self.be, self.version, d, &o.control).await {
+            // Explicitly, not on drop: SQLite holds its write lock until
+            // the rollback has run.
+            let _ = self.tx.rollback().await;
+            return Err(e.into());
+        }
+        tracing::debug!(
+            "version {}: written by {:?}",
+            self.version,
+            self.started.elapsed()
+        );
+        let t = std::time::Instant::now();
+        self.tx.commit().await?;
+        tracing::debug!("commit: {:?}", t.elapsed());
         o.applied = true;
         Ok((o, value))
     }
