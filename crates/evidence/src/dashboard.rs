@@ -357,9 +357,8 @@ mod tests {
 
     #[tokio::test]
     async fn wave_progress_reads_the_tables_that_exist() {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}?mode=rwc", dir.path().join("s.db").display());
-        let store = Store::open(&url).await.unwrap();
+        let t = godwit_store::testing::sqlite_temp().await;
+        let store = t.store.clone();
         for sql in [
             "INSERT INTO waves (name, status, created_version, version) VALUES ('w1', 'created', 1, 1)",
             "INSERT INTO wave_members (wave, address) VALUES ('w1', 'a@example.com'), ('w1', 'b@example.com')",

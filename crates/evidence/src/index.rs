@@ -184,13 +184,8 @@ mod tests {
 
     #[tokio::test]
     async fn indexes_and_prunes_by_retention() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&format!(
-            "sqlite://{}?mode=rwc",
-            dir.path().join("s.db").display()
-        ))
-        .await
-        .unwrap();
+        let t = godwit_store::testing::sqlite_temp().await;
+        let store = t.store.clone();
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let rec = |ts: &str, q: &str| {
             Arc::new(Record {

@@ -403,28 +403,20 @@ mod tests {
 
     #[tokio::test]
     async fn status_round_trip_keeps_verified_time() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&format!(
-            "sqlite://{}?mode=rwc",
-            dir.path().join("s.db").display()
-        ))
-        .await
-        .unwrap();
-        round_trip(&store).await;
+        let t = godwit_store::testing::sqlite_temp().await;
+        round_trip(&t.store).await;
     }
 
-    /// The same SQL on PostgreSQL, when a scratch database is given:
-    /// GODWIT_TEST_POSTGRES_URL=postgres://user@/db?host=/var/run/postgresql
-    #[tokio::test]
+    /// The same SQL on PostgreSQL, in a scratch database of its own
+    /// (`godwit_store::testing::postgres_scratch`: GODWIT_TEST_POSTGRES).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn status_round_trip_on_postgres() {
-        let Some(url) = godwit_store::test_postgres_url("GODWIT_TEST_POSTGRES_URL") else {
-            return;
-        };
-        let store = Store::open(&url).await.unwrap();
-        for q in ["DELETE FROM sync_accounts", "DELETE FROM sync_messages"] {
-            sqlx::query(q).execute(&store.pool).await.unwrap();
-        }
-        round_trip(&store).await;
+        godwit_store::testing::with_postgres("godwit_imap_state", 1, |urls| async move {
+            let store = Store::open(&urls[0]).await.unwrap();
+            round_trip(&store).await;
+            store.pool.close().await;
+        })
+        .await;
     }
 
     async fn round_trip(store: &Store) {

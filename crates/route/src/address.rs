@@ -55,11 +55,12 @@ impl Address {
                 ));
             };
             // RFC 5321 4.1.2 Dot-string: atoms separated by single dots.
-            if local.is_empty()
-                || local
-                    .split('.')
-                    .any(|a| a.is_empty() || !a.chars().all(atext))
-            {
+            if let Some(c) = local.chars().find(|&c| c != '.' && !atext(c)) {
+                return Err(format!(
+                    "`{input}` contains `{c}`, which an address cannot outside a quoted local part"
+                ));
+            }
+            if local.is_empty() || local.split('.').any(str::is_empty) {
                 return Err(format!("`{input}`: `{local}` is not a valid local part"));
             }
             (local, domain)
@@ -93,6 +94,26 @@ impl Address {
             local: local.to_lowercase(),
             domain: domain.to_lowercase(),
         })
+    }
+}
+
+impl Address {
+    /// An address as a directory export must spell it: what
+    /// [`Address::parse`] accepts, already in the form the routing map keys
+    /// (lowercase, no angle brackets, no trailing dot), and with neither a
+    /// quoted local part nor a domain literal, which a directory cannot hold
+    /// as a mailbox.
+    pub fn parse_plain(input: &str) -> Result<Address, String> {
+        if let Some(c) = input.chars().find(|c| "<>[]\"".contains(*c)) {
+            return Err(format!("`{input}` contains `{c}`, which an address cannot"));
+        }
+        let a = Address::parse(input)?;
+        if a.to_string() != input {
+            return Err(format!(
+                "`{input}` is not written as the address it names (`{a}`)"
+            ));
+        }
+        Ok(a)
     }
 }
 
@@ -130,5 +151,31 @@ mod tests {
             }
         }
         assert!(Address::parse(&long).unwrap_err().contains("64"));
+    }
+
+    #[test]
+    fn a_directory_spells_addresses_plainly() {
+        for (input, words) in [
+            ("alice@example.com", None),
+            ("o'neil+tag@example.com", None),
+            ("a b@example.com", Some("contains ` `")),
+            ("a,b@example.com", Some("contains `,`")),
+            ("\"a b\"@example.com", Some("contains `\"`")),
+            ("alice@[192.0.2.1]", Some("contains `[`")),
+            ("not-an-address", Some("not an address")),
+            ("alice@example.com.", Some("not written as the address")),
+            ("Alice@example.com", Some("not written as the address")),
+            ("a..b@example.com", Some("not a valid local part")),
+            ("alice@exa_mple.com", Some("not a domain name")),
+        ] {
+            let got = Address::parse_plain(input);
+            match words {
+                None => assert_eq!(got.map(|a| a.to_string()).as_deref(), Ok(input)),
+                Some(w) => {
+                    let e = got.unwrap_err();
+                    assert!(e.contains(w), "{input}: `{e}` should contain `{w}`");
+                }
+            }
+        }
     }
 }

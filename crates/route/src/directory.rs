@@ -8,12 +8,14 @@
 //!
 //! Columns may come in any order; `address`, `kind` and `platform` are
 //! required, `display_name`, `aliases` and `members` optional. Lists are
-//! `;`-separated. Fields may be quoted as in RFC 4180 ("" is a quote). Blank
-//! lines and lines starting with `#` are skipped. Every problem is reported
-//! with its line number, and a file with any problem is refused whole.
+//! `;`-separated. Fields may be quoted as in RFC 4180 ("" is a quote; the
+//! `csv` crate reads them). Blank lines and lines starting with `#` are
+//! skipped. Addresses are checked by [`Address::parse_plain`]. Every problem
+//! is reported with its line number, and a file with any problem is refused
+//! whole.
 
 use crate::model::Kind;
-use crate::normalize_address;
+use crate::{Address, normalize_address};
 use std::collections::HashMap;
 use std::fmt;
 
@@ -47,105 +49,87 @@ pub struct Rules<'a> {
     pub platforms: &'a [String],
 }
 
-/// RFC 4180 records, each with the line it starts on.
+/// RFC 4180 records (read by the `csv` crate), each with the line it
+/// starts on. Blank lines and `#` comment lines are not records.
 fn records(text: &str) -> Result<Vec<(usize, Vec<String>)>, LineError> {
+    let mut reader = csv::ReaderBuilder::new()
+        .has_headers(false)
+        // Rows may have too few or too many fields: `parse` names them all.
+        .flexible(true)
+        .comment(Some(b'#'))
+        .from_reader(text.as_bytes());
+    let newlines: Vec<usize> = text.match_indices('\n').map(|(i, _)| i).collect();
+    let line_of = |byte: usize| 1 + newlines.partition_point(|&i| i < byte);
     let mut out = Vec::new();
-    let mut chars = text.chars().peekable();
-    let mut line = 1;
-    while chars.peek().is_some() {
-        let start = line;
-        let mut fields = Vec::new();
-        let mut field = String::new();
-        let mut quoted = false;
-        let mut was_quoted = false;
-        loop {
-            let Some(c) = chars.next() else {
-                if quoted {
-                    return Err(LineError {
-                        line: start,
-                        message: "a quoted field is never closed".into(),
-                    });
-                }
-                break;
-            };
-            if quoted {
-                match c {
-                    '"' if chars.peek() == Some(&'"') => {
-                        chars.next();
-                        field.push('"');
-                    }
-                    '"' => quoted = false,
-                    '\n' => {
-                        line += 1;
-                        field.push(c);
-                    }
-                    _ => field.push(c),
-                }
-                continue;
-            }
-            match c {
-                '"' if field.trim().is_empty() && !was_quoted => {
-                    field.clear();
-                    quoted = true;
-                    was_quoted = true;
-                }
-                ',' => {
-                    fields.push(std::mem::take(&mut field));
-                    was_quoted = false;
-                }
-                '\r' if chars.peek() == Some(&'\n') => {}
-                '\n' => {
-                    line += 1;
-                    break;
-                }
-                _ => field.push(c),
-            }
+    let mut record = csv::StringRecord::new();
+    // The line and byte offset of the last record read.
+    let mut last = None;
+    loop {
+        let read = reader.read_record(&mut record).map_err(|e| LineError {
+            line: e.position().map_or(1, |p| line_of(p.byte() as usize)),
+            message: e.to_string(),
+        })?;
+        if !read {
+            break;
         }
-        fields.push(field);
-        let blank = fields.len() == 1 && fields[0].trim().is_empty();
-        let comment = fields[0].trim_start().starts_with('#');
-        if !blank && !comment {
-            out.push((start, fields));
+        // The reader's position is where it began to read: before the
+        // blank and comment lines it skipped, and not counting the latter.
+        let start = record_start(text, record.position().map_or(0, |p| p.byte() as usize));
+        let line = line_of(start);
+        last = Some((line, start));
+        let fields: Vec<String> = record.iter().map(str::to_string).collect();
+        // A line of spaces is as blank as an empty one.
+        if fields.len() == 1 && fields[0].trim().is_empty() {
+            continue;
         }
+        out.push((line, fields));
+    }
+    // The reader ends a quoted field that is never closed at the end of the
+    // input, silently; that swallows every line after it, so refuse it.
+    if let Some((line, start)) = last
+        && ends_quoted(text.get(start..).unwrap_or(""))
+    {
+        return Err(LineError {
+            line,
+            message: "a quoted field is never closed".into(),
+        });
     }
     Ok(out)
 }
 
-/// Syntax of an address as the directory accepts it: local@domain, no
-/// spaces, controls or the specials that would need quoting (RFC 5322 3.2.3).
-pub fn check_address(address: &str) -> Result<(), String> {
-    let Some((local, domain)) = address.rsplit_once('@') else {
-        return Err(format!(
-            "`{address}` is not an address (expected local@domain)"
-        ));
-    };
-    if local.is_empty() || local.len() > 64 {
-        return Err(format!(
-            "`{address}`: the local part must be 1 to 64 characters"
-        ));
+/// Where the record really starts when the reader began at byte `at`:
+/// past the empty lines and the `#` lines it skips (as csv-core does).
+fn record_start(text: &str, mut at: usize) -> usize {
+    let b = text.as_bytes();
+    while let Some(c) = b.get(at) {
+        match c {
+            b'\n' | b'\r' => at += 1,
+            b'#' => at = text[at..].find('\n').map_or(b.len(), |i| at + i + 1),
+            _ => break,
+        }
     }
-    if let Some(c) = address
-        .chars()
-        .find(|c| c.is_control() || c.is_whitespace() || "<>()[]\\,;:\"".contains(*c))
-    {
-        return Err(format!(
-            "`{address}` contains `{c}`, which an address cannot"
-        ));
+    at
+}
+
+/// Whether `record` (the text of the last record, to the end of the input)
+/// ends inside a quoted field: RFC 4180 2.5-2.7, a field that starts with
+/// `"` runs to the next `"` not doubled.
+fn ends_quoted(record: &str) -> bool {
+    let mut quoted = false;
+    let mut field_start = true;
+    let mut chars = record.chars().peekable();
+    while let Some(c) = chars.next() {
+        if quoted {
+            // `""` inside quotes is one quote; a lone `"` closes the field.
+            if c == '"' && chars.next_if_eq(&'"').is_none() {
+                quoted = false;
+            }
+        } else if c == '"' && field_start {
+            quoted = true;
+        }
+        field_start = !quoted && matches!(c, ',' | '\n' | '\r');
     }
-    if local.contains('@') {
-        return Err(format!("`{address}` has more than one @"));
-    }
-    let labels_ok = !domain.is_empty()
-        && domain.split('.').all(|l| {
-            !l.is_empty()
-                && !l.starts_with('-')
-                && !l.ends_with('-')
-                && l.chars().all(|c| c.is_alphanumeric() || c == '-')
-        });
-    if !labels_ok {
-        return Err(format!("`{address}`: `{domain}` is not a domain name"));
-    }
-    Ok(())
+    quoted
 }
 
 fn list(field: &str) -> Vec<String> {
@@ -262,12 +246,14 @@ pub(crate) fn check(
         let mut err = |m: String| errors.push(LineError { line, message: m });
         let address = normalize_address(&raw.address);
         let in_domain = |a: &str, err: &mut dyn FnMut(String)| -> bool {
-            if let Err(m) = check_address(a) {
-                err(m);
-                return false;
-            }
-            let domain = a.rsplit_once('@').map(|(_, d)| d).unwrap_or("");
-            if !(rules.accepted_domain)(domain) {
+            let domain = match Address::parse_plain(a) {
+                Ok(parsed) => parsed.domain,
+                Err(m) => {
+                    err(m);
+                    return false;
+                }
+            };
+            if !(rules.accepted_domain)(&domain) {
                 err(format!(
                     "`{a}` is outside domains.accepted; add the domain to the configuration or remove the row"
                 ));
@@ -323,7 +309,7 @@ pub(crate) fn check(
         }
         for m in &members {
             // Members may live anywhere (external addresses are common in lists).
-            if let Err(e) = check_address(m) {
+            if let Err(e) = Address::parse_plain(m) {
                 err(format!("member {e}"));
             }
         }
@@ -445,6 +431,37 @@ mod tests {
                 "{body:?}: want line {line} `{words}`, got {errs:?}"
             );
         }
+    }
+
+    /// The two things the csv crate leaves to us: where a record starts
+    /// past skipped lines, and a quote never closed.
+    #[test]
+    fn record_starts_and_unclosed_quotes() {
+        for (text, at, start) in [
+            ("a,b\n", 0, 0),
+            ("# c\na,b\n", 0, 4),
+            ("\n\r\n# c \"x\n\na,b", 0, 11),
+            ("x\n# only comments", 2, 17),
+        ] {
+            assert_eq!(record_start(text, at), start, "{text:?}");
+        }
+        for (record, open) in [
+            ("a,b\n", false),
+            ("a,\"b\n", true),
+            ("a,\"b\"\"\n", true),
+            ("a,\"b\"\"c\"\n", false),
+            ("a,Mr \"X\n", false),
+            ("\"a\nb\",c\nd,\"e", true),
+            ("\"a\nb\",c\nd,e", false),
+        ] {
+            assert_eq!(ends_quoted(record), open, "{record:?}");
+        }
+        // A quote inside an unquoted field is a character, not an error.
+        let rows = rules_parse(&format!("{HEADER}a@example.com,Mr \"X,user,,,old\n")).unwrap();
+        assert_eq!(rows[0].display_name, "Mr \"X");
+        // A line of spaces is blank, and line numbers count it.
+        let errs = rules_parse(&format!("{HEADER}   \n# c\nx,A,user,,,old\n")).unwrap_err();
+        assert_eq!(errs[0].line, 4, "{errs:?}");
     }
 
     #[test]

@@ -953,13 +953,8 @@ mod tests {
 
     #[tokio::test]
     async fn set_decide_and_incremental_reload() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&format!(
-            "sqlite://{}?mode=rwc",
-            dir.path().join("s.db").display()
-        ))
-        .await
-        .unwrap();
+        let t = godwit_store::testing::sqlite_temp().await;
+        let store = t.store.clone();
         let cfg = config();
         let shared = SharedRoutes::new(load(&store, &cfg).await.unwrap());
         assert_eq!(shared.decide("alice@example.com").why, Why::GlobalDefault);
@@ -1085,12 +1080,11 @@ mod tests {
 
     #[tokio::test]
     async fn concurrent_writers_lose_nothing() {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}?mode=rwc", dir.path().join("s.db").display());
-        let store = Store::open(&url).await.unwrap();
+        let t = godwit_store::testing::sqlite_temp().await;
+        let store = t.store.clone();
         let mut tasks = Vec::new();
         for i in 0..20 {
-            let s = Store::open(&url).await.unwrap();
+            let s = Store::open(&t.url).await.unwrap();
             tasks.push(tokio::spawn(async move {
                 commit(
                     &s,

@@ -4,6 +4,8 @@
 //! driver. Engine-specific SQL stays behind `Backend`.
 
 pub mod bulk;
+#[cfg(any(test, feature = "test-util"))]
+pub mod testing;
 
 use sqlx::any::{AnyPoolOptions, install_default_drivers};
 use std::time::Duration;
@@ -167,48 +169,77 @@ impl Store {
     }
 
     /// Runs `f` in a transaction, retrying when a concurrent writer won the race
-    /// (SQLite BUSY on lock upgrade, PostgreSQL unique or serialization conflicts).
-    pub async fn write_tx<T, F>(&self, mut f: F) -> Result<T, StoreError>
+    /// (see [`retry`]).
+    pub async fn write_tx<T, F>(&self, f: F) -> Result<T, StoreError>
     where
-        F: for<'c> FnMut(
+        F: for<'c> Fn(
             &'c mut sqlx::AnyConnection,
         ) -> std::pin::Pin<
             Box<dyn std::future::Future<Output = Result<T, StoreError>> + Send + 'c>,
         >,
     {
-        let mut attempt = 0u32;
-        loop {
+        let f = &f;
+        retry(move || async move {
             let mut tx = self.pool.begin().await?;
-            let result = f(&mut tx).await;
-            let outcome = match result {
+            match f(&mut tx).await {
                 Ok(v) => tx.commit().await.map(|_| v).map_err(StoreError::from),
                 Err(e) => {
                     let _ = tx.rollback().await;
                     Err(e)
                 }
-            };
-            match outcome {
-                Err(e) if attempt < 50 && is_retryable(&e) => {
-                    attempt += 1;
-                    tokio::time::sleep(Duration::from_millis(5 * u64::from(attempt.min(20)))).await;
-                }
-                other => return other,
             }
+        })
+        .await
+    }
+}
+
+/// An error a transaction can fail with: it may carry the store's own error,
+/// which says whether the transaction lost a race ([`is_retryable`]).
+pub trait TxError: std::fmt::Display {
+    fn store_error(&self) -> Option<&StoreError>;
+}
+
+impl TxError for StoreError {
+    fn store_error(&self) -> Option<&StoreError> {
+        Some(self)
+    }
+}
+
+/// The one retry loop of the store's writers: runs `attempt` (a whole
+/// transaction, begun and ended inside it) again while it fails because a
+/// concurrent writer won the race, up to 50 times with a growing pause. Each
+/// attempt starts from fresh data, so nothing the loser read is kept.
+pub async fn retry<T, E, F>(mut attempt: impl FnMut() -> F) -> Result<T, E>
+where
+    E: TxError,
+    F: std::future::Future<Output = Result<T, E>>,
+{
+    let mut n = 0u32;
+    loop {
+        match attempt().await {
+            Err(e) if n < 50 && e.store_error().is_some_and(is_retryable) => {
+                tracing::debug!("retrying after a lost race: {e}");
+                n += 1;
+                tokio::time::sleep(Duration::from_millis(5 * u64::from(n.min(20)))).await;
+            }
+            other => return other,
         }
     }
 }
 
-fn is_retryable(e: &StoreError) -> bool {
+/// Whether a failed transaction lost a race and should run again on fresh
+/// data: SQLite BUSY (code 5) or locked, PostgreSQL unique violation (23505),
+/// serialization failure (40001) or deadlock (40P01), the two the PostgreSQL
+/// manual (13.2.3, 13.3.4) says to retry.
+pub fn is_retryable(e: &StoreError) -> bool {
     match e {
         StoreError::Sql(sqlx::Error::Database(db)) => {
             let msg = db.message().to_ascii_lowercase();
             let code = db.code().map(|c| c.to_string()).unwrap_or_default();
             msg.contains("locked")
                 || msg.contains("busy")
-                || code == "23505"
-                || code == "40001"
-                || code == "5"
                 || msg.contains("unique")
+                || matches!(code.as_str(), "23505" | "40001" | "40P01" | "5")
         }
         _ => false,
     }
