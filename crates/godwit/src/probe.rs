@@ -44,11 +44,17 @@ pub async fn addresses(
     };
     let rows =
         godwit_route::history::directory(store, &filter, config.directory.max_verify_age).await?;
+    // One query for every alias, not an `explain` per mailbox: a 10,000
+    // mailbox wave's cutover spent 22 s in 150,000 queries here.
+    let mut aliases = godwit_route::history::aliases(store).await?;
     let mut out = BTreeMap::new();
     for r in rows {
-        let e = godwit_route::history::explain(store, config, &r.address).await?;
         let mut all = vec![r.address.clone()];
-        all.extend(e.aliases);
+        all.extend(
+            aliases
+                .remove(&godwit_route::normalize_address(&r.address))
+                .unwrap_or_default(),
+        );
         out.insert(r.address, all);
     }
     Ok(out)

@@ -246,12 +246,14 @@ async fn members(store: &Store, config: &Config, wave: &str) -> Result<BTreeSet<
     let w = godwit_route::history::wave(store, wave, config.directory.max_verify_age)
         .await?
         .with_context(|| format!("no wave `{wave}`"))?;
+    let mut aliases = godwit_route::history::aliases(store).await?;
     let mut out = BTreeSet::new();
     for m in &w.members {
         out.insert(m.address.to_lowercase());
-        if let Ok(e) = godwit_route::history::explain(store, config, &m.address).await {
-            out.extend(e.aliases.iter().map(|a| a.to_lowercase()));
-        }
+        let own = aliases
+            .remove(&godwit_route::normalize_address(&m.address))
+            .unwrap_or_default();
+        out.extend(own.iter().map(|a| a.to_lowercase()));
     }
     Ok(out)
 }
