@@ -184,6 +184,18 @@ fn probe_names_the_alias_the_target_lacks_and_cutover_holds_its_member_back() {
         "--apply",
     ]);
     assert!(ok, "{out}");
+    // new refuses al@example.org only once it runs on that directory: wait
+    // for it to apply the import's version (the probe saw "0 refused" when
+    // it came first).
+    let version: i64 = out
+        .split("applied as version ")
+        .nth(1)
+        .and_then(|t| t.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no version in {out}"));
+    new.wait_event("route.changed", Duration::from_secs(10), |e| {
+        e["version"].as_i64() >= Some(version)
+    });
     let old_port = free_port();
     let _old = Sink::start(old_port, &[]);
     let gw = Gateway::start(old_port, new.port, "", "");
