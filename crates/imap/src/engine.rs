@@ -1493,7 +1493,7 @@ fn folder_err(folder: &str, command: &str, e: async_imap::error::Error) -> ImapE
 struct InFlight {
     rows: Vec<MessageRow>,
     sizes: Vec<u64>,
-    sent: Vec<crate::conn::Sent>,
+    sent: crate::conn::Sent,
 }
 
 /// Reads the answers to a batch's APPENDs; returns the rows to record.
