@@ -78,21 +78,15 @@ fn peak_of_sync(config: &std::path::Path, mailbox: &str) -> u64 {
         if let Some(kb) = status_kb(pid, "VmHWM:") {
             hwm_kb = hwm_kb.max(kb);
         }
-        let mut status = 0;
-        let r = unsafe { libc::waitpid(pid as i32, &mut status, libc::WNOHANG) };
-        if r == pid as i32 {
+        if let Some(status) = child.try_wait().unwrap() {
             let mut out = String::new();
             std::io::Read::read_to_string(child.stdout.as_mut().unwrap(), &mut out).unwrap();
             let mut err = String::new();
             std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
-            assert!(
-                libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
-                "godwit sync failed: {out}{err}"
-            );
+            assert!(status.success(), "godwit sync failed: {out}{err}");
             assert!(hwm_kb > 0, "VmHWM was read while godwit ran");
             return hwm_kb;
         }
-        assert_eq!(r, 0, "waitpid: {}", std::io::Error::last_os_error());
         std::thread::sleep(Duration::from_millis(20));
     }
 }
