@@ -611,8 +611,8 @@ impl Conn {
         while self.session.unsolicited_responses.try_recv().is_ok() {}
     }
 
-    /// Appends messages with LITERAL+ (RFC 7888) so that a batch costs one round
-    /// trip, and returns per message the target UID from APPENDUID (RFC 4315 3),
+    /// Appends messages so that a batch costs one round trip (see `append_send`),
+    /// and returns per message the target UID from APPENDUID (RFC 4315 3),
     /// or the server's refusal text.
     pub async fn append_batch(
         &mut self,
@@ -623,16 +623,36 @@ impl Conn {
         self.append_collect(sent).await
     }
 
-    /// Sends the APPENDs without waiting for their answers (with LITERAL+),
-    /// so the caller can fetch the next batch meanwhile; `append_collect` reads
-    /// the answers. Without LITERAL+ each literal waits for its continuation
-    /// (RFC 3501 7.5) and the answer is read at once.
+    /// Sends a batch's APPENDs without waiting for their answers, so the
+    /// caller can fetch the next batch meanwhile; `append_collect` reads the
+    /// answers. How, `append_mode` decides: one MULTIAPPEND (RFC 3502) for
+    /// the batch, one APPEND per message with LITERAL+ (RFC 7888), or, with
+    /// neither, each literal waiting for its continuation (RFC 3501 7.5) and
+    /// its answer read at once.
     pub async fn append_send(
         &mut self,
         mailbox_wire: &str,
         messages: &[AppendItem<'_>],
-    ) -> Result<Vec<Sent>, ImapError> {
-        let literal_plus = self.has("LITERAL+");
+    ) -> Result<Sent, ImapError> {
+        match append_mode(
+            self.has("MULTIAPPEND"),
+            self.has("LITERAL+"),
+            messages.len(),
+        ) {
+            AppendMode::Multi => self.multiappend_send(mailbox_wire, messages).await,
+            mode => Ok(Sent(Flight::Each(
+                self.append_each(mailbox_wire, messages, mode == AppendMode::Pipelined)
+                    .await?,
+            ))),
+        }
+    }
+
+    async fn append_each(
+        &mut self,
+        mailbox_wire: &str,
+        messages: &[AppendItem<'_>],
+        pipelined: bool,
+    ) -> Result<Vec<Each>, ImapError> {
         let mut out = Vec::with_capacity(messages.len());
         let io = |e: std::io::Error| io_error(e);
         for m in messages {
@@ -647,30 +667,117 @@ impl Conn {
             let stream = self.session.get_mut();
             stream.write_all(m.body).await.map_err(io)?;
             stream.write_all(b"\r\n").await.map_err(io)?;
-            if literal_plus {
-                out.push(Sent::Pending(tag));
+            if pipelined {
+                out.push(Each::Pending(tag));
             } else {
                 stream.flush().await.map_err(io)?;
-                out.push(Sent::Done(self.read_done(&tag).await?));
+                out.push(Each::Done(self.read_done(&tag).await?));
             }
         }
         self.session.get_mut().flush().await.map_err(io)?;
         Ok(out)
     }
 
-    /// The answers to `append_send`, in order.
-    pub async fn append_collect(
+    /// RFC 3502 3: `APPEND mailbox (flags) date {n+}` then, after each
+    /// literal, the next message's ` (flags) date {n+}`, and CRLF after the
+    /// last. The server commits the batch as one transaction (Dovecot: one
+    /// index update and one fsync pass instead of one per message). The
+    /// messages are kept: a refusal covers all of them.
+    async fn multiappend_send(
         &mut self,
-        sent: Vec<Sent>,
-    ) -> Result<Vec<AppendOutcome>, ImapError> {
-        let mut out = Vec::with_capacity(sent.len());
-        for s in sent {
-            out.push(match s {
-                Sent::Pending(tag) => self.read_done(&tag).await?,
-                Sent::Done(r) => r,
+        mailbox_wire: &str,
+        messages: &[AppendItem<'_>],
+    ) -> Result<Sent, ImapError> {
+        let io = |e: std::io::Error| io_error(e);
+        let mut kept = Vec::with_capacity(messages.len());
+        let mut tag = None;
+        // The socket is unbuffered with TCP_NODELAY: small messages and their
+        // parts are gathered into one write of up to WRITE_CHUNK bytes, not
+        // three segments per message.
+        const WRITE_CHUNK: usize = 256 << 10;
+        let mut out: Vec<u8> = Vec::with_capacity(WRITE_CHUNK);
+        for m in messages {
+            let part = append_part(&m.flags, m.internal_date.as_deref(), m.body.len(), true);
+            match tag {
+                None => {
+                    let cmd = format!("APPEND {} {part}", quote(mailbox_wire));
+                    tag = Some(self.session.run_command(&cmd).await?);
+                }
+                Some(_) => {
+                    out.push(b' ');
+                    out.extend_from_slice(part.as_bytes());
+                    out.extend_from_slice(b"\r\n");
+                }
+            }
+            if out.len() + m.body.len() > WRITE_CHUNK {
+                let stream = self.session.get_mut();
+                stream.write_all(&out).await.map_err(io)?;
+                out.clear();
+                stream.write_all(m.body).await.map_err(io)?;
+            } else {
+                out.extend_from_slice(m.body);
+            }
+            kept.push(OwnedItem {
+                flags: m.flags.clone(),
+                internal_date: m.internal_date.clone(),
+                body: m.body.to_vec(),
             });
         }
+        out.extend_from_slice(b"\r\n");
+        let stream = self.session.get_mut();
+        stream.write_all(&out).await.map_err(io)?;
+        stream.flush().await.map_err(io)?;
+        Ok(Sent(Flight::Multi {
+            tag: tag.ok_or_else(|| ImapError::Io("MULTIAPPEND of no message".into()))?,
+            mailbox: mailbox_wire.to_string(),
+            items: kept,
+        }))
+    }
+
+    /// The answers to `append_send`, one per message, in order. A refused
+    /// MULTIAPPEND appended nothing (RFC 3502 6.3.11), so its messages are
+    /// sent again one APPEND each: each then gets its own answer, and only
+    /// the message the server will not take is reported refused.
+    pub async fn append_collect(&mut self, sent: Sent) -> Result<Vec<AppendOutcome>, ImapError> {
+        let out = match sent.0 {
+            Flight::Each(each) => self.collect_each(each).await?,
+            Flight::Multi {
+                tag,
+                mailbox,
+                items,
+            } => {
+                let answer = self.read_answer(&tag, items.len()).await?;
+                match multi_outcomes(answer, items.len()) {
+                    Some(out) => out,
+                    None => {
+                        tracing::debug!(mailbox, "MULTIAPPEND refused; appending one by one");
+                        let again: Vec<AppendItem<'_>> = items
+                            .iter()
+                            .map(|i| AppendItem {
+                                flags: i.flags.clone(),
+                                internal_date: i.internal_date.clone(),
+                                body: &i.body,
+                            })
+                            .collect();
+                        let pipelined = self.has("LITERAL+");
+                        let each = self.append_each(&mailbox, &again, pipelined).await?;
+                        self.collect_each(each).await?
+                    }
+                }
+            }
+        };
         self.drain_unsolicited();
+        Ok(out)
+    }
+
+    async fn collect_each(&mut self, each: Vec<Each>) -> Result<Vec<AppendOutcome>, ImapError> {
+        let mut out = Vec::with_capacity(each.len());
+        for s in each {
+            out.push(match s {
+                Each::Pending(tag) => self.read_done(&tag).await?,
+                Each::Done(r) => r,
+            });
+        }
         Ok(out)
     }
 
@@ -684,14 +791,10 @@ impl Conn {
         size: u32,
     ) -> Result<async_imap::imap_proto::RequestId, ImapError> {
         let literal_plus = self.has("LITERAL+");
-        let date = internal_date
-            .map(|d| format!(" \"{d}\""))
-            .unwrap_or_default();
         let cmd = format!(
-            "APPEND {} ({}){date} {{{size}{}}}",
+            "APPEND {} {}",
             quote(mailbox_wire),
-            flags.join(" "),
-            if literal_plus { "+" } else { "" }
+            append_part(flags, internal_date, size as usize, literal_plus)
         );
         let tag = self.session.run_command(&cmd).await?;
         if !literal_plus {
@@ -745,7 +848,21 @@ impl Conn {
     async fn read_done(
         &mut self,
         tag: &async_imap::imap_proto::RequestId,
-    ) -> Result<Result<Option<(u32, u32)>, String>, ImapError> {
+    ) -> Result<AppendOutcome, ImapError> {
+        Ok(self
+            .read_answer(tag, 1)
+            .await?
+            .map(|a| a.and_then(|(v, uids)| uids.first().map(|u| (v, *u)))))
+    }
+
+    /// The tagged answer to an APPEND: APPENDUID's UIDVALIDITY and up to
+    /// `max_uids` UIDs (a uid-set after MULTIAPPEND, RFC 4315 3), or the
+    /// refusal text.
+    async fn read_answer(
+        &mut self,
+        tag: &async_imap::imap_proto::RequestId,
+        max_uids: usize,
+    ) -> Result<Result<Option<(u32, Vec<u32>)>, String>, ImapError> {
         loop {
             let r = tokio::time::timeout(self.server.command_timeout, self.session.read_response())
                 .await
@@ -761,11 +878,9 @@ impl Conn {
                     let text = outcome.information.as_deref().unwrap_or("").to_string();
                     return match status {
                         Status::Ok => Ok(Ok(match &outcome.code {
-                            Some(ResponseCode::AppendUid(validity, uids)) => match uids.first() {
-                                Some(UidSetMember::Uid(u)) => Some((*validity, *u)),
-                                Some(UidSetMember::UidRange(r)) => Some((*validity, *r.start())),
-                                None => None,
-                            },
+                            Some(ResponseCode::AppendUid(validity, uids)) => {
+                                Some((*validity, expand_uids(uids, max_uids)))
+                            }
                             _ => None,
                         })),
                         _ if is_throttling(&text) => Err(ImapError::Throttled(text)),
@@ -933,10 +1048,97 @@ impl Conn {
 /// APPENDUID, or its refusal text.
 pub type AppendOutcome = Result<Option<(u32, u32)>, String>;
 
-/// An APPEND sent and not yet answered, or answered already.
-pub enum Sent {
+/// A batch's APPENDs, sent and not yet all answered (`Conn::append_send`).
+pub struct Sent(Flight);
+
+enum Flight {
+    Each(Vec<Each>),
+    Multi {
+        tag: async_imap::imap_proto::RequestId,
+        mailbox: String,
+        items: Vec<OwnedItem>,
+    },
+}
+
+/// One message's APPEND: pending (LITERAL+), or answered already.
+enum Each {
     Pending(async_imap::imap_proto::RequestId),
     Done(AppendOutcome),
+}
+
+struct OwnedItem {
+    flags: Vec<String>,
+    internal_date: Option<String>,
+    body: Vec<u8>,
+}
+
+/// How a batch of APPENDs goes on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AppendMode {
+    /// One MULTIAPPEND command (RFC 3502) with LITERAL+ literals (RFC 7888).
+    Multi,
+    /// One APPEND per message, all sent before any answer is read (LITERAL+).
+    Pipelined,
+    /// One APPEND per message, each literal after its continuation.
+    Synchronous,
+}
+
+/// MULTIAPPEND only with LITERAL+: without it every literal of the one
+/// command waits for a continuation, which saves nothing over single
+/// APPENDs. A batch of one is a plain APPEND.
+pub fn append_mode(multiappend: bool, literal_plus: bool, messages: usize) -> AppendMode {
+    match (multiappend, literal_plus) {
+        (true, true) if messages > 1 => AppendMode::Multi,
+        (_, true) => AppendMode::Pipelined,
+        (_, false) => AppendMode::Synchronous,
+    }
+}
+
+/// One message's part of an APPEND (RFC 3501 6.3.11): `(flags) "date" {n}`,
+/// `{n+}` with LITERAL+.
+fn append_part(flags: &[String], internal_date: Option<&str>, size: usize, plus: bool) -> String {
+    let date = internal_date
+        .map(|d| format!(" \"{d}\""))
+        .unwrap_or_default();
+    let plus = if plus { "+" } else { "" };
+    format!("({}){date} {{{size}{plus}}}", flags.join(" "))
+}
+
+/// APPENDUID's uid-set as UIDs, in order, at most `max` of them (a hostile
+/// range must not allocate without bound).
+fn expand_uids(set: &[UidSetMember], max: usize) -> Vec<u32> {
+    let mut out = Vec::new();
+    for m in set {
+        let (a, b) = match m {
+            UidSetMember::Uid(u) => (*u, *u),
+            UidSetMember::UidRange(r) => (*r.start(), *r.end()),
+        };
+        for u in a..=b {
+            if out.len() > max {
+                return out;
+            }
+            out.push(u);
+        }
+    }
+    out
+}
+
+/// Each message's outcome from a MULTIAPPEND's answer, or None when the
+/// server refused it, so nothing was appended (RFC 3502 6.3.11). The UIDs of
+/// APPENDUID follow the messages' order (RFC 4315 3); a set of another size
+/// names no message for sure, and each is then recorded without its UID, as
+/// with a server without UIDPLUS.
+pub fn multi_outcomes(
+    answer: Result<Option<(u32, Vec<u32>)>, String>,
+    messages: usize,
+) -> Option<Vec<AppendOutcome>> {
+    match answer {
+        Err(_) => None,
+        Ok(Some((validity, uids))) if uids.len() == messages => {
+            Some(uids.into_iter().map(|u| Ok(Some((validity, u)))).collect())
+        }
+        Ok(_) => Some(vec![Ok(None); messages]),
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -971,6 +1173,59 @@ pub fn quote(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn append_modes() {
+        use AppendMode::*;
+        // (MULTIAPPEND, LITERAL+, messages) -> mode
+        for (multi, plus, n, want) in [
+            (true, true, 2, Multi),
+            (true, true, 64, Multi),
+            (true, true, 1, Pipelined),
+            (false, true, 5, Pipelined),
+            (true, false, 5, Synchronous),
+            (false, false, 5, Synchronous),
+        ] {
+            assert_eq!(append_mode(multi, plus, n), want, "{multi} {plus} {n}");
+        }
+    }
+
+    #[test]
+    fn multiappend_answers() {
+        assert_eq!(
+            multi_outcomes(Ok(Some((7, vec![4, 5, 6]))), 3),
+            Some(vec![Ok(Some((7, 4))), Ok(Some((7, 5))), Ok(Some((7, 6)))])
+        );
+        // A uid-set of another size names no message for sure.
+        assert_eq!(
+            multi_outcomes(Ok(Some((7, vec![4, 5]))), 3),
+            Some(vec![Ok(None); 3])
+        );
+        assert_eq!(multi_outcomes(Ok(None), 2), Some(vec![Ok(None); 2]));
+        // Refused: nothing was appended (RFC 3502), each is sent again.
+        assert_eq!(multi_outcomes(Err("NO [LIMIT]".into()), 2), None);
+        let set = [
+            UidSetMember::Uid(3),
+            UidSetMember::UidRange(5..=7),
+            UidSetMember::UidRange(9..=u32::MAX),
+        ];
+        assert_eq!(expand_uids(&set[..2], 10), vec![3, 5, 6, 7]);
+        assert_eq!(
+            expand_uids(&set, 5).len(),
+            6,
+            "a hostile range stops past max"
+        );
+        assert_eq!(
+            append_part(
+                &["\\Seen".into()],
+                Some("01-Jan-2020 00:00:00 +0000"),
+                12,
+                true
+            ),
+            "(\\Seen) \"01-Jan-2020 00:00:00 +0000\" {12+}"
+        );
+        assert_eq!(append_part(&[], None, 3, false), "() {3}");
+    }
 
     #[test]
     fn throttling_answers_are_recognised() {

@@ -1086,7 +1086,7 @@ fn folder_err(folder: &str, command: &str, e: async_imap::error::Error) -> ImapE
 struct InFlight {
     rows: Vec<MessageRow>,
     sizes: Vec<u64>,
-    sent: Vec<crate::conn::Sent>,
+    sent: crate::conn::Sent,
 }
 
 /// A real run executing one folder's copies: the plan, its pools (each
