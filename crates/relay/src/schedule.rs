@@ -905,8 +905,16 @@ impl RelayHandle {
         };
         let spool = inner.spool.clone();
         let sp2 = sp.clone();
-        let body = match tokio::task::spawn_blocking(move || spool.open_body(&sp2)).await {
-            Ok(Ok(file)) => Body::new(file, sp.body_offset, sp.body_len),
+        let body = match tokio::task::spawn_blocking(move || {
+            let file = spool.open_body(&sp2)?;
+            Body::open(file, sp2.body_offset, sp2.body_len).map_err(|e| SpoolError::Corrupt {
+                path: spool.queue_dir().join(&sp2.header.queue_id),
+                reason: format!("unreadable: {e}"),
+            })
+        })
+        .await
+        {
+            Ok(Ok(body)) => body,
             Ok(Err(e)) => {
                 drop(permit);
                 self.group_done(id, false);
