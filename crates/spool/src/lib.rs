@@ -160,7 +160,9 @@ pub struct Spooled {
 /// that starts after their own rename or unlink, so N sessions cost far fewer
 /// than N directory syncs, and each caller still returns only once durable.
 struct DirSync {
-    dir: PathBuf,
+    /// `queue/`, open for the life of the spool: a group sync is one fsync,
+    /// not an open, an fsync and a close.
+    dir: File,
     state: std::sync::Mutex<(u64, u64, bool)>, // (requested, synced, syncing)
     cv: std::sync::Condvar,
 }
@@ -178,7 +180,7 @@ impl DirSync {
                 st.2 = true;
                 let target = st.0;
                 drop(st);
-                let r = File::open(&self.dir).and_then(|d| d.sync_all());
+                let r = self.dir.sync_all();
                 st = self.state.lock().unwrap();
                 st.2 = false;
                 if r.is_ok() {
@@ -262,7 +264,7 @@ impl Spool {
             }
         }
         let dirsync = DirSync {
-            dir: queue.clone(),
+            dir: File::open(&queue).map_err(io(&queue))?,
             state: Default::default(),
             cv: Default::default(),
         };
@@ -437,17 +439,18 @@ impl Spool {
                 .create_new(true)
                 .open(&tmp)
                 .map_err(io(&tmp))?;
-            f.write_all(&prefix).map_err(io(&tmp))?;
-            for p in before {
-                f.write_all(p).map_err(io(&tmp))?;
+            // One writev for the prefix and the parts held in memory (and
+            // one for what follows a spill), not one write each.
+            let head = std::iter::once(&prefix[..]).chain(before.iter().copied());
+            let tail = after.iter().copied().chain(std::iter::once(&trailer[..]));
+            match spilled {
+                None => write_all_vectored(&mut f, head.chain(tail)).map_err(io(&tmp))?,
+                Some(s) => {
+                    write_all_vectored(&mut f, head).map_err(io(&tmp))?;
+                    s.copy_to(&mut f).map_err(io(&tmp))?;
+                    write_all_vectored(&mut f, tail).map_err(io(&tmp))?;
+                }
             }
-            if let Some(s) = spilled {
-                s.copy_to(&mut f).map_err(io(&tmp))?;
-            }
-            for p in after {
-                f.write_all(p).map_err(io(&tmp))?;
-            }
-            f.write_all(&trailer).map_err(io(&tmp))?;
             // Each session syncs its own file's data in its own thread: on
             // this ext4 (no journal) a data sync cannot be shared, but the
             // syncs of concurrent sessions reach the disk together.
@@ -618,6 +621,26 @@ impl Spool {
         }
         Ok((good, bad))
     }
+}
+
+/// Writes every byte of `parts` in order, with as few writev(2) calls as
+/// the kernel allows (one, for a queue file's few parts).
+fn write_all_vectored<'a>(
+    f: &mut File,
+    parts: impl Iterator<Item = &'a [u8]>,
+) -> std::io::Result<()> {
+    use std::io::IoSlice;
+    let mut slices: Vec<IoSlice<'_>> = parts.filter(|p| !p.is_empty()).map(IoSlice::new).collect();
+    let mut bufs = &mut slices[..];
+    while !bufs.is_empty() {
+        match f.write_vectored(bufs) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut bufs, n),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// The middle of a message too large to hold while it arrives: written to
