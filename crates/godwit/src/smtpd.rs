@@ -746,7 +746,10 @@ impl Smtpd {
         // The SASL method and user of this session's AUTH.
         let mut sasl: Option<(String, String)> = None;
         let mut draining = self.draining.subscribe();
-        let mut buf = vec![0u8; 64 * 1024];
+        // Read into spare capacity (`read_buf`): a zeroed 64 KB buffer cost
+        // every connection a 64 KB memset and its page faults, most of it
+        // never read into (8% of a relayed 4 KB message's instructions).
+        let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
         let mut out: Vec<u8> = Vec::with_capacity(1024);
         let mut charged = Charged {
             memory: &self.data_memory,
@@ -876,13 +879,16 @@ impl Smtpd {
                     };
                 was_data = in_data;
             }
+            buf.clear();
             let read = async {
                 if in_data {
                     // A message in DATA is finished before the session closes.
-                    return Some(tokio::time::timeout_at(deadline, stream.read(&mut buf)).await);
+                    return Some(
+                        tokio::time::timeout_at(deadline, stream.read_buf(&mut buf)).await,
+                    );
                 }
                 tokio::select! {
-                    r = tokio::time::timeout_at(deadline, stream.read(&mut buf)) => Some(r),
+                    r = tokio::time::timeout_at(deadline, stream.read_buf(&mut buf)) => Some(r),
                     _ = draining.wait_for(|d| *d) => None,
                 }
             };
