@@ -29,6 +29,9 @@ pub struct Body {
     /// Bytes sent after the spooled ones: a journal report's closing
     /// boundary (the original inside it stays unmodified).
     suffix: std::sync::Arc<Vec<u8>>,
+    /// The body's first chunk, read with the open (`Body::open`): most mail
+    /// fits in one, so its attempt costs one blocking-thread hop, not two.
+    first: std::sync::Arc<Vec<u8>>,
 }
 
 /// How much of a body is read, stuffed and written at a time.
@@ -43,7 +46,26 @@ impl Body {
             error: Default::default(),
             prefix: Default::default(),
             suffix: Default::default(),
+            first: Default::default(),
         }
+    }
+
+    /// `new`, with the first chunk read now (blocking: call it from the
+    /// blocking thread that opened the file).
+    pub fn open(file: std::fs::File, offset: u64, len: u64) -> std::io::Result<Body> {
+        use std::os::unix::fs::FileExt;
+        let mut first = vec![0u8; CHUNK.min(len as usize)];
+        file.read_exact_at(&mut first, offset)?;
+        let mut b = Body::new(file, offset, len);
+        b.first = std::sync::Arc::new(first);
+        Ok(b)
+    }
+
+    /// What the whole attempt writes at most at a time: one chunk, or the
+    /// whole message when smaller (a 4 KB message needs no 256 KB buffer).
+    fn wire_capacity(&self) -> usize {
+        let whole = self.len as usize + self.prefix.len() + self.suffix.len();
+        CHUNK.min(whole) + CHUNK / 16 + 64
     }
 
     /// The same body with `tail` sent after it.
@@ -66,6 +88,9 @@ impl Body {
     /// Bytes `pos..pos + n` of the message (positional reads, so several
     /// transactions may read one body at once).
     async fn chunk(&self, pos: u64, n: usize) -> std::io::Result<Vec<u8>> {
+        if pos == 0 && n == self.first.len() && n > 0 {
+            return Ok(self.first.to_vec());
+        }
         let file = self.file.clone();
         let at = self.offset + pos;
         let r = tokio::task::spawn_blocking(move || {
@@ -928,7 +953,7 @@ async fn transaction(
     }
     // Every copy names its queue ID so copies and duplicates can be reconciled.
     let mut stuffer = DotStuffer::default();
-    let mut wire = Vec::with_capacity(CHUNK + CHUNK / 16 + 64);
+    let mut wire = Vec::with_capacity(body.wire_capacity());
     stuffer.push(
         format!("X-Godwit-Trace: {queue_id}\r\n").as_bytes(),
         &mut wire,

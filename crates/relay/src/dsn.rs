@@ -22,6 +22,13 @@ pub struct DsnRcpt {
 /// Messages larger than this come back as headers only.
 const MAX_RETURNED: usize = 1_000_000;
 
+/// How much of an original of `body_len` bytes `build` needs: all of one
+/// it returns whole, one byte past MAX_RETURNED of a larger one (whose
+/// header section alone goes back), so a 50 MB bounce never reads 50 MB.
+pub fn needed(body_len: u64) -> u64 {
+    body_len.min(MAX_RETURNED as u64 + 1)
+}
+
 pub(crate) fn date(ms: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp(ms / 1000)
         .ok()
@@ -225,6 +232,29 @@ mod tests {
         let raw = build("gw.test", &header(Some("HDRS")), body, &[r], 0);
         let text = String::from_utf8_lossy(&raw);
         assert!(text.contains("text/rfc822-headers") && !text.contains("the body"));
+    }
+
+    /// A large original read only as far as `needed` still comes back as
+    /// its header section; a small one is read whole.
+    #[test]
+    fn a_large_original_is_read_only_as_far_as_its_headers_go_back() {
+        assert_eq!(needed(4096), 4096);
+        assert_eq!(needed(50_000_000), MAX_RETURNED as u64 + 1);
+        let mut body = b"Message-ID: <big@test>\r\nSubject: big\r\n\r\n".to_vec();
+        body.resize(3_000_000, b'z');
+        let r = DsnRcpt {
+            address: "u@example.com".into(),
+            orcpt: None,
+            action: "failed",
+            status: "5.1.1".into(),
+            diagnostic: "550 5.1.1 no such user".into(),
+            remote_mta: None,
+        };
+        let part = &body[..needed(body.len() as u64) as usize];
+        let raw = build("gw.test", &header(None), part, &[r], 0);
+        let text = String::from_utf8_lossy(&raw);
+        assert!(text.contains("text/rfc822-headers"), "{text}");
+        assert!(text.contains("Subject: big") && !text.contains("zzzz"));
     }
 
     #[test]

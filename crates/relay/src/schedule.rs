@@ -905,8 +905,16 @@ impl RelayHandle {
         };
         let spool = inner.spool.clone();
         let sp2 = sp.clone();
-        let body = match tokio::task::spawn_blocking(move || spool.open_body(&sp2)).await {
-            Ok(Ok(file)) => Body::new(file, sp.body_offset, sp.body_len),
+        let body = match tokio::task::spawn_blocking(move || {
+            let file = spool.open_body(&sp2)?;
+            Body::open(file, sp2.body_offset, sp2.body_len).map_err(|e| SpoolError::Corrupt {
+                path: spool.queue_dir().join(&sp2.header.queue_id),
+                reason: format!("unreadable: {e}"),
+            })
+        })
+        .await
+        {
+            Ok(Ok(body)) => body,
             Ok(Err(e)) => {
                 drop(permit);
                 self.group_done(id, false);
@@ -1275,11 +1283,19 @@ impl RelayHandle {
         }
         let spool = inner.spool.clone();
         let sp2 = Arc::new(sp.clone());
-        let body = tokio::task::spawn_blocking(move || spool.read_body(&sp2))
-            .await
-            .ok()
-            .and_then(|r| r.ok())
-            .unwrap_or_default();
+        // Only as much of the original as the DSN returns (its header
+        // section, when large): a bounce never reads a 50 MB body whole.
+        let body = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
+            use std::os::unix::fs::FileExt;
+            let f = spool.open_body(&sp2).map_err(std::io::Error::other)?;
+            let mut buf = vec![0u8; dsn::needed(sp2.body_len) as usize];
+            f.read_exact_at(&mut buf, sp2.body_offset)?;
+            Ok(buf)
+        })
+        .await
+        .ok()
+        .and_then(|r| r.ok())
+        .unwrap_or_default();
         let action = rcpts[0].action.to_string();
         let hostname = self.live().config.hostname.clone();
         let message = dsn::build(&hostname, h, &body, &rcpts, now_ms());

@@ -220,6 +220,24 @@ impl Session {
         self.message.capacity()
     }
 
+    /// The DATA content held so far (decoded, CRLF-normalized).
+    pub fn data(&self) -> &[u8] {
+        &self.message
+    }
+
+    /// Moves the DATA content held past its first `keep` bytes to the end of
+    /// `out`, so a driver can write a large message to disk as it arrives
+    /// and hold only its head (the header section the checks at the end of
+    /// DATA read: Received count, header From). The content handed out at
+    /// the end is then the head followed by what arrived after the last
+    /// spill. Outside DATA, or with no more than `keep` bytes held, nothing.
+    pub fn spill_data(&mut self, keep: usize, out: &mut Vec<u8>) {
+        if self.in_data() && self.message.len() > keep {
+            out.extend_from_slice(&self.message[keep..]);
+            self.message.truncate(keep);
+        }
+    }
+
     /// Drops the content held so far and discards the rest of this DATA:
     /// it ends with 452 4.3.1 (the server is short of memory; RFC 3463
     /// 4.3.1), and the client tries again later. Outside DATA, nothing.
@@ -1073,6 +1091,46 @@ mod tests {
         s.abandon_data();
         step(&mut s, &mut replies, b"NOOP\r\n");
         assert_eq!(replies.last().unwrap(), "250 2.0.0 Ok");
+    }
+
+    /// Spilled content leaves the session; the message handed out at the
+    /// end is the kept head and what came after the last spill, so head,
+    /// spills and tail put together are the whole content, in order.
+    #[test]
+    fn spilled_data_leaves_the_head_and_the_tail() {
+        let mut s = Session::new(limits(), "127.0.0.1");
+        let mut spilled = Vec::new();
+        let mut got = None;
+        let step = |s: &mut Session, got: &mut Option<Vec<u8>>, input: &[u8]| {
+            s.push(input);
+            while let Some(o) = s.next(&OnlyExample) {
+                if let Output::Message { message, .. } = o {
+                    *got = Some(message);
+                    s.queued("Q1");
+                }
+            }
+        };
+        step(
+            &mut s,
+            &mut got,
+            b"HELO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@example.com>\r\nDATA\r\nSubject: s\r\n\r\nline one\r\n",
+        );
+        assert_eq!(s.data(), b"Subject: s\r\n\r\nline one\r\n");
+        s.spill_data(14, &mut spilled);
+        assert_eq!(spilled, b"line one\r\n");
+        assert_eq!(s.data(), b"Subject: s\r\n\r\n");
+        // Nothing past the head: nothing moves.
+        s.spill_data(14, &mut spilled);
+        assert_eq!(spilled, b"line one\r\n");
+        step(&mut s, &mut got, b"line two\r\n");
+        s.spill_data(14, &mut spilled);
+        step(&mut s, &mut got, b"tail\r\n.\r\n");
+        let tail = got.expect("the message");
+        assert_eq!(tail, b"Subject: s\r\n\r\ntail\r\n");
+        assert_eq!(spilled, b"line one\r\nline two\r\n");
+        // Outside DATA it does nothing.
+        s.spill_data(0, &mut spilled);
+        assert_eq!(spilled, b"line one\r\nline two\r\n");
     }
 
     #[test]

@@ -30,31 +30,45 @@ impl Default for DotStuffer {
 }
 
 impl DotStuffer {
-    /// Appends the DATA form of the next chunk to `out`.
+    /// Appends the DATA form of the next chunk to `out`. Line content runs
+    /// (up to the next CR or LF) are copied whole, not byte by byte: this
+    /// is every relayed byte's path.
     pub fn push(&mut self, chunk: &[u8], out: &mut Vec<u8>) {
-        for &b in chunk {
+        out.reserve(chunk.len() + 2);
+        let mut rest = chunk;
+        while let Some((&b, tail)) = rest.split_first() {
             if self.pending_cr {
                 self.pending_cr = false;
                 // CR LF, or a bare CR: either way one CRLF on the wire.
                 out.extend_from_slice(b"\r\n");
                 self.line_start = true;
                 if b == b'\n' {
+                    rest = tail;
                     continue;
                 }
             }
-            if self.line_start && b == b'.' {
-                // RFC 5321 4.5.2: a line starting with a period gets another.
-                out.push(b'.');
-            }
             match b {
-                b'\r' => self.pending_cr = true,
+                b'\r' => {
+                    self.pending_cr = true;
+                    rest = tail;
+                }
                 b'\n' => {
                     out.extend_from_slice(b"\r\n");
                     self.line_start = true;
+                    rest = tail;
                 }
                 _ => {
-                    out.push(b);
+                    if self.line_start && b == b'.' {
+                        // RFC 5321 4.5.2: a line starting with a period gets another.
+                        out.push(b'.');
+                    }
+                    let n = rest
+                        .iter()
+                        .position(|&c| c == b'\r' || c == b'\n')
+                        .unwrap_or(rest.len());
+                    out.extend_from_slice(&rest[..n]);
                     self.line_start = false;
+                    rest = &rest[n..];
                 }
             }
         }
@@ -96,7 +110,46 @@ mod tests {
         assert_eq!(stuffed(b"x\r.\r"), b"x\r\n..\r\n.\r\n");
     }
 
+    /// The DATA form by lines, written another way: every CRLF, bare CR
+    /// or bare LF ends a line; each line goes out with CRLF, a leading
+    /// period doubled; then the terminator.
+    fn by_lines(m: &[u8]) -> Vec<u8> {
+        let (mut lines, mut cur, mut i) = (Vec::new(), Vec::new(), 0);
+        while i < m.len() {
+            match m[i] {
+                b'\r' => {
+                    lines.push(std::mem::take(&mut cur));
+                    if m.get(i + 1) == Some(&b'\n') {
+                        i += 1;
+                    }
+                }
+                b'\n' => lines.push(std::mem::take(&mut cur)),
+                b => cur.push(b),
+            }
+            i += 1;
+        }
+        if !cur.is_empty() {
+            lines.push(cur);
+        }
+        let mut out = Vec::new();
+        for l in lines {
+            if l.first() == Some(&b'.') {
+                out.push(b'.');
+            }
+            out.extend_from_slice(&l);
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b".\r\n");
+        out
+    }
+
     proptest! {
+        /// Stuffing in runs is the line-by-line DATA form, byte for byte.
+        #[test]
+        fn stuffed_is_the_data_form_by_lines(msg in proptest::collection::vec(prop_oneof![Just(b'\r'), Just(b'\n'), Just(b'.'), any::<u8>()], 0..300)) {
+            prop_assert_eq!(stuffed(&msg), by_lines(&msg));
+        }
+
         /// Chunked stuffing is byte for byte the same as stuffing whole,
         /// wherever the chunks are cut (a CRLF split across two, say).
         #[test]

@@ -160,7 +160,9 @@ pub struct Spooled {
 /// that starts after their own rename or unlink, so N sessions cost far fewer
 /// than N directory syncs, and each caller still returns only once durable.
 struct DirSync {
-    dir: PathBuf,
+    /// `queue/`, open for the life of the spool: a group sync is one fsync,
+    /// not an open, an fsync and a close.
+    dir: File,
     state: std::sync::Mutex<(u64, u64, bool)>, // (requested, synced, syncing)
     cv: std::sync::Condvar,
 }
@@ -178,7 +180,7 @@ impl DirSync {
                 st.2 = true;
                 let target = st.0;
                 drop(st);
-                let r = File::open(&self.dir).and_then(|d| d.sync_all());
+                let r = self.dir.sync_all();
                 st = self.state.lock().unwrap();
                 st.2 = false;
                 if r.is_ok() {
@@ -262,7 +264,7 @@ impl Spool {
             }
         }
         let dirsync = DirSync {
-            dir: queue.clone(),
+            dir: File::open(&queue).map_err(io(&queue))?,
             state: Default::default(),
             cv: Default::default(),
         };
@@ -368,10 +370,48 @@ impl Spool {
         parts: &[&[u8]],
         records: &[StatusRecord],
     ) -> Result<Spooled, SpoolError> {
+        self.store_spilled(header, parts, None, &[], records)
+    }
+
+    /// A file in `tmp/` for the middle of a large message while it arrives
+    /// (see `Spill`).
+    pub fn spill(&self) -> Result<Spill, SpoolError> {
+        let path = self.tmp.join(format!("{}.spill", self.new_queue_id()));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(io(&path))?;
+        Ok(Spill {
+            file,
+            path,
+            crc: crc32fast::Hasher::new(),
+            len: 0,
+        })
+    }
+
+    /// `store_with` for a message whose bytes are `before`, then what was
+    /// spilled (if anything), then `after`. The spilled bytes are copied
+    /// file to file in the kernel (copy_file_range), never through memory;
+    /// their CRC was computed as they arrived and is combined here.
+    pub fn store_spilled(
+        &self,
+        header: &Header,
+        before: &[&[u8]],
+        spilled: Option<&Spill>,
+        after: &[&[u8]],
+        records: &[StatusRecord],
+    ) -> Result<Spooled, SpoolError> {
         let tmp = self.tmp.join(&header.queue_id);
         let dst = self.path(&header.queue_id);
         let head = serde_json::to_vec(header).expect("header serializes");
-        let body_len: u64 = parts.iter().map(|p| p.len() as u64).sum();
+        let body_len: u64 = before
+            .iter()
+            .chain(after)
+            .map(|p| p.len() as u64)
+            .sum::<u64>()
+            + spilled.map_or(0, |s| s.len);
         let mut prefix = Vec::with_capacity(MAGIC.len() + 4 + head.len() + 8);
         prefix.extend_from_slice(MAGIC);
         prefix.extend_from_slice(&(head.len() as u32).to_le_bytes());
@@ -380,7 +420,13 @@ impl Spool {
         let body_offset = prefix.len() as u64;
         let mut crc = crc32fast::Hasher::new();
         crc.update(&prefix);
-        for p in parts {
+        for p in before {
+            crc.update(p);
+        }
+        if let Some(s) = spilled {
+            crc.combine(&s.crc);
+        }
+        for p in after {
             crc.update(p);
         }
         let mut trailer = Vec::with_capacity(END.len() + 4);
@@ -393,11 +439,18 @@ impl Spool {
                 .create_new(true)
                 .open(&tmp)
                 .map_err(io(&tmp))?;
-            f.write_all(&prefix).map_err(io(&tmp))?;
-            for p in parts {
-                f.write_all(p).map_err(io(&tmp))?;
+            // One writev for the prefix and the parts held in memory (and
+            // one for what follows a spill), not one write each.
+            let head = std::iter::once(&prefix[..]).chain(before.iter().copied());
+            let tail = after.iter().copied().chain(std::iter::once(&trailer[..]));
+            match spilled {
+                None => write_all_vectored(&mut f, head.chain(tail)).map_err(io(&tmp))?,
+                Some(s) => {
+                    write_all_vectored(&mut f, head).map_err(io(&tmp))?;
+                    s.copy_to(&mut f).map_err(io(&tmp))?;
+                    write_all_vectored(&mut f, tail).map_err(io(&tmp))?;
+                }
             }
-            f.write_all(&trailer).map_err(io(&tmp))?;
             // Each session syncs its own file's data in its own thread: on
             // this ext4 (no journal) a data sync cannot be shared, but the
             // syncs of concurrent sessions reach the disk together.
@@ -567,6 +620,79 @@ impl Spool {
             }
         }
         Ok((good, bad))
+    }
+}
+
+/// Writes every byte of `parts` in order, with as few writev(2) calls as
+/// the kernel allows (one, for a queue file's few parts).
+fn write_all_vectored<'a>(
+    f: &mut File,
+    parts: impl Iterator<Item = &'a [u8]>,
+) -> std::io::Result<()> {
+    use std::io::IoSlice;
+    let mut slices: Vec<IoSlice<'_>> = parts.filter(|p| !p.is_empty()).map(IoSlice::new).collect();
+    let mut bufs = &mut slices[..];
+    while !bufs.is_empty() {
+        match f.write_vectored(bufs) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut bufs, n),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// The middle of a message too large to hold while it arrives: written to
+/// `tmp/` as it comes (not synced: `store_spilled` copies it into the queue
+/// file, whose one data sync covers it), with its CRC kept as it grows.
+/// Removed when dropped; a crash leaves it in `tmp/`, which `open` cleans
+/// (its message was never answered 250).
+pub struct Spill {
+    file: File,
+    path: PathBuf,
+    crc: crc32fast::Hasher,
+    len: u64,
+}
+
+impl Spill {
+    pub fn write(&mut self, bytes: &[u8]) -> Result<(), SpoolError> {
+        (&self.file).write_all(bytes).map_err(io(&self.path))?;
+        self.crc.update(bytes);
+        self.len += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Bytes spilled so far.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Appends everything spilled to `to`: `io::copy` from a file to a file
+    /// is copy_file_range on Linux, so the bytes stay in the kernel.
+    fn copy_to(&self, to: &mut File) -> std::io::Result<()> {
+        use std::io::{Seek, SeekFrom};
+        let mut from = &self.file;
+        from.seek(SeekFrom::Start(0))?;
+        let n = std::io::copy(&mut from.take(self.len), to)?;
+        if n != self.len {
+            return Err(std::io::Error::other(format!(
+                "spill file {}: {n} bytes, {} expected",
+                self.path.display(),
+                self.len
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Spill {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
     }
 }
 
@@ -889,6 +1015,45 @@ mod tests {
             operator_hold: false,
             warned: false,
         }
+    }
+
+    /// A message stored from a head, a spill and a tail is whole on disk
+    /// and recovers with a valid CRC (the spill's combined into the file's);
+    /// the spill file is gone once dropped.
+    #[test]
+    fn a_spilled_message_is_stored_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        let h = header(&spool, 1);
+        let mut spill = spool.spill().unwrap();
+        let middle: Vec<u8> = (0..300_000u32).map(|i| b'a' + (i % 26) as u8).collect();
+        spill.write(&middle[..100_000]).unwrap();
+        spill.write(&middle[100_000..]).unwrap();
+        assert_eq!(spill.len(), 300_000);
+        let m = spool
+            .store_spilled(
+                &h,
+                &[b"Received: r\r\n", b"Subject: x\r\n\r\n"],
+                Some(&spill),
+                &[b"end\r\n"],
+                &[],
+            )
+            .unwrap();
+        drop(spill);
+        let mut want = b"Received: r\r\nSubject: x\r\n\r\n".to_vec();
+        want.extend_from_slice(&middle);
+        want.extend_from_slice(b"end\r\n");
+        assert_eq!(m.body_len, want.len() as u64);
+        assert_eq!(spool.read_body(&m).unwrap(), want);
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
+            0
+        );
+        drop(spool);
+        let spool = Spool::open(dir.path()).unwrap();
+        let (good, bad) = spool.recover().unwrap();
+        assert!(bad.is_empty(), "{bad:?}");
+        assert_eq!(spool.read_body(&good[0]).unwrap(), want);
     }
 
     #[test]
