@@ -18,7 +18,9 @@ pub async fn heartbeat_and_commands(
     spool: std::sync::Arc<godwit_spool::Spool>,
     events: EventLog,
     node: String,
+    first_beat: tokio::sync::oneshot::Sender<()>,
 ) {
+    let mut first_beat = Some(first_beat);
     let started = now_ms();
     // Commands issued before this node started are not replayed.
     let mut seen: i64 =
@@ -33,7 +35,11 @@ pub async fn heartbeat_and_commands(
     // Whether the store answered the last heartbeat (None: not yet known).
     let mut store_up: Option<bool> = None;
     loop {
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        // The first beat goes at once: `route set` waits only for the nodes
+        // it finds, so a gateway that has said it started must be listed.
+        if first_beat.is_none() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
         let version = relay.routes().version();
         // A new routing version is reported at once: `route set` waits for it.
         if now_ms() - last_beat >= 1000 || version != reported_version {
@@ -93,6 +99,9 @@ pub async fn heartbeat_and_commands(
             } else if let Err(e) = r {
                 tracing::warn!("heartbeat: {e}");
             }
+        }
+        if let Some(tx) = first_beat.take() {
+            let _ = tx.send(());
         }
         // Bounded like the heartbeat, so that a store outage shows at once.
         let rows = match tokio::time::timeout(

@@ -118,13 +118,19 @@ pub(crate) async fn serve(config: Config, config_path: PathBuf) -> Result<i32> {
     if let Some(addr) = config.admin.listen {
         start_admin(&config, addr, &metrics, &relay, &routes, &store, &access).await?;
     }
+    let (beat_tx, beat_rx) = tokio::sync::oneshot::channel();
     tokio::spawn(fleet::heartbeat_and_commands(
         store.clone(),
         relay.clone(),
         spool.clone(),
         events.clone(),
         config.node_name().to_string(),
+        beat_tx,
     ));
+    // gateway.started means the node is listed for `route set` to wait for;
+    // a store that does not answer delays the start by 2 s at most (mail
+    // flows without it).
+    let _ = tokio::time::timeout(Duration::from_secs(2), beat_rx).await;
     tokio::spawn(soak::watch(
         config.clone(),
         store.clone(),
