@@ -270,11 +270,14 @@ fn fifty_megabyte_messages_relay_in_bounded_memory() {
         before / 1024,
         after / 1024
     );
-    // Half of one message: buffers of a few hundred KB per stage (the head,
-    // the spill buffer, delivery chunks) and the allocator's per-thread
-    // pages; before the fix this grew by about 150 MB.
+    // Less than one message: any stage holding a whole message would add
+    // 50 MB (before the fix this grew by about 150 MB: three copies). What
+    // remains is buffers of a few hundred KB per stage (the head, the spill
+    // buffer, delivery chunks) and the allocator's per-thread pages, which
+    // grow with the blocking threads a loaded machine starts: 17-22 MB
+    // measured on a quiet machine, 33 MB once in a loaded CI run.
     assert!(
-        grew_mb < 25,
+        grew_mb < 40,
         "relaying 2 x 50 MB raised the peak by {grew_mb} MB"
     );
     for (n, m) in sent.iter().enumerate() {
