@@ -197,6 +197,13 @@ async fn dropped_connections_are_resumed_and_master_login_works() {
     let store = common::store(tmp.path()).await;
     let mut ep = endpoints(&source, &target, 4);
     ep.source.master = Some(("admin".into(), PASSWORD.into()));
+    // 12 MB at 2 MB/s: the copy is still running when the kick comes (with
+    // MULTIAPPEND an unthrottled copy could finish between the 30th message
+    // landing and the kick).
+    ep.source.limits = std::sync::Arc::new(godwit_imap::limits::ServerLimits::new(
+        4,
+        Some(2_000_000),
+    ));
     let wrong = godwit_imap::conn::Login {
         user: DAN.into(),
         password: "not-the-user-password".into(),
