@@ -297,9 +297,15 @@ fn an_offline_node_adopts_and_delivers_on_start() {
     for id in ids {
         assert_eq!(sink.count_containing(&format!("<{id}>")), 1, "{id}");
     }
-    let (ok, t) = b.cli(&["trace", ids[0]]);
-    assert!(
-        ok && t.contains("[node-a]") && t.contains("adopted from the spool of node-a"),
-        "{t}"
-    );
+    // The event index gathers up to 50 ms of events per transaction: the
+    // trace is asked until the index holds the delivery.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (ok, t) = b.cli(&["trace", ids[0]]);
+        if ok && t.contains("[node-a]") && t.contains("adopted from the spool of node-a") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{t}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
