@@ -200,10 +200,8 @@ async fn dropped_connections_are_resumed_and_master_login_works() {
     // 12 MB at 2 MB/s: the copy is still running when the kick comes (with
     // MULTIAPPEND an unthrottled copy could finish between the 30th message
     // landing and the kick).
-    ep.source.limits = std::sync::Arc::new(godwit_imap::limits::ServerLimits::new(
-        4,
-        Some(2_000_000),
-    ));
+    ep.source.limits =
+        std::sync::Arc::new(godwit_imap::limits::ServerLimits::new(4, Some(2_000_000)));
     let wrong = godwit_imap::conn::Login {
         user: DAN.into(),
         password: "not-the-user-password".into(),
