@@ -6,7 +6,6 @@
 mod common;
 
 use common::*;
-use godwit_imap::engine::{SyncOptions, sync_account};
 use godwit_imap::verify::verify_account;
 use std::sync::Arc;
 
@@ -68,16 +67,7 @@ async fn acls_are_copied_mapped_and_verified() {
     );
     let dir = tempfile::tempdir().unwrap();
     let store = store(dir.path()).await;
-    let report = sync_account(
-        &store,
-        &ep,
-        ALICE,
-        &login_of(ALICE),
-        &login_of(ALICE),
-        &SyncOptions::default(),
-        Arc::new(Default::default()),
-    )
-    .await;
+    let report = sync_user(&store, &ep, ALICE).await;
     assert!(report.error.is_none(), "{report:#?}");
     let rendered = godwit_imap::cli::render_sync(&report);
     assert!(

@@ -378,16 +378,7 @@ async fn courier_prefix_and_localized_names_map_to_exchange_folders() {
     let tmp = tempfile::tempdir().unwrap();
     let store = store(tmp.path()).await;
     let ep = endpoints(&source, &target, 4);
-    let r = sync_account(
-        &store,
-        &ep,
-        FRED,
-        &login_of(FRED),
-        &login_of(FRED),
-        &SyncOptions::default(),
-        Arc::new(Default::default()),
-    )
-    .await;
+    let r = sync_user(&store, &ep, FRED).await;
     assert_eq!(
         (r.error.as_deref(), r.copied()),
         (None, table.len() as u64),

@@ -9,7 +9,6 @@ mod common;
 
 use common::*;
 use godwit_imap::conn::{AppendItem, Conn, Server};
-use godwit_imap::engine::{SyncOptions, sync_account};
 use std::sync::{Arc, Mutex};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
@@ -130,16 +129,7 @@ async fn multiappend_lands_flags_dates_and_bodies_intact() {
     let store = store(tmp.path()).await;
     let mut ep = endpoints(&source, &target, 4);
     ep.target = Server::from_url(&format!("imap://127.0.0.1:{proxy}")).unwrap();
-    let r = sync_account(
-        &store,
-        &ep,
-        USER,
-        &login_of(USER),
-        &login_of(USER),
-        &SyncOptions::default(),
-        Arc::new(Default::default()),
-    )
-    .await;
+    let r = sync_user(&store, &ep, USER).await;
     assert_eq!(r.error, None, "{r:#?}");
     assert_eq!(r.copied(), 40, "{r:#?}");
 
@@ -161,16 +151,7 @@ async fn multiappend_lands_flags_dates_and_bodies_intact() {
 
     // The APPENDUIDs of the uid-set were recorded per message: a second run
     // copies nothing and verify finds every pair.
-    let again = sync_account(
-        &store,
-        &ep,
-        USER,
-        &login_of(USER),
-        &login_of(USER),
-        &SyncOptions::default(),
-        Arc::new(Default::default()),
-    )
-    .await;
+    let again = sync_user(&store, &ep, USER).await;
     assert_eq!((again.error.clone(), again.copied()), (None, 0));
     let check =
         godwit_imap::verify::verify_account(&store, &ep, USER, &login_of(USER), &login_of(USER))
@@ -264,13 +245,16 @@ async fn append_three(
     (out, got)
 }
 
+/// Three small messages for the minimal server's APPENDs.
+const THREE: [&[u8]; 3] = [
+    b"Subject: a\r\n\r\none\r\n",
+    b"Subject: b\r\n\r\ntwo\r\n",
+    b"Subject: c\r\n\r\nthree\r\n",
+];
+
 #[tokio::test]
 async fn without_multiappend_each_message_is_its_own_append() {
-    let bodies: [&[u8]; 3] = [
-        b"Subject: a\r\n\r\none\r\n",
-        b"Subject: b\r\n\r\ntwo\r\n",
-        b"Subject: c\r\n\r\nthree\r\n",
-    ];
+    let bodies = THREE;
     let (out, got) = append_three("IMAP4rev1 LITERAL+ UIDPLUS", bodies).await;
     assert_eq!(
         out,
@@ -283,11 +267,7 @@ async fn without_multiappend_each_message_is_its_own_append() {
 
 #[tokio::test]
 async fn with_multiappend_the_batch_is_one_command() {
-    let bodies: [&[u8]; 3] = [
-        b"Subject: a\r\n\r\none\r\n",
-        b"Subject: b\r\n\r\ntwo\r\n",
-        b"Subject: c\r\n\r\nthree\r\n",
-    ];
+    let bodies = THREE;
     let (out, got) = append_three("IMAP4rev1 LITERAL+ UIDPLUS MULTIAPPEND", bodies).await;
     assert_eq!(
         out,

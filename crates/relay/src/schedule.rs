@@ -976,19 +976,7 @@ impl RelayHandle {
     /// To/Cc/Bcc); its bytes go out from the spool unmodified.
     async fn journal_report(&self, sp: &Arc<Spooled>) -> (crate::journal::Report, Envelope) {
         const HEAD_MAX: u64 = 256 * 1024;
-        let spool = self.0.spool.clone();
-        let sp2 = sp.clone();
-        let head = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
-            use std::os::unix::fs::FileExt;
-            let f = spool.open_body(&sp2).map_err(std::io::Error::other)?;
-            let mut buf = vec![0u8; sp2.body_len.min(HEAD_MAX) as usize];
-            f.read_exact_at(&mut buf, sp2.body_offset)?;
-            Ok(buf)
-        })
-        .await
-        .ok()
-        .and_then(|r| r.ok())
-        .unwrap_or_default();
+        let head = self.read_head(sp.clone(), HEAD_MAX).await;
         let h = &sp.header;
         let j = h.journal.as_ref().map_or(0, |j| j.rcpt);
         let live = self.live();
@@ -1273,6 +1261,17 @@ impl RelayHandle {
         }
     }
 
+    /// The first `max` bytes of a queued message, read in a blocking thread
+    /// (empty when the file cannot be read: the caller builds what it can).
+    async fn read_head(&self, sp: Arc<Spooled>, max: u64) -> Vec<u8> {
+        let spool = self.0.spool.clone();
+        tokio::task::spawn_blocking(move || spool.read_head(&sp, max))
+            .await
+            .ok()
+            .and_then(|r| r.ok())
+            .unwrap_or_default()
+    }
+
     /// Builds a DSN and queues it like any other message (traced, retried).
     async fn send_dsn(&self, sp: &Spooled, rcpts: Vec<DsnRcpt>) {
         let inner = &self.0;
@@ -1281,21 +1280,11 @@ impl RelayHandle {
         if h.envelope.mail_from.is_empty() || h.kind.is_some() {
             return;
         }
-        let spool = inner.spool.clone();
-        let sp2 = Arc::new(sp.clone());
         // Only as much of the original as the DSN returns (its header
         // section, when large): a bounce never reads a 50 MB body whole.
-        let body = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
-            use std::os::unix::fs::FileExt;
-            let f = spool.open_body(&sp2).map_err(std::io::Error::other)?;
-            let mut buf = vec![0u8; dsn::needed(sp2.body_len) as usize];
-            f.read_exact_at(&mut buf, sp2.body_offset)?;
-            Ok(buf)
-        })
-        .await
-        .ok()
-        .and_then(|r| r.ok())
-        .unwrap_or_default();
+        let body = self
+            .read_head(Arc::new(sp.clone()), dsn::needed(sp.body_len))
+            .await;
         let action = rcpts[0].action.to_string();
         let hostname = self.live().config.hostname.clone();
         let message = dsn::build(&hostname, h, &body, &rcpts, now_ms());

@@ -491,6 +491,16 @@ impl Spool {
         read_body_from(&self.path(&m.header.queue_id), m)
     }
 
+    /// The first `max` bytes of the message (all of it when shorter): what a
+    /// DSN returns or a journal report reads, never a large body whole.
+    pub fn read_head(&self, m: &Spooled, max: u64) -> Result<Vec<u8>, SpoolError> {
+        let f = self.open_body(m)?;
+        let mut head = vec![0u8; m.body_len.min(max) as usize];
+        let p = self.path(&m.header.queue_id);
+        f.read_exact_at(&mut head, m.body_offset).map_err(io(&p))?;
+        Ok(head)
+    }
+
     /// Opens the message bytes for streaming: the file, positioned nowhere,
     /// with the body's offset and length (a 50 MB message is never held
     /// whole).

@@ -435,6 +435,26 @@ pub fn endpoints(
     }
 }
 
+/// One account synced with the defaults, logging in as the user on both
+/// sides: what most tests run.
+#[allow(dead_code)] // not every test binary syncs
+pub async fn sync_user(
+    store: &godwit_store::Store,
+    ep: &godwit_imap::engine::Endpoints,
+    user: &str,
+) -> godwit_imap::engine::AccountReport {
+    godwit_imap::engine::sync_account(
+        store,
+        ep,
+        user,
+        &login_of(user),
+        &login_of(user),
+        &Default::default(),
+        std::sync::Arc::new(Default::default()),
+    )
+    .await
+}
+
 pub fn login_of(user: &str) -> godwit_imap::conn::Login {
     godwit_imap::conn::Login {
         user: user.into(),
