@@ -183,15 +183,6 @@ fn a_second_gateway_on_one_spool_is_refused() {
     });
 }
 
-fn vm_hwm_kb(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
-}
-
 /// A backlog drains in bounded memory: bodies are read only once a
 /// delivery slot is granted, and at most `max_ready` attempts wait for
 /// one. Before the fix every due message read its body first: 150 × 1 MB

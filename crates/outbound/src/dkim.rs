@@ -3,7 +3,8 @@
 //! alignment, RFC 7489 3.1.1), relaxed/relaxed canonicalization, the RFC 6376
 //! 5.4.1 recommended headers that are present, and From oversigned. Signing
 //! happens once per delivery attempt on the way out; the spool keeps the
-//! original, so a retry signs again with a fresh `t=`. A signature a
+//! original, so a retry signs again with a fresh `t=`; the body is hashed as
+//! it is read from the spool, never held whole. A signature a
 //! platform already added stays where it is (ours goes on top).
 
 use base64::Engine as _;
@@ -13,6 +14,7 @@ use mail_auth::common::headers::{HeaderWriter, Writable};
 use mail_auth::dkim::{Canonicalization, DkimSigner};
 use rustls_pki_types::PrivateKeyDer;
 use rustls_pki_types::pem::PemObject;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
@@ -266,27 +268,80 @@ impl DkimKeys {
     /// Signs `message` with the key for its header From domain; None when
     /// no key covers it (the message leaves unsigned, as it came).
     pub fn sign(&self, message: &[u8]) -> Result<Option<Signed>, DkimError> {
-        let (names, from) = header_facts(message);
+        self.sign_reader(&mut &message[..])
+    }
+
+    /// Signs the message read from `source`, in chunks: only the header
+    /// section is held whole (the key and the signed header list depend on
+    /// it); the body goes through the hash as it is read (RFC 6376 3.7: the
+    /// body hash is computed over the canonicalized body, front to back), so
+    /// a 50 MB message costs one chunk of memory, not 50 MB per attempt.
+    pub fn sign_reader(&self, source: &mut impl Read) -> Result<Option<Signed>, DkimError> {
+        if self.keys.is_empty() {
+            return Ok(None);
+        }
+        let read_err = |e: std::io::Error| DkimError::Sign {
+            domain: "(reading the message)".into(),
+            message: e.to_string(),
+        };
+        let mut chunk = vec![0u8; SIGN_CHUNK];
+        let mut head = Vec::new();
+        // The header section ends at the first empty line (RFC 5322 2.1);
+        // each read looks only at what is new (and the 3 bytes before it).
+        let mut scanned = 0;
+        while header_end(&head, scanned).is_none() {
+            scanned = head.len().saturating_sub(3);
+            let n = source.read(&mut chunk).map_err(read_err)?;
+            if n == 0 {
+                break;
+            }
+            head.extend_from_slice(&chunk[..n]);
+        }
+        let (names, from) = header_facts(&head);
         let Some(key) = from.as_deref().and_then(|d| self.key_for(d)) else {
             return Ok(None);
         };
-        let sig = DkimSigner::from_key(KeyRef(&key.key))
+        let signer = DkimSigner::from_key(KeyRef(&key.key))
             .domain(key.domain.clone())
             .selector(key.selector.clone())
             .headers(headers_to_sign(&names))
             .header_canonicalization(Canonicalization::Relaxed)
-            .body_canonicalization(Canonicalization::Relaxed)
-            .sign(message)
-            .map_err(|e| DkimError::Sign {
-                domain: key.domain.clone(),
-                message: e.to_string(),
-            })?;
+            .body_canonicalization(Canonicalization::Relaxed);
+        let mut stream = signer.sign_streaming();
+        stream.write(&head);
+        drop(head);
+        loop {
+            let n = source.read(&mut chunk).map_err(read_err)?;
+            if n == 0 {
+                break;
+            }
+            stream.write(&chunk[..n]);
+        }
+        let sig = stream.finish().map_err(|e| DkimError::Sign {
+            domain: key.domain.clone(),
+            message: e.to_string(),
+        })?;
         Ok(Some(Signed {
             header: sig.to_header(),
             domain: key.domain.clone(),
             selector: key.selector.clone(),
         }))
     }
+}
+
+/// How much of a message the signer reads at a time.
+const SIGN_CHUNK: usize = 64 * 1024;
+
+/// Whether the header section of `message` has ended (its empty line has
+/// arrived), looking from `from` on.
+fn header_end(message: &[u8], from: usize) -> Option<usize> {
+    if message.starts_with(b"\r\n") {
+        return Some(2);
+    }
+    message[from..]
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|i| from + i + 4)
 }
 
 /// A new key pair: the private key as PEM (PKCS#8) and the TXT record.
@@ -344,6 +399,82 @@ pub fn write_private_key(path: &Path, pem: &str) -> Result<(), DkimError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn header_end_table() {
+        for (msg, from, want) in [
+            (&b""[..], 0, None),
+            (b"\r\nbody", 0, Some(2)),
+            (b"A: b\r\n\r\nbody", 0, Some(8)),
+            (b"A: b\r\n\r\nbody", 3, Some(8)),
+            (b"A: b\r\nC: d\r\n", 0, None),
+            (b"A: b\r\n", 0, None),
+        ] {
+            assert_eq!(
+                header_end(msg, from),
+                want,
+                "{:?} from {from}",
+                String::from_utf8_lossy(msg)
+            );
+        }
+    }
+
+    /// Read a byte at a time or in one piece, the signature is the one
+    /// mail-auth makes over the whole message at once (same `t=` second
+    /// aside: compared with `t=` and `b=` removed, the body hash `bh=` and
+    /// the signed header list `h=` must be equal).
+    #[test]
+    fn signing_in_chunks_equals_signing_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let (pem, _) = generate(KeyAlgorithm::Ed25519).unwrap();
+        let path = dir.path().join("k.pem");
+        write_private_key(&path, &pem).unwrap();
+        let keys = DkimKeys::load(&[DkimConfig {
+            domain: "example.com".into(),
+            selector: "s1".into(),
+            key: path,
+        }])
+        .unwrap();
+        let mut msg = b"From: a@example.com\r\nSubject: x\r\n\r\n".to_vec();
+        for i in 0..20_000 {
+            msg.extend_from_slice(format!("line {i}  with  spaces \t\r\n").as_bytes());
+        }
+        msg.extend_from_slice(b"\r\n\r\n");
+        let strip = |h: &str| -> Vec<String> {
+            h.replace("\r\n", "")
+                .split(';')
+                .map(|t| t.trim().to_string())
+                .filter(|t| !t.starts_with("t=") && !t.starts_with("b="))
+                .collect()
+        };
+        let whole = DkimSigner::from_key(KeyRef(&keys.keys[0].key))
+            .domain("example.com")
+            .selector("s1")
+            .headers(["From", "Subject", "From"])
+            .header_canonicalization(Canonicalization::Relaxed)
+            .body_canonicalization(Canonicalization::Relaxed)
+            .sign(&msg)
+            .unwrap()
+            .to_header();
+        struct Trickle<'a>(&'a [u8]);
+        impl Read for Trickle<'_> {
+            fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+                let n = self.0.len().min(buf.len()).min(7);
+                buf[..n].copy_from_slice(&self.0[..n]);
+                self.0 = &self.0[n..];
+                Ok(n)
+            }
+        }
+        for got in [
+            keys.sign(&msg).unwrap().unwrap().header,
+            keys.sign_reader(&mut Trickle(&msg))
+                .unwrap()
+                .unwrap()
+                .header,
+        ] {
+            assert_eq!(strip(&got), strip(&whole), "{got}");
+        }
+    }
 
     #[test]
     fn key_choice_table() {

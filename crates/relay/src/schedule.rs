@@ -994,7 +994,7 @@ impl RelayHandle {
     }
 
     /// The DKIM-Signature for message `sp`, made now (so each attempt has a
-    /// fresh `t=`), or nothing when no key covers its header From. Signing
+    /// fresh `t=`) from the spooled bytes read in chunks, or nothing when no key covers its header From. Signing
     /// failures leave the message unsigned rather than stuck, and say so.
     async fn dkim_header(&self, sp: &Arc<Spooled>) -> Vec<u8> {
         let keys = self.live().dkim.clone();
@@ -1005,8 +1005,9 @@ impl RelayHandle {
         let sp = sp.clone();
         let qid = sp.header.queue_id.clone();
         let signed = tokio::task::spawn_blocking(move || {
-            let message = spool.read_body(&sp).map_err(|e| e.to_string())?;
-            keys.sign(&message).map_err(|e| e.to_string())
+            // Streamed from the spool: a 50 MB message is never read whole.
+            let mut message = spool.body_reader(&sp).map_err(|e| e.to_string())?;
+            keys.sign_reader(&mut message).map_err(|e| e.to_string())
         })
         .await;
         match signed {

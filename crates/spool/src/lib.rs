@@ -22,7 +22,7 @@
 use godwit_smtp_proto::Envelope;
 use serde::{Deserialize, Serialize};
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::{Read, Seek, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -525,6 +525,16 @@ impl Spool {
             });
         }
         Ok(f)
+    }
+
+    /// The message bytes as a reader (for one pass front to back, such as
+    /// DKIM's body hash), read in the caller's chunks.
+    pub fn body_reader(&self, m: &Spooled) -> Result<impl Read + use<>, SpoolError> {
+        let mut f = self.open_body(m)?;
+        let p = self.path(&m.header.queue_id);
+        f.seek(std::io::SeekFrom::Start(m.body_offset))
+            .map_err(io(&p))?;
+        Ok(f.take(m.body_len))
     }
 
     /// Moves a message that cannot be delivered from (say, its body can no
