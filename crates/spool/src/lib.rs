@@ -22,7 +22,7 @@
 use godwit_smtp_proto::Envelope;
 use serde::{Deserialize, Serialize};
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Seek, Write};
+use std::io::{BufRead, Read, Seek, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -891,47 +891,73 @@ pub fn read_body_at(spool_dir: &Path, m: &Spooled) -> Result<Vec<u8>, SpoolError
 }
 
 /// The message, and the length of its valid prefix (everything up to the
-/// last whole status record).
+/// last whole status record). The body is checked against the CRC as it is
+/// read, in chunks, and never held: recovering or loading a queued 50 MB
+/// message costs a chunk of memory, not 50 MB.
 fn load_file(p: &Path) -> Result<(Spooled, u64), SpoolError> {
     let corrupt = |reason: &str| SpoolError::Corrupt {
         path: p.to_path_buf(),
         reason: reason.to_string(),
     };
-    let mut data = Vec::new();
-    File::open(p)
-        .and_then(|mut f| f.read_to_end(&mut data))
-        .map_err(io(p))?;
-    if !data.starts_with(MAGIC) {
+    let file = File::open(p).map_err(io(p))?;
+    let file_len = file.metadata().map_err(io(p))?.len();
+    let mut r = std::io::BufReader::with_capacity(64 * 1024, file);
+    let mut crc = crc32fast::Hasher::new();
+    let exact = |r: &mut std::io::BufReader<File>, n: u64, crc: Option<&mut crc32fast::Hasher>| {
+        let mut v = vec![0u8; n as usize];
+        match r.read_exact(&mut v) {
+            Ok(()) => {
+                if let Some(c) = crc {
+                    c.update(&v);
+                }
+                Ok(v)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(corrupt("truncated")),
+            Err(e) => Err(io(p)(e)),
+        }
+    };
+    let magic = exact(&mut r, MAGIC.len() as u64, Some(&mut crc))?;
+    if magic != MAGIC {
         return Err(corrupt("missing magic"));
     }
-    let mut pos = MAGIC.len();
-    let take = |pos: &mut usize, n: usize| -> Result<std::ops::Range<usize>, SpoolError> {
-        let end = pos
-            .checked_add(n)
-            .filter(|&e| e <= data.len())
-            .ok_or_else(|| corrupt("truncated"))?;
-        let r = *pos..end;
-        *pos = end;
-        Ok(r)
-    };
-    let hl = u32::from_le_bytes(data[take(&mut pos, 4)?].try_into().unwrap()) as usize;
-    let head = take(&mut pos, hl)?;
-    let bl = u64::from_le_bytes(data[take(&mut pos, 8)?].try_into().unwrap()) as usize;
-    let body = take(&mut pos, bl)?;
-    let covered = pos;
-    let end = take(&mut pos, 8)?;
-    if &data[end.start..end.start + 4] != END {
+    let hl = u32::from_le_bytes(exact(&mut r, 4, Some(&mut crc))?.try_into().unwrap()) as u64;
+    if hl > file_len {
+        return Err(corrupt("truncated"));
+    }
+    let head = exact(&mut r, hl, Some(&mut crc))?;
+    let bl = u64::from_le_bytes(exact(&mut r, 8, Some(&mut crc))?.try_into().unwrap());
+    let body_offset = MAGIC.len() as u64 + 4 + hl + 8;
+    if body_offset.checked_add(bl).is_none_or(|e| e > file_len) {
+        return Err(corrupt("truncated"));
+    }
+    let mut left = bl;
+    while left > 0 {
+        let chunk = r.fill_buf().map_err(io(p))?;
+        if chunk.is_empty() {
+            return Err(corrupt("truncated"));
+        }
+        let n = chunk.len().min(left as usize);
+        crc.update(&chunk[..n]);
+        r.consume(n);
+        left -= n as u64;
+    }
+    let end = exact(&mut r, 8, None)?;
+    if &end[..4] != END {
         return Err(corrupt("no END record"));
     }
-    let crc = u32::from_le_bytes(data[end.start + 4..end.end].try_into().unwrap());
-    if crc32fast::hash(&data[..covered]) != crc {
+    if crc.finalize() != u32::from_le_bytes(end[4..].try_into().unwrap()) {
         return Err(corrupt("checksum mismatch"));
     }
+    // What follows is the status records: small, read whole.
+    let records_at = body_offset + bl + 8;
+    let mut data = Vec::new();
+    r.read_to_end(&mut data).map_err(io(p))?;
     let header: Header =
-        serde_json::from_slice(&data[head]).map_err(|e| corrupt(&format!("header: {e}")))?;
+        serde_json::from_slice(&head).map_err(|e| corrupt(&format!("header: {e}")))?;
     let mut status: Vec<Option<StatusRecord>> = vec![None; header.envelope.rcpts.len()];
     // Status records: a torn last record (crash mid-append) is ignored; it was
     // never reported as final, so at worst that recipient is retried.
+    let mut pos = 0;
     while pos + 4 <= data.len() {
         let len = u32::from_le_bytes(data[pos..pos + 4].try_into().unwrap()) as usize;
         let Some(rec_end) = (pos + 4)
@@ -956,11 +982,11 @@ fn load_file(p: &Path) -> Result<(Spooled, u64), SpoolError> {
     Ok((
         Spooled {
             header,
-            body_offset: body.start as u64,
-            body_len: bl as u64,
+            body_offset,
+            body_len: bl,
             status,
         },
-        pos as u64,
+        records_at + pos as u64,
     ))
 }
 
@@ -1119,6 +1145,37 @@ mod tests {
             let (good, bad) = spool.recover().unwrap();
             assert!(good.is_empty(), "truncated at {cut} recovered as whole");
             assert_eq!(bad.len(), 1);
+        }
+    }
+
+    /// A body longer than the reader's 64 KB chunks: its CRC is checked
+    /// across them, a flipped byte anywhere in it is caught, and the status
+    /// record after it is still read.
+    #[test]
+    fn a_body_longer_than_a_chunk_is_checked_and_its_records_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        let h = header(&spool, 1);
+        let body: Vec<u8> = (0..300_000u32).map(|i| b'a' + (i % 26) as u8).collect();
+        let m = spool.store(&h, &body).unwrap();
+        let rec = StatusRecord {
+            reply: Some("451 later".into()),
+            ..rec(0, RcptStatus::Deferred)
+        };
+        spool.record(&h.queue_id, &rec).unwrap();
+        let got = spool.load(&h.queue_id).unwrap();
+        assert_eq!(got.body_len, body.len() as u64);
+        assert_eq!(
+            got.status[0].as_ref().unwrap().reply.as_deref(),
+            Some("451 later")
+        );
+        let full = std::fs::read(spool.path(&h.queue_id)).unwrap();
+        for at in [0, 65_535, 65_536, 200_000, body.len() - 1] {
+            let mut bad = full.clone();
+            bad[m.body_offset as usize + at] ^= 1;
+            std::fs::write(spool.path(&h.queue_id), &bad).unwrap();
+            let err = spool.load(&h.queue_id).unwrap_err().to_string();
+            assert!(err.contains("checksum mismatch"), "flip at {at}: {err}");
         }
     }
 
