@@ -300,6 +300,15 @@ fn append_date(fetch: &Fetch) -> Option<String> {
         .map(|d| d.format("%d-%b-%Y %H:%M:%S %z").to_string())
 }
 
+/// A fetched message's APPEND: its flags, internal date and body as fetched.
+fn append_item(fetch: &Fetch) -> AppendItem<'_> {
+    AppendItem {
+        flags: flags_of(fetch),
+        internal_date: append_date(fetch),
+        body: fetch.body().unwrap_or_default(),
+    }
+}
+
 /// "1:4,7,9:12" from sorted UIDs (RFC 3501 9 sequence-set).
 pub fn uid_set(uids: &[u32]) -> String {
     let mut out = String::new();
@@ -1083,11 +1092,33 @@ fn folder_err(folder: &str, command: &str, e: async_imap::error::Error) -> ImapE
 }
 
 /// APPENDs sent for one batch, with the rows they will fill in.
+/// A batch whose APPENDs were sent and are not yet answered. It owns the
+/// batch's FETCH responses (the only copy of the bodies in memory): a refused
+/// MULTIAPPEND sends the appended ones again (`Conn::append_collect`).
 struct InFlight {
     rows: Vec<MessageRow>,
-    sizes: Vec<u64>,
     sent: crate::conn::Sent,
+    fetched: Vec<Fetch>,
+    /// Indices into `fetched` of the messages appended, in order.
+    appended: Vec<usize>,
 }
+
+/// Whether the batch being gathered goes to the target before the message
+/// just fetched joins it: it would pass `max_bytes` (a batch is at most
+/// `max_bytes`, or one message when that alone is larger) or already holds
+/// `max_messages`.
+fn cut_before(
+    batch_len: usize,
+    batch_bytes: usize,
+    next_len: usize,
+    max_bytes: usize,
+    max_messages: usize,
+) -> bool {
+    batch_len > 0 && (batch_bytes + next_len > max_bytes || batch_len >= max_messages)
+}
+
+/// Messages per MULTIAPPEND batch.
+const BATCH_MESSAGES: usize = 64;
 
 /// A real run executing one folder's copies: the plan, its pools (each
 /// entry pairs once) and the report.
@@ -1226,34 +1257,31 @@ impl Copying<'_> {
                     first = false;
                     src.server.limits.observe_latency(asked.elapsed());
                 }
-                let done = next.is_none();
-                if let Some(f) = next {
-                    received += usize::from(f.uid.is_some_and(|u| chunk.binary_search(&u).is_ok()));
-                    let len = f.body().map(<[u8]>::len).unwrap_or(0);
-                    if let Some(bw) = &src.bandwidth {
-                        bw.consume(len as u64).await;
+                let Some(f) = next else {
+                    if !batch.is_empty() {
+                        self.send_batch(tgt, std::mem::take(&mut batch), &mut in_flight)
+                            .await?;
                     }
-                    batch_bytes += len;
-                    batch.push(f);
+                    break;
+                };
+                received += usize::from(f.uid.is_some_and(|u| chunk.binary_search(&u).is_ok()));
+                let len = f.body().map(<[u8]>::len).unwrap_or(0);
+                if let Some(bw) = &src.bandwidth {
+                    bw.consume(len as u64).await;
                 }
-                if (done && !batch.is_empty())
-                    || batch_bytes >= opts.max_batch_bytes
-                    || batch.len() >= 64
-                {
-                    let (rows, flight) = self.place_batch(tgt, &batch).await?;
-                    self.record(&rows).await?;
-                    // The previous batch's APPENDs were answered while this one was
-                    // fetched: record them now, and leave this batch in flight.
-                    if let Some(prev) = std::mem::replace(&mut in_flight, flight) {
-                        let rows = self.land_batch(tgt, prev).await?;
-                        self.record(&rows).await?;
-                    }
-                    batch.clear();
+                if cut_before(
+                    batch.len(),
+                    batch_bytes,
+                    len,
+                    opts.max_batch_bytes,
+                    BATCH_MESSAGES,
+                ) {
+                    self.send_batch(tgt, std::mem::take(&mut batch), &mut in_flight)
+                        .await?;
                     batch_bytes = 0;
                 }
-                if done {
-                    break;
-                }
+                batch_bytes += len;
+                batch.push(f);
             }
             drop(stream);
             if received < chunk.len() {
@@ -1374,14 +1402,39 @@ impl Copying<'_> {
     }
 
     /// Reads the answers to a batch's APPENDs; returns the rows to record.
+    /// Places a gathered batch and leaves its APPENDs in flight; the previous
+    /// batch's APPENDs were answered while this one was fetched, so they are
+    /// collected and recorded now. At most two batches are in memory: the one
+    /// in flight and the one being fetched.
+    async fn send_batch(
+        &mut self,
+        tgt: &mut Conn,
+        batch: Vec<Fetch>,
+        in_flight: &mut Option<InFlight>,
+    ) -> Result<(), ImapError> {
+        let (rows, flight) = self.place_batch(tgt, batch).await?;
+        self.record(&rows).await?;
+        if let Some(prev) = std::mem::replace(in_flight, flight) {
+            let rows = self.land_batch(tgt, prev).await?;
+            self.record(&rows).await?;
+        }
+        Ok(())
+    }
+
     async fn land_batch(
         &mut self,
         tgt: &mut Conn,
         flight: InFlight,
     ) -> Result<Vec<MessageRow>, ImapError> {
         let mut rows = Vec::new();
-        let results = tgt.append_collect(flight.sent).await?;
-        for ((row, size), result) in flight.rows.into_iter().zip(flight.sizes).zip(results) {
+        let items: Vec<AppendItem<'_>> = flight
+            .appended
+            .iter()
+            .map(|&i| append_item(&flight.fetched[i]))
+            .collect();
+        let sizes: Vec<u64> = items.iter().map(|i| i.body.len() as u64).collect();
+        let results = tgt.append_collect(flight.sent, &items).await?;
+        for ((row, size), result) in flight.rows.into_iter().zip(sizes).zip(results) {
             match result {
                 Ok(appended) => {
                     self.fr.copied += 1;
@@ -1410,22 +1463,21 @@ impl Copying<'_> {
     async fn place_batch(
         &mut self,
         tgt: &mut Conn,
-        batch: &[Fetch],
+        batch: Vec<Fetch>,
     ) -> Result<(Vec<MessageRow>, Option<InFlight>), ImapError> {
         let mut rows = Vec::new();
         let mut to_append = Vec::new();
-        let mut items = Vec::new();
-        for f in batch {
+        let mut appended = Vec::new();
+        for (i, f) in batch.iter().enumerate() {
             let (Some(uid), Some(body)) = (f.uid, f.body()) else {
                 continue;
             };
-            let flags = flags_of(f);
             let mid = message_id(body);
             let row = self.row(
                 uid,
                 mid.clone(),
                 digest(body),
-                flag_string(flags.iter().cloned()),
+                flag_string(flags_of(f).iter().cloned()),
             );
             self.job
                 .progress
@@ -1438,26 +1490,24 @@ impl Copying<'_> {
                 Action::Pair(row) => rows.push(row),
                 Action::Skip(reason) => self.skip(uid, Some(mid.as_deref()), &reason).await?,
                 Action::Append(row) => {
-                    items.push(AppendItem {
-                        flags,
-                        internal_date: append_date(f),
-                        body,
-                    });
+                    appended.push(i);
                     to_append.push(row);
                 }
             }
         }
-        if items.is_empty() {
+        if appended.is_empty() {
             return Ok((rows, None));
         }
+        let items: Vec<AppendItem<'_>> = appended.iter().map(|&i| append_item(&batch[i])).collect();
         let sent = tgt.append_send(self.job.tgt_wire, &items).await?;
-        let sizes = items.iter().map(|i| i.body.len() as u64).collect();
+        drop(items);
         Ok((
             rows,
             Some(InFlight {
                 rows: to_append,
-                sizes,
                 sent,
+                fetched: batch,
+                appended,
             }),
         ))
     }
@@ -1466,6 +1516,29 @@ impl Copying<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_batch_is_cut_before_it_would_pass_its_bytes_or_count() {
+        const MB: usize = 1 << 20;
+        // (messages in the batch, its bytes, the next message's bytes, cut first?)
+        let table = [
+            (0, 0, 20 * MB, false), // an empty batch takes any message: one alone may pass 8 MB
+            (0, 0, 100, false),
+            (1, 100, 100, false),
+            (3, 7 * MB, MB, false), // exactly 8 MB: still one batch
+            (3, 7 * MB, MB + 1, true),
+            (1, 5 * MB, 4 * MB, true), // 9 MB would be over: the 4 MB message starts the next
+            (63, 63 * 100, 100, false),
+            (64, 64 * 100, 100, true), // 64 messages at most
+        ];
+        for (len, bytes, next, want) in table {
+            assert_eq!(
+                cut_before(len, bytes, next, 8 * MB, BATCH_MESSAGES),
+                want,
+                "{len} messages, {bytes} bytes, next {next}"
+            );
+        }
+    }
 
     #[test]
     fn uid_sets() {

@@ -1,0 +1,155 @@
+//! Issue 18: what a sync holds in memory is bounded by its batch size, not by
+//! the mailbox or the messages. Messages under `stream_threshold` are fetched
+//! and appended in batches of at most `max_batch_bytes`; one batch is in
+//! flight (its APPENDs sent, answers not yet read) while the next is fetched,
+//! so at most two batches and the message being read are in memory. Larger
+//! messages go slice by slice. The test binary counts its live heap bytes (a
+//! counting global allocator: exact, unlike RSS, which keeps freed pages) and
+//! syncs real Dovecots: the peak above the live bytes before the sync stays
+//! under that bound, and a mailbox three times larger peaks no higher.
+//!
+//! One test in this binary, so no other test's allocations are counted.
+
+mod common;
+
+use common::*;
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+
+struct Counting;
+
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+fn grew(by: usize) {
+    let now = LIVE.fetch_add(by, Relaxed) + by;
+    PEAK.fetch_max(now, Relaxed);
+}
+
+// SAFETY: every call is forwarded to System unchanged; only counters are kept.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let p = unsafe { System.alloc(layout) };
+        if !p.is_null() {
+            grew(layout.size());
+        }
+        p
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        let p = unsafe { System.alloc_zeroed(layout) };
+        if !p.is_null() {
+            grew(layout.size());
+        }
+        p
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) };
+        LIVE.fetch_sub(layout.size(), Relaxed);
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let p = unsafe { System.realloc(ptr, layout, new_size) };
+        if !p.is_null() {
+            if new_size > layout.size() {
+                grew(new_size - layout.size());
+            } else {
+                LIVE.fetch_sub(layout.size() - new_size, Relaxed);
+            }
+        }
+        p
+    }
+}
+
+#[global_allocator]
+static COUNTING: Counting = Counting;
+
+const KB: usize = 1 << 10;
+const MB: usize = 1 << 20;
+
+/// `medium` messages of 580-780 KB (base64 of 430-580 KB: three would fit a
+/// 2 MB batch that could pass its size, two fit one that cannot), the same
+/// six sizes in turn in INBOX and in Archive, and `large` of 4 MB in INBOX.
+async fn fill(source: &Dovecot, user: &str, medium: usize, large: usize) {
+    let mut s = login(source.port, user).await;
+    create(&mut s, "Archive").await;
+    for n in 0..medium {
+        let body = with_attachment(&format!("<m{n}@x>"), 430 * KB + n / 2 % 6 * 30 * KB);
+        let date = format!("{:02}-Mar-2021 10:00:00 +0000", 1 + n % 28);
+        let folder = if n % 2 == 0 { "INBOX" } else { "Archive" };
+        append(&mut s, folder, "(\\Seen)", &date, &body).await;
+    }
+    for n in 0..large {
+        let body = with_attachment(&format!("<L{n}@x>"), 3 * MB);
+        append(&mut s, "INBOX", "()", "01-Apr-2021 10:00:00 +0000", &body).await;
+    }
+    s.logout().await.unwrap();
+}
+
+/// Peak live heap bytes above those live before, while `user` is synced
+/// (source and target logins alike), and the target's copy as read back.
+async fn sync_peak(
+    source: &Dovecot,
+    target: &Dovecot,
+    user: &str,
+    opts: &godwit_imap::engine::SyncOptions,
+) -> (usize, usize) {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = store(tmp.path()).await;
+    let ep = endpoints(source, target, 4);
+    let before = LIVE.load(Relaxed);
+    PEAK.store(before, Relaxed);
+    let r = godwit_imap::engine::sync_account(
+        &store,
+        &ep,
+        user,
+        &login_of(user),
+        &login_of(user),
+        opts,
+        Default::default(),
+    )
+    .await;
+    let peak = PEAK.load(Relaxed).saturating_sub(before);
+    assert_eq!(r.error, None, "{r:#?}");
+    let mut s = login(source.port, user).await;
+    let mut t = login(target.port, user).await;
+    let want = dump(&mut s).await;
+    assert_eq!(dump(&mut t).await, want, "{user}: copied byte for byte");
+    (peak, want.values().map(Vec::len).sum())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sync_holds_two_batches_at_most_whatever_the_mailbox() {
+    let (small, large) = ("small@example.com", "large@example.com");
+    let source = Dovecot::start(Flavor::Source, &[small, large]);
+    let target = Dovecot::start(Flavor::Source, &[small, large]);
+    fill(&source, small, 12, 1).await;
+    fill(&source, large, 36, 3).await;
+    let opts = godwit_imap::engine::SyncOptions {
+        max_batch_bytes: 2 * MB,
+        stream_threshold: MB,
+        stream_slice: 256 * KB,
+        parallel_folders: 1,
+        ..Default::default()
+    };
+    let (peak_small, n_small) = sync_peak(&source, &target, small, &opts).await;
+    let (peak_large, n_large) = sync_peak(&source, &target, large, &opts).await;
+    assert_eq!((n_small, n_large), (13, 39));
+
+    // The batch in flight and the one being gathered (2 MB each at most), the
+    // message just read that starts the next batch (under the 1 MB
+    // threshold) and async-imap's read buffer of it, and 1 MB for the
+    // runtime, the listing and the state rows.
+    let bound = 2 * opts.max_batch_bytes + 2 * opts.stream_threshold + MB;
+    eprintln!(
+        "peak heap above the start: {peak_small} bytes syncing {n_small} messages, \
+         {peak_large} syncing {n_large}; bound {bound}"
+    );
+    assert!(
+        peak_large < bound,
+        "syncing {n_large} messages held {peak_large} bytes at the peak: over {bound}"
+    );
+    // Three times the messages, the same batches: no more than 512 KB more.
+    assert!(
+        peak_large < peak_small + 512 * KB,
+        "the peak grew with the mailbox: {peak_small} -> {peak_large} bytes"
+    );
+}
