@@ -55,7 +55,9 @@ pub struct SyncOptions {
     pub propagate_deletes: bool,
     /// UIDs per FETCH command.
     pub fetch_batch: usize,
-    /// Bytes of message data held in memory per account before appending.
+    /// Bytes of message data in one APPEND batch. An account's folders share
+    /// twice this (the batch in flight and the one being gathered, see
+    /// [`batch_budget`]), so its parallel folders do not multiply it.
     pub max_batch_bytes: usize,
     pub max_reconnects: u32,
     /// Folders synced at once per account, each over its own connection pair
@@ -593,6 +595,7 @@ async fn sync_once(
         report.folders.push(fr);
     }
     let statuses = &statuses;
+    let held = &tokio::sync::Semaphore::new(batch_budget(opts));
 
     // Folders run in parallel over extra connection pairs, opened only where
     // both servers' caps have room now (never waiting: see try_connection_slot).
@@ -640,6 +643,7 @@ async fn sync_once(
                         progress,
                         status: statuses[&pair.source].0,
                         create: to_create.contains(&pair.target),
+                        held,
                     };
                     let r = sync_folder(&job, &mut src, &mut tgt, &mut fr).await;
                     if let Err(e) = r {
@@ -777,6 +781,20 @@ struct FolderJob<'a> {
     status: FolderStatus,
     /// The target folder is created by this run (with --dry-run: would be).
     create: bool,
+    /// Bytes of fetched messages the account's folders may hold in batches
+    /// (a permit per byte, [`batch_budget`]).
+    held: &'a tokio::sync::Semaphore,
+}
+
+/// The bytes of whole messages an account holds at most, shared by its
+/// parallel folders: a lone folder's batch in flight and the one it gathers
+/// meanwhile. Without a shared budget, four folders would hold four times
+/// that.
+pub fn batch_budget(opts: &SyncOptions) -> usize {
+    opts.max_batch_bytes
+        .max(1)
+        .saturating_mul(2)
+        .min(u32::MAX as usize)
 }
 
 /// Lists the source folder, builds its [`FolderPlan`] and executes it (with
@@ -1095,12 +1113,22 @@ fn folder_err(folder: &str, command: &str, e: async_imap::error::Error) -> ImapE
 /// A batch whose APPENDs were sent and are not yet answered. It owns the
 /// batch's FETCH responses (the only copy of the bodies in memory): a refused
 /// MULTIAPPEND sends the appended ones again (`Conn::append_collect`).
-struct InFlight {
+struct InFlight<'a> {
     rows: Vec<MessageRow>,
     sent: crate::conn::Sent,
     fetched: Vec<Fetch>,
     /// Indices into `fetched` of the messages appended, in order.
     appended: Vec<usize>,
+    /// The batch's share of the account's budget, returned when it lands.
+    _held: Option<tokio::sync::SemaphorePermit<'a>>,
+}
+
+/// A batch being gathered: its messages and their share of the budget.
+#[derive(Default)]
+struct Gathered<'a> {
+    fetched: Vec<Fetch>,
+    bytes: usize,
+    held: Option<tokio::sync::SemaphorePermit<'a>>,
 }
 
 /// Whether the batch being gathered goes to the target before the message
@@ -1130,7 +1158,7 @@ struct Copying<'a> {
     fr: &'a mut FolderReport,
 }
 
-impl Copying<'_> {
+impl<'a> Copying<'a> {
     /// The row a copied source message is recorded with (no target UID yet).
     fn row(
         &self,
@@ -1231,7 +1259,7 @@ impl Copying<'_> {
     ) -> Result<(), ImapError> {
         let opts = self.job.opts;
         let timeout = src.server.command_timeout;
-        let mut in_flight: Option<InFlight> = None;
+        let mut in_flight: Option<InFlight<'a>> = None;
         for chunk in uids.chunks(opts.fetch_batch) {
             src.server.limits.pace().await;
             let asked = std::time::Instant::now();
@@ -1239,8 +1267,7 @@ impl Copying<'_> {
                 .session
                 .uid_fetch(uid_set(chunk), "(UID FLAGS INTERNALDATE BODY.PEEK[])")
                 .await?;
-            let mut batch: Vec<Fetch> = Vec::new();
-            let mut batch_bytes = 0usize;
+            let mut batch = Gathered::default();
             let mut first = true;
             let mut received = 0usize;
             loop {
@@ -1258,7 +1285,7 @@ impl Copying<'_> {
                     src.server.limits.observe_latency(asked.elapsed());
                 }
                 let Some(f) = next else {
-                    if !batch.is_empty() {
+                    if !batch.fetched.is_empty() {
                         self.send_batch(tgt, std::mem::take(&mut batch), &mut in_flight)
                             .await?;
                     }
@@ -1270,18 +1297,22 @@ impl Copying<'_> {
                     bw.consume(len as u64).await;
                 }
                 if cut_before(
-                    batch.len(),
-                    batch_bytes,
+                    batch.fetched.len(),
+                    batch.bytes,
                     len,
                     opts.max_batch_bytes,
                     BATCH_MESSAGES,
                 ) {
                     self.send_batch(tgt, std::mem::take(&mut batch), &mut in_flight)
                         .await?;
-                    batch_bytes = 0;
                 }
-                batch_bytes += len;
-                batch.push(f);
+                let permit = self.hold(tgt, len, &mut batch, &mut in_flight).await?;
+                match &mut batch.held {
+                    Some(p) => p.merge(permit),
+                    None => batch.held = Some(permit),
+                }
+                batch.bytes += len;
+                batch.fetched.push(f);
             }
             drop(stream);
             if received < chunk.len() {
@@ -1401,7 +1432,6 @@ impl Copying<'_> {
         }
     }
 
-    /// Reads the answers to a batch's APPENDs; returns the rows to record.
     /// Places a gathered batch and leaves its APPENDs in flight; the previous
     /// batch's APPENDs were answered while this one was fetched, so they are
     /// collected and recorded now. At most two batches are in memory: the one
@@ -1409,22 +1439,60 @@ impl Copying<'_> {
     async fn send_batch(
         &mut self,
         tgt: &mut Conn,
-        batch: Vec<Fetch>,
-        in_flight: &mut Option<InFlight>,
+        batch: Gathered<'a>,
+        in_flight: &mut Option<InFlight<'a>>,
     ) -> Result<(), ImapError> {
         let (rows, flight) = self.place_batch(tgt, batch).await?;
         self.record(&rows).await?;
         if let Some(prev) = std::mem::replace(in_flight, flight) {
-            let rows = self.land_batch(tgt, prev).await?;
-            self.record(&rows).await?;
+            self.land(tgt, prev).await?;
         }
         Ok(())
     }
 
+    async fn land(&mut self, tgt: &mut Conn, flight: InFlight<'a>) -> Result<(), ImapError> {
+        let rows = self.land_batch(tgt, flight).await?;
+        self.record(&rows).await
+    }
+
+    /// `bytes` of the account's budget for a message just fetched. When the
+    /// folders hold it all, this folder first sends what it gathered and
+    /// lands what it has in flight, then waits holding nothing: a folder
+    /// waits only for folders that are still moving, never for one that
+    /// waits too.
+    async fn hold(
+        &mut self,
+        tgt: &mut Conn,
+        bytes: usize,
+        batch: &mut Gathered<'a>,
+        in_flight: &mut Option<InFlight<'a>>,
+    ) -> Result<tokio::sync::SemaphorePermit<'a>, ImapError> {
+        let held = self.job.held;
+        // A message larger than the whole budget waits for all of it.
+        let want = bytes.min(batch_budget(self.job.opts)).max(1) as u32;
+        loop {
+            if let Ok(p) = held.try_acquire_many(want) {
+                return Ok(p);
+            }
+            if !batch.fetched.is_empty() {
+                self.send_batch(tgt, std::mem::take(batch), in_flight)
+                    .await?;
+            } else if let Some(prev) = in_flight.take() {
+                self.land(tgt, prev).await?;
+            } else {
+                return held
+                    .acquire_many(want)
+                    .await
+                    .map_err(|_| ImapError::Io("the batch budget was closed".into()));
+            }
+        }
+    }
+
+    /// Reads the answers to a batch's APPENDs; returns the rows to record.
     async fn land_batch(
         &mut self,
         tgt: &mut Conn,
-        flight: InFlight,
+        flight: InFlight<'a>,
     ) -> Result<Vec<MessageRow>, ImapError> {
         let mut rows = Vec::new();
         let items: Vec<AppendItem<'_>> = flight
@@ -1463,8 +1531,9 @@ impl Copying<'_> {
     async fn place_batch(
         &mut self,
         tgt: &mut Conn,
-        batch: Vec<Fetch>,
-    ) -> Result<(Vec<MessageRow>, Option<InFlight>), ImapError> {
+        gathered: Gathered<'a>,
+    ) -> Result<(Vec<MessageRow>, Option<InFlight<'a>>), ImapError> {
+        let batch = gathered.fetched;
         let mut rows = Vec::new();
         let mut to_append = Vec::new();
         let mut appended = Vec::new();
@@ -1508,6 +1577,7 @@ impl Copying<'_> {
                 sent,
                 fetched: batch,
                 appended,
+                _held: gathered.held,
             }),
         ))
     }
@@ -1516,6 +1586,18 @@ impl Copying<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_account_holds_two_batches() {
+        const MB: usize = 1 << 20;
+        for (batch, budget) in [(8 * MB, 16 * MB), (0, 2), (usize::MAX, u32::MAX as usize)] {
+            let opts = SyncOptions {
+                max_batch_bytes: batch,
+                ..Default::default()
+            };
+            assert_eq!(batch_budget(&opts), budget, "max_batch_bytes {batch}");
+        }
+    }
 
     #[test]
     fn a_batch_is_cut_before_it_would_pass_its_bytes_or_count() {

@@ -6,7 +6,9 @@
 //! messages go slice by slice. The test binary counts its live heap bytes (a
 //! counting global allocator: exact, unlike RSS, which keeps freed pages) and
 //! syncs real Dovecots: the peak above the live bytes before the sync stays
-//! under that bound, and a mailbox three times larger peaks no higher.
+//! under that bound, and a mailbox three times larger peaks no higher. Four
+//! folders synced at once share the account's two batches (`batch_budget`):
+//! without that they held 17.5 MB where the bound is 9.4 MB.
 //!
 //! One test in this binary, so no other test's allocations are counted.
 
@@ -65,17 +67,26 @@ static COUNTING: Counting = Counting;
 const KB: usize = 1 << 10;
 const MB: usize = 1 << 20;
 
-/// `medium` messages of 580-780 KB (base64 of 430-580 KB: three would fit a
-/// 2 MB batch that could pass its size, two fit one that cannot), the same
-/// six sizes in turn in INBOX and in Archive, and `large` of 4 MB in INBOX.
-async fn fill(source: &Dovecot, user: &str, medium: usize, large: usize) {
+/// `medium` messages dealt in turn to `folders` (created), each folder
+/// getting the same six sizes in turn (`base` KB and up, base64-encoded:
+/// 1.35 times that), then `large` of 4 MB in INBOX.
+async fn fill(
+    source: &Dovecot,
+    user: &str,
+    folders: &[&str],
+    base: usize,
+    medium: usize,
+    large: usize,
+) {
     let mut s = login(source.port, user).await;
-    create(&mut s, "Archive").await;
+    for f in folders.iter().filter(|f| **f != "INBOX") {
+        create(&mut s, f).await;
+    }
     for n in 0..medium {
-        let body = with_attachment(&format!("<m{n}@x>"), 430 * KB + n / 2 % 6 * 30 * KB);
+        let size = base * KB + n / folders.len() % 6 * base / 14 * KB;
+        let body = with_attachment(&format!("<m{n}@x>"), size);
         let date = format!("{:02}-Mar-2021 10:00:00 +0000", 1 + n % 28);
-        let folder = if n % 2 == 0 { "INBOX" } else { "Archive" };
-        append(&mut s, folder, "(\\Seen)", &date, &body).await;
+        append(&mut s, folders[n % folders.len()], "(\\Seen)", &date, &body).await;
     }
     for n in 0..large {
         let body = with_attachment(&format!("<L{n}@x>"), 3 * MB);
@@ -118,11 +129,17 @@ async fn sync_peak(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sync_holds_two_batches_at_most_whatever_the_mailbox() {
-    let (small, large) = ("small@example.com", "large@example.com");
-    let source = Dovecot::start(Flavor::Source, &[small, large]);
-    let target = Dovecot::start(Flavor::Source, &[small, large]);
-    fill(&source, small, 12, 1).await;
-    fill(&source, large, 36, 3).await;
+    let (small, large, wide) = ("small@example.com", "large@example.com", "wide@example.com");
+    let source = Dovecot::start(Flavor::Source, &[small, large, wide]);
+    let target = Dovecot::start(Flavor::Source, &[small, large, wide]);
+    // 580-780 KB (base64 of 430-580 KB): three would fit a 2 MB batch that
+    // could pass its size, two fit one that cannot.
+    let two = ["INBOX", "Archive"];
+    fill(&source, small, &two, 430, 12, 1).await;
+    fill(&source, large, &two, 430, 36, 3).await;
+    // 200-270 KB, in four folders synced at once.
+    let four = ["INBOX", "Archive", "Sent", "Lists"];
+    fill(&source, wide, &four, 150, 120, 0).await;
     let opts = godwit_imap::engine::SyncOptions {
         max_batch_bytes: 2 * MB,
         stream_threshold: MB,
@@ -151,5 +168,22 @@ async fn a_sync_holds_two_batches_at_most_whatever_the_mailbox() {
     assert!(
         peak_large < peak_small + 512 * KB,
         "the peak grew with the mailbox: {peak_small} -> {peak_large} bytes"
+    );
+
+    // Four folders at once share the account's two batches: each may hold
+    // only the message it just read (and its read buffer) beyond them, not
+    // two batches of its own (four folders x 4 MB).
+    let opts = godwit_imap::engine::SyncOptions {
+        stream_threshold: 512 * KB,
+        parallel_folders: 4,
+        ..opts
+    };
+    let (peak_wide, n_wide) = sync_peak(&source, &target, wide, &opts).await;
+    assert_eq!(n_wide, 120);
+    let bound = godwit_imap::engine::batch_budget(&opts) + 4 * 2 * opts.stream_threshold + MB;
+    eprintln!("four folders at once: peak {peak_wide} bytes; bound {bound}");
+    assert!(
+        peak_wide < bound,
+        "four folders held {peak_wide} bytes at the peak: over {bound}"
     );
 }
