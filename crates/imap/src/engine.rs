@@ -860,32 +860,50 @@ async fn sync_folder(
             plan.stale_target.len()
         ));
     }
-    // Target messages the state does not know, by content, with their flags.
+    // Target messages the state does not know, by content, with their flags:
+    // each digested as it arrives (never a FETCH's worth held), and one above
+    // the stream threshold slice by slice, as a streamed copy is read.
     let mut index = Vec::new();
     if tbox.exists > 0 {
         let all: Vec<Fetch> = tgt
             .session
-            .uid_fetch("1:*", "(UID)")
+            .uid_fetch("1:*", "(UID RFC822.SIZE)")
             .await?
             .try_collect()
             .await?;
-        let all: Vec<u32> = all.iter().filter_map(|f| f.uid).collect();
-        for chunk in plan.unknown_target(&all).chunks(opts.fetch_batch) {
-            let fetches: Vec<Fetch> = tgt
+        let sizes: HashMap<u32, u32> = all
+            .iter()
+            .filter_map(|f| Some((f.uid?, f.size.unwrap_or(0))))
+            .collect();
+        let uids: Vec<u32> = all.iter().filter_map(|f| f.uid).collect();
+        let (large, whole): (Vec<u32>, Vec<u32>) = plan
+            .unknown_target(&uids)
+            .into_iter()
+            .partition(|u| sizes[u] as usize > opts.stream_threshold);
+        for chunk in whole.chunks(opts.fetch_batch) {
+            let mut stream = tgt
                 .session
                 .uid_fetch(uid_set(chunk), "(UID FLAGS BODY.PEEK[])")
-                .await?
-                .try_collect()
                 .await?;
-            for f in &fetches {
+            while let Some(f) = stream.try_next().await? {
                 if let (Some(uid), Some(body)) = (f.uid, f.body()) {
                     index.push((
                         (message_id(body), digest(body)),
                         uid,
-                        flag_string(flags_of(f).into_iter()),
+                        flag_string(flags_of(&f).into_iter()),
                     ));
                 }
             }
+        }
+        let slice = opts.stream_slice.max(1024) as u32;
+        for uid in large {
+            let d = digest_slices(tgt, uid, None, slice, true).await?;
+            let flags = d.meta.as_ref().map(flags_of).unwrap_or_default();
+            index.push((
+                (d.message_id, d.digest),
+                uid,
+                flag_string(flags.into_iter()),
+            ));
         }
     }
     tgt.drain_unsolicited();
@@ -1099,6 +1117,53 @@ async fn fetch_slice(
     Ok((data, if meta { f } else { None }))
 }
 
+/// A message read slice by slice (never whole): its Message-ID (from the
+/// first slice), SHA-256, length, and with `meta` the first slice's FLAGS
+/// and INTERNALDATE.
+struct Sliced {
+    message_id: Option<String>,
+    digest: String,
+    len: u32,
+    meta: Option<Fetch>,
+}
+
+/// Reads `uid` in slices of `slice` bytes (RFC 3501 6.4.5 BODY[]<offset.len>)
+/// up to `size`, or without one, to the first short slice; an empty slice
+/// before `size` ends it early (the caller compares `len`).
+async fn digest_slices(
+    conn: &mut Conn,
+    uid: u32,
+    size: Option<u32>,
+    slice: u32,
+    meta: bool,
+) -> Result<Sliced, ImapError> {
+    let mut hasher = Sha256::new();
+    let (mut message_id_of, mut first_meta, mut offset) = (None, None, 0u32);
+    loop {
+        let want = size.map_or(slice, |s| slice.min(s - offset));
+        let (data, m) = fetch_slice(conn, uid, offset, want, meta && offset == 0).await?;
+        if offset == 0 {
+            message_id_of = message_id(&data);
+            first_meta = m;
+        }
+        hasher.update(&data);
+        offset += data.len() as u32;
+        let done = match size {
+            Some(s) => data.is_empty() || offset >= s,
+            None => (data.len() as u32) < slice,
+        };
+        if done {
+            break;
+        }
+    }
+    Ok(Sliced {
+        message_id: message_id_of,
+        digest: hex(&hasher.finalize()),
+        len: offset,
+        meta: first_meta,
+    })
+}
+
 fn folder_err(folder: &str, command: &str, e: async_imap::error::Error) -> ImapError {
     match ImapError::from(e) {
         t if t.is_transient() => t,
@@ -1109,7 +1174,6 @@ fn folder_err(folder: &str, command: &str, e: async_imap::error::Error) -> ImapE
     }
 }
 
-/// APPENDs sent for one batch, with the rows they will fill in.
 /// A batch whose APPENDs were sent and are not yet answered. It owns the
 /// batch's FETCH responses (the only copy of the bodies in memory): a refused
 /// MULTIAPPEND sends the appended ones again (`Conn::append_collect`).
@@ -1361,22 +1425,12 @@ impl<'a> Copying<'a> {
         let date = append_date(&meta);
         let flag_text = flag_string(flags.iter().cloned());
         if !self.pools.is_empty() {
-            let mut hasher = Sha256::new();
-            let mut mid = None;
-            let mut offset = 0;
-            while offset < size {
-                let (data, _) =
-                    fetch_slice(src, uid, offset, slice.min(size - offset), false).await?;
-                if data.is_empty() {
-                    return Ok(Large::SizeUnreliable);
-                }
-                if offset == 0 {
-                    mid = message_id(&data);
-                }
-                hasher.update(&data);
-                offset += data.len() as u32;
+            let d = digest_slices(src, uid, Some(size), slice, false).await?;
+            if d.len != size {
+                return Ok(Large::SizeUnreliable);
             }
-            let row = self.row(uid, mid.clone(), hex(&hasher.finalize()), flag_text.clone());
+            let mid = d.message_id;
+            let row = self.row(uid, mid.clone(), d.digest, flag_text.clone());
             let p = self.pools.place(row, u64::from(size), self.append_limit);
             self.fr.repaired += u64::from(p.repaired);
             self.fr.matched += u64::from(p.matched);

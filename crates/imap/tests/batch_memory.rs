@@ -8,7 +8,8 @@
 //! syncs real Dovecots: the peak above the live bytes before the sync stays
 //! under that bound, and a mailbox three times larger peaks no higher. Four
 //! folders synced at once share the account's two batches (`batch_budget`):
-//! without that they held 17.5 MB where the bound is 9.4 MB.
+//! without that they held 17.5 MB where the bound is 9.4 MB. With the state
+//! lost, the target's messages are read one at a time to re-pair them.
 //!
 //! One test in this binary, so no other test's allocations are counted.
 
@@ -96,13 +97,14 @@ async fn fill(
 }
 
 /// Peak live heap bytes above those live before, while `user` is synced
-/// (source and target logins alike), and the target's copy as read back.
+/// (source and target logins alike) with a new, empty state; the messages
+/// the target then holds (the same as the source's) and how many were copied.
 async fn sync_peak(
     source: &Dovecot,
     target: &Dovecot,
     user: &str,
     opts: &godwit_imap::engine::SyncOptions,
-) -> (usize, usize) {
+) -> (usize, usize, u64) {
     let tmp = tempfile::tempdir().unwrap();
     let store = store(tmp.path()).await;
     let ep = endpoints(source, target, 4);
@@ -124,7 +126,7 @@ async fn sync_peak(
     let mut t = login(target.port, user).await;
     let want = dump(&mut s).await;
     assert_eq!(dump(&mut t).await, want, "{user}: copied byte for byte");
-    (peak, want.values().map(Vec::len).sum())
+    (peak, want.values().map(Vec::len).sum(), r.copied())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -147,9 +149,9 @@ async fn a_sync_holds_two_batches_at_most_whatever_the_mailbox() {
         parallel_folders: 1,
         ..Default::default()
     };
-    let (peak_small, n_small) = sync_peak(&source, &target, small, &opts).await;
-    let (peak_large, n_large) = sync_peak(&source, &target, large, &opts).await;
-    assert_eq!((n_small, n_large), (13, 39));
+    let (peak_small, n_small, _) = sync_peak(&source, &target, small, &opts).await;
+    let (peak_large, n_large, copied) = sync_peak(&source, &target, large, &opts).await;
+    assert_eq!((n_small, n_large, copied), (13, 39, 39));
 
     // The batch in flight and the one being gathered (2 MB each at most), the
     // message just read that starts the next batch (under the 1 MB
@@ -170,6 +172,22 @@ async fn a_sync_holds_two_batches_at_most_whatever_the_mailbox() {
         "the peak grew with the mailbox: {peak_small} -> {peak_large} bytes"
     );
 
+    // The state lost: every target message is read to pair it by content,
+    // each as it arrives and the 4 MB ones slice by slice, then the source's
+    // are fetched in batches and paired (nothing appended, so none in
+    // flight): one batch, and one message (under the threshold) with its
+    // read buffer. Before, a FETCH's worth of target messages was held: 26 MB.
+    let (peak_lost, n_lost, copied) = sync_peak(&source, &target, large, &opts).await;
+    assert_eq!((n_lost, copied), (39, 0), "re-paired, nothing copied twice");
+    let bound = opts.max_batch_bytes + 2 * opts.stream_threshold + MB;
+    eprintln!(
+        "state lost, {n_lost} target messages re-paired: peak {peak_lost} bytes; bound {bound}"
+    );
+    assert!(
+        peak_lost < bound,
+        "re-pairing held {peak_lost} bytes at the peak: over {bound}"
+    );
+
     // Four folders at once share the account's two batches: each may hold
     // only the message it just read (and its read buffer) beyond them, not
     // two batches of its own (four folders x 4 MB).
@@ -178,7 +196,7 @@ async fn a_sync_holds_two_batches_at_most_whatever_the_mailbox() {
         parallel_folders: 4,
         ..opts
     };
-    let (peak_wide, n_wide) = sync_peak(&source, &target, wide, &opts).await;
+    let (peak_wide, n_wide, _) = sync_peak(&source, &target, wide, &opts).await;
     assert_eq!(n_wide, 120);
     let bound = godwit_imap::engine::batch_budget(&opts) + 4 * 2 * opts.stream_threshold + MB;
     eprintln!("four folders at once: peak {peak_wide} bytes; bound {bound}");
