@@ -620,7 +620,7 @@ impl Conn {
         messages: &[AppendItem<'_>],
     ) -> Result<Vec<AppendOutcome>, ImapError> {
         let sent = self.append_send(mailbox_wire, messages).await?;
-        self.append_collect(sent).await
+        self.append_collect(sent, messages).await
     }
 
     /// Sends a batch's APPENDs without waiting for their answers, so the
@@ -681,15 +681,16 @@ impl Conn {
     /// RFC 3502 3: `APPEND mailbox (flags) date {n+}` then, after each
     /// literal, the next message's ` (flags) date {n+}`, and CRLF after the
     /// last. The server commits the batch as one transaction (Dovecot: one
-    /// index update and one fsync pass instead of one per message). The
-    /// messages are kept: a refusal covers all of them.
+    /// index update and one fsync pass instead of one per message). A refusal
+    /// covers all of them: the caller keeps the messages until
+    /// `append_collect`, which is given them again (no copy is kept here, so
+    /// a batch is in memory once).
     async fn multiappend_send(
         &mut self,
         mailbox_wire: &str,
         messages: &[AppendItem<'_>],
     ) -> Result<Sent, ImapError> {
         let io = |e: std::io::Error| io_error(e);
-        let mut kept = Vec::with_capacity(messages.len());
         let mut tag = None;
         // The socket is unbuffered with TCP_NODELAY: small messages and their
         // parts are gathered into one write of up to WRITE_CHUNK bytes, not
@@ -717,11 +718,6 @@ impl Conn {
             } else {
                 out.extend_from_slice(m.body);
             }
-            kept.push(OwnedItem {
-                flags: m.flags.clone(),
-                internal_date: m.internal_date.clone(),
-                body: m.body.to_vec(),
-            });
         }
         out.extend_from_slice(b"\r\n");
         let stream = self.session.get_mut();
@@ -730,37 +726,40 @@ impl Conn {
         Ok(Sent(Flight::Multi {
             tag: tag.ok_or_else(|| ImapError::Io("MULTIAPPEND of no message".into()))?,
             mailbox: mailbox_wire.to_string(),
-            items: kept,
+            count: messages.len(),
         }))
     }
 
-    /// The answers to `append_send`, one per message, in order. A refused
-    /// MULTIAPPEND appended nothing (RFC 3502 6.3.11), so its messages are
-    /// sent again one APPEND each: each then gets its own answer, and only
-    /// the message the server will not take is reported refused.
-    pub async fn append_collect(&mut self, sent: Sent) -> Result<Vec<AppendOutcome>, ImapError> {
+    /// The answers to `append_send`, one per message, in order; `messages`
+    /// are the ones `append_send` was given. A refused MULTIAPPEND appended
+    /// nothing (RFC 3502 6.3.11), so its messages are sent again one APPEND
+    /// each: each then gets its own answer, and only the message the server
+    /// will not take is reported refused.
+    pub async fn append_collect(
+        &mut self,
+        sent: Sent,
+        messages: &[AppendItem<'_>],
+    ) -> Result<Vec<AppendOutcome>, ImapError> {
         let out = match sent.0 {
             Flight::Each(each) => self.collect_each(each).await?,
             Flight::Multi {
                 tag,
                 mailbox,
-                items,
+                count,
             } => {
-                let answer = self.read_answer(&tag, items.len()).await?;
-                match multi_outcomes(answer, items.len()) {
+                let answer = self.read_answer(&tag, count).await?;
+                match multi_outcomes(answer, count) {
                     Some(out) => out,
+                    None if messages.len() != count => {
+                        return Err(ImapError::Io(format!(
+                            "MULTIAPPEND of {count} refused; {} given to retry",
+                            messages.len()
+                        )));
+                    }
                     None => {
                         tracing::debug!(mailbox, "MULTIAPPEND refused; appending one by one");
-                        let again: Vec<AppendItem<'_>> = items
-                            .iter()
-                            .map(|i| AppendItem {
-                                flags: i.flags.clone(),
-                                internal_date: i.internal_date.clone(),
-                                body: &i.body,
-                            })
-                            .collect();
                         let pipelined = self.has("LITERAL+");
-                        let each = self.append_each(&mailbox, &again, pipelined).await?;
+                        let each = self.append_each(&mailbox, messages, pipelined).await?;
                         self.collect_each(each).await?
                     }
                 }
@@ -1056,7 +1055,7 @@ enum Flight {
     Multi {
         tag: async_imap::imap_proto::RequestId,
         mailbox: String,
-        items: Vec<OwnedItem>,
+        count: usize,
     },
 }
 
@@ -1064,12 +1063,6 @@ enum Flight {
 enum Each {
     Pending(async_imap::imap_proto::RequestId),
     Done(AppendOutcome),
-}
-
-struct OwnedItem {
-    flags: Vec<String>,
-    internal_date: Option<String>,
-    body: Vec<u8>,
 }
 
 /// How a batch of APPENDs goes on the wire.

@@ -55,7 +55,9 @@ pub struct SyncOptions {
     pub propagate_deletes: bool,
     /// UIDs per FETCH command.
     pub fetch_batch: usize,
-    /// Bytes of message data held in memory per account before appending.
+    /// Bytes of message data in one APPEND batch. An account's folders share
+    /// twice this (the batch in flight and the one being gathered, see
+    /// [`batch_budget`]), so its parallel folders do not multiply it.
     pub max_batch_bytes: usize,
     pub max_reconnects: u32,
     /// Folders synced at once per account, each over its own connection pair
@@ -298,6 +300,15 @@ fn append_date(fetch: &Fetch) -> Option<String> {
     fetch
         .internal_date()
         .map(|d| d.format("%d-%b-%Y %H:%M:%S %z").to_string())
+}
+
+/// A fetched message's APPEND: its flags, internal date and body as fetched.
+fn append_item(fetch: &Fetch) -> AppendItem<'_> {
+    AppendItem {
+        flags: flags_of(fetch),
+        internal_date: append_date(fetch),
+        body: fetch.body().unwrap_or_default(),
+    }
 }
 
 /// "1:4,7,9:12" from sorted UIDs (RFC 3501 9 sequence-set).
@@ -584,6 +595,7 @@ async fn sync_once(
         report.folders.push(fr);
     }
     let statuses = &statuses;
+    let held = &tokio::sync::Semaphore::new(batch_budget(opts));
 
     // Folders run in parallel over extra connection pairs, opened only where
     // both servers' caps have room now (never waiting: see try_connection_slot).
@@ -631,6 +643,7 @@ async fn sync_once(
                         progress,
                         status: statuses[&pair.source].0,
                         create: to_create.contains(&pair.target),
+                        held,
                     };
                     let r = sync_folder(&job, &mut src, &mut tgt, &mut fr).await;
                     if let Err(e) = r {
@@ -768,6 +781,20 @@ struct FolderJob<'a> {
     status: FolderStatus,
     /// The target folder is created by this run (with --dry-run: would be).
     create: bool,
+    /// Bytes of fetched messages the account's folders may hold in batches
+    /// (a permit per byte, [`batch_budget`]).
+    held: &'a tokio::sync::Semaphore,
+}
+
+/// The bytes of whole messages an account holds at most, shared by its
+/// parallel folders: a lone folder's batch in flight and the one it gathers
+/// meanwhile. Without a shared budget, four folders would hold four times
+/// that.
+pub fn batch_budget(opts: &SyncOptions) -> usize {
+    opts.max_batch_bytes
+        .max(1)
+        .saturating_mul(2)
+        .min(u32::MAX as usize)
 }
 
 /// Lists the source folder, builds its [`FolderPlan`] and executes it (with
@@ -833,32 +860,50 @@ async fn sync_folder(
             plan.stale_target.len()
         ));
     }
-    // Target messages the state does not know, by content, with their flags.
+    // Target messages the state does not know, by content, with their flags:
+    // each digested as it arrives (never a FETCH's worth held), and one above
+    // the stream threshold slice by slice, as a streamed copy is read.
     let mut index = Vec::new();
     if tbox.exists > 0 {
         let all: Vec<Fetch> = tgt
             .session
-            .uid_fetch("1:*", "(UID)")
+            .uid_fetch("1:*", "(UID RFC822.SIZE)")
             .await?
             .try_collect()
             .await?;
-        let all: Vec<u32> = all.iter().filter_map(|f| f.uid).collect();
-        for chunk in plan.unknown_target(&all).chunks(opts.fetch_batch) {
-            let fetches: Vec<Fetch> = tgt
+        let sizes: HashMap<u32, u32> = all
+            .iter()
+            .filter_map(|f| Some((f.uid?, f.size.unwrap_or(0))))
+            .collect();
+        let uids: Vec<u32> = all.iter().filter_map(|f| f.uid).collect();
+        let (large, whole): (Vec<u32>, Vec<u32>) = plan
+            .unknown_target(&uids)
+            .into_iter()
+            .partition(|u| sizes[u] as usize > opts.stream_threshold);
+        for chunk in whole.chunks(opts.fetch_batch) {
+            let mut stream = tgt
                 .session
                 .uid_fetch(uid_set(chunk), "(UID FLAGS BODY.PEEK[])")
-                .await?
-                .try_collect()
                 .await?;
-            for f in &fetches {
+            while let Some(f) = stream.try_next().await? {
                 if let (Some(uid), Some(body)) = (f.uid, f.body()) {
                     index.push((
                         (message_id(body), digest(body)),
                         uid,
-                        flag_string(flags_of(f).into_iter()),
+                        flag_string(flags_of(&f).into_iter()),
                     ));
                 }
             }
+        }
+        let slice = opts.stream_slice.max(1024) as u32;
+        for uid in large {
+            let d = digest_slices(tgt, uid, None, slice, true).await?;
+            let flags = d.meta.as_ref().map(flags_of).unwrap_or_default();
+            index.push((
+                (d.message_id, d.digest),
+                uid,
+                flag_string(flags.into_iter()),
+            ));
         }
     }
     tgt.drain_unsolicited();
@@ -1072,6 +1117,53 @@ async fn fetch_slice(
     Ok((data, if meta { f } else { None }))
 }
 
+/// A message read slice by slice (never whole): its Message-ID (from the
+/// first slice), SHA-256, length, and with `meta` the first slice's FLAGS
+/// and INTERNALDATE.
+struct Sliced {
+    message_id: Option<String>,
+    digest: String,
+    len: u32,
+    meta: Option<Fetch>,
+}
+
+/// Reads `uid` in slices of `slice` bytes (RFC 3501 6.4.5 BODY[]<offset.len>)
+/// up to `size`, or without one, to the first short slice; an empty slice
+/// before `size` ends it early (the caller compares `len`).
+async fn digest_slices(
+    conn: &mut Conn,
+    uid: u32,
+    size: Option<u32>,
+    slice: u32,
+    meta: bool,
+) -> Result<Sliced, ImapError> {
+    let mut hasher = Sha256::new();
+    let (mut message_id_of, mut first_meta, mut offset) = (None, None, 0u32);
+    loop {
+        let want = size.map_or(slice, |s| slice.min(s - offset));
+        let (data, m) = fetch_slice(conn, uid, offset, want, meta && offset == 0).await?;
+        if offset == 0 {
+            message_id_of = message_id(&data);
+            first_meta = m;
+        }
+        hasher.update(&data);
+        offset += data.len() as u32;
+        let done = match size {
+            Some(s) => data.is_empty() || offset >= s,
+            None => (data.len() as u32) < slice,
+        };
+        if done {
+            break;
+        }
+    }
+    Ok(Sliced {
+        message_id: message_id_of,
+        digest: hex(&hasher.finalize()),
+        len: offset,
+        meta: first_meta,
+    })
+}
+
 fn folder_err(folder: &str, command: &str, e: async_imap::error::Error) -> ImapError {
     match ImapError::from(e) {
         t if t.is_transient() => t,
@@ -1082,12 +1174,43 @@ fn folder_err(folder: &str, command: &str, e: async_imap::error::Error) -> ImapE
     }
 }
 
-/// APPENDs sent for one batch, with the rows they will fill in.
-struct InFlight {
+/// A batch whose APPENDs were sent and are not yet answered. It owns the
+/// batch's FETCH responses (the only copy of the bodies in memory): a refused
+/// MULTIAPPEND sends the appended ones again (`Conn::append_collect`).
+struct InFlight<'a> {
     rows: Vec<MessageRow>,
-    sizes: Vec<u64>,
     sent: crate::conn::Sent,
+    fetched: Vec<Fetch>,
+    /// Indices into `fetched` of the messages appended, in order.
+    appended: Vec<usize>,
+    /// The batch's share of the account's budget, returned when it lands.
+    _held: Option<tokio::sync::SemaphorePermit<'a>>,
 }
+
+/// A batch being gathered: its messages and their share of the budget.
+#[derive(Default)]
+struct Gathered<'a> {
+    fetched: Vec<Fetch>,
+    bytes: usize,
+    held: Option<tokio::sync::SemaphorePermit<'a>>,
+}
+
+/// Whether the batch being gathered goes to the target before the message
+/// just fetched joins it: it would pass `max_bytes` (a batch is at most
+/// `max_bytes`, or one message when that alone is larger) or already holds
+/// `max_messages`.
+fn cut_before(
+    batch_len: usize,
+    batch_bytes: usize,
+    next_len: usize,
+    max_bytes: usize,
+    max_messages: usize,
+) -> bool {
+    batch_len > 0 && (batch_bytes + next_len > max_bytes || batch_len >= max_messages)
+}
+
+/// Messages per MULTIAPPEND batch.
+const BATCH_MESSAGES: usize = 64;
 
 /// A real run executing one folder's copies: the plan, its pools (each
 /// entry pairs once) and the report.
@@ -1099,7 +1222,7 @@ struct Copying<'a> {
     fr: &'a mut FolderReport,
 }
 
-impl Copying<'_> {
+impl<'a> Copying<'a> {
     /// The row a copied source message is recorded with (no target UID yet).
     fn row(
         &self,
@@ -1200,7 +1323,7 @@ impl Copying<'_> {
     ) -> Result<(), ImapError> {
         let opts = self.job.opts;
         let timeout = src.server.command_timeout;
-        let mut in_flight: Option<InFlight> = None;
+        let mut in_flight: Option<InFlight<'a>> = None;
         for chunk in uids.chunks(opts.fetch_batch) {
             src.server.limits.pace().await;
             let asked = std::time::Instant::now();
@@ -1208,8 +1331,7 @@ impl Copying<'_> {
                 .session
                 .uid_fetch(uid_set(chunk), "(UID FLAGS INTERNALDATE BODY.PEEK[])")
                 .await?;
-            let mut batch: Vec<Fetch> = Vec::new();
-            let mut batch_bytes = 0usize;
+            let mut batch = Gathered::default();
             let mut first = true;
             let mut received = 0usize;
             loop {
@@ -1226,34 +1348,35 @@ impl Copying<'_> {
                     first = false;
                     src.server.limits.observe_latency(asked.elapsed());
                 }
-                let done = next.is_none();
-                if let Some(f) = next {
-                    received += usize::from(f.uid.is_some_and(|u| chunk.binary_search(&u).is_ok()));
-                    let len = f.body().map(<[u8]>::len).unwrap_or(0);
-                    if let Some(bw) = &src.bandwidth {
-                        bw.consume(len as u64).await;
+                let Some(f) = next else {
+                    if !batch.fetched.is_empty() {
+                        self.send_batch(tgt, std::mem::take(&mut batch), &mut in_flight)
+                            .await?;
                     }
-                    batch_bytes += len;
-                    batch.push(f);
-                }
-                if (done && !batch.is_empty())
-                    || batch_bytes >= opts.max_batch_bytes
-                    || batch.len() >= 64
-                {
-                    let (rows, flight) = self.place_batch(tgt, &batch).await?;
-                    self.record(&rows).await?;
-                    // The previous batch's APPENDs were answered while this one was
-                    // fetched: record them now, and leave this batch in flight.
-                    if let Some(prev) = std::mem::replace(&mut in_flight, flight) {
-                        let rows = self.land_batch(tgt, prev).await?;
-                        self.record(&rows).await?;
-                    }
-                    batch.clear();
-                    batch_bytes = 0;
-                }
-                if done {
                     break;
+                };
+                received += usize::from(f.uid.is_some_and(|u| chunk.binary_search(&u).is_ok()));
+                let len = f.body().map(<[u8]>::len).unwrap_or(0);
+                if let Some(bw) = &src.bandwidth {
+                    bw.consume(len as u64).await;
                 }
+                if cut_before(
+                    batch.fetched.len(),
+                    batch.bytes,
+                    len,
+                    opts.max_batch_bytes,
+                    BATCH_MESSAGES,
+                ) {
+                    self.send_batch(tgt, std::mem::take(&mut batch), &mut in_flight)
+                        .await?;
+                }
+                let permit = self.hold(tgt, len, &mut batch, &mut in_flight).await?;
+                match &mut batch.held {
+                    Some(p) => p.merge(permit),
+                    None => batch.held = Some(permit),
+                }
+                batch.bytes += len;
+                batch.fetched.push(f);
             }
             drop(stream);
             if received < chunk.len() {
@@ -1302,22 +1425,12 @@ impl Copying<'_> {
         let date = append_date(&meta);
         let flag_text = flag_string(flags.iter().cloned());
         if !self.pools.is_empty() {
-            let mut hasher = Sha256::new();
-            let mut mid = None;
-            let mut offset = 0;
-            while offset < size {
-                let (data, _) =
-                    fetch_slice(src, uid, offset, slice.min(size - offset), false).await?;
-                if data.is_empty() {
-                    return Ok(Large::SizeUnreliable);
-                }
-                if offset == 0 {
-                    mid = message_id(&data);
-                }
-                hasher.update(&data);
-                offset += data.len() as u32;
+            let d = digest_slices(src, uid, Some(size), slice, false).await?;
+            if d.len != size {
+                return Ok(Large::SizeUnreliable);
             }
-            let row = self.row(uid, mid.clone(), hex(&hasher.finalize()), flag_text.clone());
+            let mid = d.message_id;
+            let row = self.row(uid, mid.clone(), d.digest, flag_text.clone());
             let p = self.pools.place(row, u64::from(size), self.append_limit);
             self.fr.repaired += u64::from(p.repaired);
             self.fr.matched += u64::from(p.matched);
@@ -1373,15 +1486,77 @@ impl Copying<'_> {
         }
     }
 
+    /// Places a gathered batch and leaves its APPENDs in flight; the previous
+    /// batch's APPENDs were answered while this one was fetched, so they are
+    /// collected and recorded now. At most two batches are in memory: the one
+    /// in flight and the one being fetched.
+    async fn send_batch(
+        &mut self,
+        tgt: &mut Conn,
+        batch: Gathered<'a>,
+        in_flight: &mut Option<InFlight<'a>>,
+    ) -> Result<(), ImapError> {
+        let (rows, flight) = self.place_batch(tgt, batch).await?;
+        self.record(&rows).await?;
+        if let Some(prev) = std::mem::replace(in_flight, flight) {
+            self.land(tgt, prev).await?;
+        }
+        Ok(())
+    }
+
+    async fn land(&mut self, tgt: &mut Conn, flight: InFlight<'a>) -> Result<(), ImapError> {
+        let rows = self.land_batch(tgt, flight).await?;
+        self.record(&rows).await
+    }
+
+    /// `bytes` of the account's budget for a message just fetched. When the
+    /// folders hold it all, this folder first sends what it gathered and
+    /// lands what it has in flight, then waits holding nothing: a folder
+    /// waits only for folders that are still moving, never for one that
+    /// waits too.
+    async fn hold(
+        &mut self,
+        tgt: &mut Conn,
+        bytes: usize,
+        batch: &mut Gathered<'a>,
+        in_flight: &mut Option<InFlight<'a>>,
+    ) -> Result<tokio::sync::SemaphorePermit<'a>, ImapError> {
+        let held = self.job.held;
+        // A message larger than the whole budget waits for all of it.
+        let want = bytes.min(batch_budget(self.job.opts)).max(1) as u32;
+        loop {
+            if let Ok(p) = held.try_acquire_many(want) {
+                return Ok(p);
+            }
+            if !batch.fetched.is_empty() {
+                self.send_batch(tgt, std::mem::take(batch), in_flight)
+                    .await?;
+            } else if let Some(prev) = in_flight.take() {
+                self.land(tgt, prev).await?;
+            } else {
+                return held
+                    .acquire_many(want)
+                    .await
+                    .map_err(|_| ImapError::Io("the batch budget was closed".into()));
+            }
+        }
+    }
+
     /// Reads the answers to a batch's APPENDs; returns the rows to record.
     async fn land_batch(
         &mut self,
         tgt: &mut Conn,
-        flight: InFlight,
+        flight: InFlight<'a>,
     ) -> Result<Vec<MessageRow>, ImapError> {
         let mut rows = Vec::new();
-        let results = tgt.append_collect(flight.sent).await?;
-        for ((row, size), result) in flight.rows.into_iter().zip(flight.sizes).zip(results) {
+        let items: Vec<AppendItem<'_>> = flight
+            .appended
+            .iter()
+            .map(|&i| append_item(&flight.fetched[i]))
+            .collect();
+        let sizes: Vec<u64> = items.iter().map(|i| i.body.len() as u64).collect();
+        let results = tgt.append_collect(flight.sent, &items).await?;
+        for ((row, size), result) in flight.rows.into_iter().zip(sizes).zip(results) {
             match result {
                 Ok(appended) => {
                     self.fr.copied += 1;
@@ -1410,22 +1585,22 @@ impl Copying<'_> {
     async fn place_batch(
         &mut self,
         tgt: &mut Conn,
-        batch: &[Fetch],
-    ) -> Result<(Vec<MessageRow>, Option<InFlight>), ImapError> {
+        gathered: Gathered<'a>,
+    ) -> Result<(Vec<MessageRow>, Option<InFlight<'a>>), ImapError> {
+        let batch = gathered.fetched;
         let mut rows = Vec::new();
         let mut to_append = Vec::new();
-        let mut items = Vec::new();
-        for f in batch {
+        let mut appended = Vec::new();
+        for (i, f) in batch.iter().enumerate() {
             let (Some(uid), Some(body)) = (f.uid, f.body()) else {
                 continue;
             };
-            let flags = flags_of(f);
             let mid = message_id(body);
             let row = self.row(
                 uid,
                 mid.clone(),
                 digest(body),
-                flag_string(flags.iter().cloned()),
+                flag_string(flags_of(f).iter().cloned()),
             );
             self.job
                 .progress
@@ -1438,26 +1613,25 @@ impl Copying<'_> {
                 Action::Pair(row) => rows.push(row),
                 Action::Skip(reason) => self.skip(uid, Some(mid.as_deref()), &reason).await?,
                 Action::Append(row) => {
-                    items.push(AppendItem {
-                        flags,
-                        internal_date: append_date(f),
-                        body,
-                    });
+                    appended.push(i);
                     to_append.push(row);
                 }
             }
         }
-        if items.is_empty() {
+        if appended.is_empty() {
             return Ok((rows, None));
         }
+        let items: Vec<AppendItem<'_>> = appended.iter().map(|&i| append_item(&batch[i])).collect();
         let sent = tgt.append_send(self.job.tgt_wire, &items).await?;
-        let sizes = items.iter().map(|i| i.body.len() as u64).collect();
+        drop(items);
         Ok((
             rows,
             Some(InFlight {
                 rows: to_append,
-                sizes,
                 sent,
+                fetched: batch,
+                appended,
+                _held: gathered.held,
             }),
         ))
     }
@@ -1466,6 +1640,41 @@ impl Copying<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_account_holds_two_batches() {
+        const MB: usize = 1 << 20;
+        for (batch, budget) in [(8 * MB, 16 * MB), (0, 2), (usize::MAX, u32::MAX as usize)] {
+            let opts = SyncOptions {
+                max_batch_bytes: batch,
+                ..Default::default()
+            };
+            assert_eq!(batch_budget(&opts), budget, "max_batch_bytes {batch}");
+        }
+    }
+
+    #[test]
+    fn a_batch_is_cut_before_it_would_pass_its_bytes_or_count() {
+        const MB: usize = 1 << 20;
+        // (messages in the batch, its bytes, the next message's bytes, cut first?)
+        let table = [
+            (0, 0, 20 * MB, false), // an empty batch takes any message: one alone may pass 8 MB
+            (0, 0, 100, false),
+            (1, 100, 100, false),
+            (3, 7 * MB, MB, false), // exactly 8 MB: still one batch
+            (3, 7 * MB, MB + 1, true),
+            (1, 5 * MB, 4 * MB, true), // 9 MB would be over: the 4 MB message starts the next
+            (63, 63 * 100, 100, false),
+            (64, 64 * 100, 100, true), // 64 messages at most
+        ];
+        for (len, bytes, next, want) in table {
+            assert_eq!(
+                cut_before(len, bytes, next, 8 * MB, BATCH_MESSAGES),
+                want,
+                "{len} messages, {bytes} bytes, next {next}"
+            );
+        }
+    }
 
     #[test]
     fn uid_sets() {
