@@ -168,6 +168,38 @@ impl Resting {
         n
     }
 
+    /// What is known of message `qid` when its file cannot be read back:
+    /// its queue id, arrival and recipients.
+    fn stand_in(&self, qid: &str) -> Spooled {
+        let rcpts = self
+            .rcpts
+            .iter()
+            .map(|s| (s.addr.to_string(), RcptParams::default()))
+            .collect();
+        Spooled {
+            header: Header {
+                queue_id: qid.to_string(),
+                arrival_ms: self.arrival_ms,
+                message_id: None,
+                envelope: Envelope {
+                    mail_from: String::new(),
+                    mail_params: MailParams::default(),
+                    rcpts,
+                    helo: String::new(),
+                    esmtp: true,
+                    client_ip: String::new(),
+                    tls: false,
+                },
+                kind: None,
+                accept_ms: 0,
+                journal: None,
+            },
+            body_offset: 0,
+            body_len: 0,
+            status: vec![None; self.rcpts.len()],
+        }
+    }
+
     fn next_due(&self) -> Option<i64> {
         self.rcpts
             .iter()
@@ -347,6 +379,15 @@ pub struct QueueSnapshot {
     pub arrival_ms: i64,
     /// (address, state, attempts, route at the last attempt)
     pub rcpts: Vec<(String, RcptStatus, u32, Option<String>)>,
+}
+
+/// What a queue command did in memory, for `apply_op` to record.
+#[derive(Default)]
+struct Applied {
+    affected: usize,
+    events: Vec<Event>,
+    writes: Vec<(String, Vec<StatusRecord>)>,
+    removals: Vec<String>,
 }
 
 /// How one platform group of an attempt ended.
@@ -765,7 +806,7 @@ impl RelayHandle {
             for batch in ids.chunks(LOAD_BATCH) {
                 let files: Vec<(String, Spooled)> = batch
                     .iter()
-                    .filter_map(|id| me.0.spool.load(id).ok().map(|sp| (id.clone(), sp)))
+                    .filter_map(|id| me.0.spool.load_head(id).ok().map(|sp| (id.clone(), sp)))
                     .collect();
                 let now = now_ms();
                 let mut st = me.0.state.lock().unwrap();
@@ -988,8 +1029,7 @@ impl RelayHandle {
     }
 
     /// Reads resting message `id` back from the spool for its attempt.
-    /// Returns false when it is gone: a file that cannot be read is moved
-    /// to `corrupt/` with an event, never silently dropped.
+    /// Returns false when it is gone.
     async fn load(&self, id: &str) -> bool {
         let inner = &self.0;
         match inner.state.lock().unwrap().msgs.get(id) {
@@ -999,24 +1039,29 @@ impl RelayHandle {
         }
         let spool = inner.spool.clone();
         let qid = id.to_string();
-        let err = match tokio::task::spawn_blocking(move || spool.load(&qid)).await {
-            Ok(Ok(sp)) => {
-                inner.state.lock().unwrap().install(id, sp, now_ms());
-                return true;
+        let loaded = tokio::task::spawn_blocking(move || spool.load_head(&qid)).await;
+        let mut st = inner.state.lock().unwrap();
+        let now = now_ms();
+        match loaded {
+            Ok(Ok(sp)) => st.install(id, sp, now),
+            Ok(Err(e)) => {
+                // Planned from its summary all the same: its delivery cannot
+                // read the body either, and takes the unreadable-body path
+                // (deferred, then moved to `corrupt/` with an event).
+                tracing::error!(queue_id = id, "cannot read the queued message back: {e}");
+                let stand_in = st.msgs.get(id).and_then(|e| match &e.held {
+                    Held::Resting(r) => Some(r.stand_in(id)),
+                    Held::Loaded(_) => None,
+                });
+                if let Some(sp) = stand_in {
+                    st.install(id, sp, now);
+                }
             }
-            Ok(Err(e)) => e.to_string(),
-            Err(e) => e.to_string(),
-        };
-        tracing::error!(queue_id = id, "cannot read the queued message back: {err}");
-        inner.state.lock().unwrap().remove(id);
-        let spool = inner.spool.clone();
-        let qid = id.to_string();
-        let file = match tokio::task::spawn_blocking(move || spool.quarantine(&qid)).await {
-            Ok(Ok(p)) => p.display().to_string(),
-            _ => inner.spool.queue_dir().join(id).display().to_string(),
-        };
-        inner.events.emit(Event::QueueCorrupt { file, reason: err });
-        false
+            Err(e) => tracing::error!("{e}"),
+        }
+        st.msgs
+            .get(id)
+            .is_some_and(|e| matches!(e.held, Held::Loaded(_)))
     }
 
     async fn attempt(&self, id: &str) {
@@ -1686,83 +1731,24 @@ impl RelayHandle {
             tracing::info!(platform = %d.platform.name, actor, "queue flush closes the platform's open circuit");
             d.flow.close_circuit();
         }
-        let durable = *op != QueueOp::Flush;
         let now = now_ms();
-        let mut affected = 0;
-        let mut events = Vec::new();
-        let mut writes: Vec<(String, Vec<StatusRecord>)> = Vec::new();
-        let mut removals = Vec::new();
         // Read back once each: one whose file cannot be read stays resting
         // (its own attempt reports it) and the command passes it by.
         let mut tried = std::collections::HashSet::new();
-        loop {
-            let mut st = inner.state.lock().unwrap();
-            let wanted: Vec<String> = st
-                .msgs
-                .iter()
-                .filter(|(id, e)| match &e.held {
-                    Held::Resting(r) => !tried.contains(*id) && r.needs_load(id, op, sel, now),
-                    Held::Loaded(_) => false,
-                })
-                .map(|(id, _)| id.clone())
-                .collect();
-            if !wanted.is_empty() {
-                drop(st);
-                tried.extend(wanted.iter().cloned());
-                self.load_many(wanted).await;
-                continue;
-            }
-            // Every message the command may touch is loaded, or resting and
-            // flushed in its summary: applied under this one lock.
-            let ids: Vec<String> = st.msgs.keys().cloned().collect();
-            for id in ids {
-                let e = st.msgs.get_mut(&id).unwrap();
-                let l = match &mut e.held {
-                    Held::Loaded(l) => l,
-                    Held::Resting(r) => {
-                        let n = if durable { 0 } else { r.flush(&id, sel, now) };
-                        if n > 0 {
-                            affected += n;
-                            e.parked = false;
-                            let due = r.next_due();
-                            st.schedule(&id, due);
-                        }
-                        continue;
-                    }
-                };
-                let sp = l.sp.clone();
-                let route = |a: &str| self.route_of(&sp.header, a).route;
-                let fx = queue_op::apply(op, sel, &sp.header, &mut l.rcpts, &route, now, actor);
-                if fx.affected == 0 {
-                    continue;
-                }
-                affected += fx.affected;
-                events.extend(fx.events);
-                if l.rcpts.iter().all(|r| r.is_final()) && !e.in_flight {
-                    st.remove(&id);
-                    removals.push(id);
-                    continue;
-                }
-                if durable {
-                    writes.push((
-                        id.clone(),
-                        fx.changed
-                            .iter()
-                            .map(|&i| l.rcpts[i].to_record(i, now))
-                            .collect(),
-                    ));
-                }
-                if !e.in_flight {
-                    e.parked = false;
-                    let due = plan::next_due(&l.rcpts);
-                    st.schedule(&id, due);
-                    if !durable {
-                        st.settle_down(&id, now);
-                    }
+        let Applied {
+            affected,
+            events,
+            writes,
+            removals,
+        } = loop {
+            match self.apply_loaded(op, sel, actor, now, &tried) {
+                Ok(done) => break done,
+                Err(wanted) => {
+                    tried.extend(wanted.iter().cloned());
+                    self.load_many(wanted).await;
                 }
             }
-            break;
-        }
+        };
         let written: Vec<String> = writes.iter().map(|(id, _)| id.clone()).collect();
         for (id, recs) in writes {
             self.write_records(&id, recs).await;
@@ -1787,6 +1773,82 @@ impl RelayHandle {
         affected
     }
 
+    /// `apply_op` under one lock, when every message it may touch is loaded
+    /// or is resting and flushed in its summary; else `Err` names the
+    /// resting messages to read back first (except those `tried`).
+    fn apply_loaded(
+        &self,
+        op: &QueueOp,
+        sel: &Selector,
+        actor: &str,
+        now: i64,
+        tried: &std::collections::HashSet<String>,
+    ) -> Result<Applied, Vec<String>> {
+        let durable = *op != QueueOp::Flush;
+        let mut st = self.0.state.lock().unwrap();
+        let wanted: Vec<String> = st
+            .msgs
+            .iter()
+            .filter(|(id, e)| match &e.held {
+                Held::Resting(r) => !tried.contains(*id) && r.needs_load(id, op, sel, now),
+                Held::Loaded(_) => false,
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        if !wanted.is_empty() {
+            return Err(wanted);
+        }
+        let mut done = Applied::default();
+        let ids: Vec<String> = st.msgs.keys().cloned().collect();
+        for id in ids {
+            let e = st.msgs.get_mut(&id).unwrap();
+            let l = match &mut e.held {
+                Held::Loaded(l) => l,
+                Held::Resting(r) => {
+                    let n = if durable { 0 } else { r.flush(&id, sel, now) };
+                    if n > 0 {
+                        done.affected += n;
+                        e.parked = false;
+                        let due = r.next_due();
+                        st.schedule(&id, due);
+                    }
+                    continue;
+                }
+            };
+            let sp = l.sp.clone();
+            let route = |a: &str| self.route_of(&sp.header, a).route;
+            let fx = queue_op::apply(op, sel, &sp.header, &mut l.rcpts, &route, now, actor);
+            if fx.affected == 0 {
+                continue;
+            }
+            done.affected += fx.affected;
+            done.events.extend(fx.events);
+            if l.rcpts.iter().all(|r| r.is_final()) && !e.in_flight {
+                st.remove(&id);
+                done.removals.push(id);
+                continue;
+            }
+            if durable {
+                done.writes.push((
+                    id.clone(),
+                    fx.changed
+                        .iter()
+                        .map(|&i| l.rcpts[i].to_record(i, now))
+                        .collect(),
+                ));
+            }
+            if !e.in_flight {
+                e.parked = false;
+                let due = plan::next_due(&l.rcpts);
+                st.schedule(&id, due);
+                if !durable {
+                    st.settle_down(&id, now);
+                }
+            }
+        }
+        Ok(done)
+    }
+
     /// Reads resting messages `ids` back from the spool, in batches off the
     /// async workers, and loads those still resting. One that cannot be
     /// read stays resting: its own attempt reports it.
@@ -1797,7 +1859,7 @@ impl RelayHandle {
             let files = tokio::task::spawn_blocking(move || {
                 batch
                     .into_iter()
-                    .filter_map(|id| spool.load(&id).ok().map(|sp| (id, sp)))
+                    .filter_map(|id| spool.load_head(&id).ok().map(|sp| (id, sp)))
                     .collect::<Vec<_>>()
             })
             .await
