@@ -25,6 +25,7 @@ use godwit_route::SharedRoutes;
 use godwit_smtp_proto::{Envelope, MailParams, RcptParams};
 use godwit_spool::{Header, RcptStatus, Spool, SpoolError, Spooled, StatusRecord, now_ms};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{Notify, oneshot};
@@ -364,6 +365,32 @@ struct Inner {
     dests: std::sync::RwLock<BTreeMap<String, Arc<Dest>>>,
     state: Mutex<State>,
     wake: Notify,
+    /// Attempts under way (planning, waiting for a slot, or sending).
+    active: AtomicUsize,
+}
+
+/// At most this many attempts are under way at once (Postfix's
+/// `qmgr_message_active_limit`): a flushed backlog of 100,000 is loaded and
+/// planned a few thousand at a time, the rest resting in the due set, so
+/// memory does not grow with what a flush makes due.
+const ACTIVE_LIMIT: usize = 4_000;
+
+/// One attempt under way, counted in `Inner::active` for as long as it
+/// lives; its end wakes the scheduler, which may start another.
+struct Active(Arc<Inner>);
+
+impl Active {
+    fn new(relay: &RelayHandle) -> Active {
+        relay.0.active.fetch_add(1, Ordering::Relaxed);
+        Active(relay.0.clone())
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+        self.0.wake.notify_one();
+    }
 }
 
 /// The delivery engine. Clone the handle into every place that enqueues.
@@ -424,6 +451,7 @@ impl RelayHandle {
             dests: std::sync::RwLock::new(dests),
             state: Mutex::default(),
             wake: Notify::new(),
+            active: AtomicUsize::new(0),
         }))
     }
 
@@ -861,11 +889,12 @@ impl RelayHandle {
                 self.prune_idle();
             }
             let now = now_ms();
+            let room = ACTIVE_LIMIT.saturating_sub(self.0.active.load(Ordering::Relaxed));
             let (ready, next) = {
                 let mut st = self.0.state.lock().unwrap();
                 let mut ready = Vec::new();
                 while let Some((at, id)) = st.due.first().cloned() {
-                    if at > now {
+                    if at > now || ready.len() >= room {
                         break;
                     }
                     st.due.remove(&(at, id.clone()));
@@ -877,7 +906,9 @@ impl RelayHandle {
                         }
                     }
                 }
-                (ready, st.due.first().map(|(at, _)| *at))
+                // At the limit, the end of an attempt wakes this loop.
+                let next = st.due.first().map(|(at, _)| *at);
+                (ready, next.filter(|&at| at > now || room > 0))
             };
             for id in ready {
                 self.spawn_attempt(id);
@@ -898,7 +929,9 @@ impl RelayHandle {
     /// (as mox's queue recovers and reschedules).
     fn spawn_attempt(&self, id: String) {
         let me = self.clone();
+        let active = Active::new(self);
         tokio::spawn(async move {
+            let _active = active;
             let attempt = {
                 let me = me.clone();
                 let id = id.clone();

@@ -646,13 +646,24 @@ impl Spool {
     /// middle of a write that was never acknowledged) are moved to `corrupt/`
     /// and reported, never delivered.
     pub fn recover(&self) -> Result<(Vec<Spooled>, Vec<Quarantined>), SpoolError> {
+        let mut good = Vec::new();
+        let bad = self.recover_each(&mut |m| good.push(m))?;
+        Ok((good, bad))
+    }
+
+    /// `recover`, handing each message to `take` as it is read: a gateway
+    /// restarting on a backlog holds one header at a time, not all of them
+    /// (what it keeps of each is its own affair).
+    pub fn recover_each(
+        &self,
+        take: &mut dyn FnMut(Spooled),
+    ) -> Result<Vec<Quarantined>, SpoolError> {
         let mut names: Vec<_> = std::fs::read_dir(&self.queue)
             .map_err(io(&self.queue))?
             .filter_map(|e| e.ok())
             .map(|e| e.path())
             .collect();
         names.sort();
-        let mut good = Vec::new();
         let mut bad = Vec::new();
         for p in names {
             match load_file(&p) {
@@ -669,7 +680,7 @@ impl Spool {
                     {
                         let _ = std::fs::remove_file(&p);
                     } else {
-                        good.push(m);
+                        take(m);
                     }
                 }
                 Err(e) => {
@@ -679,7 +690,7 @@ impl Spool {
                 }
             }
         }
-        Ok((good, bad))
+        Ok(bad)
     }
 }
 
