@@ -910,8 +910,14 @@ impl RelayHandle {
                 let next = st.due.first().map(|(at, _)| *at);
                 (ready, next.filter(|&at| at > now || room > 0))
             };
-            for id in ready {
-                self.spawn_attempt(id);
+            if !ready.is_empty() {
+                // Counted from now, so the next turn sees them under way.
+                let ready: Vec<(String, Active)> = ready
+                    .into_iter()
+                    .map(|id| (id, Active::new(&self)))
+                    .collect();
+                let me = self.clone();
+                tokio::spawn(async move { me.start_attempts(ready).await });
             }
             let wait = next.map_or(scan, |at| {
                 Duration::from_millis((at - now).clamp(1, scan.as_millis() as i64) as u64)
@@ -927,9 +933,30 @@ impl RelayHandle {
     /// Runs one attempt in its own task, watched: an attempt that panics is
     /// recorded as a deferral and retried, never left "in flight" for ever
     /// (as mox's queue recovers and reschedules).
-    fn spawn_attempt(&self, id: String) {
+    /// Reads the resting ones among `ready` back from the spool in a few
+    /// batches (not one blocking task each: a flushed backlog would grow
+    /// the blocking pool to hundreds of threads), then starts each attempt.
+    async fn start_attempts(&self, ready: Vec<(String, Active)>) {
+        let resting: Vec<String> = {
+            let st = self.0.state.lock().unwrap();
+            ready
+                .iter()
+                .filter(|(id, _)| {
+                    st.msgs
+                        .get(id)
+                        .is_some_and(|e| matches!(e.held, Held::Resting(_)))
+                })
+                .map(|(id, _)| id.clone())
+                .collect()
+        };
+        self.load_many(resting).await;
+        for (id, active) in ready {
+            self.spawn_attempt(id, active);
+        }
+    }
+
+    fn spawn_attempt(&self, id: String, active: Active) {
         let me = self.clone();
-        let active = Active::new(self);
         tokio::spawn(async move {
             let _active = active;
             let attempt = {
