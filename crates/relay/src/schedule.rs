@@ -2125,6 +2125,77 @@ mod tests {
         RelayHandle::new(Arc::new(config), spool, routes, events)
     }
 
+    /// Messages waiting for a retry rest; a flush reaches them in memory
+    /// (due now, no record written), while a hold reads its message back
+    /// and records the hold.
+    #[tokio::test]
+    async fn a_waiting_message_rests_and_a_flush_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let relay = relay(dir.path());
+        let now = now_ms();
+        let mut ids = Vec::new();
+        for i in 0..3 {
+            let mut h = crate::plan::tests::header(&["a@example.com"], now);
+            h.queue_id = format!("R{i}");
+            let stored = relay.0.spool.store(&h, b"Subject: x\r\n\r\nx\r\n").unwrap();
+            let later = RcptState {
+                status: RcptStatus::Deferred,
+                attempts: 1,
+                next_ms: now + 3_600_000,
+                last_route: Some("old".into()),
+                last_reply: Some("4.4.1 refused".into()),
+                ..Default::default()
+            };
+            relay
+                .0
+                .spool
+                .record(&h.queue_id, &later.to_record(0, now))
+                .unwrap();
+            let _ = stored;
+            relay.enqueue(relay.0.spool.load(&h.queue_id).unwrap());
+            ids.push(h.queue_id);
+        }
+        let size = |id: &str| {
+            std::fs::metadata(relay.0.spool.queue_dir().join(id))
+                .unwrap()
+                .len()
+        };
+        let sizes: Vec<u64> = ids.iter().map(|id| size(id)).collect();
+        let resting = |relay: &RelayHandle, id: &str| {
+            matches!(
+                relay.0.state.lock().unwrap().msgs[id].held,
+                Held::Resting(_)
+            )
+        };
+        assert!(ids.iter().all(|id| resting(&relay, id)));
+        let all = Selector {
+            all: true,
+            ..Default::default()
+        };
+        assert_eq!(relay.apply_op(&QueueOp::Flush, &all, "ops").await, 3);
+        let after = now_ms();
+        {
+            let st = relay.0.state.lock().unwrap();
+            for id in &ids {
+                assert!(
+                    st.msgs[id].due.is_some_and(|at| at <= after),
+                    "{id} due now"
+                );
+            }
+        }
+        let unchanged: Vec<u64> = ids.iter().map(|id| size(id)).collect();
+        assert_eq!(unchanged, sizes, "a flush writes no record");
+        let one = Selector {
+            queue_id: Some("R1".into()),
+            ..Default::default()
+        };
+        assert_eq!(relay.apply_op(&QueueOp::Hold, &one, "ops").await, 1);
+        assert!(size("R1") > sizes[1], "a hold is recorded");
+        assert!(resting(&relay, "R1"), "held, it rests again");
+        let m = relay.0.spool.load("R1").unwrap();
+        assert!(m.status[0].as_ref().is_some_and(|s| s.operator_hold));
+    }
+
     #[tokio::test]
     async fn a_panic_is_reported_not_lost() {
         let r = watched(async { panic!("boom in an attempt") }).await;
