@@ -251,15 +251,11 @@ fn reload(
 /// mail is retried): the damaged ones are named, the whole ones handed to the
 /// relay. Returns how many were recovered.
 fn recover(spool: &Spool, events: &EventLog, relay: &godwit_relay::Relay) -> Result<usize> {
-    let (recovered, corrupt) = spool.recover()?;
-    for (path, reason) in corrupt {
-        events.emit(Event::QueueCorrupt {
-            file: path.display().to_string(),
-            reason,
-        });
-    }
-    let n_recovered = recovered.len();
-    for sp in recovered {
+    // One message at a time: the relay keeps a waiting message's summary,
+    // and a backlog's headers are never all in memory at once.
+    let mut n_recovered = 0;
+    let corrupt = spool.recover_each(&mut |sp| {
+        n_recovered += 1;
         let pending = crate::queue::pending(&sp);
         events.emit(Event::QueueRecovered {
             queue_id: sp.header.queue_id.clone(),
@@ -267,6 +263,12 @@ fn recover(spool: &Spool, events: &EventLog, relay: &godwit_relay::Relay) -> Res
             pending,
         });
         relay.enqueue(sp);
+    })?;
+    for (path, reason) in corrupt {
+        events.emit(Event::QueueCorrupt {
+            file: path.display().to_string(),
+            reason,
+        });
     }
     Ok(n_recovered)
 }

@@ -215,6 +215,63 @@ fn a_backlog_drains_in_bounded_memory() {
     );
 }
 
+/// A backlog that rests (each message waiting for its retry is held as its
+/// queue id, due time and a few bytes per recipient, its header back in the
+/// spool; issue 18) is recovered resting after a restart, and one `queue
+/// flush` answers within the CLI's timeout (it is applied in memory, with no
+/// record per message) and makes every message due: each is read back from
+/// the spool and delivered to the real platform.
+#[test]
+fn a_resting_backlog_flushes_at_once_and_drains_whole() {
+    let (po, pn) = (free_port(), free_port());
+    let mut gw = Gateway::start(po, pn, "", "");
+    // One failed attempt each, then a long wait. The breaker's cooldown is
+    // as long (an open circuit defers until it ends), so nothing falls due
+    // before the flush.
+    gw.reconfigure(|c| {
+        c.replace(
+            "min_backoff = \"1s\"\nmax_backoff = \"2s\"",
+            "min_backoff = \"1h\"\nmax_backoff = \"2h\"",
+        )
+        .replace(
+            &format!("relay = [\"127.0.0.1:{po}\"]"),
+            &format!("relay = [\"127.0.0.1:{po}\"]\nbreaker_cooldown = \"3h\""),
+        )
+    });
+    let n = 1000;
+    let mut c = gw.client();
+    c.greet();
+    for i in 0..n {
+        let rcpt = format!("user{i}@example.com");
+        let r = c.mail(
+            "sender@outside.test",
+            &[&rcpt],
+            &message(&format!("bk{i}@test"), &"b".repeat(2000)),
+        );
+        assert!(r.starts_with("250"), "{r}");
+    }
+    drop(c);
+    wait_for(
+        "every message deferred once",
+        Duration::from_secs(120),
+        || (gw.events_named("delivery.deferred").len() >= n).then_some(()),
+    );
+    gw.kill9();
+    gw.restart();
+    wait_for("the backlog recovered", T, || {
+        (gw.events_named("queue.recovered").len() >= n).then_some(())
+    });
+    let old = Sink::start(po, &[]);
+    let (code, out) = gw.cli_code(&["queue", "flush", "--platform", "old"]);
+    assert_eq!(code, 0, "{out}");
+    wait_for(
+        "the whole backlog delivered",
+        Duration::from_secs(300),
+        || (old.count_containing("Message-ID: <bk") == n).then_some(()),
+    );
+    gw.wait_queue_empty(T);
+}
+
 /// 50 MB messages relay in bounded memory: the accept path writes a large
 /// message to disk as it arrives (only its header section and the last
 /// read stay in memory), the delivery path streams it from the spool in

@@ -61,9 +61,22 @@ impl Selector {
 
     /// Whether recipient `addr` of message `h`, currently routed to `route`, matches.
     pub fn matches(&self, h: &Header, addr: &str, route: &str, now: i64) -> bool {
+        self.matches_at(&h.queue_id, h.arrival_ms, addr, route, now)
+    }
+
+    /// `matches` for a message known by its queue id and arrival time (a
+    /// resting queue entry, whose header stays in the spool).
+    pub fn matches_at(
+        &self,
+        queue_id: &str,
+        arrival_ms: i64,
+        addr: &str,
+        route: &str,
+        now: i64,
+    ) -> bool {
         self.queue_id
             .as_ref()
-            .is_none_or(|q| q.eq_ignore_ascii_case(&h.queue_id))
+            .is_none_or(|q| q.eq_ignore_ascii_case(queue_id))
             && self
                 .platform
                 .as_ref()
@@ -74,7 +87,7 @@ impl Selector {
                 .is_none_or(|r| r.eq_ignore_ascii_case(addr))
             && self
                 .older_than_s
-                .is_none_or(|s| (now - h.arrival_ms) / 1000 >= s as i64)
+                .is_none_or(|s| (now - arrival_ms) / 1000 >= s as i64)
     }
 }
 
@@ -145,14 +158,12 @@ pub fn apply(
                 });
             }
             QueueOp::Flush | QueueOp::Requeue => {
-                if r.hold == Hold::Operator {
-                    continue; // flush does not override a hold
+                if !flush(&mut r.hold, &mut r.next_ms, now) {
+                    continue;
                 }
                 if *op == QueueOp::Requeue {
                     r.last_route = None;
                 }
-                r.hold = Hold::None;
-                r.next_ms = now;
             }
             QueueOp::Delete => {
                 r.status = RcptStatus::Deleted;
@@ -172,6 +183,18 @@ pub fn apply(
         });
     }
     fx
+}
+
+/// What `flush` (and `requeue`) does to one recipient that is not final:
+/// due now, and a route hold is decided again; an operator hold stays
+/// (flush does not override a hold). Returns whether it acted.
+pub fn flush(hold: &mut Hold, next_ms: &mut i64, now: i64) -> bool {
+    if *hold == Hold::Operator {
+        return false;
+    }
+    *hold = Hold::None;
+    *next_ms = now;
+    true
 }
 
 #[cfg(test)]

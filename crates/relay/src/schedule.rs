@@ -1,5 +1,5 @@
-//! The queue manager's driver (Postfix's qmgr): keeps every queued message
-//! in memory (metadata only; bodies stay in the spool), picks the due ones,
+//! The queue manager's driver (Postfix's qmgr): knows every queued message,
+//! picks the due ones,
 //! plans each with `plan::plan_attempt`, and hands each platform's share to
 //! that platform's ready queue. A platform's dispatcher grants its delivery
 //! slots (flow control) to the waiting attempts in order; only then is the
@@ -7,6 +7,12 @@
 //! reaches every message whose SMTP transaction has not begun, and a backlog
 //! costs no memory for bodies. The ready queue is capped (KumoMTA's
 //! `max_ready`): past it, a due message is parked and waits for a free place.
+//!
+//! Only messages being planned or delivered (Postfix's active queue) are
+//! loaded: header and recipient states. A message that waits (deferred,
+//! parked or held) rests as its queue id, due time and a few bytes per
+//! recipient (`Resting`), and is read back from the spool when it is due,
+//! so a backlog costs memory per message, not per header.
 
 use crate::client::{AttemptOutcome, Body, Platform};
 use crate::dsn::{self, DsnRcpt};
@@ -19,6 +25,7 @@ use godwit_route::SharedRoutes;
 use godwit_smtp_proto::{Envelope, MailParams, RcptParams};
 use godwit_spool::{Header, RcptStatus, Spool, SpoolError, Spooled, StatusRecord, now_ms};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{Notify, oneshot};
@@ -28,9 +35,183 @@ use tokio_util::sync::CancellationToken;
 /// `spool/corrupt/` (with an event) rather than retried for ever.
 const MAX_BODY_FAILURES: u32 = 5;
 
-struct Entry {
+/// A message due sooner than this after its attempt stays loaded: reading
+/// it back at once would cost more than it saves.
+const REST_MIN_MS: i64 = 2_000;
+
+/// How many resting messages are read back from the spool per batch when a
+/// routing change or queue command needs their headers.
+const LOAD_BATCH: usize = 256;
+
+/// A message that is planned, delivered or just changed: its header and
+/// recipient states.
+struct Loaded {
     sp: Arc<Spooled>,
     rcpts: Vec<RcptState>,
+}
+
+/// A message that waits, in the compact form it rests in (the rest of its
+/// state is its spool file, where every change was recorded).
+struct Resting {
+    arrival_ms: i64,
+    rcpts: Box<[Slim]>,
+}
+
+/// One recipient of a resting message: what the due time, `queue flush`,
+/// the selectors, `destinations()` and the idle-destination pruning need,
+/// and what may differ from its last record (a flush's due time, a route
+/// hold: neither is recorded). Its reply, copies and warning flag are read
+/// back from the spool.
+#[derive(Debug, Clone, PartialEq)]
+struct Slim {
+    addr: Box<str>,
+    /// The route of the last attempt (interned: a few routes for all).
+    route: Option<Arc<str>>,
+    next_ms: i64,
+    attempts: u32,
+    status: RcptStatus,
+    hold: Hold,
+}
+
+impl Slim {
+    fn is_movable(&self) -> bool {
+        !self.status.is_final() && self.hold == Hold::None
+    }
+}
+
+enum Held {
+    Loaded(Loaded),
+    Resting(Resting),
+}
+
+/// Whether a message not in flight may rest (its header back in the
+/// spool): parked or held, or not due for a while.
+fn rests(due: Option<i64>, parked: bool, now: i64) -> bool {
+    parked || due.is_none_or(|at| at - now >= REST_MIN_MS)
+}
+
+/// The resting form of `l` (`intern` shares the route names).
+fn rest(l: &Loaded, intern: &mut dyn FnMut(&str) -> Arc<str>) -> Resting {
+    Resting {
+        arrival_ms: l.sp.header.arrival_ms,
+        rcpts: l
+            .sp
+            .header
+            .envelope
+            .rcpts
+            .iter()
+            .zip(&l.rcpts)
+            .map(|((addr, _), r)| Slim {
+                addr: addr.as_str().into(),
+                route: r.last_route.as_deref().map(&mut *intern),
+                next_ms: r.next_ms,
+                attempts: r.attempts,
+                status: r.status,
+                hold: r.hold,
+            })
+            .collect(),
+    }
+}
+
+/// A resting message loaded again from its spool file `sp`: the records
+/// give each recipient's reply, copies and warning; the resting summary,
+/// which was current in memory, gives its status, hold, attempts, due time
+/// and route (a flush or a route hold is not recorded).
+fn wake(sp: Spooled, r: &Resting, now: i64) -> Loaded {
+    let rcpts = sp
+        .status
+        .iter()
+        .zip(r.rcpts.iter())
+        .map(|(rec, s)| RcptState {
+            status: s.status,
+            hold: s.hold,
+            attempts: s.attempts,
+            next_ms: s.next_ms,
+            last_route: s.route.as_deref().map(String::from),
+            ..RcptState::from_record(rec.as_ref(), now)
+        })
+        .collect();
+    Loaded {
+        sp: Arc::new(sp),
+        rcpts,
+    }
+}
+
+impl Resting {
+    /// Whether queue command `op` with `sel` needs this message loaded: any
+    /// command but a flush that may touch a recipient, or a flush that must
+    /// know the route of a recipient never attempted.
+    fn needs_load(&self, qid: &str, op: &QueueOp, sel: &Selector, now: i64) -> bool {
+        self.rcpts
+            .iter()
+            .filter(|s| !s.status.is_final())
+            .any(|s| match &s.route {
+                None => true,
+                Some(route) => {
+                    *op != QueueOp::Flush
+                        && sel.matches_at(qid, self.arrival_ms, &s.addr, route, now)
+                }
+            })
+    }
+
+    /// `queue flush` in memory (see `apply_op`); returns the recipients it
+    /// made due.
+    fn flush(&mut self, qid: &str, sel: &Selector, now: i64) -> usize {
+        let mut n = 0;
+        for s in self.rcpts.iter_mut().filter(|s| !s.status.is_final()) {
+            if let Some(route) = &s.route
+                && sel.matches_at(qid, self.arrival_ms, &s.addr, route, now)
+                && queue_op::flush(&mut s.hold, &mut s.next_ms, now)
+            {
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// What is known of message `qid` when its file cannot be read back:
+    /// its queue id, arrival and recipients.
+    fn stand_in(&self, qid: &str) -> Spooled {
+        let rcpts = self
+            .rcpts
+            .iter()
+            .map(|s| (s.addr.to_string(), RcptParams::default()))
+            .collect();
+        Spooled {
+            header: Header {
+                queue_id: qid.to_string(),
+                arrival_ms: self.arrival_ms,
+                message_id: None,
+                envelope: Envelope {
+                    mail_from: String::new(),
+                    mail_params: MailParams::default(),
+                    rcpts,
+                    helo: String::new(),
+                    esmtp: true,
+                    client_ip: String::new(),
+                    tls: false,
+                },
+                kind: None,
+                accept_ms: 0,
+                journal: None,
+            },
+            body_offset: 0,
+            body_len: 0,
+            status: vec![None; self.rcpts.len()],
+        }
+    }
+
+    fn next_due(&self) -> Option<i64> {
+        self.rcpts
+            .iter()
+            .filter(|s| s.is_movable())
+            .map(|s| s.next_ms)
+            .min()
+    }
+}
+
+struct Entry {
+    held: Held,
     /// An attempt owns the message: planning, waiting for slots, or sending.
     in_flight: bool,
     /// Cancelled by a route change while the attempt waits for slots.
@@ -45,15 +226,58 @@ struct Entry {
     due: Option<i64>,
 }
 
+impl Entry {
+    /// The header and recipient states, when loaded (always, while in flight).
+    fn loaded(&mut self) -> Option<&mut Loaded> {
+        match &mut self.held {
+            Held::Loaded(l) => Some(l),
+            Held::Resting(_) => None,
+        }
+    }
+}
+
 #[derive(Default)]
 struct State {
     msgs: HashMap<String, Entry>,
     due: BTreeSet<(i64, String)>,
     /// Per platform: messages waiting for a place in its ready queue.
     parked: BTreeMap<String, VecDeque<String>>,
+    /// The route names resting recipients share.
+    routes: std::collections::HashSet<Arc<str>>,
 }
 
 impl State {
+    /// Lets message `id` rest if it is loaded, not in flight, and
+    /// `rests` says so.
+    fn settle_down(&mut self, id: &str, now: i64) {
+        let State { msgs, routes, .. } = self;
+        let Some(e) = msgs.get_mut(id) else { return };
+        if e.in_flight || !rests(e.due, e.parked, now) {
+            return;
+        }
+        if let Held::Loaded(l) = &e.held {
+            let mut intern = |r: &str| match routes.get(r) {
+                Some(a) => a.clone(),
+                None => {
+                    let a: Arc<str> = r.into();
+                    routes.insert(a.clone());
+                    a
+                }
+            };
+            e.held = Held::Resting(rest(l, &mut intern));
+        }
+    }
+
+    /// Loads resting message `id` again from its file `sp` (nothing when it
+    /// is loaded already).
+    fn install(&mut self, id: &str, sp: Spooled, now: i64) {
+        if let Some(e) = self.msgs.get_mut(id)
+            && let Held::Resting(r) = &e.held
+        {
+            e.held = Held::Loaded(wake(sp, r, now));
+        }
+    }
+
     fn schedule(&mut self, id: &str, at: Option<i64>) {
         if let Some(e) = self.msgs.get_mut(id) {
             if let Some(old) = e.due.take() {
@@ -141,6 +365,32 @@ struct Inner {
     dests: std::sync::RwLock<BTreeMap<String, Arc<Dest>>>,
     state: Mutex<State>,
     wake: Notify,
+    /// Attempts under way (planning, waiting for a slot, or sending).
+    active: AtomicUsize,
+}
+
+/// At most this many attempts are under way at once (Postfix's
+/// `qmgr_message_active_limit`): a flushed backlog of 100,000 is loaded and
+/// planned a few thousand at a time, the rest resting in the due set, so
+/// memory does not grow with what a flush makes due.
+const ACTIVE_LIMIT: usize = 4_000;
+
+/// One attempt under way, counted in `Inner::active` for as long as it
+/// lives; its end wakes the scheduler, which may start another.
+struct Active(Arc<Inner>);
+
+impl Active {
+    fn new(relay: &RelayHandle) -> Active {
+        relay.0.active.fetch_add(1, Ordering::Relaxed);
+        Active(relay.0.clone())
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+        self.0.wake.notify_one();
+    }
 }
 
 /// The delivery engine. Clone the handle into every place that enqueues.
@@ -148,14 +398,23 @@ struct Inner {
 pub struct RelayHandle(Arc<Inner>);
 pub type Relay = RelayHandle;
 
-/// What `queue list` shows of a message held in memory.
+/// What the gateway knows of a queued message without reading its file
+/// (`queue list` reads the spool for the rest).
 #[derive(Debug, Clone)]
 pub struct QueueSnapshot {
     pub queue_id: String,
-    pub message_id: Option<String>,
     pub arrival_ms: i64,
     /// (address, state, attempts, route at the last attempt)
     pub rcpts: Vec<(String, RcptStatus, u32, Option<String>)>,
+}
+
+/// What a queue command did in memory, for `apply_op` to record.
+#[derive(Default)]
+struct Applied {
+    affected: usize,
+    events: Vec<Event>,
+    writes: Vec<(String, Vec<StatusRecord>)>,
+    removals: Vec<String>,
 }
 
 /// How one platform group of an attempt ended.
@@ -192,6 +451,7 @@ impl RelayHandle {
             dests: std::sync::RwLock::new(dests),
             state: Mutex::default(),
             wake: Notify::new(),
+            active: AtomicUsize::new(0),
         }))
     }
 
@@ -269,8 +529,10 @@ impl RelayHandle {
         st.msgs.insert(
             id.clone(),
             Entry {
-                sp: Arc::new(sp),
-                rcpts,
+                held: Held::Loaded(Loaded {
+                    sp: Arc::new(sp),
+                    rcpts,
+                }),
                 in_flight: false,
                 reroute: None,
                 groups_left: 0,
@@ -281,6 +543,8 @@ impl RelayHandle {
             },
         );
         st.schedule(&id, due);
+        // A recovered message not due yet rests at once.
+        st.settle_down(&id, now);
         drop(st);
         self.0.wake.notify_one();
     }
@@ -322,27 +586,46 @@ impl RelayHandle {
     pub fn snapshot(&self) -> Vec<QueueSnapshot> {
         let st = self.0.state.lock().unwrap();
         st.msgs
-            .values()
-            .map(|e| QueueSnapshot {
-                queue_id: e.sp.header.queue_id.clone(),
-                message_id: e.sp.header.message_id.clone(),
-                arrival_ms: e.sp.header.arrival_ms,
-                rcpts: e
-                    .sp
-                    .header
-                    .envelope
-                    .rcpts
-                    .iter()
-                    .zip(&e.rcpts)
-                    .map(|((a, _), r)| {
-                        (
-                            a.clone(),
-                            r.shown_status(),
-                            r.attempts,
-                            r.last_route.clone(),
-                        )
-                    })
-                    .collect(),
+            .iter()
+            .map(|(id, e)| match &e.held {
+                Held::Loaded(l) => QueueSnapshot {
+                    queue_id: id.clone(),
+                    arrival_ms: l.sp.header.arrival_ms,
+                    rcpts: l
+                        .sp
+                        .header
+                        .envelope
+                        .rcpts
+                        .iter()
+                        .zip(&l.rcpts)
+                        .map(|((a, _), r)| {
+                            (
+                                a.clone(),
+                                r.shown_status(),
+                                r.attempts,
+                                r.last_route.clone(),
+                            )
+                        })
+                        .collect(),
+                },
+                Held::Resting(r) => QueueSnapshot {
+                    queue_id: id.clone(),
+                    arrival_ms: r.arrival_ms,
+                    rcpts: r
+                        .rcpts
+                        .iter()
+                        .map(|s| {
+                            // As `RcptState::shown_status`.
+                            let held = s.hold != Hold::None && !s.status.is_final();
+                            (
+                                s.addr.to_string(),
+                                if held { RcptStatus::Held } else { s.status },
+                                s.attempts,
+                                s.route.as_deref().map(String::from),
+                            )
+                        })
+                        .collect(),
+                },
             })
             .collect()
     }
@@ -386,10 +669,22 @@ impl RelayHandle {
             let st = self.0.state.lock().unwrap();
             let mut q: HashMap<String, usize> = HashMap::new();
             for e in st.msgs.values() {
-                for r in e.rcpts.iter().filter(|r| !r.is_final()) {
-                    if let Some(route) = &r.last_route {
-                        *q.entry(route.clone()).or_default() += 1;
-                    }
+                let routes: Vec<&str> = match &e.held {
+                    Held::Loaded(l) => l
+                        .rcpts
+                        .iter()
+                        .filter(|r| !r.is_final())
+                        .filter_map(|r| r.last_route.as_deref())
+                        .collect(),
+                    Held::Resting(r) => r
+                        .rcpts
+                        .iter()
+                        .filter(|s| !s.status.is_final())
+                        .filter_map(|s| s.route.as_deref())
+                        .collect(),
+                };
+                for route in routes {
+                    *q.entry(route.to_string()).or_default() += 1;
                 }
             }
             for (p, ids) in &st.parked {
@@ -485,17 +780,13 @@ impl RelayHandle {
         let now = now_ms();
         let mut st = self.0.state.lock().unwrap();
         let mut due_now = Vec::new();
+        let mut resting = Vec::new();
         for (id, e) in st.msgs.iter_mut() {
-            let h = &e.sp.header;
-            if h.kind.is_some() {
+            let Held::Loaded(l) = &mut e.held else {
+                resting.push(id.clone());
                 continue;
-            }
-            let changed = h.envelope.rcpts.iter().zip(&e.rcpts).any(|((addr, _), r)| {
-                !r.is_final()
-                    && r.hold != Hold::Operator
-                    && r.last_route.as_deref() != Some(self.route_of(h, addr).route.as_str())
-            });
-            if !changed {
+            };
+            if !self.route_moved(l) {
                 continue;
             }
             if e.in_flight {
@@ -505,7 +796,7 @@ impl RelayHandle {
                 }
                 continue;
             }
-            make_due(&mut e.rcpts, now);
+            make_due(&mut l.rcpts, now);
             e.parked = false;
             due_now.push(id.clone());
         }
@@ -515,6 +806,65 @@ impl RelayHandle {
         drop(st);
         if !due_now.is_empty() {
             self.0.wake.notify_one();
+        }
+        if !resting.is_empty() {
+            self.reroute_resting(resting);
+        }
+    }
+
+    /// Whether a recipient of `l` that may move has a route other than its
+    /// last one (a DSN goes where it goes whatever the map says).
+    fn route_moved(&self, l: &Loaded) -> bool {
+        let h = &l.sp.header;
+        h.kind.is_none()
+            && h.envelope.rcpts.iter().zip(&l.rcpts).any(|((addr, _), r)| {
+                !r.is_final()
+                    && r.hold != Hold::Operator
+                    && r.last_route.as_deref() != Some(self.route_of(h, addr).route.as_str())
+            })
+    }
+
+    /// `routes_changed` for the resting messages: their headers are read
+    /// back from the spool, in batches, off the async workers (a backlog's
+    /// worth takes about as long as the recovery scan); each whose route
+    /// moved is loaded and due now.
+    fn reroute_resting(&self, ids: Vec<String>) {
+        let me = self.clone();
+        let work = move || {
+            for batch in ids.chunks(LOAD_BATCH) {
+                let files: Vec<(String, Spooled)> = batch
+                    .iter()
+                    .filter_map(|id| me.0.spool.load_head(id).ok().map(|sp| (id.clone(), sp)))
+                    .collect();
+                let now = now_ms();
+                let mut st = me.0.state.lock().unwrap();
+                let mut due_now = Vec::new();
+                for (id, sp) in files {
+                    let Some(e) = st.msgs.get_mut(&id) else {
+                        continue;
+                    };
+                    // Loaded since: its attempt plans with the new routes.
+                    let Held::Resting(r) = &e.held else { continue };
+                    let mut l = wake(sp, r, now);
+                    if me.route_moved(&l) {
+                        make_due(&mut l.rcpts, now);
+                        e.held = Held::Loaded(l);
+                        e.parked = false;
+                        due_now.push(id);
+                    }
+                }
+                for id in &due_now {
+                    st.schedule(id, Some(now));
+                }
+                drop(st);
+                if !due_now.is_empty() {
+                    me.0.wake.notify_one();
+                }
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => drop(rt.spawn_blocking(work)),
+            Err(_) => work(),
         }
     }
 
@@ -539,11 +889,12 @@ impl RelayHandle {
                 self.prune_idle();
             }
             let now = now_ms();
+            let room = ACTIVE_LIMIT.saturating_sub(self.0.active.load(Ordering::Relaxed));
             let (ready, next) = {
                 let mut st = self.0.state.lock().unwrap();
                 let mut ready = Vec::new();
                 while let Some((at, id)) = st.due.first().cloned() {
-                    if at > now {
+                    if at > now || ready.len() >= room {
                         break;
                     }
                     st.due.remove(&(at, id.clone()));
@@ -555,10 +906,18 @@ impl RelayHandle {
                         }
                     }
                 }
-                (ready, st.due.first().map(|(at, _)| *at))
+                // At the limit, the end of an attempt wakes this loop.
+                let next = st.due.first().map(|(at, _)| *at);
+                (ready, next.filter(|&at| at > now || room > 0))
             };
-            for id in ready {
-                self.spawn_attempt(id);
+            if !ready.is_empty() {
+                // Counted from now, so the next turn sees them under way.
+                let ready: Vec<(String, Active)> = ready
+                    .into_iter()
+                    .map(|id| (id, Active::new(&self)))
+                    .collect();
+                let me = self.clone();
+                tokio::spawn(async move { me.start_attempts(ready).await });
             }
             let wait = next.map_or(scan, |at| {
                 Duration::from_millis((at - now).clamp(1, scan.as_millis() as i64) as u64)
@@ -574,9 +933,32 @@ impl RelayHandle {
     /// Runs one attempt in its own task, watched: an attempt that panics is
     /// recorded as a deferral and retried, never left "in flight" for ever
     /// (as mox's queue recovers and reschedules).
-    fn spawn_attempt(&self, id: String) {
+    /// Reads the resting ones among `ready` back from the spool in a few
+    /// batches (not one blocking task each: a flushed backlog would grow
+    /// the blocking pool to hundreds of threads), then starts each attempt.
+    async fn start_attempts(&self, ready: Vec<(String, Active)>) {
+        let resting: Vec<String> = {
+            let st = self.0.state.lock().unwrap();
+            ready
+                .iter()
+                .filter(|(id, _)| {
+                    st.msgs
+                        .get(id)
+                        .is_some_and(|e| matches!(e.held, Held::Resting(_)))
+                })
+                .map(|(id, _)| id.clone())
+                .collect()
+        };
+        self.load_many(resting).await;
+        for (id, active) in ready {
+            self.spawn_attempt(id, active);
+        }
+    }
+
+    fn spawn_attempt(&self, id: String, active: Active) {
         let me = self.clone();
         tokio::spawn(async move {
+            let _active = active;
             let attempt = {
                 let me = me.clone();
                 let id = id.clone();
@@ -706,8 +1088,47 @@ impl RelayHandle {
         }
     }
 
+    /// Reads resting message `id` back from the spool for its attempt.
+    /// Returns false when it is gone.
+    async fn load(&self, id: &str) -> bool {
+        let inner = &self.0;
+        match inner.state.lock().unwrap().msgs.get(id) {
+            None => return false,
+            Some(e) if matches!(e.held, Held::Loaded(_)) => return true,
+            Some(_) => {}
+        }
+        let spool = inner.spool.clone();
+        let qid = id.to_string();
+        let loaded = tokio::task::spawn_blocking(move || spool.load_head(&qid)).await;
+        let mut st = inner.state.lock().unwrap();
+        let now = now_ms();
+        match loaded {
+            Ok(Ok(sp)) => st.install(id, sp, now),
+            Ok(Err(e)) => {
+                // Planned from its summary all the same: its delivery cannot
+                // read the body either, and takes the unreadable-body path
+                // (deferred, then moved to `corrupt/` with an event).
+                tracing::error!(queue_id = id, "cannot read the queued message back: {e}");
+                let stand_in = st.msgs.get(id).and_then(|e| match &e.held {
+                    Held::Resting(r) => Some(r.stand_in(id)),
+                    Held::Loaded(_) => None,
+                });
+                if let Some(sp) = stand_in {
+                    st.install(id, sp, now);
+                }
+            }
+            Err(e) => tracing::error!("{e}"),
+        }
+        st.msgs
+            .get(id)
+            .is_some_and(|e| matches!(e.held, Held::Loaded(_)))
+    }
+
     async fn attempt(&self, id: &str) {
         let inner = &self.0;
+        if !self.load(id).await {
+            return;
+        }
         let now = now_ms();
         let live = self.live();
         let cap = live.config.queue.max_ready.max(1);
@@ -716,7 +1137,8 @@ impl RelayHandle {
             let mut guard = inner.state.lock().unwrap();
             let st = &mut *guard;
             let Some(e) = st.msgs.get_mut(id) else { return };
-            let sp = e.sp.clone();
+            let Held::Loaded(l) = &mut e.held else { return };
+            let sp = l.sp.clone();
             let route = |a: &str| self.route_of(&sp.header, a);
             let circuit = |p: &str| self.dest(p).and_then(|d| d.flow.down_for());
             let world = World {
@@ -728,11 +1150,11 @@ impl RelayHandle {
                 circuit_open: &circuit,
                 backoff: &backoff,
             };
-            let mut plan = plan::plan_attempt(&sp.header, &mut e.rcpts, &world);
+            let mut plan = plan::plan_attempt(&sp.header, &mut l.rcpts, &world);
             let records: Vec<_> = plan
                 .changed
                 .iter()
-                .map(|&i| e.rcpts[i].to_record(i, now))
+                .map(|&i| l.rcpts[i].to_record(i, now))
                 .collect();
             let full = plan
                 .groups
@@ -881,11 +1303,14 @@ impl RelayHandle {
             match st.msgs.get_mut(id) {
                 None => None,
                 Some(e) => {
-                    let sp = e.sp.clone();
+                    let Held::Loaded(l) = &e.held else {
+                        unreachable!("a message in flight is loaded")
+                    };
+                    let sp = l.sp.clone();
                     let route = |a: &str| self.route_of(&sp.header, a);
                     let (go, rerouted) = plan::still_bound(
                         &sp.header,
-                        &e.rcpts,
+                        &l.rcpts,
                         planned,
                         platform,
                         &live.platforms,
@@ -1053,10 +1478,13 @@ impl RelayHandle {
                 );
                 return Vec::new();
             };
-            let sp = e.sp.clone();
+            let Held::Loaded(l) = &mut e.held else {
+                unreachable!("a message in flight is loaded")
+            };
+            let sp = l.sp.clone();
             let settled = plan::settle(
                 &sp.header,
-                &mut e.rcpts,
+                &mut l.rcpts,
                 platform,
                 &live.platforms,
                 go,
@@ -1070,12 +1498,12 @@ impl RelayHandle {
             e.groups_left = e.groups_left.saturating_sub(1);
             let last = e.groups_left == 0 && !e.recheck;
             let recs: Vec<_> =
-                if last && settled.failed.is_empty() && e.rcpts.iter().all(|r| r.is_final()) {
+                if last && settled.failed.is_empty() && l.rcpts.iter().all(|r| r.is_final()) {
                     // Everything is delivered: the durable removal that follows is
                     // the record (one group-committed directory sync).
                     Vec::new()
                 } else {
-                    go.iter().map(|&i| e.rcpts[i].to_record(i, now)).collect()
+                    go.iter().map(|&i| l.rcpts[i].to_record(i, now)).collect()
                 };
             (settled, recs)
         };
@@ -1096,13 +1524,13 @@ impl RelayHandle {
         let now = now_ms();
         let backoff = |n| self.backoff(n);
         let mut st = self.0.state.lock().unwrap();
-        let Some(e) = st.msgs.get_mut(id) else {
+        let Some(l) = st.msgs.get_mut(id).and_then(|e| e.loaded()) else {
             return Vec::new();
         };
-        let sp = e.sp.clone();
+        let sp = l.sp.clone();
         let mut recs = Vec::new();
         for &i in idxs {
-            let r = &mut e.rcpts[i];
+            let r = &mut l.rcpts[i];
             if !r.is_movable() {
                 continue;
             }
@@ -1176,22 +1604,26 @@ impl RelayHandle {
     async fn attempt_crashed(&self, id: &str, group: Option<(&String, &Vec<usize>)>, why: &str) {
         tracing::error!(queue_id = id, "delivery attempt failed internally: {why}");
         let reply = "4.3.0 internal error in the delivery attempt; will retry";
-        let recs = {
-            let (platform, idxs) = match group {
-                Some((p, idxs)) => (p.clone(), idxs.clone()),
-                None => {
-                    let st = self.0.state.lock().unwrap();
-                    let Some(e) = st.msgs.get(id) else { return };
+        let target = match group {
+            Some((p, idxs)) => Some((p.clone(), idxs.clone())),
+            None => {
+                let mut st = self.0.state.lock().unwrap();
+                let Some(e) = st.msgs.get_mut(id) else { return };
+                // None: it never got as far as its plan, nothing to record.
+                e.loaded().map(|l| {
                     (
-                        e.rcpts
+                        l.rcpts
                             .iter()
                             .find_map(|r| r.last_route.clone())
                             .unwrap_or_default(),
-                        (0..e.rcpts.len()).collect(),
+                        (0..l.rcpts.len()).collect(),
                     )
-                }
-            };
-            self.defer_all(id, &platform, &idxs, reply, None)
+                })
+            }
+        };
+        let recs = match target {
+            Some((platform, idxs)) => self.defer_all(id, &platform, &idxs, reply, None),
+            None => Vec::new(),
         };
         self.write_records(id, recs).await;
         if group.is_some() {
@@ -1211,21 +1643,34 @@ impl RelayHandle {
             let Some(e) = st.msgs.get_mut(id) else { return };
             e.in_flight = false;
             e.reroute = None;
-            if e.rcpts.iter().all(|r| r.is_final()) {
-                st.remove(id);
-                true
-            } else {
-                if e.parked {
-                    return;
+            let parked = e.parked;
+            let recheck = std::mem::take(&mut e.recheck);
+            let at = match &mut e.held {
+                Held::Loaded(l) if l.rcpts.iter().all(|r| r.is_final()) => None,
+                Held::Loaded(l) if recheck => {
+                    make_due(&mut l.rcpts, now);
+                    Some(Some(now))
                 }
-                let at = if std::mem::take(&mut e.recheck) {
-                    make_due(&mut e.rcpts, now);
-                    Some(now)
-                } else {
-                    plan::next_due(&e.rcpts)
-                };
-                st.schedule(id, at);
-                false
+                Held::Loaded(l) => Some(plan::next_due(&l.rcpts)),
+                Held::Resting(r) => Some(r.next_due()),
+            };
+            match at {
+                None => {
+                    st.remove(id);
+                    true
+                }
+                Some(at) => {
+                    if !parked {
+                        st.schedule(id, at);
+                    }
+                    // Every change of this attempt is recorded by now: what
+                    // waits may rest.
+                    st.settle_down(id, now);
+                    if parked {
+                        return;
+                    }
+                    false
+                }
             }
         };
         if all_final {
@@ -1328,6 +1773,16 @@ impl RelayHandle {
     /// Applies an operator's queue command to the messages in memory (and
     /// their spool records), through the same `queue_op::apply` the CLI uses
     /// when no gateway runs. Returns how many recipients it affected.
+    ///
+    /// A flush is not recorded: it only makes recipients due now, and their
+    /// attempt follows at once and records its outcome. A restart before
+    /// that attempt finds them with their recorded retry time, as if the
+    /// flush had not come, which loses no mail (Postfix's `postqueue -f` is
+    /// not durable either). So a flush of a backlog costs no I/O per
+    /// message: resting messages are flushed in their summary, and only a
+    /// recipient never attempted (no route known without its header) is
+    /// read back. Hold, release, requeue and delete change what a restart
+    /// must remember: their messages are read back and their records written.
     pub async fn apply_op(&self, op: &QueueOp, sel: &Selector, actor: &str) -> usize {
         let inner = &self.0;
         if *op == QueueOp::Flush
@@ -1338,44 +1793,33 @@ impl RelayHandle {
             d.flow.close_circuit();
         }
         let now = now_ms();
-        let mut affected = 0;
-        let mut events = Vec::new();
-        let mut writes: Vec<(String, Vec<StatusRecord>)> = Vec::new();
-        let mut removals = Vec::new();
-        {
-            let mut st = inner.state.lock().unwrap();
-            let ids: Vec<String> = st.msgs.keys().cloned().collect();
-            for id in ids {
-                let e = st.msgs.get_mut(&id).unwrap();
-                let sp = e.sp.clone();
-                let route = |a: &str| self.route_of(&sp.header, a).route;
-                let fx = queue_op::apply(op, sel, &sp.header, &mut e.rcpts, &route, now, actor);
-                if fx.affected == 0 {
-                    continue;
-                }
-                affected += fx.affected;
-                events.extend(fx.events);
-                if e.rcpts.iter().all(|r| r.is_final()) && !e.in_flight {
-                    st.remove(&id);
-                    removals.push(id);
-                    continue;
-                }
-                writes.push((
-                    id.clone(),
-                    fx.changed
-                        .iter()
-                        .map(|&i| e.rcpts[i].to_record(i, now))
-                        .collect(),
-                ));
-                if !e.in_flight {
-                    e.parked = false;
-                    let due = plan::next_due(&e.rcpts);
-                    st.schedule(&id, due);
+        // Read back once each: one whose file cannot be read stays resting
+        // (its own attempt reports it) and the command passes it by.
+        let mut tried = std::collections::HashSet::new();
+        let Applied {
+            affected,
+            events,
+            writes,
+            removals,
+        } = loop {
+            match self.apply_loaded(op, sel, actor, now, &tried) {
+                Ok(done) => break done,
+                Err(wanted) => {
+                    tried.extend(wanted.iter().cloned());
+                    self.load_many(wanted).await;
                 }
             }
-        }
+        };
+        let written: Vec<String> = writes.iter().map(|(id, _)| id.clone()).collect();
         for (id, recs) in writes {
             self.write_records(&id, recs).await;
+        }
+        {
+            // Recorded: what waits (held, not due) may rest again.
+            let mut st = inner.state.lock().unwrap();
+            for id in &written {
+                st.settle_down(id, now_ms());
+            }
         }
         for id in removals {
             let spool = inner.spool.clone();
@@ -1388,6 +1832,105 @@ impl RelayHandle {
         self.emit_all(events);
         inner.wake.notify_one();
         affected
+    }
+
+    /// `apply_op` under one lock, when every message it may touch is loaded
+    /// or is resting and flushed in its summary; else `Err` names the
+    /// resting messages to read back first (except those `tried`).
+    fn apply_loaded(
+        &self,
+        op: &QueueOp,
+        sel: &Selector,
+        actor: &str,
+        now: i64,
+        tried: &std::collections::HashSet<String>,
+    ) -> Result<Applied, Vec<String>> {
+        let durable = *op != QueueOp::Flush;
+        let mut st = self.0.state.lock().unwrap();
+        let wanted: Vec<String> = st
+            .msgs
+            .iter()
+            .filter(|(id, e)| match &e.held {
+                Held::Resting(r) => !tried.contains(*id) && r.needs_load(id, op, sel, now),
+                Held::Loaded(_) => false,
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        if !wanted.is_empty() {
+            return Err(wanted);
+        }
+        let mut done = Applied::default();
+        let ids: Vec<String> = st.msgs.keys().cloned().collect();
+        for id in ids {
+            let e = st.msgs.get_mut(&id).unwrap();
+            let l = match &mut e.held {
+                Held::Loaded(l) => l,
+                Held::Resting(r) => {
+                    let n = if durable { 0 } else { r.flush(&id, sel, now) };
+                    if n > 0 {
+                        done.affected += n;
+                        e.parked = false;
+                        let due = r.next_due();
+                        st.schedule(&id, due);
+                    }
+                    continue;
+                }
+            };
+            let sp = l.sp.clone();
+            let route = |a: &str| self.route_of(&sp.header, a).route;
+            let fx = queue_op::apply(op, sel, &sp.header, &mut l.rcpts, &route, now, actor);
+            if fx.affected == 0 {
+                continue;
+            }
+            done.affected += fx.affected;
+            done.events.extend(fx.events);
+            if l.rcpts.iter().all(|r| r.is_final()) && !e.in_flight {
+                st.remove(&id);
+                done.removals.push(id);
+                continue;
+            }
+            if durable {
+                done.writes.push((
+                    id.clone(),
+                    fx.changed
+                        .iter()
+                        .map(|&i| l.rcpts[i].to_record(i, now))
+                        .collect(),
+                ));
+            }
+            if !e.in_flight {
+                e.parked = false;
+                let due = plan::next_due(&l.rcpts);
+                st.schedule(&id, due);
+                if !durable {
+                    st.settle_down(&id, now);
+                }
+            }
+        }
+        Ok(done)
+    }
+
+    /// Reads resting messages `ids` back from the spool, in batches off the
+    /// async workers, and loads those still resting. One that cannot be
+    /// read stays resting: its own attempt reports it.
+    async fn load_many(&self, ids: Vec<String>) {
+        for batch in ids.chunks(LOAD_BATCH) {
+            let spool = self.0.spool.clone();
+            let batch = batch.to_vec();
+            let files = tokio::task::spawn_blocking(move || {
+                batch
+                    .into_iter()
+                    .filter_map(|id| spool.load_head(&id).ok().map(|sp| (id, sp)))
+                    .collect::<Vec<_>>()
+            })
+            .await
+            .unwrap_or_default();
+            let now = now_ms();
+            let mut st = self.0.state.lock().unwrap();
+            for (id, sp) in files {
+                st.install(&id, sp, now);
+            }
+        }
     }
 }
 
@@ -1487,6 +2030,89 @@ pub fn apply_offline(
 mod tests {
     use super::*;
 
+    #[test]
+    fn what_rests() {
+        let now = 1_000_000;
+        // (due, parked) -> rests
+        let cases = [
+            (Some(now), false, false),
+            (Some(now - 5), false, false),
+            (Some(now + REST_MIN_MS - 1), false, false),
+            (Some(now + REST_MIN_MS), false, true),
+            (Some(now + 3_600_000), false, true),
+            // Held: nothing due until a command or a route change.
+            (None, false, true),
+            // Parked: waits for a place in the ready queue.
+            (Some(now), true, true),
+        ];
+        for (n, (due, parked, want)) in cases.into_iter().enumerate() {
+            assert_eq!(rests(due, parked, now), want, "case {n}");
+        }
+    }
+
+    /// Resting keeps what memory knew and the records do not (a flush's
+    /// due time, a route hold); waking takes the rest from the records.
+    #[test]
+    fn a_resting_message_wakes_as_it_was() {
+        let now = 5_000;
+        let h = crate::plan::tests::header(&["a@x", "b@x", "c@x"], 0);
+        let rcpts = vec![
+            RcptState {
+                status: RcptStatus::Deferred,
+                attempts: 2,
+                next_ms: now, // flushed: not recorded
+                last_route: Some("old".into()),
+                last_reply: Some("4.4.1 refused".into()),
+                warned: true,
+                ..Default::default()
+            },
+            RcptState {
+                status: RcptStatus::Deferred,
+                hold: Hold::Route,
+                attempts: 1,
+                last_route: Some("hold".into()),
+                ..Default::default()
+            },
+            RcptState {
+                status: RcptStatus::Delivered,
+                attempts: 1,
+                last_route: Some("new".into()),
+                delivered_to: vec!["new".into()],
+                last_reply: Some("250 ok".into()),
+                ..Default::default()
+            },
+        ];
+        // On disk: the records of the last attempt (due later than the flush).
+        let status: Vec<_> = rcpts
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let mut rec = r.to_record(i, now - 10);
+                rec.next_ms = now + 60_000;
+                Some(rec)
+            })
+            .collect();
+        let sp = Spooled {
+            header: h,
+            body_offset: 0,
+            body_len: 0,
+            status,
+        };
+        let l = Loaded {
+            sp: Arc::new(sp.clone()),
+            rcpts: rcpts.clone(),
+        };
+        let mut interned = Vec::new();
+        let r = rest(&l, &mut |s: &str| {
+            let a: Arc<str> = s.into();
+            interned.push(a.clone());
+            a
+        });
+        assert_eq!(r.next_due(), Some(now), "the flush's due time is kept");
+        let back = wake(sp, &r, now + 1);
+        assert_eq!(back.rcpts, rcpts);
+    }
+
     fn relay(dir: &std::path::Path) -> RelayHandle {
         let mut config = Config::parse(
             "[domains]\naccepted = [\"example.com\"]\n[platforms.old]\nrelay = [\"127.0.0.1:9\"]\n[queue]\nmin_backoff = \"1m\"",
@@ -1498,6 +2124,77 @@ mod tests {
         let (events, writer) = EventLog::new(&dir.join("events"), "test").unwrap();
         tokio::spawn(writer.run());
         RelayHandle::new(Arc::new(config), spool, routes, events)
+    }
+
+    /// Messages waiting for a retry rest; a flush reaches them in memory
+    /// (due now, no record written), while a hold reads its message back
+    /// and records the hold.
+    #[tokio::test]
+    async fn a_waiting_message_rests_and_a_flush_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let relay = relay(dir.path());
+        let now = now_ms();
+        let mut ids = Vec::new();
+        for i in 0..3 {
+            let mut h = crate::plan::tests::header(&["a@example.com"], now);
+            h.queue_id = format!("R{i}");
+            let stored = relay.0.spool.store(&h, b"Subject: x\r\n\r\nx\r\n").unwrap();
+            let later = RcptState {
+                status: RcptStatus::Deferred,
+                attempts: 1,
+                next_ms: now + 3_600_000,
+                last_route: Some("old".into()),
+                last_reply: Some("4.4.1 refused".into()),
+                ..Default::default()
+            };
+            relay
+                .0
+                .spool
+                .record(&h.queue_id, &later.to_record(0, now))
+                .unwrap();
+            let _ = stored;
+            relay.enqueue(relay.0.spool.load(&h.queue_id).unwrap());
+            ids.push(h.queue_id);
+        }
+        let size = |id: &str| {
+            std::fs::metadata(relay.0.spool.queue_dir().join(id))
+                .unwrap()
+                .len()
+        };
+        let sizes: Vec<u64> = ids.iter().map(|id| size(id)).collect();
+        let resting = |relay: &RelayHandle, id: &str| {
+            matches!(
+                relay.0.state.lock().unwrap().msgs[id].held,
+                Held::Resting(_)
+            )
+        };
+        assert!(ids.iter().all(|id| resting(&relay, id)));
+        let all = Selector {
+            all: true,
+            ..Default::default()
+        };
+        assert_eq!(relay.apply_op(&QueueOp::Flush, &all, "ops").await, 3);
+        let after = now_ms();
+        {
+            let st = relay.0.state.lock().unwrap();
+            for id in &ids {
+                assert!(
+                    st.msgs[id].due.is_some_and(|at| at <= after),
+                    "{id} due now"
+                );
+            }
+        }
+        let unchanged: Vec<u64> = ids.iter().map(|id| size(id)).collect();
+        assert_eq!(unchanged, sizes, "a flush writes no record");
+        let one = Selector {
+            queue_id: Some("R1".into()),
+            ..Default::default()
+        };
+        assert_eq!(relay.apply_op(&QueueOp::Hold, &one, "ops").await, 1);
+        assert!(size("R1") > sizes[1], "a hold is recorded");
+        assert!(resting(&relay, "R1"), "held, it rests again");
+        let m = relay.0.spool.load("R1").unwrap();
+        assert!(m.status[0].as_ref().is_some_and(|s| s.operator_hold));
     }
 
     #[tokio::test]
@@ -1534,7 +2231,11 @@ mod tests {
                 e.due.is_some_and(|at| at > now_ms()),
                 "retried after the backoff"
             );
-            for r in &e.rcpts {
+            let Held::Resting(r) = &e.held else {
+                panic!("a message waiting for its retry rests")
+            };
+            let l = wake(relay.0.spool.load("Q1").unwrap(), r, now_ms());
+            for r in &l.rcpts {
                 assert_eq!(r.status, RcptStatus::Deferred);
                 assert_eq!(r.attempts, 1);
                 assert!(r.last_reply.as_deref().unwrap().starts_with("4.3.0"));

@@ -602,17 +602,78 @@ impl Spool {
         load_file(&self.path(queue_id)).map(|(m, _)| m)
     }
 
+    /// Loads one message's header and status records, skipping its body:
+    /// what the relay reads back when a resting message is due (a 50 MB
+    /// body is read only once a delivery slot is granted, and streamed).
+    /// The checksum, which covers the body, is not checked here: recovery
+    /// checked it when the gateway started, and the delivery's stream
+    /// reads the body's bytes.
+    pub fn load_head(&self, queue_id: &str) -> Result<Spooled, SpoolError> {
+        let p = self.path(queue_id);
+        let corrupt = |reason: &str| SpoolError::Corrupt {
+            path: p.clone(),
+            reason: reason.to_string(),
+        };
+        let f = File::open(&p).map_err(io(&p))?;
+        let file_len = f.metadata().map_err(io(&p))?.len();
+        let read_at = |off: u64, n: u64| -> Result<Vec<u8>, SpoolError> {
+            if off.checked_add(n).is_none_or(|e| e > file_len) {
+                return Err(corrupt("truncated"));
+            }
+            let mut buf = vec![0; n as usize];
+            f.read_exact_at(&mut buf, off).map_err(io(&p))?;
+            Ok(buf)
+        };
+        let m = MAGIC.len() as u64;
+        let first = read_at(0, m + 4)?;
+        if !first.starts_with(MAGIC) {
+            return Err(corrupt("missing magic"));
+        }
+        let hl = u32::from_le_bytes(first[MAGIC.len()..].try_into().unwrap()) as u64;
+        let head = read_at(m + 4, hl + 8)?;
+        let bl = u64::from_le_bytes(head[hl as usize..].try_into().unwrap());
+        let body_offset = m + 4 + hl + 8;
+        let end_at = body_offset
+            .checked_add(bl)
+            .ok_or_else(|| corrupt("truncated"))?;
+        let tail = read_at(end_at, file_len.saturating_sub(end_at))?;
+        if !tail.starts_with(END) || tail.len() < 8 {
+            return Err(corrupt("no END record"));
+        }
+        let header: Header = serde_json::from_slice(&head[..hl as usize])
+            .map_err(|e| corrupt(&format!("header: {e}")))?;
+        let mut status = vec![None; header.envelope.rcpts.len()];
+        read_records(&tail[8..], &mut status);
+        Ok(Spooled {
+            header,
+            body_offset,
+            body_len: bl,
+            status,
+        })
+    }
+
     /// Every message in the queue, oldest first. Damaged files (a crash in the
     /// middle of a write that was never acknowledged) are moved to `corrupt/`
     /// and reported, never delivered.
     pub fn recover(&self) -> Result<(Vec<Spooled>, Vec<Quarantined>), SpoolError> {
+        let mut good = Vec::new();
+        let bad = self.recover_each(&mut |m| good.push(m))?;
+        Ok((good, bad))
+    }
+
+    /// `recover`, handing each message to `take` as it is read: a gateway
+    /// restarting on a backlog holds one header at a time, not all of them
+    /// (what it keeps of each is its own affair).
+    pub fn recover_each(
+        &self,
+        take: &mut dyn FnMut(Spooled),
+    ) -> Result<Vec<Quarantined>, SpoolError> {
         let mut names: Vec<_> = std::fs::read_dir(&self.queue)
             .map_err(io(&self.queue))?
             .filter_map(|e| e.ok())
             .map(|e| e.path())
             .collect();
         names.sort();
-        let mut good = Vec::new();
         let mut bad = Vec::new();
         for p in names {
             match load_file(&p) {
@@ -629,7 +690,7 @@ impl Spool {
                     {
                         let _ = std::fs::remove_file(&p);
                     } else {
-                        good.push(m);
+                        take(m);
                     }
                 }
                 Err(e) => {
@@ -639,7 +700,7 @@ impl Spool {
                 }
             }
         }
-        Ok((good, bad))
+        Ok(bad)
     }
 }
 
@@ -955,8 +1016,23 @@ fn load_file(p: &Path) -> Result<(Spooled, u64), SpoolError> {
     let header: Header =
         serde_json::from_slice(&head).map_err(|e| corrupt(&format!("header: {e}")))?;
     let mut status: Vec<Option<StatusRecord>> = vec![None; header.envelope.rcpts.len()];
-    // Status records: a torn last record (crash mid-append) is ignored; it was
-    // never reported as final, so at worst that recipient is retried.
+    let pos = read_records(&data, &mut status);
+    Ok((
+        Spooled {
+            header,
+            body_offset,
+            body_len: bl,
+            status,
+        },
+        records_at + pos as u64,
+    ))
+}
+
+/// Reads the status records at the start of `data` into `status` (each
+/// recipient's latest); returns how many bytes were whole records. A torn
+/// last record (crash mid-append) is ignored; it was never reported as
+/// final, so at worst that recipient is retried.
+fn read_records(data: &[u8], status: &mut [Option<StatusRecord>]) -> usize {
     let mut pos = 0;
     while pos + 4 <= data.len() {
         let len = u32::from_le_bytes(data[pos..pos + 4].try_into().unwrap()) as usize;
@@ -979,15 +1055,7 @@ fn load_file(p: &Path) -> Result<(Spooled, u64), SpoolError> {
         }
         pos = rec_end;
     }
-    Ok((
-        Spooled {
-            header,
-            body_offset,
-            body_len: bl,
-            status,
-        },
-        records_at + pos as u64,
-    ))
+    pos
 }
 
 const CROCKFORD: &[u8; 32] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
@@ -1061,6 +1129,63 @@ mod tests {
             operator_hold: false,
             warned: false,
         }
+    }
+
+    /// The header-only read gives what the whole read gives (header, body
+    /// place, latest records, a torn tail ignored) without the body, and
+    /// refuses what is not a whole queue file.
+    #[test]
+    fn load_head_reads_what_load_reads_but_the_body() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        let h = header(&spool, 2);
+        let body = vec![b'b'; 100_000];
+        let m = spool.store(&h, &body).unwrap();
+        let id = m.header.queue_id.clone();
+        spool.record(&id, &rec(0, RcptStatus::Deferred)).unwrap();
+        spool.record(&id, &rec(1, RcptStatus::Delivered)).unwrap();
+        spool.record(&id, &rec(0, RcptStatus::Failed)).unwrap();
+        // A torn record at the tail (a crash mid-append).
+        let p = spool.queue_dir().join(&id);
+        let mut f = OpenOptions::new().append(true).open(&p).unwrap();
+        f.write_all(&[200, 0, 0, 0, b'{']).unwrap();
+        drop(f);
+        let whole = spool.load(&id).unwrap();
+        let head = spool.load_head(&id).unwrap();
+        assert_eq!(format!("{:?}", head.header), format!("{:?}", whole.header));
+        assert_eq!(
+            (head.body_offset, head.body_len),
+            (whole.body_offset, whole.body_len)
+        );
+        let st = |m: &Spooled| -> Vec<_> {
+            m.status
+                .iter()
+                .map(|s| s.as_ref().map(|s| s.status))
+                .collect()
+        };
+        assert_eq!(st(&head), st(&whole));
+        assert_eq!(
+            st(&head),
+            [Some(RcptStatus::Failed), Some(RcptStatus::Delivered)]
+        );
+        assert_eq!(spool.read_body(&head).unwrap(), body);
+        // Cut inside the body: not a queue file any more.
+        let len = std::fs::metadata(&p).unwrap().len();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .set_len(len / 2)
+            .unwrap();
+        assert!(matches!(
+            spool.load_head(&id),
+            Err(SpoolError::Corrupt { .. })
+        ));
+        std::fs::write(&p, b"not a queue file").unwrap();
+        assert!(matches!(
+            spool.load_head(&id),
+            Err(SpoolError::Corrupt { .. })
+        ));
     }
 
     /// A message stored from a head, a spill and a tail is whole on disk
