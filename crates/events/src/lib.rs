@@ -466,20 +466,52 @@ pub struct Record {
     pub event: Event,
 }
 
+/// A record as emitted: shared by the log writer and every tap, and
+/// serialised to its JSON line at most once, by whichever reader needs it
+/// first (the writer for the file, the index for its `body` column). Each
+/// event used to be serialised twice and deep-cloned for the taps.
+#[derive(Debug)]
+pub struct Logged {
+    pub record: Record,
+    json: std::sync::OnceLock<String>,
+}
+
+impl Logged {
+    pub fn new(record: Record) -> Logged {
+        Logged {
+            record,
+            json: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// The record's JSON line, without the newline.
+    pub fn json(&self) -> &str {
+        self.json
+            .get_or_init(|| serde_json::to_string(&self.record).unwrap_or_default())
+    }
+}
+
+impl std::ops::Deref for Logged {
+    type Target = Record;
+    fn deref(&self) -> &Record {
+        &self.record
+    }
+}
+
 /// Cheap to clone; sending never blocks the SMTP or delivery paths.
 #[derive(Clone)]
 pub struct EventLog {
-    tx: mpsc::UnboundedSender<Record>,
+    tx: mpsc::UnboundedSender<std::sync::Arc<Logged>>,
     node: std::sync::Arc<str>,
     /// Other readers of the same stream (index, metrics, Postfix-style log).
-    taps: std::sync::Arc<std::sync::Mutex<Vec<mpsc::UnboundedSender<std::sync::Arc<Record>>>>>,
+    taps: std::sync::Arc<std::sync::Mutex<Vec<mpsc::UnboundedSender<std::sync::Arc<Logged>>>>>,
     /// `log.format = "json"`: events go to stderr as JSON objects in the
     /// shape tracing's JSON lines have, not as a string inside `message`.
     json: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 pub struct EventWriter {
-    rx: mpsc::UnboundedReceiver<Record>,
+    rx: mpsc::UnboundedReceiver<std::sync::Arc<Logged>>,
     dir: PathBuf,
 }
 
@@ -519,7 +551,7 @@ impl EventLog {
     }
 
     /// A new reader of every event emitted from now on.
-    pub fn tap(&self) -> mpsc::UnboundedReceiver<std::sync::Arc<Record>> {
+    pub fn tap(&self) -> mpsc::UnboundedReceiver<std::sync::Arc<Logged>> {
         let (tx, rx) = mpsc::unbounded_channel();
         self.taps.lock().unwrap().push(tx);
         rx
@@ -540,16 +572,11 @@ impl EventLog {
                 tracing::info!(target: "godwit::event", "{line}");
             }
         }
-        {
-            let taps = self.taps.lock().unwrap();
-            if !taps.is_empty() {
-                let shared = std::sync::Arc::new(record.clone());
-                for t in taps.iter() {
-                    let _ = t.send(shared.clone());
-                }
-            }
+        let shared = std::sync::Arc::new(Logged::new(record));
+        for t in self.taps.lock().unwrap().iter() {
+            let _ = t.send(shared.clone());
         }
-        let _ = self.tx.send(record);
+        let _ = self.tx.send(shared);
     }
 }
 
@@ -586,7 +613,7 @@ impl EventWriter {
                     }
                 }
                 if let Some((_, w)) = current.as_mut() {
-                    let _ = serde_json::to_writer(&mut *w, &record);
+                    let _ = w.write_all(record.json().as_bytes());
                     let _ = w.write_all(b"\n");
                 }
             }
