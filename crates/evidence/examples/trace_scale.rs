@@ -21,11 +21,11 @@ async fn main() -> anyhow::Result<()> {
     let indexer = tokio::spawn(godwit_evidence::index::run_indexer(store.clone(), rx));
     let t0 = Instant::now();
     let rec = |event| {
-        std::sync::Arc::new(Record {
+        std::sync::Arc::new(godwit_events::Logged::new(Record {
             ts: "2026-11-28T10:00:00.000Z".into(),
             node: "bench".into(),
             event,
-        })
+        }))
     };
     for i in 0..n {
         let q = format!("Q{i:012}");

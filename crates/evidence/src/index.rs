@@ -1,6 +1,6 @@
 //! The event index in the state store.
 
-use godwit_events::Record;
+use godwit_events::{Logged, Record};
 use godwit_store::{Store, StoreError};
 use std::sync::Arc;
 use std::time::Duration;
@@ -97,6 +97,27 @@ fn row_placeholders(sqlite: bool, i: usize) -> String {
     format!("({})", n.join(", "))
 }
 
+/// The rows of each multi-row INSERT for a batch of `n` events: full
+/// statements of `CHUNK_MAX` rows, then the remainder as powers of two. So
+/// only 8 statement texts exist, each prepared once and then taken from
+/// sqlx's statement cache; one statement for whatever remained re-prepared
+/// a text of up to 700 placeholders on most batches (sqlite3Prepare was a
+/// third of the index's instructions).
+fn chunk_sizes(n: usize) -> Vec<usize> {
+    let mut sizes = vec![CHUNK_MAX; n / CHUNK_MAX];
+    let rest = n % CHUNK_MAX;
+    sizes.extend(
+        (0..usize::BITS)
+            .rev()
+            .map(|b| 1 << b)
+            .filter(|p| rest & p != 0),
+    );
+    sizes
+}
+
+/// Rows in one INSERT statement at most (a power of two, see `chunk_sizes`).
+const CHUNK_MAX: usize = 128;
+
 /// Events in one index transaction at most.
 const BATCH_MAX: usize = 2000;
 /// How long the indexer gathers events after the first of a batch. Each
@@ -107,8 +128,8 @@ const BATCH_MAX: usize = 2000;
 /// at most this much later (the JSON-lines log has it at once).
 const GATHER: Duration = Duration::from_millis(50);
 
-pub async fn run_indexer(store: Store, mut rx: UnboundedReceiver<Arc<Record>>) {
-    let drain = |rx: &mut UnboundedReceiver<Arc<Record>>, batch: &mut Vec<Arc<Record>>| {
+pub async fn run_indexer(store: Store, mut rx: UnboundedReceiver<Arc<Logged>>) {
+    let drain = |rx: &mut UnboundedReceiver<Arc<Logged>>, batch: &mut Vec<Arc<Logged>>| {
         while batch.len() < BATCH_MAX
             && let Ok(r) = rx.try_recv()
         {
@@ -140,7 +161,8 @@ pub async fn run_indexer(store: Store, mut rx: UnboundedReceiver<Arc<Record>>) {
                     q,
                     m,
                     rc,
-                    serde_json::to_string(&**r).unwrap_or_default(),
+                    // The line the log writer wrote (or will): serialised once.
+                    r.json().to_string(),
                 ))
             })
             .collect();
@@ -152,8 +174,11 @@ pub async fn run_indexer(store: Store, mut rx: UnboundedReceiver<Arc<Record>>) {
             .write_tx(move |tx| {
                 let rows = rows.clone();
                 Box::pin(async move {
-                    // Multi-row INSERTs: one statement per 100 events.
-                    for chunk in rows.chunks(100) {
+                    // Multi-row INSERTs of the sizes `chunk_sizes` gives.
+                    let mut left = &rows[..];
+                    for size in chunk_sizes(rows.len()) {
+                        let (chunk, tail) = left.split_at(size);
+                        left = tail;
                         let mut sql = String::from("INSERT INTO events (ts_ms, node, name, queue_id, message_id, rcpt, body) VALUES ");
                         for i in 0..chunk.len() {
                             if i > 0 {
@@ -215,6 +240,23 @@ mod tests {
     use godwit_events::Event;
 
     #[test]
+    fn chunks_are_full_then_powers_of_two() {
+        let full = |k: usize| vec![CHUNK_MAX; k];
+        let cases: [(usize, Vec<usize>); 6] = [
+            (0, vec![]),
+            (1, vec![1]),
+            (7, vec![4, 2, 1]),
+            (128, full(1)),
+            (300, [full(2), vec![32, 8, 4]].concat()),
+            // 15 × 128 = 1920, then 80 = 64 + 16.
+            (2000, [full(15), vec![64, 16]].concat()),
+        ];
+        for (n, want) in cases {
+            assert_eq!(chunk_sizes(n), want, "{n}");
+        }
+    }
+
+    #[test]
     fn row_placeholders_per_backend() {
         let cases = [
             (true, 0, "(?, ?, ?, ?, ?, ?, ?)"),
@@ -233,7 +275,7 @@ mod tests {
         let store = t.store.clone();
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let rec = |ts: &str, q: &str| {
-            Arc::new(Record {
+            Arc::new(Logged::new(Record {
                 ts: ts.into(),
                 node: "n".into(),
                 event: Event::Held {
@@ -242,7 +284,7 @@ mod tests {
                     rcpt: "a@b".into(),
                     why: "t".into(),
                 },
-            })
+            }))
         };
         tx.send(rec("2020-01-01T00:00:00.000Z", "OLD")).unwrap();
         let now = time::OffsetDateTime::now_utc()

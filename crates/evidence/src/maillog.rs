@@ -232,7 +232,11 @@ pub fn lines(r: &Record, hostname: &str, pid: u32) -> Vec<String> {
     }
 }
 
-pub async fn run(path: PathBuf, hostname: String, mut rx: UnboundedReceiver<Arc<Record>>) {
+pub async fn run(
+    path: PathBuf,
+    hostname: String,
+    mut rx: UnboundedReceiver<Arc<godwit_events::Logged>>,
+) {
     let file = match std::fs::OpenOptions::new()
         .create(true)
         .append(true)

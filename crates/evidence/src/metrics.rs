@@ -323,7 +323,7 @@ impl Metrics {
         });
     }
 
-    pub async fn run(self: Arc<Self>, mut rx: UnboundedReceiver<Arc<Record>>) {
+    pub async fn run(self: Arc<Self>, mut rx: UnboundedReceiver<Arc<godwit_events::Logged>>) {
         while let Some(r) = rx.recv().await {
             self.observe(&r);
         }

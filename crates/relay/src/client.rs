@@ -1064,10 +1064,12 @@ async fn pipeline<T: AsyncRead + AsyncWrite + Unpin>(
     cmds: &[String],
 ) -> mail_send::Result<Vec<Response<String>>> {
     let timeout = client.timeout;
+    // One write for the whole group, so it leaves in one segment and one
+    // syscall (a write per command cost MAIL, each RCPT and DATA a sendto
+    // on a plain TCP stream).
+    let group = cmds.concat();
     tokio::time::timeout(timeout, async {
-        for c in cmds {
-            client.stream.write_all(c.as_bytes()).await?;
-        }
+        client.stream.write_all(group.as_bytes()).await?;
         client.stream.flush().await?;
         read_replies(&mut client.stream, cmds.len()).await
     })

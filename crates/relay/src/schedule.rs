@@ -957,17 +957,20 @@ impl RelayHandle {
 
     fn spawn_attempt(&self, id: String, active: Active) {
         let me = self.clone();
-        tokio::spawn(async move {
+        // Boxed, the outer task and the attempt `watched` spawns: an
+        // attempt's future is large, and unboxed it was moved by value into
+        // each task cell (see smtpd's session spawn).
+        tokio::spawn(Box::pin(async move {
             let _active = active;
             let attempt = {
                 let me = me.clone();
                 let id = id.clone();
-                async move { me.attempt(&id).await }
+                Box::pin(async move { me.attempt(&id).await })
             };
             if let Err(why) = watched(attempt).await {
                 me.attempt_crashed(&id, None, &why).await;
             }
-        });
+        }));
     }
 
     /// A platform's dispatcher: grants each delivery slot the flow control
@@ -1204,8 +1207,9 @@ impl RelayHandle {
                 idxs.clone(),
                 token.clone(),
             );
-            let handle =
-                tasks.spawn(async move { me.deliver_group(&id2, &p2, &idxs2, token).await });
+            let handle = tasks.spawn(Box::pin(async move {
+                me.deliver_group(&id2, &p2, &idxs2, token).await
+            }));
             groups_of.insert(handle.id(), (platform, idxs));
         }
         while let Some(res) = tasks.join_next_with_id().await {

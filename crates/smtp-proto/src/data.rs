@@ -140,9 +140,8 @@ impl DataDecoder {
                 St::Mid | St::LineStart | St::SoftLineStart
                     if !matches!(b, b'.' | b'\r' | b'\n' | 0) =>
                 {
-                    // Fast path: copy the run up to the next special byte.
-                    let run = memchr3(b'\r', b'\n', 0, &input[i..]).map_or(input.len() - i, |p| p);
-                    let end = i + run;
+                    // Fast path: copy the run of plain content (see `plain_run`).
+                    let end = i + plain_run(&input[i..]);
                     self.emit(out, &input[i..end]);
                     self.st = St::Mid;
                     i = end;
@@ -198,6 +197,32 @@ impl DataDecoder {
         }
         i
     }
+}
+
+/// The length of the run at the start of `input` (whose first byte is
+/// content: none of `.`, CR, LF, NUL) that decodes to itself: content up to
+/// the next CR, LF or NUL (memchr3), and on across every CRLF whose next
+/// line starts with content again (so no dot to unstuff, no terminator, no
+/// empty line). It ends before the first CR, LF or NUL that needs the
+/// byte-wise states, or one too near the end of `input` to tell; its last
+/// byte is content, so the state after it is `Mid`. A message is one
+/// `emit` per run, not per line.
+fn plain_run(input: &[u8]) -> usize {
+    let mut i = 0;
+    while let Some(p) = memchr3(b'\r', b'\n', 0, &input[i..]) {
+        let p = i + p;
+        if input[p] == b'\r'
+            && input.get(p + 1) == Some(&b'\n')
+            && input
+                .get(p + 2)
+                .is_some_and(|&c| !matches!(c, b'.' | b'\r' | b'\n' | 0))
+        {
+            i = p + 2;
+        } else {
+            return p;
+        }
+    }
+    input.len()
 }
 
 #[cfg(test)]
@@ -286,6 +311,63 @@ mod tests {
         assert_eq!(d.outcome(), Some(DataOutcome::TooBig));
         assert!(out.len() <= 10);
         assert_eq!(d.size(), 102);
+    }
+
+    #[test]
+    fn plain_runs_stop_where_decoding_needs_states() {
+        let cases: [(&[u8], usize); 8] = [
+            (b"abc", 3),
+            (b"a\r\nb\r\nc", 7),
+            (b"a\r\n.b", 1),
+            (b"a\r\n\r\n", 1),
+            (b"a\r\n\0b", 1),
+            (b"ab\0", 2),
+            (b"a\nb", 1),
+            (b"a\r\n", 1),
+        ];
+        for (input, want) in cases {
+            assert_eq!(plain_run(input), want, "{input:?}");
+        }
+    }
+
+    proptest::proptest! {
+        /// Whole (long runs across lines) decodes as byte at a time (every
+        /// byte through the states), under both policies and any size
+        /// limit: same outcome, size and consumed length, and the same
+        /// content when it is kept.
+        #[test]
+        fn whole_decodes_as_byte_at_a_time(
+            lines in proptest::collection::vec("[.a\x00]{0,5}(\r\n|\r\n|\r\n|\r|\n)", 0..40),
+            tail in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..20),
+            max in 0u64..200,
+            normalize in proptest::prelude::any::<bool>(),
+        ) {
+            let policy = if normalize { NewlinePolicy::Normalize } else { NewlinePolicy::Reject };
+            let mut wire = lines.concat().into_bytes();
+            wire.extend_from_slice(b"\r\n.\r\n");
+            wire.extend_from_slice(&tail);
+            let mut whole = DataDecoder::new(policy, max);
+            let mut w_out = Vec::new();
+            let w_n = whole.feed(&wire, &mut w_out);
+            let mut bytes = DataDecoder::new(policy, max);
+            let mut b_out = Vec::new();
+            let mut b_n = 0;
+            for b in &wire {
+                let n = bytes.feed(std::slice::from_ref(b), &mut b_out);
+                b_n += n;
+                if n == 0 || bytes.is_done() {
+                    break;
+                }
+            }
+            proptest::prop_assert_eq!(w_n, b_n);
+            // Refused content (too big, bare newline, NUL) is discarded, and
+            // where a cut-off falls in it depends on the runs.
+            if whole.outcome() == Some(DataOutcome::Complete) {
+                proptest::prop_assert_eq!(w_out, b_out);
+            }
+            proptest::prop_assert_eq!(whole.size(), bytes.size());
+            proptest::prop_assert_eq!(whole.outcome(), bytes.outcome());
+        }
     }
 
     #[test]

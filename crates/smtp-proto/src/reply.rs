@@ -49,11 +49,14 @@ impl Reply {
             .split('\n')
             .map(|l| l.trim_end_matches('\r'))
             .collect();
+        // Formatted once, not per line (format! was most of a reply's cost).
+        let code = self.code.to_string();
+        let enhanced = self.enhanced_string();
         for (i, line) in lines.iter().enumerate() {
             let sep = if i + 1 == lines.len() { ' ' } else { '-' };
-            out.extend_from_slice(self.code.to_string().as_bytes());
+            out.extend_from_slice(code.as_bytes());
             out.push(sep as u8);
-            if let Some(e) = self.enhanced_string() {
+            if let Some(e) = &enhanced {
                 out.extend_from_slice(e.as_bytes());
                 out.push(b' ');
             }

@@ -30,8 +30,8 @@ impl Default for DotStuffer {
 }
 
 impl DotStuffer {
-    /// Appends the DATA form of the next chunk to `out`. Line content runs
-    /// (up to the next CR or LF) are copied whole, not byte by byte: this
+    /// Appends the DATA form of the next chunk to `out`. Runs already in
+    /// wire form (see `wire_run`) are copied whole, not byte by byte: this
     /// is every relayed byte's path.
     pub fn push(&mut self, chunk: &[u8], out: &mut Vec<u8>) {
         out.reserve(chunk.len() + 2);
@@ -62,10 +62,7 @@ impl DotStuffer {
                         // RFC 5321 4.5.2: a line starting with a period gets another.
                         out.push(b'.');
                     }
-                    let n = rest
-                        .iter()
-                        .position(|&c| c == b'\r' || c == b'\n')
-                        .unwrap_or(rest.len());
+                    let n = wire_run(rest);
                     out.extend_from_slice(&rest[..n]);
                     self.line_start = false;
                     rest = &rest[n..];
@@ -88,6 +85,31 @@ impl DotStuffer {
     }
 }
 
+/// The length of the run at the start of `rest` (which starts inside a
+/// line: its first byte is neither CR nor LF) that goes on the wire
+/// unchanged: line content up to the next CR or LF (found with memchr), and
+/// on across every CRLF whose next line starts with content, neither a
+/// period (RFC 5321 4.5.2 doubles it) nor CR or LF. It ends before the first
+/// CR or LF that needs the byte-wise path, or one too near the chunk's end
+/// to tell; its last byte is line content, so `line_start` is false after it.
+/// A spooled message is CRLF-normalized, so most messages are one run.
+fn wire_run(rest: &[u8]) -> usize {
+    let mut i = 0;
+    while let Some(p) = memchr::memchr2(b'\r', b'\n', &rest[i..]) {
+        let p = i + p;
+        let next_line = rest.get(p + 2).copied();
+        if rest[p] == b'\r'
+            && rest.get(p + 1) == Some(&b'\n')
+            && next_line.is_some_and(|c| !matches!(c, b'.' | b'\r' | b'\n'))
+        {
+            i = p + 2;
+        } else {
+            return p;
+        }
+    }
+    rest.len()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -108,6 +130,28 @@ mod tests {
         assert_eq!(stuffed(b""), b".\r\n");
         assert_eq!(stuffed(b"x\n.\n"), b"x\r\n..\r\n.\r\n");
         assert_eq!(stuffed(b"x\r.\r"), b"x\r\n..\r\n.\r\n");
+    }
+
+    #[test]
+    fn wire_runs_stop_where_the_wire_form_differs() {
+        let cases: [(&[u8], usize); 8] = [
+            (b"abc", 3),
+            (b"a\r\nb\r\nc", 7),
+            (b"a\r\n.b", 1),
+            (b"a\r\n\r\nb", 1),
+            (b"a\nb", 1),
+            (b"a\rb", 1),
+            (b"a\r\n", 1),
+            (b"a\r\nb\n", 4),
+        ];
+        for (input, want) in cases {
+            assert_eq!(
+                wire_run(input),
+                want,
+                "{:?}",
+                String::from_utf8_lossy(input)
+            );
+        }
     }
 
     /// The DATA form by lines, written another way: every CRLF, bare CR
@@ -148,6 +192,22 @@ mod tests {
         #[test]
         fn stuffed_is_the_data_form_by_lines(msg in proptest::collection::vec(prop_oneof![Just(b'\r'), Just(b'\n'), Just(b'.'), any::<u8>()], 0..300)) {
             prop_assert_eq!(stuffed(&msg), by_lines(&msg));
+        }
+
+        /// Mostly wire-form text (CRLF lines, now and then a leading
+        /// period, an empty line or a bare CR or LF), where runs span many
+        /// lines: still the line-by-line DATA form, whole and chunked.
+        #[test]
+        fn crlf_text_is_the_data_form_by_lines(lines in proptest::collection::vec("[.a-c]{0,6}(\r\n|\r\n|\r\n|\r|\n)", 0..60), cut in 1usize..40) {
+            let msg = lines.concat().into_bytes();
+            prop_assert_eq!(stuffed(&msg), by_lines(&msg));
+            let mut s = DotStuffer::default();
+            let mut out = Vec::new();
+            for c in msg.chunks(cut) {
+                s.push(c, &mut out);
+            }
+            s.finish(&mut out);
+            prop_assert_eq!(out, by_lines(&msg));
         }
 
         /// Chunked stuffing is byte for byte the same as stuffing whole,
