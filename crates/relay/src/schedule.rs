@@ -800,13 +800,7 @@ impl RelayHandle {
             e.parked = false;
             due_now.push(id.clone());
         }
-        for id in &due_now {
-            st.schedule(id, Some(now));
-        }
-        drop(st);
-        if !due_now.is_empty() {
-            self.0.wake.notify_one();
-        }
+        self.due_at_once(st, &due_now, now);
         if !resting.is_empty() {
             self.reroute_resting(resting);
         }
@@ -853,13 +847,7 @@ impl RelayHandle {
                         due_now.push(id);
                     }
                 }
-                for id in &due_now {
-                    st.schedule(id, Some(now));
-                }
-                drop(st);
-                if !due_now.is_empty() {
-                    me.0.wake.notify_one();
-                }
+                me.due_at_once(st, &due_now, now);
             }
         };
         match tokio::runtime::Handle::try_current() {
@@ -1050,11 +1038,17 @@ impl RelayHandle {
                 woken.push(id);
             }
         }
-        for id in &woken {
+        self.due_at_once(st, &woken, now);
+    }
+
+    /// Makes messages `ids` due at `now`, releases the state, and wakes the
+    /// scheduler when there is anything to start.
+    fn due_at_once(&self, mut st: std::sync::MutexGuard<'_, State>, ids: &[String], now: i64) {
+        for id in ids {
             st.schedule(id, Some(now));
         }
         drop(st);
-        if !woken.is_empty() {
+        if !ids.is_empty() {
             self.0.wake.notify_one();
         }
     }
