@@ -516,6 +516,10 @@ pub struct EventsConfig {
     pub retention: Duration,
     /// Also write Postfix-style log lines here (for pflogsumm and grep habits).
     pub postfix_log: Option<PathBuf>,
+    /// Records the event readers (log writer, index) may fall behind before
+    /// new mail and new attempts wait for them, up to 1 s each: Postfix's
+    /// in_flow_delay, so a fill's memory stays bounded. About 1 KB each.
+    pub max_lag: usize,
 }
 
 impl Default for EventsConfig {
@@ -523,6 +527,7 @@ impl Default for EventsConfig {
         EventsConfig {
             retention: Duration::from_secs(90 * 86400),
             postfix_log: None,
+            max_lag: 30_000,
         }
     }
 }
@@ -849,6 +854,9 @@ impl Config {
         }
         if self.events.retention < Duration::from_secs(3600) {
             return Err(invalid("events.retention", "must be at least 1h"));
+        }
+        if self.events.max_lag < 100 {
+            return Err(invalid("events.max_lag", "must be at least 100 records"));
         }
         check_log_level(&self.log.level).map_err(|m| invalid("log.level", m))?;
         if !matches!(self.log.format.as_str(), "text" | "json") {
@@ -1444,6 +1452,19 @@ max_backoff = "1h"
             match want {
                 Some(w) => assert_eq!(got.as_deref(), Ok(w), "{extra}"),
                 None => assert!(got.unwrap_err().contains("node_name"), "{extra}"),
+            }
+        }
+    }
+
+    #[test]
+    fn events_max_lag_defaults_and_is_validated() {
+        let c = Config::parse(GOOD).unwrap();
+        assert_eq!(c.events.max_lag, 30_000);
+        for (v, ok) in [("100", true), ("5000", true), ("99", false), ("0", false)] {
+            let c = Config::parse(&format!("{GOOD}[events]\nmax_lag = {v}\n")).unwrap();
+            match c.validate() {
+                Ok(()) => assert!(ok, "{v} passed"),
+                Err(e) => assert!(!ok && e.to_string().contains("events.max_lag"), "{v}: {e}"),
             }
         }
     }

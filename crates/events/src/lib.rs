@@ -474,6 +474,9 @@ pub struct Record {
 pub struct Logged {
     pub record: Record,
     json: std::sync::OnceLock<String>,
+    /// The emitting log's count of records some reader still holds
+    /// (`EventLog::pending`); `None` for a record made outside a log.
+    live: Option<std::sync::Arc<std::sync::atomic::AtomicUsize>>,
 }
 
 impl Logged {
@@ -481,6 +484,16 @@ impl Logged {
         Logged {
             record,
             json: std::sync::OnceLock::new(),
+            live: None,
+        }
+    }
+
+    fn counted(record: Record, live: &std::sync::Arc<std::sync::atomic::AtomicUsize>) -> Logged {
+        live.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Logged {
+            record,
+            json: std::sync::OnceLock::new(),
+            live: Some(live.clone()),
         }
     }
 
@@ -489,6 +502,37 @@ impl Logged {
         self.json
             .get_or_init(|| serde_json::to_string(&self.record).unwrap_or_default())
     }
+}
+
+impl Drop for Logged {
+    /// The last reader is done with it: one fewer pending.
+    fn drop(&mut self) {
+        if let Some(live) = &self.live {
+            live.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
+/// Records some reader (the log writer, the event index, a tap) may leave
+/// unfinished before new work waits for it: `events.max_lag`'s default.
+/// Each costs its record and JSON line, about 1 KB, so 30,000 bound the lag
+/// to some 30 MB. During a 100,000-message fill the index fell 100,000 to
+/// 200,000 records behind and the gateway grew past 800 MB.
+pub const PENDING_HIGH: usize = 30_000;
+/// How long new work waits at most before it goes on regardless: a stuck
+/// reader (a store that stopped answering) slows mail, it never stops it.
+pub const FLOW_MAX: std::time::Duration = std::time::Duration::from_secs(1);
+const FLOW_STEP: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// Whether new work waits, and how long before it looks again: Postfix's
+/// `in_flow_delay`, which paces smtpd when mail arrives faster than the
+/// queue manager takes it, with the readers' lag as the measure.
+pub fn flow_delay(
+    pending: usize,
+    max_lag: usize,
+    waited: std::time::Duration,
+) -> Option<std::time::Duration> {
+    (pending > max_lag && waited < FLOW_MAX).then(|| FLOW_STEP.min(FLOW_MAX - waited))
 }
 
 impl std::ops::Deref for Logged {
@@ -508,6 +552,27 @@ pub struct EventLog {
     /// `log.format = "json"`: events go to stderr as JSON objects in the
     /// shape tracing's JSON lines have, not as a string inside `message`.
     json: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Records emitted here that a reader still holds (see `PENDING_HIGH`).
+    live: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    flow: std::sync::Arc<Flow>,
+}
+
+/// The lag new work waits on, and what it has cost so far.
+#[derive(Debug)]
+struct Flow {
+    max_lag: std::sync::atomic::AtomicUsize,
+    peak: std::sync::atomic::AtomicUsize,
+    waited_ms: std::sync::atomic::AtomicU64,
+}
+
+impl Default for Flow {
+    fn default() -> Flow {
+        Flow {
+            max_lag: PENDING_HIGH.into(),
+            peak: 0.into(),
+            waited_ms: 0.into(),
+        }
+    }
 }
 
 pub struct EventWriter {
@@ -526,6 +591,8 @@ impl EventLog {
                 node: node.into(),
                 taps: Default::default(),
                 json: Default::default(),
+                live: Default::default(),
+                flow: Default::default(),
             },
             EventWriter {
                 rx,
@@ -542,6 +609,8 @@ impl EventLog {
             node: node.into(),
             taps: Default::default(),
             json: Default::default(),
+            live: Default::default(),
+            flow: Default::default(),
         }
     }
 
@@ -555,6 +624,67 @@ impl EventLog {
         let (tx, rx) = mpsc::unbounded_channel();
         self.taps.lock().unwrap().push(tx);
         rx
+    }
+
+    /// Records emitted here that some reader has not finished with.
+    pub fn pending(&self) -> usize {
+        self.live.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The most records ever pending at once, since start.
+    pub fn pending_peak(&self) -> usize {
+        self.flow.peak.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Time new work has spent waiting for the readers, since start.
+    pub fn flow_waited(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.flow.waited_ms.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// `events.max_lag`: set once at start, before the log is cloned.
+    pub fn set_max_lag(&self, records: usize) {
+        self.flow
+            .max_lag
+            .store(records, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Waits while the readers lag more than `events.max_lag` records
+    /// behind, for at most `FLOW_MAX`. Called before a new message is
+    /// spooled and before the scheduler starts more attempts: the work that
+    /// makes records waits, so the lag (and the memory it holds) is bounded.
+    pub async fn wait_for_readers(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let max_lag = self.flow.max_lag.load(Relaxed);
+        let Some(mut step) = flow_delay(self.pending(), max_lag, std::time::Duration::ZERO) else {
+            return;
+        };
+        let started = std::time::Instant::now();
+        loop {
+            tokio::time::sleep(step).await;
+            match flow_delay(self.pending(), max_lag, started.elapsed()) {
+                Some(s) => step = s,
+                None => break,
+            }
+        }
+        let waited = started.elapsed();
+        self.flow
+            .waited_ms
+            .fetch_add(waited.as_millis() as u64, Relaxed);
+        // One warning a minute at most: every session would repeat it.
+        static WARNED_S: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let now_s = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        if waited >= FLOW_MAX
+            && self.pending() > max_lag
+            && now_s >= WARNED_S.load(Relaxed) + 60
+        {
+            WARNED_S.store(now_s, Relaxed);
+            tracing::warn!(
+                pending = self.pending(),
+                "the event readers (log writer, index) lag more than events.max_lag = {max_lag} records; going on after {FLOW_MAX:?}"
+            );
+        }
     }
 
     pub fn emit(&self, event: Event) {
@@ -572,7 +702,10 @@ impl EventLog {
                 tracing::info!(target: "godwit::event", "{line}");
             }
         }
-        let shared = std::sync::Arc::new(Logged::new(record));
+        let shared = std::sync::Arc::new(Logged::counted(record, &self.live));
+        self.flow
+            .peak
+            .fetch_max(self.pending(), std::sync::atomic::Ordering::Relaxed);
         for t in self.taps.lock().unwrap().iter() {
             let _ = t.send(shared.clone());
         }
@@ -699,6 +832,85 @@ fn rfc3339_ms(t: time::OffsetDateTime) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn new_work_waits_while_readers_lag_and_never_for_long() {
+        use std::time::Duration;
+        let ms = Duration::from_millis;
+        let cases = [
+            // (pending, waited so far, wait again for)
+            (0, ms(0), None),
+            (PENDING_HIGH, ms(0), None),
+            (PENDING_HIGH + 1, ms(0), Some(ms(10))),
+            (1_000_000, ms(500), Some(ms(10))),
+            (1_000_000, ms(995), Some(ms(5))),
+            (1_000_000, FLOW_MAX, None),
+            (1_000_000, FLOW_MAX + ms(1), None),
+        ];
+        for (pending, waited, want) in cases {
+            assert_eq!(
+                flow_delay(pending, PENDING_HIGH, waited),
+                want,
+                "{pending} after {waited:?}"
+            );
+        }
+        // events.max_lag moves the line.
+        assert_eq!(flow_delay(101, 100, ms(0)), Some(ms(10)));
+        assert_eq!(flow_delay(100, 100, ms(0)), None);
+    }
+
+    #[tokio::test]
+    async fn a_record_is_pending_until_its_last_reader_drops_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, writer) = EventLog::new(dir.path(), "n").unwrap();
+        let mut tap = log.tap();
+        for i in 0..3 {
+            log.emit(Event::GatewayDraining {
+                reason: "test".into(),
+                sessions: i,
+            });
+        }
+        assert_eq!(log.pending(), 3);
+        assert_eq!(log.pending_peak(), 3);
+        // Nothing waits below PENDING_HIGH.
+        tokio::time::timeout(std::time::Duration::from_millis(1), log.wait_for_readers())
+            .await
+            .unwrap();
+        // The writer writes them and lets go; the tap still holds them.
+        let w = tokio::spawn(writer.run());
+        let held: Vec<_> = (0..3).map(|_| tap.try_recv().unwrap()).collect();
+        let counter = held[0].live.clone().unwrap();
+        drop(log);
+        w.await.unwrap();
+        assert_eq!(counter.load(std::sync::atomic::Ordering::Relaxed), 3);
+        drop(held);
+        assert_eq!(counter.load(std::sync::atomic::Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn new_work_waits_until_the_readers_catch_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, _writer) = EventLog::new(dir.path(), "n").unwrap();
+        log.set_max_lag(2);
+        for i in 0..3 {
+            log.emit(Event::GatewayDraining {
+                reason: "test".into(),
+                sessions: i,
+            });
+        }
+        let waiting = log.clone();
+        let waiter = tokio::spawn(async move {
+            waiting.wait_for_readers().await;
+            waiting.pending()
+        });
+        // The writer (the only reader) catches up 100 ms later, well inside
+        // FLOW_MAX: the waiter returns only then, and sees none pending.
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        drop(_writer);
+        assert_eq!(waiter.await.unwrap(), 0);
+        assert!(log.flow_waited() >= std::time::Duration::from_millis(90));
+        assert!(log.flow_waited() < FLOW_MAX);
+    }
 
     #[test]
     fn timestamps_are_rfc3339_with_milliseconds() {

@@ -155,6 +155,11 @@ impl Admin {
                 metrics::gauge!("godwit_destination_relay_hosts_down", "platform" => p.clone()).set(d.down_hosts.len() as f64);
             }
             metrics::gauge!("godwit_routing_version").set(version as f64);
+            let ev = self.relay.events();
+            metrics::gauge!("godwit_event_readers_pending").set(ev.pending() as f64);
+            metrics::gauge!("godwit_event_readers_pending_peak").set(ev.pending_peak() as f64);
+            metrics::counter!("godwit_event_flow_delay_milliseconds_total")
+                .absolute(ev.flow_waited().as_millis() as u64);
         });
     }
 

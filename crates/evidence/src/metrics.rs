@@ -197,6 +197,7 @@ impl Metrics {
                 ("godwit_messages_refused_total", "Commands or messages refused, by stage and reply code."),
                 ("godwit_deliveries_total", "Delivery outcomes per recipient, by platform, outcome, reply class and code."),
                 ("godwit_dsn_total", "Delivery status notifications queued, by action."),
+                ("godwit_event_flow_delay_milliseconds_total", "Time new mail and new attempts waited for lagging event readers (events.max_lag)."),
             ] {
                 describe_counter!(name, help);
             }
@@ -220,6 +221,8 @@ impl Metrics {
                 ("godwit_destination_relay_hosts_down", "Relay hosts passed over after connection failures."),
                 ("godwit_routing_version", "The routing version this gateway applies."),
                 ("godwit_store_up", "1 while the state store answers this gateway's heartbeat, 0 while it does not."),
+                ("godwit_event_readers_pending", "Event records the log writer or the index has not yet finished with."),
+                ("godwit_event_readers_pending_peak", "The most event records pending at once since start (bounded by events.max_lag plus the work under way)."),
                 ("godwit_sync_account_status", "1 for the account's current sync status."),
                 ("godwit_sync_account_verified_timestamp_seconds", "When the account last verified clean."),
                 ("godwit_sync_account_messages_copied", "Messages copied for the account."),

@@ -57,6 +57,7 @@ pub(crate) async fn serve(config: Config, config_path: PathBuf) -> Result<i32> {
     spool.record_owner(config.node_name())?;
     let (events, writer) = EventLog::new(&config.events_dir(), config.node_name())?;
     events.stderr_json(json_log);
+    events.set_max_lag(config.events.max_lag);
     let writer = tokio::spawn(writer.run());
     let relay = godwit_relay::Relay::new(
         config.clone(),

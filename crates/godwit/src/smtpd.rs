@@ -1059,6 +1059,10 @@ impl Smtpd {
         sasl: Option<&(String, String)>,
         tx_started: std::time::Instant,
     ) -> Reply {
+        // The event readers (log writer, index) far behind: this message
+        // waits for them (at most FLOW_MAX) before it is spooled, so their
+        // lag, and the memory it holds, stays bounded during a fill.
+        self.events.wait_for_readers().await;
         let queue_id = self.spool.new_queue_id();
         let message_id = message_id_of(&message);
         let received = received_header(&live.config.hostname, &envelope, &queue_id, sasl.is_some());

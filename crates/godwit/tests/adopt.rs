@@ -268,6 +268,18 @@ fn an_offline_node_adopts_and_delivers_on_start() {
         assert!(r.starts_with("250"), "{r}");
     }
     c.cmd("QUIT");
+    // The index gathers up to 50 ms of events per transaction and a SIGKILL
+    // loses what it has not committed (the JSON-lines log keeps it). The
+    // trace asked for below reads A's accepts from the index, so A is
+    // killed once they are there, not before.
+    wait_for("A's accepts in the index", Duration::from_secs(10), || {
+        let n = psql(
+            &db,
+            "SELECT count(*) FROM events WHERE node = 'node-a' \
+             AND name = 'message.accepted' AND message_id LIKE '%offline%'",
+        );
+        (n == "2").then_some(())
+    });
     a.kill9();
     wait_for("A's heartbeat to go stale", Duration::from_secs(15), || {
         let age = psql(

@@ -583,6 +583,11 @@ impl RelayHandle {
             .collect()
     }
 
+    /// The event log this relay emits to (its readers' lag is a gauge).
+    pub fn events(&self) -> &EventLog {
+        &self.0.events
+    }
+
     pub fn snapshot(&self) -> Vec<QueueSnapshot> {
         let st = self.0.state.lock().unwrap();
         st.msgs
@@ -876,6 +881,9 @@ impl RelayHandle {
                 pruned_at = std::time::Instant::now();
                 self.prune_idle();
             }
+            // Each attempt emits records: none are started while the event
+            // readers lag far behind (at most FLOW_MAX; see smtpd's accept).
+            self.0.events.wait_for_readers().await;
             let now = now_ms();
             let room = ACTIVE_LIMIT.saturating_sub(self.0.active.load(Ordering::Relaxed));
             let (ready, next) = {
