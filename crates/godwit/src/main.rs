@@ -197,6 +197,15 @@ enum FleetCommand {
 }
 
 fn main() {
+    // No transparent huge pages: mimalloc's thread heaps touch a few small
+    // pages in many 2 MiB regions, and with THP each counts whole. A
+    // 100,000-message backlog was 513 MiB resident for a 41 MB heap with
+    // them, 214 MiB without. The `no_thp` feature stops mimalloc asking for
+    // them (madvise); this covers systems where THP is "always".
+    // SAFETY: prctl with integer arguments only; a failure changes nothing.
+    unsafe {
+        libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
+    }
     let cli = Cli::parse();
     if !matches!(cli.command, Command::Serve) {
         // A command's output piped into `head` ends it quietly, as a Unix

@@ -648,3 +648,55 @@ fn a_silent_relay_host_is_passed_over_after_it_fails() {
     }
     drop(silent);
 }
+
+/// Mail an open circuit defers waits for its own retry time, as Postfix
+/// defers mail for a site it marked dead: each cooldown's end sends one
+/// probe, not the whole backlog again (which a 100,000-message backlog
+/// read, re-deferred and recorded at every cooldown, issue 18). When a probe
+/// gets through, what waited goes at once, an hour before its retry time.
+#[test]
+fn a_dead_platforms_backlog_waits_for_one_probe_per_cooldown_and_goes_when_it_gets_through() {
+    let (po, pn) = (free_port(), free_port());
+    let _old = Sink::start(po, &[]);
+    let mut gw = start(po, pn, "", "");
+    gw.reconfigure(|c| {
+        c.replace(
+            "min_backoff = \"1s\"\nmax_backoff = \"2s\"",
+            "min_backoff = \"1h\"\nmax_backoff = \"2h\"",
+        )
+    });
+    gw.route("alice@example.com", "new");
+    let n = 30;
+    send_many(&gw, "alice@example.com", "dead", n);
+    let deferred = |gw: &Gateway| {
+        let all = gw.events_named("delivery.deferred");
+        let (circuit, tried): (Vec<_>, Vec<_>) = all
+            .into_iter()
+            .partition(|e| e["reply"].as_str().unwrap_or("").contains("circuit open"));
+        (circuit, tried.len())
+    };
+    wait_for("circuit open", T, || {
+        (destinations(&gw)["new"]["circuit"] == "open").then_some(())
+    });
+    let (_, tried_at_open) = deferred(&gw);
+    // Two cooldowns (1 s, then 2 s) end with a probe each: a real attempt.
+    wait_for("two probes after the circuit opened", T, || {
+        (deferred(&gw).1 >= tried_at_open + 2).then_some(())
+    });
+    let (circuit, _) = deferred(&gw);
+    let mut per_message = std::collections::HashMap::new();
+    for e in &circuit {
+        *per_message.entry(e["queue_id"].to_string()).or_insert(0) += 1;
+    }
+    assert!(
+        per_message.values().all(|&k| k == 1),
+        "a message deferred by the circuit was tried again at a cooldown's end: {per_message:?}"
+    );
+    // The platform comes back: the next probe gets through, and the rest
+    // follow at once (their own retry is an hour away).
+    let new = Sink::start(pn, &[]);
+    wait_for("the backlog delivered", Duration::from_secs(30), || {
+        (new.count_containing("Message-ID: <dead") == n).then_some(())
+    });
+    assert!(gw.events_named("delivery.failed").is_empty());
+}

@@ -26,6 +26,9 @@ struct State {
     /// Cooldown of the current open period (doubles on failed probes).
     cooldown: Duration,
     probing: bool,
+    /// The scheduler was asked for a probe since the cooldown ended (see
+    /// `probe_wanted`); cleared when the circuit opens again or closes.
+    probe_asked: bool,
     recent: VecDeque<u16>,
     delivered: u64,
     throttled: u64,
@@ -114,6 +117,7 @@ impl Flow {
                 down_until: None,
                 cooldown: cfg.breaker_cooldown,
                 probing: false,
+                probe_asked: false,
                 recent: VecDeque::new(),
                 delivered: 0,
                 throttled: 0,
@@ -128,6 +132,23 @@ impl Flow {
         let st = self.state.lock().unwrap();
         st.down_until
             .and_then(|t| t.checked_duration_since(Instant::now()))
+    }
+
+    /// Whether the scheduler should make one message due now, as the
+    /// half-open circuit's probe: true once each time a cooldown ends with
+    /// no probe under way. Mail the open circuit deferred waits for its own
+    /// retry time (as Postfix defers mail for a dead site), not for the end
+    /// of the cooldown: a backlog that all fell due then was re-read,
+    /// re-deferred and re-recorded at every cooldown. The probe's success
+    /// releases it all (`observe` says so).
+    pub fn probe_wanted(&self) -> bool {
+        let mut st = self.state.lock().unwrap();
+        let ended = st.down_until.is_some_and(|t| t <= Instant::now());
+        if ended && !st.probing && st.in_flight == 0 && !st.probe_asked {
+            st.probe_asked = true;
+            return true;
+        }
+        false
     }
 
     /// Waits for a delivery slot under the current limit and rate.
@@ -183,13 +204,17 @@ impl Flow {
         st.down_until = None;
         st.failures = 0;
         st.probing = false;
+        st.probe_asked = false;
         st.cooldown = self.base_cooldown;
         drop(st);
         self.changed.notify_waiters();
     }
 
-    /// Feeds one attempt's outcome back into the controller.
-    pub fn observe(&self, signal: Signal, code: u16) {
+    /// Feeds one attempt's outcome back into the controller. True when it
+    /// closed an open circuit: the platform is back, and the mail that
+    /// waits for it should go now.
+    pub fn observe(&self, signal: Signal, code: u16) -> bool {
+        let mut recovered = false;
         let mut st = self.state.lock().unwrap();
         st.recent.push_back(code);
         if st.recent.len() > 20 {
@@ -204,6 +229,8 @@ impl Flow {
                     // Recovered: start again from the bottom and grow.
                     st.limit = 1.0;
                     st.cooldown = self.base_cooldown;
+                    st.probe_asked = false;
+                    recovered = true;
                 }
                 // Additive increase: about +1 per window of successful deliveries.
                 st.limit = (st.limit + 1.0 / st.limit.max(1.0)).min(self.max as f64);
@@ -215,14 +242,17 @@ impl Flow {
                 if was_probe {
                     st.cooldown = (st.cooldown * 2).min(self.base_cooldown * 16);
                     st.down_until = Some(Instant::now() + st.cooldown);
+                    st.probe_asked = false;
                 } else if st.failures >= self.breaker_failures && st.down_until.is_none() {
                     st.down_until = Some(Instant::now() + st.cooldown);
+                    st.probe_asked = false;
                 }
             }
             Signal::Neutral => {}
         }
         drop(st);
         self.changed.notify_waiters();
+        recovered
     }
 
     pub fn snapshot(&self) -> FlowSnapshot {
@@ -345,24 +375,35 @@ mod tests {
         }
         assert_eq!(f.snapshot().circuit, "open");
         assert!(matches!(f.admit().await, Admission::Down(_)));
+        // No probe is asked for while the cooldown runs.
+        assert!(!f.probe_wanted());
         tokio::time::sleep(Duration::from_millis(250)).await;
+        // The cooldown ended: one probe is asked for, once.
+        assert!(f.probe_wanted());
+        assert!(!f.probe_wanted());
         // Half-open: one probe; a failed probe doubles the cooldown.
         let p = match f.admit().await {
             Admission::Granted(p) => p,
             Admission::Down(_) => panic!("probe refused"),
         };
-        f.observe(Signal::Throttled, 421);
+        assert!(!f.observe(Signal::Throttled, 421), "a failed probe recovers nothing");
         drop(p);
         assert_eq!(f.snapshot().circuit, "open");
         assert!(f.down_for().unwrap() > Duration::from_millis(250));
+        assert!(!f.probe_wanted());
         tokio::time::sleep(Duration::from_millis(450)).await;
+        // The next cooldown ended: a probe is asked for again.
+        assert!(f.probe_wanted());
         let p = match f.admit().await {
             Admission::Granted(p) => p,
             Admission::Down(d) => panic!("still down {d:?}"),
         };
-        f.observe(Signal::Success, 250);
+        // Its success closes the circuit and says so (the waiting mail goes).
+        assert!(f.observe(Signal::Success, 250));
         drop(p);
         assert_eq!(f.snapshot().circuit, "closed");
+        assert!(!f.observe(Signal::Success, 250), "closed already");
+        assert!(!f.probe_wanted());
     }
 
     #[tokio::test]

@@ -265,7 +265,7 @@ pub fn plan_attempt(h: &Header, rcpts: &mut [RcptState], w: &World) -> Plan {
                 let reply = format!(
                     "4.4.1 platform {p} is marked down (circuit open) after repeated failures"
                 );
-                let at = w.now + wait.as_millis() as i64 + 10;
+                let at = circuit_retry_at(w.now, wait, r.attempts, w.backoff);
                 plan.events
                     .push(defer(h, i, r, &p, None, &reply, Some(at), w.now, w.backoff));
                 plan.changed.insert(i);
@@ -336,6 +336,24 @@ pub fn still_bound(
 /// Defers recipient `i`: one more attempt, the next one after the backoff
 /// (or at `at`), and the event that says so.
 #[allow(clippy::too_many_arguments)]
+/// When a recipient deferred by an open circuit (`wait` left of its
+/// cooldown, `attempts` so far) is tried again: at its own retry time, as
+/// Postfix defers mail for a site it marked dead, and never inside the
+/// cooldown. Not all at the cooldown's end: a 100,000-message backlog fell
+/// due at once there, to be read back, refused by the half-open circuit and
+/// recorded again at every cooldown. The scheduler sends one probe when the
+/// cooldown ends, and the probe's success makes the waiting mail due.
+pub fn circuit_retry_at(
+    now: i64,
+    wait: Duration,
+    attempts: u32,
+    backoff: &dyn Fn(u32) -> Duration,
+) -> i64 {
+    let cooled = now + wait.as_millis() as i64 + 10;
+    let own = now + backoff(attempts + 1).as_millis() as i64;
+    cooled.max(own)
+}
+
 pub fn defer(
     h: &Header,
     i: usize,
@@ -521,6 +539,28 @@ pub fn dsn_rcpt(
 pub(crate) mod tests {
     use super::*;
     use godwit_smtp_proto::{Envelope, MailParams, Reply};
+
+    #[test]
+    fn mail_an_open_circuit_defers_waits_for_its_own_retry_and_never_inside_the_cooldown() {
+        let s = Duration::from_secs;
+        // Backoff doubling from 1 minute, as queue.min_backoff = "1m".
+        let backoff = |n: u32| s(60 * 2u64.pow(n.saturating_sub(1)));
+        let now = 1_000_000;
+        // (cooldown left, attempts so far, retry at - now in ms)
+        let cases = [
+            (s(30), 0, 60_000),    // first retry (1 min) is after a 30 s cooldown
+            (s(30), 3, 480_000),   // 8 min: its own backoff, not the cooldown's end
+            (s(600), 1, 600_010),  // a cooldown longer than the backoff wins
+            (s(0), 0, 60_000),
+        ];
+        for (wait, attempts, want) in cases {
+            assert_eq!(
+                circuit_retry_at(now, wait, attempts, &backoff) - now,
+                want,
+                "{wait:?} after {attempts}"
+            );
+        }
+    }
 
     pub(crate) fn header(rcpts: &[&str], arrival_ms: i64) -> Header {
         Header {
@@ -747,11 +787,12 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn open_circuit_defers_until_it_closes_and_expired_mail_fails_once() {
+    fn open_circuit_defers_to_its_own_retry_and_expired_mail_fails_once() {
         let h = header(&["a@x"], NOW - 1000);
         let mut rcpts = fresh(1);
         let p = plan(&h, &mut rcpts, &["old"]);
-        assert_eq!(rcpts[0].next_ms, NOW + 30_010);
+        // The first retry's backoff (60 s), not the cooldown's end (30 s).
+        assert_eq!(rcpts[0].next_ms, NOW + 60_000);
         assert!(matches!(p.events.last(), Some(Event::Deferred { .. })));
 
         let h = header(&["a@x"], NOW - 6 * 86400 * 1000);

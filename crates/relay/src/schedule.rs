@@ -227,6 +227,20 @@ struct Entry {
 }
 
 impl Entry {
+    /// Whether a recipient not yet done last went to `platform`.
+    fn waits_for(&self, platform: &str) -> bool {
+        match &self.held {
+            Held::Resting(r) => r
+                .rcpts
+                .iter()
+                .any(|s| s.is_movable() && s.route.as_deref() == Some(platform)),
+            Held::Loaded(l) => l
+                .rcpts
+                .iter()
+                .any(|r| r.is_movable() && r.last_route.as_deref() == Some(platform)),
+        }
+    }
+
     /// The header and recipient states, when loaded (always, while in flight).
     fn loaded(&mut self) -> Option<&mut Loaded> {
         match &mut self.held {
@@ -884,6 +898,7 @@ impl RelayHandle {
             // Each attempt emits records: none are started while the event
             // readers lag far behind (at most FLOW_MAX; see smtpd's accept).
             self.0.events.wait_for_readers().await;
+            self.send_probes();
             let now = now_ms();
             let room = ACTIVE_LIMIT.saturating_sub(self.0.active.load(Ordering::Relaxed));
             let (ready, next) = {
@@ -1058,6 +1073,41 @@ impl RelayHandle {
         drop(st);
         if !ids.is_empty() {
             self.0.wake.notify_one();
+        }
+    }
+
+    /// Each platform whose open circuit's cooldown just ended gets one
+    /// probe: the earliest-due message waiting for it is made due now. The
+    /// rest wait for their own retry time, or for the probe's success.
+    fn send_probes(&self) {
+        for (name, d) in self.dests_now() {
+            if !d.flow.probe_wanted() {
+                continue;
+            }
+            let st = self.0.state.lock().unwrap();
+            let pick = st
+                .due
+                .iter()
+                .map(|(_, id)| id)
+                .find(|id| {
+                    st.msgs
+                        .get(*id)
+                        .is_some_and(|e| !e.in_flight && e.waits_for(&name))
+                })
+                .cloned();
+            drop(st);
+            if let Some(id) = pick {
+                tracing::debug!(platform = %name, queue_id = %id, "circuit half-open: probing");
+                // Its recipients' retry times are ahead: flushed (in memory,
+                // as `queue flush --queue-id` does), it goes now.
+                let sel = Selector {
+                    queue_id: Some(id),
+                    platform: Some(name),
+                    ..Default::default()
+                };
+                let me = self.clone();
+                tokio::spawn(async move { me.apply_op(&QueueOp::Flush, &sel, "probe").await });
+            }
         }
     }
 
@@ -1394,8 +1444,20 @@ impl RelayHandle {
             );
         }
         drop(body);
-        d.flow
+        let recovered = d
+            .flow
             .observe(classify(&out.summary, out.host.is_some()), out.summary.code);
+        if recovered {
+            // The probe got through: what waited for the platform goes now,
+            // as an operator's `queue flush --platform` sends it (in memory).
+            let me = self.clone();
+            let sel = Selector {
+                platform: Some(platform.to_string()),
+                ..Default::default()
+            };
+            tracing::info!(platform, "platform back (its circuit closed): the mail waiting for it is due now");
+            tokio::spawn(async move { me.apply_op(&QueueOp::Flush, &sel, "circuit").await });
+        }
         d.touch();
         drop(permit);
         let failed = self.settle(id, platform, &go, &out, journal).await;
@@ -1540,7 +1602,7 @@ impl RelayHandle {
             if !r.is_movable() {
                 continue;
             }
-            let at = wait.map(|w| now + w.as_millis() as i64);
+            let at = wait.map(|w| plan::circuit_retry_at(now, w, r.attempts, &backoff));
             let ev = plan::defer(&sp.header, i, r, platform, None, reply, at, now, &backoff);
             self.0.events.emit(ev);
             recs.push(r.to_record(i, now));
