@@ -638,7 +638,11 @@ impl EventLog {
 
     /// Time new work has spent waiting for the readers, since start.
     pub fn flow_waited(&self) -> std::time::Duration {
-        std::time::Duration::from_millis(self.flow.waited_ms.load(std::sync::atomic::Ordering::Relaxed))
+        std::time::Duration::from_millis(
+            self.flow
+                .waited_ms
+                .load(std::sync::atomic::Ordering::Relaxed),
+        )
     }
 
     /// `events.max_lag`: set once at start, before the log is cloned.
@@ -675,10 +679,7 @@ impl EventLog {
         let now_s = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        if waited >= FLOW_MAX
-            && self.pending() > max_lag
-            && now_s >= WARNED_S.load(Relaxed) + 60
-        {
+        if waited >= FLOW_MAX && self.pending() > max_lag && now_s >= WARNED_S.load(Relaxed) + 60 {
             WARNED_S.store(now_s, Relaxed);
             tracing::warn!(
                 pending = self.pending(),

@@ -684,13 +684,17 @@ fn a_fill_faster_than_the_index_waits_for_it_and_the_lag_stays_bounded() {
     wait_for("every message delivered", Duration::from_secs(60), || {
         (sink.messages().len() >= n).then_some(())
     });
-    wait_for("the index to hold every accept", Duration::from_secs(60), || {
-        let c = psql(
-            &db,
-            "SELECT count(*) FROM events WHERE name = 'message.accepted'",
-        );
-        (c == n.to_string()).then_some(())
-    });
+    wait_for(
+        "the index to hold every accept",
+        Duration::from_secs(60),
+        || {
+            let c = psql(
+                &db,
+                "SELECT count(*) FROM events WHERE name = 'message.accepted'",
+            );
+            (c == n.to_string()).then_some(())
+        },
+    );
     assert_eq!(sink.messages().len(), n);
     let (_, page) = gw.admin_get("/metrics");
     let peak = metric(&page, "godwit_event_readers_pending_peak");

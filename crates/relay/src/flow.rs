@@ -386,7 +386,10 @@ mod tests {
             Admission::Granted(p) => p,
             Admission::Down(_) => panic!("probe refused"),
         };
-        assert!(!f.observe(Signal::Throttled, 421), "a failed probe recovers nothing");
+        assert!(
+            !f.observe(Signal::Throttled, 421),
+            "a failed probe recovers nothing"
+        );
         drop(p);
         assert_eq!(f.snapshot().circuit, "open");
         assert!(f.down_for().unwrap() > Duration::from_millis(250));

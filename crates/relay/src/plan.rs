@@ -333,9 +333,6 @@ pub fn still_bound(
     (go, rerouted)
 }
 
-/// Defers recipient `i`: one more attempt, the next one after the backoff
-/// (or at `at`), and the event that says so.
-#[allow(clippy::too_many_arguments)]
 /// When a recipient deferred by an open circuit (`wait` left of its
 /// cooldown, `attempts` so far) is tried again: at its own retry time, as
 /// Postfix defers mail for a site it marked dead, and never inside the
@@ -354,6 +351,9 @@ pub fn circuit_retry_at(
     cooled.max(own)
 }
 
+/// Defers recipient `i`: one more attempt, the next one after the backoff
+/// (or at `at`), and the event that says so.
+#[allow(clippy::too_many_arguments)]
 pub fn defer(
     h: &Header,
     i: usize,
@@ -548,9 +548,9 @@ pub(crate) mod tests {
         let now = 1_000_000;
         // (cooldown left, attempts so far, retry at - now in ms)
         let cases = [
-            (s(30), 0, 60_000),    // first retry (1 min) is after a 30 s cooldown
-            (s(30), 3, 480_000),   // 8 min: its own backoff, not the cooldown's end
-            (s(600), 1, 600_010),  // a cooldown longer than the backoff wins
+            (s(30), 0, 60_000),   // first retry (1 min) is after a 30 s cooldown
+            (s(30), 3, 480_000),  // 8 min: its own backoff, not the cooldown's end
+            (s(600), 1, 600_010), // a cooldown longer than the backoff wins
             (s(0), 0, 60_000),
         ];
         for (wait, attempts, want) in cases {

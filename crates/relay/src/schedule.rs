@@ -1455,7 +1455,10 @@ impl RelayHandle {
                 platform: Some(platform.to_string()),
                 ..Default::default()
             };
-            tracing::info!(platform, "platform back (its circuit closed): the mail waiting for it is due now");
+            tracing::info!(
+                platform,
+                "platform back (its circuit closed): the mail waiting for it is due now"
+            );
             tokio::spawn(async move { me.apply_op(&QueueOp::Flush, &sel, "circuit").await });
         }
         d.touch();
