@@ -474,9 +474,10 @@ pub struct Record {
 pub struct Logged {
     pub record: Record,
     json: std::sync::OnceLock<String>,
-    /// The emitting log's count of records some reader still holds
-    /// (`EventLog::pending`); `None` for a record made outside a log.
-    live: Option<std::sync::Arc<std::sync::atomic::AtomicUsize>>,
+    /// The emitting log's flow state, whose count of records some reader
+    /// still holds this one is in (`EventLog::pending`); `None` for a
+    /// record made outside a log.
+    flow: Option<std::sync::Arc<Flow>>,
 }
 
 impl Logged {
@@ -484,16 +485,18 @@ impl Logged {
         Logged {
             record,
             json: std::sync::OnceLock::new(),
-            live: None,
+            flow: None,
         }
     }
 
-    fn counted(record: Record, live: &std::sync::Arc<std::sync::atomic::AtomicUsize>) -> Logged {
-        live.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    fn counted(record: Record, flow: &std::sync::Arc<Flow>) -> Logged {
+        use std::sync::atomic::Ordering::Relaxed;
+        let pending = flow.live.fetch_add(1, Relaxed) + 1;
+        flow.peak.fetch_max(pending, Relaxed);
         Logged {
             record,
             json: std::sync::OnceLock::new(),
-            live: Some(live.clone()),
+            flow: Some(flow.clone()),
         }
     }
 
@@ -507,8 +510,8 @@ impl Logged {
 impl Drop for Logged {
     /// The last reader is done with it: one fewer pending.
     fn drop(&mut self) {
-        if let Some(live) = &self.live {
-            live.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        if let Some(flow) = &self.flow {
+            flow.live.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         }
     }
 }
@@ -552,14 +555,14 @@ pub struct EventLog {
     /// `log.format = "json"`: events go to stderr as JSON objects in the
     /// shape tracing's JSON lines have, not as a string inside `message`.
     json: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    /// Records emitted here that a reader still holds (see `PENDING_HIGH`).
-    live: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     flow: std::sync::Arc<Flow>,
 }
 
 /// The lag new work waits on, and what it has cost so far.
 #[derive(Debug)]
 struct Flow {
+    /// Records emitted that a reader still holds (see `PENDING_HIGH`).
+    live: std::sync::atomic::AtomicUsize,
     max_lag: std::sync::atomic::AtomicUsize,
     peak: std::sync::atomic::AtomicUsize,
     waited_ms: std::sync::atomic::AtomicU64,
@@ -568,6 +571,7 @@ struct Flow {
 impl Default for Flow {
     fn default() -> Flow {
         Flow {
+            live: 0.into(),
             max_lag: PENDING_HIGH.into(),
             peak: 0.into(),
             waited_ms: 0.into(),
@@ -591,7 +595,6 @@ impl EventLog {
                 node: node.into(),
                 taps: Default::default(),
                 json: Default::default(),
-                live: Default::default(),
                 flow: Default::default(),
             },
             EventWriter {
@@ -609,7 +612,6 @@ impl EventLog {
             node: node.into(),
             taps: Default::default(),
             json: Default::default(),
-            live: Default::default(),
             flow: Default::default(),
         }
     }
@@ -628,7 +630,7 @@ impl EventLog {
 
     /// Records emitted here that some reader has not finished with.
     pub fn pending(&self) -> usize {
-        self.live.load(std::sync::atomic::Ordering::Relaxed)
+        self.flow.live.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The most records ever pending at once, since start.
@@ -645,7 +647,7 @@ impl EventLog {
         )
     }
 
-    /// `events.max_lag`: set once at start, before the log is cloned.
+    /// `events.max_lag` (shared by every clone of this log).
     pub fn set_max_lag(&self, records: usize) {
         self.flow
             .max_lag
@@ -703,10 +705,7 @@ impl EventLog {
                 tracing::info!(target: "godwit::event", "{line}");
             }
         }
-        let shared = std::sync::Arc::new(Logged::counted(record, &self.live));
-        self.flow
-            .peak
-            .fetch_max(self.pending(), std::sync::atomic::Ordering::Relaxed);
+        let shared = std::sync::Arc::new(Logged::counted(record, &self.flow));
         for t in self.taps.lock().unwrap().iter() {
             let _ = t.send(shared.clone());
         }
@@ -880,18 +879,18 @@ mod tests {
         // The writer writes them and lets go; the tap still holds them.
         let w = tokio::spawn(writer.run());
         let held: Vec<_> = (0..3).map(|_| tap.try_recv().unwrap()).collect();
-        let counter = held[0].live.clone().unwrap();
+        let flow = held[0].flow.clone().unwrap();
         drop(log);
         w.await.unwrap();
-        assert_eq!(counter.load(std::sync::atomic::Ordering::Relaxed), 3);
+        assert_eq!(flow.live.load(std::sync::atomic::Ordering::Relaxed), 3);
         drop(held);
-        assert_eq!(counter.load(std::sync::atomic::Ordering::Relaxed), 0);
+        assert_eq!(flow.live.load(std::sync::atomic::Ordering::Relaxed), 0);
     }
 
     #[tokio::test]
     async fn new_work_waits_until_the_readers_catch_up() {
         let dir = tempfile::tempdir().unwrap();
-        let (log, _writer) = EventLog::new(dir.path(), "n").unwrap();
+        let (log, writer) = EventLog::new(dir.path(), "n").unwrap();
         log.set_max_lag(2);
         for i in 0..3 {
             log.emit(Event::GatewayDraining {
@@ -907,7 +906,7 @@ mod tests {
         // The writer (the only reader) catches up 100 ms later, well inside
         // FLOW_MAX: the waiter returns only then, and sees none pending.
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        drop(_writer);
+        drop(writer);
         assert_eq!(waiter.await.unwrap(), 0);
         assert!(log.flow_waited() >= std::time::Duration::from_millis(90));
         assert!(log.flow_waited() < FLOW_MAX);

@@ -625,16 +625,6 @@ fn flush_by_platform_closes_an_open_circuit() {
     });
 }
 
-/// A metric's value in a Prometheus text page (the first sample by name).
-fn metric(page: &str, name: &str) -> f64 {
-    page.lines()
-        .find_map(|l| {
-            let (k, v) = l.split_once(' ')?;
-            (k == name).then(|| v.trim().parse().ok()).flatten()
-        })
-        .unwrap_or_else(|| panic!("no {name} in\n{page}"))
-}
-
 /// Postfix's in_flow_delay, with the event readers' lag as the measure
 /// (issue 18): mail arriving faster than the event index can write waits
 /// before it is spooled, so the records the index has not yet written stay
@@ -697,8 +687,10 @@ fn a_fill_faster_than_the_index_waits_for_it_and_the_lag_stays_bounded() {
     );
     assert_eq!(sink.messages().len(), n);
     let (_, page) = gw.admin_get("/metrics");
-    let peak = metric(&page, "godwit_event_readers_pending_peak");
-    let waited_ms = metric(&page, "godwit_event_flow_delay_milliseconds_total");
+    let peak = metric(&page, "godwit_event_readers_pending_peak")
+        .unwrap_or_else(|| panic!("no pending peak in\n{page}"));
+    let waited_ms = metric(&page, "godwit_event_flow_delay_milliseconds_total")
+        .unwrap_or_else(|| panic!("no flow delay in\n{page}"));
     eprintln!("pending peak {peak}, waited {waited_ms} ms in all");
     assert!(waited_ms > 0.0, "mail never waited for the index:\n{page}");
     // max_lag, plus what is already past the gate when it closes: a record

@@ -8,13 +8,6 @@ use support::*;
 
 const T: Duration = Duration::from_secs(20);
 
-/// A metric's value in Prometheus text: the line that starts with `series`.
-fn metric(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-}
-
 #[test]
 fn trace_follows_a_message_through_deferral_hold_release_and_delivery() {
     // The "new" platform is itself a godwit gateway (a real SMTP server that

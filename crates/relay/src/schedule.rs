@@ -1098,17 +1098,24 @@ impl RelayHandle {
             drop(st);
             if let Some(id) = pick {
                 tracing::debug!(platform = %name, queue_id = %id, "circuit half-open: probing");
-                // Its recipients' retry times are ahead: flushed (in memory,
-                // as `queue flush --queue-id` does), it goes now.
-                let sel = Selector {
-                    queue_id: Some(id),
-                    platform: Some(name),
-                    ..Default::default()
-                };
-                let me = self.clone();
-                tokio::spawn(async move { me.apply_op(&QueueOp::Flush, &sel, "probe").await });
+                // Its recipients' retry times are ahead: flushed, it goes now.
+                self.flush_soon(
+                    Selector {
+                        queue_id: Some(id),
+                        platform: Some(name),
+                        ..Default::default()
+                    },
+                    "probe",
+                );
             }
         }
+    }
+
+    /// An in-memory `queue flush` of `sel` (the operator's path, no record
+    /// per message), on a task of its own: the caller holds no await.
+    fn flush_soon(&self, sel: Selector, actor: &'static str) {
+        let me = self.clone();
+        tokio::spawn(async move { me.apply_op(&QueueOp::Flush, &sel, actor).await });
     }
 
     fn backoff(&self, attempts: u32) -> Duration {
@@ -1449,17 +1456,18 @@ impl RelayHandle {
             .observe(classify(&out.summary, out.host.is_some()), out.summary.code);
         if recovered {
             // The probe got through: what waited for the platform goes now,
-            // as an operator's `queue flush --platform` sends it (in memory).
-            let me = self.clone();
-            let sel = Selector {
-                platform: Some(platform.to_string()),
-                ..Default::default()
-            };
+            // as an operator's `queue flush --platform` sends it.
             tracing::info!(
                 platform,
                 "platform back (its circuit closed): the mail waiting for it is due now"
             );
-            tokio::spawn(async move { me.apply_op(&QueueOp::Flush, &sel, "circuit").await });
+            self.flush_soon(
+                Selector {
+                    platform: Some(platform.to_string()),
+                    ..Default::default()
+                },
+                "circuit",
+            );
         }
         d.touch();
         drop(permit);

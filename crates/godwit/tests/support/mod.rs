@@ -544,6 +544,13 @@ pub fn scratch_database(prefix: &str) -> Option<String> {
     Some(format!("{}/{name}", &base[..at]))
 }
 
+/// A metric's value in Prometheus text: the line that starts with `series`.
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
 /// `psql URL -c SQL`, its output trimmed; a failure panics with psql's text.
 pub fn psql(url: &str, sql: &str) -> String {
     try_psql(url, sql).unwrap_or_else(|e| panic!("psql {sql}: {e}"))
